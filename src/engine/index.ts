@@ -1,0 +1,79 @@
+/**
+ * The format engine: probe, open, info, check and convert disk images. It knows
+ * nothing of HTTP, queues or object stores; those depend on it, never the reverse.
+ */
+import { InvalidArgumentError } from './errors.js';
+import { withLimits, type Limits } from './limits.js';
+import { detectFormat } from './probe.js';
+import type { RandomAccessSource } from './source.js';
+import type { CheckReport, DiskImage, FormatId, SnapshotSelector } from './types.js';
+import { FORMAT_IDS } from './types.js';
+
+export * from './errors.js';
+export * from './types.js';
+export { DEFAULT_LIMITS, withLimits, type Limits } from './limits.js';
+export { FileSource, BufferSource, readExact, type RandomAccessSource } from './source.js';
+export { detectFormat, DRIVERS } from './probe.js';
+export { readExtents, type ReadOptions } from './reader.js';
+export { convertToRaw, RawFileSink, isAllZero, hashZeros, type ExtentSink, type ConvertOptions, type ConvertResult, type Progress } from './convert.js';
+
+export interface OpenImageOptions {
+  /** Declared format; 'auto' or undefined probes. A declared format that disagrees with the bytes is refused. */
+  format?: FormatId | 'auto';
+  limits?: Partial<Limits>;
+  snapshot?: SnapshotSelector;
+  signal?: AbortSignal;
+}
+
+export function parseFormat(value: string): FormatId | 'auto' {
+  if (value === 'auto' || (FORMAT_IDS as readonly string[]).includes(value)) return value as FormatId | 'auto';
+  throw new InvalidArgumentError(`unknown format '${value}' (expected one of auto, ${FORMAT_IDS.join(', ')})`);
+}
+
+/** Probes and opens an image through its driver. The caller closes the image, then the source. */
+export async function openImage(source: RandomAccessSource, options: OpenImageOptions = {}): Promise<DiskImage> {
+  const declared = options.format === 'auto' ? undefined : options.format;
+  const { driver } = await detectFormat(source, declared, options.signal);
+  return driver.open(source, {
+    limits: withLimits(options.limits),
+    ...(options.snapshot ? { snapshot: options.snapshot } : {}),
+    ...(options.signal ? { signal: options.signal } : {}),
+  });
+}
+
+/** The fields `qemu-img info --output=json` prints, with qemu's keys. */
+export interface QemuInfoJson {
+  'virtual-size': number;
+  filename: string;
+  format: FormatId;
+  'actual-size'?: number;
+  'dirty-flag': boolean;
+  'cluster-size'?: number;
+  encrypted?: boolean;
+  'backing-filename'?: string;
+  snapshots?: unknown[];
+  'format-specific'?: { type: string; data: Record<string, unknown> };
+}
+
+export async function imageInfo(image: DiskImage, source: RandomAccessSource): Promise<QemuInfoJson> {
+  const info = image.info();
+  const actual = await source.allocatedSize?.();
+  const json: QemuInfoJson = {
+    'virtual-size': image.virtualSize,
+    filename: source.name,
+    format: image.format,
+    ...(actual !== undefined ? { 'actual-size': actual } : {}),
+    'dirty-flag': info.dirty,
+  };
+  if (info.clusterSize !== undefined) json['cluster-size'] = info.clusterSize;
+  if (info.encrypted) json.encrypted = true;
+  if (info.backingFilename !== undefined) json['backing-filename'] = info.backingFilename;
+  if (info.snapshots && info.snapshots.length > 0) json.snapshots = info.snapshots;
+  if (info.formatSpecific) json['format-specific'] = info.formatSpecific;
+  return json;
+}
+
+export async function checkImage(image: DiskImage, signal?: AbortSignal): Promise<CheckReport> {
+  if (image.check) return image.check(signal);
+  return { corruptions: 0, leaks: 0, checkErrors: 0, messages: [], fields: {} };
+}

@@ -1,0 +1,110 @@
+import { open, type FileHandle } from 'node:fs/promises';
+import { AbortedError, ImageCorruptError, SourceUnavailableError } from './errors.js';
+
+/**
+ * Random-access bytes: a local file, an HTTP resource read with range requests,
+ * a staged upload. Format drivers see nothing else.
+ */
+export interface RandomAccessSource {
+  /** Total size in bytes. */
+  readonly size: number;
+  /** A name for messages and `info.filename`. */
+  readonly name: string;
+  /**
+   * Reads up to `length` bytes at `offset`; the result is shorter only when it
+   * reaches the end of the source. Never returns bytes beyond `size`.
+   */
+  read(offset: number, length: number, signal?: AbortSignal): Promise<Uint8Array>;
+  /** Bytes the source occupies on its storage (qemu's actual-size), when known. */
+  allocatedSize?(): Promise<number | undefined>;
+  close(): Promise<void>;
+}
+
+/**
+ * Reads exactly `length` bytes or refuses: qemu reads past end-of-file as zeros,
+ * we call it corruption, so a truncated upload never becomes a zero-filled disk.
+ */
+export async function readExact(
+  source: RandomAccessSource,
+  offset: number,
+  length: number,
+  what: string,
+  signal?: AbortSignal,
+): Promise<Uint8Array> {
+  if (!Number.isSafeInteger(offset) || !Number.isSafeInteger(length) || offset < 0 || length < 0) {
+    throw new ImageCorruptError(`${what}: invalid range offset=${offset} length=${length}`);
+  }
+  if (offset + length > source.size) {
+    throw new ImageCorruptError(
+      `${what} at offset ${offset} (${length} bytes) lies beyond the end of the file (${source.size} bytes); the image is truncated or corrupt`,
+    );
+  }
+  const data = await source.read(offset, length, signal);
+  if (data.length !== length) {
+    throw new ImageCorruptError(`${what}: short read at offset ${offset} (${data.length} of ${length} bytes)`);
+  }
+  return data;
+}
+
+/** A local file opened read-only. */
+export class FileSource implements RandomAccessSource {
+  private constructor(
+    private readonly handle: FileHandle,
+    readonly size: number,
+    readonly name: string,
+    private readonly blocks: number,
+  ) {}
+
+  static async open(path: string, name = path): Promise<FileSource> {
+    let handle: FileHandle;
+    try {
+      handle = await open(path, 'r');
+    } catch (err) {
+      throw new SourceUnavailableError(`cannot open ${name}: ${(err as Error).message}`, { cause: err });
+    }
+    const st = await handle.stat();
+    if (!st.isFile() && !st.isBlockDevice()) {
+      await handle.close();
+      throw new SourceUnavailableError(`${name} is not a regular file`);
+    }
+    return new FileSource(handle, st.size, name, st.blocks);
+  }
+
+  async read(offset: number, length: number, signal?: AbortSignal): Promise<Uint8Array> {
+    if (signal?.aborted) throw new AbortedError();
+    const end = Math.min(this.size, offset + length);
+    const want = Math.max(0, end - offset);
+    const buf = Buffer.allocUnsafe(want);
+    let done = 0;
+    while (done < want) {
+      const { bytesRead } = await this.handle.read(buf, done, want - done, offset + done);
+      if (bytesRead === 0) break; // the file shrank under us; readExact reports it
+      done += bytesRead;
+    }
+    return done === want ? buf : buf.subarray(0, done);
+  }
+
+  async allocatedSize(): Promise<number> {
+    return this.blocks * 512;
+  }
+
+  async close(): Promise<void> {
+    await this.handle.close();
+  }
+}
+
+/** Bytes in memory; for tests and small inspections. */
+export class BufferSource implements RandomAccessSource {
+  readonly size: number;
+  constructor(
+    private readonly bytes: Uint8Array,
+    readonly name = 'buffer',
+  ) {
+    this.size = bytes.length;
+  }
+  async read(offset: number, length: number, signal?: AbortSignal): Promise<Uint8Array> {
+    if (signal?.aborted) throw new AbortedError();
+    return this.bytes.subarray(offset, Math.min(this.size, offset + length));
+  }
+  async close(): Promise<void> {}
+}

@@ -1,0 +1,107 @@
+import type { Limits } from './limits.js';
+import type { RandomAccessSource } from './source.js';
+
+export type FormatId = 'raw' | 'qcow2' | 'vmdk' | 'vdi';
+export const FORMAT_IDS: readonly FormatId[] = ['qcow2', 'vmdk', 'vdi', 'raw'];
+
+/** How a guest byte range is stored: produced by drivers from metadata alone, without reading data. */
+export type MapEntry =
+  | { kind: 'zero'; offset: number; length: number }
+  /** `length` guest bytes stored verbatim at `fileOffset`. */
+  | { kind: 'stored'; offset: number; length: number; fileOffset: number }
+  /**
+   * A compressed cluster/grain: read `readLength` bytes at `fileOffset` (an upper
+   * bound; reads are clamped at end of file), decode them with `codec` into
+   * `decodedLength` bytes, and take `length` bytes starting at `decodedOffset`.
+   */
+  | {
+      kind: 'compressed';
+      offset: number;
+      length: number;
+      fileOffset: number;
+      readLength: number;
+      codec: Codec;
+      decodedLength: number;
+      decodedOffset: number;
+    };
+
+/**
+ * deflate: raw deflate (qcow2 zlib type), output must fill decodedLength;
+ * zstd: one or more zstd frames (qcow2 zstd type);
+ * vmdk-grain: a 12-byte grain header (u64 lba, u32 size) then a zlib stream of `size` bytes.
+ */
+export type Codec = 'deflate' | 'zstd' | 'vmdk-grain';
+
+/** What converters and writers consume: guest-ordered, contiguous, covering [0, virtualSize). */
+export type Extent =
+  | { kind: 'data'; offset: number; length: number; data: Uint8Array }
+  | { kind: 'zero'; offset: number; length: number };
+
+/** Snapshot as `qemu-img info --output=json` prints it. */
+export interface QemuSnapshotJson {
+  id: string;
+  name: string;
+  'vm-state-size': number;
+  'date-sec': number;
+  'date-nsec': number;
+  'vm-clock-sec': number;
+  'vm-clock-nsec': number;
+  icount?: number;
+}
+
+/** What a driver knows about its image; `info()` in index.ts turns it into qemu's JSON. */
+export interface FormatInfo {
+  clusterSize?: number;
+  dirty: boolean;
+  encrypted?: boolean;
+  backingFilename?: string;
+  snapshots?: QemuSnapshotJson[];
+  formatSpecific?: { type: string; data: Record<string, unknown> };
+}
+
+export interface CheckReport {
+  /** Metadata inconsistencies (qemu's "corruptions"). */
+  corruptions: number;
+  /** Clusters allocated but referenced by nothing (qemu's "leaks"). */
+  leaks: number;
+  /** Errors that stopped the check itself. */
+  checkErrors: number;
+  /** One human line per finding. */
+  messages: string[];
+  /** Extra qemu-style fields, e.g. image-end-offset, total-clusters, allocated-clusters. */
+  fields: Record<string, number>;
+}
+
+export interface DiskImage {
+  readonly format: FormatId;
+  readonly virtualSize: number;
+  /**
+   * Guest-ordered map, contiguous from 0 to virtualSize; built from metadata only.
+   * Entries may be small (one cluster); the reader coalesces them.
+   */
+  map(signal?: AbortSignal): AsyncIterable<MapEntry>;
+  info(): FormatInfo;
+  /** Metadata consistency check; absent where the format has nothing to check beyond open(). */
+  check?(signal?: AbortSignal): Promise<CheckReport>;
+  close(): Promise<void>;
+}
+
+export interface SnapshotSelector {
+  name?: string;
+  id?: string;
+}
+
+export interface OpenOptions {
+  limits: Limits;
+  /** Present the state of an internal snapshot instead of the active image (qcow2). */
+  snapshot?: SnapshotSelector;
+  signal?: AbortSignal;
+}
+
+export interface FormatDriver {
+  readonly id: FormatId;
+  /** True when the first bytes carry this format's signature. Never throws. */
+  probe(head: Uint8Array, size: number): boolean;
+  /** Validates the header and opens the image; throws typed errors. Never opens another file. */
+  open(source: RandomAccessSource, options: OpenOptions): Promise<DiskImage>;
+}
