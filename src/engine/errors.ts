@@ -15,7 +15,8 @@ export type ErrorCode =
   | 'INVALID_ARGUMENT';
 
 export abstract class DiskconvError extends Error {
-  abstract readonly code: ErrorCode;
+  /** Stable code; the engine's are ErrorCode, other layers (net, api, store) add their own. */
+  abstract readonly code: ErrorCode | (string & {});
   /** Deterministic errors fail the same way every time; the queue does not retry them. */
   abstract readonly deterministic: boolean;
   constructor(message: string, options?: { cause?: unknown }) {
