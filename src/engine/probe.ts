@@ -1,4 +1,4 @@
-import { FormatMismatchError, UnsupportedFormatError } from './errors.js';
+import { FormatMismatchError, UnsafeImageError, UnsupportedFormatError } from './errors.js';
 import type { RandomAccessSource } from './source.js';
 import type { FormatDriver, FormatId } from './types.js';
 import { qcow2Driver } from './formats/qcow2.js';
@@ -9,7 +9,7 @@ import { rawDriver } from './formats/raw.js';
 /** Probe order matters: raw matches everything and comes last. */
 export const DRIVERS: readonly FormatDriver[] = [qcow2Driver, vmdkDriver, vdiDriver, rawDriver];
 
-/** Bytes read for probing: enough for the vdi signature at 0x40 and an ISO 9660 descriptor at 0x8001. */
+/** Bytes read for probing: enough for the vdi signature at 0x40 and ISO 9660 descriptors up to 0x9006. */
 export const PROBE_BYTES = 64 * 1024;
 
 export function driverFor(id: FormatId): FormatDriver {
@@ -30,6 +30,31 @@ const FOREIGN_SIGNATURES: ReadonlyArray<{ name: string; test: (head: Uint8Array,
   { name: 'dmg', test: (_h, t) => t !== undefined && ascii(t, 0, 4) === 'koly' },
 ];
 
+/**
+ * ECMA-119 / ECMA-167 volume structure descriptors start at 2048-byte sector 16;
+ * ISO 9660 puts CD001 there, UDF puts BEA01 there and NSR02/NSR03 one or two
+ * sectors later (oslo only looks at 0x8001 and misses a UDF whose first
+ * descriptor is BEA01).
+ */
+const VOLUME_DESCRIPTOR_OFFSETS = [0x8001, 0x8801, 0x9001];
+const VOLUME_DESCRIPTOR_IDS = ['CD001', 'CDW02', 'BEA01', 'NSR02', 'NSR03', 'TEA01', 'BOOT2'];
+
+/**
+ * What raw disks legitimately carry: optical media and partition tables. On a
+ * raw disk they are just content; on top of a qcow2/vmdk/vdi header they make
+ * the bytes mean two things to two readers (oslo's "multiple formats detected").
+ * The MBR test is the bare 0x55AA boot signature, as oslo's: a container
+ * header has no business carrying one, plausible partition table or not.
+ */
+const RAW_CONTENT_SIGNATURES: ReadonlyArray<{ name: string; test: (head: Uint8Array) => boolean }> = [
+  {
+    name: 'an ISO 9660/UDF volume descriptor',
+    test: (h) => VOLUME_DESCRIPTOR_OFFSETS.some((off) => VOLUME_DESCRIPTOR_IDS.includes(ascii(h, off, 5))),
+  },
+  { name: 'an MBR boot signature at 510', test: (h) => h[510] === 0x55 && h[511] === 0xaa },
+  { name: 'a GPT header at 512', test: (h) => ascii(h, 512, 8) === 'EFI PART' },
+];
+
 export function ascii(bytes: Uint8Array, offset: number, length: number): string {
   let s = '';
   const end = Math.min(bytes.length, offset + length);
@@ -43,22 +68,37 @@ export interface ProbeResult {
 }
 
 /**
- * Decides the format from the bytes. A declared format must agree with them;
- * foreign formats are refused by name instead of being read as raw.
+ * Decides the format from the bytes. Bytes that carry a qcow2/vmdk/vdi
+ * signature and any other signature are refused as ambiguous; a declared format
+ * must agree with the bytes; foreign formats are refused by name instead of
+ * being read as raw.
  */
 export async function detectFormat(source: RandomAccessSource, declared?: FormatId, signal?: AbortSignal): Promise<ProbeResult> {
   const head = await source.read(0, Math.min(PROBE_BYTES, source.size), signal);
   const tail = source.size >= 512 ? await source.read(source.size - 512, 512, signal) : undefined;
-  const matched = DRIVERS.find((d) => d.id !== 'raw' && d.probe(head, source.size));
-  if (!matched) {
-    const foreign = FOREIGN_SIGNATURES.find((f) => f.test(head, tail));
-    if (foreign) {
-      throw new UnsupportedFormatError(`${source.name}: ${foreign.name} images are not supported (supported: qcow2, vmdk, vdi, raw)`);
+  const matched = DRIVERS.filter((d) => d.id !== 'raw' && d.probe(head, source.size));
+  const [first] = matched;
+  if (first) {
+    // Only signatures in the head count: a footer-style signature (a fixed VHD's
+    // conectix, dmg's koly) can be the last guest sector of a converted disk, and
+    // qemu does not probe by it either.
+    const others = [
+      ...matched.slice(1).map((d) => `a ${d.id} signature`),
+      ...FOREIGN_SIGNATURES.filter((f) => f.test(head, undefined)).map((f) => `a ${f.name} signature`),
+      ...RAW_CONTENT_SIGNATURES.filter((s) => s.test(head)).map((s) => s.name),
+    ];
+    if (others.length > 0) {
+      throw new UnsafeImageError(
+        `${source.name}: ambiguous image: a ${first.id} header that also carries ${others.join(' and ')}; another reader could take it for something else`,
+      );
     }
   }
-  const detected = matched ?? rawDriver;
-  if (declared && declared !== detected.id) {
-    throw new FormatMismatchError(`${source.name}: declared format ${declared} but the bytes are ${detected.id}`);
+  const detected = first?.id ?? FOREIGN_SIGNATURES.find((f) => f.test(head, tail))?.name ?? 'raw';
+  if (declared && declared !== detected) {
+    throw new FormatMismatchError(`${source.name}: declared format ${declared} but the bytes are ${detected}`);
   }
-  return { format: detected.id, driver: detected };
+  if (!first && detected !== 'raw') {
+    throw new UnsupportedFormatError(`${source.name}: ${detected} images are not supported (supported: qcow2, vmdk, vdi, raw)`);
+  }
+  return { format: first?.id ?? 'raw', driver: first ?? rawDriver };
 }
