@@ -116,6 +116,11 @@ export async function* readExtents(image: DiskImage, source: RandomAccessSource,
         }
         const input = buf.subarray(rel, Math.min(buf.length, rel + entry.readLength));
         const decoded = await decode(entry.codec, input, entry.decodedLength, `compressed data at file offset ${entry.fileOffset}`);
+        if (decoded.length < entry.decodedOffset + entry.length) {
+          throw new ImageCorruptError(
+            `compressed data at file offset ${entry.fileOffset} decodes to ${decoded.length} bytes, fewer than the ${entry.decodedOffset + entry.length} needed`,
+          );
+        }
         return {
           kind: 'data',
           offset: entry.offset,
