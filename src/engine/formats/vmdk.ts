@@ -573,6 +573,9 @@ class VmdkSparseImage implements DiskImage {
         if (problem) note(`ERROR: ${this.grainWhere(offset, table, i, fileOffset)} ${problem}`);
       }
     }
+    // qemu's check stops at the first grain past the end and fails ("Check
+    // failed", exit 1); a corrupt image fails ours the same way.
+    if (report.corruptions > 0 && report.checkErrors === 0) report.checkErrors = 1;
     return report;
   }
 
