@@ -57,7 +57,7 @@ export interface OpenedUrlSource {
   close(): Promise<void>;
 }
 
-/** Resumes without any new byte before giving up. */
+/** Failed attempts in a row without any new byte (the first request's included) tolerated before giving up. */
 const MAX_STALLED_RESUMES = 3;
 /** Resumes in total for one download. */
 const MAX_RESUMES = 20;
@@ -216,7 +216,7 @@ async function stage(first: Exchange, policy: UrlPolicy, options: UrlSourceOptio
         }
         stalled = done > before ? 0 : stalled + 1;
         resumes++;
-        if (stalled >= MAX_STALLED_RESUMES || resumes > MAX_RESUMES) {
+        if (stalled > MAX_STALLED_RESUMES || resumes > MAX_RESUMES) {
           throw new SourceUnavailableError(`${err.message}; gave up after ${resumes - 1} resumed requests`, { cause: err });
         }
         await sleep(Math.min(2000, 100 * 2 ** stalled), signal);

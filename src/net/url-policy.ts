@@ -286,7 +286,6 @@ function covers(entry: AllowEntry, host: string, ip: IpBytes, port: number): boo
  * parser sees.
  */
 function preprocess(raw: string): string {
-  // eslint-disable-next-line no-control-regex
   return raw.replace(/^[\u0000-\u0020]+|[\u0000-\u0020]+$/g, '').replace(/[\t\n\r]/g, '');
 }
 

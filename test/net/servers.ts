@@ -105,6 +105,7 @@ export function fileHandler(data: Buffer, options: FileOptions): Handler {
 
     const drop = options.dropAfter && options.dropAfter.requests.includes(mine) ? options.dropAfter.bytes : undefined;
     if (drop !== undefined) {
+      res.flushHeaders();
       res.write(body.subarray(0, Math.min(drop, body.length)), () => setTimeout(() => req.socket.destroy(), 20));
       return;
     }
