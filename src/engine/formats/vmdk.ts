@@ -162,7 +162,7 @@ async function openSparse(source: RandomAccessSource, limits: Limits, signal: Ab
       throw new ImageCorruptError(`${name}: descriptor at offset ${offset} lies beyond the end of the file (${source.size} bytes)`);
     }
     const text = await readExact(source, offset, Math.min(source.size - offset, limits.maxDescriptorBytes), 'VMDK descriptor', signal);
-    return refuseDescriptorFile(name, parseDescriptor(decodeText(text)), 'has a zero-capacity sparse header with a descriptor');
+    return refuseDescriptorFile(name, parseDescriptor(decodeText(text)), 'has a zero-capacity sparse header with a descriptor', true);
   }
 
   if (header.gdOffset === GD_AT_END) header = await readFooter(source, header, signal);
@@ -342,13 +342,13 @@ function parseDescriptor(text: string): Descriptor {
 }
 
 /** Refuses a descriptor whose extents are other files, saying what it names. */
-function refuseDescriptorFile(name: string, descriptor: Descriptor, what: string): never {
+function refuseDescriptorFile(name: string, descriptor: Descriptor, what: string, zeroCapacity = false): never {
   const createType = descriptor.values.get('createType');
   const files = descriptor.extents.filter((e) => e.fileName !== undefined).map((e) => `${e.type} "${e.fileName}"`);
   const names = files.length > 0 ? `names ${files.length === 1 ? 'extent' : 'extents'} ${files.slice(0, 4).join(', ')}${files.length > 4 ? ', ...' : ''}` : 'names no extent file';
   const kind = createType !== undefined ? `createType "${createType}"` : 'no createType';
-  if (createType !== undefined && SINGLE_FILE_CREATE_TYPES.has(createType) && files.length === 0) {
-    // qemu: "Unsupported image type" for a zero-capacity monolithic image.
+  if (zeroCapacity && createType !== undefined && SINGLE_FILE_CREATE_TYPES.has(createType)) {
+    // What `qemu-img create -f vmdk x 0` writes; qemu refuses it ("Unsupported image type").
     throw new UnsupportedFeatureError(`${name}: ${what} (${kind}) describes an empty disk, which qemu refuses too`);
   }
   throw new UnsafeImageError(
