@@ -56,10 +56,24 @@ class Limiter {
   }
 }
 
-function combineSignals(a: AbortSignal | undefined, b: AbortSignal | undefined): AbortSignal | undefined {
-  if (!a) return b;
-  if (!b) return a;
-  return AbortSignal.any([a, b]);
+/**
+ * A signal that fires when either does. Hand-made rather than AbortSignal.any so
+ * that listeners on the long-lived lifetime signal are removed after every read.
+ */
+function linkSignals(a: AbortSignal | undefined, b: AbortSignal | undefined): { signal: AbortSignal | undefined; dispose: () => void } {
+  if (!a || !b) return { signal: a ?? b, dispose: () => {} };
+  const controller = new AbortController();
+  const onAbort = (): void => controller.abort();
+  if (a.aborted || b.aborted) controller.abort();
+  a.addEventListener('abort', onAbort, { once: true });
+  b.addEventListener('abort', onAbort, { once: true });
+  return {
+    signal: controller.signal,
+    dispose: () => {
+      a.removeEventListener('abort', onAbort);
+      b.removeEventListener('abort', onAbort);
+    },
+  };
 }
 
 function raceAbort<T>(promise: Promise<T>, signal: AbortSignal | undefined): Promise<T> {
@@ -119,13 +133,17 @@ export class HttpRangeSource implements RandomAccessSource {
     if (end <= offset) return new Uint8Array(0);
     if (end - offset < this.tuning.blockBytes) return this.readCached(offset, end, signal);
 
-    const combined = combineSignals(signal, this.lifetimeSignal);
-    const pieces: Array<Promise<Buffer>> = [];
-    for (let start = offset; start < end; start += this.tuning.maxRequestBytes) {
-      pieces.push(this.fetchRange(start, Math.min(end, start + this.tuning.maxRequestBytes), combined));
+    const linked = linkSignals(signal, this.lifetimeSignal);
+    try {
+      const pieces: Array<Promise<Buffer>> = [];
+      for (let start = offset; start < end; start += this.tuning.maxRequestBytes) {
+        pieces.push(this.fetchRange(start, Math.min(end, start + this.tuning.maxRequestBytes), linked.signal));
+      }
+      const parts = await Promise.all(pieces);
+      return parts.length === 1 ? (parts[0] as Buffer) : Buffer.concat(parts);
+    } finally {
+      linked.dispose();
     }
-    const parts = await Promise.all(pieces);
-    return parts.length === 1 ? (parts[0] as Buffer) : Buffer.concat(parts);
   }
 
   private async readCached(offset: number, end: number, signal: AbortSignal | undefined): Promise<Uint8Array> {

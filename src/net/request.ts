@@ -140,9 +140,11 @@ export class Exchange {
 }
 
 function pinnedLookup(checked: CheckedUrl): LookupFunction {
-  // Node calls this instead of DNS: the connection goes to the address we checked.
+  // Node calls this instead of DNS: the connection goes to addresses we checked
+  // and to nothing else, whatever the name resolves to by now.
+  const all = checked.addresses && checked.addresses.length > 0 ? checked.addresses : [{ address: checked.address, family: checked.family }];
   return ((_hostname: string, options: { all?: boolean }, callback: (...args: unknown[]) => void) => {
-    if (options?.all) callback(null, [{ address: checked.address, family: checked.family }]);
+    if (options?.all) callback(null, all.map((a) => ({ address: a.address, family: a.family })));
     else callback(null, checked.address, checked.family);
   }) as unknown as LookupFunction;
 }

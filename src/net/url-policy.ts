@@ -90,6 +90,11 @@ export interface CheckedUrl {
   /** The address the request must connect to (already checked). */
   address: string;
   family: 4 | 6;
+  /**
+   * Every address the host resolved to, all checked, `address` first; the
+   * connection may fall back to these (Node's happy eyeballs) and to nothing else.
+   */
+  addresses?: ReadonlyArray<{ address: string; family: 4 | 6 }>;
 }
 
 /** URLs longer than this are refused (presigned URLs run to a few KiB). */
@@ -396,7 +401,7 @@ async function check(raw: string, policy: UrlPolicy, base: URL | undefined): Pro
     throw new UrlRefusedError(`port ${port} is not allowed for ${hostname} (allowed: ${policy.allowedPorts.join(', ')})`, 'port');
   }
   const first = addresses[0] as ResolvedAddress;
-  return { url, address: first.address, family: first.family };
+  return { url, address: first.address, family: first.family, addresses };
 }
 
 /** Parses, resolves and classifies a URL given by a client; throws UrlRefusedError. */

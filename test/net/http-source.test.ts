@@ -14,7 +14,7 @@ import { openUrlSource, type OpenedUrlSource } from '../../src/net/http-source.j
 import { HttpRangeSource } from '../../src/net/range-source.js';
 import { DEFAULT_URL_POLICY, type UrlPolicy } from '../../src/net/url-policy.js';
 import { makeTempDir, mixedContent, qemuImg, qemuRawSha256, sha256File } from '../helpers/qemu.js';
-import { fileHandler, redirect, routes, startServer, type TestServer } from './servers.js';
+import { fileHandler, redirect, routes, startBlackhole, startServer, type TestServer } from './servers.js';
 
 let dir: string;
 let cleanup: () => Promise<void>;
@@ -416,6 +416,18 @@ describe('limits and failures', () => {
     const err = await openUrlSource(`${server.origin}/x`, { ...policy, idleTimeoutMs: 300 }, { stagingPath: staging() }).catch((e: unknown) => e);
     expect(err).toBeInstanceOf(SourceUnavailableError);
     expect((err as Error).message).toMatch(/idle timeout/);
+  });
+
+  it('fires the connect timeout when the TCP handshake does not complete (bounded)', async () => {
+    const blackhole = await startBlackhole();
+    try {
+      const url = `http://127.0.0.1:${blackhole.port}/disk.raw`;
+      const err = await openUrlSource(url, { ...policy, connectTimeoutMs: 300, idleTimeoutMs: 60_000 }, { stagingPath: staging() }).catch((e: unknown) => e);
+      expect(err).toBeInstanceOf(SourceUnavailableError);
+      expect((err as Error).message).toMatch(/timed out after 300 ms/);
+    } finally {
+      await blackhole.close();
+    }
   });
 
   it('reports a refused connection as SOURCE_UNAVAILABLE', async () => {

@@ -147,3 +147,41 @@ export function redirect(location: string, status = 302): Handler {
     res.writeHead(status, { location }).end();
   };
 }
+
+/**
+ * A TCP port where connecting hangs: a listener that never accepts (python3,
+ * since Node always accepts), with its one-slot accept queue filled by a
+ * connection of ours, so the kernel ignores further SYNs.
+ */
+export async function startBlackhole(): Promise<{ port: number; close(): Promise<void> }> {
+  const { spawn } = await import('node:child_process');
+  const net = await import('node:net');
+  const script = [
+    'import socket, sys',
+    's = socket.socket()',
+    's.bind(("127.0.0.1", 0))',
+    's.listen(0)',
+    'print(s.getsockname()[1], flush=True)',
+    'sys.stdin.read()',
+  ].join('\n');
+  const child = spawn('python3', ['-c', script], { stdio: ['pipe', 'pipe', 'inherit'] });
+  const port = await new Promise<number>((resolve, reject) => {
+    child.once('error', reject);
+    child.stdout.once('data', (data: Buffer) => resolve(Number(data.toString().trim())));
+  });
+  const fillers = [net.connect(port, '127.0.0.1')];
+  await new Promise<void>((resolve, reject) => {
+    fillers[0]?.once('connect', () => resolve());
+    fillers[0]?.once('error', reject);
+  });
+  fillers.push(net.connect(port, '127.0.0.1'));
+  for (const f of fillers) f.on('error', () => {});
+  return {
+    port,
+    close: async () => {
+      for (const f of fillers) f.destroy();
+      child.stdin.end();
+      child.kill();
+    },
+  };
+}
