@@ -17,7 +17,7 @@
  */
 import { createHash, type Hash } from 'node:crypto';
 import { open, rm, type FileHandle } from 'node:fs/promises';
-import { InvalidArgumentError, SourceUnavailableError, throwIfAborted } from '../engine/errors.js';
+import { DiskconvError, InsufficientSpaceError, InvalidArgumentError, SourceUnavailableError, throwIfAborted } from '../engine/errors.js';
 import { FileSource, type RandomAccessSource } from '../engine/source.js';
 import { ChecksumMismatchError, SourceTooLargeError, UrlFetchError } from './errors.js';
 import { DEFAULT_RANGE_TUNING, HttpRangeSource, type RangeSourceTuning, type RemoteValidator } from './range-source.js';
@@ -62,6 +62,9 @@ const MAX_STALLED_RESUMES = 3;
 /** Resumes in total for one download. */
 const MAX_RESUMES = 20;
 const PROGRESS_INTERVAL_MS = 200;
+const WRITE_BATCH_BYTES = 2 ** 20;
+/** Also bounded by count: a server dribbling tiny chunks must not pile up buffer objects. */
+const WRITE_BATCH_CHUNKS = 256;
 /** The probe's body is one byte; anything much longer means the server ignored the range. */
 const MAX_PROBE_BODY = 1024;
 
@@ -151,6 +154,30 @@ async function stage(first: Exchange, policy: UrlPolicy, options: UrlSourceOptio
     let resumes = 0;
     let stalled = 0;
     let lastReport = 0;
+    // Chunks are written in batches (one writev per MiB rather than one write per socket read).
+    let pending: Buffer[] = [];
+    let pendingBytes = 0;
+    let written = 0;
+    let writeFailure: DiskconvError | undefined;
+    const flush = async (): Promise<void> => {
+      if (pendingBytes === 0) return;
+      const batch = pending;
+      pending = [];
+      pendingBytes = 0;
+      try {
+        const { bytesWritten } = await (handle as FileHandle).writev(batch, written);
+        const expected = batch.reduce((sum, b) => sum + b.length, 0);
+        if (bytesWritten !== expected) throw new Error(`short write (${bytesWritten} of ${expected} bytes)`);
+        written += expected;
+      } catch (err) {
+        const code = (err as NodeJS.ErrnoException).code;
+        writeFailure =
+          code === 'ENOSPC' || code === 'EDQUOT'
+            ? new InsufficientSpaceError(`no space left to stage ${where} at ${stagingPath}`, { cause: err })
+            : new SourceUnavailableError(`cannot write the staged copy of ${where}: ${(err as Error).message}`, { cause: err });
+        throw writeFailure;
+      }
+    };
     const report = (force: boolean): void => {
       const now = Date.now();
       if (!options.onProgress || (!force && now - lastReport < PROGRESS_INTERVAL_MS)) return;
@@ -182,6 +209,7 @@ async function stage(first: Exchange, policy: UrlPolicy, options: UrlSourceOptio
             // The server sent the whole resource again (it changed, or ignored the range): start over.
             hash = createHash('sha256');
             done = 0;
+            written = 0;
             await handle.truncate(0);
           }
           total = parseContentLength(current.header('content-length'));
@@ -199,10 +227,13 @@ async function stage(first: Exchange, policy: UrlPolicy, options: UrlSourceOptio
             throw new SourceUnavailableError(`${where}: the body is longer than the ${total} bytes announced`);
           }
           hash.update(chunk);
-          await handle.write(chunk, 0, chunk.length, done);
+          pending.push(chunk);
+          pendingBytes += chunk.length;
           done += chunk.length;
+          if (pendingBytes >= WRITE_BATCH_BYTES || pending.length >= WRITE_BATCH_CHUNKS) await flush();
           report(false);
         }
+        await flush();
         if (total !== undefined && done < total) {
           throw new SourceUnavailableError(`${where}: the body ended after ${done} of ${total} bytes`);
         }
@@ -210,7 +241,8 @@ async function stage(first: Exchange, policy: UrlPolicy, options: UrlSourceOptio
       } catch (err) {
         exchange?.discard();
         exchange = undefined;
-        if (!(err instanceof SourceUnavailableError)) throw err;
+        if (!(err instanceof SourceUnavailableError) || err === writeFailure) throw err;
+        await flush(); // what arrived before the drop is good; resume after it
         if (!rangeCapable || total === undefined) {
           throw new SourceUnavailableError(`${err.message}; the server does not offer range requests to resume`, { cause: err });
         }
