@@ -274,6 +274,8 @@ const WORKER_WINDOW = 2;
 
 class ZstdWorker {
   readonly pending = new Map<number, PendingJob>();
+  /** Replies received: a worker that dies before its first one could not start at all. */
+  replies = 0;
   private failed = false;
 
   constructor(
@@ -286,6 +288,7 @@ class ZstdWorker {
       const job = this.pending.get(reply.id);
       if (!job) return;
       this.pending.delete(reply.id);
+      this.replies++;
       if (this.pending.size === 0) worker.unref();
       if ('error' in reply) job.reject(new Error(reply.error));
       else job.resolve(reply.output);
@@ -322,6 +325,8 @@ class ZstdPool {
   private readonly queue: PendingJob[] = [];
   private queueHead = 0;
   private nextId = 1;
+  /** Set when a worker could not start; jobs then decode on this thread. */
+  private broken = false;
 
   constructor(
     private readonly script: URL,
@@ -337,6 +342,16 @@ class ZstdPool {
 
   private dispatch(): void {
     while (this.queueHead < this.queue.length) {
+      if (this.broken) {
+        const job = this.queue[this.queueHead] as PendingJob;
+        this.queue[this.queueHead++] = undefined as unknown as PendingJob;
+        try {
+          job.resolve(decodeZstdCluster(job.input, job.decodedLength));
+        } catch (err) {
+          job.reject(err as Error);
+        }
+        continue;
+      }
       const worker = this.workerWithRoom();
       if (!worker) return;
       const job = this.queue[this.queueHead] as PendingJob;
@@ -358,6 +373,7 @@ class ZstdPool {
         (w) => {
           const i = this.workers.indexOf(w);
           if (i >= 0) this.workers.splice(i, 1);
+          if (w.replies === 0) this.broken = true;
           this.dispatch();
         },
       );
