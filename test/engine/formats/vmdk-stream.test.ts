@@ -83,7 +83,7 @@ function marker(value: bigint, type: number): Buffer {
 const padToSector = (b: Buffer): Buffer => (b.length % S ? Buffer.concat([b, Buffer.alloc(S - (b.length % S))]) : b);
 
 /** Writes `content` (whole sectors) as a VMware-style stream-optimized VMDK. */
-export function buildStream(content: Buffer, name: string, options: StreamOptions = {}): Buffer {
+function buildStream(content: Buffer, name: string, options: StreamOptions = {}): Buffer {
   const grainSectors = options.grainSectors ?? 128;
   const grainBytes = grainSectors * S;
   const capacity = content.length / S;
@@ -113,7 +113,7 @@ export function buildStream(content: Buffer, name: string, options: StreamOption
       if (data.every((b) => b === 0)) continue;
       if (options.lastGrainWhole && data.length < grainBytes) data = Buffer.concat([data, Buffer.alloc(grainBytes - data.length)]);
       const compressed = deflateSync(data);
-      let m = Buffer.alloc(12 + compressed.length);
+      let m: Buffer = Buffer.alloc(12 + compressed.length);
       m.writeBigUInt64LE(BigInt(g * grainSectors), 0);
       m.writeUInt32LE(compressed.length, 8);
       compressed.copy(m, 12);
