@@ -103,13 +103,13 @@ export const vmdkDriver: FormatDriver = {
   },
   async open(source: RandomAccessSource, options: OpenOptions): Promise<DiskImage> {
     const { limits, signal } = options;
-    const head = await readExact(source, 0, Math.min(4, source.size), 'VMDK magic', signal);
+    const head = await readExact(source, 0, Math.min(4, source.size), `${source.name}: VMDK magic`, signal);
     const magic = head.length === 4 ? readU32BE(head, 0) : undefined;
     if (magic === SPARSE_MAGIC) return openSparse(source, limits, signal);
     if (magic === VMFS_SPARSE_MAGIC) {
       throw new UnsupportedFeatureError(`${source.name}: VMFS sparse (COWD) extents from ESX 2.x are not supported`);
     }
-    const text = await readExact(source, 0, Math.min(source.size, limits.maxDescriptorBytes), 'VMDK descriptor file', signal);
+    const text = await readExact(source, 0, Math.min(source.size, limits.maxDescriptorBytes), `${source.name}: VMDK descriptor file`, signal);
     if (!looksLikeDescriptorFile(text)) throw new FormatMismatchError(`${source.name}: not a VMDK image (no sparse magic, no descriptor)`);
     return refuseDescriptorFile(source.name, parseDescriptor(decodeText(text)), 'is a VMDK descriptor file');
   },
@@ -152,7 +152,7 @@ function looksLikeDescriptorFile(head: Uint8Array): boolean {
 
 async function openSparse(source: RandomAccessSource, limits: Limits, signal: AbortSignal | undefined): Promise<DiskImage> {
   const name = source.name;
-  const first = await readExact(source, 0, SECTOR, 'VMDK sparse header', signal);
+  const first = await readExact(source, 0, SECTOR, `${name}: VMDK sparse header`, signal);
   let header = parseSparseHeader(first, `${name}: sparse header`);
 
   if (header.capacity === 0n && header.descriptorOffset !== 0n) {
@@ -161,7 +161,7 @@ async function openSparse(source: RandomAccessSource, limits: Limits, signal: Ab
     if (offset >= source.size) {
       throw new ImageCorruptError(`${name}: descriptor at offset ${offset} lies beyond the end of the file (${source.size} bytes)`);
     }
-    const text = await readExact(source, offset, Math.min(source.size - offset, limits.maxDescriptorBytes), 'VMDK descriptor', signal);
+    const text = await readExact(source, offset, Math.min(source.size - offset, limits.maxDescriptorBytes), `${name}: VMDK descriptor`, signal);
     return refuseDescriptorFile(name, parseDescriptor(decodeText(text)), 'has a zero-capacity sparse header with a descriptor', true);
   }
 
