@@ -1,0 +1,82 @@
+/**
+ * The HTTP API as a fastify plugin, built from the configuration and its
+ * dependencies (records, queue, store, Redis). server.ts only adds a logger, a
+ * listening socket and a graceful close; tests build it with their own deps.
+ */
+import { randomUUID } from 'node:crypto';
+import { mkdir } from 'node:fs/promises';
+import { join } from 'node:path';
+import multipart from '@fastify/multipart';
+import rateLimit from '@fastify/rate-limit';
+import Fastify, { type FastifyBaseLogger, type FastifyInstance, type FastifyPluginAsync } from 'fastify';
+import type { Config } from '../config.js';
+import { urlPolicy } from '../service/url-import.js';
+import { createAuthenticator } from './auth.js';
+import type { ApiContext, AppDeps } from './context.js';
+import { ApiError, errorHandler, problemFor, sendProblem } from './errors.js';
+import { inspectRoutes } from './routes/inspect.js';
+import { jobRoutes } from './routes/jobs.js';
+import { opsRoutes } from './routes/ops.js';
+import { outputRoutes } from './routes/output.js';
+
+export type { AppDeps } from './context.js';
+
+/** JSON bodies are small requests, never images. */
+export const JSON_BODY_LIMIT = 64 * 1024;
+
+/** Multipart limits: one file part, a few small fields. */
+export const MULTIPART_LIMITS = { files: 1, fields: 8, fieldSize: 1024, fieldNameSize: 64, parts: 10, headerPairs: 64 } as const;
+
+export function diskconvApp(config: Config, deps: AppDeps): FastifyPluginAsync {
+  const plugin: FastifyPluginAsync = async (app) => {
+    const scratchDir = join(config.dataDir, 'work');
+    await mkdir(scratchDir, { recursive: true, mode: 0o750 });
+    const ctx: ApiContext = { ...deps, config, policy: urlPolicy(config), scratchDir };
+
+    app.setErrorHandler(errorHandler);
+    app.setNotFoundHandler((request, reply) => {
+      const path = request.url.split('?')[0] ?? '';
+      sendProblem(reply, problemFor('NOT_FOUND', `no route ${request.method} ${path.slice(0, 200)}`));
+    });
+
+    const authenticate = createAuthenticator(config.apiTokens);
+    app.decorateRequest('tenant', '');
+    app.addHook('onRequest', async (request) => {
+      if (request.url === '/v1' || request.url.startsWith('/v1/')) authenticate(request);
+    });
+
+    // Images arrive as a stream the route handler reads into the store.
+    app.addContentTypeParser('application/octet-stream', (_request, payload, done) => done(null, payload));
+    await app.register(multipart, { limits: { ...MULTIPART_LIMITS, fileSize: config.maxUploadBytes }, throwFileSizeLimit: true });
+    await app.register(rateLimit, {
+      global: false,
+      redis: deps.redis,
+      nameSpace: `diskconv:${config.queueName}:ratelimit:`,
+      // After authentication, so a token is counted as its tenant, not its address.
+      hook: 'preHandler',
+      keyGenerator: (request) => (request.tenant && request.tenant !== 'anonymous' ? `t:${request.tenant}` : `ip:${request.ip}`),
+      errorResponseBuilder: (_request, context) => new ApiError('RATE_LIMITED', `rate limit of ${context.max} requests exceeded; retry in ${context.after}`),
+    });
+
+    await opsRoutes(app, ctx);
+    await jobRoutes(app, ctx);
+    await outputRoutes(app, ctx);
+    await inspectRoutes(app, ctx);
+  };
+  // Like fastify-plugin: the handlers and hooks above apply to the whole instance.
+  (plugin as unknown as Record<symbol, boolean>)[Symbol.for('skip-override')] = true;
+  return plugin;
+}
+
+export async function buildApp(config: Config, deps: AppDeps, options: { logger?: FastifyBaseLogger } = {}): Promise<FastifyInstance> {
+  const app = Fastify({
+    ...(options.logger ? { loggerInstance: options.logger } : { logger: false }),
+    bodyLimit: JSON_BODY_LIMIT,
+    trustProxy: config.trustProxy,
+    exposeHeadRoutes: false,
+    return503OnClosing: true,
+    genReqId: () => randomUUID(),
+  });
+  await app.register(diskconvApp(config, deps));
+  return app;
+}

@@ -1,0 +1,37 @@
+/**
+ * Bearer tokens (API_TOKENS). Each token is a tenant: it sees only the jobs it
+ * created. Tokens are compared in constant time, as sha256 digests so lengths
+ * leak nothing either, against every configured token without an early exit.
+ * Without API_TOKENS the API is open and everyone is the tenant "anonymous".
+ */
+import { createHash, timingSafeEqual } from 'node:crypto';
+import type { FastifyRequest } from 'fastify';
+import { tenantOf } from '../queue/records.js';
+import { ApiError } from './errors.js';
+
+declare module 'fastify' {
+  interface FastifyRequest {
+    /** Who is asking: a hash of the bearer token, or "anonymous" when auth is off. */
+    tenant: string;
+  }
+}
+
+const digest = (s: string): Buffer => createHash('sha256').update(s).digest();
+
+export function createAuthenticator(tokens: readonly string[]): (request: FastifyRequest) => void {
+  const digests = tokens.map(digest);
+  return (request) => {
+    if (digests.length === 0) {
+      request.tenant = tenantOf(undefined);
+      return;
+    }
+    const header = request.headers.authorization;
+    const m = typeof header === 'string' ? /^Bearer\s+(\S+)\s*$/i.exec(header) : null;
+    if (!m) throw new ApiError('UNAUTHORIZED', 'missing bearer token', { 'www-authenticate': 'Bearer realm="diskconv"' });
+    const presented = digest(m[1] as string);
+    let match = false;
+    for (const d of digests) match = timingSafeEqual(d, presented) || match;
+    if (!match) throw new ApiError('UNAUTHORIZED', 'invalid bearer token', { 'www-authenticate': 'Bearer realm="diskconv", error="invalid_token"' });
+    request.tenant = tenantOf(m[1] as string);
+  };
+}

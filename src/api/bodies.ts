@@ -1,0 +1,227 @@
+/**
+ * The three kinds of body POST /v1/jobs and POST /v1/inspect accept:
+ *   multipart/form-data  a part `file` plus optional fields;
+ *   application/octet-stream  the image itself, options in the query string;
+ *   application/json  {"source": {"url": ...}, ...}.
+ * Uploads stream into the store (never whole in memory), hashed on the way, and
+ * are committed (fsync'd, renamed into place) before anything is enqueued.
+ */
+import { createHash } from 'node:crypto';
+import { Transform, type Readable } from 'node:stream';
+import { pipeline } from 'node:stream/promises';
+import type { FastifyRequest } from 'fastify';
+import { z } from 'zod';
+import type { Config } from '../config.js';
+import { isDiskconvError } from '../engine/errors.js';
+import type { SourceFormat } from '../queue/records.js';
+import { checkImportUrl, type UrlPolicyShape } from '../service/url-import.js';
+import type { Store, StreamWriter } from '../store/store.js';
+import { ApiError } from './errors.js';
+
+export const SOURCE_FORMATS = ['auto', 'raw', 'qcow2', 'vmdk', 'vdi'] as const;
+
+const sha256Field = z
+  .string()
+  .regex(/^[0-9a-fA-F]{64}$/, 'expected 64 hex digits')
+  .transform((s) => s.toLowerCase());
+
+/** Options shared by the three kinds of body. */
+const optionFields = {
+  source_format: z.enum(SOURCE_FORMATS).default('auto'),
+  output_format: z.literal('raw').default('raw'),
+  expected_sha256: sha256Field.optional(),
+};
+
+const jsonBody = z
+  .object({
+    source: z.object({ url: z.string().min(1).max(4096) }).strict(),
+    ...optionFields,
+  })
+  .strict();
+
+const uploadOptions = z.object({ ...optionFields, filename: z.string().max(1024).optional() }).strict();
+
+export interface JobOptions {
+  source_format: SourceFormat;
+  output_format: 'raw';
+  expected_sha256?: string;
+}
+
+export type ReceivedSource =
+  | { kind: 'upload'; key: string; size: number; sha256: string; filename?: string }
+  | { kind: 'url'; url: string };
+
+export interface Received {
+  source: ReceivedSource;
+  options: JobOptions;
+}
+
+export interface BodyDeps {
+  config: Pick<Config, 'maxUploadBytes'>;
+  store: Store;
+  policy: UrlPolicyShape;
+}
+
+/** Room for multipart boundaries and headers around the file. */
+const MULTIPART_OVERHEAD = 1 << 20;
+/** Space kept free in the store beyond an upload's declared length. */
+const FREE_SPACE_RESERVE = 64 * 2 ** 20;
+
+export function mediaType(request: FastifyRequest): string | undefined {
+  const ct = request.headers['content-type'];
+  return typeof ct === 'string' ? (ct.split(';')[0] ?? '').trim().toLowerCase() : undefined;
+}
+
+/** A client's file name is metadata: its last path component, printable, bounded. */
+export function sanitizeFilename(name: string | undefined): string | undefined {
+  if (!name) return undefined;
+  const base = name.split(/[/\\]/).pop() ?? '';
+  // eslint-disable-next-line no-control-regex
+  const clean = base.replace(/[\u0000-\u001f\u007f"]/g, '').trim().slice(0, 255);
+  return clean === '' || clean === '.' || clean === '..' ? undefined : clean;
+}
+
+/**
+ * Reads the request's body into `key` (uploads) or validates its URL (JSON).
+ * On any failure nothing stays in the store.
+ */
+export async function receiveBody(request: FastifyRequest, key: string, deps: BodyDeps): Promise<Received> {
+  const type = mediaType(request);
+  if (type === 'application/json') return receiveJson(request, deps);
+  if (type === 'application/octet-stream' || type === 'multipart/form-data') {
+    await checkDeclaredLength(request, type === 'multipart/form-data' ? MULTIPART_OVERHEAD : 0, deps);
+    return type === 'multipart/form-data' ? receiveMultipart(request, key, deps) : receiveOctetStream(request, key, deps);
+  }
+  throw new ApiError(
+    'UNSUPPORTED_MEDIA_TYPE',
+    `Content-Type ${type ?? '(none)'} is not accepted; use multipart/form-data, application/octet-stream or application/json`,
+  );
+}
+
+async function checkDeclaredLength(request: FastifyRequest, overhead: number, deps: BodyDeps): Promise<void> {
+  const header = request.headers['content-length'];
+  if (header === undefined) return; // chunked: the limit is enforced while streaming
+  const length = Number(header);
+  if (length > deps.config.maxUploadBytes + overhead) {
+    throw new ApiError('PAYLOAD_TOO_LARGE', `the body is ${length} bytes; MAX_UPLOAD_BYTES is ${deps.config.maxUploadBytes}`);
+  }
+  const free = await deps.store.freeBytes();
+  if (free !== undefined && length + FREE_SPACE_RESERVE > free) {
+    throw new ApiError('INSUFFICIENT_SPACE', `the body is ${length} bytes and the store has ${free} bytes free`);
+  }
+}
+
+async function receiveJson(request: FastifyRequest, deps: BodyDeps): Promise<Received> {
+  if (request.body === undefined || request.body === null) throw new ApiError('EMPTY_BODY', 'the JSON body is empty');
+  const body = jsonBody.parse(request.body);
+  await checkImportUrl(body.source.url, deps.policy);
+  return {
+    source: { kind: 'url', url: body.source.url },
+    options: { source_format: body.source_format, output_format: body.output_format, ...(body.expected_sha256 ? { expected_sha256: body.expected_sha256 } : {}) },
+  };
+}
+
+async function receiveOctetStream(request: FastifyRequest, key: string, deps: BodyDeps): Promise<Received> {
+  const query = uploadOptions.parse(request.query ?? {});
+  const body = request.body as Readable | undefined;
+  if (!body || typeof body.pipe !== 'function') throw new ApiError('EMPTY_BODY', 'the body is empty');
+  const options: JobOptions = {
+    source_format: query.source_format,
+    output_format: query.output_format,
+    ...(query.expected_sha256 ? { expected_sha256: query.expected_sha256 } : {}),
+  };
+  const filename = sanitizeFilename(query.filename);
+  const stored = await streamToStore(body, key, deps);
+  await verifyChecksum(stored, options, key, deps);
+  return { source: { kind: 'upload', key, ...stored, ...(filename ? { filename } : {}) }, options };
+}
+
+async function receiveMultipart(request: FastifyRequest, key: string, deps: BodyDeps): Promise<Received> {
+  const fields: Record<string, string> = {};
+  let stored: { size: number; sha256: string } | undefined;
+  let filename: string | undefined;
+  try {
+    for await (const part of request.parts()) {
+      if (part.type === 'file') {
+        if (part.fieldname !== 'file' || stored) {
+          part.file.resume();
+          throw new ApiError('TOO_MANY_FILES', `unexpected file part '${part.fieldname.slice(0, 64)}'; send one part named 'file'`);
+        }
+        filename = sanitizeFilename(part.filename);
+        stored = await streamToStore(part.file, key, deps);
+        if ((part.file as Readable & { truncated?: boolean }).truncated) {
+          throw new ApiError('PAYLOAD_TOO_LARGE', `the file is larger than MAX_UPLOAD_BYTES (${deps.config.maxUploadBytes})`);
+        }
+      } else {
+        if (part.fieldname in fields) throw new ApiError('VALIDATION_FAILED', `field '${part.fieldname.slice(0, 64)}' appears twice`);
+        fields[part.fieldname] = typeof part.value === 'string' ? part.value : String(part.value);
+      }
+    }
+  } catch (err) {
+    await deps.store.delete('input', key).catch(() => {});
+    throw asBodyError(err);
+  }
+  try {
+    if (!stored) throw new ApiError('MISSING_FILE');
+    const parsed = uploadOptions.omit({ filename: true }).parse(fields);
+    const options: JobOptions = {
+      source_format: parsed.source_format,
+      output_format: parsed.output_format,
+      ...(parsed.expected_sha256 ? { expected_sha256: parsed.expected_sha256 } : {}),
+    };
+    await verifyChecksum(stored, options, key, deps);
+    return { source: { kind: 'upload', key, ...stored, ...(filename ? { filename } : {}) }, options };
+  } catch (err) {
+    await deps.store.delete('input', key).catch(() => {});
+    throw err;
+  }
+}
+
+async function verifyChecksum(stored: { sha256: string }, options: JobOptions, key: string, deps: BodyDeps): Promise<void> {
+  if (options.expected_sha256 && options.expected_sha256 !== stored.sha256) {
+    await deps.store.delete('input', key).catch(() => {});
+    throw new ApiError('CHECKSUM_MISMATCH', `the upload's sha256 is ${stored.sha256}, expected ${options.expected_sha256}`);
+  }
+}
+
+/** Streams into a new input object with a size limit and sha256; commits it durably. */
+async function streamToStore(body: Readable, key: string, deps: BodyDeps): Promise<{ size: number; sha256: string }> {
+  const max = deps.config.maxUploadBytes;
+  const hash = createHash('sha256');
+  let size = 0;
+  const meter = new Transform({
+    transform(chunk: Buffer, _enc, done) {
+      size += chunk.length;
+      if (size > max) {
+        done(new ApiError('PAYLOAD_TOO_LARGE', `the upload is larger than MAX_UPLOAD_BYTES (${max})`));
+        return;
+      }
+      hash.update(chunk);
+      done(null, chunk);
+    },
+  });
+  const writer: StreamWriter = await deps.store.createStreamWriter('input', key);
+  try {
+    await pipeline(body, meter, writer.stream);
+    if (size === 0) throw new ApiError('EMPTY_BODY', 'the upload is empty');
+    await writer.commit();
+  } catch (err) {
+    await writer.abort().catch(() => {});
+    throw asBodyError(err);
+  }
+  return { size, sha256: hash.digest('hex') };
+}
+
+/** Errors from streams and busboy carry no code; name them. */
+function asBodyError(err: unknown): unknown {
+  if (err instanceof z.ZodError || isDiskconvError(err)) return err;
+  const e = err as { code?: unknown; message?: unknown };
+  if (typeof e.code === 'string' && e.code.startsWith('FST_')) return err;
+  if (e.code === 'ERR_STREAM_PREMATURE_CLOSE' || e.code === 'ECONNRESET' || e.code === 'ABORT_ERR') {
+    return new ApiError('INCOMPLETE_BODY', 'the client closed the connection before the body was complete');
+  }
+  if (typeof e.message === 'string' && /multipart|boundary|part|form/i.test(e.message)) {
+    return new ApiError('MALFORMED_MULTIPART', e.message);
+  }
+  return err;
+}

@@ -1,0 +1,32 @@
+/** Job records as clients see them (snake_case JSON; the OpenAPI schema `Job`). */
+import type { JobRecord } from '../queue/records.js';
+
+const iso = (ms: number | undefined): string | null => (ms === undefined ? null : new Date(ms).toISOString());
+
+export function jobPath(id: string): string {
+  return `/v1/jobs/${id}`;
+}
+
+export function presentJob(rec: JobRecord): Record<string, unknown> {
+  return {
+    id: rec.id,
+    state: rec.state,
+    source_format: rec.source_format,
+    output_format: rec.output_format,
+    ...(rec.expected_sha256 ? { expected_sha256: rec.expected_sha256 } : {}),
+    created_at: iso(rec.created_at),
+    updated_at: iso(rec.updated_at),
+    started_at: iso(rec.started_at),
+    finished_at: iso(rec.finished_at),
+    attempts: rec.attempts,
+    progress: rec.progress,
+    source: rec.source,
+    output: rec.output
+      ? { format: rec.output.format, size: rec.output.size, sha256: rec.output.sha256, data_bytes: rec.output.data_bytes, href: `${jobPath(rec.id)}/output` }
+      : null,
+    error: rec.error ?? null,
+    ...(rec.last_error ? { last_error: rec.last_error } : {}),
+    ...(rec.duration_seconds !== undefined ? { duration_seconds: rec.duration_seconds } : {}),
+    links: { self: jobPath(rec.id), output: `${jobPath(rec.id)}/output` },
+  };
+}

@@ -1,0 +1,54 @@
+/**
+ * POST /v1/inspect: the same three kinds of body as POST /v1/jobs, answered at
+ * once with the engine's info and its safety verdict; nothing is converted and
+ * nothing is kept.
+ */
+import { randomBytes } from 'node:crypto';
+import { rm } from 'node:fs/promises';
+import { join } from 'node:path';
+import type { FastifyInstance } from 'fastify';
+import type { FormatId, RandomAccessSource } from '../../engine/index.js';
+import { inspectSource } from '../../service/inspect.js';
+import { openImportUrl, type OpenedUrlSource } from '../../service/url-import.js';
+import { receiveBody } from '../bodies.js';
+import type { ApiContext } from '../context.js';
+
+export async function inspectRoutes(app: FastifyInstance, ctx: ApiContext): Promise<void> {
+  app.post('/v1/inspect', { config: { rateLimit: { max: ctx.config.rateLimit.inspect, timeWindow: ctx.config.rateLimit.windowSeconds * 1000 } } }, async (request, reply) => {
+    const key = `inspect-${randomBytes(12).toString('base64url')}`;
+    const controller = new AbortController();
+    reply.raw.on('close', () => {
+      if (!reply.raw.writableFinished) controller.abort(); // the client went away
+    });
+    const received = await receiveBody(request, key, { config: ctx.config, store: ctx.store, policy: ctx.policy });
+    const src = received.source;
+    const stagingPath = join(ctx.scratchDir, `${key}.download`);
+    let opened: OpenedUrlSource | undefined;
+    let source: RandomAccessSource | undefined;
+    try {
+      let summary: Record<string, unknown>;
+      if (src.kind === 'upload') {
+        const displayName = src.filename ?? 'upload';
+        source = await ctx.store.openSource('input', key, displayName);
+        summary = { kind: 'upload', ...(src.filename ? { filename: src.filename } : {}), size: src.size, sha256: src.sha256 };
+      } else {
+        opened = await openImportUrl(src.url, ctx.policy, {
+          signal: controller.signal,
+          stagingPath,
+          ...(received.options.expected_sha256 ? { expectedSha256: received.options.expected_sha256 } : {}),
+        });
+        source = opened.source;
+        summary = { kind: 'url', url: src.url, final_url: opened.finalUrl, size: opened.size, mode: opened.mode, ...(opened.sha256 ? { sha256: opened.sha256 } : {}) };
+      }
+      const displayName = src.kind === 'upload' ? (src.filename ?? 'upload') : src.url;
+      const format = received.options.source_format === 'auto' ? 'auto' : (received.options.source_format as FormatId);
+      const inspection = await inspectSource(source, { format, maxVirtualSize: ctx.config.maxVirtualSize, signal: controller.signal, displayName });
+      return { source: summary, ...inspection };
+    } finally {
+      // A URL source is closed through its opener, which also drops its connections.
+      await (opened ? opened.close() : source?.close())?.catch(() => {});
+      await rm(stagingPath, { force: true }).catch(() => {});
+      if (src.kind === 'upload') await ctx.store.delete('input', key).catch(() => {});
+    }
+  });
+}

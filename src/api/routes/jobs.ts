@@ -1,0 +1,99 @@
+/** POST/GET/DELETE /v1/jobs: create, list, read and cancel conversion jobs. */
+import { randomBytes } from 'node:crypto';
+import type { FastifyInstance, FastifyRequest } from 'fastify';
+import { z } from 'zod';
+import { isFinal, JOB_STATES, type JobRecord } from '../../queue/records.js';
+import { receiveBody } from '../bodies.js';
+import type { ApiContext } from '../context.js';
+import { ApiError } from '../errors.js';
+import { jobPath, presentJob } from '../present.js';
+
+/** 128 random bits, URL-safe: unguessable, and safe as a store key. */
+export function newJobId(): string {
+  return randomBytes(16).toString('base64url');
+}
+
+const JOB_ID = /^[A-Za-z0-9_-]{22}$/;
+
+const listQuery = z
+  .object({
+    state: z.enum(JOB_STATES).optional(),
+    limit: z.coerce.number().int().min(1).max(100).default(20),
+    cursor: z.string().max(200).optional(),
+  })
+  .strict();
+
+/** The caller's job, or 404 for a missing job, a malformed id and another tenant's job alike. */
+export async function findJob(ctx: ApiContext, request: FastifyRequest): Promise<JobRecord> {
+  const { id } = request.params as { id: string };
+  const rec = JOB_ID.test(id) ? await ctx.records.getForTenant(id, request.tenant) : undefined;
+  if (!rec) throw new ApiError('NOT_FOUND', 'no such job');
+  return rec;
+}
+
+export async function jobRoutes(app: FastifyInstance, ctx: ApiContext): Promise<void> {
+  app.post('/v1/jobs', { config: { rateLimit: { max: ctx.config.rateLimit.jobs, timeWindow: ctx.config.rateLimit.windowSeconds * 1000 } } }, async (request, reply) => {
+    const id = newJobId();
+    const received = await receiveBody(request, id, { config: ctx.config, store: ctx.store, policy: ctx.policy });
+    const now = Date.now();
+    const src = received.source;
+    const record: JobRecord = {
+      id,
+      tenant: request.tenant,
+      state: 'queued',
+      source_format: received.options.source_format,
+      output_format: received.options.output_format,
+      ...(received.options.expected_sha256 ? { expected_sha256: received.options.expected_sha256 } : {}),
+      created_at: now,
+      updated_at: now,
+      attempts: 0,
+      source:
+        src.kind === 'upload'
+          ? { kind: 'upload', size: src.size, sha256: src.sha256, ...(src.filename ? { filename: src.filename } : {}) }
+          : { kind: 'url', url: src.url },
+      progress: { phase: 'queued', bytes_done: 0, bytes_total: null, percent: null },
+    };
+    try {
+      await ctx.records.create(record);
+      await ctx.queue.enqueue(id);
+    } catch (err) {
+      await ctx.records.remove(record).catch(() => {});
+      await ctx.store.delete('input', id).catch(() => {});
+      request.log.error({ err }, 'enqueue failed');
+      throw new ApiError('QUEUE_UNAVAILABLE');
+    }
+    request.log.info({ job: id, kind: src.kind, size: src.kind === 'upload' ? src.size : undefined }, 'job created');
+    return reply.code(202).header('location', jobPath(id)).send(presentJob(record));
+  });
+
+  const readLimit = { rateLimit: { max: ctx.config.rateLimit.reads, timeWindow: ctx.config.rateLimit.windowSeconds * 1000 } };
+
+  app.get('/v1/jobs', { config: readLimit }, async (request) => {
+    const q = listQuery.parse(request.query ?? {});
+    const page = await ctx.records.list(request.tenant, { limit: q.limit, ...(q.state ? { state: q.state } : {}), ...(q.cursor ? { cursor: q.cursor } : {}) });
+    return { jobs: page.jobs.map(presentJob), next_cursor: page.nextCursor };
+  });
+
+  app.get('/v1/jobs/:id', { config: readLimit }, async (request) => presentJob(await findJob(ctx, request)));
+
+  app.delete('/v1/jobs/:id', { config: readLimit }, async (request, reply) => {
+    const rec = await findJob(ctx, request);
+    if (!isFinal(rec.state)) {
+      const { moved } = await ctx.records.transition(rec.id, 'cancelled', ['queued', 'running'], { last_error: undefined });
+      if (moved) {
+        // Tell the worker (if any) at once; take the job off the queue if no worker has it yet.
+        await ctx.records.publishCancel(rec.id);
+        await ctx.queue.removeWaiting(rec.id).catch((err: unknown) => request.log.warn({ err }, 'could not remove the queued job'));
+        await ctx.store.delete('input', rec.id);
+        request.log.info({ job: rec.id }, 'job cancelled');
+        return presentJob((await ctx.records.get(rec.id)) ?? rec);
+      }
+    }
+    // Finished (or finished while we looked): remove its files and its record.
+    await ctx.store.delete('output', rec.id);
+    await ctx.store.delete('input', rec.id);
+    await ctx.records.remove(rec);
+    request.log.info({ job: rec.id }, 'job deleted');
+    return reply.code(204).send();
+  });
+}

@@ -1,0 +1,44 @@
+/** Operations: /healthz (alive), /readyz (Redis and store reachable), /metrics, /openapi.yaml. No auth. */
+import { readFile } from 'node:fs/promises';
+import type { FastifyInstance } from 'fastify';
+import type { ApiContext } from '../context.js';
+import { ApiError } from '../errors.js';
+import { renderMetrics } from '../metrics.js';
+
+/** openapi.yaml sits at the package root, next to dist/ and src/. */
+export const OPENAPI_URL = new URL('../../../openapi.yaml', import.meta.url);
+
+function withTimeout<T>(promise: Promise<T>, ms: number, what: string): Promise<T> {
+  let timer: NodeJS.Timeout | undefined;
+  return Promise.race([
+    promise,
+    new Promise<never>((_, reject) => {
+      timer = setTimeout(() => reject(new Error(`${what} timed out`)), ms);
+    }),
+  ]).finally(() => clearTimeout(timer));
+}
+
+export async function opsRoutes(app: FastifyInstance, ctx: ApiContext): Promise<void> {
+  const openapi = await readFile(OPENAPI_URL, 'utf8');
+
+  app.get('/healthz', async () => ({ status: 'ok' }));
+
+  app.get('/readyz', async (request) => {
+    const checks: Record<string, string> = {};
+    const [redis, store] = await Promise.allSettled([withTimeout(ctx.redis.ping(), 2000, 'redis ping'), withTimeout(ctx.store.ping(), 2000, 'store check')]);
+    checks.redis = redis.status === 'fulfilled' ? 'ok' : 'unreachable';
+    checks.store = store.status === 'fulfilled' ? 'ok' : 'unavailable';
+    if (redis.status === 'rejected' || store.status === 'rejected') {
+      request.log.warn({ checks }, 'not ready');
+      throw new ApiError('NOT_READY', `not ready: redis ${checks.redis}, store ${checks.store}`);
+    }
+    return { status: 'ready', checks };
+  });
+
+  app.get('/metrics', async (_request, reply) => {
+    const [stats, depth] = await Promise.all([ctx.records.stats(), ctx.queue.depth()]);
+    return reply.type('text/plain; version=0.0.4; charset=utf-8').send(renderMetrics({ stats, depth }));
+  });
+
+  app.get('/openapi.yaml', async (_request, reply) => reply.type('application/yaml; charset=utf-8').send(openapi));
+}

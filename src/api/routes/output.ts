@@ -1,0 +1,67 @@
+/** GET and HEAD /v1/jobs/{id}/output: the raw image, with ETag (its sha256) and single byte ranges. */
+import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
+import type { ByteRange } from '../../store/store.js';
+import type { ApiContext } from '../context.js';
+import { ApiError } from '../errors.js';
+import { findJob } from './jobs.js';
+
+/**
+ * Parses a Range header against `size`. Returns undefined to serve the whole
+ * object (no header, a syntax we ignore, several ranges), a range, or 'unsatisfiable'.
+ */
+export function parseRange(header: string | undefined, size: number): ByteRange | 'unsatisfiable' | undefined {
+  if (!header) return undefined;
+  const m = /^bytes=(\d*)-(\d*)$/.exec(header.trim());
+  if (!m) return undefined; // multiple or malformed ranges: RFC 9110 lets us send the whole representation
+  const [, a = '', b = ''] = m;
+  if (a === '' && b === '') return undefined;
+  if (a === '') {
+    const suffix = Number(b);
+    if (suffix === 0 || size === 0) return 'unsatisfiable';
+    return { start: Math.max(0, size - suffix), end: size - 1 };
+  }
+  const start = Number(a);
+  const end = b === '' ? size - 1 : Math.min(Number(b), size - 1);
+  if (start >= size || (b !== '' && Number(b) < start)) return 'unsatisfiable';
+  return { start, end };
+}
+
+export async function outputRoutes(app: FastifyInstance, ctx: ApiContext): Promise<void> {
+  const serve = async (request: FastifyRequest, reply: FastifyReply, withBody: boolean): Promise<FastifyReply> => {
+    const rec = await findJob(ctx, request);
+    if (rec.state !== 'succeeded' || !rec.output) throw new ApiError('JOB_NOT_READY', `the job is ${rec.state}; its output exists once it has succeeded`);
+    const obj = await ctx.store.stat('output', rec.id);
+    if (!obj) throw new ApiError('NOT_FOUND', 'the output is no longer stored');
+    const etag = `"${rec.output.sha256}"`;
+    reply
+      .header('etag', etag)
+      .header('accept-ranges', 'bytes')
+      .header('last-modified', new Date(rec.finished_at ?? obj.modifiedAt).toUTCString())
+      .header('content-disposition', `attachment; filename="${rec.id}.raw"`)
+      .header('cache-control', 'private, no-transform');
+    const inm = request.headers['if-none-match'];
+    if (typeof inm === 'string' && inm.split(',').some((t) => t.trim() === etag || t.trim() === '*')) return reply.code(304).send();
+
+    const ifRange = request.headers['if-range'];
+    const rangeHeader = ifRange === undefined || ifRange === etag ? request.headers.range : undefined;
+    const range = parseRange(rangeHeader, obj.size);
+    if (range === 'unsatisfiable') {
+      throw new ApiError('RANGE_NOT_SATISFIABLE', `the output is ${obj.size} bytes`, { 'content-range': `bytes */${obj.size}` });
+    }
+    reply.type('application/octet-stream');
+    if (range) {
+      reply
+        .code(206)
+        .header('content-range', `bytes ${range.start}-${range.end}/${obj.size}`)
+        .header('content-length', String(range.end - range.start + 1));
+    } else {
+      reply.header('content-length', String(obj.size));
+    }
+    if (!withBody || obj.size === 0) return reply.send();
+    return reply.send(await ctx.store.createReadStream('output', rec.id, range));
+  };
+
+  const readLimit = { rateLimit: { max: ctx.config.rateLimit.reads, timeWindow: ctx.config.rateLimit.windowSeconds * 1000 } };
+  app.get('/v1/jobs/:id/output', { config: readLimit, exposeHeadRoute: false }, (request, reply) => serve(request, reply, true));
+  app.head('/v1/jobs/:id/output', { config: readLimit }, (request, reply) => serve(request, reply, false));
+}

@@ -1,0 +1,198 @@
+/**
+ * The service's configuration: one zod-validated object read from the environment.
+ * A bad value stops start-up with a message naming the variable.
+ */
+import { resolve } from 'node:path';
+import { z } from 'zod';
+import { DiskconvError } from './engine/errors.js';
+
+export class ConfigError extends DiskconvError {
+  readonly code = 'CONFIG_INVALID' as const;
+  readonly deterministic = true;
+}
+
+const UNITS: Record<string, number> = { '': 1, k: 2 ** 10, m: 2 ** 20, g: 2 ** 30, t: 2 ** 40, p: 2 ** 50 };
+
+/** "1073741824", "64G", "64GiB", "512m", "2T": binary units, as disk sizes usually are. */
+export function parseByteSize(text: string): number | undefined {
+  const m = /^\s*(\d+(?:\.\d+)?)\s*([kmgtp]?)(?:i?b)?\s*$/i.exec(text);
+  if (!m) return undefined;
+  const value = Number(m[1]) * (UNITS[(m[2] ?? '').toLowerCase()] ?? NaN);
+  return Number.isSafeInteger(Math.floor(value)) ? Math.floor(value) : undefined;
+}
+
+const int = (min: number, max: number, fallback: number) =>
+  z
+    .string()
+    .trim()
+    .default(String(fallback))
+    .transform((s, ctx) => {
+      const n = /^\d+$/.test(s) ? Number(s) : NaN;
+      if (!Number.isSafeInteger(n) || n < min || n > max) {
+        ctx.addIssue({ code: z.ZodIssueCode.custom, message: `expected an integer from ${min} to ${max}, got '${s}'` });
+        return z.NEVER;
+      }
+      return n;
+    });
+
+const bytes = (min: number, fallback: string) =>
+  z
+    .string()
+    .trim()
+    .default(fallback)
+    .transform((s, ctx) => {
+      const n = parseByteSize(s);
+      if (n === undefined || n < min) {
+        ctx.addIssue({ code: z.ZodIssueCode.custom, message: `expected a size in bytes of at least ${min} (e.g. 1073741824, 64G, 512MiB), got '${s}'` });
+        return z.NEVER;
+      }
+      return n;
+    });
+
+const list = z
+  .string()
+  .default('')
+  .transform((s) =>
+    s
+      .split(',')
+      .map((v) => v.trim())
+      .filter((v) => v.length > 0),
+  );
+
+const bool = (fallback: boolean) =>
+  z
+    .string()
+    .trim()
+    .toLowerCase()
+    .default(String(fallback))
+    .transform((s, ctx) => {
+      if (['1', 'true', 'yes', 'on'].includes(s)) return true;
+      if (['0', 'false', 'no', 'off', ''].includes(s)) return false;
+      ctx.addIssue({ code: z.ZodIssueCode.custom, message: `expected true or false, got '${s}'` });
+      return z.NEVER;
+    });
+
+const schema = z.object({
+  HOST: z.string().trim().min(1).default('127.0.0.1'),
+  PORT: int(0, 65535, 8080),
+  REDIS_URL: z
+    .string()
+    .trim()
+    .optional()
+    .transform((s) => (s === '' ? undefined : s))
+    .refine((s) => s === undefined || /^rediss?:\/\/[^\s]+$/.test(s), { message: 'expected redis://[user:password@]host:port[/db] or rediss://...' }),
+  DATA_DIR: z
+    .string()
+    .trim()
+    .min(1)
+    .default('./data')
+    .transform((s) => resolve(s)),
+  API_TOKENS: list.refine((tokens) => tokens.every((t) => t.length >= 16 && /^[\x21-\x7e]+$/.test(t)), {
+    message: 'every token must be at least 16 printable characters without spaces (e.g. `openssl rand -hex 32`)',
+  }),
+  WORKER_CONCURRENCY: int(1, 64, 1),
+  MAX_UPLOAD_BYTES: bytes(1, '64G'),
+  MAX_VIRTUAL_SIZE: bytes(512, '4T'),
+  URL_IMPORT_ALLOW: list,
+  URL_IMPORT_PORTS: list.transform((ports, ctx) => {
+    const parsed = (ports.length ? ports : ['80', '443']).map(Number);
+    if (!parsed.every((p) => Number.isInteger(p) && p >= 1 && p <= 65535)) {
+      ctx.addIssue({ code: z.ZodIssueCode.custom, message: `expected comma-separated ports from 1 to 65535, got '${ports.join(',')}'` });
+      return z.NEVER;
+    }
+    return parsed;
+  }),
+  URL_CONNECT_TIMEOUT_MS: int(1, 600_000, 10_000),
+  URL_IDLE_TIMEOUT_MS: int(1, 3_600_000, 30_000),
+  URL_MAX_REDIRECTS: int(0, 20, 5),
+  RESULT_TTL_SECONDS: int(1, 365 * 86400, 86400),
+  ORPHAN_TTL_SECONDS: int(1, 365 * 86400, 3600),
+  RETENTION_SWEEP_SECONDS: int(1, 86400, 60),
+  RATE_LIMIT_WINDOW_SECONDS: int(1, 86400, 60),
+  RATE_LIMIT_JOBS: int(1, 1_000_000, 60),
+  RATE_LIMIT_INSPECT: int(1, 1_000_000, 60),
+  RATE_LIMIT_READS: int(1, 1_000_000, 1200),
+  TRUST_PROXY: bool(false),
+  LOG_LEVEL: z.enum(['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent']).default('info'),
+  QUEUE_NAME: z
+    .string()
+    .trim()
+    .default('diskconv')
+    .refine((s) => /^[A-Za-z0-9_-]{1,64}$/.test(s), { message: 'expected 1-64 characters from A-Z a-z 0-9 _ -' }),
+  JOB_ATTEMPTS: int(1, 100, 3),
+  JOB_BACKOFF_MS: int(0, 3_600_000, 5000),
+  WORKER_LOCK_DURATION_MS: int(1000, 3_600_000, 30_000),
+  WORKER_STALLED_INTERVAL_MS: int(500, 3_600_000, 30_000),
+  WORKER_MAX_STALLED_COUNT: int(0, 100, 2),
+  WORKER_READ_BYTES_PER_SECOND: bytes(0, '0'),
+  PROGRESS_INTERVAL_MS: int(50, 60_000, 500),
+  SHUTDOWN_GRACE_MS: int(0, 3_600_000, 20_000),
+});
+
+type Env = z.infer<typeof schema>;
+
+export interface Config {
+  host: string;
+  port: number;
+  redisUrl: string | undefined;
+  dataDir: string;
+  apiTokens: string[];
+  workerConcurrency: number;
+  maxUploadBytes: number;
+  maxVirtualSize: number;
+  urlImport: { allow: string[]; ports: number[]; connectTimeoutMs: number; idleTimeoutMs: number; maxRedirects: number };
+  retention: { resultTtlSeconds: number; orphanTtlSeconds: number; sweepSeconds: number };
+  rateLimit: { windowSeconds: number; jobs: number; inspect: number; reads: number };
+  trustProxy: boolean;
+  logLevel: Env['LOG_LEVEL'];
+  queueName: string;
+  jobAttempts: number;
+  jobBackoffMs: number;
+  worker: { lockDurationMs: number; stalledIntervalMs: number; maxStalledCount: number; readBytesPerSecond: number; progressIntervalMs: number };
+  shutdownGraceMs: number;
+}
+
+/** The variables read, for the README table and error messages. */
+export const CONFIG_VARIABLES = Object.keys(schema.shape) as (keyof Env)[];
+
+export function loadConfig(env: NodeJS.ProcessEnv = process.env): Config {
+  const input = Object.fromEntries(CONFIG_VARIABLES.filter((k) => env[k] !== undefined).map((k) => [k, env[k]]));
+  const parsed = schema.safeParse(input);
+  if (!parsed.success) {
+    const lines = parsed.error.issues.map((i) => `${i.path.join('.') || '(environment)'}: ${i.message}`);
+    throw new ConfigError(`invalid configuration: ${lines.join('; ')}`);
+  }
+  const e = parsed.data;
+  return {
+    host: e.HOST,
+    port: e.PORT,
+    redisUrl: e.REDIS_URL,
+    dataDir: e.DATA_DIR,
+    apiTokens: e.API_TOKENS,
+    workerConcurrency: e.WORKER_CONCURRENCY,
+    maxUploadBytes: e.MAX_UPLOAD_BYTES,
+    maxVirtualSize: e.MAX_VIRTUAL_SIZE,
+    urlImport: {
+      allow: e.URL_IMPORT_ALLOW,
+      ports: e.URL_IMPORT_PORTS,
+      connectTimeoutMs: e.URL_CONNECT_TIMEOUT_MS,
+      idleTimeoutMs: e.URL_IDLE_TIMEOUT_MS,
+      maxRedirects: e.URL_MAX_REDIRECTS,
+    },
+    retention: { resultTtlSeconds: e.RESULT_TTL_SECONDS, orphanTtlSeconds: e.ORPHAN_TTL_SECONDS, sweepSeconds: e.RETENTION_SWEEP_SECONDS },
+    rateLimit: { windowSeconds: e.RATE_LIMIT_WINDOW_SECONDS, jobs: e.RATE_LIMIT_JOBS, inspect: e.RATE_LIMIT_INSPECT, reads: e.RATE_LIMIT_READS },
+    trustProxy: e.TRUST_PROXY,
+    logLevel: e.LOG_LEVEL,
+    queueName: e.QUEUE_NAME,
+    jobAttempts: e.JOB_ATTEMPTS,
+    jobBackoffMs: e.JOB_BACKOFF_MS,
+    worker: {
+      lockDurationMs: e.WORKER_LOCK_DURATION_MS,
+      stalledIntervalMs: e.WORKER_STALLED_INTERVAL_MS,
+      maxStalledCount: e.WORKER_MAX_STALLED_COUNT,
+      readBytesPerSecond: e.WORKER_READ_BYTES_PER_SECOND,
+      progressIntervalMs: e.PROGRESS_INTERVAL_MS,
+    },
+    shutdownGraceMs: e.SHUTDOWN_GRACE_MS,
+  };
+}

@@ -1,0 +1,236 @@
+/**
+ * One conversion attempt: open the job's source (staged upload or URL), open the
+ * image through the engine, check limits and free space, convert into the store
+ * with sha256 in the same pass, commit, record. Every way out leaves the store
+ * clean: no partial output, no staged input of a finished job.
+ */
+import { rm } from 'node:fs/promises';
+import { join } from 'node:path';
+import { UnrecoverableError, WaitingError, type Job } from 'bullmq';
+import type { Logger } from 'pino';
+import type { Config } from '../config.js';
+import {
+  convertToRaw,
+  imageInfo,
+  InsufficientSpaceError,
+  isDiskconvError,
+  openImage,
+  type DiskImage,
+  type FormatId,
+  type RandomAccessSource,
+} from '../engine/index.js';
+import { estimateAllocation, scrubMessage } from '../service/inspect.js';
+import { openImportUrl, urlPolicy, type OpenedUrlSource } from '../service/url-import.js';
+import type { ExtentWriter, Store } from '../store/store.js';
+import type { AbortReason, CancelWatcher } from './cancel.js';
+import type { ConvertJobData } from './queue.js';
+import type { JobError, JobProgress, JobRecord, JobRecords } from './records.js';
+import { ThrottledSource } from './throttle.js';
+
+/** Space kept free in the store beyond the estimate, for metadata and other writers. */
+const FREE_SPACE_RESERVE = 64 * 2 ** 20;
+
+export interface ProcessorDeps {
+  config: Config;
+  records: JobRecords;
+  store: Store;
+  cancels: CancelWatcher;
+  logger: Logger;
+  /** Worker-local scratch space (URL downloads staged whole). */
+  scratchDir: string;
+}
+
+export type ProcessResult = { outcome: 'succeeded' | 'cancelled' | 'skipped' };
+
+/** Writes progress at most once per interval and never more than one write at a time. */
+class ProgressReporter {
+  private pending: Promise<unknown> | undefined;
+  private last = 0;
+  constructor(
+    private readonly records: JobRecords,
+    private readonly id: string,
+    private readonly intervalMs: number,
+    private readonly onGone: () => void,
+  ) {}
+
+  report(progress: JobProgress, force = false): void {
+    const now = Date.now();
+    if (this.pending || (!force && now - this.last < this.intervalMs)) return;
+    this.last = now;
+    this.pending = this.records
+      .update(this.id, ['running'], { progress })
+      .then((stillRunning) => {
+        if (!stillRunning) this.onGone(); // cancelled or deleted meanwhile
+      })
+      .catch(() => {})
+      .finally(() => {
+        this.pending = undefined;
+      });
+  }
+
+  async flush(): Promise<void> {
+    await this.pending;
+  }
+}
+
+const percent = (done: number, total: number | null | undefined): number | null =>
+  total ? Math.min(100, Math.floor((10000 * done) / total) / 100) : null;
+
+export function createProcessor(deps: ProcessorDeps) {
+  const { config, records, store, cancels, logger } = deps;
+  const policy = urlPolicy(config);
+
+  return async function processConversion(job: Job<ConvertJobData>, token?: string, bullSignal?: AbortSignal): Promise<ProcessResult> {
+    const id = job.data.id;
+    const log = logger.child({ job: id, attempt: job.attemptsMade + 1 });
+    const rec = await records.get(id);
+    if (!rec || rec.state === 'succeeded' || rec.state === 'failed' || rec.state === 'cancelled') {
+      log.info({ state: rec?.state }, 'job no longer wanted; skipped');
+      return { outcome: 'skipped' };
+    }
+    const controller = cancels.track(id);
+    const signal = bullSignal ? AbortSignal.any([controller.signal, bullSignal]) : controller.signal;
+    const progress = new ProgressReporter(records, id, config.worker.progressIntervalMs, () => controller.abort('cancel' satisfies AbortReason));
+    const started = await records.transition(id, 'running', ['queued', 'running'], {
+      started_at: rec.started_at ?? Date.now(),
+      attempts: (rec.attempts ?? 0) + 1,
+      progress: { phase: 'probing', bytes_done: 0, bytes_total: null, percent: null },
+    });
+    if (!started.moved) {
+      cancels.untrack(id);
+      return { outcome: 'skipped' };
+    }
+
+    const displayName = rec.source.filename ?? rec.source.url ?? id;
+    const stagingPath = join(deps.scratchDir, `${id}.download`);
+    let opened: OpenedUrlSource | undefined;
+    let source: RandomAccessSource | undefined;
+    let image: DiskImage | undefined;
+    let writer: ExtentWriter | undefined;
+    const t0 = Date.now();
+    try {
+      // A previous attempt (a worker killed mid-job) may have left a partial output.
+      await store.delete('output', id);
+
+      if (rec.source.kind === 'url' && rec.source.url) {
+        progress.report({ phase: 'downloading', bytes_done: 0, bytes_total: null, percent: null }, true);
+        opened = await openImportUrl(rec.source.url, policy, {
+          signal,
+          stagingPath,
+          ...(rec.expected_sha256 ? { expectedSha256: rec.expected_sha256 } : {}),
+          onProgress: (done, total) => progress.report({ phase: 'downloading', bytes_done: done, bytes_total: total ?? null, percent: percent(done, total) }),
+        });
+        source = opened.source;
+        await records.update(id, ['running'], {
+          source: { ...rec.source, final_url: opened.finalUrl, size: opened.size, mode: opened.mode, ...(opened.sha256 ? { sha256: opened.sha256 } : {}) },
+        });
+      } else {
+        source = await store.openSource('input', id, displayName);
+      }
+      const readSource = config.worker.readBytesPerSecond > 0 ? new ThrottledSource(source, config.worker.readBytesPerSecond) : source;
+
+      await progress.flush();
+      progress.report({ phase: 'probing', bytes_done: 0, bytes_total: null, percent: null }, true);
+      const declared = rec.source_format === 'auto' ? 'auto' : (rec.source_format as FormatId);
+      image = await openImage(readSource, { format: declared, limits: { maxVirtualSize: config.maxVirtualSize }, signal });
+      const info = { ...(await imageInfo(image, readSource)), filename: displayName };
+      const allocation = await estimateAllocation(image, readSource, signal);
+      const free = await store.freeBytes();
+      if (free !== undefined && allocation.dataBytes + FREE_SPACE_RESERVE > free) {
+        throw new InsufficientSpaceError(`the output needs up to ${allocation.dataBytes} bytes; the store has ${free} bytes free`);
+      }
+      const current = (await records.get(id))?.source ?? rec.source;
+      await records.update(id, ['running'], { source: { ...current, format: image.format, virtual_size: image.virtualSize, info: info as unknown as Record<string, unknown> } });
+
+      await progress.flush();
+      const total = image.virtualSize;
+      progress.report({ phase: 'converting', bytes_done: 0, bytes_total: total, percent: 0 }, true);
+      writer = await store.createExtentWriter('output', id);
+      const result = await convertToRaw(image, readSource, writer, {
+        signal,
+        sha256: true,
+        progressIntervalMs: config.worker.progressIntervalMs,
+        onProgress: (p) => progress.report({ phase: 'converting', bytes_done: p.bytesDone, bytes_total: p.bytesTotal, percent: percent(p.bytesDone, p.bytesTotal) }),
+      });
+      await progress.flush();
+      progress.report({ phase: 'committing', bytes_done: total, bytes_total: total, percent: 100 }, true);
+      await progress.flush();
+      if (signal.aborted) throw signal.reason;
+      const stored = await writer.commit();
+      writer = undefined;
+      const seconds = (Date.now() - t0) / 1000;
+      const done = await records.transition(id, 'succeeded', ['running'], {
+        output: { format: 'raw', size: stored.size, sha256: result.sha256 as string, data_bytes: result.dataBytes },
+        progress: { phase: 'done', bytes_done: total, bytes_total: total, percent: 100 },
+        duration_seconds: seconds,
+        last_error: undefined,
+      });
+      if (!done.moved) {
+        // Cancelled (or deleted) between the last check and the commit: unpublish.
+        await store.delete('output', id);
+        await store.delete('input', id);
+        log.info('cancelled as it finished; output removed');
+        return { outcome: 'cancelled' };
+      }
+      await store.delete('input', id);
+      await records.recordConversion(result.virtualSize, seconds).catch(() => {});
+      log.info({ virtual_size: result.virtualSize, data_bytes: result.dataBytes, seconds }, 'converted');
+      return { outcome: 'succeeded' };
+    } catch (err) {
+      await writer?.abort().catch(() => {});
+      await store.delete('output', id).catch(() => {});
+      const reason = controller.signal.aborted ? (controller.signal.reason as AbortReason) : undefined;
+      if (reason === 'cancel' || (await records.getState(id).catch(() => undefined)) === 'cancelled') {
+        await store.delete('input', id).catch(() => {});
+        log.info('cancelled');
+        return { outcome: 'cancelled' };
+      }
+      if (reason === 'shutdown' && token) {
+        // Hand the job back untouched: another worker (or this one, restarted) starts it again.
+        await records.transition(id, 'queued', ['running'], { progress: { phase: 'queued', bytes_done: 0, bytes_total: null, percent: null } }).catch(() => {});
+        await job.moveToWait(token);
+        log.info('handed back on shutdown');
+        throw new WaitingError();
+      }
+      const error = describeError(err, source?.name, displayName);
+      const deterministic = isDiskconvError(err) && err.deterministic;
+      const attempts = job.opts.attempts ?? 1;
+      const lastAttempt = deterministic || job.attemptsMade + 1 >= attempts;
+      if (lastAttempt) {
+        await records.transition(id, 'failed', ['running', 'queued'], { error, last_error: undefined });
+        await store.delete('input', id).catch(() => {});
+        if (isDiskconvError(err)) log.info({ code: error.code }, `failed: ${error.message}`);
+        else log.error({ err }, 'failed with an internal error');
+        throw new UnrecoverableError(`${error.code}: ${error.message}`);
+      }
+      await records.transition(id, 'queued', ['running'], {
+        last_error: error,
+        progress: { phase: 'retrying', bytes_done: 0, bytes_total: null, percent: null },
+      });
+      log.warn({ code: error.code, err: isDiskconvError(err) ? undefined : err }, `attempt failed, will retry: ${error.message}`);
+      throw err instanceof Error ? err : new Error(String(err));
+    } finally {
+      cancels.untrack(id);
+      await progress.flush();
+      await image?.close().catch(() => {});
+      await (opened ? opened.close() : source?.close())?.catch(() => {});
+      await rm(stagingPath, { force: true }).catch(() => {});
+    }
+  };
+}
+
+/** A client-safe error: stable code, a message without server paths or internals. */
+export function describeError(err: unknown, internalName: string | undefined, displayName: string): JobError {
+  if (isDiskconvError(err)) {
+    const message = internalName ? scrubMessage(err.message, internalName, displayName) : err.message;
+    if (err.code === 'STORE_UNAVAILABLE') return { code: err.code, message: 'the store is unavailable' };
+    return { code: err.code, message };
+  }
+  return { code: 'INTERNAL_ERROR', message: 'internal error' };
+}
+
+/** Marks a job failed when BullMQ gives up on it outside the processor (stalled too often). */
+export async function failIfUnfinished(records: JobRecords, id: string, error: JobError): Promise<JobRecord | undefined> {
+  const moved = await records.transition(id, 'failed', ['queued', 'running'], { error });
+  return moved.moved ? records.get(id) : undefined;
+}

@@ -1,0 +1,63 @@
+/**
+ * The BullMQ side of a job: the API enqueues a job id, workers take it. Everything
+ * a client sees lives in the job record (records.ts); the BullMQ job only carries
+ * the id, so BullMQ may forget finished jobs without losing anything.
+ */
+import { Queue, type ConnectionOptions } from 'bullmq';
+import type { Config } from '../config.js';
+
+export interface ConvertJobData {
+  id: string;
+}
+
+export const JOB_NAME = 'convert';
+
+export function bullConnection(redisUrl: string): ConnectionOptions {
+  // BullMQ needs maxRetriesPerRequest: null for its blocking commands.
+  return { url: redisUrl, maxRetriesPerRequest: null };
+}
+
+export class ConversionQueue {
+  readonly queue: Queue<ConvertJobData>;
+  constructor(
+    redisUrl: string,
+    private readonly config: Pick<Config, 'queueName' | 'jobAttempts' | 'jobBackoffMs' | 'retention'>,
+  ) {
+    this.queue = new Queue<ConvertJobData>(config.queueName, { connection: bullConnection(redisUrl) });
+  }
+
+  async enqueue(id: string): Promise<void> {
+    await this.queue.add(
+      JOB_NAME,
+      { id },
+      {
+        jobId: id,
+        attempts: this.config.jobAttempts,
+        backoff: { type: 'exponential', delay: this.config.jobBackoffMs },
+        // The record keeps the outcome; BullMQ's copies go soon.
+        removeOnComplete: { age: 3600, count: 1000 },
+        removeOnFail: { age: this.config.retention.resultTtlSeconds, count: 10000 },
+      },
+    );
+  }
+
+  /** Takes a job off the queue if no worker holds it; a running job is stopped by its worker. */
+  async removeWaiting(id: string): Promise<void> {
+    const job = await this.queue.getJob(id);
+    if (!job) return;
+    const state = await job.getState();
+    if (state === 'waiting' || state === 'delayed' || state === 'prioritized') {
+      await job.remove().catch(() => {}); // a worker took it meanwhile; it sees the record is cancelled
+    }
+  }
+
+  /** Jobs waiting for a worker (waiting, delayed for retry, prioritized) and being worked on. */
+  async depth(): Promise<{ waiting: number; delayed: number; active: number }> {
+    const c = await this.queue.getJobCounts('waiting', 'delayed', 'prioritized', 'active');
+    return { waiting: (c.waiting ?? 0) + (c.prioritized ?? 0), delayed: c.delayed ?? 0, active: c.active ?? 0 };
+  }
+
+  async close(): Promise<void> {
+    await this.queue.close();
+  }
+}

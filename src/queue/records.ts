@@ -1,0 +1,326 @@
+/**
+ * Job records: the durable state of every job, in Redis, shared by API and
+ * workers. BullMQ moves work between workers; the record is what clients see, so
+ * an API process can restart mid-job and lose nothing.
+ *
+ *   <prefix>job:<id>         hash: state, tenant, timestamps, JSON fields
+ *   <prefix>tenant:<tenant>  zset: job ids by creation time (listing, per tenant)
+ *   <prefix>finished         zset: job ids by finish time (retention)
+ *   <prefix>stats            hash: jobs by state, bytes converted, conversion seconds
+ *
+ * State changes go through one Lua script that moves only from allowed states,
+ * so a cancel and a worker's finish cannot both win.
+ */
+import { createHash } from 'node:crypto';
+import type { Redis } from 'ioredis';
+import { DiskconvError } from '../engine/errors.js';
+
+export const JOB_STATES = ['queued', 'running', 'succeeded', 'failed', 'cancelled'] as const;
+export type JobState = (typeof JOB_STATES)[number];
+export const FINAL_STATES: readonly JobState[] = ['succeeded', 'failed', 'cancelled'];
+export const isFinal = (state: JobState): boolean => FINAL_STATES.includes(state);
+
+export type SourceFormat = 'auto' | 'raw' | 'qcow2' | 'vmdk' | 'vdi';
+
+export interface JobSource {
+  kind: 'upload' | 'url';
+  /** Client's file name (metadata only; never a path). */
+  filename?: string;
+  url?: string;
+  /** Final URL after redirects. */
+  final_url?: string;
+  size?: number;
+  sha256?: string;
+  format?: string;
+  virtual_size?: number;
+  /** The engine's info (qemu-img info JSON). */
+  info?: Record<string, unknown>;
+  /** How a URL was read: range requests or staged whole. */
+  mode?: 'range' | 'staged';
+}
+
+export interface JobProgress {
+  phase: 'queued' | 'downloading' | 'probing' | 'converting' | 'committing' | 'retrying' | 'done';
+  bytes_done: number;
+  bytes_total: number | null;
+  percent: number | null;
+}
+
+export interface JobOutput {
+  format: 'raw';
+  size: number;
+  sha256: string;
+  data_bytes: number;
+}
+
+export interface JobError {
+  code: string;
+  message: string;
+}
+
+export interface JobRecord {
+  id: string;
+  tenant: string;
+  state: JobState;
+  source_format: SourceFormat;
+  output_format: 'raw';
+  expected_sha256?: string;
+  created_at: number;
+  updated_at: number;
+  started_at?: number;
+  finished_at?: number;
+  attempts: number;
+  source: JobSource;
+  progress: JobProgress;
+  output?: JobOutput;
+  error?: JobError;
+  /** The last transient error, while retries remain. */
+  last_error?: JobError;
+  /** Conversion wall time of the successful attempt, seconds. */
+  duration_seconds?: number;
+}
+
+/** Histogram buckets for conversion seconds (Prometheus `le`). */
+export const DURATION_BUCKETS = [1, 5, 15, 60, 300, 900, 3600] as const;
+
+const JSON_FIELDS = ['source', 'progress', 'output', 'error', 'last_error'] as const;
+const NUMBER_FIELDS = ['created_at', 'updated_at', 'started_at', 'finished_at', 'attempts', 'duration_seconds'] as const;
+
+type FieldValue = string | number | object | undefined;
+
+function encodeFields(fields: Partial<Record<string, FieldValue>>): string[] {
+  const out: string[] = [];
+  for (const [k, v] of Object.entries(fields)) {
+    // '' deletes the field (see the script).
+    out.push(k, v === undefined ? '' : typeof v === 'object' ? JSON.stringify(v) : String(v));
+  }
+  return out;
+}
+
+function decode(hash: Record<string, string>): JobRecord | undefined {
+  if (!hash.id || !hash.state) return undefined;
+  const rec: Record<string, unknown> = { ...hash };
+  for (const f of JSON_FIELDS) if (hash[f] !== undefined) rec[f] = JSON.parse(hash[f]);
+  for (const f of NUMBER_FIELDS) if (hash[f] !== undefined) rec[f] = Number(hash[f]);
+  return rec as unknown as JobRecord;
+}
+
+/** Moves a job to ARGV[1] when its state is one of ARGV[2] (",a,b,"); sets fields. Returns {moved, previous state}. */
+const TRANSITION = `
+local cur = redis.call('HGET', KEYS[1], 'state')
+if not cur then return {0, ''} end
+if not string.find(ARGV[2], ',' .. cur .. ',', 1, true) then return {0, cur} end
+if cur ~= ARGV[1] then
+  redis.call('HINCRBY', KEYS[2], 'state:' .. cur, -1)
+  redis.call('HINCRBY', KEYS[2], 'state:' .. ARGV[1], 1)
+end
+redis.call('HSET', KEYS[1], 'state', ARGV[1], 'updated_at', ARGV[3])
+for i = 6, #ARGV, 2 do
+  if ARGV[i + 1] == '' then redis.call('HDEL', KEYS[1], ARGV[i]) else redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+end
+if ARGV[4] == '1' then
+  redis.call('HSET', KEYS[1], 'finished_at', ARGV[3])
+  redis.call('ZADD', KEYS[3], ARGV[3], ARGV[5])
+end
+return {1, cur}
+`;
+
+/** Removes a record and its index entries; keeps the per-state counts right. */
+const REMOVE = `
+redis.call('ZREM', KEYS[3], ARGV[1])
+redis.call('ZREM', KEYS[4], ARGV[1])
+local cur = redis.call('HGET', KEYS[1], 'state')
+if not cur then return 0 end
+redis.call('HINCRBY', KEYS[2], 'state:' .. cur, -1)
+redis.call('DEL', KEYS[1])
+return 1
+`;
+
+export interface ListOptions {
+  state?: JobState;
+  limit: number;
+  cursor?: string;
+}
+
+export interface ListPage {
+  jobs: JobRecord[];
+  nextCursor: string | null;
+}
+
+export class JobRecords {
+  private readonly prefix: string;
+  constructor(
+    private readonly redis: Redis,
+    queueName: string,
+  ) {
+    this.prefix = `diskconv:${queueName}:`;
+  }
+
+  key(id: string): string {
+    return `${this.prefix}job:${id}`;
+  }
+  private tenantKey(tenant: string): string {
+    return `${this.prefix}tenant:${tenant}`;
+  }
+  get statsKey(): string {
+    return `${this.prefix}stats`;
+  }
+  get finishedKey(): string {
+    return `${this.prefix}finished`;
+  }
+  /** Pub/sub channel carrying ids of cancelled jobs to workers. */
+  get cancelChannel(): string {
+    return `${this.prefix}cancel`;
+  }
+  get sweepLockKey(): string {
+    return `${this.prefix}sweep-lock`;
+  }
+
+  async create(record: JobRecord): Promise<void> {
+    const { id, tenant } = record;
+    await this.redis
+      .multi()
+      .hset(this.key(id), ...encodeFields(Object.fromEntries(Object.entries(record).filter(([, v]) => v !== undefined))))
+      .zadd(this.tenantKey(tenant), record.created_at, id)
+      .hincrby(this.statsKey, `state:${record.state}`, 1)
+      .exec();
+  }
+
+  async get(id: string): Promise<JobRecord | undefined> {
+    return decode(await this.redis.hgetall(this.key(id)));
+  }
+
+  /** A tenant's own job, or undefined: another tenant's job looks exactly like a missing one. */
+  async getForTenant(id: string, tenant: string): Promise<JobRecord | undefined> {
+    const rec = await this.get(id);
+    return rec && rec.tenant === tenant ? rec : undefined;
+  }
+
+  async getState(id: string): Promise<JobState | undefined> {
+    return ((await this.redis.hget(this.key(id), 'state')) ?? undefined) as JobState | undefined;
+  }
+
+  /**
+   * Moves the job to `state` if it is currently in one of `from`, setting `fields`
+   * (undefined values delete the field). Returns whether it moved and the previous state.
+   */
+  async transition(
+    id: string,
+    state: JobState,
+    from: readonly JobState[],
+    fields: Partial<Record<keyof JobRecord, FieldValue>> = {},
+  ): Promise<{ moved: boolean; previous: JobState | undefined }> {
+    const now = Date.now();
+    const result = (await this.redis.eval(
+      TRANSITION,
+      3,
+      this.key(id),
+      this.statsKey,
+      this.finishedKey,
+      state,
+      `,${from.join(',')},`,
+      String(now),
+      isFinal(state) ? '1' : '0',
+      id,
+      ...encodeFields(fields),
+    )) as [number, string];
+    return { moved: result[0] === 1, previous: (result[1] || undefined) as JobState | undefined };
+  }
+
+  /** Updates fields without changing state, only while the job is in `while`. */
+  async update(id: string, whileIn: readonly JobState[], fields: Partial<Record<keyof JobRecord, FieldValue>>): Promise<boolean> {
+    const state = await this.getState(id);
+    if (!state || !whileIn.includes(state)) return false;
+    return (await this.transition(id, state, [state], fields)).moved;
+  }
+
+  async remove(record: Pick<JobRecord, 'id' | 'tenant'>): Promise<boolean> {
+    const n = (await this.redis.eval(REMOVE, 4, this.key(record.id), this.statsKey, this.finishedKey, this.tenantKey(record.tenant), record.id)) as number;
+    return n === 1;
+  }
+
+  /** Newest first; the cursor is opaque to clients. Work per call is bounded. */
+  async list(tenant: string, options: ListOptions): Promise<ListPage> {
+    const key = this.tenantKey(tenant);
+    let max = '+inf';
+    let after: { score: number; id: string } | undefined;
+    if (options.cursor) {
+      after = decodeCursor(options.cursor);
+      max = String(after.score);
+    }
+    const jobs: JobRecord[] = [];
+    const scanBudget = Math.max(1000, options.limit * 10);
+    let scanned = 0;
+    let offset = 0;
+    for (;;) {
+      const batch = await this.redis.zrevrangebyscore(key, max, '-inf', 'WITHSCORES', 'LIMIT', offset, 200);
+      if (batch.length === 0) return { jobs, nextCursor: null };
+      offset += batch.length / 2;
+      const pipeline = this.redis.pipeline();
+      const members: { id: string; score: number }[] = [];
+      for (let i = 0; i < batch.length; i += 2) {
+        const id = batch[i] as string;
+        const score = Number(batch[i + 1]);
+        // Equal scores come in reverse lexical order; skip what the previous page returned.
+        if (after && score === after.score && id >= after.id) continue;
+        members.push({ id, score });
+        pipeline.hgetall(this.key(id));
+      }
+      const results = (await pipeline.exec()) ?? [];
+      for (let i = 0; i < members.length; i++) {
+        const member = members[i] as { id: string; score: number };
+        scanned++;
+        const rec = decode((results[i]?.[1] ?? {}) as Record<string, string>);
+        if (rec && (!options.state || rec.state === options.state)) {
+          jobs.push(rec);
+          if (jobs.length >= options.limit) return { jobs, nextCursor: encodeCursor(member) };
+        }
+        if (scanned >= scanBudget) return { jobs, nextCursor: encodeCursor(member) };
+      }
+      if (batch.length < 400) return { jobs, nextCursor: null };
+    }
+  }
+
+  /** Ids of jobs finished before `before` (ms), oldest first. */
+  async finishedBefore(before: number, count = 100): Promise<string[]> {
+    return this.redis.zrangebyscore(this.finishedKey, '-inf', String(before), 'LIMIT', 0, count);
+  }
+
+  async stats(): Promise<Record<string, string>> {
+    return this.redis.hgetall(this.statsKey);
+  }
+
+  /** Counts a successful conversion for /metrics. */
+  async recordConversion(bytes: number, seconds: number): Promise<void> {
+    const m = this.redis.multi().hincrby(this.statsKey, 'bytes_converted', bytes).hincrby(this.statsKey, 'conversions', 1);
+    m.hincrbyfloat(this.statsKey, 'conversion_seconds_sum', seconds);
+    for (const le of DURATION_BUCKETS) if (seconds <= le) m.hincrby(this.statsKey, `conversion_seconds_le_${le}`, 1);
+    await m.exec();
+  }
+
+  /** Announces a cancellation to every worker. */
+  async publishCancel(id: string): Promise<void> {
+    await this.redis.publish(this.cancelChannel, id);
+  }
+}
+
+function encodeCursor(pos: { score: number; id: string }): string {
+  return Buffer.from(`${pos.score}:${pos.id}`).toString('base64url');
+}
+
+export class InvalidCursorError extends DiskconvError {
+  readonly code = 'INVALID_CURSOR' as const;
+  readonly deterministic = true;
+}
+
+function decodeCursor(cursor: string): { score: number; id: string } {
+  const text = Buffer.from(cursor, 'base64url').toString();
+  const m = /^(\d{1,16}):([A-Za-z0-9_-]{1,64})$/.exec(text);
+  if (!m) throw new InvalidCursorError('invalid cursor');
+  return { score: Number(m[1]), id: m[2] as string };
+}
+
+/** A tenant is named by a hash of its token, so no token is ever stored. */
+export function tenantOf(token: string | undefined): string {
+  return token === undefined ? 'anonymous' : createHash('sha256').update(token).digest('hex').slice(0, 32);
+}
