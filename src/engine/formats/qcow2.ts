@@ -248,8 +248,8 @@ async function readHeader(source: RandomAccessSource, limits: Limits, signal?: A
 
   const cryptMethod = fixed.getUint32(32);
   if (cryptMethod !== 0) {
-    const kind = cryptMethod === 1 ? ' (AES)' : cryptMethod === 2 ? ' (LUKS)' : ` (method ${cryptMethod})`;
-    throw new UnsupportedFeatureError(`encrypted image${kind}; encryption needs a key, not supported yet`);
+    const kind = cryptMethod === 1 ? 'AES' : cryptMethod === 2 ? 'LUKS' : `method ${cryptMethod}`;
+    throw new UnsupportedFeatureError(`encrypted image; encryption needs a key, not supported yet (qcow2 crypt method ${kind})`);
   }
 
   if (refcountOrder > 6) throw new ImageCorruptError(`refcount_order ${refcountOrder} is too large (refcounts may not exceed 64 bits)`);
