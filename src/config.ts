@@ -5,6 +5,7 @@
 import { resolve } from 'node:path';
 import { z } from 'zod';
 import { DiskconvError } from './engine/errors.js';
+import { parseAllowList, parsePortList } from './net/url-policy.js';
 
 export class ConfigError extends DiskconvError {
   readonly code = 'CONFIG_INVALID' as const;
@@ -93,15 +94,29 @@ const schema = z.object({
   WORKER_CONCURRENCY: int(1, 64, 1),
   MAX_UPLOAD_BYTES: bytes(1, '64G'),
   MAX_VIRTUAL_SIZE: bytes(512, '4T'),
-  URL_IMPORT_ALLOW: list,
-  URL_IMPORT_PORTS: list.transform((ports, ctx) => {
-    const parsed = (ports.length ? ports : ['80', '443']).map(Number);
-    if (!parsed.every((p) => Number.isInteger(p) && p >= 1 && p <= 65535)) {
-      ctx.addIssue({ code: z.ZodIssueCode.custom, message: `expected comma-separated ports from 1 to 65535, got '${ports.join(',')}'` });
-      return z.NEVER;
-    }
-    return parsed;
-  }),
+  // The URL rules' own parsers (src/net) validate these, so start-up and import agree.
+  URL_IMPORT_ALLOW: z
+    .string()
+    .default('')
+    .transform((s, ctx) => {
+      try {
+        return parseAllowList(s);
+      } catch (err) {
+        ctx.addIssue({ code: z.ZodIssueCode.custom, message: (err as Error).message });
+        return z.NEVER;
+      }
+    }),
+  URL_IMPORT_PORTS: z
+    .string()
+    .default('80,443')
+    .transform((s, ctx) => {
+      try {
+        return parsePortList(s.trim() === '' ? '80,443' : s);
+      } catch (err) {
+        ctx.addIssue({ code: z.ZodIssueCode.custom, message: (err as Error).message });
+        return z.NEVER;
+      }
+    }),
   URL_CONNECT_TIMEOUT_MS: int(1, 600_000, 10_000),
   URL_IDLE_TIMEOUT_MS: int(1, 3_600_000, 30_000),
   URL_MAX_REDIRECTS: int(0, 20, 5),

@@ -14,7 +14,7 @@ import { constants, createWriteStream } from 'node:fs';
 import { access, mkdir, open, readdir, rename, rm, stat, statfs, type FileHandle } from 'node:fs/promises';
 import { join } from 'node:path';
 import type { Readable } from 'node:stream';
-import { FileSource, InsufficientSpaceError, RawFileSink, type Extent, type RandomAccessSource } from '../engine/index.js';
+import { FileSource, InsufficientSpaceError, isDiskconvError, RawFileSink, type Extent, type RandomAccessSource } from '../engine/index.js';
 import {
   assertKey,
   StoreError,
@@ -165,7 +165,8 @@ export class LocalStore implements Store {
 
   async *list(kind: ObjectKind): AsyncIterable<ObjectStat> {
     const dir = join(this.root, kind);
-    for (const name of await readdir(dir)) {
+    const names = await readdir(dir).catch((err: unknown) => Promise.reject(asStoreError(err, `listing of ${kind}`)));
+    for (const name of names) {
       const st = await stat(join(dir, name)).catch(() => undefined);
       if (st?.isFile()) yield { key: name, size: st.size, modifiedAt: st.mtimeMs };
     }
@@ -174,7 +175,8 @@ export class LocalStore implements Store {
   async sweepUncommitted(olderThan: number): Promise<number> {
     const dir = join(this.root, 'tmp');
     let removed = 0;
-    for (const name of await readdir(dir)) {
+    const names = await readdir(dir).catch((err: unknown) => Promise.reject(asStoreError(err, 'listing of uncommitted writes')));
+    for (const name of names) {
       const st = await stat(join(dir, name)).catch(() => undefined);
       if (st && st.mtimeMs < olderThan) {
         await rm(join(dir, name), { force: true });
@@ -185,8 +187,12 @@ export class LocalStore implements Store {
   }
 
   async freeBytes(): Promise<number> {
-    const st = await statfs(this.root);
-    return st.bavail * st.bsize;
+    try {
+      const st = await statfs(this.root);
+      return st.bavail * st.bsize;
+    } catch (err) {
+      throw asStoreError(err, 'free space check');
+    }
   }
 
   async ping(): Promise<void> {
@@ -219,7 +225,7 @@ async function fsyncDir(dir: string): Promise<void> {
 }
 
 function asStoreError(err: unknown, what: string): Error {
-  if (err instanceof StoreError || err instanceof StoreObjectMissingError || err instanceof InsufficientSpaceError) return err;
+  if (isDiskconvError(err)) return err;
   const code = (err as NodeJS.ErrnoException).code;
   if (code === 'ENOSPC' || code === 'EDQUOT') return new InsufficientSpaceError(`${what}: no space left in the store`, { cause: err });
   return new StoreError(`${what} failed${code ? ` (${code})` : ''}`, { cause: err });

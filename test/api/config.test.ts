@@ -1,0 +1,105 @@
+import { resolve } from 'node:path';
+import { describe, expect, it } from 'vitest';
+import { ConfigError, loadConfig, parseByteSize } from '../../src/config.js';
+import { execFile } from 'node:child_process';
+import { CLI } from '../helpers/cli.js';
+
+describe('configuration', () => {
+  it('has documented defaults', () => {
+    const c = loadConfig({});
+    expect(c).toMatchObject({
+      host: '127.0.0.1',
+      port: 8080,
+      redisUrl: undefined,
+      dataDir: resolve('./data'),
+      apiTokens: [],
+      workerConcurrency: 1,
+      maxUploadBytes: 64 * 2 ** 30,
+      maxVirtualSize: 4 * 2 ** 40,
+      urlImport: { allow: [], ports: [80, 443], connectTimeoutMs: 10_000, idleTimeoutMs: 30_000, maxRedirects: 5 },
+      retention: { resultTtlSeconds: 86400 },
+      queueName: 'diskconv',
+      logLevel: 'info',
+    });
+  });
+
+  it('reads every variable', () => {
+    const c = loadConfig({
+      HOST: '0.0.0.0',
+      PORT: '9000',
+      REDIS_URL: 'redis://redis:6379/2',
+      DATA_DIR: '/srv/diskconv',
+      API_TOKENS: ' aaaaaaaaaaaaaaaa , bbbbbbbbbbbbbbbb ',
+      WORKER_CONCURRENCY: '4',
+      MAX_UPLOAD_BYTES: '10GiB',
+      MAX_VIRTUAL_SIZE: '2T',
+      URL_IMPORT_ALLOW: '127.0.0.1,10.0.0.0/8',
+      URL_IMPORT_PORTS: '80,443,8080',
+      URL_CONNECT_TIMEOUT_MS: '500',
+      URL_IDLE_TIMEOUT_MS: '600',
+      RESULT_TTL_SECONDS: '60',
+      RATE_LIMIT_JOBS: '5',
+      LOG_LEVEL: 'debug',
+      QUEUE_NAME: 'q-1',
+      WORKER_READ_BYTES_PER_SECOND: '4M',
+    });
+    expect(c).toMatchObject({
+      host: '0.0.0.0',
+      port: 9000,
+      redisUrl: 'redis://redis:6379/2',
+      dataDir: '/srv/diskconv',
+      apiTokens: ['aaaaaaaaaaaaaaaa', 'bbbbbbbbbbbbbbbb'],
+      workerConcurrency: 4,
+      maxUploadBytes: 10 * 2 ** 30,
+      maxVirtualSize: 2 * 2 ** 40,
+      urlImport: { allow: ['127.0.0.1', '10.0.0.0/8'], ports: [80, 443, 8080], connectTimeoutMs: 500, idleTimeoutMs: 600 },
+      retention: { resultTtlSeconds: 60 },
+      rateLimit: { jobs: 5 },
+      logLevel: 'debug',
+      queueName: 'q-1',
+      worker: { readBytesPerSecond: 4 * 2 ** 20 },
+    });
+  });
+
+  it.each([
+    ['PORT', 'eighty'],
+    ['PORT', '70000'],
+    ['REDIS_URL', 'http://localhost:6379'],
+    ['API_TOKENS', 'short'],
+    ['WORKER_CONCURRENCY', '0'],
+    ['MAX_UPLOAD_BYTES', '10 parsecs'],
+    ['MAX_VIRTUAL_SIZE', '-1'],
+    ['URL_IMPORT_ALLOW', 'not a cidr/99'],
+    ['URL_IMPORT_PORTS', '80,http'],
+    ['LOG_LEVEL', 'loud'],
+    ['QUEUE_NAME', 'a/b'],
+    ['TRUST_PROXY', 'maybe'],
+  ])('refuses %s=%s with a message naming the variable', (name, value) => {
+    expect(() => loadConfig({ [name]: value })).toThrow(ConfigError);
+    expect(() => loadConfig({ [name]: value })).toThrow(new RegExp(name));
+  });
+
+  it('parses byte sizes in binary units', () => {
+    expect(parseByteSize('1024')).toBe(1024);
+    expect(parseByteSize('1k')).toBe(1024);
+    expect(parseByteSize('64G')).toBe(64 * 2 ** 30);
+    expect(parseByteSize('1.5MiB')).toBe(1.5 * 2 ** 20);
+    expect(parseByteSize('1TB')).toBe(2 ** 40);
+    expect(parseByteSize('lots')).toBeUndefined();
+  });
+
+  it('stops start-up with the variable named', async () => {
+    const run = (env: Record<string, string>) =>
+      new Promise<{ code: number; stderr: string }>((done) => {
+        execFile(process.execPath, [CLI, 'serve'], { env: { PATH: process.env.PATH ?? '', ...env }, timeout: 20_000 }, (err, _stdout, stderr) =>
+          done({ code: err ? Number(err.code ?? 1) : 0, stderr }),
+        );
+      });
+    const badPort = await run({ PORT: 'abc', REDIS_URL: 'redis://127.0.0.1:1' });
+    expect(badPort.code).toBe(1);
+    expect(badPort.stderr).toMatch(/CONFIG_INVALID: invalid configuration: PORT: /);
+    const noRedis = await run({});
+    expect(noRedis.code).toBe(1);
+    expect(noRedis.stderr).toMatch(/REDIS_URL is required/);
+  });
+});

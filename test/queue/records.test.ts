@@ -1,0 +1,153 @@
+import { join } from 'node:path';
+import { Readable } from 'node:stream';
+import { pipeline } from 'node:stream/promises';
+import { Redis } from 'ioredis';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { JobRecords, tenantOf, type JobRecord } from '../../src/queue/records.js';
+import { sweepOnce } from '../../src/queue/retention.js';
+import { LocalStore } from '../../src/store/local.js';
+import { makeTempDir } from '../helpers/qemu.js';
+import { startRedis, uniqueQueueName, type TestRedis } from '../helpers/redis.js';
+
+function record(id: string, tenant: string, createdAt: number): JobRecord {
+  return {
+    id,
+    tenant,
+    state: 'queued',
+    source_format: 'auto',
+    output_format: 'raw',
+    created_at: createdAt,
+    updated_at: createdAt,
+    attempts: 0,
+    source: { kind: 'upload', filename: `${id}.qcow2`, size: 10 },
+    progress: { phase: 'queued', bytes_done: 0, bytes_total: null, percent: null },
+  };
+}
+
+describe('JobRecords (real Redis)', () => {
+  let redis: TestRedis;
+  let client: Redis;
+  let records: JobRecords;
+
+  beforeAll(async () => {
+    redis = await startRedis();
+    client = new Redis(redis.url);
+    records = new JobRecords(client, uniqueQueueName('records'));
+  });
+  afterAll(async () => {
+    client.disconnect();
+    await redis.stop();
+  });
+
+  it('round-trips a record', async () => {
+    await records.create(record('aaaa', 't1', 1000));
+    const rec = await records.get('aaaa');
+    expect(rec).toMatchObject({ id: 'aaaa', tenant: 't1', state: 'queued', created_at: 1000, attempts: 0, source: { kind: 'upload', size: 10 } });
+    expect(rec?.output).toBeUndefined();
+    expect(await records.getForTenant('aaaa', 't2')).toBeUndefined();
+  });
+
+  it('moves state only from allowed states, and counts jobs by state', async () => {
+    await records.create(record('bbbb', 't1', 2000));
+    expect((await records.transition('bbbb', 'running', ['queued'])).moved).toBe(true);
+    expect(await records.transition('bbbb', 'running', ['queued'])).toEqual({ moved: false, previous: 'running' });
+    expect((await records.transition('bbbb', 'cancelled', ['queued', 'running'])).moved).toBe(true);
+    // A worker finishing after the cancel loses.
+    expect((await records.transition('bbbb', 'succeeded', ['running'], { output: { format: 'raw', size: 1, sha256: 'x', data_bytes: 1 } })).moved).toBe(false);
+    const rec = await records.get('bbbb');
+    expect(rec?.state).toBe('cancelled');
+    expect(rec?.output).toBeUndefined();
+    expect(rec?.finished_at).toBeGreaterThan(0);
+    const stats = await records.stats();
+    expect(Number(stats['state:queued'])).toBe(1); // aaaa
+    expect(Number(stats['state:cancelled'])).toBe(1);
+    expect(Number(stats['state:running'] ?? 0)).toBe(0);
+    expect(await records.transition('nope', 'running', ['queued'])).toEqual({ moved: false, previous: undefined });
+  });
+
+  it('updates fields only while in the given states, and deletes fields set to undefined', async () => {
+    await records.create(record('cccc', 't1', 3000));
+    expect(await records.update('cccc', ['running'], { attempts: 5 })).toBe(false);
+    await records.transition('cccc', 'running', ['queued'], { last_error: { code: 'X', message: 'y' } });
+    expect((await records.get('cccc'))?.last_error).toEqual({ code: 'X', message: 'y' });
+    expect(await records.update('cccc', ['running'], { last_error: undefined, attempts: 2 })).toBe(true);
+    const rec = await records.get('cccc');
+    expect(rec?.last_error).toBeUndefined();
+    expect(rec?.attempts).toBe(2);
+  });
+
+  it('lists a tenant’s jobs newest first, pages with a cursor, filters by state', async () => {
+    const list = new JobRecords(client, uniqueQueueName('list'));
+    for (let i = 0; i < 25; i++) await list.create(record(`job${String(i).padStart(3, '0')}`, 'tA', 10_000 + Math.floor(i / 2))); // equal scores in pairs
+    await list.create(record('other', 'tB', 20_000));
+    for (let i = 0; i < 25; i += 5) await list.transition(`job${String(i).padStart(3, '0')}`, 'failed', ['queued']);
+
+    const seen: string[] = [];
+    let cursor: string | undefined;
+    for (let page = 0; page < 10; page++) {
+      const res = await list.list('tA', { limit: 7, ...(cursor ? { cursor } : {}) });
+      seen.push(...res.jobs.map((j) => j.id));
+      if (!res.nextCursor) break;
+      cursor = res.nextCursor;
+    }
+    expect(seen).toHaveLength(25);
+    expect(new Set(seen).size).toBe(25);
+    expect(seen).not.toContain('other');
+    const created = await Promise.all(seen.map(async (id) => (await list.get(id))?.created_at ?? 0));
+    expect([...created].sort((a, b) => b - a)).toEqual(created);
+
+    const failed = await list.list('tA', { limit: 100, state: 'failed' });
+    expect(failed.jobs.map((j) => j.id).sort()).toEqual(['job000', 'job005', 'job010', 'job015', 'job020']);
+    expect(failed.nextCursor).toBeNull();
+    await expect(list.list('tA', { limit: 5, cursor: 'garbage!' })).rejects.toMatchObject({ code: 'INVALID_CURSOR' });
+  });
+
+  it('names tenants by a hash of their token', () => {
+    expect(tenantOf(undefined)).toBe('anonymous');
+    const t = tenantOf('secret-token-123456');
+    expect(t).toMatch(/^[0-9a-f]{32}$/);
+    expect(t).not.toContain('secret');
+  });
+
+  it('retention removes expired finished jobs with their files, and orphans', async () => {
+    const { dir, cleanup } = await makeTempDir('diskconv-retention-');
+    try {
+      const store = await LocalStore.open(join(dir, 'store'));
+      const r = new JobRecords(client, uniqueQueueName('retention'));
+      const put = async (kind: 'input' | 'output', key: string): Promise<void> => {
+        const w = await store.createStreamWriter(kind, key);
+        await pipeline(Readable.from([Buffer.from('data')]), w.stream);
+        await w.commit();
+      };
+      await r.create(record('done', 't', 1));
+      await r.transition('done', 'succeeded', ['queued'], { output: { format: 'raw', size: 4, sha256: 'x', data_bytes: 4 } });
+      await put('output', 'done');
+      await r.create(record('live', 't', 2));
+      await put('input', 'live');
+      await put('input', 'orphan');
+      await put('output', 'orphan2');
+
+      // Nothing is old enough yet.
+      let report = await sweepOnce({ config: { retention: { resultTtlSeconds: 3600, orphanTtlSeconds: 3600, sweepSeconds: 60 } }, records: r, store });
+      expect(report).toEqual({ expiredJobs: 0, orphanObjects: 0, uncommitted: 0, scratch: 0 });
+
+      report = await sweepOnce({
+        config: { retention: { resultTtlSeconds: 1, orphanTtlSeconds: 1, sweepSeconds: 60 } },
+        records: r,
+        store,
+        now: Date.now() + 10_000,
+      });
+      expect(report.expiredJobs).toBe(1);
+      expect(report.orphanObjects).toBe(2);
+      expect(await r.get('done')).toBeUndefined();
+      expect(await store.stat('output', 'done')).toBeUndefined();
+      expect(await store.stat('input', 'orphan')).toBeUndefined();
+      expect(await store.stat('output', 'orphan2')).toBeUndefined();
+      // A queued job keeps its input.
+      expect(await store.stat('input', 'live')).toBeDefined();
+      expect(Number((await r.stats())['state:succeeded'])).toBe(0);
+    } finally {
+      await cleanup();
+    }
+  });
+});
