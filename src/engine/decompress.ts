@@ -255,12 +255,19 @@ function readUintLE(b: Uint8Array, p: number, n: number): number {
 
 const WORKER_ROLE = 'diskconv-zstd-decoder';
 
+/** Several clusters travel in one message: a round trip costs about as much as decoding a small cluster. */
 interface ZstdRequest {
   id: number;
+  /** The inputs, back to back. */
   input: Uint8Array;
-  decodedLength: number;
+  /** Each job's [start, end) in `input` and its decoded length. */
+  jobs: Array<{ start: number; end: number; decodedLength: number }>;
 }
-type ZstdReply = { id: number; output: Uint8Array } | { id: number; error: string };
+type ZstdResult = { output: Uint8Array } | { error: string };
+interface ZstdReply {
+  id: number;
+  results: ZstdResult[];
+}
 
 interface PendingJob {
   input: Uint8Array;
@@ -269,11 +276,14 @@ interface PendingJob {
   reject: (err: Error) => void;
 }
 
-/** Jobs a worker holds at once: one decoding, one waiting, so it never idles on a round trip. */
+/** Messages a worker holds at once: one decoding, one waiting, so it never idles on a round trip. */
 const WORKER_WINDOW = 2;
+/** Jobs per message, and input bytes per message. */
+const MESSAGE_JOBS = 16;
+const MESSAGE_BYTES = 2 * 2 ** 20;
 
 class ZstdWorker {
-  readonly pending = new Map<number, PendingJob>();
+  readonly pending = new Map<number, PendingJob[]>();
   /** Replies received: a worker that dies before its first one could not start at all. */
   replies = 0;
   private failed = false;
@@ -285,19 +295,23 @@ class ZstdWorker {
   ) {
     worker.unref();
     worker.on('message', (reply: ZstdReply) => {
-      const job = this.pending.get(reply.id);
-      if (!job) return;
+      const jobs = this.pending.get(reply.id);
+      if (!jobs) return;
       this.pending.delete(reply.id);
       this.replies++;
       if (this.pending.size === 0) worker.unref();
-      if ('error' in reply) job.reject(new Error(reply.error));
-      else job.resolve(reply.output);
+      jobs.forEach((job, i) => {
+        const result = reply.results[i];
+        if (!result) job.reject(new Error('zstd worker returned no result'));
+        else if ('error' in result) job.reject(new Error(result.error));
+        else job.resolve(result.output);
+      });
       this.onReply(this);
     });
     const fail = (err: Error): void => {
       if (this.failed) return;
       this.failed = true;
-      for (const job of this.pending.values()) job.reject(err);
+      for (const jobs of this.pending.values()) for (const job of jobs) job.reject(err);
       this.pending.clear();
       this.onExit(this);
     };
@@ -305,26 +319,35 @@ class ZstdWorker {
     worker.on('exit', (code) => fail(new Error(`zstd worker exited with code ${code}`)));
   }
 
-  post(id: number, job: PendingJob): void {
+  post(id: number, jobs: PendingJob[]): void {
     // Keep the process alive while work is in flight; idle workers do not hold it open.
     if (this.pending.size === 0) this.worker.ref();
-    this.pending.set(id, job);
-    // Copy: the input is a view into a larger read buffer that other entries still use.
-    const copy = new Uint8Array(job.input);
-    const request: ZstdRequest = { id, input: copy, decodedLength: job.decodedLength };
-    this.worker.postMessage(request, [copy.buffer]);
+    this.pending.set(id, jobs);
+    // One copy of all inputs: they are views into larger read buffers that other entries still use.
+    const input = new Uint8Array(jobs.reduce((n, j) => n + j.input.length, 0));
+    const layout: ZstdRequest['jobs'] = [];
+    let at = 0;
+    for (const job of jobs) {
+      input.set(job.input, at);
+      layout.push({ start: at, end: at + job.input.length, decodedLength: job.decodedLength });
+      at += job.input.length;
+    }
+    const request: ZstdRequest = { id, input, jobs: layout };
+    this.worker.postMessage(request, [input.buffer]);
   }
 }
 
 /**
- * Jobs wait in one queue and go to whichever worker has room, so a worker that
- * drew cheap clusters is not left idle while the other finishes expensive ones.
+ * Jobs wait in one queue and go, a few per message, to whichever worker has
+ * room, so a worker that drew cheap clusters is not left idle while the other
+ * finishes expensive ones.
  */
 class ZstdPool {
   private readonly workers: ZstdWorker[] = [];
-  private readonly queue: PendingJob[] = [];
+  private queue: PendingJob[] = [];
   private queueHead = 0;
   private nextId = 1;
+  private scheduled = false;
   /** Set when a worker could not start; jobs then decode on this thread. */
   private broken = false;
 
@@ -336,30 +359,49 @@ class ZstdPool {
   decode(input: Uint8Array, decodedLength: number): Promise<Uint8Array> {
     return new Promise((resolve, reject) => {
       this.queue.push({ input, decodedLength, resolve, reject });
-      this.dispatch();
+      // Callers issue a batch of decodes at once: gather them before sending.
+      if (!this.scheduled) {
+        this.scheduled = true;
+        queueMicrotask(() => {
+          this.scheduled = false;
+          this.dispatch();
+        });
+      }
     });
+  }
+
+  private take(): PendingJob[] {
+    const jobs: PendingJob[] = [];
+    let bytes = 0;
+    while (this.queueHead < this.queue.length && jobs.length < MESSAGE_JOBS && bytes < MESSAGE_BYTES) {
+      const job = this.queue[this.queueHead] as PendingJob;
+      this.queue[this.queueHead++] = undefined as unknown as PendingJob; // release the input
+      jobs.push(job);
+      bytes += job.input.length;
+    }
+    if (this.queueHead === this.queue.length) {
+      this.queue = [];
+      this.queueHead = 0;
+    }
+    return jobs;
   }
 
   private dispatch(): void {
     while (this.queueHead < this.queue.length) {
       if (this.broken) {
-        const job = this.queue[this.queueHead] as PendingJob;
-        this.queue[this.queueHead++] = undefined as unknown as PendingJob;
-        try {
-          job.resolve(decodeZstdCluster(job.input, job.decodedLength));
-        } catch (err) {
-          job.reject(err as Error);
+        for (const job of this.take()) {
+          try {
+            job.resolve(decodeZstdCluster(job.input, job.decodedLength));
+          } catch (err) {
+            job.reject(err as Error);
+          }
         }
         continue;
       }
       const worker = this.workerWithRoom();
       if (!worker) return;
-      const job = this.queue[this.queueHead] as PendingJob;
-      this.queue[this.queueHead++] = undefined as unknown as PendingJob; // release the input
-      worker.post(this.nextId++, job);
+      worker.post(this.nextId++, this.take());
     }
-    this.queue.length = 0;
-    this.queueHead = 0;
   }
 
   private workerWithRoom(): ZstdWorker | undefined {
@@ -402,15 +444,20 @@ function isZstdWorkerData(data: unknown): boolean {
 if (!isMainThread && parentPort && isZstdWorkerData(workerData)) {
   const port = parentPort;
   port.on('message', (request: ZstdRequest) => {
-    let reply: ZstdReply;
-    let transfer: ArrayBuffer[] = [];
-    try {
-      const output = decodeZstdCluster(request.input, request.decodedLength);
-      reply = { id: request.id, output };
-      transfer = [output.buffer as ArrayBuffer];
-    } catch (err) {
-      reply = { id: request.id, error: err instanceof Error ? err.message : String(err) };
+    const results: ZstdResult[] = [];
+    const transfer: ArrayBuffer[] = [];
+    for (const job of request.jobs) {
+      try {
+        const output = decodeZstdCluster(request.input.subarray(job.start, job.end), job.decodedLength);
+        results.push({ output });
+        // An output may be a view into a buffer another output shares; transfer each buffer once.
+        const buffer = output.buffer as ArrayBuffer;
+        if (!transfer.includes(buffer)) transfer.push(buffer);
+      } catch (err) {
+        results.push({ error: err instanceof Error ? err.message : String(err) });
+      }
     }
+    const reply: ZstdReply = { id: request.id, results };
     port.postMessage(reply, transfer);
   });
 }

@@ -1022,65 +1022,74 @@ class Qcow2Checker {
     return reftable;
   }
 
-  /** Reads on-disk refcounts with a one-block cache (clusters are visited in order). */
+  /** The refcount block for refcount table entry `ti`: its bytes, null when it has none, undefined when unusable. */
+  private async refcountBlock(reftable: DataView, ti: number): Promise<DataView | null | undefined> {
+    if (ti >= reftable.byteLength / 8) return null;
+    const hi = reftable.getUint32(ti * 8);
+    const lo = reftable.getUint32(ti * 8 + 4);
+    const offset = hi * 2 ** 32 + ((lo & 0xfffffe00) >>> 0);
+    if (offset === 0) return null;
+    if (offset % this.cs !== 0) return undefined;
+    // qemu reads a block past the end of the file as zeros; check_refblocks has reported it.
+    if (offset + this.cs > this.fileSize) return null;
+    return viewOf(await readExact(this.source, offset, this.cs, `refcount block ${ti}`, this.signal));
+  }
+
+  /** On-disk refcount at `index` of a refcount block. */
+  private static refcountAt(block: DataView, index: number, refcountBits: number): number {
+    switch (refcountBits) {
+      case 1:
+      case 2:
+      case 4: {
+        const bitPos = index * refcountBits;
+        return (block.getUint8(bitPos >>> 3) >> (bitPos & 7)) & (2 ** refcountBits - 1);
+      }
+      case 8:
+        return block.getUint8(index);
+      case 16:
+        return block.getUint16(index * 2);
+      case 32:
+        return block.getUint32(index * 4);
+      default:
+        return block.getUint32(index * 8) * 2 ** 32 + block.getUint32(index * 8 + 4);
+    }
+  }
+
+  /** Looks up single refcounts, keeping the last block (lookups mostly move forward). */
   private refcountReader(reftable: DataView, refcountBits: number): (cluster: number) => Promise<number | undefined> {
     const perBlock = (this.cs * 8) / refcountBits;
-    const tableEntries = reftable.byteLength / 8;
     let blockIndex = -1;
-    let block: DataView | undefined;
-    let blockError = false;
+    let block: DataView | null | undefined;
     return async (cluster: number): Promise<number | undefined> => {
       const ti = Math.floor(cluster / perBlock);
-      if (ti >= tableEntries) return 0;
       if (ti !== blockIndex) {
         blockIndex = ti;
-        block = undefined;
-        blockError = false;
-        const hi = reftable.getUint32(ti * 8);
-        const lo = reftable.getUint32(ti * 8 + 4);
-        const offset = hi * 2 ** 32 + ((lo & 0xfffffe00) >>> 0);
-        if (offset !== 0) {
-          if (offset % this.cs !== 0) blockError = true;
-          else if (offset + this.cs <= this.fileSize) block = viewOf(await readExact(this.source, offset, this.cs, `refcount block ${ti}`, this.signal));
-        }
+        block = await this.refcountBlock(reftable, ti);
       }
-      if (blockError) return undefined;
-      if (!block) return 0;
-      const index = cluster % perBlock;
-      switch (refcountBits) {
-        case 1:
-        case 2:
-        case 4: {
-          const bitPos = index * refcountBits;
-          return (block.getUint8(bitPos >>> 3) >> (bitPos & 7)) & (2 ** refcountBits - 1);
-        }
-        case 8:
-          return block.getUint8(index);
-        case 16:
-          return block.getUint16(index * 2);
-        case 32:
-          return block.getUint32(index * 4);
-        default:
-          return block.getUint32(index * 8) * 2 ** 32 + block.getUint32(index * 8 + 4);
-      }
+      if (block === undefined) return undefined;
+      if (block === null) return 0;
+      return Qcow2Checker.refcountAt(block, cluster % perBlock, refcountBits);
     };
   }
 
   /** compare_refcounts: on-disk refcounts against the recomputed ones; returns the highest cluster in use. */
   private async compareRefcounts(reftable: DataView, refcountBits: number): Promise<number> {
-    const read = this.refcountReader(reftable, refcountBits);
+    const perBlock = (this.cs * 8) / refcountBits;
     let highest = 0;
     this.spend(this.nbClusters);
-    for (let i = 0; i < this.nbClusters; i++) {
-      const onDisk = await read(i);
-      if (onDisk === undefined) {
-        this.report.checkErrors++;
-        this.note(`Can't get refcount for cluster ${i}: refcount block offset is not cluster aligned`);
-        continue;
-      }
-      const computed = this.refs[i] as number;
-      if (onDisk > 0 || computed > 0) highest = i;
-      if (onDisk !== computed) {
+    for (let first = 0; first < this.nbClusters; first += perBlock) {
+      const block = await this.refcountBlock(reftable, first / perBlock);
+      const end = Math.min(this.nbClusters, first + perBlock);
+      for (let i = first; i < end; i++) {
+        if (block === undefined) {
+          this.report.checkErrors++;
+          this.note(`Can't get refcount for cluster ${i}: refcount block offset is not cluster aligned`);
+          continue;
+        }
+        const onDisk = block === null ? 0 : Qcow2Checker.refcountAt(block, i - first, refcountBits);
+        const computed = this.refs[i] as number;
+        if (onDisk > 0 || computed > 0) highest = i;
+        if (onDisk === computed) continue;
         if (onDisk < computed) {
           this.report.corruptions++;
           this.note(`ERROR cluster ${i} refcount=${onDisk} reference=${computed}`);

@@ -1,0 +1,103 @@
+/**
+ * qcow2 zstd clusters as qemu reads them: frames one after another until the
+ * cluster is full, anything after that ignored; frames are built by hand here
+ * (raw and RLE blocks) so every edge is reachable.
+ */
+import { describe, expect, it } from 'vitest';
+import { decode, decodeZstdCluster } from '../../../src/engine/decompress.js';
+
+const MAGIC = [0x28, 0xb5, 0x2f, 0xfd];
+
+function le(value: number, bytes: number): number[] {
+  return Array.from({ length: bytes }, (_, i) => Math.floor(value / 256 ** i) & 0xff);
+}
+
+function blockHeader(last: boolean, type: number, size: number): number[] {
+  return le((last ? 1 : 0) | (type << 1) | (size << 3), 3);
+}
+
+/** A frame of raw blocks (at most 128 KiB each); `contentSize` written into the header unless false. */
+function rawFrame(data: Uint8Array, options: { contentSize?: boolean; checksum?: boolean } = {}): Uint8Array {
+  const withSize = options.contentSize ?? true;
+  const out: number[] = [...MAGIC];
+  if (withSize) {
+    // single segment, 4-byte Frame_Content_Size
+    out.push(0xa0 | (options.checksum ? 4 : 0), ...le(data.length, 4));
+  } else {
+    out.push(options.checksum ? 4 : 0, 0x38); // window descriptor: 2^(10+7) = 128 KiB
+  }
+  for (let at = 0; at < data.length || at === 0; ) {
+    const size = Math.min(128 * 1024, data.length - at);
+    const last = at + size >= data.length;
+    out.push(...blockHeader(last, 0, size), ...data.subarray(at, at + size));
+    at += size;
+    if (last) break;
+  }
+  if (options.checksum) out.push(1, 2, 3, 4); // not verified, as qemu's build does not ask libzstd to
+  return Uint8Array.from(out);
+}
+
+function rleFrame(byte: number, length: number): Uint8Array {
+  return Uint8Array.from([...MAGIC, 0xa0, ...le(length, 4), ...blockHeader(true, 1, length), byte]);
+}
+
+function pattern(length: number, seed: number): Uint8Array {
+  return Uint8Array.from({ length }, (_, i) => (i * 31 + seed) & 0xff);
+}
+
+const concat = (...parts: Uint8Array[]): Uint8Array => Uint8Array.from(parts.flatMap((p) => [...p]));
+
+describe('qcow2 zstd clusters', () => {
+  it('decodes one frame followed by sector padding and garbage', () => {
+    const data = pattern(4096, 1);
+    const out = decodeZstdCluster(concat(rawFrame(data), Uint8Array.from([0xde, 0xad, 0xbe, 0xef, 0, 0, 0])), 4096);
+    expect(Buffer.from(out).equals(Buffer.from(data))).toBe(true);
+  });
+
+  it('joins several frames, skippable frames and frames without a content size', () => {
+    const a = pattern(1000, 2);
+    const b = pattern(2000, 3);
+    const skippable = Uint8Array.from([0x50, 0x2a, 0x4d, 0x18, ...le(5, 4), 9, 9, 9, 9, 9]);
+    const input = concat(rawFrame(a, { checksum: true }), skippable, rawFrame(b, { contentSize: false }), rleFrame(7, 1096), Uint8Array.from([1, 2, 3]));
+    const out = decodeZstdCluster(input, 4096);
+    expect(Buffer.from(out.subarray(0, 1000)).equals(Buffer.from(a))).toBe(true);
+    expect(Buffer.from(out.subarray(1000, 3000)).equals(Buffer.from(b))).toBe(true);
+    expect(out.subarray(3000).every((x) => x === 7)).toBe(true);
+  });
+
+  it('refuses frames that end before the cluster is full', () => {
+    expect(() => decodeZstdCluster(rawFrame(pattern(1000, 4)), 4096)).toThrow(/ends after 1000 of 4096/);
+    expect(() => decodeZstdCluster(rawFrame(pattern(4096, 4)).subarray(0, 2000), 4096)).toThrow(/truncated/);
+  });
+
+  it('refuses a frame holding more than the cluster', () => {
+    expect(() => decodeZstdCluster(rawFrame(pattern(5000, 5)), 4096)).toThrow(/more than the 4096 left/);
+    expect(() => decodeZstdCluster(rawFrame(pattern(5000, 5), { contentSize: false }), 4096)).toThrow(/more than the cluster/);
+  });
+
+  it('refuses what libzstd refuses before allocating anything', () => {
+    const reserved = rawFrame(pattern(100, 6));
+    reserved[4] = (reserved[4] as number) | 0x08;
+    expect(() => decodeZstdCluster(reserved, 100)).toThrow(/reserved/);
+    // A 2 GiB window, no content size.
+    const huge = Uint8Array.from([...MAGIC, 0x00, 0xa8, ...blockHeader(true, 0, 4), 1, 2, 3, 4]);
+    expect(() => decodeZstdCluster(huge, 4)).toThrow(/window/);
+    const dictionary = Uint8Array.from([...MAGIC, 0xa1, 7, ...le(4, 4), ...blockHeader(true, 0, 4), 1, 2, 3, 4]);
+    expect(() => decodeZstdCluster(dictionary, 4)).toThrow(/dictionary/);
+    const badType = Uint8Array.from([...MAGIC, 0xa0, ...le(4, 4), ...blockHeader(true, 3, 4), 1, 2, 3, 4]);
+    expect(() => decodeZstdCluster(badType, 4)).toThrow(/reserved block type/);
+    expect(() => decodeZstdCluster(Uint8Array.from([1, 2, 3, 4, 5, 6, 7, 8, 9]), 4)).toThrow(/no zstd frame/);
+  });
+
+  it('decode() reports damage as IMAGE_CORRUPT naming where', async () => {
+    await expect(decode('zstd', rawFrame(pattern(10, 1)), 4096, 'cluster at 0x1234')).rejects.toMatchObject({ code: 'IMAGE_CORRUPT', message: expect.stringContaining('0x1234') });
+    await expect(decode('deflate', Uint8Array.from([0xff, 0xff, 0xff]), 4096, 'cluster at 0x99')).rejects.toMatchObject({ code: 'IMAGE_CORRUPT' });
+  });
+
+  it('keeps the first cluster of a deflate stream that goes on past it, as qemu does', async () => {
+    const { deflateRawSync } = await import('node:zlib');
+    const data = Buffer.from(pattern(10_000, 9));
+    const out = await decode('deflate', deflateRawSync(data), 4096, 'long stream');
+    expect(Buffer.from(out).equals(data.subarray(0, 4096))).toBe(true);
+  });
+});
