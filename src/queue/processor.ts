@@ -20,7 +20,7 @@ import {
   type RandomAccessSource,
 } from '../engine/index.js';
 import { estimateAllocation, scrubMessage } from '../service/inspect.js';
-import { openImportUrl, urlPolicy, type OpenedUrlSource } from '../service/url-import.js';
+import { displayUrl, openImportUrl, urlPolicy, type OpenedUrlSource } from '../service/url-import.js';
 import type { ExtentWriter, Store } from '../store/store.js';
 import type { AbortReason, CancelWatcher } from './cancel.js';
 import type { ConvertJobData } from './queue.js';
@@ -101,7 +101,7 @@ export function createProcessor(deps: ProcessorDeps) {
       return { outcome: 'skipped' };
     }
 
-    const displayName = rec.source.filename ?? rec.source.url ?? id;
+    const displayName = rec.source.filename ?? (rec.source.url ? displayUrl(rec.source.url) : 'upload');
     const stagingPath = join(deps.scratchDir, `${id}.download`);
     let opened: OpenedUrlSource | undefined;
     let source: RandomAccessSource | undefined;

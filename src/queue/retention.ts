@@ -73,6 +73,9 @@ export async function sweepOnce(deps: {
   return report;
 }
 
+/** Deletes the lock only if we still own it. */
+const RELEASE = `if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) else return 0 end`;
+
 /** Runs sweepOnce every RETENTION_SWEEP_SECONDS under a lock, so one worker sweeps at a time. */
 export function startSweeper(deps: {
   config: Pick<Config, 'retention'>;
@@ -89,10 +92,15 @@ export function startSweeper(deps: {
     if (running) return;
     running = true;
     try {
-      const locked = await deps.redis.set(deps.records.sweepLockKey, owner, 'PX', Math.max(periodMs, 10_000), 'NX');
+      // The lock outlives a crashed sweeper by at most a few minutes.
+      const locked = await deps.redis.set(deps.records.sweepLockKey, owner, 'PX', 300_000, 'NX');
       if (locked !== 'OK') return;
-      const report = await sweepOnce(deps);
-      if (report.expiredJobs + report.orphanObjects + report.uncommitted + report.scratch > 0) deps.logger.info({ sweep: report }, 'retention sweep');
+      try {
+        const report = await sweepOnce(deps);
+        if (report.expiredJobs + report.orphanObjects + report.uncommitted + report.scratch > 0) deps.logger.info({ sweep: report }, 'retention sweep');
+      } finally {
+        await deps.redis.eval(RELEASE, 1, deps.records.sweepLockKey, owner);
+      }
     } catch (err) {
       deps.logger.warn({ err }, 'retention sweep failed');
     } finally {

@@ -29,3 +29,13 @@ export async function checkImportUrl(url: string, policy: UrlPolicy): Promise<vo
 export function openImportUrl(url: string, policy: UrlPolicy, options: UrlSourceOptions): Promise<OpenedUrlSource> {
   return openUrlSource(url, policy, options);
 }
+
+/** A URL as shown in info and messages: no user-info, query or fragment (presigned URLs carry secrets there). */
+export function displayUrl(raw: string): string {
+  try {
+    const u = new URL(raw);
+    return `${u.protocol}//${u.host}${u.pathname}`;
+  } catch {
+    return 'url';
+  }
+}

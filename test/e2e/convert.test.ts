@@ -138,6 +138,19 @@ describe('service end to end', () => {
     }
   });
 
+  it('inspects uploads and URLs without converting them', async () => {
+    const f = fixture('disk-stream.vmdk');
+    const upload = JSON.parse(await curl([...AUTH, '-F', `file=@${f.path}`, `${svc.apiUrl}/v1/inspect`])) as Record<string, unknown>;
+    expect(upload).toMatchObject({ safe: true, format: 'vmdk', virtual_size: 6 * 2 ** 20, info: { format: 'vmdk', filename: 'disk-stream.vmdk' } });
+    const body = JSON.stringify({ source: { url: `${files.url}/range/disk.qcow2?secret=1` } });
+    const byUrl = JSON.parse(await curl([...AUTH, '-H', 'Content-Type: application/json', '-d', body, `${svc.apiUrl}/v1/inspect`])) as Record<string, unknown>;
+    expect(byUrl).toMatchObject({ safe: true, format: 'qcow2', source: { kind: 'url', mode: 'range' }, info: { filename: `${files.url}/range/disk.qcow2` } });
+    const corrupt = JSON.stringify({ source: { url: `${files.url}/plain/corrupt.qcow2` } });
+    const refused = JSON.parse(await curl([...AUTH, '-H', 'Content-Type: application/json', '-d', corrupt, `${svc.apiUrl}/v1/inspect`])) as Record<string, unknown>;
+    expect(refused).toMatchObject({ safe: false, error: { code: 'IMAGE_CORRUPT' } });
+    expect(await readdir(join(svc.dataDir, 'work'))).toEqual([]);
+  });
+
   it('verifies expected_sha256 of a URL source', async () => {
     const body = JSON.stringify({ source: { url: `${files.url}/plain/disk.raw` }, expected_sha256: 'ab'.repeat(32) });
     const created = JSON.parse(await curl([...AUTH, '-H', 'Content-Type: application/json', '-d', body, `${svc.apiUrl}/v1/jobs`])) as JobJson;

@@ -9,7 +9,7 @@ import { join } from 'node:path';
 import type { FastifyInstance } from 'fastify';
 import type { FormatId, RandomAccessSource } from '../../engine/index.js';
 import { inspectSource } from '../../service/inspect.js';
-import { openImportUrl, type OpenedUrlSource } from '../../service/url-import.js';
+import { displayUrl, openImportUrl, type OpenedUrlSource } from '../../service/url-import.js';
 import { receiveBody } from '../bodies.js';
 import type { ApiContext } from '../context.js';
 
@@ -40,7 +40,7 @@ export async function inspectRoutes(app: FastifyInstance, ctx: ApiContext): Prom
         source = opened.source;
         summary = { kind: 'url', url: src.url, final_url: opened.finalUrl, size: opened.size, mode: opened.mode, ...(opened.sha256 ? { sha256: opened.sha256 } : {}) };
       }
-      const displayName = src.kind === 'upload' ? (src.filename ?? 'upload') : src.url;
+      const displayName = src.kind === 'upload' ? (src.filename ?? 'upload') : displayUrl(src.url);
       const format = received.options.source_format === 'auto' ? 'auto' : (received.options.source_format as FormatId);
       const inspection = await inspectSource(source, { format, maxVirtualSize: ctx.config.maxVirtualSize, signal: controller.signal, displayName });
       return { source: summary, ...inspection };

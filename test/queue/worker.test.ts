@@ -1,0 +1,151 @@
+/**
+ * The worker in-process against a real Redis, BullMQ and a local store: limits
+ * checked before any output is written, free space, retries of transient
+ * errors, jobs deleted before a worker got to them, and retention.
+ */
+import { readdir, readFile } from 'node:fs/promises';
+import { join } from 'node:path';
+import { Readable } from 'node:stream';
+import { pipeline } from 'node:stream/promises';
+import { Redis } from 'ioredis';
+import { pino } from 'pino';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { loadConfig, type Config } from '../../src/config.js';
+import { ConversionQueue } from '../../src/queue/queue.js';
+import { JobRecords, type JobRecord } from '../../src/queue/records.js';
+import { startWorker, type RunningWorker } from '../../src/queue/worker.js';
+import { LocalStore } from '../../src/store/local.js';
+import type { Store } from '../../src/store/store.js';
+import { makeTempDir, qemuImg, qemuIo, qemuRawSha256 } from '../helpers/qemu.js';
+import { startRedis, uniqueQueueName, type TestRedis } from '../helpers/redis.js';
+import { waitFor } from '../helpers/service.js';
+
+describe('worker (in-process, real Redis and BullMQ)', () => {
+  let redis: TestRedis;
+  let client: Redis;
+  let dir: string;
+  let cleanup: () => Promise<void>;
+  const running: Array<{ worker: RunningWorker; queue: ConversionQueue }> = [];
+
+  interface Rig {
+    config: Config;
+    records: JobRecords;
+    store: Store;
+    queue: ConversionQueue;
+    submit(path: string, sourceFormat?: JobRecord['source_format']): Promise<string>;
+    final(id: string): Promise<JobRecord>;
+  }
+
+  async function rig(env: Record<string, string>, wrapStore: (s: LocalStore) => Store = (s) => s): Promise<Rig> {
+    const config = loadConfig({
+      DATA_DIR: join(dir, `data-${running.length}`),
+      QUEUE_NAME: uniqueQueueName('worker'),
+      JOB_BACKOFF_MS: '100',
+      LOG_LEVEL: 'silent',
+      ...env,
+    });
+    const store = wrapStore(await LocalStore.open(join(config.dataDir, 'store')));
+    const records = new JobRecords(client, config.queueName);
+    const queue = new ConversionQueue(redis.url, config);
+    const worker = await startWorker(config, { store, logger: pino({ level: 'silent' }), redisUrl: redis.url });
+    running.push({ worker, queue });
+    let n = 0;
+    return {
+      config,
+      records,
+      store,
+      queue,
+      async submit(path, sourceFormat = 'auto') {
+        const id = `job${String(++n).padStart(19, '0')}`;
+        const w = await store.createStreamWriter('input', id);
+        await pipeline(Readable.from([await readFile(path)]), w.stream);
+        const stored = await w.commit();
+        const now = Date.now();
+        await records.create({
+          id,
+          tenant: 't',
+          state: 'queued',
+          source_format: sourceFormat,
+          output_format: 'raw',
+          created_at: now,
+          updated_at: now,
+          attempts: 0,
+          source: { kind: 'upload', filename: 'disk', size: stored.size },
+          progress: { phase: 'queued', bytes_done: 0, bytes_total: null, percent: null },
+        });
+        await queue.enqueue(id);
+        return id;
+      },
+      final: (id) =>
+        waitFor(`job ${id}`, async () => {
+          const rec = await records.get(id);
+          return rec && ['succeeded', 'failed', 'cancelled'].includes(rec.state) ? rec : undefined;
+        }),
+    };
+  }
+
+  let big: string;
+  let small: string;
+
+  beforeAll(async () => {
+    ({ dir, cleanup } = await makeTempDir('diskconv-worker-'));
+    redis = await startRedis();
+    client = new Redis(redis.url);
+    big = join(dir, 'big.qcow2');
+    await qemuImg('create', '-f', 'qcow2', big, '64M');
+    await qemuIo('-c', 'write -P 0x31 0 8M', big);
+    small = join(dir, 'small.qcow2');
+    await qemuImg('create', '-f', 'qcow2', small, '4M');
+    await qemuIo('-c', 'write -P 0x32 0 1M', small);
+  });
+
+  afterAll(async () => {
+    for (const r of running) {
+      await r.worker.close(1000);
+      await r.queue.close();
+    }
+    client.disconnect();
+    await redis.stop();
+    await cleanup();
+  });
+
+  it('enforces MAX_VIRTUAL_SIZE before any output is written, without retrying', async () => {
+    const r = await rig({ MAX_VIRTUAL_SIZE: '32M', JOB_ATTEMPTS: '3' });
+    const id = await r.submit(big);
+    const rec = await r.final(id);
+    expect(rec).toMatchObject({ state: 'failed', attempts: 1, error: { code: 'LIMIT_EXCEEDED' } });
+    expect(await r.store.stat('output', id)).toBeUndefined();
+    expect(await r.store.stat('input', id)).toBeUndefined();
+    expect(await readdir(join(r.config.dataDir, 'store', 'tmp'))).toEqual([]);
+  });
+
+  it('refuses early when the store has less free space than the output needs, retrying with backoff', async () => {
+    // The local filesystem with 1 MiB left: everything else about the store is real.
+    const r = await rig({ JOB_ATTEMPTS: '2' }, (s) => new Proxy(s, { get: (t, p) => (p === 'freeBytes' ? async () => 2 ** 20 : Reflect.get(t, p, t)) }));
+    const id = await r.submit(big);
+    const rec = await r.final(id);
+    expect(rec).toMatchObject({ state: 'failed', attempts: 2, error: { code: 'INSUFFICIENT_SPACE' } });
+    expect(await readdir(join(r.config.dataDir, 'store', 'tmp'))).toEqual([]);
+    expect(await r.store.stat('output', id)).toBeUndefined();
+  });
+
+  it('converts, skips jobs deleted before it got to them, and retention removes finished jobs', async () => {
+    const r = await rig({ RESULT_TTL_SECONDS: '1', RETENTION_SWEEP_SECONDS: '1' });
+    const gone = await r.submit(small);
+    const rec = await r.records.get(gone);
+    if (rec && rec.state === 'queued') {
+      // Removed as a client's DELETE of a finished job would: the worker must just skip it.
+      await r.records.remove(rec);
+    }
+    const id = await r.submit(small);
+    const done = await r.final(id);
+    expect(done.state).toBe('succeeded');
+    expect(done.output?.sha256).toBe(await qemuRawSha256(small, dir));
+    expect(done.duration_seconds).toBeGreaterThanOrEqual(0);
+    expect(await r.store.stat('input', id)).toBeUndefined();
+    // Retention: the record and the output go once RESULT_TTL_SECONDS have passed.
+    await waitFor('retention', async () => (await r.records.get(id)) === undefined && (await r.store.stat('output', id)) === undefined, 15_000);
+    const stats = await r.records.stats();
+    expect(Number(stats.conversions)).toBeGreaterThanOrEqual(1);
+  });
+});
