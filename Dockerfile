@@ -1,0 +1,33 @@
+# diskconv: API (`serve`, the default) or conversion worker (`worker`) in one image.
+# Build: docker build -t diskconv .   Run: see docker-compose.yml and the README.
+
+# --- build: compile TypeScript, then keep only production dependencies
+FROM node:20-alpine AS build
+WORKDIR /app
+COPY package.json package-lock.json ./
+RUN npm ci --no-audit --no-fund
+COPY tsconfig.json ./
+COPY src ./src
+RUN npm run build && npm prune --omit=dev && find dist -name '*.map' -delete && find dist -name '*.d.ts' -delete
+
+# --- runtime: node, the compiled code, production node_modules; no compiler, no tests
+FROM node:20-alpine
+ENV NODE_ENV=production \
+    HOST=0.0.0.0 \
+    PORT=8080 \
+    DATA_DIR=/data
+WORKDIR /app
+COPY --from=build /app/package.json ./
+COPY --from=build /app/node_modules ./node_modules
+COPY --from=build /app/dist ./dist
+COPY openapi.yaml ./
+# The image's own unprivileged user (uid 1000) owns the data directory; a new named
+# volume mounted there inherits that ownership.
+RUN mkdir -p /data && chown node:node /data
+USER node
+VOLUME ["/data"]
+EXPOSE 8080
+HEALTHCHECK --interval=30s --timeout=5s --start-period=10s \
+  CMD node -e "fetch('http://127.0.0.1:'+(process.env.PORT||8080)+'/healthz').then(r=>process.exit(r.ok?0:1),()=>process.exit(1))" || exit 1
+ENTRYPOINT ["node", "dist/cli.js"]
+CMD ["serve"]
