@@ -1,0 +1,40 @@
+/**
+ * One fuzz case, end to end through the engine as the CLI and the service use
+ * it: probe and open, info, check, convert to a counting sink. The only
+ * acceptable endings are success and a typed DiskconvError.
+ */
+import { BufferSource, checkImage, convertToRaw, imageInfo, isDiskconvError, openImage, type FormatId } from '../../src/engine/index.js';
+import { CountingSink } from './counting-sink.js';
+
+export type Stage = 'open' | 'info' | 'check' | 'convert';
+
+export type CaseResult =
+  | { outcome: 'converted'; format: FormatId; virtualSize: number; dataBytes: number }
+  | { outcome: 'refused'; stage: Stage; code: string; message: string }
+  | { outcome: 'crash'; stage: Stage; name: string; message: string; stack: string };
+
+export async function runCase(bytes: Uint8Array, declared?: FormatId): Promise<CaseResult> {
+  const source = new BufferSource(bytes, 'fuzz-case');
+  let stage: Stage = 'open';
+  try {
+    const image = await openImage(source, declared ? { format: declared } : {});
+    try {
+      stage = 'info';
+      await imageInfo(image, source);
+      stage = 'check';
+      await checkImage(image);
+      stage = 'convert';
+      const sink = new CountingSink();
+      const result = await convertToRaw(image, source, sink);
+      return { outcome: 'converted', format: image.format, virtualSize: result.virtualSize, dataBytes: sink.dataBytes };
+    } finally {
+      await image.close();
+    }
+  } catch (err) {
+    if (isDiskconvError(err)) return { outcome: 'refused', stage, code: String(err.code), message: err.message };
+    const e = err instanceof Error ? err : new Error(String(err));
+    return { outcome: 'crash', stage, name: e.name, message: e.message, stack: e.stack ?? '' };
+  } finally {
+    await source.close();
+  }
+}

@@ -1,0 +1,237 @@
+/**
+ * Seeded mutators for the fuzzer: bit flips, byte sets, truncations at structure
+ * boundaries and at random points, and extreme values written into the header
+ * fields and table entries of each format (field tables in
+ * test/fixtures/hostile/layout.ts, taken from the specifications).
+ *
+ * A case is fully determined by (seed image, run seed, case index): the same
+ * triple always yields the same bytes, so a failure can be replayed from its
+ * numbers as well as from the bytes saved next to it.
+ */
+import {
+  FIELD_TABLES,
+  ImageBytes,
+  VMDK,
+  qcow2Layout,
+  vdiLayout,
+  vmdkLayout,
+  type Field,
+} from '../fixtures/hostile/layout.js';
+
+export type SeedFormat = 'qcow2' | 'vmdk' | 'vdi' | 'raw';
+
+export interface SeedImage {
+  /** Short name for reports, e.g. "qcow2-v3-zstd". */
+  name: string;
+  format: SeedFormat;
+  bytes: Buffer;
+}
+
+/** What a mutator did, in words a reader can check against the bytes. */
+export type Mutation =
+  | { kind: 'bitflip'; offset: number; bit: number }
+  | { kind: 'byteset'; offset: number; value: number }
+  | { kind: 'truncate'; length: number; at: 'boundary' | 'random' }
+  | { kind: 'field'; field: string; offset: number; width: number; value: string }
+  | { kind: 'entry'; table: string; offset: number; width: number; value: string };
+
+export interface FuzzCase {
+  seed: string;
+  index: number;
+  bytes: Buffer;
+  mutations: Mutation[];
+  /** Declared format passed to openImage, or undefined to probe. */
+  declared?: SeedFormat;
+}
+
+/** mulberry32: small, fast, good enough to spread mutations; seeded per case. */
+export class Rng {
+  private state: number;
+  constructor(seed: number) {
+    this.state = seed >>> 0;
+  }
+  next(): number {
+    this.state = (this.state + 0x6d2b79f5) >>> 0;
+    let t = this.state;
+    t = Math.imul(t ^ (t >>> 15), t | 1);
+    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
+    return ((t ^ (t >>> 14)) >>> 0) / 2 ** 32;
+  }
+  int(n: number): number {
+    return Math.floor(this.next() * n);
+  }
+  pick<T>(items: readonly T[]): T {
+    return items[this.int(items.length)] as T;
+  }
+  chance(p: number): boolean {
+    return this.next() < p;
+  }
+}
+
+/** Mixes the run seed and the case index into one case seed (FNV-1a over both). */
+export function caseSeed(runSeed: number, index: number): number {
+  let h = 0x811c9dc5;
+  for (const v of [runSeed, index]) {
+    for (let i = 0; i < 4; i++) {
+      h ^= (v >>> (i * 8)) & 0xff;
+      h = Math.imul(h, 0x01000193);
+    }
+  }
+  return h >>> 0;
+}
+
+/** Structure of a seed image: where its boundaries and table entries are. Computed once per seed. */
+export interface SeedShape {
+  fields: readonly Field[];
+  boundaries: number[];
+  /** Table entries worth hitting with extreme values: L1/L2, GD/GT, block map. */
+  entries: Array<{ table: string; offset: number; width: 4 | 8; endian: 'be' | 'le' }>;
+  /** Where the metadata lives: mutations are biased towards these byte ranges. */
+  hotRanges: Array<[number, number]>;
+}
+
+export function seedShape(seed: SeedImage): SeedShape {
+  const img = new ImageBytes(seed.bytes);
+  const size = seed.bytes.length;
+  const clamp = (ranges: Array<[number, number]>): Array<[number, number]> =>
+    ranges.map(([a, b]): [number, number] => [Math.max(0, a), Math.min(size, b)]).filter(([a, b]) => b > a);
+  try {
+    switch (seed.format) {
+      case 'qcow2': {
+        const l = qcow2Layout(img);
+        const entries: SeedShape['entries'] = [];
+        for (let i = 0; i < Math.min(l.l1Size, 64); i++) entries.push({ table: 'L1', offset: l.l1Offset + i * 8, width: 8, endian: 'be' });
+        for (const e of [...l.dataEntries.slice(0, 48), ...l.compressedEntries.slice(0, 48)]) entries.push({ table: 'L2', offset: e, width: 8, endian: 'be' });
+        const hot: Array<[number, number]> = [[0, Math.min(l.clusterSize, 4096)], [l.l1Offset, l.l1Offset + l.l1Size * 8], [l.refcountTableOffset, l.refcountTableOffset + 512]];
+        for (const l2 of l.l2Offsets) hot.push([l2, l2 + Math.min(l.clusterSize, 4096)]);
+        if (l.nbSnapshots > 0) hot.push([l.snapshotsOffset, l.snapshotsOffset + 1024]);
+        return { fields: FIELD_TABLES.qcow2, boundaries: l.boundaries, entries, hotRanges: clamp(hot) };
+      }
+      case 'vmdk': {
+        const footer = img.getField(VMDK.gdOffset) === 0xffffffffffffffffn;
+        const l = vmdkLayout(img);
+        const entries: SeedShape['entries'] = [];
+        for (let i = 0; i < Math.min(l.gdEntries, 16); i++) entries.push({ table: 'GD', offset: l.gdOffset + i * 4, width: 4, endian: 'le' });
+        for (const e of l.grainEntries.slice(0, 64)) entries.push({ table: 'GT', offset: e, width: 4, endian: 'le' });
+        const hot: Array<[number, number]> = [[0, 512], [l.descriptorOffset, l.descriptorOffset + 1024], [l.gdOffset, l.gdOffset + 512]];
+        if (l.rgdOffset) hot.push([l.rgdOffset, l.rgdOffset + 512]);
+        for (const gt of l.gtOffsets) hot.push([gt, gt + l.numGTEsPerGT * 4]);
+        if (footer) hot.push([size - 1536, size]);
+        // Grain markers of stream-optimized images.
+        for (const e of l.grainEntries.slice(0, 8)) {
+          const at = Number(img.getUint(e, 4, 'le')) * 512;
+          hot.push([at, at + 16]);
+        }
+        return { fields: FIELD_TABLES.vmdk, boundaries: l.boundaries, entries, hotRanges: clamp(hot) };
+      }
+      case 'vdi': {
+        const l = vdiLayout(img);
+        const entries: SeedShape['entries'] = [];
+        for (let i = 0; i < Math.min(l.blocksInImage, 64); i++) entries.push({ table: 'bmap', offset: l.offsetBmap + i * 4, width: 4, endian: 'le' });
+        return { fields: FIELD_TABLES.vdi, boundaries: l.boundaries, entries, hotRanges: clamp([[0, 512], [l.offsetBmap, l.offsetBmap + l.blocksInImage * 4]]) };
+      }
+      case 'raw':
+        return { fields: [], boundaries: [512, 4096, 0x8000], entries: [], hotRanges: clamp([[0, 1024], [0x8000, 0x9800]]) };
+    }
+  } catch {
+    // A seed we cannot parse (a fuzzer-found corpus image): mutate its first sectors and anywhere.
+  }
+  return { fields: seed.format === 'raw' ? [] : FIELD_TABLES[seed.format], boundaries: [512, 4096], entries: [], hotRanges: clamp([[0, 4096]]) };
+}
+
+/** Values that break size/offset/count arithmetic: zero, one, sign and width edges, and the file's own size. */
+function extremeValues(width: number, original: bigint, fileSize: number): bigint[] {
+  const all = (1n << BigInt(width * 8)) - 1n;
+  const values = [0n, 1n, 0x7fffffffn, 0xffffffffn, 0x80000000n, 0x100000000n, 1n << 62n, 1n << 63n, all, BigInt(fileSize), BigInt(fileSize + 1), original + 1n, original - 1n, original * 2n, original << 20n, BigInt(fileSize) / 512n + 1n];
+  return values.map((v) => BigInt.asUintN(width * 8, v));
+}
+
+function hotOffset(rng: Rng, shape: SeedShape, size: number): number {
+  const [start, end] = shape.hotRanges.length > 0 && rng.chance(0.85) ? rng.pick(shape.hotRanges) : [0, size];
+  return start + rng.int(Math.max(1, end - start));
+}
+
+const MUTATORS = ['bitflip', 'byteset', 'truncate', 'field', 'entry'] as const;
+
+/** One mutation applied in place to `img`. */
+function mutateOnce(rng: Rng, img: ImageBytes, shape: SeedShape): Mutation | undefined {
+  if (img.length === 0) return undefined;
+  let kind = rng.pick(MUTATORS);
+  if (kind === 'field' && shape.fields.length === 0) kind = 'bitflip';
+  if (kind === 'entry' && shape.entries.length === 0) kind = 'byteset';
+  switch (kind) {
+    case 'bitflip': {
+      const offset = hotOffset(rng, shape, img.length);
+      const bit = rng.int(8);
+      img.buf[offset] = ((img.buf[offset] as number) ^ (1 << bit)) & 0xff;
+      return { kind, offset, bit };
+    }
+    case 'byteset': {
+      const offset = hotOffset(rng, shape, img.length);
+      const value = rng.chance(0.5) ? rng.pick([0x00, 0x01, 0x7f, 0x80, 0xfe, 0xff]) : rng.int(256);
+      img.buf[offset] = value;
+      return { kind, offset, value };
+    }
+    case 'truncate': {
+      const atBoundary = shape.boundaries.length > 0 && rng.chance(0.7);
+      const base = atBoundary ? rng.pick(shape.boundaries) + rng.pick([0, 0, 1, -1, 8, -8, 512]) : rng.int(img.length);
+      const length = Math.max(0, Math.min(img.length - 1, base));
+      img.truncate(length);
+      return { kind, length, at: atBoundary ? 'boundary' : 'random' };
+    }
+    case 'field': {
+      const field = rng.pick(shape.fields);
+      // Magic and version fields are hit less: breaking them only tests the probe.
+      if ((field.kind === 'magic' || field.kind === 'version') && rng.chance(0.7)) return mutateOnce(rng, img, shape);
+      const value = rng.pick(extremeValues(field.width, img.getField(field), img.length));
+      img.setField(field, value);
+      return { kind, field: field.name, offset: field.offset, width: field.width, value: `0x${value.toString(16)}` };
+    }
+    case 'entry': {
+      const entry = rng.pick(shape.entries);
+      const original = img.getUint(entry.offset, entry.width, entry.endian);
+      const value = rng.chance(0.3)
+        ? BigInt.asUintN(entry.width * 8, original ^ (1n << BigInt(rng.int(entry.width * 8))))
+        : rng.pick(extremeValues(entry.width, original, img.length));
+      img.setUint(entry.offset, entry.width, entry.endian, value);
+      return { kind, table: entry.table, offset: entry.offset, width: entry.width, value: `0x${value.toString(16)}` };
+    }
+  }
+}
+
+/** Builds case `index` of a run: 1 to 3 mutations of one seed, chosen by the case's own PRNG. */
+export function makeCase(seeds: readonly SeedImage[], shapes: readonly SeedShape[], runSeed: number, index: number): FuzzCase {
+  const rng = new Rng(caseSeed(runSeed, index));
+  const which = index % seeds.length;
+  const seed = seeds[which] as SeedImage;
+  const shape = shapes[which] as SeedShape;
+  const img = new ImageBytes(Buffer.from(seed.bytes));
+  const mutations: Mutation[] = [];
+  const count = 1 + rng.int(3);
+  for (let i = 0; i < count; i++) {
+    const m = mutateOnce(rng, img, shape);
+    if (m) mutations.push(m);
+    if (m?.kind === 'truncate') break; // later offsets would mostly fall past the end
+  }
+  const declared = seed.format !== 'raw' && rng.chance(0.1) ? seed.format : undefined;
+  return { seed: seed.name, index, bytes: img.buf, mutations, ...(declared ? { declared } : {}) };
+}
+
+export function describeMutations(mutations: readonly Mutation[]): string {
+  return mutations
+    .map((m) => {
+      switch (m.kind) {
+        case 'bitflip':
+          return `flip bit ${m.bit} of byte 0x${m.offset.toString(16)}`;
+        case 'byteset':
+          return `set byte 0x${m.offset.toString(16)} to 0x${m.value.toString(16)}`;
+        case 'truncate':
+          return `truncate to ${m.length} bytes (${m.at})`;
+        case 'field':
+          return `set ${m.field} (0x${m.offset.toString(16)}, ${m.width} bytes) to ${m.value}`;
+        case 'entry':
+          return `set ${m.table} entry at 0x${m.offset.toString(16)} to ${m.value}`;
+      }
+    })
+    .join('; ');
+}
