@@ -434,18 +434,18 @@ async function readSnapshots(source: RandomAccessSource, header: Qcow2Header, li
   return { snapshots, tableSize: offset - header.snapshotsOffset };
 }
 
+/** In the key order `qemu-img info --output=json` prints. */
 function snapshotJson(s: Snapshot): QemuSnapshotJson {
-  const json: QemuSnapshotJson = {
-    id: s.id,
+  return {
+    ...(s.icount !== undefined ? { icount: s.icount } : {}),
+    'vm-clock-nsec': Number(s.vmClockNsec % 1_000_000_000n),
     name: s.name,
-    'vm-state-size': s.vmStateSize,
     'date-sec': s.dateSec,
     'date-nsec': s.dateNsec,
     'vm-clock-sec': Number(s.vmClockNsec / 1_000_000_000n),
-    'vm-clock-nsec': Number(s.vmClockNsec % 1_000_000_000n),
+    id: s.id,
+    'vm-state-size': s.vmStateSize,
   };
-  if (s.icount !== undefined) json.icount = s.icount;
-  return json;
 }
 
 /**
