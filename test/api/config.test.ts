@@ -1,6 +1,7 @@
 import { resolve } from 'node:path';
 import { describe, expect, it } from 'vitest';
-import { ConfigError, loadConfig, parseByteSize } from '../../src/config.js';
+import { readFile } from 'node:fs/promises';
+import { CONFIG_VARIABLES, ConfigError, loadConfig, parseByteSize } from '../../src/config.js';
 import { execFile } from 'node:child_process';
 import { CLI } from '../helpers/cli.js';
 
@@ -77,6 +78,12 @@ describe('configuration', () => {
   ])('refuses %s=%s with a message naming the variable', (name, value) => {
     expect(() => loadConfig({ [name]: value })).toThrow(ConfigError);
     expect(() => loadConfig({ [name]: value })).toThrow(new RegExp(name));
+  });
+
+  it('is documented: every variable has a row in the README table', async () => {
+    const readme = await readFile(new URL('../../README.md', import.meta.url), 'utf8');
+    const missing = CONFIG_VARIABLES.filter((v) => !readme.includes(`| \`${v}\` |`));
+    expect(missing).toEqual([]);
   });
 
   it('parses byte sizes in binary units', () => {
