@@ -17,7 +17,10 @@ interface Fixture {
   name: string;
   path: string;
   format: string;
+  /** sha256 of qemu-img's raw conversion. */
   sha256: string;
+  /** sha256 of the image file itself. */
+  fileSha256: string;
 }
 
 describe('service end to end', () => {
@@ -46,7 +49,7 @@ describe('service end to end', () => {
     const make = async (name: string, format: string, options: string[] = []): Promise<void> => {
       const path = join(dir, name);
       await qemuImg('convert', '-f', 'raw', '-O', format, ...options, base, path);
-      fixtures.push({ name, path, format, sha256: await qemuRawSha256(path, dir) });
+      fixtures.push({ name, path, format, sha256: await qemuRawSha256(path, dir), fileSha256: await sha256File(path) });
     };
     await make('disk.qcow2', 'qcow2');
     await make('disk-compressed.qcow2', 'qcow2', ['-c']);
@@ -118,24 +121,28 @@ describe('service end to end', () => {
     expect((await readFile(part)).equals(whole.subarray(512, 1024))).toBe(true);
   });
 
-  it('imports by URL: range requests, a server without ranges, a redirect, a dropped connection', async () => {
-    const cases: Array<[string, string, 'range' | 'staged' | undefined]> = [
-      ['range', 'disk.qcow2', 'range'],
-      ['plain', 'disk.vdi', 'staged'],
-      ['redirect', 'disk-stream.vmdk', undefined],
-      ['drop', 'disk-compressed.qcow2', undefined],
+  it('imports by URL: range requests, a server without ranges, a redirect, dropped connections', async () => {
+    const cases: Array<[string, string, 'range' | 'staged' | undefined, string | undefined]> = [
+      ['range', 'disk.qcow2', 'range', undefined],
+      ['plain', 'disk.vdi', 'staged', undefined],
+      ['redirect', 'disk-stream.vmdk', undefined, undefined],
+      // Cut mid-body: a range read is retried; a download (forced by expected_sha256) resumes with a range request.
+      ['drop', 'disk-compressed.qcow2', 'range', undefined],
+      ['drop', 'disk.vmdk', 'staged', fixture('disk.vmdk').fileSha256],
     ];
-    for (const [mode, name, expectedMode] of cases) {
+    for (const [mode, name, expectedMode, expectedSha] of cases) {
       const f = fixture(name);
-      const body = JSON.stringify({ source: { url: `${files.url}/${mode}/${name}` }, source_format: 'auto' });
+      const body = JSON.stringify({ source: { url: `${files.url}/${mode}/${name}` }, source_format: 'auto', ...(expectedSha ? { expected_sha256: expectedSha } : {}) });
       const created = JSON.parse(await curl([...AUTH, '-H', 'Content-Type: application/json', '-d', body, `${svc.apiUrl}/v1/jobs`])) as JobJson;
       expect(created.source).toMatchObject({ kind: 'url', url: `${files.url}/${mode}/${name}` });
       const done = await svc.waitForFinal(created.id, { token: TOKEN });
       expect(done.state, `${mode}: ${JSON.stringify(done.error)}`).toBe('succeeded');
       if (expectedMode) expect(done.source.mode).toBe(expectedMode);
+      expect(done.attempts, `${mode} ${name}: resumed within the attempt`).toBe(1);
       expect(done.output?.sha256, mode).toBe(f.sha256);
       expect(await download(done)).toBe(f.sha256);
     }
+    expect([...files.dropped].sort()).toEqual(['disk-compressed.qcow2', 'disk.vmdk']);
   });
 
   it('inspects uploads and URLs without converting them', async () => {

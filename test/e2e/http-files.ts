@@ -2,12 +2,12 @@
  * A local HTTP server standing in for the web during URL-import tests. Routes:
  *   /range/<name>     honours Range requests (Accept-Ranges: bytes)
  *   /plain/<name>     ignores Range, always the whole body (no Accept-Ranges)
- *   /drop/<name>      like /range, but the first full GET is cut mid-body
+ *   /drop/<name>      like /range, but the first response of more than 64 KiB is cut halfway
  *   /redirect/<name>  302 to /range/<name>
  */
 import { createReadStream } from 'node:fs';
 import { stat } from 'node:fs/promises';
-import { createServer, type Server } from 'node:http';
+import { createServer, type Server, type ServerResponse } from 'node:http';
 import { join } from 'node:path';
 
 export interface FileServer {
@@ -15,12 +15,25 @@ export interface FileServer {
   port: number;
   /** Requests seen, "METHOD path range". */
   log: string[];
+  /** Responses cut on purpose, by file name. */
+  dropped: Set<string>;
   close(): Promise<void>;
 }
 
 export async function startFileServer(dir: string): Promise<FileServer> {
   const log: string[] = [];
   const dropped = new Set<string>();
+  /** Sends [start, end]; for /drop, the first long response stops halfway and the connection is reset. */
+  const send = (res: ServerResponse, path: string, start: number, end: number, dropName?: string): void => {
+    if (dropName !== undefined && !dropped.has(dropName) && end - start + 1 > 64 * 1024) {
+      dropped.add(dropName);
+      const half = createReadStream(path, { start, end: start + Math.floor((end - start) / 2) });
+      half.on('data', (c) => res.write(c));
+      half.on('end', () => res.socket?.destroy());
+      return;
+    }
+    createReadStream(path, { start, end }).pipe(res);
+  };
   const server: Server = createServer((req, res) => {
     void (async () => {
       const url = new URL(req.url ?? '/', 'http://x');
@@ -52,7 +65,7 @@ export async function startFileServer(dir: string): Promise<FileServer> {
         }
         res.writeHead(206, { 'accept-ranges': 'bytes', 'content-range': `bytes ${start}-${end}/${size}`, 'content-length': String(end - start + 1), etag: '"v1"' });
         if (req.method === 'HEAD') res.end();
-        else createReadStream(path, { start, end }).pipe(res);
+        else send(res, path, start, end, mode === 'drop' ? name : undefined);
         return;
       }
       res.writeHead(200, { 'content-length': String(size), ...(ranged ? { 'accept-ranges': 'bytes', etag: '"v1"' } : {}) });
@@ -60,14 +73,7 @@ export async function startFileServer(dir: string): Promise<FileServer> {
         res.end();
         return;
       }
-      if (mode === 'drop' && !dropped.has(name)) {
-        dropped.add(name);
-        const half = createReadStream(path, { start: 0, end: Math.floor(size / 2) });
-        half.on('data', (c) => res.write(c));
-        half.on('end', () => res.destroy());
-        return;
-      }
-      createReadStream(path).pipe(res);
+      send(res, path, 0, size - 1, mode === 'drop' ? name : undefined);
     })();
   });
   await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
@@ -77,6 +83,7 @@ export async function startFileServer(dir: string): Promise<FileServer> {
     url: `http://127.0.0.1:${port}`,
     port,
     log,
+    dropped,
     close: () =>
       new Promise((resolve) => {
         server.closeAllConnections();
