@@ -41,8 +41,10 @@ export function diskconvApp(config: Config, deps: AppDeps): FastifyPluginAsync {
 
     const authenticate = createAuthenticator(config.apiTokens);
     app.decorateRequest('tenant', '');
+    // Decided by the matched route, not the raw URL: `/%761/jobs` routes to /v1/jobs too.
     app.addHook('onRequest', async (request) => {
-      if (request.url === '/v1' || request.url.startsWith('/v1/')) authenticate(request);
+      const route = request.routeOptions.url;
+      if (route !== undefined && (route === '/v1' || route.startsWith('/v1/'))) authenticate(request);
     });
 
     // Images arrive as a stream the route handler reads into the store.

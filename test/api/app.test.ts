@@ -122,6 +122,11 @@ describe('API', () => {
         const res = await main.app.inject({ method: 'GET', url: '/v1/jobs', headers: { authorization: header } });
         expect(res.statusCode, header).toBe(401);
       }
+      // Percent-encoded spellings route to the same handlers and need the same token.
+      for (const url of ['/%761/jobs', '/v1/%6aobs', '/%76%31/jobs?state=queued']) {
+        const res = await main.app.inject({ method: 'GET', url });
+        expect(res.statusCode, url).toBe(401);
+      }
       // An unauthenticated upload is refused before its body is read.
       const upload = await main.app.inject({ method: 'POST', url: '/v1/jobs', headers: { 'content-type': 'application/octet-stream' }, payload: qcow2 });
       expect(upload.statusCode).toBe(401);
