@@ -28,7 +28,9 @@ export type MapEntry =
 /**
  * deflate: raw deflate (qcow2 zlib type), output must fill decodedLength;
  * zstd: one or more zstd frames (qcow2 zstd type);
- * vmdk-grain: a 12-byte grain header (u64 lba, u32 size) then a zlib stream of `size` bytes.
+ * vmdk-grain: a 12-byte grain header (u64 lba, u32 size) then a zlib stream of `size` bytes;
+ *   `decodedLength` is the grain size, an upper bound (a last grain may decode shorter; the reader
+ *   checks the bytes it takes are there).
  */
 export type Codec = 'deflate' | 'zstd' | 'vmdk-grain';
 
