@@ -232,5 +232,7 @@ describe('service end to end', () => {
     expect(JSON.parse(await curl([`${svc.apiUrl}/readyz`]))).toMatchObject({ status: 'ready' });
     const logs = svc.logs();
     expect(logs).not.toContain(TOKEN);
+    // No leaked file handles, listener leaks or crashes along the way.
+    expect(logs).not.toMatch(/Warning:|"level":(50|60)/);
   });
 });
