@@ -236,8 +236,10 @@ async function readHeader(source: RandomAccessSource, limits: Limits, signal?: A
     throw new UnsafeImageError('qcow2 image keeps its data in an external data file (incompatible feature bit 2); images that name other files are refused');
   }
 
-  const backingFileOffset = u64(fixed, 8, 'backing file offset');
-  if (backingFileOffset !== 0) {
+  const backingFileOffsetField = fixed.getBigUint64(8);
+  if (backingFileOffsetField !== 0n) {
+    // The name is shown (sanitized) only when it lies where qemu would read it; nothing named is ever opened.
+    const backingFileOffset = Number(backingFileOffsetField);
     const nameLength = fixed.getUint32(16);
     let shown = '';
     if (nameLength > 0 && nameLength <= BACKING_FILE_NAME_MAX && backingFileOffset + nameLength <= Math.min(fileSize, clusterSize)) {
@@ -646,9 +648,12 @@ class Qcow2Image implements DiskImage {
       if (run) ready.push(run);
       run = { kind: 'zero', offset, length };
     };
-    const addStored = (offset: number, length: number, fileOffset: number, where: () => string): void => {
+    const where = (guest: number, l1Index: number, index: number): string => `for guest offset ${hex(guest)} (L1 index ${l1Index}, L2 index ${index})`;
+    const addStored = (offset: number, length: number, fileOffset: number, l1Index: number, index: number): void => {
       if (fileOffset + length > fileSize) {
-        throw new ImageCorruptError(`data cluster ${where()} at file offset ${hex(fileOffset)} lies beyond the end of the file (${fileSize} bytes); the image is truncated or corrupt`);
+        throw new ImageCorruptError(
+          `data cluster ${where(offset, l1Index, index)} at file offset ${hex(fileOffset)} lies beyond the end of the file (${fileSize} bytes); the image is truncated or corrupt`,
+        );
       }
       if (run?.kind === 'stored' && run.fileOffset + run.length === fileOffset) {
         run.length += length;
@@ -679,7 +684,6 @@ class Qcow2Image implements DiskImage {
           const p = index * this.l2EntrySize;
           const hi = table.getUint32(p);
           const lo = table.getUint32(p + 4);
-          const where = (): string => `for guest offset ${hex(guest)} (L1 index ${l1Index}, L2 index ${index})`;
           if (hi & 0x40000000) {
             // Compressed: offset in bits 0..x-1, additional sectors in bits x..61.
             const hiBits = this.csizeShift - 32;
@@ -687,7 +691,7 @@ class Qcow2Image implements DiskImage {
             const sectors = ((hi >>> hiBits) & this.csizeMask) + 1;
             const readLength = sectors * SECTOR - (fileOffset % SECTOR);
             if (fileOffset >= fileSize) {
-              throw new ImageCorruptError(`compressed cluster ${where()} at file offset ${hex(fileOffset)} lies beyond the end of the file (${fileSize} bytes)`);
+              throw new ImageCorruptError(`compressed cluster ${where(guest, l1Index, index)} at file offset ${hex(fileOffset)} lies beyond the end of the file (${fileSize} bytes)`);
             }
             if (run) ready.push(run);
             run = undefined;
@@ -695,19 +699,19 @@ class Qcow2Image implements DiskImage {
           } else {
             const host = entryOffset(hi, lo);
             if (!extended) {
-              if (host % cs !== 0) throw new ImageCorruptError(`cluster offset ${hex(host)} ${where()} is not aligned to the cluster size`);
+              if (host % cs !== 0) throw new ImageCorruptError(`cluster offset ${hex(host)} ${where(guest, l1Index, index)} is not aligned to the cluster size`);
               if (lo & 1 || host === 0) addZero(guest, length);
-              else addStored(guest, length, host, where);
+              else addStored(guest, length, host, l1Index, index);
             } else {
               const zeroBits = table.getUint32(p + 8);
               const allocBits = table.getUint32(p + 12);
               if (host === 0) {
-                if (allocBits !== 0) throw new ImageCorruptError(`invalid L2 entry ${where()}: unallocated cluster with allocated subclusters`);
+                if (allocBits !== 0) throw new ImageCorruptError(`invalid L2 entry ${where(guest, l1Index, index)}: unallocated cluster with allocated subclusters`);
                 addZero(guest, length);
               } else {
-                if ((zeroBits & allocBits) !== 0) throw new ImageCorruptError(`invalid L2 entry ${where()}: subclusters marked both allocated and zero`);
-                if (host % cs !== 0) throw new ImageCorruptError(`cluster offset ${hex(host)} ${where()} is not aligned to the cluster size`);
-                if (allocBits === 0xffffffff) addStored(guest, length, host, where);
+                if ((zeroBits & allocBits) !== 0) throw new ImageCorruptError(`invalid L2 entry ${where(guest, l1Index, index)}: subclusters marked both allocated and zero`);
+                if (host % cs !== 0) throw new ImageCorruptError(`cluster offset ${hex(host)} ${where(guest, l1Index, index)} is not aligned to the cluster size`);
+                if (allocBits === 0xffffffff) addStored(guest, length, host, l1Index, index);
                 else if (allocBits === 0) addZero(guest, length);
                 else {
                   for (let sc = 0; sc < SUBCLUSTERS; sc++) {
@@ -715,7 +719,7 @@ class Qcow2Image implements DiskImage {
                     if (scStart >= length) break;
                     const scLength = Math.min(subclusterSize, length - scStart);
                     // Zero and unallocated subclusters both read as zeros (no backing file).
-                    if ((allocBits >>> sc) & 1) addStored(guest + scStart, scLength, host + scStart, where);
+                    if ((allocBits >>> sc) & 1) addStored(guest + scStart, scLength, host + scStart, l1Index, index);
                     else addZero(guest + scStart, scLength);
                   }
                 }
