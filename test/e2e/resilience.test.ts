@@ -126,4 +126,16 @@ describe('service resilience', () => {
     expect(done.output?.sha256).toBe(imageSha);
     expect((await storeFiles()).filter((f) => !f.startsWith('output/'))).toEqual([]);
   });
+
+  it('fails a job that stalls more than WORKER_MAX_STALLED_COUNT times with WORKER_LOST, cleaning up', async () => {
+    for (const p of svc.processes.filter((p) => p.name.startsWith('worker'))) await p.stop('SIGTERM');
+    const doomed = await svc.startWorker(SLOW);
+    const id = await submit();
+    await converting(id);
+    await doomed.stop('SIGKILL');
+    await svc.startWorker({ WORKER_MAX_STALLED_COUNT: '0' });
+    const failed = await svc.waitForFinal(id, { timeoutMs: 60_000 });
+    expect(failed).toMatchObject({ state: 'failed', error: { code: 'WORKER_LOST' } });
+    await waitFor('the store to be clean', async () => (await storeFiles()).filter((f) => !f.startsWith('output/') || f === `output/${id}`).length === 0, 5000);
+  });
 });
