@@ -51,6 +51,14 @@ export class ConversionQueue {
     }
   }
 
+  /** BullMQ's state of a job; undefined when BullMQ has no such job (never added, or already forgotten). */
+  async stateOf(id: string): Promise<string | undefined> {
+    const job = await this.queue.getJob(id);
+    if (!job) return undefined;
+    const state = await job.getState();
+    return state === 'unknown' ? undefined : state;
+  }
+
   /** Jobs waiting for a worker (waiting, delayed for retry, prioritized) and being worked on. */
   async depth(): Promise<{ waiting: number; delayed: number; active: number }> {
     const c = await this.queue.getJobCounts('waiting', 'delayed', 'prioritized', 'active');

@@ -6,6 +6,7 @@
  *   <prefix>job:<id>         hash: state, tenant, timestamps, JSON fields
  *   <prefix>tenant:<tenant>  zset: job ids by creation time (listing, per tenant)
  *   <prefix>finished         zset: job ids by finish time (retention)
+ *   <prefix>unfinished       zset: job ids not yet finished, by creation time (reconciliation)
  *   <prefix>stats            hash: jobs by state, bytes converted, conversion seconds
  *
  * State changes go through one Lua script that moves only from allowed states,
@@ -121,6 +122,7 @@ end
 if ARGV[4] == '1' then
   redis.call('HSET', KEYS[1], 'finished_at', ARGV[3])
   redis.call('ZADD', KEYS[3], ARGV[3], ARGV[5])
+  redis.call('ZREM', KEYS[4], ARGV[5])
 end
 return {1, cur}
 `;
@@ -129,6 +131,7 @@ return {1, cur}
 const REMOVE = `
 redis.call('ZREM', KEYS[3], ARGV[1])
 redis.call('ZREM', KEYS[4], ARGV[1])
+redis.call('ZREM', KEYS[5], ARGV[1])
 local cur = redis.call('HGET', KEYS[1], 'state')
 if not cur then return 0 end
 redis.call('HINCRBY', KEYS[2], 'state:' .. cur, -1)
@@ -168,6 +171,9 @@ export class JobRecords {
   get finishedKey(): string {
     return `${this.prefix}finished`;
   }
+  get unfinishedKey(): string {
+    return `${this.prefix}unfinished`;
+  }
   /** Pub/sub channel carrying ids of cancelled jobs to workers. */
   get cancelChannel(): string {
     return `${this.prefix}cancel`;
@@ -182,6 +188,7 @@ export class JobRecords {
       .multi()
       .hset(this.key(id), ...encodeFields(Object.fromEntries(Object.entries(record).filter(([, v]) => v !== undefined))))
       .zadd(this.tenantKey(tenant), record.created_at, id)
+      .zadd(this.unfinishedKey, record.created_at, id)
       .hincrby(this.statsKey, `state:${record.state}`, 1)
       .exec();
   }
@@ -213,10 +220,11 @@ export class JobRecords {
     const now = Date.now();
     const result = (await this.redis.eval(
       TRANSITION,
-      3,
+      4,
       this.key(id),
       this.statsKey,
       this.finishedKey,
+      this.unfinishedKey,
       state,
       `,${from.join(',')},`,
       String(now),
@@ -235,7 +243,7 @@ export class JobRecords {
   }
 
   async remove(record: Pick<JobRecord, 'id' | 'tenant'>): Promise<boolean> {
-    const n = (await this.redis.eval(REMOVE, 4, this.key(record.id), this.statsKey, this.finishedKey, this.tenantKey(record.tenant), record.id)) as number;
+    const n = (await this.redis.eval(REMOVE, 5, this.key(record.id), this.statsKey, this.finishedKey, this.tenantKey(record.tenant), this.unfinishedKey, record.id)) as number;
     return n === 1;
   }
 
@@ -284,6 +292,11 @@ export class JobRecords {
   /** Ids of jobs finished before `before` (ms), oldest first. */
   async finishedBefore(before: number, count = 100): Promise<string[]> {
     return this.redis.zrangebyscore(this.finishedKey, '-inf', String(before), 'LIMIT', 0, count);
+  }
+
+  /** Ids of jobs created before `before` (ms) and not finished, oldest first. */
+  async unfinishedBefore(before: number, count = 100): Promise<string[]> {
+    return this.redis.zrangebyscore(this.unfinishedKey, '-inf', String(before), 'LIMIT', 0, count);
   }
 
   async stats(): Promise<Record<string, string>> {

@@ -18,18 +18,56 @@ export interface SweepReport {
   orphanObjects: number;
   uncommitted: number;
   scratch: number;
+  /** Unfinished jobs that had no BullMQ job (an API died between record and enqueue) and were enqueued again. */
+  requeued: number;
+  /** Unfinished jobs whose BullMQ job ended without a result; failed with WORKER_LOST. */
+  lost: number;
 }
+
+/** What the sweeper needs of the queue to reconcile records with BullMQ. */
+export interface QueuePort {
+  enqueue(id: string): Promise<void>;
+  /** The BullMQ state of a job, undefined when BullMQ has no such job. */
+  stateOf(id: string): Promise<string | undefined>;
+}
+
+/** A job's record and its BullMQ job are written one after the other; give that this long before reconciling. */
+const RECONCILE_AFTER_MS = 60_000;
 
 export async function sweepOnce(deps: {
   config: Pick<Config, 'retention'>;
   records: JobRecords;
   store: Store;
+  queue?: QueuePort;
   scratchDir?: string;
   now?: number;
 }): Promise<SweepReport> {
   const { records, store, config } = deps;
   const now = deps.now ?? Date.now();
-  const report: SweepReport = { expiredJobs: 0, orphanObjects: 0, uncommitted: 0, scratch: 0 };
+  const report: SweepReport = { expiredJobs: 0, orphanObjects: 0, uncommitted: 0, scratch: 0, requeued: 0, lost: 0 };
+
+  if (deps.queue) {
+    for (const id of await records.unfinishedBefore(now - RECONCILE_AFTER_MS, 500)) {
+      const state = await records.getState(id);
+      if (state === undefined) {
+        await records.remove({ id, tenant: '' }); // a stale index entry
+        continue;
+      }
+      if (state !== 'queued' && state !== 'running') continue;
+      const bull = await deps.queue.stateOf(id);
+      if (bull === undefined) {
+        await deps.queue.enqueue(id);
+        report.requeued++;
+      } else if (bull === 'failed' || bull === 'completed') {
+        const { moved } = await records.transition(id, 'failed', ['queued', 'running'], { error: { code: 'WORKER_LOST', message: 'the job ended without a result' } });
+        if (moved) {
+          await store.delete('input', id);
+          await store.delete('output', id);
+          report.lost++;
+        }
+      }
+    }
+  }
 
   for (;;) {
     const ids = await records.finishedBefore(now - config.retention.resultTtlSeconds * 1000);
@@ -82,6 +120,7 @@ export function startSweeper(deps: {
   redis: Redis;
   records: JobRecords;
   store: Store;
+  queue: QueuePort;
   scratchDir: string;
   logger: Logger;
 }): { stop(): void } {
@@ -97,7 +136,7 @@ export function startSweeper(deps: {
       if (locked !== 'OK') return;
       try {
         const report = await sweepOnce(deps);
-        if (report.expiredJobs + report.orphanObjects + report.uncommitted + report.scratch > 0) deps.logger.info({ sweep: report }, 'retention sweep');
+        if (Object.values(report).some((n) => n > 0)) deps.logger.info({ sweep: report }, 'retention sweep');
       } finally {
         await deps.redis.eval(RELEASE, 1, deps.records.sweepLockKey, owner);
       }

@@ -11,7 +11,7 @@ import type { Config } from '../config.js';
 import type { Store } from '../store/store.js';
 import { CancelWatcher } from './cancel.js';
 import { createProcessor, failIfUnfinished, type ProcessResult } from './processor.js';
-import { bullConnection, type ConvertJobData } from './queue.js';
+import { bullConnection, ConversionQueue, type ConvertJobData } from './queue.js';
 import { JobRecords } from './records.js';
 import { startSweeper } from './retention.js';
 
@@ -57,7 +57,10 @@ export async function startWorker(config: Config, deps: { store: Store; logger: 
       }
     })();
   });
-  const sweeper = startSweeper({ config, redis, records, store, scratchDir, logger });
+  // The worker's own queue handle, to put back jobs whose enqueue was lost (see retention.ts).
+  const queue = new ConversionQueue(redisUrl, config);
+  queue.queue.on('error', (err) => logger.warn({ err: err.message }, 'queue connection error'));
+  const sweeper = startSweeper({ config, redis, records, store, queue, scratchDir, logger });
   await worker.waitUntilReady();
   logger.info({ queue: config.queueName, concurrency: config.workerConcurrency }, 'worker ready');
 
@@ -74,6 +77,7 @@ export async function startWorker(config: Config, deps: { store: Store; logger: 
         await worker.close();
         clearTimeout(timer);
         await cancels.stop();
+        await queue.close();
         await redis.quit().catch(() => redis.disconnect());
         logger.info('worker stopped');
       })();

@@ -13,6 +13,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { loadConfig, type Config } from '../../src/config.js';
 import { ConversionQueue } from '../../src/queue/queue.js';
 import { JobRecords, type JobRecord } from '../../src/queue/records.js';
+import { sweepOnce } from '../../src/queue/retention.js';
 import { startWorker, type RunningWorker } from '../../src/queue/worker.js';
 import { LocalStore } from '../../src/store/local.js';
 import type { Store } from '../../src/store/store.js';
@@ -32,7 +33,7 @@ describe('worker (in-process, real Redis and BullMQ)', () => {
     records: JobRecords;
     store: Store;
     queue: ConversionQueue;
-    submit(path: string, sourceFormat?: JobRecord['source_format']): Promise<string>;
+    submit(path: string, sourceFormat?: JobRecord['source_format'], enqueue?: boolean): Promise<string>;
     final(id: string): Promise<JobRecord>;
   }
 
@@ -55,7 +56,7 @@ describe('worker (in-process, real Redis and BullMQ)', () => {
       records,
       store,
       queue,
-      async submit(path, sourceFormat = 'auto') {
+      async submit(path, sourceFormat = 'auto', enqueue = true) {
         const id = `job${String(++n).padStart(19, '0')}`;
         const w = await store.createStreamWriter('input', id);
         await pipeline(Readable.from([await readFile(path)]), w.stream);
@@ -73,7 +74,7 @@ describe('worker (in-process, real Redis and BullMQ)', () => {
           source: { kind: 'upload', filename: 'disk', size: stored.size },
           progress: { phase: 'queued', bytes_done: 0, bytes_total: null, percent: null },
         });
-        await queue.enqueue(id);
+        if (enqueue) await queue.enqueue(id);
         return id;
       },
       final: (id) =>
@@ -147,5 +148,18 @@ describe('worker (in-process, real Redis and BullMQ)', () => {
     await waitFor('retention', async () => (await r.records.get(id)) === undefined && (await r.store.stat('output', id)) === undefined, 15_000);
     const stats = await r.records.stats();
     expect(Number(stats.conversions)).toBeGreaterThanOrEqual(1);
+  });
+
+  it('puts back a job whose enqueue was lost (an API that died between record and queue)', async () => {
+    const r = await rig({});
+    const id = await r.submit(small, 'auto', false);
+    // Too young to reconcile: the API may be enqueueing it right now.
+    const early = await sweepOnce({ config: r.config, records: r.records, store: r.store, queue: r.queue });
+    expect(early.requeued).toBe(0);
+    const later = await sweepOnce({ config: r.config, records: r.records, store: r.store, queue: r.queue, now: Date.now() + 120_000 });
+    expect(later.requeued).toBe(1);
+    expect((await r.final(id)).state).toBe('succeeded');
+    // Finished jobs leave the reconciliation index.
+    expect(await r.records.unfinishedBefore(Date.now() + 120_000)).not.toContain(id);
   });
 });
