@@ -7,6 +7,10 @@ import type { DiskImage, Extent } from './types.js';
 
 /** Consumes a guest-ordered extent stream. Local files, object stores and RBD implement it. */
 export interface ExtentSink {
+  /**
+   * Consumes one extent. The extent's bytes belong to the reader's recycled
+   * buffers: the sink is done with them (written or copied) when this resolves.
+   */
   write(extent: Extent): Promise<void>;
   /** Called once after the last extent; the output must then be exactly virtualSize bytes. */
   finish(virtualSize: number): Promise<void>;
@@ -36,6 +40,7 @@ export interface ConvertResult {
 
 export const ZERO_BLOCK = 4096;
 const ZEROS = Buffer.alloc(4 * 2 ** 20);
+const STAGING_BYTES = 4 * 2 ** 20;
 
 /** True when every byte is zero. Compares natively against a zero buffer. */
 export function isAllZero(data: Uint8Array): boolean {
@@ -90,7 +95,11 @@ export async function convertToRaw(image: DiskImage, source: RandomAccessSource,
  * larger than qemu-img's output.
  */
 export class RawFileSink implements ExtentSink {
-  private inflight: Promise<unknown>[] = [];
+  /** Small extents (compressed clusters) are gathered here so one write covers many. */
+  private readonly staging = Buffer.allocUnsafeSlow(STAGING_BYTES);
+  private stagedBytes = 0;
+  private stagedOffset = 0;
+
   private constructor(
     private readonly handle: FileHandle,
     readonly path: string,
@@ -104,38 +113,51 @@ export class RawFileSink implements ExtentSink {
   async write(extent: Extent): Promise<void> {
     if (extent.kind === 'zero') return;
     const { data, offset } = extent;
-    // Write runs of non-zero 4 KiB blocks; skip zero blocks. Blocks are aligned to the guest offset.
+    const contiguous = this.stagedBytes > 0 && this.stagedOffset + this.stagedBytes === offset;
+    if (this.stagedBytes > 0 && (!contiguous || this.stagedBytes + data.length > STAGING_BYTES)) await this.flushStaged();
+    if (data.length >= STAGING_BYTES / 4) return this.writeNonZero(data, offset);
+    if (this.stagedBytes === 0) this.stagedOffset = offset;
+    this.staging.set(data, this.stagedBytes);
+    this.stagedBytes += data.length;
+  }
+
+  private async flushStaged(): Promise<void> {
+    const bytes = this.stagedBytes;
+    this.stagedBytes = 0;
+    await this.writeNonZero(this.staging.subarray(0, bytes), this.stagedOffset);
+  }
+
+  /** Writes runs of non-zero 4 KiB blocks (aligned to the guest offset); zero blocks stay holes. */
+  private async writeNonZero(data: Uint8Array, offset: number): Promise<void> {
+    if (isAllZero(data)) return;
+    const writes: Array<Promise<unknown>> = [];
     let runStart = -1;
-    const flush = (end: number): void => {
-      if (runStart < 0) return;
-      this.inflight.push(this.handle.write(data, runStart, end - runStart, offset + runStart));
-      runStart = -1;
-    };
-    if (!isAllZero(data)) {
-      for (let pos = 0; pos < data.length; ) {
-        const next = Math.min(data.length, pos + ZERO_BLOCK - ((offset + pos) % ZERO_BLOCK));
-        if (isAllZero(data.subarray(pos, next))) flush(pos);
-        else if (runStart < 0) runStart = pos;
-        pos = next;
-      }
-      flush(data.length);
+    for (let pos = 0; pos < data.length; ) {
+      const next = Math.min(data.length, pos + ZERO_BLOCK - ((offset + pos) % ZERO_BLOCK));
+      if (isAllZero(data.subarray(pos, next))) {
+        if (runStart >= 0) writes.push(this.writeAll(data.subarray(runStart, pos), offset + runStart));
+        runStart = -1;
+      } else if (runStart < 0) runStart = pos;
+      pos = next;
     }
-    // A few writes in flight overlap with reading and decoding; wait when too many.
-    if (this.inflight.length >= 8) {
-      await Promise.all(this.inflight);
-      this.inflight = [];
+    if (runStart >= 0) writes.push(this.writeAll(data.subarray(runStart), offset + runStart));
+    await Promise.all(writes);
+  }
+
+  private async writeAll(bytes: Uint8Array, position: number): Promise<void> {
+    for (let done = 0; done < bytes.length; ) {
+      const { bytesWritten } = await this.handle.write(bytes, done, bytes.length - done, position + done);
+      done += bytesWritten;
     }
   }
 
   async finish(virtualSize: number): Promise<void> {
-    await Promise.all(this.inflight);
-    this.inflight = [];
+    if (this.stagedBytes > 0) await this.flushStaged();
     await this.handle.truncate(virtualSize);
     await this.handle.close();
   }
 
   async abort(): Promise<void> {
-    await Promise.allSettled(this.inflight);
     await this.handle.close().catch(() => {});
     if (this.removeOnAbort) {
       const { rm } = await import('node:fs/promises');

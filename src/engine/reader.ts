@@ -1,22 +1,24 @@
 import { decode } from './decompress.js';
 import { ImageCorruptError, throwIfAborted } from './errors.js';
-import { readExact, type RandomAccessSource } from './source.js';
+import type { RandomAccessSource } from './source.js';
 import type { DiskImage, Extent, MapEntry } from './types.js';
 
 export interface ReadOptions {
   signal?: AbortSignal;
-  /** Guest bytes gathered into one batch; two batches are in memory at most (one being consumed, one prefetched). */
+  /** Guest bytes gathered into one batch. */
   batchBytes?: number;
   /** Largest single read from the source. */
   maxReadBytes?: number;
   /** Reads in flight at once within a batch. */
   readConcurrency?: number;
+  /** Batches read ahead of the one being consumed. */
+  prefetchBatches?: number;
   /** Optional guest range; defaults to the whole disk. */
   start?: number;
   end?: number;
 }
 
-const DEFAULTS = { batchBytes: 16 * 2 ** 20, maxReadBytes: 4 * 2 ** 20, readConcurrency: 4 };
+const DEFAULTS = { batchBytes: 8 * 2 ** 20, maxReadBytes: 4 * 2 ** 20, readConcurrency: 4, prefetchBatches: 2 };
 
 type ReadEntry = Exclude<MapEntry, { kind: 'zero' }>;
 interface ReadGroup {
@@ -24,122 +26,171 @@ interface ReadGroup {
   end: number;
   /** Reading past the end of the file is allowed only for compressed upper-bound reads. */
   mustEnd: number;
+  /** Where the group's bytes go in the batch's buffer. */
+  at: number;
 }
 interface Batch {
   entries: MapEntry[];
   groups: ReadGroup[];
   /** For each entry, index of its group (or -1 for zero entries). */
   groupOf: number[];
+  readBytes: number;
+}
+interface LoadedBatch {
+  extents: Extent[];
+  buffer: Buffer | undefined;
 }
 
 /**
  * Turns a driver's map into data extents, written once for every format: holes
  * are never read, contiguous stored ranges are read in large coalesced reads with
- * several in flight, compressed clusters decode in parallel, and the next batch is
- * prefetched while the current one is consumed. Memory stays bounded by batchBytes.
+ * several in flight, compressed clusters decode in parallel as soon as their read
+ * lands, and a few batches are read ahead while the current one is consumed.
+ *
+ * Read buffers are recycled (no page faults or GC churn per gigabyte), so an
+ * extent's `data` is valid only until the next extent is requested: consumers
+ * finish with it (write, hash, copy) before asking for more. Memory stays bounded
+ * by (prefetchBatches + 2) × 2 × batchBytes.
  */
 export async function* readExtents(image: DiskImage, source: RandomAccessSource, options: ReadOptions = {}): AsyncGenerator<Extent> {
   const batchBytes = options.batchBytes ?? DEFAULTS.batchBytes;
   const maxReadBytes = options.maxReadBytes ?? DEFAULTS.maxReadBytes;
   const readConcurrency = options.readConcurrency ?? DEFAULTS.readConcurrency;
+  const prefetchBatches = Math.max(1, options.prefetchBatches ?? DEFAULTS.prefetchBatches);
+  // Compressed reads are upper bounds and may exceed the guest bytes they produce.
+  const arenaBytes = Math.max(2 * batchBytes, maxReadBytes);
   const { signal } = options;
   const rangeStart = options.start ?? 0;
   const rangeEnd = options.end ?? image.virtualSize;
 
   const iterator = clip(splitLarge(image.map(signal), maxReadBytes), rangeStart, rangeEnd)[Symbol.asyncIterator]();
   let exhausted = false;
+  let carried: MapEntry | undefined; // pulled from the map but left for the next batch
   let expectedOffset = rangeStart;
+  const freeArenas: Buffer[] = [];
 
   const nextBatch = async (): Promise<Batch | null> => {
-    if (exhausted) return null;
+    if (exhausted && !carried) return null;
     const entries: MapEntry[] = [];
     const groups: ReadGroup[] = [];
     const groupOf: number[] = [];
     let guestBytes = 0;
+    let readBytes = 0;
     while (guestBytes < batchBytes) {
-      const step = await iterator.next();
-      if (step.done) {
-        exhausted = true;
-        break;
+      let entry: MapEntry;
+      if (carried) {
+        entry = carried;
+        carried = undefined;
+      } else {
+        if (exhausted) break;
+        const step = await iterator.next();
+        if (step.done) {
+          exhausted = true;
+          break;
+        }
+        entry = step.value;
+        if (entry.offset !== expectedOffset || entry.length <= 0) {
+          throw new ImageCorruptError(`image map is not contiguous at guest offset ${expectedOffset} (got entry at ${entry.offset}, length ${entry.length})`);
+        }
+        expectedOffset += entry.length;
       }
-      const entry = step.value;
-      if (entry.offset !== expectedOffset || entry.length <= 0) {
-        throw new ImageCorruptError(`image map is not contiguous at guest offset ${expectedOffset} (got entry at ${entry.offset}, length ${entry.length})`);
-      }
-      expectedOffset += entry.length;
       const prev = entries[entries.length - 1];
-      if (entry.kind === 'zero' && prev?.kind === 'zero') {
-        prev.length += entry.length; // merge runs of holes
-        guestBytes += entry.length;
-        continue;
-      }
-      entries.push(entry);
-      guestBytes += entry.length;
       if (entry.kind === 'zero') {
-        groupOf.push(-1);
+        if (prev?.kind === 'zero') prev.length += entry.length; // merge runs of holes
+        else {
+          entries.push({ ...entry });
+          groupOf.push(-1);
+        }
+        guestBytes += entry.length;
         continue;
       }
       const [start, end, mustEnd] = fileRange(entry, source.size);
       const last = groups[groups.length - 1];
       // Coalesce with the previous read when the file ranges touch or overlap.
-      if (last && start >= last.start && start <= last.end && Math.max(end, last.end) - last.start <= maxReadBytes) {
+      const extendsLast = last !== undefined && start >= last.start && start <= last.end && Math.max(end, last.end) - last.start <= maxReadBytes;
+      const growth = extendsLast ? Math.max(0, end - last.end) : end - start;
+      if (entries.length > 0 && readBytes + growth > arenaBytes) {
+        carried = entry; // the batch's buffer is full
+        break;
+      }
+      readBytes += growth;
+      if (extendsLast) {
         last.end = Math.max(last.end, end);
         last.mustEnd = Math.max(last.mustEnd, mustEnd);
       } else {
-        groups.push({ start, end, mustEnd });
+        groups.push({ start, end, mustEnd, at: readBytes - growth });
       }
+      entries.push(entry);
       groupOf.push(groups.length - 1);
+      guestBytes += entry.length;
     }
     if (entries.length === 0) return null;
-    return { entries, groups, groupOf };
+    return { entries, groups, groupOf, readBytes };
   };
 
-  const materialize = async (batch: Batch): Promise<Extent[]> => {
+  const decodeEntry = async (entry: ReadEntry, group: ReadGroup, bytes: Uint8Array): Promise<Extent> => {
+    const rel = entry.fileOffset - group.start;
+    if (entry.kind === 'stored') {
+      return { kind: 'data', offset: entry.offset, length: entry.length, data: bytes.subarray(rel, rel + entry.length) };
+    }
+    const input = bytes.subarray(rel, Math.min(bytes.length, rel + entry.readLength));
+    const decoded = await decode(entry.codec, input, entry.decodedLength, `compressed data at file offset ${entry.fileOffset}`);
+    if (decoded.length < entry.decodedOffset + entry.length) {
+      throw new ImageCorruptError(
+        `compressed data at file offset ${entry.fileOffset} decodes to ${decoded.length} bytes, fewer than the ${entry.decodedOffset + entry.length} needed`,
+      );
+    }
+    return { kind: 'data', offset: entry.offset, length: entry.length, data: decoded.subarray(entry.decodedOffset, entry.decodedOffset + entry.length) };
+  };
+
+  const load = async (batch: Batch): Promise<LoadedBatch> => {
     throwIfAborted(signal);
-    const buffers = await mapLimited(batch.groups, readConcurrency, async (g) => {
-      if (g.mustEnd > source.size) {
-        throw new ImageCorruptError(
-          `data at file offset ${g.start}..${g.mustEnd} lies beyond the end of the file (${source.size} bytes); the image is truncated or corrupt`,
-        );
-      }
-      return readExact(source, g.start, g.end - g.start, 'image data', signal);
+    const buffer = batch.readBytes === 0 ? undefined : batch.readBytes <= arenaBytes ? (freeArenas.pop() ?? Buffer.allocUnsafeSlow(arenaBytes)) : Buffer.allocUnsafeSlow(batch.readBytes);
+    const results: Array<Promise<Extent>> = new Array(batch.entries.length);
+    const byGroup: number[][] = batch.groups.map(() => []);
+    batch.entries.forEach((entry, i) => {
+      const gi = batch.groupOf[i] as number;
+      if (gi < 0) results[i] = Promise.resolve({ kind: 'zero', offset: entry.offset, length: entry.length });
+      else (byGroup[gi] as number[]).push(i);
     });
-    return Promise.all(
-      batch.entries.map(async (entry, i): Promise<Extent> => {
-        if (entry.kind === 'zero') return { kind: 'zero', offset: entry.offset, length: entry.length };
-        const gi = batch.groupOf[i] as number;
-        const group = batch.groups[gi] as ReadGroup;
-        const buf = buffers[gi] as Uint8Array;
-        const rel = entry.fileOffset - group.start;
-        if (entry.kind === 'stored') {
-          return { kind: 'data', offset: entry.offset, length: entry.length, data: buf.subarray(rel, rel + entry.length) };
-        }
-        const input = buf.subarray(rel, Math.min(buf.length, rel + entry.readLength));
-        const decoded = await decode(entry.codec, input, entry.decodedLength, `compressed data at file offset ${entry.fileOffset}`);
-        if (decoded.length < entry.decodedOffset + entry.length) {
+    await mapLimited(batch.groups, readConcurrency, async (group, gi) => {
+        if (group.mustEnd > source.size) {
           throw new ImageCorruptError(
-            `compressed data at file offset ${entry.fileOffset} decodes to ${decoded.length} bytes, fewer than the ${entry.decodedOffset + entry.length} needed`,
+            `data at file offset ${group.start}..${group.mustEnd} lies beyond the end of the file (${source.size} bytes); the image is truncated or corrupt`,
           );
         }
-        return {
-          kind: 'data',
-          offset: entry.offset,
-          length: entry.length,
-          data: decoded.subarray(entry.decodedOffset, entry.decodedOffset + entry.length),
-        };
-      }),
-    );
+        const bytes = (buffer as Buffer).subarray(group.at, group.at + (group.end - group.start));
+        await readInto(source, bytes, group.start, signal);
+        // Decode this group's clusters now, while the next reads are in flight.
+        for (const i of byGroup[gi] as number[]) {
+          const p = decodeEntry(batch.entries[i] as ReadEntry, group, bytes);
+          p.catch(() => {}); // surfaced by Promise.all below
+          results[i] = p;
+        }
+      });
+    // On failure the buffer is dropped, not recycled: outstanding decodes may still read it.
+    return { extents: await Promise.all(results), buffer };
   };
 
-  const fetchNext = (): Promise<Extent[] | null> => nextBatch().then((b) => (b ? materialize(b) : null));
-  let pending = fetchNext();
+  // Batches are cut from the map one at a time (the map iterator is sequential); loading overlaps.
+  let mapTurn: Promise<unknown> = Promise.resolve();
+  const fetchNext = (): Promise<LoadedBatch | null> => {
+    const batch = mapTurn.then(() => nextBatch());
+    mapTurn = batch.catch(() => {});
+    const loaded = batch.then((b) => (b ? load(b) : null));
+    loaded.catch(() => {}); // surfaced when awaited
+    return loaded;
+  };
+  const ahead: Array<Promise<LoadedBatch | null>> = [];
+  for (let i = 0; i < prefetchBatches; i++) ahead.push(fetchNext());
   try {
     for (;;) {
-      const extents = await pending;
-      if (!extents) break;
-      pending = fetchNext(); // prefetch while the caller consumes this batch
-      pending.catch(() => {}); // surfaced when awaited
-      for (const extent of extents) yield extent;
+      const loaded = await (ahead.shift() as Promise<LoadedBatch | null>);
+      if (!loaded) break;
+      ahead.push(fetchNext());
+      for (const extent of loaded.extents) yield extent;
+      // The consumer asked for more, so it is done with this batch's bytes.
+      if (loaded.buffer && loaded.buffer.length === arenaBytes) freeArenas.push(loaded.buffer);
     }
     if (expectedOffset !== rangeEnd) {
       throw new ImageCorruptError(`image map ends at ${expectedOffset}, expected ${rangeEnd}`);
@@ -147,6 +198,21 @@ export async function* readExtents(image: DiskImage, source: RandomAccessSource,
   } finally {
     await iterator.return?.(undefined);
   }
+}
+
+/** Fills `target` from `offset`, through the source's own readInto when it has one. */
+async function readInto(source: RandomAccessSource, target: Uint8Array, offset: number, signal: AbortSignal | undefined): Promise<void> {
+  if (offset + target.length > source.size) {
+    throw new ImageCorruptError(`image data at offset ${offset} (${target.length} bytes) lies beyond the end of the file (${source.size} bytes)`);
+  }
+  let got: number;
+  if (source.readInto) got = await source.readInto(target, offset, signal);
+  else {
+    const bytes = await source.read(offset, target.length, signal);
+    target.set(bytes);
+    got = bytes.length;
+  }
+  if (got !== target.length) throw new ImageCorruptError(`image data: short read at offset ${offset} (${got} of ${target.length} bytes)`);
 }
 
 function fileRange(entry: ReadEntry, fileSize: number): [start: number, end: number, mustEnd: number] {
@@ -188,13 +254,13 @@ async function* clip(entries: AsyncIterable<MapEntry>, start: number, end: numbe
   }
 }
 
-async function mapLimited<T, R>(items: T[], limit: number, fn: (item: T) => Promise<R>): Promise<R[]> {
+async function mapLimited<T, R>(items: T[], limit: number, fn: (item: T, index: number) => Promise<R>): Promise<R[]> {
   const results = new Array<R>(items.length);
   let next = 0;
   const workers = Array.from({ length: Math.min(limit, items.length) }, async () => {
     while (next < items.length) {
       const i = next++;
-      results[i] = await fn(items[i] as T);
+      results[i] = await fn(items[i] as T, i);
     }
   });
   await Promise.all(workers);

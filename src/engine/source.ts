@@ -15,6 +15,11 @@ export interface RandomAccessSource {
    * reaches the end of the source. Never returns bytes beyond `size`.
    */
   read(offset: number, length: number, signal?: AbortSignal): Promise<Uint8Array>;
+  /**
+   * Optional: fills `target` from `offset` (stopping only at the end of the source)
+   * and returns the bytes read; lets the reader recycle its buffers.
+   */
+  readInto?(target: Uint8Array, offset: number, signal?: AbortSignal): Promise<number>;
   /** Bytes the source occupies on its storage (qemu's actual-size), when known. */
   allocatedSize?(): Promise<number | undefined>;
   close(): Promise<void>;
@@ -73,15 +78,21 @@ export class FileSource implements RandomAccessSource {
   async read(offset: number, length: number, signal?: AbortSignal): Promise<Uint8Array> {
     if (signal?.aborted) throw new AbortedError();
     const end = Math.min(this.size, offset + length);
-    const want = Math.max(0, end - offset);
-    const buf = Buffer.allocUnsafe(want);
+    const buf = Buffer.allocUnsafe(Math.max(0, end - offset));
+    const done = await this.readInto(buf, offset, signal);
+    return done === buf.length ? buf : buf.subarray(0, done);
+  }
+
+  async readInto(target: Uint8Array, offset: number, signal?: AbortSignal): Promise<number> {
+    if (signal?.aborted) throw new AbortedError();
+    const want = Math.max(0, Math.min(target.length, this.size - offset));
     let done = 0;
     while (done < want) {
-      const { bytesRead } = await this.handle.read(buf, done, want - done, offset + done);
-      if (bytesRead === 0) break; // the file shrank under us; readExact reports it
+      const { bytesRead } = await this.handle.read(target, done, want - done, offset + done);
+      if (bytesRead === 0) break; // the file shrank under us; callers report the short read
       done += bytesRead;
     }
-    return done === want ? buf : buf.subarray(0, done);
+    return done;
   }
 
   async allocatedSize(): Promise<number> {
