@@ -144,7 +144,8 @@ export function errorHandler(this: unknown, err: FastifyError, request: FastifyR
   const { problem, headers } = toProblem(err);
   if (problem.status >= 500) request.log.error({ err }, 'request failed');
   else request.log.info({ code: problem.code, detail: problem.detail }, 'request refused');
-  // A body we refuse to read must not keep the connection busy with the rest of it.
-  if (problem.code === 'PAYLOAD_TOO_LARGE') reply.header('connection', 'close');
+  // A body we refuse to read (too large, unauthenticated, rate limited...) must not be
+  // drained: close the connection instead of reading the rest of it.
+  if (!request.raw.complete) reply.header('connection', 'close');
   return sendProblem(reply, problem, headers);
 }
