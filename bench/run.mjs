@@ -1,9 +1,9 @@
 #!/usr/bin/env node
 // Benchmarks diskconv convert against qemu-img convert on the same images, side by side in one run.
-// Prints wall-time ratios (diskconv / qemu-img; below 1.00 means we are faster) and peak memory.
+// Prints wall-time and CPU-time ratios (diskconv / qemu-img; below 1.00 means we are faster) and peak memory.
 // Usage: npm run bench [-- --size-mib 1024 --runs 3 --only qcow2-zlib,vmdk-stream --keep DIR]
 import { spawn, execFileSync } from 'node:child_process';
-import { mkdtempSync, rmSync, writeFileSync, openSync, writeSync, closeSync, readFileSync } from 'node:fs';
+import { mkdtempSync, mkdirSync, rmSync, writeFileSync, openSync, writeSync, closeSync, readFileSync, existsSync, statSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -15,6 +15,7 @@ const runs = Number(args.get('runs') ?? 3);
 const only = args.get('only')?.split(',');
 const CLI = fileURLToPath(new URL('../dist/cli.js', import.meta.url));
 const dir = args.get('keep') ?? mkdtempSync(join(tmpdir(), 'diskconv-bench-'));
+mkdirSync(dir, { recursive: true });
 
 /** Guest content like a real disk: 40% random, 30% text-like, 30% zeros, in 1 MiB runs. */
 function makeSource(path, bytes) {
@@ -50,25 +51,22 @@ const CASES = [
   ['vdi', ['-O', 'vdi']],
 ].filter(([name]) => !only || only.includes(name));
 
-/** Runs a command, returning wall seconds and peak RSS (MiB) from /proc polling. */
+/**
+ * Runs a command under /usr/bin/time: wall seconds, user+sys CPU seconds (the
+ * fair figure when other work loads the machine), and peak RSS in MiB.
+ */
 function timed(cmd, argv) {
+  const report = join(dir, 'time.txt');
   return new Promise((resolve, reject) => {
     const t0 = process.hrtime.bigint();
-    const child = spawn(cmd, argv, { stdio: ['ignore', 'ignore', 'pipe'] });
+    const child = spawn('/usr/bin/time', ['-f', '%U %S %M', '-o', report, cmd, ...argv], { stdio: ['ignore', 'ignore', 'pipe'] });
     let stderr = '';
-    let peakKiB = 0;
     child.stderr.on('data', (d) => (stderr += d));
-    const poll = setInterval(() => {
-      try {
-        const m = /VmHWM:\s+(\d+)/.exec(readFileSync(`/proc/${child.pid}/status`, 'utf8'));
-        if (m) peakKiB = Math.max(peakKiB, Number(m[1]));
-      } catch {}
-    }, 20);
     child.on('exit', (code) => {
-      clearInterval(poll);
       const secs = Number(process.hrtime.bigint() - t0) / 1e9;
-      if (code !== 0) reject(new Error(`${cmd} ${argv.join(' ')} exited ${code}: ${stderr}`));
-      else resolve({ secs, peakMiB: peakKiB / 1024 });
+      if (code !== 0) return reject(new Error(`${cmd} ${argv.join(' ')} exited ${code}: ${stderr}`));
+      const [user, sys, maxKiB] = readFileSync(report, 'utf8').trim().split('\n').pop().split(/\s+/).map(Number);
+      resolve({ secs, user, sys, cpu: user + sys, peakMiB: maxKiB / 1024 });
     });
   });
 }
@@ -78,14 +76,22 @@ const sha = (p) => execFileSync('sha256sum', [p]).toString().split(' ')[0];
 
 const source = join(dir, 'source.raw');
 console.log(`diskconv bench: ${sizeMiB} MiB guest, ${runs} runs each, median wall time; dir ${dir}`);
-makeSource(source, sizeMiB * 2 ** 20);
-console.log(`${'case'.padEnd(13)} ${'qemu-img s'.padStart(10)} ${'diskconv s'.padStart(10)} ${'ratio'.padStart(6)} ${'qemu MiB'.padStart(9)} ${'ours MiB'.padStart(9)}  same`);
+// With --keep, images from an earlier run of the same size are reused.
+const reuse = args.get('keep') && existsSync(source) && statSync(source).size === sizeMiB * 2 ** 20;
+if (!reuse) makeSource(source, sizeMiB * 2 ** 20);
+console.log('wall = median wall seconds; cpu = median user+sys seconds (user/sys); ratios are diskconv / qemu-img, below 1.00 we are faster');
+console.log(
+  `${'case'.padEnd(13)} ${'qemu wall'.padStart(9)} ${'ours wall'.padStart(9)} ${'ratio'.padStart(6)} ${'qemu cpu (u/s)'.padStart(19)} ${'ours cpu (u/s)'.padStart(19)} ${'ratio'.padStart(6)} ${'qemu MiB'.padStart(9)} ${'ours MiB'.padStart(9)}  same`,
+);
+const cpuCell = (xs) => {
+  const m = xs.find((x) => x.cpu === median(xs.map((y) => y.cpu)));
+  return `${m.cpu.toFixed(2)} (${m.user.toFixed(2)}/${m.sys.toFixed(2)})`;
+};
 const rows = [];
 for (const [name, opts] of CASES) {
   const image = join(dir, `${name}.img`);
-  execFileSync('qemu-img', ['convert', '-f', 'raw', ...opts, source, image]);
+  if (!reuse || !existsSync(image)) execFileSync('qemu-img', ['convert', '-f', 'raw', ...opts, source, image]);
   const q = [], d = [];
-  let qPeak = 0, dPeak = 0;
   for (let r = 0; r < runs; r++) {
     // Alternate order so neither tool always gets the warmer page cache.
     const pair = r % 2 === 0 ? ['q', 'd'] : ['d', 'q'];
@@ -95,15 +101,23 @@ for (const [name, opts] of CASES) {
       const res = who === 'q'
         ? await timed('qemu-img', ['convert', '-O', 'raw', image, out])
         : await timed(process.execPath, [CLI, 'convert', '-O', 'raw', image, out]);
-      (who === 'q' ? q : d).push(res.secs);
-      if (who === 'q') qPeak = Math.max(qPeak, res.peakMiB); else dPeak = Math.max(dPeak, res.peakMiB);
+      (who === 'q' ? q : d).push(res);
     }
   }
   const same = sha(join(dir, `${name}.q.raw`)) === sha(join(dir, `${name}.d.raw`));
-  const qs = median(q), ds = median(d);
-  rows.push({ name, qemuSeconds: qs, diskconvSeconds: ds, ratio: ds / qs, qemuPeakMiB: qPeak, diskconvPeakMiB: dPeak, identical: same });
-  console.log(`${name.padEnd(13)} ${qs.toFixed(3).padStart(10)} ${ds.toFixed(3).padStart(10)} ${(ds / qs).toFixed(2).padStart(6)} ${qPeak.toFixed(0).padStart(9)} ${dPeak.toFixed(0).padStart(9)}  ${same ? 'yes' : 'NO'}`);
-  for (const f of [image, join(dir, `${name}.q.raw`), join(dir, `${name}.d.raw`)]) if (!args.get('keep')) rmSync(f, { force: true });
+  const qs = median(q.map((x) => x.secs)), ds = median(d.map((x) => x.secs));
+  const qc = median(q.map((x) => x.cpu)), dc = median(d.map((x) => x.cpu));
+  const qPeak = Math.max(...q.map((x) => x.peakMiB)), dPeak = Math.max(...d.map((x) => x.peakMiB));
+  rows.push({
+    name, qemuSeconds: qs, diskconvSeconds: ds, ratio: ds / qs,
+    qemuCpuSeconds: qc, diskconvCpuSeconds: dc, cpuRatio: dc / qc,
+    qemuRuns: q, diskconvRuns: d, qemuPeakMiB: qPeak, diskconvPeakMiB: dPeak, identical: same,
+  });
+  console.log(
+    `${name.padEnd(13)} ${qs.toFixed(3).padStart(9)} ${ds.toFixed(3).padStart(9)} ${(ds / qs).toFixed(2).padStart(6)} ${cpuCell(q).padStart(19)} ${cpuCell(d).padStart(19)} ${(dc / qc).toFixed(2).padStart(6)} ${qPeak.toFixed(0).padStart(9)} ${dPeak.toFixed(0).padStart(9)}  ${same ? 'yes' : 'NO'}`,
+  );
+  for (const f of [join(dir, `${name}.q.raw`), join(dir, `${name}.d.raw`)]) rmSync(f, { force: true });
+  if (!args.get('keep')) rmSync(image, { force: true });
 }
 writeFileSync(join(dir, 'results.json'), JSON.stringify(rows, null, 2));
 if (!args.get('keep')) rmSync(dir, { recursive: true, force: true });
