@@ -1,9 +1,10 @@
 import { availableParallelism } from 'node:os';
 import { fileURLToPath } from 'node:url';
 import { promisify } from 'node:util';
-import { Worker, isMainThread, parentPort, workerData } from 'node:worker_threads';
-import { createInflateRaw, inflate, inflateRaw, constants as zc } from 'node:zlib';
+import { isMainThread, parentPort, workerData } from 'node:worker_threads';
+import { createInflate, createInflateRaw, inflate, inflateRaw, constants as zc, type Inflate, type InflateRaw } from 'node:zlib';
 import { Decompress as ZstdStream, decompress as zstdDecompress } from 'fzstd';
+import { DecodePool, OUTPUT_SLACK, serveDecodeRequests } from './decode-pool.js';
 import { ImageCorruptError } from './errors.js';
 import type { Codec } from './types.js';
 
@@ -11,56 +12,172 @@ const inflateAsync = promisify(inflate);
 const inflateRawAsync = promisify(inflateRaw);
 
 /**
- * Decodes one compressed cluster or grain. zlib work runs on libuv's thread pool
- * and zstd work on a small pool of worker threads, so many calls in flight
- * decompress in parallel. Output is bounded by `decodedLength`: a stream that
- * would inflate past it is refused or cut there (no inflate bombs).
+ * Decodes one compressed cluster or grain. Clusters go, many per message, to a
+ * small pool of worker threads, so many calls in flight decompress in parallel
+ * on every core. Output is bounded by `decodedLength`: a stream that would
+ * inflate past it is refused or cut there (no inflate bombs).
  */
 export async function decode(codec: Codec, input: Uint8Array, decodedLength: number, where: string): Promise<Uint8Array> {
   try {
-    switch (codec) {
-      case 'deflate':
-        return await inflateClusterPrefix(input, decodedLength);
-      case 'zstd': {
-        const pool = zstdPool();
-        return pool ? await pool.decode(input, decodedLength) : decodeZstdCluster(input, decodedLength);
-      }
-      case 'vmdk-grain': {
-        if (input.length < 12) throw new Error('grain header truncated');
-        const view = new DataView(input.buffer, input.byteOffset, input.byteLength);
-        const size = view.getUint32(8, true);
-        if (size === 0 || 12 + size > input.length) throw new Error(`grain data size ${size} exceeds the bytes available`);
-        // decodedLength is the grain size, an upper bound: qemu writes the last grain
-        // of a disk that is not a whole number of grains with only the bytes inside
-        // the disk, VMware writes it whole. The reader checks the output covers
-        // the bytes it takes, as qemu does.
-        // One output chunk holds the whole grain: a single pass on the thread pool
-        // instead of one per 16 KiB default chunk (3x faster on 64 KiB grains).
-        const out = await inflateAsync(input.subarray(12, 12 + size), {
-          maxOutputLength: decodedLength,
-          chunkSize: Math.max(zc.Z_MIN_CHUNK, decodedLength + 64),
-        });
-        if (out.length === 0) throw new Error('grain inflated to 0 bytes');
-        return out;
-      }
-    }
+    if (codec !== 'zstd' && !reusableInflateWorks()) return await decodeDeflateAsync(codec, input, decodedLength);
+    const pool = decodePool();
+    return pool ? await pool.decode(codec, input, decodedLength) : decodeClusterSync(codec, input, decodedLength, (n) => Buffer.allocUnsafeSlow(n));
   } catch (err) {
     if (err instanceof ImageCorruptError) throw err;
     throw new ImageCorruptError(`cannot decompress ${where}: ${(err as Error).message}`, { cause: err });
   }
 }
 
+/**
+ * Decodes one cluster on this thread (a worker's, or the main one where no
+ * worker can run). Throws plain Errors; decode() adds where.
+ */
+function decodeClusterSync(codec: Codec, input: Uint8Array, decodedLength: number, alloc: (bytes: number) => Uint8Array): Uint8Array {
+  switch (codec) {
+    case 'zstd':
+      return decodeZstdCluster(input, decodedLength);
+    case 'deflate':
+      return inflateClusterSync(input, decodedLength, alloc(decodedLength));
+    case 'vmdk-grain':
+      return inflateGrainSync(input, decodedLength, alloc(decodedLength + OUTPUT_SLACK));
+  }
+}
+
 // ---------------------------------------------------------------------------
-// deflate (qcow2 zlib type)
+// deflate (qcow2 zlib type) and vmdk grains (zlib with header)
 
 /**
  * qemu inflates a qcow2 cluster until the output buffer is full and ignores
  * whatever follows (the stored size is rounded up to sectors, so trailing bytes
- * are normal). A stream that ends before the cluster is full is corrupt.
+ * are normal, and a stream that runs on past the cluster keeps its first
+ * decodedLength bytes). A stream that ends before the cluster is full is corrupt.
+ * One inflate call into an output of exactly the cluster size does all of that.
  */
+function inflateClusterSync(input: Uint8Array, decodedLength: number, out: Uint8Array): Uint8Array {
+  const produced = rawInflater.inflate(input, out, zc.Z_SYNC_FLUSH);
+  if (produced !== decodedLength) throw new Error(`inflated to ${produced} bytes, expected ${decodedLength}`);
+  return out;
+}
+
+/** A vmdk grain: 12-byte header (LBA, size), then a zlib stream of at most decodedLength bytes. */
+function inflateGrainSync(input: Uint8Array, decodedLength: number, out: Uint8Array): Uint8Array {
+  const size = grainDataSize(input);
+  // decodedLength is the grain size, an upper bound: qemu writes the last grain
+  // of a disk that is not a whole number of grains with only the bytes inside
+  // the disk, VMware writes it whole. The reader checks the output covers
+  // the bytes it takes, as qemu does. The output has a little room past
+  // decodedLength so an overlong stream is seen and refused, not cut.
+  const produced = zlibInflater.inflate(input.subarray(12, 12 + size), out, zc.Z_FINISH);
+  if (produced > decodedLength) throw new Error(`Cannot create a Buffer larger than ${decodedLength} bytes`);
+  if (produced === 0) throw new Error('grain inflated to 0 bytes');
+  return out.subarray(0, produced);
+}
+
+function grainDataSize(input: Uint8Array): number {
+  if (input.length < 12) throw new Error('grain header truncated');
+  const view = new DataView(input.buffer, input.byteOffset, input.byteLength);
+  const size = view.getUint32(8, true);
+  if (size === 0 || 12 + size > input.length) throw new Error(`grain data size ${size} exceeds the bytes available`);
+  return size;
+}
+
+/** The parts of a node:zlib stream's native handle used here (internal, unchanged since Node 10). */
+interface ZlibHandle {
+  writeSync(flush: number, input: Uint8Array, inOffset: number, inLength: number, out: Uint8Array, outOffset: number, outLength: number): void;
+  reset(): void;
+  onerror: (this: ZlibHandle, message: string, errno: number, code?: string) => void;
+}
+interface ZlibStreamInternals {
+  _handle?: ZlibHandle | null;
+  /** [avail_out, avail_in] after the last write. */
+  _writeState?: Uint32Array;
+}
+
+/**
+ * One zlib inflate context, reset and reused for every cluster. node:zlib's
+ * public calls build a stream object and a fresh context (inflateInit, a 32 KiB
+ * window) per call, which costs more than inflating a 64 KiB cluster; here a
+ * cluster is one inflateReset and one inflate call straight into its output.
+ * After a zlib error node:zlib closes the context, so the next call makes a new one.
+ */
+class ReusableInflater {
+  private stream: Inflate | InflateRaw | undefined;
+  private handle: ZlibHandle | undefined;
+  private state: Uint32Array | undefined;
+  private failure: string | undefined;
+
+  constructor(private readonly raw: boolean) {}
+
+  /** Whether this Node's zlib streams expose the handle this needs. */
+  works(): boolean {
+    try {
+      this.open();
+      return true;
+    } catch {
+      return false;
+    }
+  }
+
+  /** Inflates `input` into `out` with one inflate call; returns the bytes produced. */
+  inflate(input: Uint8Array, out: Uint8Array, flush: number): number {
+    const [handle, state] = this.open();
+    handle.reset();
+    this.failure = undefined;
+    handle.writeSync(flush, input, 0, input.length, out, 0, out.length);
+    if (this.failure !== undefined) {
+      const message = this.failure;
+      this.stream = this.handle = this.state = undefined; // node:zlib has closed it
+      throw new Error(message);
+    }
+    return out.length - (state[0] as number);
+  }
+
+  private open(): [ZlibHandle, Uint32Array] {
+    if (this.handle && this.state) return [this.handle, this.state];
+    const stream = this.raw ? createInflateRaw() : createInflate();
+    const { _handle: handle, _writeState: state } = stream as unknown as ZlibStreamInternals;
+    if (!handle || typeof handle.writeSync !== 'function' || typeof handle.reset !== 'function' || typeof handle.onerror !== 'function' || !(state instanceof Uint32Array)) {
+      stream.destroy();
+      throw new Error('node:zlib internals differ');
+    }
+    // node:zlib reports a zlib error through the handle's onerror (and then
+    // destroys the stream); note the message so inflate() can throw it.
+    stream.on('error', () => {});
+    const onerror = handle.onerror;
+    handle.onerror = (message, errno, code) => {
+      this.failure = message;
+      onerror.call(handle, message, errno, code);
+    };
+    this.stream = stream;
+    this.handle = handle;
+    this.state = state;
+    return [handle, state];
+  }
+}
+
+const rawInflater = new ReusableInflater(true);
+const zlibInflater = new ReusableInflater(false);
+let inflateChecked: boolean | undefined;
+
+function reusableInflateWorks(): boolean {
+  inflateChecked ??= rawInflater.works() && zlibInflater.works();
+  return inflateChecked;
+}
+
+/** node:zlib's public API, for a Node whose zlib internals differ: slower, same results. */
+async function decodeDeflateAsync(codec: Exclude<Codec, 'zstd'>, input: Uint8Array, decodedLength: number): Promise<Uint8Array> {
+  if (codec === 'deflate') return inflateClusterPrefix(input, decodedLength);
+  const size = grainDataSize(input);
+  const out = await inflateAsync(input.subarray(12, 12 + size), {
+    maxOutputLength: decodedLength,
+    chunkSize: Math.max(zc.Z_MIN_CHUNK, decodedLength + OUTPUT_SLACK),
+  });
+  if (out.length === 0) throw new Error('grain inflated to 0 bytes');
+  return out;
+}
+
 async function inflateClusterPrefix(input: Uint8Array, decodedLength: number): Promise<Uint8Array> {
   try {
-    // chunkSize = the whole cluster: one pass on the thread pool instead of one per 16 KiB.
     const out = await inflateRawAsync(input, {
       finishFlush: zc.Z_SYNC_FLUSH,
       maxOutputLength: decodedLength,
@@ -69,8 +186,7 @@ async function inflateClusterPrefix(input: Uint8Array, decodedLength: number): P
     if (out.length !== decodedLength) throw new Error(`inflated to ${out.length} bytes, expected ${decodedLength}`);
     return out;
   } catch (err) {
-    // The stream goes on past the cluster (too long, or damaged after the point
-    // where the cluster is already full): qemu keeps the first decodedLength bytes.
+    // The stream goes on past the cluster: qemu keeps the first decodedLength bytes.
     const prefix = await inflateStreamPrefix(input, decodedLength);
     if (prefix) return prefix;
     throw err;
@@ -937,215 +1053,26 @@ function decodeHuffmanStream(src: Uint8Array, start: number, end: number, table:
 }
 
 // ---------------------------------------------------------------------------
-// zstd worker pool: fzstd is JavaScript, so it would decode on the main thread
-// one cluster at a time; workers let clusters decode on every core while the
-// main thread keeps reading.
+// The decoder pool: this module is its own worker script.
 
-const WORKER_ROLE = 'diskconv-zstd-decoder';
+const WORKER_ROLE = 'diskconv-decoder';
 
-/** Several clusters travel in one message: a round trip costs about as much as decoding a small cluster. */
-interface ZstdRequest {
-  id: number;
-  /** The inputs, back to back. */
-  input: Uint8Array;
-  /** Each job's [start, end) in `input` and its decoded length. */
-  jobs: Array<{ start: number; end: number; decodedLength: number }>;
-}
-type ZstdResult = { output: Uint8Array } | { error: string };
-interface ZstdReply {
-  id: number;
-  results: ZstdResult[];
-}
-
-interface PendingJob {
-  input: Uint8Array;
-  decodedLength: number;
-  resolve: (out: Uint8Array) => void;
-  reject: (err: Error) => void;
-}
-
-/** Messages a worker holds at once: one decoding, one waiting, so it never idles on a round trip. */
-const WORKER_WINDOW = 2;
-/** Jobs per message, and input bytes per message. */
-const MESSAGE_JOBS = 16;
-const MESSAGE_BYTES = 2 * 2 ** 20;
-
-class ZstdWorker {
-  readonly pending = new Map<number, PendingJob[]>();
-  /** Replies received: a worker that dies before its first one could not start at all. */
-  replies = 0;
-  private failed = false;
-
-  constructor(
-    readonly worker: Worker,
-    private readonly onReply: (w: ZstdWorker) => void,
-    private readonly onExit: (w: ZstdWorker) => void,
-  ) {
-    worker.unref();
-    worker.on('message', (reply: ZstdReply) => {
-      const jobs = this.pending.get(reply.id);
-      if (!jobs) return;
-      this.pending.delete(reply.id);
-      this.replies++;
-      if (this.pending.size === 0) worker.unref();
-      jobs.forEach((job, i) => {
-        const result = reply.results[i];
-        if (!result) job.reject(new Error('zstd worker returned no result'));
-        else if ('error' in result) job.reject(new Error(result.error));
-        else job.resolve(result.output);
-      });
-      this.onReply(this);
-    });
-    const fail = (err: Error): void => {
-      if (this.failed) return;
-      this.failed = true;
-      for (const jobs of this.pending.values()) for (const job of jobs) job.reject(err);
-      this.pending.clear();
-      this.onExit(this);
-    };
-    worker.on('error', fail);
-    worker.on('exit', (code) => fail(new Error(`zstd worker exited with code ${code}`)));
-  }
-
-  post(id: number, jobs: PendingJob[]): void {
-    // Keep the process alive while work is in flight; idle workers do not hold it open.
-    if (this.pending.size === 0) this.worker.ref();
-    this.pending.set(id, jobs);
-    // One copy of all inputs: they are views into larger read buffers that other entries still use.
-    const input = new Uint8Array(jobs.reduce((n, j) => n + j.input.length, 0));
-    const layout: ZstdRequest['jobs'] = [];
-    let at = 0;
-    for (const job of jobs) {
-      input.set(job.input, at);
-      layout.push({ start: at, end: at + job.input.length, decodedLength: job.decodedLength });
-      at += job.input.length;
-    }
-    const request: ZstdRequest = { id, input, jobs: layout };
-    this.worker.postMessage(request, [input.buffer]);
-  }
-}
-
-/**
- * Jobs wait in one queue and go, a few per message, to whichever worker has
- * room, so a worker that drew cheap clusters is not left idle while the other
- * finishes expensive ones.
- */
-class ZstdPool {
-  private readonly workers: ZstdWorker[] = [];
-  private queue: PendingJob[] = [];
-  private queueHead = 0;
-  private nextId = 1;
-  private scheduled = false;
-  /** Set when a worker could not start; jobs then decode on this thread. */
-  private broken = false;
-
-  constructor(
-    private readonly script: URL,
-    private readonly size: number,
-  ) {}
-
-  decode(input: Uint8Array, decodedLength: number): Promise<Uint8Array> {
-    return new Promise((resolve, reject) => {
-      this.queue.push({ input, decodedLength, resolve, reject });
-      // Callers issue a batch of decodes at once: gather them before sending.
-      if (!this.scheduled) {
-        this.scheduled = true;
-        queueMicrotask(() => {
-          this.scheduled = false;
-          this.dispatch();
-        });
-      }
-    });
-  }
-
-  private take(): PendingJob[] {
-    const jobs: PendingJob[] = [];
-    let bytes = 0;
-    while (this.queueHead < this.queue.length && jobs.length < MESSAGE_JOBS && bytes < MESSAGE_BYTES) {
-      const job = this.queue[this.queueHead] as PendingJob;
-      this.queue[this.queueHead++] = undefined as unknown as PendingJob; // release the input
-      jobs.push(job);
-      bytes += job.input.length;
-    }
-    if (this.queueHead === this.queue.length) {
-      this.queue = [];
-      this.queueHead = 0;
-    }
-    return jobs;
-  }
-
-  private dispatch(): void {
-    while (this.queueHead < this.queue.length) {
-      if (this.broken) {
-        for (const job of this.take()) {
-          try {
-            job.resolve(decodeZstdCluster(job.input, job.decodedLength));
-          } catch (err) {
-            job.reject(err as Error);
-          }
-        }
-        continue;
-      }
-      const worker = this.workerWithRoom();
-      if (!worker) return;
-      worker.post(this.nextId++, this.take());
-    }
-  }
-
-  private workerWithRoom(): ZstdWorker | undefined {
-    let best: ZstdWorker | undefined;
-    for (const w of this.workers) if (w.pending.size < WORKER_WINDOW && (!best || w.pending.size < best.pending.size)) best = w;
-    if (best && best.pending.size === 0) return best;
-    if (this.workers.length < this.size) {
-      const worker = new ZstdWorker(
-        new Worker(this.script, { workerData: { role: WORKER_ROLE } }),
-        () => this.dispatch(),
-        (w) => {
-          const i = this.workers.indexOf(w);
-          if (i >= 0) this.workers.splice(i, 1);
-          if (w.replies === 0) this.broken = true;
-          this.dispatch();
-        },
-      );
-      this.workers.push(worker);
-      return worker;
-    }
-    return best;
-  }
-}
-
-let pool: ZstdPool | null | undefined;
+let pool: DecodePool | null | undefined;
 
 /** The shared pool, or null where this module cannot run as a worker (e.g. under a TypeScript loader). */
-function zstdPool(): ZstdPool | null {
+function decodePool(): DecodePool | null {
   if (pool !== undefined) return pool;
   const script = new URL(import.meta.url);
-  pool = script.protocol === 'file:' && fileURLToPath(script).endsWith('.js') ? new ZstdPool(script, Math.max(1, availableParallelism())) : null;
+  pool =
+    script.protocol === 'file:' && fileURLToPath(script).endsWith('.js')
+      ? new DecodePool(script, { role: WORKER_ROLE }, Math.max(1, availableParallelism()), decodeClusterSync)
+      : null;
   return pool;
 }
 
-function isZstdWorkerData(data: unknown): boolean {
+function isDecoderWorkerData(data: unknown): boolean {
   return typeof data === 'object' && data !== null && (data as { role?: unknown }).role === WORKER_ROLE;
 }
 
-// This module is its own worker script: started with the role above, it serves decode requests.
-if (!isMainThread && parentPort && isZstdWorkerData(workerData)) {
-  const port = parentPort;
-  port.on('message', (request: ZstdRequest) => {
-    const results: ZstdResult[] = [];
-    const transfer: ArrayBuffer[] = [];
-    for (const job of request.jobs) {
-      try {
-        const output = decodeZstdCluster(request.input.subarray(job.start, job.end), job.decodedLength);
-        results.push({ output });
-        // An output may be a view into a buffer another output shares; transfer each buffer once.
-        const buffer = output.buffer as ArrayBuffer;
-        if (!transfer.includes(buffer)) transfer.push(buffer);
-      } catch (err) {
-        results.push({ error: err instanceof Error ? err.message : String(err) });
-      }
-    }
-    const reply: ZstdReply = { id: request.id, results };
-    port.postMessage(reply, transfer);
-  });
-}
+// Started with the role above, this module serves decode requests.
+if (!isMainThread && parentPort && isDecoderWorkerData(workerData)) serveDecodeRequests(parentPort, decodeClusterSync);
