@@ -80,12 +80,19 @@ export function caseSeed(runSeed: number, index: number): number {
   return h >>> 0;
 }
 
+/**
+ * What a table entry counts in, so it can be pointed at another structure:
+ * qcow2 L1/L2 entries hold byte offsets (flags in the top and bottom bits),
+ * vmdk GD/GT entries sector numbers, vdi block map entries block indexes.
+ */
+export type EntryUnit = 'qcow2-offset' | 'sectors' | 'blocks';
+
 /** Structure of a seed image: where its boundaries and table entries are. Computed once per seed. */
 export interface SeedShape {
   fields: readonly Field[];
   boundaries: number[];
   /** Table entries worth hitting with extreme values: L1/L2, GD/GT, block map. */
-  entries: Array<{ table: string; offset: number; width: 4 | 8; endian: 'be' | 'le' }>;
+  entries: Array<{ table: string; offset: number; width: 4 | 8; endian: 'be' | 'le'; unit: EntryUnit }>;
   /** Where the metadata lives: mutations are biased towards these byte ranges. */
   hotRanges: Array<[number, number]>;
 }
@@ -100,8 +107,8 @@ export function seedShape(seed: SeedImage): SeedShape {
       case 'qcow2': {
         const l = qcow2Layout(img);
         const entries: SeedShape['entries'] = [];
-        for (let i = 0; i < Math.min(l.l1Size, 64); i++) entries.push({ table: 'L1', offset: l.l1Offset + i * 8, width: 8, endian: 'be' });
-        for (const e of [...l.dataEntries.slice(0, 48), ...l.compressedEntries.slice(0, 48)]) entries.push({ table: 'L2', offset: e, width: 8, endian: 'be' });
+        for (let i = 0; i < Math.min(l.l1Size, 64); i++) entries.push({ table: 'L1', offset: l.l1Offset + i * 8, width: 8, endian: 'be', unit: 'qcow2-offset' });
+        for (const e of [...l.dataEntries.slice(0, 48), ...l.compressedEntries.slice(0, 48)]) entries.push({ table: 'L2', offset: e, width: 8, endian: 'be', unit: 'qcow2-offset' });
         const hot: Array<[number, number]> = [[0, Math.min(l.clusterSize, 4096)], [l.l1Offset, l.l1Offset + l.l1Size * 8], [l.refcountTableOffset, l.refcountTableOffset + 512]];
         for (const l2 of l.l2Offsets) hot.push([l2, l2 + Math.min(l.clusterSize, 4096)]);
         if (l.nbSnapshots > 0) hot.push([l.snapshotsOffset, l.snapshotsOffset + 1024]);
@@ -111,8 +118,8 @@ export function seedShape(seed: SeedImage): SeedShape {
         const footer = img.getField(VMDK.gdOffset) === 0xffffffffffffffffn;
         const l = vmdkLayout(img);
         const entries: SeedShape['entries'] = [];
-        for (let i = 0; i < Math.min(l.gdEntries, 16); i++) entries.push({ table: 'GD', offset: l.gdOffset + i * 4, width: 4, endian: 'le' });
-        for (const e of l.grainEntries.slice(0, 64)) entries.push({ table: 'GT', offset: e, width: 4, endian: 'le' });
+        for (let i = 0; i < Math.min(l.gdEntries, 16); i++) entries.push({ table: 'GD', offset: l.gdOffset + i * 4, width: 4, endian: 'le', unit: 'sectors' });
+        for (const e of l.grainEntries.slice(0, 64)) entries.push({ table: 'GT', offset: e, width: 4, endian: 'le', unit: 'sectors' });
         const hot: Array<[number, number]> = [[0, 512], [l.descriptorOffset, l.descriptorOffset + 1024], [l.gdOffset, l.gdOffset + 512]];
         if (l.rgdOffset) hot.push([l.rgdOffset, l.rgdOffset + 512]);
         for (const gt of l.gtOffsets) hot.push([gt, gt + l.numGTEsPerGT * 4]);
@@ -127,7 +134,7 @@ export function seedShape(seed: SeedImage): SeedShape {
       case 'vdi': {
         const l = vdiLayout(img);
         const entries: SeedShape['entries'] = [];
-        for (let i = 0; i < Math.min(l.blocksInImage, 64); i++) entries.push({ table: 'bmap', offset: l.offsetBmap + i * 4, width: 4, endian: 'le' });
+        for (let i = 0; i < Math.min(l.blocksInImage, 64); i++) entries.push({ table: 'bmap', offset: l.offsetBmap + i * 4, width: 4, endian: 'le', unit: 'blocks' });
         return { fields: FIELD_TABLES.vdi, boundaries: l.boundaries, entries, hotRanges: clamp([[0, 512], [l.offsetBmap, l.offsetBmap + l.blocksInImage * 4]]) };
       }
       case 'raw':
@@ -144,6 +151,25 @@ function extremeValues(width: number, original: bigint, fileSize: number): bigin
   const all = (1n << BigInt(width * 8)) - 1n;
   const values = [0n, 1n, 0x7fffffffn, 0xffffffffn, 0x80000000n, 0x100000000n, 1n << 62n, 1n << 63n, all, BigInt(fileSize), BigInt(fileSize + 1), original + 1n, original - 1n, original * 2n, original << 20n, BigInt(fileSize) / 512n + 1n];
   return values.map((v) => BigInt.asUintN(width * 8, v));
+}
+
+/**
+ * Points an entry at another structure (a header, a table, another entry's
+ * target): aliasing and overlap that no single-field bound catches. qcow2
+ * entries keep their flag bits so the entry still looks allocated.
+ */
+function retarget(rng: Rng, unit: EntryUnit, original: bigint, shape: SeedShape): bigint {
+  const target = shape.boundaries.length > 0 ? rng.pick([0, ...shape.boundaries]) : 0;
+  switch (unit) {
+    case 'qcow2-offset': {
+      const flags = original & ~0x00fffffffffffe00n;
+      return flags | (BigInt(target) & 0x00fffffffffffe00n);
+    }
+    case 'sectors':
+      return BigInt(Math.floor(target / 512));
+    case 'blocks':
+      return BigInt(rng.int(8));
+  }
 }
 
 function hotOffset(rng: Rng, shape: SeedShape, size: number): number {
@@ -190,16 +216,20 @@ function mutateOnce(rng: Rng, img: ImageBytes, shape: SeedShape): Mutation | und
     case 'entry': {
       const entry = rng.pick(shape.entries);
       const original = img.getUint(entry.offset, entry.width, entry.endian);
-      const value = rng.chance(0.3)
-        ? BigInt.asUintN(entry.width * 8, original ^ (1n << BigInt(rng.int(entry.width * 8))))
-        : rng.pick(extremeValues(entry.width, original, img.length));
+      const roll = rng.next();
+      const value =
+        roll < 0.3
+          ? BigInt.asUintN(entry.width * 8, original ^ (1n << BigInt(rng.int(entry.width * 8))))
+          : roll < 0.6
+            ? retarget(rng, entry.unit, original, shape)
+            : rng.pick(extremeValues(entry.width, original, img.length));
       img.setUint(entry.offset, entry.width, entry.endian, value);
       return { kind, table: entry.table, offset: entry.offset, width: entry.width, value: `0x${value.toString(16)}` };
     }
   }
 }
 
-/** Builds case `index` of a run: 1 to 3 mutations of one seed, chosen by the case's own PRNG. */
+/** Builds case `index` of a run: mutations of one seed, chosen by the case's own PRNG. */
 export function makeCase(seeds: readonly SeedImage[], shapes: readonly SeedShape[], runSeed: number, index: number): FuzzCase {
   const rng = new Rng(caseSeed(runSeed, index));
   const which = index % seeds.length;
@@ -207,7 +237,8 @@ export function makeCase(seeds: readonly SeedImage[], shapes: readonly SeedShape
   const shape = shapes[which] as SeedShape;
   const img = new ImageBytes(Buffer.from(seed.bytes));
   const mutations: Mutation[] = [];
-  const count = 1 + rng.int(3);
+  // Mostly one to three mutations; sometimes a burst of up to ten (AFL's "havoc").
+  const count = rng.chance(0.2) ? 4 + rng.int(7) : 1 + rng.int(3);
   for (let i = 0; i < count; i++) {
     const m = mutateOnce(rng, img, shape);
     if (m) mutations.push(m);
