@@ -37,8 +37,6 @@ const WORKER_WINDOW = 2;
 const MESSAGE_JOBS = 64;
 const MESSAGE_INPUT_BYTES = 2 * 2 ** 20;
 const MESSAGE_DECODED_BYTES = 2 * 2 ** 20;
-/** Output room per job beyond its decoded length (codecs that detect overlong output need a little). */
-export const OUTPUT_SLACK = 64;
 
 class PoolWorker {
   readonly pending = new Map<number, PendingJob[]>();
@@ -195,7 +193,7 @@ export function serveDecodeRequests(port: MessagePort, decodeSync: DecodeSync): 
     let slab: Uint8Array | undefined;
     let slabUsed = 0;
     const alloc = (bytes: number): Uint8Array => {
-      slab ??= Buffer.allocUnsafeSlow(request.jobs.reduce((n, j) => n + j.decodedLength + OUTPUT_SLACK, 0));
+      slab ??= Buffer.allocUnsafeSlow(request.jobs.reduce((n, j) => n + j.decodedLength, 0));
       if (slabUsed + bytes > slab.length) return Buffer.allocUnsafeSlow(bytes);
       slabUsed += bytes;
       return slab.subarray(slabUsed - bytes, slabUsed);

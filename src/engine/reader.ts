@@ -39,6 +39,8 @@ interface Batch {
 interface LoadedBatch {
   extents: Extent[];
   buffer: Buffer | undefined;
+  /** Where the batch's clusters decoded to, recycled with `buffer`. */
+  decoded: Buffer | undefined;
 }
 
 /**
@@ -68,6 +70,10 @@ export async function* readExtents(image: DiskImage, source: RandomAccessSource,
   let carried: MapEntry | undefined; // pulled from the map but left for the next batch
   let expectedOffset = rangeStart;
   const freeArenas: Buffer[] = [];
+  // Clusters decode side by side into a recycled arena (no allocation or GC per
+  // cluster), so consecutive ones can leave as one extent.
+  const decodedArenaBytes = batchBytes + 2 ** 20;
+  const freeDecodedArenas: Buffer[] = [];
 
   const nextBatch = async (): Promise<Batch | null> => {
     if (exhausted && !carried) return null;
@@ -128,13 +134,13 @@ export async function* readExtents(image: DiskImage, source: RandomAccessSource,
     return { entries, groups, groupOf, readBytes };
   };
 
-  const decodeEntry = async (entry: ReadEntry, group: ReadGroup, bytes: Uint8Array): Promise<Extent> => {
+  const decodeEntry = async (entry: ReadEntry, group: ReadGroup, bytes: Uint8Array, target: Uint8Array | undefined): Promise<Extent> => {
     const rel = entry.fileOffset - group.start;
     if (entry.kind === 'stored') {
       return { kind: 'data', offset: entry.offset, length: entry.length, data: bytes.subarray(rel, rel + entry.length) };
     }
     const input = bytes.subarray(rel, Math.min(bytes.length, rel + entry.readLength));
-    const decoded = await decode(entry.codec, input, entry.decodedLength, `compressed data at file offset ${entry.fileOffset}`);
+    const decoded = await decode(entry.codec, input, entry.decodedLength, `compressed data at file offset ${entry.fileOffset}`, target);
     if (decoded.length < entry.decodedOffset + entry.length) {
       throw new ImageCorruptError(
         `compressed data at file offset ${entry.fileOffset} decodes to ${decoded.length} bytes, fewer than the ${entry.decodedOffset + entry.length} needed`,
@@ -146,6 +152,8 @@ export async function* readExtents(image: DiskImage, source: RandomAccessSource,
   const load = async (batch: Batch): Promise<LoadedBatch> => {
     throwIfAborted(signal);
     const buffer = batch.readBytes === 0 ? undefined : batch.readBytes <= arenaBytes ? (freeArenas.pop() ?? Buffer.allocUnsafeSlow(arenaBytes)) : Buffer.allocUnsafeSlow(batch.readBytes);
+    const decoded = batch.entries.some((e) => e.kind === 'compressed') ? (freeDecodedArenas.pop() ?? Buffer.allocUnsafeSlow(decodedArenaBytes)) : undefined;
+    let decodedUsed = 0;
     const results: Array<Promise<Extent>> = new Array(batch.entries.length);
     const byGroup: number[][] = batch.groups.map(() => []);
     batch.entries.forEach((entry, i) => {
@@ -163,13 +171,19 @@ export async function* readExtents(image: DiskImage, source: RandomAccessSource,
         await readInto(source, bytes, group.start, signal);
         // Decode this group's clusters now, while the next reads are in flight.
         for (const i of byGroup[gi] as number[]) {
-          const p = decodeEntry(batch.entries[i] as ReadEntry, group, bytes);
+          const entry = batch.entries[i] as ReadEntry;
+          let target: Uint8Array | undefined;
+          if (entry.kind === 'compressed' && decoded && decodedUsed + entry.decodedLength <= decoded.length) {
+            target = decoded.subarray(decodedUsed, decodedUsed + entry.decodedLength);
+            decodedUsed += entry.decodedLength;
+          }
+          const p = decodeEntry(entry, group, bytes, target);
           p.catch(() => {}); // surfaced by Promise.all below
           results[i] = p;
         }
       });
     // On failure the buffer is dropped, not recycled: outstanding decodes may still read it.
-    return { extents: await Promise.all(results), buffer };
+    return { extents: await Promise.all(results), buffer, decoded };
   };
 
   // Batches are cut from the map one at a time (the map iterator is sequential); loading overlaps.
@@ -188,9 +202,10 @@ export async function* readExtents(image: DiskImage, source: RandomAccessSource,
       const loaded = await (ahead.shift() as Promise<LoadedBatch | null>);
       if (!loaded) break;
       ahead.push(fetchNext());
-      for (const extent of loaded.extents) yield extent;
+      yield* mergeAdjacent(loaded.extents);
       // The consumer asked for more, so it is done with this batch's bytes.
       if (loaded.buffer && loaded.buffer.length === arenaBytes) freeArenas.push(loaded.buffer);
+      if (loaded.decoded) freeDecodedArenas.push(loaded.decoded);
     }
     if (expectedOffset !== rangeEnd) {
       throw new ImageCorruptError(`image map ends at ${expectedOffset}, expected ${rangeEnd}`);
@@ -198,6 +213,31 @@ export async function* readExtents(image: DiskImage, source: RandomAccessSource,
   } finally {
     await iterator.return?.(undefined);
   }
+}
+
+/**
+ * Joins data extents that follow each other both on the guest and in memory
+ * (clusters decoded side by side, reads of touching file ranges), so consumers
+ * see a few large extents rather than one per cluster.
+ */
+function* mergeAdjacent(extents: Extent[]): Generator<Extent> {
+  let pending: Extent | undefined;
+  for (const extent of extents) {
+    if (
+      pending?.kind === 'data' &&
+      extent.kind === 'data' &&
+      pending.offset + pending.length === extent.offset &&
+      pending.data.buffer === extent.data.buffer &&
+      pending.data.byteOffset + pending.data.length === extent.data.byteOffset
+    ) {
+      const { data } = pending;
+      pending = { kind: 'data', offset: pending.offset, length: pending.length + extent.length, data: Buffer.from(data.buffer as ArrayBuffer, data.byteOffset, data.length + extent.data.length) };
+      continue;
+    }
+    if (pending) yield pending;
+    pending = extent;
+  }
+  if (pending) yield pending;
 }
 
 /** Fills `target` from `offset`, through the source's own readInto when it has one. */
