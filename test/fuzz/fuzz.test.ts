@@ -2,13 +2,16 @@
  * The seeded mutation fuzzer, bounded for CI: a fixed seed and a few hundred
  * cases over qemu-img-made images of every format (and the fuzzer-found corpus
  * images when ../shared/corpus exists). Every case must end in success or a
- * typed DiskconvError, within the time and memory bounds of harness.ts. The
+ * typed DiskconvError, within the time and memory bounds of harness.ts, and
+ * every case that converts must give qemu-img's bytes (differential.ts). The
  * harness itself is tested first: each bound must be able to fail.
  * `npm run fuzz -- --seconds N --seed S` runs the same fuzzer for longer.
  */
+import { mkdir } from 'node:fs/promises';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { makeTempDir } from '../helpers/qemu.js';
+import { compareWithQemu } from './differential.js';
 import { DEFAULT_BOUNDS, FuzzWorker, runFuzz } from './harness.js';
 import { describeMutations, makeCase, seedShape, type SeedImage } from './mutate.js';
 import { buildSeeds, corpusAvailable } from './seeds.js';
@@ -74,6 +77,25 @@ describe('fuzz harness: every bound can fail', () => {
   });
 });
 
+describe('differential oracle: it can fail', () => {
+  it('notices bytes that differ from qemu-img\'s, and agrees on the same ones', async () => {
+    const seed = seeds.find((s) => s.name === 'qcow2-v3') as SeedImage;
+    const scratch = join(dir, 'oracle');
+    await mkdir(scratch, { recursive: true });
+    const worker = new FuzzWorker();
+    try {
+      const v = await worker.run(seed.bytes);
+      if (!v.ok || v.result.outcome !== 'converted' || !v.result.sha256) throw new Error(`the seed did not convert: ${JSON.stringify(v)}`);
+      const { format, virtualSize, sha256 } = v.result;
+      expect(await compareWithQemu(seed.bytes, format, virtualSize, sha256, scratch)).toEqual({ verdict: 'same' });
+      const wrong = (sha256.startsWith('0') ? '1' : '0') + sha256.slice(1);
+      expect((await compareWithQemu(seed.bytes, format, virtualSize, wrong, scratch)).verdict).toBe('different');
+    } finally {
+      await worker.close();
+    }
+  });
+});
+
 describe('mutations', () => {
   it('are deterministic: the same seed and index give the same bytes', () => {
     const shapes = seeds.map(seedShape);
@@ -104,7 +126,13 @@ describe('mutations', () => {
 describe('fuzz: seeded mutations of every format end in success or a typed error, in bounded time and memory', () => {
   it(`${CI_CASES} cases (seed ${CI_SEED})`, async () => {
     if (!(await corpusAvailable())) console.warn('../shared/corpus is absent: the fuzzer-found corpus images are not among the seeds');
-    const summary = await runFuzz({ seeds, runSeed: CI_SEED, cases: CI_CASES, findingsDir: join(dir, 'findings') });
+    const scratch = join(dir, 'differential');
+    await mkdir(scratch, { recursive: true });
+    const summary = await runFuzz({ seeds, runSeed: CI_SEED, cases: CI_CASES, findingsDir: join(dir, 'findings'), differential: { dir: scratch } });
+    // We may refuse more than qemu-img; where qemu-img refuses what we convert, say so (issue 2 wants both to refuse).
+    for (const q of summary.qemuRefuses) {
+      console.warn(`qemu-img refuses what diskconv converts: ${q.fuzzCase.seed} case ${q.fuzzCase.index} (${describeMutations(q.fuzzCase.mutations)}): ${q.qemuError}`);
+    }
     const report = summary.findings
       .map((f) => `${f.verdict.kind}: ${f.fuzzCase.seed} case ${f.fuzzCase.index} (${describeMutations(f.fuzzCase.mutations)}): ${f.verdict.detail.split('\n')[0]}`)
       .join('\n');
@@ -112,6 +140,8 @@ describe('fuzz: seeded mutations of every format end in success or a typed error
     expect(summary.cases).toBe(CI_CASES);
     // The mutations reach past the probe: some images still convert, many are refused by the drivers.
     expect(summary.converted).toBeGreaterThan(0);
+    // The differential oracle ran: converted images were compared with qemu-img's bytes ('differs' findings fail above).
+    expect(summary.qemuSame).toBeGreaterThan(0);
     expect(summary.refused.IMAGE_CORRUPT ?? 0).toBeGreaterThan(CI_CASES / 10);
   });
 });

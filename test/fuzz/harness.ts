@@ -10,6 +10,7 @@ import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import type { FormatId } from '../../src/engine/index.js';
 import type { CaseResult } from './case.js';
+import { compareWithQemu } from './differential.js';
 import { describeMutations, makeCase, seedShape, type FuzzCase, type SeedImage } from './mutate.js';
 import type { WorkerReply, WorkerRequest } from './worker.js';
 
@@ -36,7 +37,7 @@ export const DEFAULT_BOUNDS: Bounds = {
 
 export type Verdict =
   | { ok: true; result: CaseResult; ms: number; peakRss: number }
-  | { ok: false; kind: 'crash' | 'hang' | 'memory' | 'died'; detail: string; result?: CaseResult; ms: number };
+  | { ok: false; kind: 'crash' | 'hang' | 'memory' | 'died' | 'differs'; detail: string; result?: CaseResult; ms: number };
 
 type Pending = { resolve: (v: Verdict) => void; timer: NodeJS.Timeout; started: number };
 
@@ -165,6 +166,9 @@ export interface RunSummary {
   converted: number;
   refused: Record<string, number>;
   findings: Finding[];
+  /** With the differential oracle: converted cases qemu-img agreed on, and those it refused. */
+  qemuSame: number;
+  qemuRefuses: Array<{ fuzzCase: FuzzCase; qemuError: string }>;
   slowestMs: number;
   peakRss: number;
 }
@@ -181,21 +185,32 @@ export interface RunOptions {
   bounds?: Bounds;
   /** Failing cases are written here as NAME.bin plus NAME.json. */
   findingsDir?: string;
+  /** Compare every converted case with qemu-img (a scratch directory for its files). */
+  differential?: { dir: string };
   onProgress?: (summary: RunSummary) => void;
 }
 
 export async function runFuzz(options: RunOptions): Promise<RunSummary> {
   const shapes = options.seeds.map(seedShape);
   const worker = new FuzzWorker(options.bounds);
-  const summary: RunSummary = { cases: 0, converted: 0, refused: {}, findings: [], slowestMs: 0, peakRss: 0 };
+  const summary: RunSummary = { cases: 0, converted: 0, refused: {}, findings: [], qemuSame: 0, qemuRefuses: [], slowestMs: 0, peakRss: 0 };
   const deadline = options.seconds !== undefined ? Date.now() + options.seconds * 1000 : Infinity;
   const limit = options.cases ?? Infinity;
   let lastProgress = Date.now();
   try {
     for (let index = options.firstCase ?? 0; summary.cases < limit && Date.now() < deadline; index++) {
       const fuzzCase = makeCase(options.seeds, shapes, options.runSeed, index);
-      const verdict = await worker.run(fuzzCase.bytes, fuzzCase.declared);
+      let verdict = await worker.run(fuzzCase.bytes, fuzzCase.declared);
       summary.cases++;
+      if (options.differential && verdict.ok && verdict.result.outcome === 'converted' && verdict.result.sha256) {
+        const r = verdict.result;
+        const c = await compareWithQemu(fuzzCase.bytes, r.format, r.virtualSize, r.sha256 as string, options.differential.dir);
+        if (c.verdict === 'same') summary.qemuSame++;
+        else if (c.verdict === 'qemu-refuses') summary.qemuRefuses.push({ fuzzCase, qemuError: c.qemuError });
+        else if (c.verdict === 'different') {
+          verdict = { ok: false, kind: 'differs', detail: `converted as ${r.format} to sha256 ${r.sha256}, qemu-img -f ${r.format} gives ${c.qemuSha256}`, result: r, ms: verdict.ms };
+        }
+      }
       summary.slowestMs = Math.max(summary.slowestMs, verdict.ms);
       if (verdict.ok) {
         summary.peakRss = Math.max(summary.peakRss, verdict.peakRss);

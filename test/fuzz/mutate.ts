@@ -12,6 +12,7 @@ import {
   FIELD_TABLES,
   ImageBytes,
   VMDK,
+  qcow2CompressedEntry,
   qcow2Layout,
   vdiLayout,
   vmdkLayout,
@@ -112,6 +113,11 @@ export function seedShape(seed: SeedImage): SeedShape {
         const hot: Array<[number, number]> = [[0, Math.min(l.clusterSize, 4096)], [l.l1Offset, l.l1Offset + l.l1Size * 8], [l.refcountTableOffset, l.refcountTableOffset + 512]];
         for (const l2 of l.l2Offsets) hot.push([l2, l2 + Math.min(l.clusterSize, 4096)]);
         if (l.nbSnapshots > 0) hot.push([l.snapshotsOffset, l.snapshotsOffset + 1024]);
+        // Compressed payloads: the deflate and zstd decoders are parsers too.
+        for (const e of l.compressedEntries.slice(0, 8)) {
+          const { offset, sectors } = qcow2CompressedEntry(img.getUint(e, 8, 'be'), l.clusterBits);
+          hot.push([offset, offset + Math.min(sectors * 512, 4096)]);
+        }
         return { fields: FIELD_TABLES.qcow2, boundaries: l.boundaries, entries, hotRanges: clamp(hot) };
       }
       case 'vmdk': {
@@ -124,10 +130,10 @@ export function seedShape(seed: SeedImage): SeedShape {
         if (l.rgdOffset) hot.push([l.rgdOffset, l.rgdOffset + 512]);
         for (const gt of l.gtOffsets) hot.push([gt, gt + l.numGTEsPerGT * 4]);
         if (footer) hot.push([size - 1536, size]);
-        // Grain markers of stream-optimized images.
+        // Grain markers of stream-optimized images, and the start of their zlib streams.
         for (const e of l.grainEntries.slice(0, 8)) {
           const at = Number(img.getUint(e, 4, 'le')) * 512;
-          hot.push([at, at + 16]);
+          hot.push([at, at + 16], [at + 12, at + 12 + 2048]);
         }
         return { fields: FIELD_TABLES.vmdk, boundaries: l.boundaries, entries, hotRanges: clamp(hot) };
       }
