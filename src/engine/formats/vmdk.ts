@@ -288,6 +288,11 @@ async function readEmbeddedDescriptor(source: RandomAccessSource, header: Sparse
   if (header.descriptorOffset === 0n || header.descriptorSize === 0n) {
     throw new ImageCorruptError(`${name}: the sparse extent has no embedded descriptor (offset ${header.descriptorOffset}, ${header.descriptorSize} sectors)`);
   }
+  // Hosted sparse extents keep their descriptor right after the header; anywhere
+  // else it could overlap grain tables or grains (issue 4's vmdk rule).
+  if (header.descriptorOffset !== 1n) {
+    throw new ImageCorruptError(`${name}: the embedded descriptor is at sector ${header.descriptorOffset}, not sector 1 where sparse extents keep it`);
+  }
   enforceLimit('maxDescriptorBytes', header.descriptorSize * BigInt(SECTOR), limits, `${name}: embedded descriptor size`);
   const offset = sectorsToBytes(header.descriptorOffset, 'descriptor offset');
   const length = Number(header.descriptorSize) * SECTOR;
