@@ -6,6 +6,7 @@ import { createInflate, createInflateRaw, inflate, inflateRaw, constants as zc, 
 import { Decompress as ZstdStream, decompress as zstdDecompress } from 'fzstd';
 import { DecodePool, serveDecodeRequests } from './decode-pool.js';
 import { ImageCorruptError } from './errors.js';
+import { xxh64 } from './xxh64.js';
 import type { Codec } from './types.js';
 
 const inflateAsync = promisify(inflate);
@@ -792,7 +793,11 @@ class ZstdFrameDecoder {
     }
     if (hasChecksum) {
       if (p + 4 > src.length) corrupt(`zstd frame at input offset ${start} is truncated`);
-      p += 4; // qemu's libzstd does not verify it unless asked; neither do we
+      // libzstd (and so qemu) verifies the content checksum: a mismatch is corruption.
+      const expected = readU32LE(src, p);
+      const actual = Number(xxh64(this.out.subarray(this.frameStart, this.outPos)) & 0xffffffffn);
+      if (actual !== expected) corrupt(`zstd frame at input offset ${start} fails its content checksum`);
+      p += 4;
     }
     if (contentSize !== undefined && this.outPos - this.frameStart !== contentSize) {
       corrupt(`zstd frame decoded to ${this.outPos - this.frameStart} bytes, its header says ${contentSize}`);

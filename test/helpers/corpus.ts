@@ -8,6 +8,7 @@ import { execFile, spawn } from 'node:child_process';
 import { createHash } from 'node:crypto';
 import { createReadStream, createWriteStream, existsSync, readFileSync, readdirSync } from 'node:fs';
 import { mkdir } from 'node:fs/promises';
+import { pipeline } from 'node:stream/promises';
 import { basename, dirname, join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { CLI } from './cli.js';
@@ -98,18 +99,18 @@ export function locate(row: CorpusRow, tempRoot: string): Located {
 export async function decompress(row: CorpusRow, tempRoot: string): Promise<void> {
   const target = join(tempRoot, row.file.replace(/\.bz2$/, ''));
   await mkdir(dirname(target), { recursive: true });
-  await new Promise<void>((done, fail) => {
-    const child = spawn('bzip2', ['-dc', join(CORPUS_ROOT, row.file)], { stdio: ['ignore', 'pipe', 'pipe'] });
-    const out = createWriteStream(target);
-    let stderr = '';
-    child.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
-    child.stdout.pipe(out);
+  const child = spawn('bzip2', ['-dc', join(CORPUS_ROOT, row.file)], { stdio: ['ignore', 'pipe', 'pipe'] });
+  let stderr = '';
+  child.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
+  // Listen for the exit before piping: the output may finish first, and waiting
+  // for events in sequence would then wait forever.
+  const exited = new Promise<number | null>((done, fail) => {
     child.on('error', (err) => fail(new Error(`cannot run bzip2 (install it: apt-get install bzip2): ${err.message}`)));
-    child.on('close', (code) => {
-      out.on('close', () => (code === 0 ? done() : fail(new Error(`bzip2 -dc ${row.file} failed (${code}): ${stderr}`))));
-      out.end();
-    });
+    child.on('close', done);
   });
+  await pipeline(child.stdout, createWriteStream(target));
+  const code = await exited;
+  if (code !== 0) throw new Error(`bzip2 -dc ${row.file} failed (${code}): ${stderr}`);
 }
 
 /** The sidecar with qemu's raw sha256: the whole disk, or its first 64 MiB for images over 2 GiB. */

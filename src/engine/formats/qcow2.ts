@@ -700,6 +700,8 @@ class Qcow2Image implements DiskImage {
             const host = entryOffset(hi, lo);
             if (!extended) {
               if (host % cs !== 0) throw new ImageCorruptError(`cluster offset ${hex(host)} ${where(guest, l1Index, index)} is not aligned to the cluster size`);
+              // The zero flag exists from version 3; qemu refuses it in a version 2 image.
+              if (lo & 1 && this.header.version < 3) throw new ImageCorruptError(`zero cluster entry ${where(guest, l1Index, index)} in a version 2 image`);
               if (lo & 1 || host === 0) addZero(guest, length);
               else addStored(guest, length, host, l1Index, index);
             } else {

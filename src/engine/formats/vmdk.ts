@@ -17,6 +17,7 @@ const SPARSE_MAGIC = 0x4b444d56; // "KDMV"
 const VMFS_SPARSE_MAGIC = 0x434f5744; // "COWD" (ESX 2.x vmfsSparse)
 const GD_AT_END = 0xffffffffffffffffn;
 
+const FLAG_REDUNDANT_GD = 1 << 1;
 const FLAG_ZEROED_GRAIN = 1 << 2;
 const FLAG_MARKERS = 1 << 17;
 const COMPRESSION_NONE = 0;
@@ -211,6 +212,14 @@ async function openSparse(source: RandomAccessSource, limits: Limits, signal: Ab
     const gdOffset = sectorsToBytes(header.gdOffset, 'grain directory offset');
     const gdBytes = await readExact(source, gdOffset, grainDirectoryEntries * 4, `${name}: grain directory (${grainDirectoryEntries} entries)`, signal);
     grainDirectory = decodeU32LE(gdBytes);
+    // qemu reads the redundant directory too (and fails where it cannot); one
+    // past the end of the file is a truncated or forged image.
+    if (header.flags & FLAG_REDUNDANT_GD && header.rgdOffset !== 0n) {
+      const rgdOffset = sectorsToBytes(header.rgdOffset, 'redundant grain directory offset');
+      if (rgdOffset + grainDirectoryEntries * 4 > source.size) {
+        throw new ImageCorruptError(`${name}: redundant grain directory at offset ${rgdOffset} lies beyond the end of the file (${source.size} bytes)`);
+      }
+    }
   }
 
   return new VmdkSparseImage(source, limits, {

@@ -8,6 +8,7 @@ import { execFileSync } from 'node:child_process';
 import { readFileSync } from 'node:fs';
 import { mixedContent, seededBytes } from '../../helpers/qemu.js';
 import { decode, decodeZstdCluster } from '../../../src/engine/decompress.js';
+import { xxh64 } from '../../../src/engine/xxh64.js';
 
 const MAGIC = [0x28, 0xb5, 0x2f, 0xfd];
 
@@ -36,7 +37,7 @@ function rawFrame(data: Uint8Array, options: { contentSize?: boolean; checksum?:
     at += size;
     if (last) break;
   }
-  if (options.checksum) out.push(1, 2, 3, 4); // not verified, as qemu's build does not ask libzstd to
+  if (options.checksum) out.push(...le(Number(xxh64(data) & 0xffffffffn), 4)); // libzstd (so qemu) verifies it
   return Uint8Array.from(out);
 }
 
@@ -66,6 +67,13 @@ describe('qcow2 zstd clusters', () => {
     expect(Buffer.from(out.subarray(0, 1000)).equals(Buffer.from(a))).toBe(true);
     expect(Buffer.from(out.subarray(1000, 3000)).equals(Buffer.from(b))).toBe(true);
     expect(out.subarray(3000).every((x) => x === 7)).toBe(true);
+  });
+
+  it('refuses a frame whose content checksum does not match, as libzstd does', () => {
+    const a = pattern(4096, 5);
+    const frame = rawFrame(a, { checksum: true });
+    frame[frame.length - 1] = (frame[frame.length - 1] as number) ^ 0x40;
+    expect(() => decodeZstdCluster(frame, 4096)).toThrow(/content checksum/);
   });
 
   it('refuses frames that end before the cluster is full', () => {
