@@ -9,7 +9,8 @@ import { join } from 'node:path';
 import { open, readFile, stat, truncate, writeFile } from 'node:fs/promises';
 import { makeTempDir, mixedContent, pickInfo, qemuImg, qemuInfo, qemuIo, qemuRawSha256, sha256File } from '../../helpers/qemu.js';
 import { runDiskconv } from '../../helpers/cli.js';
-import { BufferSource, FileSource, convertToRaw, openImage, readExtents, type ExtentSink, type MapEntry } from '../../../src/engine/index.js';
+import { BufferSource, FileSource, convertToRaw, openImage, readExtents, type MapEntry } from '../../../src/engine/index.js';
+import { CountingSink } from '../../fuzz/counting-sink.js';
 
 const KiB = 1024;
 const MiB = 2 ** 20;
@@ -291,10 +292,10 @@ describe('qcow2 extent stream', () => {
     const source = await FileSource.open(path);
     try {
       const image = await openImage(source, { limits: { tableCacheBytes: 100 } });
-      const result = await convertToRaw(image, source, nullSink(), { sha256: true });
+      const result = await convertToRaw(image, source, new CountingSink(), { sha256: true });
       expect(result.sha256).toBe(await qemuRawSha256(path, dir));
       expect((await image.check?.())?.corruptions).toBe(0);
-      expect((await convertToRaw(image, source, nullSink(), { sha256: true })).sha256).toBe(result.sha256);
+      expect((await convertToRaw(image, source, new CountingSink(), { sha256: true })).sha256).toBe(result.sha256);
     } finally {
       await source.close();
     }
@@ -305,7 +306,7 @@ describe('qcow2 extent stream', () => {
       const path = imagePath(name);
       const source = new BufferSource(await readFile(path), path);
       const image = await openImage(source);
-      expect((await convertToRaw(image, source, nullSink(), { sha256: true })).sha256, name).toBe(await qemuRawSha256(path, dir));
+      expect((await convertToRaw(image, source, new CountingSink(), { sha256: true })).sha256, name).toBe(await qemuRawSha256(path, dir));
     }
   });
 
@@ -326,9 +327,6 @@ describe('qcow2 extent stream', () => {
   });
 });
 
-function nullSink(): ExtentSink {
-  return { write: async () => {}, finish: async () => {}, abort: async () => {} };
-}
 
 // ---------------------------------------------------------------------------
 // Refusals and damaged images
@@ -517,7 +515,7 @@ describe('qcow2 damaged at every field', () => {
     const attempt = async (): Promise<string> => {
       try {
         const image = await openImage(source, { format: 'qcow2' });
-        await convertToRaw(image, source, nullSink());
+        await convertToRaw(image, source, new CountingSink());
         await image.check?.();
         return 'ok';
       } catch (err) {
