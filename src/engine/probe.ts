@@ -1,4 +1,5 @@
 import { FormatMismatchError, UnsafeImageError, UnsupportedFormatError } from './errors.js';
+import { ascii } from './bytes.js';
 import type { RandomAccessSource } from './source.js';
 import type { FormatDriver, FormatId } from './types.js';
 import { qcow2Driver } from './formats/qcow2.js';
@@ -55,12 +56,6 @@ const RAW_CONTENT_SIGNATURES: ReadonlyArray<{ name: string; test: (head: Uint8Ar
   { name: 'a GPT header at 512', test: (h) => ascii(h, 512, 8) === 'EFI PART' },
 ];
 
-export function ascii(bytes: Uint8Array, offset: number, length: number): string {
-  let s = '';
-  const end = Math.min(bytes.length, offset + length);
-  for (let i = offset; i < end; i++) s += String.fromCharCode(bytes[i] as number);
-  return s;
-}
 
 export interface ProbeResult {
   format: FormatId;

@@ -4,15 +4,15 @@
  * fuzzer-found images of ../shared/corpus join them when that folder exists.
  */
 import { access, readFile, writeFile } from 'node:fs/promises';
-import { join, resolve } from 'node:path';
-import { fileURLToPath } from 'node:url';
+import { join } from 'node:path';
 import { mixedContent, qemuImg, qemuIo } from '../helpers/qemu.js';
+import { CORPUS_ROOT } from '../helpers/corpus.js';
 import type { SeedFormat, SeedImage } from './mutate.js';
 
 const MIB = 2 ** 20;
 
-/** ../shared/corpus relative to the repository root. */
-export const CORPUS_DIR = resolve(fileURLToPath(new URL('../../../shared/corpus', import.meta.url)));
+/** ../shared/corpus relative to the repository root (one definition, in test/helpers/corpus.ts). */
+export const CORPUS_DIR = CORPUS_ROOT;
 
 /** Images a fuzzer (AFL) or truncation produced, from the shared corpus; all are refused by qemu-img. */
 export const CORPUS_FUZZER_IMAGES: ReadonlyArray<{ path: string; format: SeedFormat }> = [

@@ -8,6 +8,7 @@
  * image is ever opened or stat'ed.
  */
 import { FormatMismatchError, ImageCorruptError, UnsafeImageError, UnsupportedFeatureError, isDiskconvError, throwIfAborted } from '../errors.js';
+import { ascii } from '../bytes.js';
 import { enforceLimit, toSafeNumber, type Limits } from '../limits.js';
 import { readExact, type RandomAccessSource } from '../source.js';
 import type { CheckReport, DiskImage, FormatDriver, FormatInfo, MapEntry, OpenOptions } from '../types.js';
@@ -123,7 +124,7 @@ export const vmdkDriver: FormatDriver = {
  */
 function looksLikeDescriptorFile(head: Uint8Array): boolean {
   const banner = '# Disk DescriptorFile';
-  if (head.length >= banner.length && asciiAt(head, 0, banner.length) === banner) return true;
+  if (head.length >= banner.length && ascii(head, 0, banner.length) === banner) return true;
   let p = 0;
   const end = head.length;
   while (p < end) {
@@ -143,7 +144,7 @@ function looksLikeDescriptorFile(head: Uint8Array): boolean {
     for (const version of ['1', '2', '3']) {
       for (const eol of ['\n', '\r\n']) {
         const line = `version=${version}${eol}`;
-        if (end - p >= line.length && asciiAt(head, p, line.length) === line) return true;
+        if (end - p >= line.length && ascii(head, p, line.length) === line) return true;
       }
     }
     return false;
@@ -676,11 +677,6 @@ function readU32BE(bytes: Uint8Array, offset: number): number {
   return (((bytes[offset] as number) << 24) | ((bytes[offset + 1] as number) << 16) | ((bytes[offset + 2] as number) << 8) | (bytes[offset + 3] as number)) >>> 0;
 }
 
-function asciiAt(bytes: Uint8Array, offset: number, length: number): string {
-  let s = '';
-  for (let i = offset; i < offset + length && i < bytes.length; i++) s += String.fromCharCode(bytes[i] as number);
-  return s;
-}
 
 function sectorsToBytes(sectors: bigint, what: string): number {
   return toSafeNumber(sectors * BigInt(SECTOR), what);
