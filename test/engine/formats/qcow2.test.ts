@@ -398,7 +398,8 @@ describe('qcow2 refusals', () => {
     const path = join(dir, 'luks.qcow2');
     // qemu-img times its key derivation and can fail to on a busy machine ("Unable to get accurate CPU usage"): retry.
     let made = false;
-    for (let attempt = 0; attempt < 3 && !made; attempt++) {
+    for (let attempt = 0; attempt < 6 && !made; attempt++) {
+      if (attempt > 0) await new Promise((done) => setTimeout(done, 250 * attempt)); // let the load pass
       const res = await runAllowingFailure('qemu-img', ['create', '-q', '--object', 'secret,id=sec0,data=abc', '-f', 'qcow2', '-o', 'encrypt.format=luks,encrypt.key-secret=sec0', path, '1M']);
       made = res.code === 0;
     }
