@@ -142,7 +142,38 @@ const schema = z.object({
   WORKER_READ_BYTES_PER_SECOND: bytes(0, '0'),
   PROGRESS_INTERVAL_MS: int(50, 60_000, 500),
   SHUTDOWN_GRACE_MS: int(0, 3_600_000, 20_000),
+  STORE_URL: z
+    .string()
+    .trim()
+    .default('')
+    .transform((s, ctx) => {
+      try {
+        return parseStoreUrl(s);
+      } catch (err) {
+        ctx.addIssue({ code: z.ZodIssueCode.custom, message: (err as Error).message });
+        return z.NEVER;
+      }
+    }),
 });
+
+/** Where staged inputs and outputs live: a directory (default: DATA_DIR/store) or a bucket. */
+export type StoreLocation = { kind: 'file'; root: string | undefined };
+
+/** `file:///abs/path`; empty means the default directory under DATA_DIR. */
+export function parseStoreUrl(text: string): StoreLocation {
+  if (text === '') return { kind: 'file', root: undefined };
+  let url: URL;
+  try {
+    url = new URL(text);
+  } catch {
+    throw new Error(`expected file:///absolute/path, got '${text}'`);
+  }
+  if (url.protocol === 'file:') {
+    if (url.host !== '' || url.search !== '' || url.hash !== '') throw new Error(`expected file:///absolute/path, got '${text}'`);
+    return { kind: 'file', root: decodeURIComponent(url.pathname) };
+  }
+  throw new Error(`unsupported store '${url.protocol}' in '${text}'; expected file:///absolute/path`);
+}
 
 type Env = z.infer<typeof schema>;
 
@@ -165,6 +196,7 @@ export interface Config {
   jobBackoffMs: number;
   worker: { lockDurationMs: number; stalledIntervalMs: number; maxStalledCount: number; readBytesPerSecond: number; progressIntervalMs: number };
   shutdownGraceMs: number;
+  store: StoreLocation;
 }
 
 /** The variables read, for the README table and error messages. */
@@ -209,5 +241,6 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): Config {
       progressIntervalMs: e.PROGRESS_INTERVAL_MS,
     },
     shutdownGraceMs: e.SHUTDOWN_GRACE_MS,
+    store: e.STORE_URL,
   };
 }

@@ -10,7 +10,8 @@ import multipart from '@fastify/multipart';
 import rateLimit from '@fastify/rate-limit';
 import Fastify, { type FastifyBaseLogger, type FastifyInstance, type FastifyPluginAsync } from 'fastify';
 import type { Config } from '../config.js';
-import { urlPolicy } from '../service/url-import.js';
+import { Leases } from '../queue/leases.js';
+import { urlPolicy } from '../queue/url-import.js';
 import { createAuthenticator } from './auth.js';
 import type { ApiContext, AppDeps } from './context.js';
 import { ApiError, errorHandler, problemFor, sendProblem } from './errors.js';
@@ -31,7 +32,7 @@ export function diskconvApp(config: Config, deps: AppDeps): FastifyPluginAsync {
   const plugin: FastifyPluginAsync = async (app) => {
     const scratchDir = join(config.dataDir, 'work');
     await mkdir(scratchDir, { recursive: true, mode: 0o750 });
-    const ctx: ApiContext = { ...deps, config, policy: urlPolicy(config), scratchDir };
+    const ctx: ApiContext = { ...deps, config, policy: urlPolicy(config), scratchDir, leases: new Leases(deps.redis, config.queueName) };
 
     app.setErrorHandler(errorHandler);
     app.setNotFoundHandler((request, reply) => {

@@ -14,8 +14,8 @@ import { z } from 'zod';
 import type { Config } from '../config.js';
 import { isDiskconvError } from '../engine/errors.js';
 import type { SourceFormat } from '../queue/records.js';
-import { checkImportUrl, type UrlPolicyShape } from '../service/url-import.js';
-import type { Store, StreamWriter } from '../store/store.js';
+import { checkImportUrl, type UrlPolicyShape } from '../queue/url-import.js';
+import type { InputStaging, StagedWrite } from '../store/index.js';
 import { ApiError } from './errors.js';
 
 export const SOURCE_FORMATS = ['auto', 'raw', 'qcow2', 'vmdk', 'vdi'] as const;
@@ -58,7 +58,7 @@ export interface Received {
 
 export interface BodyDeps {
   config: Pick<Config, 'maxUploadBytes'>;
-  store: Store;
+  staging: InputStaging;
   policy: UrlPolicyShape;
 }
 
@@ -105,7 +105,7 @@ async function checkDeclaredLength(request: FastifyRequest, overhead: number, de
   if (length > deps.config.maxUploadBytes + overhead) {
     throw new ApiError('PAYLOAD_TOO_LARGE', `the body is ${length} bytes; MAX_UPLOAD_BYTES is ${deps.config.maxUploadBytes}`);
   }
-  const free = await deps.store.freeBytes();
+  const free = await deps.staging.freeBytes();
   if (free !== undefined && length + FREE_SPACE_RESERVE > free) {
     throw new ApiError('INSUFFICIENT_SPACE', `the body is ${length} bytes and the store has ${free} bytes free`);
   }
@@ -158,7 +158,7 @@ async function receiveMultipart(request: FastifyRequest, key: string, deps: Body
       }
     }
   } catch (err) {
-    await deps.store.delete('input', key).catch(() => {});
+    await deps.staging.delete(key).catch(() => {});
     throw asBodyError(err);
   }
   try {
@@ -172,14 +172,14 @@ async function receiveMultipart(request: FastifyRequest, key: string, deps: Body
     await verifyChecksum(stored, options, key, deps);
     return { source: { kind: 'upload', key, ...stored, ...(filename ? { filename } : {}) }, options };
   } catch (err) {
-    await deps.store.delete('input', key).catch(() => {});
+    await deps.staging.delete(key).catch(() => {});
     throw err;
   }
 }
 
 async function verifyChecksum(stored: { sha256: string }, options: JobOptions, key: string, deps: BodyDeps): Promise<void> {
   if (options.expected_sha256 && options.expected_sha256 !== stored.sha256) {
-    await deps.store.delete('input', key).catch(() => {});
+    await deps.staging.delete(key).catch(() => {});
     throw new ApiError('CHECKSUM_MISMATCH', `the upload's sha256 is ${stored.sha256}, expected ${options.expected_sha256}`);
   }
 }
@@ -200,7 +200,7 @@ async function streamToStore(body: Readable, key: string, deps: BodyDeps): Promi
       done(null, chunk);
     },
   });
-  const writer: StreamWriter = await deps.store.createStreamWriter('input', key);
+  const writer: StagedWrite = await deps.staging.create(key);
   try {
     await pipeline(body, meter, writer.stream);
     if (size === 0) throw new ApiError('EMPTY_BODY', 'the upload is empty');

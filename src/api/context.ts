@@ -3,13 +3,14 @@ import type { Redis } from 'ioredis';
 import type { Config } from '../config.js';
 import type { ConversionQueue } from '../queue/queue.js';
 import type { JobRecords } from '../queue/records.js';
-import type { UrlPolicyShape } from '../service/url-import.js';
-import type { Store } from '../store/store.js';
+import type { UrlPolicyShape } from '../queue/url-import.js';
+import type { Leases } from '../queue/leases.js';
+import type { Stores } from '../store/index.js';
 
 export interface AppDeps {
   records: JobRecords;
   queue: Pick<ConversionQueue, 'enqueue' | 'removeWaiting' | 'depth'>;
-  store: Store;
+  stores: Stores;
   /** For readiness and the shared rate-limit counters. */
   redis: Redis;
 }
@@ -17,6 +18,8 @@ export interface AppDeps {
 export interface ApiContext extends AppDeps {
   config: Config;
   policy: UrlPolicyShape;
+  /** Leases that keep the sweeps off an upload or inspection in progress. */
+  leases: Leases;
   /** Local scratch space of this API process (URL inspection staged whole). */
   scratchDir: string;
 }

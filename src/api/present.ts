@@ -22,7 +22,7 @@ export function presentJob(rec: JobRecord): Record<string, unknown> {
     progress: rec.progress,
     source: rec.source,
     output: rec.output
-      ? { format: rec.output.format, size: rec.output.size, sha256: rec.output.sha256, data_bytes: rec.output.data_bytes, href: `${jobPath(rec.id)}/output` }
+      ? { format: rec.output.format, size: rec.output.size, sha256: rec.output.sha256, data_bytes: rec.output.data_bytes, ...(rec.output.location ? { location: rec.output.location } : {}), href: `${jobPath(rec.id)}/output` }
       : null,
     error: rec.error ?? null,
     ...(rec.last_error ? { last_error: rec.last_error } : {}),

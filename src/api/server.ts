@@ -1,22 +1,8 @@
 /** The API process: a logger, the app, a listening socket, and a graceful close. */
 import type { FastifyInstance } from 'fastify';
-import { pino, type Logger } from 'pino';
+import type { Logger } from 'pino';
 import type { Config } from '../config.js';
 import { buildApp, type AppDeps } from './app.js';
-
-/** Paths pino removes from every log line: bearer tokens never reach the logs. */
-export const REDACT_PATHS = [
-  'req.headers.authorization',
-  'req.headers.cookie',
-  'headers.authorization',
-  'request.headers.authorization',
-  'authorization',
-  '*.authorization',
-];
-
-export function createLogger(config: Pick<Config, 'logLevel'>, name: string): Logger {
-  return pino({ name, level: config.logLevel, redact: { paths: REDACT_PATHS, censor: '[redacted]' } });
-}
 
 export interface RunningServer {
   app: FastifyInstance;

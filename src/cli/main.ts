@@ -160,7 +160,7 @@ export async function runCli(argv: string[], out: (s: string) => void = (s) => p
       case 'serve':
       case 'worker':
       case 'up': {
-        const { runService } = await import('../service/run.js');
+        const { runService } = await import('./service.js');
         return await runService(command, rest);
       }
       case undefined:

@@ -19,9 +19,9 @@ import {
   type FormatId,
   type RandomAccessSource,
 } from '../engine/index.js';
-import { estimateAllocation, scrubMessage } from '../service/inspect.js';
-import { displayUrl, openImportUrl, urlPolicy, type OpenedUrlSource } from '../service/url-import.js';
-import type { ExtentWriter, Store } from '../store/store.js';
+import { estimateAllocation, scrubMessage } from './inspect.js';
+import { displayUrl, openImportUrl, urlPolicy, type OpenedUrlSource } from './url-import.js';
+import type { OutputWriter, Stores } from '../store/index.js';
 import type { AbortReason, CancelWatcher } from './cancel.js';
 import type { ConvertJobData } from './queue.js';
 import type { JobError, JobProgress, JobRecord, JobRecords } from './records.js';
@@ -33,7 +33,7 @@ const FREE_SPACE_RESERVE = 64 * 2 ** 20;
 export interface ProcessorDeps {
   config: Config;
   records: JobRecords;
-  store: Store;
+  stores: Stores;
   cancels: CancelWatcher;
   logger: Logger;
   /** Worker-local scratch space (URL downloads staged whole). */
@@ -77,7 +77,8 @@ const percent = (done: number, total: number | null | undefined): number | null 
   total ? Math.min(100, Math.floor((10000 * done) / total) / 100) : null;
 
 export function createProcessor(deps: ProcessorDeps) {
-  const { config, records, store, cancels, logger } = deps;
+  const { config, records, cancels, logger } = deps;
+  const { staging, output } = deps.stores;
   const policy = urlPolicy(config);
 
   return async function processConversion(job: Job<ConvertJobData>, token?: string, bullSignal?: AbortSignal): Promise<ProcessResult> {
@@ -106,11 +107,11 @@ export function createProcessor(deps: ProcessorDeps) {
     let opened: OpenedUrlSource | undefined;
     let source: RandomAccessSource | undefined;
     let image: DiskImage | undefined;
-    let writer: ExtentWriter | undefined;
+    let writer: OutputWriter | undefined;
     const t0 = Date.now();
     try {
       // A previous attempt (a worker killed mid-job) may have left a partial output.
-      await store.delete('output', id);
+      await output.delete(id);
 
       if (rec.source.kind === 'url' && rec.source.url) {
         progress.report({ phase: 'downloading', bytes_done: 0, bytes_total: null, percent: null }, true);
@@ -125,7 +126,7 @@ export function createProcessor(deps: ProcessorDeps) {
           source: { ...rec.source, final_url: opened.finalUrl, size: opened.size, mode: opened.mode, ...(opened.sha256 ? { sha256: opened.sha256 } : {}) },
         });
       } else {
-        source = await store.openSource('input', id, displayName);
+        source = await staging.open(id, displayName);
       }
       const readSource = config.worker.readBytesPerSecond > 0 ? new ThrottledSource(source, config.worker.readBytesPerSecond) : source;
 
@@ -135,7 +136,7 @@ export function createProcessor(deps: ProcessorDeps) {
       image = await openImage(readSource, { format: declared, limits: { maxVirtualSize: config.maxVirtualSize }, signal });
       const info = { ...(await imageInfo(image, readSource)), filename: displayName };
       const allocation = await estimateAllocation(image, readSource, signal);
-      const free = await store.freeBytes();
+      const free = await output.freeBytes();
       if (free !== undefined && allocation.dataBytes + FREE_SPACE_RESERVE > free) {
         throw new InsufficientSpaceError(`the output needs up to ${allocation.dataBytes} bytes; the store has ${free} bytes free`);
       }
@@ -145,7 +146,7 @@ export function createProcessor(deps: ProcessorDeps) {
       await progress.flush();
       const total = image.virtualSize;
       progress.report({ phase: 'converting', bytes_done: 0, bytes_total: total, percent: 0 }, true);
-      writer = await store.createExtentWriter('output', id);
+      writer = await output.create(id, image.virtualSize);
       const result = await convertToRaw(image, readSource, writer, {
         signal,
         sha256: true,
@@ -160,28 +161,28 @@ export function createProcessor(deps: ProcessorDeps) {
       writer = undefined;
       const seconds = (Date.now() - t0) / 1000;
       const done = await records.transition(id, 'succeeded', ['running'], {
-        output: { format: 'raw', size: stored.size, sha256: result.sha256 as string, data_bytes: result.dataBytes },
+        output: { format: 'raw', size: stored.size, sha256: result.sha256 as string, data_bytes: result.dataBytes, ...(stored.location ? { location: stored.location } : {}) },
         progress: { phase: 'done', bytes_done: total, bytes_total: total, percent: 100 },
         duration_seconds: seconds,
         last_error: undefined,
       });
       if (!done.moved) {
         // Cancelled (or deleted) between the last check and the commit: unpublish.
-        await store.delete('output', id);
-        await store.delete('input', id);
+        await output.delete(id);
+        await staging.delete(id);
         log.info('cancelled as it finished; output removed');
         return { outcome: 'cancelled' };
       }
-      await store.delete('input', id);
+      await staging.delete(id);
       await records.recordConversion(result.virtualSize, seconds).catch(() => {});
       log.info({ virtual_size: result.virtualSize, data_bytes: result.dataBytes, seconds }, 'converted');
       return { outcome: 'succeeded' };
     } catch (err) {
       await writer?.abort().catch(() => {});
-      await store.delete('output', id).catch(() => {});
+      await output.delete(id).catch(() => {});
       const reason = controller.signal.aborted ? (controller.signal.reason as AbortReason) : undefined;
       if (reason === 'cancel' || (await records.getState(id).catch(() => undefined)) === 'cancelled') {
-        await store.delete('input', id).catch(() => {});
+        await staging.delete(id).catch(() => {});
         log.info('cancelled');
         return { outcome: 'cancelled' };
       }
@@ -198,7 +199,7 @@ export function createProcessor(deps: ProcessorDeps) {
       const lastAttempt = deterministic || job.attemptsMade + 1 >= attempts;
       if (lastAttempt) {
         await records.transition(id, 'failed', ['running', 'queued'], { error, last_error: undefined });
-        await store.delete('input', id).catch(() => {});
+        await staging.delete(id).catch(() => {});
         if (isDiskconvError(err)) log.info({ code: error.code }, `failed: ${error.message}`);
         else log.error({ err }, 'failed with an internal error');
         throw new UnrecoverableError(`${error.code}: ${error.message}`);

@@ -52,6 +52,8 @@ export interface JobOutput {
   size: number;
   sha256: string;
   data_bytes: number;
+  /** Where the output store keeps it (`s3://BUCKET/KEY`); absent for a local directory. */
+  location?: string;
 }
 
 export interface JobError {

@@ -10,7 +10,8 @@ import { join } from 'node:path';
 import type { Redis } from 'ioredis';
 import type { Logger } from 'pino';
 import type { Config } from '../config.js';
-import type { ObjectKind, Store } from '../store/store.js';
+import type { OwnerCheck, Stores } from '../store/index.js';
+import type { Leases } from './leases.js';
 import type { JobRecords } from './records.js';
 
 export interface SweepReport {
@@ -37,12 +38,21 @@ const RECONCILE_AFTER_MS = 60_000;
 export async function sweepOnce(deps: {
   config: Pick<Config, 'retention'>;
   records: JobRecords;
-  store: Store;
+  stores: Pick<Stores, 'staging' | 'output'>;
+  /** Leases of writes in progress (uploads, inspections); without it, only job states protect a write. */
+  leases?: Pick<Leases, 'held'>;
   queue?: QueuePort;
   scratchDir?: string;
   now?: number;
 }): Promise<SweepReport> {
-  const { records, store, config } = deps;
+  const { records, config } = deps;
+  const { staging, output } = deps.stores;
+  /** A key is owned while a lease on it lives or its job waits or runs (a worker renews its BullMQ lock meanwhile). */
+  const owned: OwnerCheck = async (key) => {
+    if (await deps.leases?.held(key)) return true;
+    const state = await records.getState(key);
+    return state === 'queued' || state === 'running';
+  };
   const now = deps.now ?? Date.now();
   const report: SweepReport = { expiredJobs: 0, orphanObjects: 0, uncommitted: 0, scratch: 0, requeued: 0, lost: 0 };
 
@@ -61,8 +71,8 @@ export async function sweepOnce(deps: {
       } else if (bull === 'failed' || bull === 'completed') {
         const { moved } = await records.transition(id, 'failed', ['queued', 'running'], { error: { code: 'WORKER_LOST', message: 'the job ended without a result' } });
         if (moved) {
-          await store.delete('input', id);
-          await store.delete('output', id);
+          await staging.delete(id);
+          await output.delete(id);
           report.lost++;
         }
       }
@@ -74,8 +84,8 @@ export async function sweepOnce(deps: {
     if (ids.length === 0) break;
     for (const id of ids) {
       const rec = await records.get(id);
-      await store.delete('output', id);
-      await store.delete('input', id);
+      await output.delete(id);
+      await staging.delete(id);
       if (rec) await records.remove(rec);
       else await records.remove({ id, tenant: '' }); // index entry without record
       report.expiredJobs++;
@@ -84,25 +94,28 @@ export async function sweepOnce(deps: {
   }
 
   const orphanBefore = now - config.retention.orphanTtlSeconds * 1000;
-  for (const kind of ['input', 'output'] as ObjectKind[]) {
-    for await (const obj of store.list(kind)) {
-      if (obj.modifiedAt >= orphanBefore) continue;
-      const state = await records.getState(obj.key);
-      // Inputs are needed while a job waits or runs; outputs while it is succeeded.
-      const wanted = kind === 'input' ? state === 'queued' || state === 'running' : state === 'succeeded';
-      if (!wanted) {
-        await store.delete(kind, obj.key);
-        report.orphanObjects++;
-      }
-    }
+  // Inputs are needed while their job waits or runs (or an upload still holds its lease).
+  for await (const obj of staging.list()) {
+    if (obj.modifiedAt >= orphanBefore || (await owned(obj.key))) continue;
+    await staging.delete(obj.key);
+    report.orphanObjects++;
   }
-  report.uncommitted = await store.sweepUncommitted(orphanBefore);
+  // Outputs while their job is succeeded, or still running (committed, not yet recorded).
+  for await (const obj of output.list()) {
+    if (obj.modifiedAt >= orphanBefore) continue;
+    if ((await records.getState(obj.key)) === 'succeeded' || (await owned(obj.key))) continue;
+    await output.delete(obj.key);
+    report.orphanObjects++;
+  }
+  report.uncommitted = (await staging.sweepUncommitted(orphanBefore, owned)) + (await output.sweepUncommitted(orphanBefore, owned));
 
   if (deps.scratchDir) {
     for (const name of await readdir(deps.scratchDir).catch(() => [] as string[])) {
       const path = join(deps.scratchDir, name);
       const st = await stat(path).catch(() => undefined);
-      if (st && st.mtimeMs < orphanBefore) {
+      // Scratch files are named after their job or inspection: `<key>.download`.
+      const key = name.split('.')[0] ?? '';
+      if (st && st.mtimeMs < orphanBefore && !(key !== '' && (await owned(key)))) {
         await rm(path, { force: true, recursive: true });
         report.scratch++;
       }
@@ -119,7 +132,8 @@ export function startSweeper(deps: {
   config: Pick<Config, 'retention'>;
   redis: Redis;
   records: JobRecords;
-  store: Store;
+  stores: Pick<Stores, 'staging' | 'output'>;
+  leases: Pick<Leases, 'held'>;
   queue: QueuePort;
   scratchDir: string;
   logger: Logger;

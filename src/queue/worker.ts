@@ -8,8 +8,9 @@ import { Worker } from 'bullmq';
 import { Redis } from 'ioredis';
 import type { Logger } from 'pino';
 import type { Config } from '../config.js';
-import type { Store } from '../store/store.js';
+import type { Stores } from '../store/index.js';
 import { CancelWatcher } from './cancel.js';
+import { Leases } from './leases.js';
 import { createProcessor, failIfUnfinished, type ProcessResult } from './processor.js';
 import { bullConnection, ConversionQueue, type ConvertJobData } from './queue.js';
 import { JobRecords } from './records.js';
@@ -20,8 +21,8 @@ export interface RunningWorker {
   close(graceMs?: number): Promise<void>;
 }
 
-export async function startWorker(config: Config, deps: { store: Store; logger: Logger; redisUrl: string }): Promise<RunningWorker> {
-  const { store, logger, redisUrl } = deps;
+export async function startWorker(config: Config, deps: { stores: Stores; logger: Logger; redisUrl: string }): Promise<RunningWorker> {
+  const { stores, logger, redisUrl } = deps;
   const redis = new Redis(redisUrl, { maxRetriesPerRequest: 3 });
   redis.on('error', (err) => logger.warn({ err: err.message }, 'redis connection error'));
   const records = new JobRecords(redis, config.queueName);
@@ -30,7 +31,7 @@ export async function startWorker(config: Config, deps: { store: Store; logger: 
   const scratchDir = join(config.dataDir, 'work');
   await mkdir(scratchDir, { recursive: true, mode: 0o750 });
 
-  const processor = createProcessor({ config, records, store, cancels, logger, scratchDir });
+  const processor = createProcessor({ config, records, stores, cancels, logger, scratchDir });
   const worker = new Worker<ConvertJobData, ProcessResult>(config.queueName, processor, {
     connection: bullConnection(redisUrl),
     concurrency: config.workerConcurrency,
@@ -51,8 +52,8 @@ export async function startWorker(config: Config, deps: { store: Store; logger: 
         message: /stalled/i.test(err.message) ? 'the job was interrupted too many times' : 'internal error',
       }).catch(() => undefined);
       if (rec) {
-        await store.delete('input', rec.id).catch(() => {});
-        await store.delete('output', rec.id).catch(() => {});
+        await stores.staging.delete(rec.id).catch(() => {});
+        await stores.output.delete(rec.id).catch(() => {});
         logger.warn({ job: rec.id, err: err.message }, 'job failed outside the processor');
       }
     })();
@@ -60,7 +61,7 @@ export async function startWorker(config: Config, deps: { store: Store; logger: 
   // The worker's own queue handle, to put back jobs whose enqueue was lost (see retention.ts).
   const queue = new ConversionQueue(redisUrl, config);
   queue.queue.on('error', (err) => logger.warn({ err: err.message }, 'queue connection error'));
-  const sweeper = startSweeper({ config, redis, records, store, queue, scratchDir, logger });
+  const sweeper = startSweeper({ config, redis, records, stores, leases: new Leases(redis, config.queueName), queue, scratchDir, logger });
   await worker.waitUntilReady();
   logger.info({ queue: config.queueName, concurrency: config.workerConcurrency }, 'worker ready');
 

@@ -11,12 +11,12 @@ import { Redis } from 'ioredis';
 import { pino } from 'pino';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { buildApp } from '../../src/api/app.js';
-import { REDACT_PATHS } from '../../src/api/server.js';
+import { REDACT_PATHS } from '../../src/log.js';
 import { loadConfig, type Config } from '../../src/config.js';
 import { BufferSource, convertToRaw, openImage } from '../../src/engine/index.js';
 import { ConversionQueue } from '../../src/queue/queue.js';
 import { JobRecords } from '../../src/queue/records.js';
-import { LocalStore } from '../../src/store/local.js';
+import { openStores, type Stores } from '../../src/store/index.js';
 import { makeTempDir, qemuImg, qemuIo, seededBytes } from '../helpers/qemu.js';
 import { startRedis, uniqueQueueName, type TestRedis } from '../helpers/redis.js';
 
@@ -42,7 +42,7 @@ interface Setup {
   config: Config;
   records: JobRecords;
   queue: ConversionQueue;
-  store: LocalStore;
+  stores: Stores;
   logs: string[];
 }
 
@@ -64,7 +64,7 @@ describe('API', () => {
       LOG_LEVEL: 'trace',
       ...env,
     });
-    const store = await LocalStore.open(join(config.dataDir, 'store'));
+    const stores = await openStores(config);
     const records = new JobRecords(client, config.queueName);
     const queue = new ConversionQueue(redis.url, config);
     const logs: string[] = [];
@@ -75,9 +75,9 @@ describe('API', () => {
       },
     });
     const logger = pino({ level: 'trace', redact: { paths: REDACT_PATHS, censor: '[redacted]' } }, sink);
-    const app = await buildApp(config, { records, queue, store, redis: client }, { logger });
+    const app = await buildApp(config, { records, queue, stores, redis: client }, { logger });
     await app.ready();
-    const s = { app, config, records, queue, store, logs };
+    const s = { app, config, records, queue, stores, logs };
     setups.push(s);
     return s;
   }
@@ -278,12 +278,12 @@ describe('API', () => {
   describe('jobs', () => {
     it('cancels a queued job (its input goes, the queue forgets it), then deletes it', async () => {
       const { id } = await createJob(main, qcow2);
-      expect(await main.store.stat('input', id)).toBeDefined();
+      expect(await main.stores.staging.stat(id)).toBeDefined();
       expect(await main.queue.queue.getJob(id)).toBeDefined();
       const del = await main.app.inject({ method: 'DELETE', url: `/v1/jobs/${id}`, headers: auth() });
       expect(del.statusCode).toBe(200);
       expect(del.json()).toMatchObject({ id, state: 'cancelled' });
-      expect(await main.store.stat('input', id)).toBeUndefined();
+      expect(await main.stores.staging.stat(id)).toBeUndefined();
       expect(await main.queue.queue.getJob(id)).toBeUndefined();
       const again = await main.app.inject({ method: 'DELETE', url: `/v1/jobs/${id}`, headers: auth() });
       expect(again.statusCode).toBe(204);
@@ -300,7 +300,7 @@ describe('API', () => {
       const data = Buffer.concat([seededBytes(10_000, 5), Buffer.alloc(5000)]);
       const source = new BufferSource(data);
       const image = await openImage(source, { format: 'raw' });
-      const writer = await main.store.createExtentWriter('output', id);
+      const writer = await main.stores.output.create(id, image.virtualSize);
       const result = await convertToRaw(image, source, writer, { sha256: true });
       const stored = await writer.commit();
       await main.records.transition(id, 'succeeded', ['queued'], { output: { format: 'raw', size: stored.size, sha256: result.sha256 as string, data_bytes: 1 } });
@@ -349,7 +349,7 @@ describe('API', () => {
 
       // Deleting a finished job removes its output.
       expect((await main.app.inject({ method: 'DELETE', url: `/v1/jobs/${id}`, headers: auth() })).statusCode).toBe(204);
-      expect(await main.store.stat('output', id)).toBeUndefined();
+      expect(await main.stores.output.stat(id)).toBeUndefined();
     });
 
     it('lists with state, limit and cursor', async () => {

@@ -10,7 +10,7 @@ import { ERROR_CODES } from '../../src/api/errors.js';
 import { OPENAPI_URL } from '../../src/api/routes/ops.js';
 import { loadConfig } from '../../src/config.js';
 import { JobRecords } from '../../src/queue/records.js';
-import { LocalStore } from '../../src/store/local.js';
+import { openStores } from '../../src/store/index.js';
 import { makeTempDir } from '../helpers/qemu.js';
 
 const METHODS = ['get', 'put', 'post', 'delete', 'options', 'head', 'patch', 'trace'] as const;
@@ -26,13 +26,13 @@ describe('openapi.yaml', () => {
     // Only the route table is needed: nothing here talks to Redis or a queue.
     redis = new Redis({ lazyConnect: true });
     const config = loadConfig({ DATA_DIR: join(dir, 'data') });
-    const store = await LocalStore.open(join(dir, 'data', 'store'));
+    const stores = await openStores({ dataDir: join(dir, 'data'), store: { kind: 'file', root: undefined } });
     const app = Fastify({ exposeHeadRoutes: false });
     app.addHook('onRoute', (route) => {
       for (const method of [route.method].flat()) routes.push({ method: method.toLowerCase(), url: route.url });
     });
     const queue = { enqueue: async () => {}, removeWaiting: async () => {}, depth: async () => ({ waiting: 0, delayed: 0, active: 0 }) };
-    await app.register(diskconvApp(config, { records: new JobRecords(redis, 'openapi'), queue, store, redis }));
+    await app.register(diskconvApp(config, { records: new JobRecords(redis, 'openapi'), queue, stores, redis }));
     await app.ready();
     await app.close();
   });

@@ -7,7 +7,7 @@
 import { join } from 'node:path';
 import { Redis } from 'ioredis';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { freePort } from '../../src/service/redis-server.js';
+import { freePort } from '../../src/cli/redis-server.js';
 import { makeTempDir, qemuImg, qemuIo, qemuRawSha256 } from '../helpers/qemu.js';
 import { curl, spawnDiskconv, waitFor, type JobJson, type ServiceProcess } from '../helpers/service.js';
 

@@ -5,7 +5,7 @@
 import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { startPrivateRedis } from '../../src/service/redis-server.js';
+import { startPrivateRedis } from '../../src/cli/redis-server.js';
 
 export interface TestRedis {
   url: string;

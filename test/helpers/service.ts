@@ -8,7 +8,7 @@ import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
-import { freePort } from '../../src/service/redis-server.js';
+import { freePort } from '../../src/cli/redis-server.js';
 import { CLI } from './cli.js';
 import { startRedis, uniqueQueueName, type TestRedis } from './redis.js';
 

@@ -5,7 +5,7 @@ import { Redis } from 'ioredis';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { JobRecords, tenantOf, type JobRecord } from '../../src/queue/records.js';
 import { sweepOnce } from '../../src/queue/retention.js';
-import { LocalStore } from '../../src/store/local.js';
+import { openStores } from '../../src/store/index.js';
 import { makeTempDir } from '../helpers/qemu.js';
 import { startRedis, uniqueQueueName, type TestRedis } from '../helpers/redis.js';
 
@@ -112,12 +112,19 @@ describe('JobRecords (real Redis)', () => {
   it('retention removes expired finished jobs with their files, and orphans', async () => {
     const { dir, cleanup } = await makeTempDir('diskconv-retention-');
     try {
-      const store = await LocalStore.open(join(dir, 'store'));
+      const stores = await openStores({ dataDir: dir, store: { kind: 'file', root: undefined } });
       const r = new JobRecords(client, uniqueQueueName('retention'));
       const put = async (kind: 'input' | 'output', key: string): Promise<void> => {
-        const w = await store.createStreamWriter(kind, key);
-        await pipeline(Readable.from([Buffer.from('data')]), w.stream);
-        await w.commit();
+        if (kind === 'input') {
+          const w = await stores.staging.create(key);
+          await pipeline(Readable.from([Buffer.from('data')]), w.stream);
+          await w.commit();
+        } else {
+          const w = await stores.output.create(key, 4);
+          await w.write({ kind: 'data', offset: 0, length: 4, data: Buffer.from('data') });
+          await w.finish(4);
+          await w.commit();
+        }
       };
       await r.create(record('done', 't', 1));
       await r.transition('done', 'succeeded', ['queued'], { output: { format: 'raw', size: 4, sha256: 'x', data_bytes: 4 } });
@@ -128,23 +135,23 @@ describe('JobRecords (real Redis)', () => {
       await put('output', 'orphan2');
 
       // Nothing is old enough yet.
-      let report = await sweepOnce({ config: { retention: { resultTtlSeconds: 3600, orphanTtlSeconds: 3600, sweepSeconds: 60 } }, records: r, store });
+      let report = await sweepOnce({ config: { retention: { resultTtlSeconds: 3600, orphanTtlSeconds: 3600, sweepSeconds: 60 } }, records: r, stores });
       expect(report).toEqual({ expiredJobs: 0, orphanObjects: 0, uncommitted: 0, scratch: 0, requeued: 0, lost: 0 });
 
       report = await sweepOnce({
         config: { retention: { resultTtlSeconds: 1, orphanTtlSeconds: 1, sweepSeconds: 60 } },
         records: r,
-        store,
+        stores,
         now: Date.now() + 10_000,
       });
       expect(report.expiredJobs).toBe(1);
       expect(report.orphanObjects).toBe(2);
       expect(await r.get('done')).toBeUndefined();
-      expect(await store.stat('output', 'done')).toBeUndefined();
-      expect(await store.stat('input', 'orphan')).toBeUndefined();
-      expect(await store.stat('output', 'orphan2')).toBeUndefined();
+      expect(await stores.output.stat('done')).toBeUndefined();
+      expect(await stores.staging.stat('orphan')).toBeUndefined();
+      expect(await stores.output.stat('orphan2')).toBeUndefined();
       // A queued job keeps its input.
-      expect(await store.stat('input', 'live')).toBeDefined();
+      expect(await stores.staging.stat('live')).toBeDefined();
       expect(Number((await r.stats())['state:succeeded'])).toBe(0);
     } finally {
       await cleanup();

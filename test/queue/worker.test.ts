@@ -15,8 +15,7 @@ import { ConversionQueue } from '../../src/queue/queue.js';
 import { JobRecords, type JobRecord } from '../../src/queue/records.js';
 import { sweepOnce } from '../../src/queue/retention.js';
 import { startWorker, type RunningWorker } from '../../src/queue/worker.js';
-import { LocalStore } from '../../src/store/local.js';
-import type { Store } from '../../src/store/store.js';
+import { openStores, type Stores } from '../../src/store/index.js';
 import { makeTempDir, qemuImg, qemuIo, qemuRawSha256 } from '../helpers/qemu.js';
 import { startRedis, uniqueQueueName, type TestRedis } from '../helpers/redis.js';
 import { waitFor } from '../helpers/service.js';
@@ -31,13 +30,13 @@ describe('worker (in-process, real Redis and BullMQ)', () => {
   interface Rig {
     config: Config;
     records: JobRecords;
-    store: Store;
+    stores: Stores;
     queue: ConversionQueue;
     submit(path: string, sourceFormat?: JobRecord['source_format'], enqueue?: boolean): Promise<string>;
     final(id: string): Promise<JobRecord>;
   }
 
-  async function rig(env: Record<string, string>, wrapStore: (s: LocalStore) => Store = (s) => s): Promise<Rig> {
+  async function rig(env: Record<string, string>, wrapStores: (s: Stores) => Stores = (s) => s): Promise<Rig> {
     const config = loadConfig({
       DATA_DIR: join(dir, `data-${running.length}`),
       QUEUE_NAME: uniqueQueueName('worker'),
@@ -45,20 +44,20 @@ describe('worker (in-process, real Redis and BullMQ)', () => {
       LOG_LEVEL: 'silent',
       ...env,
     });
-    const store = wrapStore(await LocalStore.open(join(config.dataDir, 'store')));
+    const stores = wrapStores(await openStores(config));
     const records = new JobRecords(client, config.queueName);
     const queue = new ConversionQueue(redis.url, config);
-    const worker = await startWorker(config, { store, logger: pino({ level: 'silent' }), redisUrl: redis.url });
+    const worker = await startWorker(config, { stores, logger: pino({ level: 'silent' }), redisUrl: redis.url });
     running.push({ worker, queue });
     let n = 0;
     return {
       config,
       records,
-      store,
+      stores,
       queue,
       async submit(path, sourceFormat = 'auto', enqueue = true) {
         const id = `job${String(++n).padStart(19, '0')}`;
-        const w = await store.createStreamWriter('input', id);
+        const w = await stores.staging.create(id);
         await pipeline(Readable.from([await readFile(path)]), w.stream);
         const stored = await w.commit();
         const now = Date.now();
@@ -115,19 +114,19 @@ describe('worker (in-process, real Redis and BullMQ)', () => {
     const id = await r.submit(big);
     const rec = await r.final(id);
     expect(rec).toMatchObject({ state: 'failed', attempts: 1, error: { code: 'LIMIT_EXCEEDED' } });
-    expect(await r.store.stat('output', id)).toBeUndefined();
-    expect(await r.store.stat('input', id)).toBeUndefined();
+    expect(await r.stores.output.stat(id)).toBeUndefined();
+    expect(await r.stores.staging.stat(id)).toBeUndefined();
     expect(await readdir(join(r.config.dataDir, 'store', 'tmp'))).toEqual([]);
   });
 
   it('refuses early when the store has less free space than the output needs, retrying with backoff', async () => {
     // The local filesystem with 1 MiB left: everything else about the store is real.
-    const r = await rig({ JOB_ATTEMPTS: '2' }, (s) => new Proxy(s, { get: (t, p) => (p === 'freeBytes' ? async () => 2 ** 20 : Reflect.get(t, p, t)) }));
+    const r = await rig({ JOB_ATTEMPTS: '2' }, (s) => ({ ...s, output: new Proxy(s.output, { get: (t, p) => (p === 'freeBytes' ? async () => 2 ** 20 : Reflect.get(t, p, t)) }) }));
     const id = await r.submit(big);
     const rec = await r.final(id);
     expect(rec).toMatchObject({ state: 'failed', attempts: 2, error: { code: 'INSUFFICIENT_SPACE' } });
     expect(await readdir(join(r.config.dataDir, 'store', 'tmp'))).toEqual([]);
-    expect(await r.store.stat('output', id)).toBeUndefined();
+    expect(await r.stores.output.stat(id)).toBeUndefined();
   });
 
   it('converts, skips jobs deleted before it got to them, and retention removes finished jobs', async () => {
@@ -143,9 +142,9 @@ describe('worker (in-process, real Redis and BullMQ)', () => {
     expect(done.state).toBe('succeeded');
     expect(done.output?.sha256).toBe(await qemuRawSha256(small, dir));
     expect(done.duration_seconds).toBeGreaterThanOrEqual(0);
-    expect(await r.store.stat('input', id)).toBeUndefined();
+    expect(await r.stores.staging.stat(id)).toBeUndefined();
     // Retention: the record and the output go once RESULT_TTL_SECONDS have passed.
-    await waitFor('retention', async () => (await r.records.get(id)) === undefined && (await r.store.stat('output', id)) === undefined, 15_000);
+    await waitFor('retention', async () => (await r.records.get(id)) === undefined && (await r.stores.output.stat(id)) === undefined, 15_000);
     const stats = await r.records.stats();
     expect(Number(stats.conversions)).toBeGreaterThanOrEqual(1);
   });
@@ -154,9 +153,9 @@ describe('worker (in-process, real Redis and BullMQ)', () => {
     const r = await rig({});
     const id = await r.submit(small, 'auto', false);
     // Too young to reconcile: the API may be enqueueing it right now.
-    const early = await sweepOnce({ config: r.config, records: r.records, store: r.store, queue: r.queue });
+    const early = await sweepOnce({ config: r.config, records: r.records, stores: r.stores, queue: r.queue });
     expect(early.requeued).toBe(0);
-    const later = await sweepOnce({ config: r.config, records: r.records, store: r.store, queue: r.queue, now: Date.now() + 120_000 });
+    const later = await sweepOnce({ config: r.config, records: r.records, stores: r.stores, queue: r.queue, now: Date.now() + 120_000 });
     expect(later.requeued).toBe(1);
     expect((await r.final(id)).state).toBe('succeeded');
     // Finished jobs leave the reconciliation index.

@@ -6,10 +6,10 @@
 import { randomBytes } from 'node:crypto';
 import { rm } from 'node:fs/promises';
 import { join } from 'node:path';
-import type { FastifyInstance } from 'fastify';
+import type { FastifyInstance, FastifyRequest } from 'fastify';
 import type { FormatId, RandomAccessSource } from '../../engine/index.js';
-import { inspectSource } from '../../service/inspect.js';
-import { displayUrl, openImportUrl, type OpenedUrlSource } from '../../service/url-import.js';
+import { inspectSource } from '../../queue/inspect.js';
+import { displayUrl, openImportUrl, type OpenedUrlSource } from '../../queue/url-import.js';
 import { receiveBody } from '../bodies.js';
 import type { ApiContext } from '../context.js';
 
@@ -20,7 +20,17 @@ export async function inspectRoutes(app: FastifyInstance, ctx: ApiContext): Prom
     reply.raw.on('close', () => {
       if (!reply.raw.writableFinished) controller.abort(); // the client went away
     });
-    const received = await receiveBody(request, key, { config: ctx.config, store: ctx.store, policy: ctx.policy });
+    // The lease keeps the sweeps off this inspection's staged upload and scratch download.
+    const lease = await ctx.leases.hold(key);
+    try {
+      return await inspect(request, key, controller);
+    } finally {
+      await lease.release();
+    }
+  });
+
+  const inspect = async (request: FastifyRequest, key: string, controller: AbortController): Promise<Record<string, unknown>> => {
+    const received = await receiveBody(request, key, { config: ctx.config, staging: ctx.stores.staging, policy: ctx.policy });
     const src = received.source;
     const stagingPath = join(ctx.scratchDir, `${key}.download`);
     let opened: OpenedUrlSource | undefined;
@@ -29,7 +39,7 @@ export async function inspectRoutes(app: FastifyInstance, ctx: ApiContext): Prom
       let summary: Record<string, unknown>;
       if (src.kind === 'upload') {
         const displayName = src.filename ?? 'upload';
-        source = await ctx.store.openSource('input', key, displayName);
+        source = await ctx.stores.staging.open(key, displayName);
         summary = { kind: 'upload', ...(src.filename ? { filename: src.filename } : {}), size: src.size, sha256: src.sha256 };
       } else {
         opened = await openImportUrl(src.url, ctx.policy, {
@@ -48,7 +58,7 @@ export async function inspectRoutes(app: FastifyInstance, ctx: ApiContext): Prom
       // A URL source is closed through its opener, which also drops its connections.
       await (opened ? opened.close() : source?.close())?.catch(() => {});
       await rm(stagingPath, { force: true }).catch(() => {});
-      if (src.kind === 'upload') await ctx.store.delete('input', key).catch(() => {});
+      if (src.kind === 'upload') await ctx.stores.staging.delete(key).catch(() => {});
     }
-  });
+  };
 }

@@ -1,6 +1,6 @@
 /** POST/GET/DELETE /v1/jobs: create, list, read and cancel conversion jobs. */
 import { randomBytes } from 'node:crypto';
-import type { FastifyInstance, FastifyRequest } from 'fastify';
+import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
 import { z } from 'zod';
 import { isFinal, JOB_STATES, type JobRecord } from '../../queue/records.js';
 import { receiveBody } from '../bodies.js';
@@ -34,7 +34,17 @@ export async function findJob(ctx: ApiContext, request: FastifyRequest): Promise
 export async function jobRoutes(app: FastifyInstance, ctx: ApiContext): Promise<void> {
   app.post('/v1/jobs', { config: { rateLimit: { max: ctx.config.rateLimit.jobs, timeWindow: ctx.config.rateLimit.windowSeconds * 1000 } } }, async (request, reply) => {
     const id = newJobId();
-    const received = await receiveBody(request, id, { config: ctx.config, store: ctx.store, policy: ctx.policy });
+    // Until the record exists, the lease is what keeps the sweeps off the upload.
+    const lease = await ctx.leases.hold(id);
+    try {
+      return await createJob(request, reply, id);
+    } finally {
+      await lease.release();
+    }
+  });
+
+  const createJob = async (request: FastifyRequest, reply: FastifyReply, id: string): Promise<FastifyReply> => {
+    const received = await receiveBody(request, id, { config: ctx.config, staging: ctx.stores.staging, policy: ctx.policy });
     const now = Date.now();
     const src = received.source;
     const record: JobRecord = {
@@ -58,13 +68,13 @@ export async function jobRoutes(app: FastifyInstance, ctx: ApiContext): Promise<
       await ctx.queue.enqueue(id);
     } catch (err) {
       await ctx.records.remove(record).catch(() => {});
-      await ctx.store.delete('input', id).catch(() => {});
+      await ctx.stores.staging.delete(id).catch(() => {});
       request.log.error({ err }, 'enqueue failed');
       throw new ApiError('QUEUE_UNAVAILABLE');
     }
     request.log.info({ job: id, kind: src.kind, size: src.kind === 'upload' ? src.size : undefined }, 'job created');
     return reply.code(202).header('location', jobPath(id)).send(presentJob(record));
-  });
+  };
 
   const readLimit = { rateLimit: { max: ctx.config.rateLimit.reads, timeWindow: ctx.config.rateLimit.windowSeconds * 1000 } };
 
@@ -84,14 +94,14 @@ export async function jobRoutes(app: FastifyInstance, ctx: ApiContext): Promise<
         // Tell the worker (if any) at once; take the job off the queue if no worker has it yet.
         await ctx.records.publishCancel(rec.id);
         await ctx.queue.removeWaiting(rec.id).catch((err: unknown) => request.log.warn({ err }, 'could not remove the queued job'));
-        await ctx.store.delete('input', rec.id);
+        await ctx.stores.staging.delete(rec.id);
         request.log.info({ job: rec.id }, 'job cancelled');
         return presentJob((await ctx.records.get(rec.id)) ?? rec);
       }
     }
     // Finished (or finished while we looked): remove its files and its record.
-    await ctx.store.delete('output', rec.id);
-    await ctx.store.delete('input', rec.id);
+    await ctx.stores.output.delete(rec.id);
+    await ctx.stores.staging.delete(rec.id);
     await ctx.records.remove(rec);
     request.log.info({ job: rec.id }, 'job deleted');
     return reply.code(204).send();

@@ -25,7 +25,7 @@ export async function opsRoutes(app: FastifyInstance, ctx: ApiContext): Promise<
 
   app.get('/readyz', async (request) => {
     const checks: Record<string, string> = {};
-    const [redis, store] = await Promise.allSettled([withTimeout(ctx.redis.ping(), 2000, 'redis ping'), withTimeout(ctx.store.ping(), 2000, 'store check')]);
+    const [redis, store] = await Promise.allSettled([withTimeout(ctx.redis.ping(), 2000, 'redis ping'), withTimeout(Promise.all([ctx.stores.staging.ping(), ctx.stores.output.ping()]), 2000, 'store check')]);
     checks.redis = redis.status === 'fulfilled' ? 'ok' : 'unreachable';
     checks.store = store.status === 'fulfilled' ? 'ok' : 'unavailable';
     if (redis.status === 'rejected' || store.status === 'rejected') {

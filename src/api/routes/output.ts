@@ -1,6 +1,6 @@
 /** GET and HEAD /v1/jobs/{id}/output: the raw image, with ETag (its sha256) and single byte ranges. */
 import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
-import type { ByteRange } from '../../store/store.js';
+import type { ByteRange } from '../../store/index.js';
 import type { ApiContext } from '../context.js';
 import { ApiError } from '../errors.js';
 import { findJob } from './jobs.js';
@@ -30,7 +30,7 @@ export async function outputRoutes(app: FastifyInstance, ctx: ApiContext): Promi
   const serve = async (request: FastifyRequest, reply: FastifyReply, withBody: boolean): Promise<FastifyReply> => {
     const rec = await findJob(ctx, request);
     if (rec.state !== 'succeeded' || !rec.output) throw new ApiError('JOB_NOT_READY', `the job is ${rec.state}; its output exists once it has succeeded`);
-    const obj = await ctx.store.stat('output', rec.id);
+    const obj = await ctx.stores.output.stat(rec.id);
     if (!obj) throw new ApiError('NOT_FOUND', 'the output is no longer stored');
     const etag = `"${rec.output.sha256}"`;
     reply
@@ -58,7 +58,7 @@ export async function outputRoutes(app: FastifyInstance, ctx: ApiContext): Promi
       reply.header('content-length', String(obj.size));
     }
     if (!withBody || obj.size === 0) return reply.send();
-    return reply.send(await ctx.store.createReadStream('output', rec.id, range));
+    return reply.send(await ctx.stores.output.read(rec.id, range));
   };
 
   const readLimit = { rateLimit: { max: ctx.config.rateLimit.reads, timeWindow: ctx.config.rateLimit.windowSeconds * 1000 } };

@@ -8,14 +8,13 @@ import { join } from 'node:path';
 import { Redis } from 'ioredis';
 import type { Logger } from 'pino';
 import { startServer } from '../api/server.js';
-import { createLogger } from '../api/server.js';
+import { createLogger } from '../log.js';
 import { loadConfig, type Config } from '../config.js';
 import { InvalidArgumentError } from '../engine/errors.js';
 import { ConversionQueue } from '../queue/queue.js';
 import { JobRecords } from '../queue/records.js';
 import { startWorker } from '../queue/worker.js';
-import { LocalStore } from '../store/local.js';
-import type { Store } from '../store/store.js';
+import { openStores, type Stores } from '../store/index.js';
 import { startPrivateRedis, type PrivateRedis } from './redis-server.js';
 
 export type ServiceCommand = 'serve' | 'worker' | 'up';
@@ -25,17 +24,13 @@ interface Stoppable {
   stop(): Promise<void>;
 }
 
-export async function openStore(config: Config): Promise<Store> {
-  return LocalStore.open(join(config.dataDir, 'store'));
-}
-
-async function startApi(config: Config, redisUrl: string, store: Store, logger: Logger): Promise<{ url: string; stoppable: Stoppable }> {
+async function startApi(config: Config, redisUrl: string, stores: Stores, logger: Logger): Promise<{ url: string; stoppable: Stoppable }> {
   const redis = new Redis(redisUrl, { maxRetriesPerRequest: 2 });
   redis.on('error', (err) => logger.warn({ err: err.message }, 'redis connection error'));
   const records = new JobRecords(redis, config.queueName);
   const queue = new ConversionQueue(redisUrl, config);
   queue.queue.on('error', (err) => logger.warn({ err: err.message }, 'queue connection error'));
-  const server = await startServer(config, { records, queue, store, redis }, logger);
+  const server = await startServer(config, { records, queue, stores, redis }, logger);
   return {
     url: server.url,
     stoppable: {
@@ -93,13 +88,14 @@ export async function runService(command: string, argv: string[]): Promise<numbe
       redisUrl = privateRedis.url;
       logger.info({ redis: redisUrl }, 'started a private redis-server');
     }
-    const store = await openStore(config);
+    const stores = await openStores(config);
+    running.push({ name: 'stores', stop: () => stores.close() });
     if (command === 'worker' || command === 'up') {
-      const worker = await startWorker(config, { store, logger, redisUrl });
+      const worker = await startWorker(config, { stores, logger, redisUrl });
       running.push({ name: 'worker', stop: () => worker.close() });
     }
     if (command === 'serve' || command === 'up') {
-      const api = await startApi(config, redisUrl, store, logger);
+      const api = await startApi(config, redisUrl, stores, logger);
       running.push(api.stoppable);
       logger.info({ url: api.url }, 'listening');
       if (command === 'up') {

@@ -1,0 +1,61 @@
+/** Input staging in a local directory (one host, or a filesystem every host mounts). */
+import { createWriteStream } from 'node:fs';
+import { rm } from 'node:fs/promises';
+import { FileSource, type RandomAccessSource } from '../../engine/index.js';
+import { StoreError, StoreObjectMissingError, type ObjectStat, type OwnerCheck } from '../common.js';
+import type { InputStaging, StagedWrite } from '../staging.js';
+import { asStoreError, FileObjects } from './objects.js';
+
+export class FileStaging implements InputStaging {
+  readonly kind = 'file';
+  private constructor(private readonly objects: FileObjects) {}
+
+  /** `root` is the store directory (inputs under root/input, writes in progress under root/tmp). */
+  static async open(root: string): Promise<FileStaging> {
+    return new FileStaging(await FileObjects.open(root, 'input'));
+  }
+
+  async create(key: string): Promise<StagedWrite> {
+    const temp = this.objects.tempPath(key);
+    const stream = createWriteStream(temp, { flags: 'wx', mode: 0o640, highWaterMark: 1 << 20 });
+    await new Promise<void>((resolve, reject) => {
+      stream.once('open', () => resolve());
+      stream.once('error', (err) => reject(asStoreError(err, `create input ${key}`)));
+    });
+    return {
+      stream,
+      commit: async () => {
+        if (!stream.writableFinished) throw new StoreError(`commit of input ${key} before the stream finished`);
+        return this.objects.publish(temp, key);
+      },
+      abort: async () => {
+        stream.destroy();
+        await rm(temp, { force: true });
+      },
+    };
+  }
+
+  async open(key: string, name = `input ${key}`): Promise<RandomAccessSource> {
+    if (!(await this.objects.stat(key))) throw new StoreObjectMissingError(`input ${key} is not in the store`);
+    return FileSource.open(this.objects.path(key), name);
+  }
+
+  stat(key: string): Promise<ObjectStat | undefined> {
+    return this.objects.stat(key);
+  }
+  delete(key: string): Promise<void> {
+    return this.objects.delete(key);
+  }
+  list(): AsyncIterable<ObjectStat> {
+    return this.objects.list();
+  }
+  sweepUncommitted(olderThan: number, owned: OwnerCheck): Promise<number> {
+    return this.objects.sweepUncommitted(olderThan, owned);
+  }
+  freeBytes(): Promise<number | undefined> {
+    return this.objects.freeBytes();
+  }
+  ping(): Promise<void> {
+    return this.objects.ping();
+  }
+}

@@ -1,0 +1,37 @@
+/**
+ * The one place that turns the configuration (STORE_URL, RBD_POOLS) into the
+ * three stores. The API and the workers get them from here and never learn
+ * which implementation is configured.
+ */
+import { join } from 'node:path';
+import type { Config } from '../config.js';
+import { NoDestinations, type Destinations } from './destination.js';
+import { FileOutputStore } from './file/output.js';
+import { FileStaging } from './file/staging.js';
+import type { OutputStore } from './output.js';
+import type { InputStaging } from './staging.js';
+
+export interface Stores {
+  staging: InputStaging;
+  output: OutputStore;
+  destinations: Destinations;
+  /** Releases clients and connections. */
+  close(): Promise<void>;
+}
+
+export async function openStores(config: Pick<Config, 'dataDir' | 'store'>): Promise<Stores> {
+  const root = config.store.root ?? join(config.dataDir, 'store');
+  return {
+    staging: await FileStaging.open(root),
+    output: await FileOutputStore.open(root),
+    destinations: new NoDestinations(),
+    close: async () => {},
+  };
+}
+
+export type { ByteRange, ObjectStat, OwnerCheck } from './common.js';
+export { StoreError, StoreObjectMissingError } from './common.js';
+export type { InputStaging, StagedWrite } from './staging.js';
+export type { OutputStore, OutputWriter, StoredOutput } from './output.js';
+export type { Destinations, DestinationTarget, DestinationResult, DestinationWriter, RbdTarget } from './destination.js';
+export { DestinationRefusedError, DestinationExistsError, DestinationError } from './destination.js';
