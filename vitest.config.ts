@@ -10,5 +10,7 @@ export default defineConfig({
     poolOptions: { forks: { maxForks: 2, minForks: 1 } },
     // A run that finds no test must fail, not pass.
     passWithNoTests: false,
+    // One entry each; keep it an array. ceph-global: the run's shared test Ceph, started lazily.
+    globalSetup: ['test/helpers/ceph-global.ts'],
   },
 });

@@ -1,0 +1,103 @@
+/**
+ * The shared test Ceph (one per test run; see ceph-global.ts): useCeph() starts
+ * it the first time any test file asks, in the run's directory, and every other
+ * file (in any fork) waits for the same cluster. A mkdir is the lock.
+ *
+ * Outside CI a machine without Ceph's packages skips the Ceph tests (as a skip,
+ * via `describe.skipIf(!cephAvailable)`); in CI (`CI=true`) they run and fail.
+ */
+import { execFile, execFileSync } from 'node:child_process';
+import { mkdir, readFile, writeFile } from 'node:fs/promises';
+import { join } from 'node:path';
+import { setTimeout as sleep } from 'node:timers/promises';
+import { promisify } from 'node:util';
+import { inject } from 'vitest';
+import { CEPH_DEV } from './ceph-global.js';
+
+export interface CephEnv {
+  CEPH_DEV_DIR: string;
+  CEPH_CONF: string;
+  CEPH_ARGS: string;
+  CEPH_FSID: string;
+  S3_ENDPOINT: string;
+  S3_REGION: string;
+  S3_FORCE_PATH_STYLE: string;
+  AWS_ACCESS_KEY_ID: string;
+  AWS_SECRET_ACCESS_KEY: string;
+}
+
+function hasCommand(name: string): boolean {
+  try {
+    execFileSync('sh', ['-c', `command -v ${name}`], { stdio: 'ignore' });
+    return true;
+  } catch {
+    return false;
+  }
+}
+
+/** The packages are there; in CI, true regardless, so a missing Ceph fails instead of skipping. */
+export const cephAvailable: boolean = process.env.CI === 'true' || ['ceph-mon', 'ceph-osd', 'radosgw', 'rbd'].every(hasCommand);
+
+function parseEnv(text: string): CephEnv {
+  const env: Record<string, string> = {};
+  for (const line of text.split('\n')) {
+    const i = line.indexOf('=');
+    if (i > 0) env[line.slice(0, i)] = line.slice(i + 1);
+  }
+  for (const k of ['CEPH_CONF', 'S3_ENDPOINT', 'AWS_ACCESS_KEY_ID', 'AWS_SECRET_ACCESS_KEY', 'CEPH_FSID']) {
+    if (!env[k]) throw new Error(`ceph-dev printed no ${k}`);
+  }
+  return env as unknown as CephEnv;
+}
+
+let cached: Promise<CephEnv> | undefined;
+
+/** The run's Ceph, started on first use. Throws (the test fails) when it cannot start. */
+export function useCeph(): Promise<CephEnv> {
+  cached ??= start();
+  return cached;
+}
+
+async function start(): Promise<CephEnv> {
+  const runDir = inject('cephRunDir');
+  if (!runDir) throw new Error('no cephRunDir: test/helpers/ceph-global.ts is not in vitest.config.ts globalSetup');
+  const ready = join(runDir, 'ready');
+  const failed = join(runDir, 'failed');
+  let mine = false;
+  try {
+    await mkdir(join(runDir, 'lock'));
+    mine = true;
+  } catch {
+    // Another test file is starting it (or did).
+  }
+  if (mine) {
+    try {
+      const { stdout } = await promisify(execFile)(CEPH_DEV, ['up', join(runDir, 'cluster')], { timeout: 240_000 });
+      parseEnv(stdout);
+      await writeFile(ready, stdout);
+    } catch (err) {
+      const e = err as { stderr?: string; message?: string };
+      await writeFile(failed, `${e.message ?? String(err)}\n${e.stderr ?? ''}`);
+    }
+  }
+  const deadline = Date.now() + 300_000;
+  while (Date.now() < deadline) {
+    const text = await readFile(ready, 'utf8').catch(() => undefined);
+    if (text) return parseEnv(text);
+    const why = await readFile(failed, 'utf8').catch(() => undefined);
+    if (why) throw new Error(`the test Ceph did not start: ${why}`);
+    await sleep(200);
+  }
+  throw new Error('timed out waiting for the test Ceph to start');
+}
+
+/** Runs a Ceph CLI (rbd, ceph, radosgw-admin) against the test cluster. */
+export async function cephCli(env: CephEnv, cmd: string, args: string[], options: { encoding?: 'buffer' } = {}): Promise<string> {
+  const { stdout } = await promisify(execFile)(cmd, args, {
+    env: { ...process.env, CEPH_CONF: env.CEPH_CONF, CEPH_ARGS: env.CEPH_ARGS },
+    maxBuffer: 1 << 30,
+    timeout: 120_000,
+    ...(options.encoding ? { encoding: 'buffer' as unknown as BufferEncoding } : {}),
+  });
+  return String(stdout);
+}
