@@ -11,6 +11,7 @@ export default defineConfig({
     // A run that finds no test must fail, not pass.
     passWithNoTests: false,
     // One entry each; keep it an array. ceph-global: the run's shared test Ceph, started lazily.
-    globalSetup: ['test/helpers/ceph-global.ts'],
+    // build: dist/ built once before any test (tests spawn dist/cli.js).
+    globalSetup: ['test/global/build.ts', 'test/helpers/ceph-global.ts'],
   },
 });

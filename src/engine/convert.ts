@@ -89,6 +89,23 @@ export async function convertToRaw(image: DiskImage, source: RandomAccessSource,
   return { virtualSize: image.virtualSize, dataBytes, ...(hash ? { sha256: hash.digest('hex') } : {}) };
 }
 
+export interface RawFileSinkOptions {
+  /** abort() removes the file at `path` (only for a file the sink's caller created). */
+  removeOnAbort?: boolean;
+  /**
+   * Zero blocks of this size (aligned to the guest offset) stay holes, as qemu-img's -S.
+   * 0 writes every byte, zeros included: a fully allocated file, or a target
+   * (a device, an existing file) whose unwritten ranges do not read as zeros. Default 4096.
+   */
+  sparseBlock?: number;
+  /** finish() sets the size to the virtual size (a regular file). false for a device or a larger existing file. Default true. */
+  setSize?: boolean;
+  /** finish() flushes the data to stable storage before closing. */
+  datasync?: boolean;
+  /** Writes go at the current position, in guest order (a character device or a pipe); needs sparseBlock 0. */
+  sequential?: boolean;
+}
+
 /**
  * Writes a raw image to a local file, leaving holes where the guest reads zeros
  * (at 4 KiB granularity, as qemu-img's default -S 4k), so its disk usage is no
@@ -100,18 +117,42 @@ export class RawFileSink implements ExtentSink {
   private stagedBytes = 0;
   private stagedOffset = 0;
 
+  private readonly removeOnAbort: boolean;
+  private readonly sparseBlock: number;
+  private readonly setSize: boolean;
+  private readonly datasync: boolean;
+  private readonly sequential: boolean;
+
   private constructor(
     private readonly handle: FileHandle,
     readonly path: string,
-    private readonly removeOnAbort: boolean,
-  ) {}
+    options: RawFileSinkOptions,
+  ) {
+    this.removeOnAbort = options.removeOnAbort ?? false;
+    this.sparseBlock = options.sparseBlock ?? ZERO_BLOCK;
+    this.setSize = options.setSize ?? true;
+    this.datasync = options.datasync ?? false;
+    this.sequential = options.sequential ?? false;
+  }
 
-  static async create(path: string, options: { removeOnAbort?: boolean } = {}): Promise<RawFileSink> {
-    return new RawFileSink(await open(path, 'w'), path, options.removeOnAbort ?? false);
+  static async create(path: string, options: RawFileSinkOptions = {}): Promise<RawFileSink> {
+    return new RawFileSink(await open(path, 'w'), path, options);
+  }
+
+  /** Writes into a handle the caller opened (a device, a temporary file); the sink closes it. */
+  static fromHandle(handle: FileHandle, path: string, options: RawFileSinkOptions = {}): RawFileSink {
+    return new RawFileSink(handle, path, options);
   }
 
   async write(extent: Extent): Promise<void> {
-    if (extent.kind === 'zero') return;
+    if (extent.kind === 'zero') {
+      if (this.sparseBlock > 0) return;
+      if (this.stagedBytes > 0) await this.flushStaged();
+      for (let done = 0; done < extent.length; done += ZEROS.length) {
+        await this.writeAll(ZEROS.subarray(0, Math.min(ZEROS.length, extent.length - done)), extent.offset + done);
+      }
+      return;
+    }
     const { data, offset } = extent;
     const contiguous = this.stagedBytes > 0 && this.stagedOffset + this.stagedBytes === offset;
     if (this.stagedBytes > 0 && (!contiguous || this.stagedBytes + data.length > STAGING_BYTES)) await this.flushStaged();
@@ -133,10 +174,12 @@ export class RawFileSink implements ExtentSink {
    * inode lock anyway, and concurrent ones only spin on it (measured: 6% of CPU).
    */
   private async writeNonZero(data: Uint8Array, offset: number): Promise<void> {
+    const block = this.sparseBlock;
+    if (block === 0) return this.writeAll(data, offset);
     if (isAllZero(data)) return;
     let runStart = -1;
     for (let pos = 0; pos < data.length; ) {
-      const next = Math.min(data.length, pos + ZERO_BLOCK - ((offset + pos) % ZERO_BLOCK));
+      const next = Math.min(data.length, pos + block - ((offset + pos) % block));
       if (isAllZero(data.subarray(pos, next))) {
         if (runStart >= 0) await this.writeAll(data.subarray(runStart, pos), offset + runStart);
         runStart = -1;
@@ -148,14 +191,16 @@ export class RawFileSink implements ExtentSink {
 
   private async writeAll(bytes: Uint8Array, position: number): Promise<void> {
     for (let done = 0; done < bytes.length; ) {
-      const { bytesWritten } = await this.handle.write(bytes, done, bytes.length - done, position + done);
+      const at = this.sequential ? null : position + done;
+      const { bytesWritten } = await this.handle.write(bytes, done, bytes.length - done, at);
       done += bytesWritten;
     }
   }
 
   async finish(virtualSize: number): Promise<void> {
     if (this.stagedBytes > 0) await this.flushStaged();
-    await this.handle.truncate(virtualSize);
+    if (this.setSize) await this.handle.truncate(virtualSize);
+    if (this.datasync) await this.handle.datasync();
     await this.handle.close();
   }
 

@@ -1,7 +1,8 @@
 import { execFile } from 'node:child_process';
 import { fileURLToPath } from 'node:url';
 
-export const CLI = fileURLToPath(new URL('../../dist/cli.js', import.meta.url));
+/** DISKCONV_CLI runs the tests against another build (e.g. an older one, to see a test fail there). */
+export const CLI = process.env.DISKCONV_CLI ?? fileURLToPath(new URL('../../dist/cli.js', import.meta.url));
 
 /** Runs the built CLI (tests run after `npm run build`) and returns its exit code and output. */
 export function runDiskconv(args: string[], timeoutMs = 120_000): Promise<{ code: number; stdout: string; stderr: string }> {

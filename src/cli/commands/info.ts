@@ -1,0 +1,27 @@
+/** `diskconv info`: qemu-img info, human or JSON. */
+import { imageInfo } from '../../engine/index.js';
+import { commandHelp, FORMAT_OPTION, OUTPUT_OPTION, outputOf, parseCommand, type CommandSpec } from '../args.js';
+import { formatHumanInfo } from '../human.js';
+import { declaredFormat, withImage } from '../image.js';
+
+export const spec: CommandSpec = {
+  name: 'info',
+  operands: 'FILE',
+  summary: "Show an image's metadata as qemu-img info does (same fields, same JSON keys). Reads metadata only.",
+  minOperands: 1,
+  maxOperands: 1,
+  options: [FORMAT_OPTION, OUTPUT_OPTION, { key: 'force-share', short: 'U', help: 'open without locks (accepted; diskconv takes no image locks)' }],
+};
+
+export async function run(argv: string[], out: (s: string) => void): Promise<number> {
+  const args = parseCommand(spec, argv);
+  if (args.help) {
+    out(commandHelp(spec));
+    return 0;
+  }
+  const file = args.operands[0] as string;
+  const output = outputOf(args.get('output'));
+  const info = await withImage(file, { format: declaredFormat(args.get('format')) }, (img, src) => imageInfo(img, src));
+  out(output === 'json' ? JSON.stringify(info, null, 4) : formatHumanInfo(info));
+  return 0;
+}

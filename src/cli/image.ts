@@ -1,0 +1,53 @@
+/** Opening a source image for a command: the file, the declared format, a snapshot. */
+import { FileSource, InvalidArgumentError, openImage, parseFormat, type DiskImage, type FormatId, type SnapshotSelector } from '../engine/index.js';
+
+export function declaredFormat(value: string | undefined): FormatId | 'auto' {
+  return value === undefined ? 'auto' : parseFormat(value);
+}
+
+/** `-l snapshot.name=NAME`, `-l snapshot.id=ID`, or qemu's bare `-l NAME_OR_ID`. */
+export function parseSnapshot(value: string): SnapshotSelector {
+  const parts = Object.fromEntries(
+    value.split(',').map((kv) => {
+      const eq = kv.indexOf('=');
+      return eq < 0 ? ['', kv] : [kv.slice(0, eq), kv.slice(eq + 1)];
+    }),
+  ) as Record<string, string>;
+  const name = parts['snapshot.name'];
+  const id = parts['snapshot.id'];
+  if (name !== undefined || id !== undefined) return { ...(name !== undefined ? { name } : {}), ...(id !== undefined ? { id } : {}) };
+  if (parts[''] !== undefined) return { name: parts[''], id: parts[''] };
+  throw new InvalidArgumentError(`-l expects snapshot.name=NAME or snapshot.id=ID, not '${value}'`);
+}
+
+export interface ImageOpenOptions {
+  format: FormatId | 'auto';
+  snapshot?: SnapshotSelector;
+  signal?: AbortSignal;
+}
+
+/** Opens FILE, runs fn, closes image and file whatever happens. */
+export async function withImage<T>(file: string, options: ImageOpenOptions, fn: (image: DiskImage, source: FileSource) => Promise<T>): Promise<T> {
+  const source = await FileSource.open(file);
+  try {
+    const image = await openImage(source, {
+      format: options.format,
+      ...(options.snapshot ? { snapshot: options.snapshot } : {}),
+      ...(options.signal ? { signal: options.signal } : {}),
+    });
+    try {
+      return await fn(image, source);
+    } finally {
+      await image.close();
+    }
+  } finally {
+    await source.close();
+  }
+}
+
+/** Guest bytes the map says hold data: an upper bound of a sparse output's allocation. Metadata only. */
+export async function dataBytesOf(image: DiskImage, signal?: AbortSignal): Promise<number> {
+  let data = 0;
+  for await (const entry of image.map(signal)) if (entry.kind !== 'zero') data += entry.length;
+  return data;
+}
