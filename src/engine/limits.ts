@@ -7,7 +7,7 @@ import { ImageCorruptError, LimitExceededError } from './errors.js';
 export interface Limits {
   /** Largest virtual disk we accept (bytes). */
   maxVirtualSize: number;
-  /** Largest qcow2 L1 table / vmdk grain directory / vdi block map (bytes); QEMU uses 32 MiB for L1. */
+  /** Largest qcow2 L1 table / vmdk grain directory / vdi block map / VHD and VHDX BAT (bytes); QEMU uses 32 MiB for L1. */
   maxTopTableBytes: number;
   /** Largest qcow2 snapshot table (bytes) and snapshot count. */
   maxSnapshotTableBytes: number;
@@ -16,6 +16,8 @@ export interface Limits {
   maxDescriptorBytes: number;
   /** Largest qcow2 header (header_length plus extensions, bytes). */
   maxHeaderBytes: number;
+  /** Largest VHDX log read to decide whether it needs replay (bytes); read only when the log is active. */
+  maxLogBytes: number;
   /** Bytes of second-level tables (L2 / grain tables) kept in cache. */
   tableCacheBytes: number;
 }
@@ -28,6 +30,7 @@ export const DEFAULT_LIMITS: Readonly<Limits> = Object.freeze({
   maxDescriptorBytes: 2 ** 20,
   maxHeaderBytes: 2 ** 20,
   tableCacheBytes: 32 * 2 ** 20,
+  maxLogBytes: 64 * 2 ** 20,
 });
 
 export function withLimits(overrides?: Partial<Limits>): Limits {

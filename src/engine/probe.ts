@@ -5,10 +5,12 @@ import type { FormatDriver, FormatId } from './types.js';
 import { qcow2Driver } from './formats/qcow2.js';
 import { vmdkDriver } from './formats/vmdk.js';
 import { vdiDriver } from './formats/vdi.js';
+import { isVhdFooter, vpcDriver } from './formats/vpc.js';
+import { vhdxDriver } from './formats/vhdx/index.js';
 import { rawDriver } from './formats/raw.js';
 
 /** Probe order matters: raw matches everything and comes last. */
-export const DRIVERS: readonly FormatDriver[] = [qcow2Driver, vmdkDriver, vdiDriver, rawDriver];
+export const DRIVERS: readonly FormatDriver[] = [qcow2Driver, vmdkDriver, vdiDriver, vpcDriver, vhdxDriver, rawDriver];
 
 /** Bytes read for probing: enough for the vdi signature at 0x40 and ISO 9660 descriptors up to 0x9006. */
 export const PROBE_BYTES = 64 * 1024;
@@ -21,8 +23,6 @@ export function driverFor(id: FormatId): FormatDriver {
 
 /** Signatures of formats qemu reads and we do not (yet): refused by name rather than read as raw. */
 const FOREIGN_SIGNATURES: ReadonlyArray<{ name: string; test: (head: Uint8Array, tail: Uint8Array | undefined) => boolean }> = [
-  { name: 'vpc (vhd)', test: (h, t) => ascii(h, 0, 8) === 'conectix' || (t !== undefined && ascii(t, 0, 8) === 'conectix') },
-  { name: 'vhdx', test: (h) => ascii(h, 0, 8) === 'vhdxfile' },
   { name: 'qed', test: (h) => ascii(h, 0, 4) === 'QED\0' },
   { name: 'luks', test: (h) => ascii(h, 0, 6) === 'LUKS\xba\xbe' },
   { name: 'bochs', test: (h) => ascii(h, 0, 22) === 'Bochs Virtual HD Image' },
@@ -63,7 +63,7 @@ export interface ProbeResult {
 }
 
 /**
- * Decides the format from the bytes. Bytes that carry a qcow2/vmdk/vdi
+ * Decides the format from the bytes. Bytes that carry a qcow2/vmdk/vdi/vpc/vhdx
  * signature and any other signature are refused as ambiguous; a declared format
  * must agree with the bytes; foreign formats are refused by name instead of
  * being read as raw.
@@ -89,11 +89,14 @@ export async function detectFormat(source: RandomAccessSource, declared?: Format
     }
   }
   const detected = first?.id ?? FOREIGN_SIGNATURES.find((f) => f.test(head, tail))?.name ?? 'raw';
+  // A fixed VHD has its footer only at the end: qemu probes it as raw (so do we),
+  // and reads it as a VHD when told so.
+  if (declared === 'vpc' && detected === 'raw' && isVhdFooter(tail)) return { format: 'vpc', driver: vpcDriver };
   if (declared && declared !== detected) {
     throw new FormatMismatchError(`${source.name}: declared format ${declared} but the bytes are ${detected}`);
   }
   if (!first && detected !== 'raw') {
-    throw new UnsupportedFormatError(`${source.name}: ${detected} images are not supported (supported: qcow2, vmdk, vdi, raw)`);
+    throw new UnsupportedFormatError(`${source.name}: ${detected} images are not supported (supported: qcow2, vmdk, vdi, vpc, vhdx, raw)`);
   }
   return { format: first?.id ?? 'raw', driver: first ?? rawDriver };
 }

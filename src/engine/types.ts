@@ -1,8 +1,8 @@
 import type { Limits } from './limits.js';
 import type { RandomAccessSource } from './source.js';
 
-export type FormatId = 'raw' | 'qcow2' | 'vmdk' | 'vdi';
-export const FORMAT_IDS: readonly FormatId[] = ['qcow2', 'vmdk', 'vdi', 'raw'];
+export type FormatId = 'raw' | 'qcow2' | 'vmdk' | 'vdi' | 'vpc' | 'vhdx';
+export const FORMAT_IDS: readonly FormatId[] = ['qcow2', 'vmdk', 'vdi', 'vpc', 'vhdx', 'raw'];
 
 /** How a guest byte range is stored: produced by drivers from metadata alone, without reading data. */
 export type MapEntry =

@@ -53,7 +53,7 @@ export function readManifest(): CorpusRow[] {
 }
 
 /** Formats qemu reads and we refuse by name. */
-const FOREIGN_FORMATS = new Set(['vpc', 'vhdx', 'parallels', 'bochs', 'dmg', 'cloop']);
+const FOREIGN_FORMATS = new Set(['parallels', 'bochs', 'dmg', 'cloop']);
 /** Codes that mean "refused for a reason in the image"; anything else (INTERNAL_ERROR, a crash) is a bug. */
 export const REFUSAL_CODES = ['IMAGE_CORRUPT', 'UNSAFE_IMAGE', 'UNSUPPORTED_FEATURE', 'LIMIT_EXCEEDED'] as const;
 
@@ -71,7 +71,11 @@ export function expectationFor(row: CorpusRow): Expectation {
   }
   if (row.format === 'vdi' && /differencing|snapshot/i.test(row.subformat)) return { kind: 'refuse', codes: ['UNSAFE_IMAGE'], why: 'VDI differencing image' };
   if (!row.qemuConvertOk) return { kind: 'refuse', codes: REFUSAL_CODES, why: 'qemu-img refuses it' };
-  if (['qcow2', 'vmdk', 'vdi', 'raw'].includes(row.format)) return { kind: 'same' };
+  // qemu reads a differencing VHD/VHDX without its parent (its output lacks the parent's data); we never open the parent.
+  if ((row.format === 'vpc' || row.format === 'vhdx') && /differencing/i.test(row.subformat)) {
+    return { kind: 'refuse', codes: ['UNSAFE_IMAGE'], why: `${row.format} differencing image, parent never opened` };
+  }
+  if (['qcow2', 'vmdk', 'vdi', 'vpc', 'vhdx', 'raw'].includes(row.format)) return { kind: 'same' };
   throw new Error(`${row.file}: no expectation for format ${row.format}`);
 }
 
