@@ -95,9 +95,19 @@ describe('probe: a declared format must agree with the bytes', () => {
   });
 
   it('a foreign format is UNSUPPORTED_FORMAT, and FORMAT_MISMATCH when declared as something else', async () => {
-    const vhd = patched(raw, 0, 'conectix');
-    await expect(probe(vhd)).rejects.toMatchObject({ code: 'UNSUPPORTED_FORMAT' });
-    await expect(probe(vhd, 'raw')).rejects.toMatchObject({ code: 'FORMAT_MISMATCH', message: expect.stringMatching(/bytes are vpc/) });
+    const qed = patched(raw, 0, 'QED\0');
+    await expect(probe(qed)).rejects.toMatchObject({ code: 'UNSUPPORTED_FORMAT' });
+    await expect(probe(qed, 'raw')).rejects.toMatchObject({ code: 'FORMAT_MISMATCH', message: expect.stringMatching(/bytes are qed/) });
+  });
+
+  it('vpc and vhdx are probed by their signature at 0, as qemu probes them; a fixed VHD (footer only at the end) is raw unless declared', async () => {
+    expect((await probe(patched(raw, 0, 'conectix'))).format).toBe('vpc');
+    expect((await probe(patched(raw, 0, 'vhdxfile'))).format).toBe('vhdx');
+    await expect(probe(patched(raw, 0, 'vhdxfile'), 'vpc')).rejects.toMatchObject({ code: 'FORMAT_MISMATCH' });
+    const fixedVhd = patched(raw, raw.length - 512, 'conectix');
+    expect((await probe(fixedVhd)).format).toBe('raw');
+    expect((await probe(fixedVhd, 'vpc')).format).toBe('vpc');
+    await expect(probe(raw, 'vpc')).rejects.toMatchObject({ code: 'FORMAT_MISMATCH' });
   });
 
   it('a declared format that agrees is accepted', async () => {
