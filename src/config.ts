@@ -154,25 +154,47 @@ const schema = z.object({
         return z.NEVER;
       }
     }),
+  S3_ENDPOINT: z
+    .string()
+    .trim()
+    .default('')
+    .refine((s) => s === '' || /^https?:\/\/[^\s/]+\/?$/.test(s), { message: 'expected http(s)://host[:port]' })
+    .transform((s) => (s === '' ? undefined : s)),
+  S3_REGION: z.string().trim().min(1).default('us-east-1'),
+  S3_FORCE_PATH_STYLE: bool(false),
+  S3_REQUEST_TIMEOUT_MS: int(100, 3_600_000, 60_000),
+  OUTPUT_REDIRECT: z.enum(['none', 'presigned']).default('none'),
+  OUTPUT_PRESIGNED_TTL_SECONDS: int(1, 7 * 86400, 900),
 });
 
 /** Where staged inputs and outputs live: a directory (default: DATA_DIR/store) or a bucket. */
-export type StoreLocation = { kind: 'file'; root: string | undefined };
+export type StoreLocation = { kind: 'file'; root: string | undefined } | { kind: 's3'; bucket: string; prefix: string };
 
-/** `file:///abs/path`; empty means the default directory under DATA_DIR. */
+/** `file:///abs/path` or `s3://BUCKET/PREFIX`; empty means the default directory under DATA_DIR. */
 export function parseStoreUrl(text: string): StoreLocation {
   if (text === '') return { kind: 'file', root: undefined };
   let url: URL;
   try {
     url = new URL(text);
   } catch {
-    throw new Error(`expected file:///absolute/path, got '${text}'`);
+    throw new Error(`expected file:///absolute/path or s3://BUCKET/PREFIX, got '${text}'`);
+  }
+  if (url.protocol === 's3:') {
+    const bucket = url.hostname;
+    if (!/^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$/.test(bucket) || url.username || url.password || url.port || url.search || url.hash) {
+      throw new Error(`expected s3://BUCKET/PREFIX with a valid bucket name, got '${text}'`);
+    }
+    const path = decodeURIComponent(url.pathname).replace(/^\/+/, '');
+    if (path.split('/').some((seg, i, all) => seg === '..' || seg === '.' || (seg === '' && i < all.length - 1))) {
+      throw new Error(`the prefix of '${text}' has an empty, '.' or '..' segment`);
+    }
+    return { kind: 's3', bucket, prefix: path === '' || path.endsWith('/') ? path : `${path}/` };
   }
   if (url.protocol === 'file:') {
     if (url.host !== '' || url.search !== '' || url.hash !== '') throw new Error(`expected file:///absolute/path, got '${text}'`);
     return { kind: 'file', root: decodeURIComponent(url.pathname) };
   }
-  throw new Error(`unsupported store '${url.protocol}' in '${text}'; expected file:///absolute/path`);
+  throw new Error(`unsupported store '${url.protocol}' in '${text}'; expected file:///absolute/path or s3://BUCKET/PREFIX`);
 }
 
 type Env = z.infer<typeof schema>;
@@ -197,6 +219,8 @@ export interface Config {
   worker: { lockDurationMs: number; stalledIntervalMs: number; maxStalledCount: number; readBytesPerSecond: number; progressIntervalMs: number };
   shutdownGraceMs: number;
   store: StoreLocation;
+  s3: { endpoint: string | undefined; region: string; forcePathStyle: boolean; requestTimeoutMs: number };
+  output: { redirect: 'none' | 'presigned'; presignedTtlSeconds: number };
 }
 
 /** The variables read, for the README table and error messages. */
@@ -242,5 +266,7 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): Config {
     },
     shutdownGraceMs: e.SHUTDOWN_GRACE_MS,
     store: e.STORE_URL,
+    s3: { endpoint: e.S3_ENDPOINT, region: e.S3_REGION, forcePathStyle: e.S3_FORCE_PATH_STYLE, requestTimeoutMs: e.S3_REQUEST_TIMEOUT_MS },
+    output: { redirect: e.OUTPUT_REDIRECT, presignedTtlSeconds: e.OUTPUT_PRESIGNED_TTL_SECONDS },
   };
 }

@@ -9,6 +9,9 @@ import { NoDestinations, type Destinations } from './destination.js';
 import { FileOutputStore } from './file/output.js';
 import { FileStaging } from './file/staging.js';
 import type { OutputStore } from './output.js';
+import { createS3Client, type S3Settings } from './s3/client.js';
+import { S3OutputStore } from './s3/output.js';
+import { S3Staging } from './s3/staging.js';
 import type { InputStaging } from './staging.js';
 
 export interface Stores {
@@ -19,8 +22,20 @@ export interface Stores {
   close(): Promise<void>;
 }
 
-export async function openStores(config: Pick<Config, 'dataDir' | 'store'>): Promise<Stores> {
-  const root = config.store.root ?? join(config.dataDir, 'store');
+export async function openStores(config: Pick<Config, 'dataDir' | 'store'> & Partial<Pick<Config, 's3'>>): Promise<Stores> {
+  const location = config.store;
+  if (location.kind === 's3') {
+    const s3 = config.s3 ?? { endpoint: undefined, region: 'us-east-1', forcePathStyle: false, requestTimeoutMs: 60_000 };
+    const settings: S3Settings = { bucket: location.bucket, prefix: location.prefix, ...s3 };
+    const client = createS3Client(settings);
+    return {
+      staging: new S3Staging(client, settings),
+      output: new S3OutputStore(client, settings),
+      destinations: new NoDestinations(),
+      close: async () => client.destroy(),
+    };
+  }
+  const root = location.root ?? join(config.dataDir, 'store');
   return {
     staging: await FileStaging.open(root),
     output: await FileOutputStore.open(root),

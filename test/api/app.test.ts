@@ -267,7 +267,8 @@ describe('API', () => {
       expect(res.statusCode).toBe(503);
       const problem = res.json() as { code: string; detail: string };
       expect(problem.code).toBe('NOT_READY');
-      expect(problem.detail).not.toContain(s.config.dataDir);
+      expect(JSON.stringify(problem)).not.toContain(s.config.dataDir);
+      expect(problem).toMatchObject({ checks: { redis: 'ok', store: expect.stringMatching(/^unavailable/) } });
       const upload = await post(s, { 'content-type': 'application/octet-stream' }, qcow2);
       expect(upload.statusCode).toBe(503);
       expect(upload.json()).toMatchObject({ code: 'STORE_UNAVAILABLE', detail: 'The store is unavailable' });

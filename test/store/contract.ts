@@ -10,6 +10,7 @@ import { expect, it } from 'vitest';
 import { BufferSource, convertToRaw, openImage } from '../../src/engine/index.js';
 import { StoreObjectMissingError, type Stores } from '../../src/store/index.js';
 import { seededBytes } from '../helpers/qemu.js';
+import { waitFor } from '../helpers/service.js';
 
 export async function readAll(stream: Readable): Promise<Buffer> {
   const chunks: Buffer[] = [];
@@ -139,10 +140,13 @@ export function storeContract(rig: ContractRig): void {
     const dead = rig.key('dead');
     const w1 = await staging.create(live);
     const w2 = await staging.create(dead);
-    const o1 = await output.create(live, 4096);
-    await o1.write({ kind: 'data', offset: 0, length: 4096, data: seededBytes(4096, 1) });
-    w1.stream.write(Buffer.alloc(100, 1));
-    w2.stream.write(Buffer.alloc(100, 2));
+    // Past one part (8 MiB), so a bucket has multipart uploads in progress, as a directory has temp files.
+    const big = 9 << 20;
+    const o1 = await output.create(live, big);
+    await o1.write({ kind: 'data', offset: 0, length: big, data: seededBytes(big, 1) });
+    w1.stream.write(Buffer.alloc(big, 1));
+    w2.stream.write(Buffer.alloc(big, 2));
+    await waitFor('the writes to be in progress', async () => (await rig.uncommitted()).length === 3);
     const owned = async (key: string): Promise<boolean> => key === live;
     expect(await staging.sweepUncommitted(Date.now() - 60_000, owned)).toBe(0);
     // Everything is "old" now: only the dead owner's write goes.
@@ -150,9 +154,9 @@ export function storeContract(rig: ContractRig): void {
     expect(await output.sweepUncommitted(Date.now() + 60_000, owned)).toBe(0);
     // The live writes still commit.
     await new Promise<void>((r) => w1.stream.end(() => r()));
-    expect((await w1.commit()).size).toBe(100);
-    await o1.finish(4096);
-    expect((await o1.commit()).size).toBe(4096);
+    expect((await w1.commit()).size).toBe(big);
+    await o1.finish(big);
+    expect((await o1.commit()).size).toBe(big);
     await w2.abort();
     await staging.delete(live);
     await output.delete(live);

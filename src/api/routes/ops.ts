@@ -1,8 +1,9 @@
 /** Operations: /healthz (alive), /readyz (Redis and store reachable), /metrics, /openapi.yaml. No auth. */
 import { readFile } from 'node:fs/promises';
 import type { FastifyInstance } from 'fastify';
+import { isDiskconvError } from '../../engine/errors.js';
 import type { ApiContext } from '../context.js';
-import { ApiError } from '../errors.js';
+import { problemFor, sendProblem, type Problem } from '../errors.js';
 import { renderMetrics } from '../metrics.js';
 
 /** openapi.yaml sits at the package root, next to dist/ and src/. */
@@ -23,14 +24,16 @@ export async function opsRoutes(app: FastifyInstance, ctx: ApiContext): Promise<
 
   app.get('/healthz', async () => ({ status: 'ok' }));
 
-  app.get('/readyz', async (request) => {
+  app.get('/readyz', async (request, reply) => {
     const checks: Record<string, string> = {};
     const [redis, store] = await Promise.allSettled([withTimeout(ctx.redis.ping(), 2000, 'redis ping'), withTimeout(Promise.all([ctx.stores.staging.ping(), ctx.stores.output.ping()]), 2000, 'store check')]);
     checks.redis = redis.status === 'fulfilled' ? 'ok' : 'unreachable';
-    checks.store = store.status === 'fulfilled' ? 'ok' : 'unavailable';
+    // The store's own reason (e.g. "bucket 'x' does not exist") is ours to show; anything else is just 'unavailable'.
+    checks.store = store.status === 'fulfilled' ? 'ok' : isDiskconvError(store.reason) ? `unavailable: ${store.reason.message}` : 'unavailable';
     if (redis.status === 'rejected' || store.status === 'rejected') {
       request.log.warn({ checks }, 'not ready');
-      throw new ApiError('NOT_READY', `not ready: redis ${checks.redis}, store ${checks.store}`);
+      // A problem whose `checks` say what is wrong (our own words, never an exception's), e.g. a missing bucket.
+      return sendProblem(reply, { ...problemFor('NOT_READY', ''), checks } as Problem);
     }
     return { status: 'ready', checks };
   });

@@ -58,6 +58,13 @@ export async function outputRoutes(app: FastifyInstance, ctx: ApiContext): Promi
       reply.header('content-length', String(obj.size));
     }
     if (!withBody || obj.size === 0) return reply.send();
+    const presign = ctx.config.output.redirect === 'presigned' ? ctx.stores.output.presignedUrl?.bind(ctx.stores.output) : undefined;
+    if (presign) {
+      // The client fetches the bytes from the store itself (Range and all); the URL expires.
+      const url = await presign(rec.id, ctx.config.output.presignedTtlSeconds);
+      reply.removeHeader('content-length').removeHeader('content-range').removeHeader('content-type');
+      return reply.code(307).header('location', url).header('cache-control', 'private, no-store').send();
+    }
     return reply.send(await ctx.stores.output.read(rec.id, range));
   };
 

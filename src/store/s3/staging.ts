@@ -1,0 +1,63 @@
+/**
+ * Input staging in a bucket: the API streams an upload straight into a
+ * (multipart) upload, so the API host needs no large disk and any worker on
+ * any host reads it back with ranged GETs.
+ */
+import type { S3Client } from '@aws-sdk/client-s3';
+import type { RandomAccessSource } from '../../engine/index.js';
+import { StoreError, StoreObjectMissingError, type ObjectStat, type OwnerCheck } from '../common.js';
+import type { InputStaging, StagedWrite } from '../staging.js';
+import type { S3Settings } from './client.js';
+import { S3Objects } from './objects.js';
+import { S3RangeSource } from './source.js';
+
+export class S3Staging implements InputStaging {
+  readonly kind = 's3';
+  private readonly objects: S3Objects;
+  constructor(
+    private readonly client: S3Client,
+    private readonly settings: S3Settings,
+  ) {
+    this.objects = new S3Objects(client, settings, 'input');
+  }
+
+  async create(key: string): Promise<StagedWrite> {
+    // Parts of 8 MiB, two in flight: an upload holds at most ~24 MiB of the API's memory.
+    const write = this.objects.write(key, { queueSize: 2 });
+    return {
+      stream: write.stream,
+      commit: async () => {
+        if (!write.stream.writableFinished) throw new StoreError(`commit of input ${key} before the stream finished`);
+        const head = await write.done();
+        return { key, size: head.size, modifiedAt: head.modifiedAt };
+      },
+      abort: () => write.abort(),
+    };
+  }
+
+  async open(key: string, name = `input ${key}`): Promise<RandomAccessSource> {
+    const head = await this.objects.head(key);
+    if (!head) throw new StoreObjectMissingError(`input ${key} is not in the store`);
+    return new S3RangeSource(this.client, this.settings.bucket, this.objects.objectKey(key), head.size, head.etag || undefined, name, this.settings.requestTimeoutMs);
+  }
+
+  async stat(key: string): Promise<ObjectStat | undefined> {
+    const head = await this.objects.head(key);
+    return head && { key, size: head.size, modifiedAt: head.modifiedAt };
+  }
+  delete(key: string): Promise<void> {
+    return this.objects.delete(key);
+  }
+  list(): AsyncIterable<ObjectStat> {
+    return this.objects.list();
+  }
+  sweepUncommitted(olderThan: number, owned: OwnerCheck): Promise<number> {
+    return this.objects.sweepUncommitted(olderThan, owned);
+  }
+  async freeBytes(): Promise<number | undefined> {
+    return undefined;
+  }
+  ping(): Promise<void> {
+    return this.objects.ping();
+  }
+}

@@ -1,0 +1,112 @@
+/** Input staging and the output store in an RGW bucket (the shared test Ceph): the shared contract, plus S3's own. */
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import type { S3Client } from '@aws-sdk/client-s3';
+import { loadConfig } from '../../src/config.js';
+import { BufferSource, convertToRaw, openImage } from '../../src/engine/index.js';
+import { openStores, type Stores } from '../../src/store/index.js';
+import { S3RangeSource } from '../../src/store/s3/source.js';
+import { cephAvailable, useCeph, type CephEnv } from '../helpers/ceph.js';
+import { seededBytes } from '../helpers/qemu.js';
+import { createBucket, objectKeys, removeBucket, s3Env, testS3Client, uniqueBucket, uploadsInProgress } from '../helpers/s3.js';
+import { readAll, storeContract } from './contract.js';
+
+describe.skipIf(!cephAvailable)('S3 store (Ceph RGW)', () => {
+  let env: CephEnv;
+  let client: S3Client;
+  let stores: Stores;
+  const bucket = uniqueBucket('store');
+  const prefix = 'run1/';
+
+  beforeAll(async () => {
+    env = await useCeph();
+    client = testS3Client(env);
+    await createBucket(client, bucket);
+    stores = await openStores(loadConfig({ ...s3Env(env, bucket, prefix), DATA_DIR: '/nonexistent-never-used' }));
+    // The SDK reads credentials from the environment, as a deployment would.
+    process.env.AWS_ACCESS_KEY_ID = env.AWS_ACCESS_KEY_ID;
+    process.env.AWS_SECRET_ACCESS_KEY = env.AWS_SECRET_ACCESS_KEY;
+  });
+  afterAll(async () => {
+    await stores?.close();
+    if (client) await removeBucket(client, bucket);
+  });
+
+  storeContract({
+    stores: () => stores,
+    uncommitted: () => uploadsInProgress(client, bucket, prefix),
+    key: (name) => name,
+  });
+
+  it('stages under PREFIX input/ and publishes under PREFIX output/ with an s3:// location', async () => {
+    const w = await stores.staging.create('placed');
+    w.stream.end(Buffer.from('abc'));
+    await new Promise((r) => w.stream.once('finish', r));
+    await w.commit();
+    const o = await stores.output.create('placed', 512);
+    await o.write({ kind: 'zero', offset: 0, length: 512 });
+    await o.finish(512);
+    const stored = await o.commit();
+    expect(stored.location).toBe(`s3://${bucket}/${prefix}output/placed`);
+    expect(await objectKeys(client, bucket, prefix)).toEqual(expect.arrayContaining([`${prefix}input/placed`, `${prefix}output/placed`]));
+    await stores.staging.delete('placed');
+    await stores.output.delete('placed');
+  });
+
+  it('writes a multipart output in guest order (zeros included) and reads its size back despite RGW\'s empty ETag', async () => {
+    // 20 MiB: three parts of 8 MiB.
+    const data = Buffer.concat([seededBytes(3 << 20, 11), Buffer.alloc(14 << 20), seededBytes(3 << 20, 12)]);
+    const source = new BufferSource(data, 'mem');
+    const image = await openImage(source, { format: 'raw' });
+    const writer = await stores.output.create('multi', data.length);
+    await convertToRaw(image, source, writer);
+    expect(await uploadsInProgress(client, bucket, prefix)).toHaveLength(1);
+    expect(await stores.output.stat('multi')).toBeUndefined();
+    const stored = await writer.commit();
+    expect(stored.size).toBe(data.length);
+    expect(await uploadsInProgress(client, bucket, prefix)).toEqual([]);
+    expect((await readAll(await stores.output.read('multi'))).equals(data)).toBe(true);
+    expect(await readAll(await stores.output.read('multi', { start: (3 << 20) - 2, end: (3 << 20) + 1 }))).toEqual(data.subarray((3 << 20) - 2, (3 << 20) + 2));
+
+    const url = await stores.output.presignedUrl?.('multi', 60);
+    expect(url).toMatch(/^http:\/\/127\.0\.0\.1:\d+\//);
+    const res = await fetch(url as string, { headers: { range: 'bytes=0-9' } });
+    expect(res.status).toBe(206);
+    expect(Buffer.from(await res.arrayBuffer())).toEqual(data.subarray(0, 10));
+    await stores.output.delete('multi');
+  });
+
+  it('aborts a multipart output midway with nothing left in progress', async () => {
+    const writer = await stores.output.create('halfway', 24 << 20);
+    await writer.write({ kind: 'data', offset: 0, length: 10 << 20, data: seededBytes(10 << 20, 3) });
+    await writer.abort();
+    expect(await uploadsInProgress(client, bucket, prefix)).toEqual([]);
+    expect(await stores.output.stat('halfway')).toBeUndefined();
+  });
+
+  it('reads a staged image with ranged GETs: coalesced small reads, read-ahead, bounded cache', async () => {
+    const data = seededBytes(12 << 20, 21);
+    const w = await stores.staging.create('ranged');
+    w.stream.end(data);
+    await new Promise((r) => w.stream.once('finish', r));
+    await w.commit();
+    const source = (await stores.staging.open('ranged', 'ranged.img')) as S3RangeSource;
+    expect(source).toBeInstanceOf(S3RangeSource);
+    // Many small reads inside one 256 KiB block: one request.
+    const small = await Promise.all([0, 100, 512, 4096, 65536].map((o) => source.read(o, 64)));
+    small.forEach((b, i) => expect(Buffer.from(b)).toEqual(data.subarray([0, 100, 512, 4096, 65536][i], ([0, 100, 512, 4096, 65536][i] ?? 0) + 64)));
+    expect(source.stats.requests).toBe(1);
+    // Sequential large reads: the second is served by the first's read-ahead.
+    expect(Buffer.from(await source.read(1 << 20, 2 << 20))).toEqual(data.subarray(1 << 20, 3 << 20));
+    expect(Buffer.from(await source.read(3 << 20, 2 << 20))).toEqual(data.subarray(3 << 20, 5 << 20));
+    expect(source.stats.readAheadHits).toBe(1);
+    expect(Buffer.from(await source.read((12 << 20) - 10, 100))).toEqual(data.subarray(-10));
+    await source.close();
+    await stores.staging.delete('ranged');
+  });
+
+  it('says in readiness when the bucket does not exist', async () => {
+    const missing = await openStores(loadConfig({ ...s3Env(env, uniqueBucket('missing')), DATA_DIR: '/nonexistent-never-used' }));
+    await expect(missing.output.ping()).rejects.toThrow(/bucket '.*' does not exist/);
+    await missing.close();
+  });
+});
