@@ -143,7 +143,7 @@ export class DestinationSink implements ExtentSink {
     if (req.noCreate) {
       if (!st) throw new DestinationUnwritableError(`${path}: -n needs an existing destination: No such file or directory`);
       if (st.size < req.virtualSize) {
-        throw new DestinationUnwritableError(`${path}: output file is smaller than input file (${st.size} < ${req.virtualSize} bytes); nothing was written`);
+        throw new InsufficientSpaceError(`${path}: output file is smaller than input file (${st.size} < ${req.virtualSize} bytes); nothing was written`);
       }
       const handle = await openExisting(path, constants.O_WRONLY);
       const sink = RawFileSink.fromHandle(handle, path, { sparseBlock: zeroTarget ? req.sparseBlock : 0, setSize: false, datasync: sync });
@@ -163,6 +163,15 @@ export class DestinationSink implements ExtentSink {
       handle = await open(tempPath, constants.O_WRONLY | constants.O_CREAT | constants.O_EXCL, 0o644);
     } catch (err) {
       throw destinationError(path, `cannot create a file in ${dir}`, err);
+    }
+    try {
+      // As qemu's file driver does on creation (allocate_first_block): the first 4 KiB are written, so both allocate alike.
+      const first = Math.min(4096, req.virtualSize);
+      if (first > 0) await handle.write(Buffer.alloc(first), 0, first, 0);
+    } catch (err) {
+      await handle.close().catch(() => {});
+      await unlink(tempPath).catch(() => {});
+      throw destinationError(path, 'writing the first block', err);
     }
     const sink = RawFileSink.fromHandle(handle, tempPath, { sparseBlock: req.sparseBlock, setSize: true, datasync: sync || (st !== undefined && req.cache === undefined) });
     return new DestinationSink(path, st ? 'replace-file' : 'new-file', sink, {

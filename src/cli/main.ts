@@ -13,6 +13,7 @@ const COMMANDS: Record<string, () => Promise<CommandModule>> = {
   convert: () => import('./commands/convert.js'),
   check: () => import('./commands/check.js'),
   create: () => import('./commands/create.js'),
+  measure: () => import('./commands/measure.js'),
 };
 
 const SERVICE = ['serve', 'worker', 'up'] as const;

@@ -40,15 +40,32 @@ export const spec: CommandSpec = {
 
 const MAX_SPARSE = 16 * 2 ** 20;
 
-/** Counts the data bytes written, for qemu-img's progress (a share of the allocated bytes, not of the virtual size). */
+/**
+ * Counts the bytes written for qemu-img's progress: a share of the allocated
+ * bytes (data, and zeros too under -S 0), not of the virtual size. With
+ * progress on, data extents are handed on in pieces of at most 1/400 of the
+ * total, so the line moves at least every 1 % as qemu-img's does.
+ */
 class CountingSink implements ExtentSink {
   done = 0;
   constructor(
     private readonly inner: ExtentSink,
     private readonly countZeros: boolean,
+    private readonly piece: number,
     private readonly onData: (done: number) => void,
   ) {}
   async write(extent: Extent): Promise<void> {
+    const counted = extent.kind === 'data' || this.countZeros;
+    if (counted && extent.length > this.piece) {
+      for (let at = 0; at < extent.length; at += this.piece) {
+        const length = Math.min(this.piece, extent.length - at);
+        const offset = extent.offset + at;
+        await this.inner.write(extent.kind === 'data' ? { kind: 'data', offset, length, data: extent.data.subarray(at, at + length) } : { kind: 'zero', offset, length });
+        this.done += length;
+        this.onData(this.done);
+      }
+      return;
+    }
     await this.inner.write(extent);
     if (extent.kind === 'data' || this.countZeros) {
       this.done += extent.length;
@@ -124,7 +141,8 @@ export async function run(argv: string[], out: (s: string) => void): Promise<num
       });
       const total = sparseBlock === 0 ? image.virtualSize : data;
       progress?.start();
-      const counted = new CountingSink(sink, sparseBlock === 0, (done) => progress?.update(total === 0 ? 100 : (100 * done) / total));
+      const piece = progress ? Math.max(64 * 1024, Math.floor(total / 400)) : Number.MAX_SAFE_INTEGER;
+      const counted = new CountingSink(sink, sparseBlock === 0, piece, (done) => progress?.update(total === 0 ? 100 : (100 * done) / total));
       await convertToRaw(image, source, counted, { signal: abort.signal, ...(readConcurrency ? { readConcurrency } : {}) });
       progress?.end();
       return 0;
