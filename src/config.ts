@@ -73,6 +73,16 @@ const bool = (fallback: boolean) =>
       return z.NEVER;
     });
 
+/** A server secret: unset, or 32+ printable characters. */
+const secret = z
+  .string()
+  .trim()
+  .optional()
+  .transform((s) => (s === '' ? undefined : s))
+  .refine((s) => s === undefined || (s.length >= 32 && /^[\x21-\x7e]+$/.test(s)), {
+    message: 'expected at least 32 printable characters without spaces (e.g. `openssl rand -hex 32`)',
+  });
+
 const schema = z.object({
   HOST: z.string().trim().min(1).default('127.0.0.1'),
   PORT: int(0, 65535, 8080),
@@ -165,6 +175,37 @@ const schema = z.object({
   S3_REQUEST_TIMEOUT_MS: int(100, 3_600_000, 60_000),
   OUTPUT_REDIRECT: z.enum(['none', 'presigned']).default('none'),
   OUTPUT_PRESIGNED_TTL_SECONDS: int(1, 7 * 86400, 900),
+  // Issue 10: live events, signed links, webhooks, resumable uploads.
+  SSE_HEARTBEAT_SECONDS: int(1, 3600, 15),
+  LINK_SECRET: secret,
+  LINK_TTL_SECONDS: int(10, 7 * 86400, 900),
+  WEBHOOK_SECRET: secret,
+  WEBHOOK_ALLOW: z
+    .string()
+    .default('')
+    .transform((s, ctx) => {
+      try {
+        return parseAllowList(s, 'WEBHOOK_ALLOW');
+      } catch (err) {
+        ctx.addIssue({ code: z.ZodIssueCode.custom, message: (err as Error).message });
+        return z.NEVER;
+      }
+    }),
+  WEBHOOK_PORTS: z
+    .string()
+    .default('80,443')
+    .transform((s, ctx) => {
+      try {
+        return parsePortList(s.trim() === '' ? '80,443' : s, 'WEBHOOK_PORTS');
+      } catch (err) {
+        ctx.addIssue({ code: z.ZodIssueCode.custom, message: (err as Error).message });
+        return z.NEVER;
+      }
+    }),
+  WEBHOOK_ATTEMPTS: int(1, 50, 8),
+  WEBHOOK_BACKOFF_MS: int(10, 3_600_000, 2000),
+  WEBHOOK_TIMEOUT_MS: int(100, 600_000, 10_000),
+  UPLOAD_TTL_SECONDS: int(60, 30 * 86400, 86400),
 });
 
 /** Where staged inputs and outputs live: a directory (default: DATA_DIR/store) or a bucket. */
@@ -221,6 +262,13 @@ export interface Config {
   store: StoreLocation;
   s3: { endpoint: string | undefined; region: string; forcePathStyle: boolean; requestTimeoutMs: number };
   output: { redirect: 'none' | 'presigned'; presignedTtlSeconds: number };
+  /** GET /v1/jobs/{id}/events. */
+  events: { heartbeatSeconds: number };
+  /** Signed download links (?expires=&sig=); the secret is random per process when LINK_SECRET is unset. */
+  links: { secret: string | undefined; ttlSeconds: number };
+  webhooks: { secret: string | undefined; allow: string[]; ports: number[]; attempts: number; backoffMs: number; timeoutMs: number };
+  /** tus uploads at /v1/uploads. */
+  uploads: { ttlSeconds: number };
 }
 
 /** The variables read, for the README table and error messages. */
@@ -268,5 +316,16 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): Config {
     store: e.STORE_URL,
     s3: { endpoint: e.S3_ENDPOINT, region: e.S3_REGION, forcePathStyle: e.S3_FORCE_PATH_STYLE, requestTimeoutMs: e.S3_REQUEST_TIMEOUT_MS },
     output: { redirect: e.OUTPUT_REDIRECT, presignedTtlSeconds: e.OUTPUT_PRESIGNED_TTL_SECONDS },
+    events: { heartbeatSeconds: e.SSE_HEARTBEAT_SECONDS },
+    links: { secret: e.LINK_SECRET, ttlSeconds: e.LINK_TTL_SECONDS },
+    webhooks: {
+      secret: e.WEBHOOK_SECRET,
+      allow: e.WEBHOOK_ALLOW,
+      ports: e.WEBHOOK_PORTS,
+      attempts: e.WEBHOOK_ATTEMPTS,
+      backoffMs: e.WEBHOOK_BACKOFF_MS,
+      timeoutMs: e.WEBHOOK_TIMEOUT_MS,
+    },
+    uploads: { ttlSeconds: e.UPLOAD_TTL_SECONDS },
   };
 }

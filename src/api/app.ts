@@ -15,6 +15,7 @@ import { urlPolicy } from '../queue/url-import.js';
 import { createAuthenticator } from './auth.js';
 import type { ApiContext, AppDeps } from './context.js';
 import { ApiError, errorHandler, problemFor, sendProblem } from './errors.js';
+import { eventRoutes } from './routes/events.js';
 import { inspectRoutes } from './routes/inspect.js';
 import { jobRoutes } from './routes/jobs.js';
 import { opsRoutes } from './routes/ops.js';
@@ -65,6 +66,7 @@ export function diskconvApp(config: Config, deps: AppDeps): FastifyPluginAsync {
     await jobRoutes(app, ctx);
     await outputRoutes(app, ctx);
     await inspectRoutes(app, ctx);
+    await eventRoutes(app, ctx);
   };
   // Like fastify-plugin: the handlers and hooks above apply to the whole instance.
   (plugin as unknown as Record<symbol, boolean>)[Symbol.for('skip-override')] = true;

@@ -8,6 +8,8 @@
  *   <prefix>finished         zset: job ids by finish time (retention)
  *   <prefix>unfinished       zset: job ids not yet finished, by creation time (reconciliation)
  *   <prefix>stats            hash: jobs by state, bytes converted, conversion seconds
+ *   <prefix>events:<id>      stream: the job's state and progress events (events.ts), trimmed
+ *   <prefix>events           pub/sub: the id of a job whose events stream grew
  *
  * State changes go through one Lua script that moves only from allowed states,
  * so a cancel and a worker's finish cannot both win.
@@ -15,6 +17,7 @@
 import { createHash } from 'node:crypto';
 import type { Redis } from 'ioredis';
 import { DiskconvError } from '../engine/errors.js';
+import { appendJobEvent, eventsKey } from './events.js';
 
 export const JOB_STATES = ['queued', 'running', 'succeeded', 'failed', 'cancelled'] as const;
 export type JobState = (typeof JOB_STATES)[number];
@@ -81,12 +84,22 @@ export interface JobRecord {
   last_error?: JobError;
   /** Conversion wall time of the successful attempt, seconds. */
   duration_seconds?: number;
+  /** Where the terminal state is POSTed (webhooks.ts), and how that went. */
+  callback_url?: string;
+  callback?: JobCallback;
+}
+
+export interface JobCallback {
+  state: 'pending' | 'delivered' | 'failed';
+  attempts: number;
+  last_status: number | null;
+  last_error: string | null;
 }
 
 /** Histogram buckets for conversion seconds (Prometheus `le`). */
 export const DURATION_BUCKETS = [1, 5, 15, 60, 300, 900, 3600] as const;
 
-const JSON_FIELDS = ['source', 'progress', 'output', 'error', 'last_error'] as const;
+const JSON_FIELDS = ['source', 'progress', 'output', 'error', 'last_error', 'callback'] as const;
 const NUMBER_FIELDS = ['created_at', 'updated_at', 'started_at', 'finished_at', 'attempts', 'duration_seconds'] as const;
 
 type FieldValue = string | number | object | undefined;
@@ -193,6 +206,7 @@ export class JobRecords {
       .zadd(this.unfinishedKey, record.created_at, id)
       .hincrby(this.statsKey, `state:${record.state}`, 1)
       .exec();
+    await appendJobEvent(this.redis, this.prefix, id, { type: 'state', state: record.state });
   }
 
   async get(id: string): Promise<JobRecord | undefined> {
@@ -234,6 +248,7 @@ export class JobRecords {
       id,
       ...encodeFields(fields),
     )) as [number, string];
+    if (result[0] === 1) await this.afterTransition(id, state, (result[1] || undefined) as JobState | undefined, fields);
     return { moved: result[0] === 1, previous: (result[1] || undefined) as JobState | undefined };
   }
 
@@ -246,6 +261,9 @@ export class JobRecords {
 
   async remove(record: Pick<JobRecord, 'id' | 'tenant'>): Promise<boolean> {
     const n = (await this.redis.eval(REMOVE, 5, this.key(record.id), this.statsKey, this.finishedKey, this.tenantKey(record.tenant), this.unfinishedKey, record.id)) as number;
+    await this.redis.del(eventsKey(this.prefix, record.id)).catch(() => {});
+    await this.redis.zrem(this.webhooksDueKey, record.id).catch(() => {});
+    await this.redis.publish(`${this.prefix}events`, record.id).catch(() => {});
     return n === 1;
   }
 
@@ -311,6 +329,45 @@ export class JobRecords {
     m.hincrbyfloat(this.statsKey, 'conversion_seconds_sum', seconds);
     for (const le of DURATION_BUCKETS) if (seconds <= le) m.hincrby(this.statsKey, `conversion_seconds_le_${le}`, 1);
     await m.exec();
+  }
+
+  /** Redis key prefix of this queue's keys. */
+  get keyPrefix(): string {
+    return this.prefix;
+  }
+  /** zset: ids of finished jobs whose callback is due, by due time (webhooks.ts). */
+  get webhooksDueKey(): string {
+    return `${this.prefix}webhooks:due`;
+  }
+
+  /**
+   * After every change: a `state` event when the state moved, a `progress` event when progress
+   * was written (events.ts), and a finished job with a callback_url scheduled for delivery.
+   * Failures here never undo the change; a missed event is repaired by the reader's poll.
+   */
+  private async afterTransition(id: string, state: JobState, previous: JobState | undefined, fields: Partial<Record<string, FieldValue>>): Promise<void> {
+    try {
+      // Progress first: a terminal state is the last event of a job.
+      if (fields.progress !== undefined && typeof fields.progress === 'object') {
+        await appendJobEvent(this.redis, this.prefix, id, { type: 'progress', progress: fields.progress as JobProgress });
+      }
+      if (previous !== state) await appendJobEvent(this.redis, this.prefix, id, { type: 'state', state, ...(previous ? { previous } : {}) });
+      if (previous !== state && isFinal(state) && (await this.redis.hexists(this.key(id), 'callback_url')) === 1) {
+        await this.redis.zadd(this.webhooksDueKey, 'NX', Date.now(), id);
+      }
+    } catch {
+      // Redis hiccup: the record is right; readers poll it.
+    }
+  }
+
+  /** Records a callback's delivery state, only while the record exists. */
+  async setCallback(id: string, callback: JobCallback): Promise<void> {
+    await this.redis.eval(
+      "if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('HSET', KEYS[1], 'callback', ARGV[1]) end return 0",
+      1,
+      this.key(id),
+      JSON.stringify(callback),
+    );
   }
 
   /** Announces a cancellation to every worker. */
