@@ -21,6 +21,7 @@ COPY --from=build /app/package.json ./
 COPY --from=build /app/node_modules ./node_modules
 COPY --from=build /app/dist ./dist
 COPY openapi.yaml ./
+COPY web ./web
 # The image's own unprivileged user (uid 1000) owns the data directory; a new named
 # volume mounted there inherits that ownership.
 RUN mkdir -p /data && chown node:node /data

@@ -20,6 +20,8 @@ import { inspectRoutes } from './routes/inspect.js';
 import { jobRoutes } from './routes/jobs.js';
 import { opsRoutes } from './routes/ops.js';
 import { outputRoutes } from './routes/output.js';
+import { webRoutes } from './routes/web.js';
+import { createLinkSigner } from './signed-links.js';
 
 export type { AppDeps } from './context.js';
 
@@ -42,11 +44,13 @@ export function diskconvApp(config: Config, deps: AppDeps): FastifyPluginAsync {
     });
 
     const authenticate = createAuthenticator(config.apiTokens);
+    // A signed download link (?expires=&sig=) stands in for the token on the output route.
+    const links = createLinkSigner(config.links, deps.records);
     app.decorateRequest('tenant', '');
     // Decided by the matched route, not the raw URL: `/%761/jobs` routes to /v1/jobs too.
     app.addHook('onRequest', async (request) => {
       const route = request.routeOptions.url;
-      if (route !== undefined && (route === '/v1' || route.startsWith('/v1/'))) authenticate(request);
+      if (route !== undefined && (route === '/v1' || route.startsWith('/v1/')) && !(await links.authenticate(request))) authenticate(request);
     });
 
     // Images arrive as a stream the route handler reads into the store.
@@ -67,6 +71,7 @@ export function diskconvApp(config: Config, deps: AppDeps): FastifyPluginAsync {
     await outputRoutes(app, ctx);
     await inspectRoutes(app, ctx);
     await eventRoutes(app, ctx);
+    await webRoutes(app, ctx, links);
   };
   // Like fastify-plugin: the handlers and hooks above apply to the whole instance.
   (plugin as unknown as Record<symbol, boolean>)[Symbol.for('skip-override')] = true;

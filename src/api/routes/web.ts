@@ -1,0 +1,78 @@
+/**
+ * The web page (GET / and its static files, from the package's web/ folder via
+ * @fastify/static), the headers that keep it safe, GET /v1/service (what the page
+ * needs to know: auth, output targets, limits) and POST /v1/jobs/{id}/output/link
+ * (a signed, short-lived download link).
+ */
+import { fileURLToPath } from 'node:url';
+import fastifyStatic from '@fastify/static';
+import type { FastifyInstance } from 'fastify';
+import { SOURCE_FORMATS } from '../bodies.js';
+import type { ApiContext } from '../context.js';
+import { ApiError } from '../errors.js';
+import type { LinkSigner } from '../signed-links.js';
+import { findJob } from './jobs.js';
+
+/** web/ sits at the package root, next to dist/ and src/. */
+export const WEB_ROOT = fileURLToPath(new URL('../../../web/', import.meta.url));
+
+/** No inline script or style, nothing from another origin, never framed. */
+export const CONTENT_SECURITY_POLICY = [
+  "default-src 'none'",
+  "script-src 'self'",
+  "style-src 'self'",
+  "img-src 'self'",
+  "connect-src 'self'",
+  "form-action 'self'",
+  "base-uri 'none'",
+  "frame-ancestors 'none'",
+].join('; ');
+
+export interface OutputTarget {
+  id: string;
+  label: string;
+}
+
+/** Where a job's output can go: the store always; more where the deployment configures them. */
+export function outputTargets(_ctx: ApiContext): OutputTarget[] {
+  return [{ id: 'store', label: 'This service (download)' }];
+}
+
+export async function webRoutes(app: FastifyInstance, ctx: ApiContext, links: LinkSigner): Promise<void> {
+  app.addHook('onSend', async (_request, reply, payload) => {
+    reply.header('x-content-type-options', 'nosniff');
+    reply.header('content-security-policy', CONTENT_SECURITY_POLICY);
+    reply.header('x-frame-options', 'DENY');
+    reply.header('referrer-policy', 'no-referrer');
+    return payload;
+  });
+
+  await app.register(fastifyStatic, {
+    root: WEB_ROOT,
+    prefix: '/',
+    wildcard: false,
+    index: ['index.html'],
+    serveDotFiles: false,
+    cacheControl: true,
+    maxAge: 0,
+  });
+
+  const readLimit = { rateLimit: { max: ctx.config.rateLimit.reads, timeWindow: ctx.config.rateLimit.windowSeconds * 1000 } };
+
+  app.get('/v1/service', { config: readLimit }, async () => ({
+    auth: ctx.config.apiTokens.length > 0,
+    source_formats: SOURCE_FORMATS,
+    targets: outputTargets(ctx),
+    max_upload_bytes: ctx.config.maxUploadBytes,
+    webhooks: ctx.config.webhooks.secret !== undefined,
+    uploads: '/v1/uploads',
+    link_ttl_seconds: ctx.config.links.ttlSeconds,
+  }));
+
+  app.post('/v1/jobs/:id/output/link', { config: readLimit }, async (request) => {
+    const rec = await findJob(ctx, request);
+    if (rec.state !== 'succeeded') throw new ApiError('JOB_NOT_READY', `the job is ${rec.state}; its output exists once it has succeeded`);
+    const link = links.sign(rec.id, rec.tenant);
+    return { href: link.href, expires_at: new Date(link.expiresAt).toISOString() };
+  });
+}
