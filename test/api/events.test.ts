@@ -5,7 +5,7 @@
 import { join } from 'node:path';
 import { readFile } from 'node:fs/promises';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { freePort } from '../../src/service/redis-server.js';
+import { freePort } from '../../src/cli/redis-server.js';
 import { makeTempDir, qemuImg, writeRaw } from '../helpers/qemu.js';
 import { ServiceHarness, spawnDiskconv, waitFor, type JobJson, type ServiceProcess } from '../helpers/service.js';
 import { readSse, type SseEvent } from '../helpers/sse.js';

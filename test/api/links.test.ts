@@ -3,8 +3,6 @@
  * and a real local store (no worker: the succeeded job is written directly).
  */
 import { join } from 'node:path';
-import { pipeline } from 'node:stream/promises';
-import { Readable } from 'node:stream';
 import type { FastifyInstance } from 'fastify';
 import { Redis } from 'ioredis';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -14,7 +12,7 @@ import { createLinkSigner } from '../../src/api/signed-links.js';
 import { loadConfig, type Config } from '../../src/config.js';
 import { ConversionQueue } from '../../src/queue/queue.js';
 import { JobRecords, tenantOf, type JobRecord } from '../../src/queue/records.js';
-import { LocalStore } from '../../src/store/local.js';
+import { openStores, type Stores } from '../../src/store/index.js';
 import { makeTempDir } from '../helpers/qemu.js';
 import { startRedis, uniqueQueueName, type TestRedis } from '../helpers/redis.js';
 
@@ -32,7 +30,7 @@ describe('signed download links', () => {
   let config: Config;
   let records: JobRecords;
   let queue: ConversionQueue;
-  let store: LocalStore;
+  let stores: Stores;
   const content = Buffer.alloc(70_000, 0x5a);
 
   async function job(state: JobRecord['state'], token = TOKEN_A): Promise<string> {
@@ -52,8 +50,9 @@ describe('signed download links', () => {
       ...(state === 'succeeded' ? { output: { format: 'raw' as const, size: content.length, sha256: 'a'.repeat(64), data_bytes: content.length } } : {}),
     });
     if (state === 'succeeded') {
-      const w = await store.createStreamWriter('output', id);
-      await pipeline(Readable.from([content]), w.stream);
+      const w = await stores.output.create(id, content.length);
+      await w.write({ kind: 'data', offset: 0, length: content.length, data: content });
+      await w.finish(content.length);
       await w.commit();
     }
     return id;
@@ -70,16 +69,17 @@ describe('signed download links', () => {
     client = new Redis(redis.url);
     ({ dir, cleanup } = await makeTempDir('diskconv-links-'));
     config = loadConfig({ DATA_DIR: join(dir, 'data'), QUEUE_NAME: uniqueQueueName('links'), API_TOKENS: `${TOKEN_A},${TOKEN_B}`, LINK_SECRET: SECRET, LINK_TTL_SECONDS: '60' });
-    store = await LocalStore.open(join(config.dataDir, 'store'));
+    stores = await openStores(config);
     records = new JobRecords(client, config.queueName);
     queue = new ConversionQueue(redis.url, config);
-    app = await buildApp(config, { records, queue, store, redis: client });
+    app = await buildApp(config, { records, queue, stores, redis: client });
     await app.ready();
   });
   afterAll(async () => {
     await app?.close();
     await queue?.close();
     client?.disconnect();
+    await stores?.close();
     await redis?.stop();
     await cleanup?.();
   });

@@ -95,7 +95,7 @@ describe.skipIf(!hasChromium)('the web page in chromium', () => {
     await page.getByLabel('API token').fill(TOKEN);
     await page.getByRole('button', { name: 'Use token' }).click();
     await page.getByRole('heading', { name: 'New conversion' }).waitFor();
-    expect(await page.evaluate(() => sessionStorage.getItem('diskconv.token'))).toBe(TOKEN);
+    expect(await page.evaluate("sessionStorage.getItem('diskconv.token')")).toBe(TOKEN);
     expect(page.url()).not.toContain(TOKEN);
     await page.context().close();
   });
@@ -109,7 +109,7 @@ describe.skipIf(!hasChromium)('the web page in chromium', () => {
     await job(page, 'disk.qcow2').waitFor();
     // The upload went through XHR with progress events; its bar ends full.
     const upload = page.getByRole('progressbar', { name: 'Upload progress' });
-    await page.waitForFunction(() => (document.getElementById('upload-progress') as HTMLProgressElement | null)?.value === 100);
+    await page.waitForFunction("document.getElementById('upload-progress')?.value === 100");
     expect(await upload.getAttribute('value')).toBe('100');
     await page.screenshot({ path: join(SHOTS, 'converting.png'), fullPage: true });
     await waitForState(page, 'disk.qcow2', 'succeeded');
@@ -121,7 +121,7 @@ describe.skipIf(!hasChromium)('the web page in chromium', () => {
     expect(text).toContain(expected);
 
     const link = item.getByRole('link', { name: 'Download disk.qcow2.raw' });
-    await page.waitForFunction(() => [...document.querySelectorAll('a[download]')].some((a) => a.getAttribute('href')?.includes('sig=')));
+    await page.waitForFunction("[...document.querySelectorAll('a[download]')].some((a) => a.getAttribute('href')?.includes('sig='))");
     const href = (await link.getAttribute('href')) ?? '';
     expect(href).toMatch(/^\/v1\/jobs\/[\w-]{22}\/output\?expires=\d+&sig=[\w-]+$/);
     await page.screenshot({ path: join(SHOTS, 'succeeded.png'), fullPage: true });
@@ -140,7 +140,7 @@ describe.skipIf(!hasChromium)('the web page in chromium', () => {
     await page.getByLabel('Image file').setInputFiles(join(dir, 'slow.qcow2'));
     await page.getByRole('button', { name: 'Convert' }).click();
     await waitForState(page, 'slow.qcow2', 'running');
-    await page.waitForFunction(() => /converting/.test(document.querySelector('li .progress-text')?.textContent ?? ''));
+    await page.waitForFunction("/converting/.test(document.querySelector('li .progress-text')?.textContent ?? '')");
     await page.screenshot({ path: join(SHOTS, 'running.png'), fullPage: true });
     await job(page, 'slow.qcow2').getByRole('button', { name: 'Cancel slow.qcow2' }).click();
     await waitForState(page, 'slow.qcow2', 'cancelled', 10_000);
@@ -206,11 +206,11 @@ describe.skipIf(!hasChromium)('the web page in chromium', () => {
     await page.locator('body').focus();
     for (let i = 0; i < 12; i++) {
       await page.keyboard.press('Tab');
-      reached.push(await page.evaluate(() => document.activeElement?.id || document.activeElement?.tagName || ''));
+      reached.push(String(await page.evaluate("document.activeElement?.id || document.activeElement?.tagName || ''")));
     }
     for (const id of ['file', 'url', 'source-format', 'sha256', 'convert', 'inspect']) expect(reached).toContain(id);
     // Nothing wider than the window.
-    const overflow = await page.evaluate(() => document.documentElement.scrollWidth - window.innerWidth);
+    const overflow = Number(await page.evaluate('document.documentElement.scrollWidth - window.innerWidth'));
     expect(overflow).toBeLessThanOrEqual(0);
     await page.screenshot({ path: join(SHOTS, 'phone.png'), fullPage: true });
     await page.context().close();
