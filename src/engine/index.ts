@@ -15,6 +15,7 @@ export { DEFAULT_LIMITS, withLimits, type Limits } from './limits.js';
 export { FileSource, BufferSource, readExact, type RandomAccessSource } from './source.js';
 export { detectFormat, DRIVERS } from './probe.js';
 export { readExtents, type ReadOptions } from './reader.js';
+export { Pacer } from './pace.js';
 export { convertToRaw, RawFileSink, isAllZero, hashZeros, type RawFileSinkOptions, type ExtentSink, type ConvertOptions, type ConvertResult, type Progress } from './convert.js';
 
 export interface OpenImageOptions {

@@ -8,7 +8,8 @@
 import type { Redis } from 'ioredis';
 import type { JobRecords } from './records.js';
 
-export type AbortReason = 'cancel' | 'shutdown';
+/** `superseded`: the job is no longer this attempt's (another attempt owns it); not a cancel. */
+export type AbortReason = 'cancel' | 'shutdown' | 'superseded';
 
 export class CancelWatcher {
   private readonly active = new Map<string, AbortController>();

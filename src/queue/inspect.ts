@@ -8,6 +8,7 @@ import {
   imageInfo,
   isDiskconvError,
   openImage,
+  Pacer,
   throwIfAborted,
   type DiskImage,
   type FormatId,
@@ -31,8 +32,10 @@ export async function estimateAllocation(image: DiskImage, source: RandomAccessS
   let dataBytes = 0;
   let zeroBytes = 0;
   let entries = 0;
+  const pacer = new Pacer(signal, undefined, 64);
   for await (const entry of image.map(signal)) {
     if ((++entries & 0xfff) === 0) throwIfAborted(signal);
+    if (pacer.due()) await pacer.yield();
     if (entry.kind === 'zero') {
       zeroBytes += entry.length;
       continue;

@@ -4,6 +4,7 @@
  * with sha256 in the same pass, commit, record. Every way out leaves the store
  * clean: no partial output, no staged input of a finished job.
  */
+import { randomUUID } from 'node:crypto';
 import { rm } from 'node:fs/promises';
 import { join } from 'node:path';
 import { UnrecoverableError, WaitingError, type Job } from 'bullmq';
@@ -42,6 +43,21 @@ export interface ProcessorDeps {
 
 export type ProcessResult = { outcome: 'succeeded' | 'cancelled' | 'skipped' };
 
+/**
+ * Why a write of this attempt was refused: the job was cancelled or deleted (a
+ * cancel), or it is no longer this attempt's (another attempt owns it, or moved it
+ * back to queued): that is not a cancel, and this attempt must leave the job, its
+ * record and its input alone. Undefined when Redis could not tell.
+ */
+async function whyLost(records: JobRecords, id: string): Promise<AbortReason | undefined> {
+  const state = await records.getState(id).then(
+    (s) => s ?? 'deleted',
+    () => undefined,
+  );
+  if (state === undefined) return undefined;
+  return state === 'deleted' || state === 'cancelled' ? 'cancel' : 'superseded';
+}
+
 /** Writes progress at most once per interval and never more than one write at a time. */
 class ProgressReporter {
   private pending: Promise<unknown> | undefined;
@@ -49,8 +65,9 @@ class ProgressReporter {
   constructor(
     private readonly records: JobRecords,
     private readonly id: string,
+    private readonly owner: string,
     private readonly intervalMs: number,
-    private readonly onGone: () => void,
+    private readonly onLost: (reason: AbortReason) => void,
   ) {}
 
   report(progress: JobProgress, force = false): void {
@@ -58,9 +75,11 @@ class ProgressReporter {
     if (this.pending || (!force && now - this.last < this.intervalMs)) return;
     this.last = now;
     this.pending = this.records
-      .update(this.id, ['running'], { progress })
-      .then((stillRunning) => {
-        if (!stillRunning) this.onGone(); // cancelled or deleted meanwhile
+      .update(this.id, ['running'], { progress }, { owner: this.owner })
+      .then(async (stillOurs) => {
+        if (stillOurs) return;
+        const reason = await whyLost(this.records, this.id);
+        if (reason) this.onLost(reason);
       })
       .catch(() => {})
       .finally(() => {
@@ -91,10 +110,22 @@ export function createProcessor(deps: ProcessorDeps) {
     }
     const controller = cancels.track(id);
     const signal = bullSignal ? AbortSignal.any([controller.signal, bullSignal]) : controller.signal;
-    const progress = new ProgressReporter(records, id, config.worker.progressIntervalMs, () => controller.abort('cancel' satisfies AbortReason));
+    // This attempt's name: every record write below carries it (see JobRecord.attempt_id).
+    const owner = randomUUID();
+    const lost = (reason: AbortReason): void => {
+      if (!controller.signal.aborted) controller.abort(reason);
+    };
+    const progress = new ProgressReporter(records, id, owner, config.worker.progressIntervalMs, lost);
+    /** A record write of this attempt that was refused: stop, for the reason the record gives. */
+    const mustOwn = async (ok: boolean): Promise<void> => {
+      if (ok) return;
+      lost((await whyLost(records, id)) ?? 'superseded');
+      throw controller.signal.reason;
+    };
     const started = await records.transition(id, 'running', ['queued', 'running'], {
       started_at: rec.started_at ?? Date.now(),
       attempts: (rec.attempts ?? 0) + 1,
+      attempt_id: owner,
       progress: { phase: 'probing', bytes_done: 0, bytes_total: null, percent: null },
     });
     if (!started.moved) {
@@ -103,15 +134,18 @@ export function createProcessor(deps: ProcessorDeps) {
     }
 
     const displayName = rec.source.filename ?? (rec.source.url ? displayUrl(rec.source.url) : 'upload');
-    const stagingPath = join(deps.scratchDir, `${id}.download`);
+    // Per attempt: two attempts of one job on one host never share (or remove) each other's download.
+    const stagingPath = join(deps.scratchDir, `${id}.${owner}.download`);
     let opened: OpenedUrlSource | undefined;
     let source: RandomAccessSource | undefined;
     let image: DiskImage | undefined;
     let writer: OutputWriter | undefined;
+    let committed = false;
     const t0 = Date.now();
     try {
-      // A previous attempt (a worker killed mid-job) may have left a partial output.
-      await output.delete(id);
+      // Nothing of a previous attempt is removed here: a live one (whose lock lapsed)
+      // may still be writing its own temporary output. Each attempt removes only what
+      // its own writer created; stale temporaries of dead workers are the sweeper's.
 
       if (rec.source.kind === 'url' && rec.source.url) {
         progress.report({ phase: 'downloading', bytes_done: 0, bytes_total: null, percent: null }, true);
@@ -122,9 +156,14 @@ export function createProcessor(deps: ProcessorDeps) {
           onProgress: (done, total) => progress.report({ phase: 'downloading', bytes_done: done, bytes_total: total ?? null, percent: percent(done, total) }),
         });
         source = opened.source;
-        await records.update(id, ['running'], {
-          source: { ...rec.source, final_url: opened.finalUrl, size: opened.size, mode: opened.mode, ...(opened.sha256 ? { sha256: opened.sha256 } : {}) },
-        });
+        await mustOwn(
+          await records.update(
+            id,
+            ['running'],
+            { source: { ...rec.source, final_url: opened.finalUrl, size: opened.size, mode: opened.mode, ...(opened.sha256 ? { sha256: opened.sha256 } : {}) } },
+            { owner },
+          ),
+        );
       } else {
         source = await staging.open(id, displayName);
       }
@@ -141,7 +180,9 @@ export function createProcessor(deps: ProcessorDeps) {
         throw new InsufficientSpaceError(`the output needs up to ${allocation.dataBytes} bytes; the store has ${free} bytes free`);
       }
       const current = (await records.get(id))?.source ?? rec.source;
-      await records.update(id, ['running'], { source: { ...current, format: image.format, virtual_size: image.virtualSize, info: info as unknown as Record<string, unknown> } });
+      await mustOwn(
+        await records.update(id, ['running'], { source: { ...current, format: image.format, virtual_size: image.virtualSize, info: info as unknown as Record<string, unknown> } }, { owner }),
+      );
 
       await progress.flush();
       const total = image.virtualSize;
@@ -154,41 +195,61 @@ export function createProcessor(deps: ProcessorDeps) {
         onProgress: (p) => progress.report({ phase: 'converting', bytes_done: p.bytesDone, bytes_total: p.bytesTotal, percent: percent(p.bytesDone, p.bytesTotal) }),
       });
       await progress.flush();
-      progress.report({ phase: 'committing', bytes_done: total, bytes_total: total, percent: 100 }, true);
-      await progress.flush();
       if (signal.aborted) throw signal.reason;
+      // Only the attempt that still owns the job publishes: a superseded one must not clobber.
+      await mustOwn(await records.update(id, ['running'], { progress: { phase: 'committing', bytes_done: total, bytes_total: total, percent: 100 } }, { owner }));
       const stored = await writer.commit();
       writer = undefined;
+      committed = true;
       const seconds = (Date.now() - t0) / 1000;
-      const done = await records.transition(id, 'succeeded', ['running'], {
-        output: { format: 'raw', size: stored.size, sha256: result.sha256 as string, data_bytes: result.dataBytes, ...(stored.location ? { location: stored.location } : {}) },
-        progress: { phase: 'done', bytes_done: total, bytes_total: total, percent: 100 },
-        duration_seconds: seconds,
-        last_error: undefined,
-      });
+      const done = await records.transition(
+        id,
+        'succeeded',
+        ['running'],
+        {
+          output: { format: 'raw', size: stored.size, sha256: result.sha256 as string, data_bytes: result.dataBytes, ...(stored.location ? { location: stored.location } : {}) },
+          progress: { phase: 'done', bytes_done: total, bytes_total: total, percent: 100 },
+          duration_seconds: seconds,
+          last_error: undefined,
+          attempt_id: undefined,
+        },
+        { owner },
+      );
       if (!done.moved) {
+        if ((await whyLost(records, id)) === 'superseded') {
+          log.info('superseded by another attempt as it finished; left the job to it');
+          return { outcome: 'skipped' };
+        }
         // Cancelled (or deleted) between the last check and the commit: unpublish.
         await output.delete(id);
         await staging.delete(id);
         log.info('cancelled as it finished; output removed');
         return { outcome: 'cancelled' };
       }
-      await staging.delete(id);
+      await staging.delete(id).catch((err: unknown) => log.warn({ err }, 'could not remove the staged input; the sweeper will'));
       await records.recordConversion(result.virtualSize, seconds).catch(() => {});
       log.info({ virtual_size: result.virtualSize, data_bytes: result.dataBytes, seconds }, 'converted');
       return { outcome: 'succeeded' };
     } catch (err) {
+      // This attempt's own partial output only; never another attempt's.
       await writer?.abort().catch(() => {});
-      await output.delete(id).catch(() => {});
       const reason = controller.signal.aborted ? (controller.signal.reason as AbortReason) : undefined;
+      if (reason === 'superseded') {
+        log.warn('the job is no longer this attempt\'s (another attempt owns it or moved it back to queued); stopped, leaving it alone');
+        return { outcome: 'skipped' };
+      }
       if (reason === 'cancel' || (await records.getState(id).catch(() => undefined)) === 'cancelled') {
+        // The job is over for every attempt: everything under its key goes.
+        await output.delete(id).catch(() => {});
         await staging.delete(id).catch(() => {});
         log.info('cancelled');
         return { outcome: 'cancelled' };
       }
       if (reason === 'shutdown' && token) {
         // Hand the job back untouched: another worker (or this one, restarted) starts it again.
-        await records.transition(id, 'queued', ['running'], { progress: { phase: 'queued', bytes_done: 0, bytes_total: null, percent: null } }).catch(() => {});
+        await records
+          .transition(id, 'queued', ['running'], { progress: { phase: 'queued', bytes_done: 0, bytes_total: null, percent: null }, attempt_id: undefined }, { owner })
+          .catch(() => {});
         await job.moveToWait(token);
         log.info('handed back on shutdown');
         throw new WaitingError();
@@ -198,16 +259,26 @@ export function createProcessor(deps: ProcessorDeps) {
       const attempts = job.opts.attempts ?? 1;
       const lastAttempt = deterministic || job.attemptsMade + 1 >= attempts;
       if (lastAttempt) {
-        await records.transition(id, 'failed', ['running', 'queued'], { error, last_error: undefined });
+        const failed = await records.transition(id, 'failed', ['running'], { error, last_error: undefined, attempt_id: undefined }, { owner });
+        if (!failed.moved) {
+          log.warn({ code: error.code }, `attempt failed after losing the job to another attempt; left it alone: ${error.message}`);
+          throw new UnrecoverableError(`${error.code}: ${error.message}`);
+        }
+        // The job is over: its input, and any output (committed, or another attempt's leftovers), go.
         await staging.delete(id).catch(() => {});
+        await output.delete(id).catch(() => {});
         if (isDiskconvError(err)) log.info({ code: error.code }, `failed: ${error.message}`);
         else log.error({ err }, 'failed with an internal error');
         throw new UnrecoverableError(`${error.code}: ${error.message}`);
       }
-      await records.transition(id, 'queued', ['running'], {
-        last_error: error,
-        progress: { phase: 'retrying', bytes_done: 0, bytes_total: null, percent: null },
-      });
+      if (committed) await output.delete(id).catch(() => {}); // published but not recorded: the retry writes it again
+      await records.transition(
+        id,
+        'queued',
+        ['running'],
+        { last_error: error, progress: { phase: 'retrying', bytes_done: 0, bytes_total: null, percent: null }, attempt_id: undefined },
+        { owner },
+      );
       log.warn({ code: error.code, err: isDiskconvError(err) ? undefined : err }, `attempt failed, will retry: ${error.message}`);
       throw err instanceof Error ? err : new Error(String(err));
     } finally {

@@ -84,6 +84,12 @@ export interface JobRecord {
   last_error?: JobError;
   /** Conversion wall time of the successful attempt, seconds. */
   duration_seconds?: number;
+  /**
+   * The attempt that owns a running job (internal, never shown to clients): a
+   * worker's writes carry it, so an attempt that was superseded (its lock lost,
+   * the job taken by another worker) can neither report progress nor finish it.
+   */
+  attempt_id?: string;
   /** Where the terminal state is POSTed (webhooks.ts), and how that went. */
   callback_url?: string;
   callback?: JobCallback;
@@ -121,17 +127,22 @@ function decode(hash: Record<string, string>): JobRecord | undefined {
   return rec as unknown as JobRecord;
 }
 
-/** Moves a job to ARGV[1] when its state is one of ARGV[2] (",a,b,"); sets fields. Returns {moved, previous state}. */
+/**
+ * Moves a job to ARGV[1] when its state is one of ARGV[2] (",a,b,") and, when
+ * ARGV[6] is not empty, the attempt that owns it is ARGV[6]; sets fields.
+ * Returns {moved, previous state}.
+ */
 const TRANSITION = `
 local cur = redis.call('HGET', KEYS[1], 'state')
 if not cur then return {0, ''} end
 if not string.find(ARGV[2], ',' .. cur .. ',', 1, true) then return {0, cur} end
+if ARGV[6] ~= '' and redis.call('HGET', KEYS[1], 'attempt_id') ~= ARGV[6] then return {0, cur} end
 if cur ~= ARGV[1] then
   redis.call('HINCRBY', KEYS[2], 'state:' .. cur, -1)
   redis.call('HINCRBY', KEYS[2], 'state:' .. ARGV[1], 1)
 end
 redis.call('HSET', KEYS[1], 'state', ARGV[1], 'updated_at', ARGV[3])
-for i = 6, #ARGV, 2 do
+for i = 7, #ARGV, 2 do
   if ARGV[i + 1] == '' then redis.call('HDEL', KEYS[1], ARGV[i]) else redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
 end
 if ARGV[4] == '1' then
@@ -232,6 +243,7 @@ export class JobRecords {
     state: JobState,
     from: readonly JobState[],
     fields: Partial<Record<keyof JobRecord, FieldValue>> = {},
+    options: { owner?: string } = {},
   ): Promise<{ moved: boolean; previous: JobState | undefined }> {
     const now = Date.now();
     const result = (await this.redis.eval(
@@ -246,6 +258,7 @@ export class JobRecords {
       String(now),
       isFinal(state) ? '1' : '0',
       id,
+      options.owner ?? '',
       ...encodeFields(fields),
     )) as [number, string];
     if (result[0] === 1) await this.afterTransition(id, state, (result[1] || undefined) as JobState | undefined, fields);
@@ -253,10 +266,10 @@ export class JobRecords {
   }
 
   /** Updates fields without changing state, only while the job is in `while`. */
-  async update(id: string, whileIn: readonly JobState[], fields: Partial<Record<keyof JobRecord, FieldValue>>): Promise<boolean> {
+  async update(id: string, whileIn: readonly JobState[], fields: Partial<Record<keyof JobRecord, FieldValue>>, options: { owner?: string } = {}): Promise<boolean> {
     const state = await this.getState(id);
     if (!state || !whileIn.includes(state)) return false;
-    return (await this.transition(id, state, [state], fields)).moved;
+    return (await this.transition(id, state, [state], fields, options)).moved;
   }
 
   async remove(record: Pick<JobRecord, 'id' | 'tenant'>): Promise<boolean> {

@@ -161,4 +161,35 @@ describe('worker (in-process, real Redis and BullMQ)', () => {
     // Finished jobs leave the reconciliation index.
     expect(await r.records.unfinishedBefore(Date.now() + 120_000)).not.toContain(id);
   });
+
+  it("never deletes another attempt's temporary output (a live attempt whose lock lapsed still writes it)", async () => {
+    const r = await rig({});
+    const id = await r.submit(small, 'auto', false);
+    // Another attempt of the same job, still writing: its uncommitted output is in the store's tmp.
+    const other = await r.store.createExtentWriter('output', id);
+    await other.write({ kind: 'data', offset: 0, length: 4096, data: Buffer.alloc(4096, 0x5a) });
+    const tmp = join(r.config.dataDir, 'store', 'tmp');
+    const before = (await readdir(tmp)).filter((n) => n.startsWith(`output.${id}.`));
+    expect(before).toHaveLength(1);
+    await r.queue.enqueue(id);
+    expect((await r.final(id)).state).toBe('succeeded');
+    // This attempt removed only what it created: the other attempt's file is untouched (stale ones are the sweeper's).
+    expect((await readdir(tmp)).filter((n) => n.startsWith(`output.${id}.`))).toEqual(before);
+    await other.abort();
+  });
+
+  it('a record moved back to queued by another attempt is not a cancel: the staged input stays', async () => {
+    const r = await rig({ WORKER_READ_BYTES_PER_SECOND: '2M', PROGRESS_INTERVAL_MS: '100' });
+    const id = await r.submit(big);
+    await waitFor('the conversion to run', async () => (await r.records.get(id))?.progress.phase === 'converting', 30_000);
+    // What a second attempt does when it takes the job and then fails with retries left.
+    expect((await r.records.transition(id, 'running', ['running'], { attempt_id: 'other-attempt' })).moved).toBe(true);
+    expect((await r.records.transition(id, 'queued', ['running'], { attempt_id: undefined }, { owner: 'other-attempt' })).moved).toBe(true);
+    // The first attempt notices at its next progress write and lets go of the job.
+    await waitFor('the first attempt to let go', async () => (await r.queue.stateOf(id)) === 'completed', 30_000);
+    const rec = await r.records.get(id);
+    expect(rec?.state).toBe('queued');
+    expect(await r.store.stat('input', id)).toBeDefined();
+    expect((await readdir(join(r.config.dataDir, 'store', 'tmp'))).filter((n) => n.startsWith(`output.${id}.`))).toEqual([]);
+  });
 });

@@ -10,6 +10,7 @@
  */
 import { AbortedError, ImageCorruptError, InvalidArgumentError, FormatMismatchError, UnsafeImageError, UnsupportedFeatureError } from '../errors.js';
 import { enforceLimit, toSafeNumber, type Limits } from '../limits.js';
+import { Pacer } from '../pace.js';
 import { readExact, type RandomAccessSource } from '../source.js';
 import type {
   CheckReport,
@@ -663,8 +664,11 @@ class Qcow2Image implements DiskImage {
       run = { kind: 'stored', offset, length, fileOffset };
     };
 
+    // A huge empty image is a long loop over L1 entries with no I/O: give the event loop turns.
+    const pacer = new Pacer(signal, undefined, 64);
     for (let guest = 0; guest < virtualSize; ) {
       if (signal?.aborted) throw new AbortedError();
+      if (pacer.due()) await pacer.yield();
       const l1Index = Math.floor(guest / l2Span);
       const spanEnd = Math.min(virtualSize, (l1Index + 1) * l2Span);
       let l2Offset = 0;

@@ -10,6 +10,7 @@
 import { FormatMismatchError, ImageCorruptError, UnsafeImageError, UnsupportedFeatureError, isDiskconvError, throwIfAborted } from '../errors.js';
 import { ascii } from '../bytes.js';
 import { enforceLimit, toSafeNumber, type Limits } from '../limits.js';
+import { Pacer } from '../pace.js';
 import { readExact, type RandomAccessSource } from '../source.js';
 import type { CheckReport, DiskImage, FormatDriver, FormatInfo, MapEntry, OpenOptions } from '../types.js';
 
@@ -497,8 +498,11 @@ class VmdkSparseImage implements DiskImage {
     const virtualSize = this.virtualSize;
     let pending: MapEntry | undefined;
 
+    // A huge empty image is a long loop over grain tables with no I/O: give the event loop turns.
+    const pacer = new Pacer(signal, undefined, 64);
     for (let table = 0; table < grainDirectory.length; table++) {
       throwIfAborted(signal);
+      if (pacer.due()) await pacer.yield();
       const firstGrain = table * gtes;
       const grains = Math.min(gtes, this.grainCount - firstGrain);
       const entries = await this.grainTable(table, signal);
@@ -566,8 +570,11 @@ class VmdkSparseImage implements DiskImage {
       report[counter]++;
       if (report.messages.length < MAX_CHECK_MESSAGES) report.messages.push(message);
     };
+    // A huge empty image is a long loop over grain tables with no I/O: give the event loop turns.
+    const pacer = new Pacer(signal, undefined, 64);
     for (let table = 0; table < grainDirectory.length; table++) {
       throwIfAborted(signal);
+      if (pacer.due()) await pacer.yield();
       let entries: Uint32Array | null;
       try {
         entries = await this.grainTable(table, signal);
