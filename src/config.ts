@@ -206,6 +206,7 @@ const schema = z.object({
   WEBHOOK_BACKOFF_MS: int(10, 3_600_000, 2000),
   WEBHOOK_TIMEOUT_MS: int(100, 600_000, 10_000),
   UPLOAD_TTL_SECONDS: int(60, 30 * 86400, 86400),
+  UPLOAD_IDLE_TIMEOUT_MS: int(100, 3_600_000, 60_000),
 });
 
 /** Where staged inputs and outputs live: a directory (default: DATA_DIR/store) or a bucket. */
@@ -269,6 +270,8 @@ export interface Config {
   webhooks: { secret: string | undefined; allow: string[]; ports: number[]; attempts: number; backoffMs: number; timeoutMs: number };
   /** tus uploads at /v1/uploads. */
   uploads: { ttlSeconds: number };
+  /** An upload whose body sends nothing for this long is dropped (its staging file removed). */
+  uploadIdleTimeoutMs: number;
 }
 
 /** The variables read, for the README table and error messages. */
@@ -327,5 +330,6 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): Config {
       timeoutMs: e.WEBHOOK_TIMEOUT_MS,
     },
     uploads: { ttlSeconds: e.UPLOAD_TTL_SECONDS },
+    uploadIdleTimeoutMs: e.UPLOAD_IDLE_TIMEOUT_MS,
   };
 }

@@ -14,7 +14,7 @@ import { Leases } from '../queue/leases.js';
 import { urlPolicy } from '../queue/url-import.js';
 import { createAuthenticator } from './auth.js';
 import type { ApiContext, AppDeps } from './context.js';
-import { ApiError, errorHandler, problemFor, sendProblem } from './errors.js';
+import { ApiError, clientErrorProblem, errorHandler, problemFor, sendProblem } from './errors.js';
 import { eventRoutes } from './routes/events.js';
 import { inspectRoutes } from './routes/inspect.js';
 import { jobRoutes } from './routes/jobs.js';
@@ -47,10 +47,23 @@ export function diskconvApp(config: Config, deps: AppDeps): FastifyPluginAsync {
     // A signed download link (?expires=&sig=) stands in for the token on the output route.
     const links = createLinkSigner(config.links, deps.records);
     app.decorateRequest('tenant', '');
+    const authFailures = new WeakMap<object, unknown>();
     // Decided by the matched route, not the raw URL: `/%761/jobs` routes to /v1/jobs too.
+    // A refused token is answered only after the rate limit (a route-level onRequest
+    // hook, so after this one) has counted the request against the caller's address:
+    // guessing tokens costs rate limit like anything else.
     app.addHook('onRequest', async (request) => {
       const route = request.routeOptions.url;
-      if (route !== undefined && (route === '/v1' || route.startsWith('/v1/')) && !(await links.authenticate(request))) authenticate(request);
+      if (route === undefined || (route !== '/v1' && !route.startsWith('/v1/'))) return;
+      try {
+        if (await links.authenticate(request)) return;
+        authenticate(request);
+      } catch (err) {
+        authFailures.set(request, err);
+      }
+    });
+    app.addHook('preParsing', async (request) => {
+      if (authFailures.has(request)) throw authFailures.get(request);
     });
 
     // Images arrive as a stream the route handler reads into the store.
@@ -60,8 +73,9 @@ export function diskconvApp(config: Config, deps: AppDeps): FastifyPluginAsync {
       global: false,
       redis: deps.redis,
       nameSpace: `diskconv:${config.queueName}:ratelimit:`,
-      // After authentication, so a token is counted as its tenant, not its address.
-      hook: 'preHandler',
+      // After authentication (a global onRequest hook runs before this route-level one), so a
+      // valid token is counted as its tenant, anything else as its address; before the body is read.
+      hook: 'onRequest',
       keyGenerator: (request) => (request.tenant && request.tenant !== 'anonymous' ? `t:${request.tenant}` : `ip:${request.ip}`),
       errorResponseBuilder: (_request, context) => new ApiError('RATE_LIMITED', `rate limit of ${context.max} requests exceeded; retry in ${context.after}`),
     });
@@ -86,6 +100,17 @@ export async function buildApp(config: Config, deps: AppDeps, options: { logger?
     exposeHeadRoutes: false,
     return503OnClosing: true,
     genReqId: () => randomUUID(),
+    // Fastify's own refusals (bad URL encoding, an over-long path parameter) are problem+json too.
+    frameworkErrors: (err, _request, reply) => {
+      const code = (err as { code?: string }).code;
+      if (code === 'FST_ERR_MAX_PARAM_LENGTH') {
+        // Never echo the URL: it is long by definition and may carry anything.
+        return sendProblem(reply, problemFor('URI_TOO_LONG', 'a path segment is longer than allowed'));
+        return sendProblem(reply, { ...problemFor('BAD_REQUEST', 'a path segment is longer than allowed'), status: 414, title: 'URI too long', code: 'URI_TOO_LONG' });
+      }
+      return sendProblem(reply, problemFor('BAD_REQUEST', code === 'FST_ERR_BAD_URL' ? 'the URL is malformed' : 'the request is malformed'));
+    },
+    clientErrorHandler: clientErrorProblem,
   });
   await app.register(diskconvApp(config, deps));
   return app;

@@ -57,7 +57,7 @@ export interface Received {
 }
 
 export interface BodyDeps {
-  config: Pick<Config, 'maxUploadBytes'>;
+  config: Pick<Config, 'maxUploadBytes'> & Partial<Pick<Config, 'uploadIdleTimeoutMs'>>;
   staging: InputStaging;
   policy: UrlPolicyShape;
 }
@@ -89,13 +89,39 @@ export async function receiveBody(request: FastifyRequest, key: string, deps: Bo
   const type = mediaType(request);
   if (type === 'application/json') return receiveJson(request, deps);
   if (type === 'application/octet-stream' || type === 'multipart/form-data') {
-    await checkDeclaredLength(request, type === 'multipart/form-data' ? MULTIPART_OVERHEAD : 0, deps);
-    return type === 'multipart/form-data' ? receiveMultipart(request, key, deps) : receiveOctetStream(request, key, deps);
+    const stopWatching = watchIdle(request, deps.config.uploadIdleTimeoutMs);
+    try {
+      await checkDeclaredLength(request, type === 'multipart/form-data' ? MULTIPART_OVERHEAD : 0, deps);
+      return await (type === 'multipart/form-data' ? receiveMultipart(request, key, deps) : receiveOctetStream(request, key, deps));
+    } finally {
+      stopWatching();
+    }
   }
   throw new ApiError(
     'UNSUPPORTED_MEDIA_TYPE',
     `Content-Type ${type ?? '(none)'} is not accepted; use multipart/form-data, application/octet-stream or application/json`,
   );
+}
+
+/**
+ * Drops an upload whose body sends nothing for `ms` (UPLOAD_IDLE_TIMEOUT_MS): a
+ * client that declares a length and stalls would otherwise hold a socket, a file
+ * descriptor and a staging file forever. Destroying the request fails the body's
+ * pipeline, whose writer then removes the staging file.
+ */
+function watchIdle(request: FastifyRequest, ms: number | undefined): () => void {
+  // fastify.inject's simulated requests have no socket to time out.
+  if (!ms || typeof request.raw.setTimeout !== 'function') return () => {};
+  const onTimeout = (): void => {
+    request.log.info({ idle_ms: ms }, 'upload idle for too long; dropped');
+    request.raw.destroy(new ApiError('UPLOAD_TIMEOUT', `the upload sent nothing for ${ms} ms`));
+  };
+  request.raw.setTimeout(ms, onTimeout);
+  return () => {
+    request.raw.off('timeout', onTimeout);
+    // The socket is gone when the request was destroyed (timed out, client went away).
+    if (request.raw.socket) request.raw.socket.setTimeout(0);
+  };
 }
 
 async function checkDeclaredLength(request: FastifyRequest, overhead: number, deps: BodyDeps): Promise<void> {
@@ -216,6 +242,8 @@ async function streamToStore(body: Readable, key: string, deps: BodyDeps): Promi
 function asBodyError(err: unknown): unknown {
   if (err instanceof z.ZodError || isDiskconvError(err)) return err;
   const e = err as { code?: unknown; message?: unknown };
+  // The store's filesystem filled up while the body streamed in (a chunked upload declares no length to check first).
+  if (e.code === 'ENOSPC' || e.code === 'EDQUOT') return new ApiError('INSUFFICIENT_SPACE', 'the store ran out of space while the upload was written');
   if (typeof e.code === 'string' && e.code.startsWith('FST_')) return err;
   if (e.code === 'ERR_STREAM_PREMATURE_CLOSE' || e.code === 'ECONNRESET' || e.code === 'ABORT_ERR') {
     return new ApiError('INCOMPLETE_BODY', 'the client closed the connection before the body was complete');

@@ -33,6 +33,9 @@ export const ERROR_CODES = {
   PAYLOAD_TOO_LARGE: { status: 413, title: 'The body is larger than allowed' },
   UNSUPPORTED_MEDIA_TYPE: { status: 415, title: 'Unsupported Content-Type' },
   RANGE_NOT_SATISFIABLE: { status: 416, title: 'The range is outside the output' },
+  URI_TOO_LONG: { status: 414, title: 'URI too long' },
+  HEADERS_TOO_LARGE: { status: 431, title: 'Request header fields too large' },
+  UPLOAD_TIMEOUT: { status: 408, title: 'The upload sent nothing for too long' },
   RATE_LIMITED: { status: 429, title: 'Too many requests' },
   // image (engine) and source
   IMAGE_CORRUPT: { status: 422, title: 'The image is corrupt or truncated' },
@@ -148,4 +151,23 @@ export function errorHandler(this: unknown, err: FastifyError, request: FastifyR
   // drained: close the connection instead of reading the rest of it.
   if (!request.raw.complete) reply.header('connection', 'close');
   return sendProblem(reply, problem, headers);
+}
+
+/**
+ * Node's HTTP parser refusals (malformed request, headers too large, a request
+ * timeout) never reach fastify's routing: answer them as problem+json on the raw
+ * socket, as fastify's default handler does with its own JSON, and close it.
+ */
+export function clientErrorProblem(err: NodeJS.ErrnoException, socket: import('node:stream').Duplex): void {
+  if (err.code === 'ECONNRESET' || socket.destroyed) return;
+  const code: ApiErrorCode = err.code === 'HPE_HEADER_OVERFLOW' ? 'HEADERS_TOO_LARGE' : err.code === 'ERR_HTTP_REQUEST_TIMEOUT' ? 'UPLOAD_TIMEOUT' : 'BAD_REQUEST';
+  const detail = code === 'HEADERS_TOO_LARGE' ? 'the request headers (or the URL) are larger than allowed' : code === 'UPLOAD_TIMEOUT' ? 'the request took too long' : 'the request is malformed';
+  const body = JSON.stringify(problemFor(code, detail));
+  const status = ERROR_CODES[code].status;
+  if (socket.writable) {
+    socket.write(
+      `HTTP/1.1 ${status} ${ERROR_CODES[code].title}\r\nContent-Type: application/problem+json\r\nContent-Length: ${Buffer.byteLength(body)}\r\nConnection: close\r\n\r\n${body}`,
+    );
+  }
+  socket.destroy();
 }

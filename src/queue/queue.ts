@@ -33,7 +33,8 @@ export class ConversionQueue {
       {
         jobId: id,
         attempts: this.config.jobAttempts,
-        backoff: { type: 'exponential', delay: this.config.jobBackoffMs },
+        // Jitter: jobs that failed together (a full store, a store outage) do not all retry at the same instant.
+        backoff: { type: 'exponential', delay: this.config.jobBackoffMs, jitter: 0.5 },
         // The record keeps the outcome; BullMQ's copies go soon.
         removeOnComplete: { age: 3600, count: 1000 },
         removeOnFail: { age: this.config.retention.resultTtlSeconds, count: 10000 },

@@ -40,7 +40,8 @@ export async function outputRoutes(app: FastifyInstance, ctx: ApiContext): Promi
       .header('content-disposition', `attachment; filename="${rec.id}.raw"`)
       .header('cache-control', 'private, no-transform');
     const inm = request.headers['if-none-match'];
-    if (typeof inm === 'string' && inm.split(',').some((t) => t.trim() === etag || t.trim() === '*')) return reply.code(304).send();
+    // If-None-Match compares weakly (RFC 9110 13.1.2): W/"x" matches "x".
+    if (typeof inm === 'string' && inm.split(',').some((t) => t.trim() === '*' || t.trim().replace(/^W\//, '') === etag)) return reply.code(304).send();
 
     const ifRange = request.headers['if-range'];
     const rangeHeader = ifRange === undefined || ifRange === etag ? request.headers.range : undefined;
