@@ -17,7 +17,7 @@ import { buildApp } from '../../src/api/app.js';
 import { loadConfig, type Config } from '../../src/config.js';
 import { ConversionQueue } from '../../src/queue/queue.js';
 import { JobRecords } from '../../src/queue/records.js';
-import { LocalStore } from '../../src/store/local.js';
+import { openStores, type Stores } from '../../src/store/index.js';
 import { makeTempDir } from '../helpers/qemu.js';
 import { startRedis, uniqueQueueName, type TestRedis } from '../helpers/redis.js';
 import { waitFor } from '../helpers/service.js';
@@ -61,16 +61,16 @@ describe('API failures', () => {
   let cleanup: () => Promise<void>;
   const apps: Array<{ app: FastifyInstance; queue: ConversionQueue }> = [];
 
-  async function start(env: Record<string, string> = {}, dataDir?: string): Promise<{ app: FastifyInstance; config: Config; store: LocalStore; records: JobRecords; queue: ConversionQueue; port: number }> {
+  async function start(env: Record<string, string> = {}, dataDir?: string): Promise<{ app: FastifyInstance; config: Config; stores: Stores; records: JobRecords; queue: ConversionQueue; port: number }> {
     const config = loadConfig({ DATA_DIR: dataDir ?? join(dir, `data-${apps.length}`), QUEUE_NAME: uniqueQueueName('failures'), API_TOKENS: TOKEN, LOG_LEVEL: 'silent', ...env });
-    const store = await LocalStore.open(join(config.dataDir, 'store'));
+    const stores = await openStores(config);
     const records = new JobRecords(client, config.queueName);
     const queue = new ConversionQueue(redis.url, config);
-    const app = await buildApp(config, { records, queue, store, redis: client });
+    const app = await buildApp(config, { records, queue, stores, redis: client });
     await app.listen({ host: '127.0.0.1', port: 0 });
     apps.push({ app, queue });
     const address = app.server.address();
-    return { app, config, store, records, queue, port: typeof address === 'object' && address ? address.port : 0 };
+    return { app, config, stores, records, queue, port: typeof address === 'object' && address ? address.port : 0 };
   }
 
   beforeAll(async () => {
@@ -143,9 +143,9 @@ describe('API failures', () => {
   it('compares If-None-Match weakly: W/"etag" gives 304', async () => {
     const s = await start();
     const id = 'weakEtagJob00000000000';
-    const w = await s.store.createStreamWriter('output', id);
-    w.stream.end(Buffer.alloc(4096));
-    await new Promise((r) => w.stream.once('finish', r));
+    const w = await s.stores.output.create(id, 4096);
+    await w.write({ kind: 'zero', offset: 0, length: 4096 });
+    await w.finish(4096);
     await w.commit();
     const now = Date.now();
     const sha = 'ad7facb2586fc6e966c004d7d1d16b024f5805ff7cb47c7a85dabd8b48892ca7';

@@ -166,7 +166,7 @@ describe('worker (in-process, real Redis and BullMQ)', () => {
     const r = await rig({});
     const id = await r.submit(small, 'auto', false);
     // Another attempt of the same job, still writing: its uncommitted output is in the store's tmp.
-    const other = await r.store.createExtentWriter('output', id);
+    const other = await r.stores.output.create(id, 4 * 2 ** 20);
     await other.write({ kind: 'data', offset: 0, length: 4096, data: Buffer.alloc(4096, 0x5a) });
     const tmp = join(r.config.dataDir, 'store', 'tmp');
     const before = (await readdir(tmp)).filter((n) => n.startsWith(`output.${id}.`));
@@ -189,7 +189,7 @@ describe('worker (in-process, real Redis and BullMQ)', () => {
     await waitFor('the first attempt to let go', async () => (await r.queue.stateOf(id)) === 'completed', 30_000);
     const rec = await r.records.get(id);
     expect(rec?.state).toBe('queued');
-    expect(await r.store.stat('input', id)).toBeDefined();
+    expect(await r.stores.staging.stat(id)).toBeDefined();
     expect((await readdir(join(r.config.dataDir, 'store', 'tmp'))).filter((n) => n.startsWith(`output.${id}.`))).toEqual([]);
   });
 });
