@@ -12,7 +12,8 @@ export type ErrorCode =
   | 'ABORTED'
   | 'SOURCE_UNAVAILABLE'
   | 'INSUFFICIENT_SPACE'
-  | 'INVALID_ARGUMENT';
+  | 'INVALID_ARGUMENT'
+  | 'WRONG_PASSPHRASE';
 
 export abstract class DiskconvError extends Error {
   /** Stable code; the engine's are ErrorCode, other layers (net, api, store) add their own. */
@@ -86,6 +87,12 @@ export class SourceUnavailableError extends DiskconvError {
 export class InsufficientSpaceError extends DiskconvError {
   readonly code = 'INSUFFICIENT_SPACE' as const;
   readonly deterministic = false;
+}
+
+/** The passphrase given for an encrypted image unlocks none of its key slots. */
+export class WrongPassphraseError extends DiskconvError {
+  readonly code = 'WRONG_PASSPHRASE' as const;
+  readonly deterministic = true;
 }
 
 export class InvalidArgumentError extends DiskconvError {

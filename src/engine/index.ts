@@ -24,6 +24,8 @@ export interface OpenImageOptions {
   limits?: Partial<Limits>;
   snapshot?: SnapshotSelector;
   signal?: AbortSignal;
+  /** Key for an encrypted image; never logged or stored. */
+  passphrase?: Uint8Array;
 }
 
 export function parseFormat(value: string): FormatId | 'auto' {
@@ -39,6 +41,7 @@ export async function openImage(source: RandomAccessSource, options: OpenImageOp
     limits: withLimits(options.limits),
     ...(options.snapshot ? { snapshot: options.snapshot } : {}),
     ...(options.signal ? { signal: options.signal } : {}),
+    ...(options.passphrase ? { passphrase: options.passphrase } : {}),
   });
 }
 

@@ -18,6 +18,8 @@ export interface Limits {
   maxHeaderBytes: number;
   /** Largest VHDX log read to decide whether it needs replay (bytes); read only when the log is active. */
   maxLogBytes: number;
+  /** PBKDF2 iterations one unlock of an encrypted image may spend, over all key slots (a hostile header cannot make us spin). */
+  maxPbkdf2Iterations: number;
   /** Bytes of second-level tables (L2 / grain tables) kept in cache. */
   tableCacheBytes: number;
 }
@@ -31,6 +33,8 @@ export const DEFAULT_LIMITS: Readonly<Limits> = Object.freeze({
   maxHeaderBytes: 2 ** 20,
   tableCacheBytes: 32 * 2 ** 20,
   maxLogBytes: 64 * 2 ** 20,
+  // qemu's default iter-time of 2 s gives a few million on fast machines; 8 slots of that stay inside.
+  maxPbkdf2Iterations: 2 ** 25,
 });
 
 export function withLimits(overrides?: Partial<Limits>): Limits {

@@ -1,4 +1,5 @@
 import { decode } from './decompress.js';
+import { decryptEntry, encryptedBytes, encryptedFileRange } from './crypto/reader-step.js';
 import { ImageCorruptError, throwIfAborted } from './errors.js';
 import type { RandomAccessSource } from './source.js';
 import type { DiskImage, Extent, MapEntry } from './types.js';
@@ -137,6 +138,7 @@ export async function* readExtents(image: DiskImage, source: RandomAccessSource,
   const decodeEntry = async (entry: ReadEntry, group: ReadGroup, bytes: Uint8Array, target: Uint8Array | undefined): Promise<Extent> => {
     const rel = entry.fileOffset - group.start;
     if (entry.kind === 'stored') {
+      if (entry.cipher) return decryptEntry(entry, entry.cipher, bytes, group.start, target);
       return { kind: 'data', offset: entry.offset, length: entry.length, data: bytes.subarray(rel, rel + entry.length) };
     }
     const input = bytes.subarray(rel, Math.min(bytes.length, rel + entry.readLength));
@@ -152,7 +154,7 @@ export async function* readExtents(image: DiskImage, source: RandomAccessSource,
   const load = async (batch: Batch): Promise<LoadedBatch> => {
     throwIfAborted(signal);
     const buffer = batch.readBytes === 0 ? undefined : batch.readBytes <= arenaBytes ? (freeArenas.pop() ?? Buffer.allocUnsafeSlow(arenaBytes)) : Buffer.allocUnsafeSlow(batch.readBytes);
-    const decoded = batch.entries.some((e) => e.kind === 'compressed') ? (freeDecodedArenas.pop() ?? Buffer.allocUnsafeSlow(decodedArenaBytes)) : undefined;
+    const decoded = batch.entries.some((e) => e.kind === 'compressed' || (e.kind === 'stored' && e.cipher)) ? (freeDecodedArenas.pop() ?? Buffer.allocUnsafeSlow(decodedArenaBytes)) : undefined;
     let decodedUsed = 0;
     const results: Array<Promise<Extent>> = new Array(batch.entries.length);
     const byGroup: number[][] = batch.groups.map(() => []);
@@ -173,9 +175,10 @@ export async function* readExtents(image: DiskImage, source: RandomAccessSource,
         for (const i of byGroup[gi] as number[]) {
           const entry = batch.entries[i] as ReadEntry;
           let target: Uint8Array | undefined;
-          if (entry.kind === 'compressed' && decoded && decodedUsed + entry.decodedLength <= decoded.length) {
-            target = decoded.subarray(decodedUsed, decodedUsed + entry.decodedLength);
-            decodedUsed += entry.decodedLength;
+          const outBytes = entry.kind === 'compressed' ? entry.decodedLength : entry.cipher ? encryptedBytes(entry, entry.cipher) : 0;
+          if (outBytes > 0 && decoded && decodedUsed + outBytes <= decoded.length) {
+            target = decoded.subarray(decodedUsed, decodedUsed + outBytes);
+            decodedUsed += outBytes;
           }
           const p = decodeEntry(entry, group, bytes, target);
           p.catch(() => {}); // surfaced by Promise.all below
@@ -257,6 +260,10 @@ async function readInto(source: RandomAccessSource, target: Uint8Array, offset: 
 
 function fileRange(entry: ReadEntry, fileSize: number): [start: number, end: number, mustEnd: number] {
   if (entry.kind === 'stored') {
+    if (entry.cipher) {
+      const [start, end] = encryptedFileRange(entry, entry.cipher);
+      return [start, end, end];
+    }
     const end = entry.fileOffset + entry.length;
     return [entry.fileOffset, end, end];
   }
@@ -275,7 +282,7 @@ async function* splitLarge(entries: AsyncIterable<MapEntry>, maxBytes: number): 
     }
     for (let done = 0; done < e.length; done += maxBytes) {
       const length = Math.min(maxBytes, e.length - done);
-      yield { kind: 'stored', offset: e.offset + done, length, fileOffset: e.fileOffset + done };
+      yield { ...e, offset: e.offset + done, length, fileOffset: e.fileOffset + done };
     }
   }
 }
@@ -289,7 +296,7 @@ async function* clip(entries: AsyncIterable<MapEntry>, start: number, end: numbe
     if (t <= s) continue;
     const cut = s - e.offset;
     if (e.kind === 'zero') yield { kind: 'zero', offset: s, length: t - s };
-    else if (e.kind === 'stored') yield { kind: 'stored', offset: s, length: t - s, fileOffset: e.fileOffset + cut };
+    else if (e.kind === 'stored') yield { ...e, offset: s, length: t - s, fileOffset: e.fileOffset + cut };
     else yield { ...e, offset: s, length: t - s, decodedOffset: e.decodedOffset + cut };
   }
 }

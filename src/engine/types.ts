@@ -1,5 +1,8 @@
 import type { Limits } from './limits.js';
 import type { RandomAccessSource } from './source.js';
+import type { SectorCipher } from './crypto/sector-cipher.js';
+
+export type { SectorCipher } from './crypto/sector-cipher.js';
 
 export type FormatId = 'raw' | 'qcow2' | 'vmdk' | 'vdi' | 'vpc' | 'vhdx';
 export const FORMAT_IDS: readonly FormatId[] = ['qcow2', 'vmdk', 'vdi', 'vpc', 'vhdx', 'raw'];
@@ -7,8 +10,11 @@ export const FORMAT_IDS: readonly FormatId[] = ['qcow2', 'vmdk', 'vdi', 'vpc', '
 /** How a guest byte range is stored: produced by drivers from metadata alone, without reading data. */
 export type MapEntry =
   | { kind: 'zero'; offset: number; length: number }
-  /** `length` guest bytes stored verbatim at `fileOffset`. */
-  | { kind: 'stored'; offset: number; length: number; fileOffset: number }
+  /**
+   * `length` guest bytes stored at `fileOffset`: verbatim, or encrypted in whole
+   * sectors when `cipher` is set (the reader reads whole sectors and decrypts).
+   */
+  | { kind: 'stored'; offset: number; length: number; fileOffset: number; cipher?: SectorCipher }
   /**
    * A compressed cluster/grain: read `readLength` bytes at `fileOffset` (an upper
    * bound; reads are clamped at end of file), decode them with `codec` into
@@ -98,6 +104,8 @@ export interface OpenOptions {
   /** Present the state of an internal snapshot instead of the active image (qcow2). */
   snapshot?: SnapshotSelector;
   signal?: AbortSignal;
+  /** Key for an encrypted image (qcow2 LUKS or legacy AES); never logged or stored. */
+  passphrase?: Uint8Array;
 }
 
 export interface FormatDriver {

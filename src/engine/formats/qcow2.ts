@@ -4,10 +4,16 @@
  * (subcluster) L2 entries, zero clusters, zlib and zstd compressed clusters,
  * internal snapshots, and a refcount-recomputing consistency check.
  *
+ * Encrypted images (LUKS in the crypto header extension, legacy AES) open
+ * without a key for info and check; with a passphrase their data clusters are
+ * mapped with a sector cipher the reader applies (src/engine/crypto/).
+ *
  * Refused: backing files and external data files (we never open a file named
- * inside an image), encryption, the corrupt bit, unknown incompatible features.
+ * inside an image), the corrupt bit, unknown incompatible features.
  * The map is built from metadata only; the shared reader reads and decodes data.
  */
+import { legacyQcowAesCipher, type SectorCipher } from '../crypto/sector-cipher.js';
+import { LUKS_HEADER_BYTES, luksInfoJson, luksRegionEnd, parseLuksHeader, unlockLuks, type LuksHeader } from '../crypto/luks.js';
 import { AbortedError, ImageCorruptError, InvalidArgumentError, FormatMismatchError, UnsafeImageError, UnsupportedFeatureError } from '../errors.js';
 import { enforceLimit, toSafeNumber, type Limits } from '../limits.js';
 import { Pacer } from '../pace.js';
@@ -118,6 +124,13 @@ interface Qcow2Header {
   headerLength: number;
   compression: 'zlib' | 'zstd';
   extendedL2: boolean;
+  /** 0 none, 1 legacy AES, 2 LUKS. */
+  cryptMethod: number;
+}
+
+interface CryptoHeaderExtension {
+  offset: number;
+  length: number;
 }
 
 interface Snapshot {
@@ -178,7 +191,11 @@ class SequentialReader {
   }
 }
 
-async function readHeader(source: RandomAccessSource, limits: Limits, signal?: AbortSignal): Promise<{ header: Qcow2Header; features: FeatureName[]; bitmapsExt?: BitmapsExtension }> {
+async function readHeader(
+  source: RandomAccessSource,
+  limits: Limits,
+  signal?: AbortSignal,
+): Promise<{ header: Qcow2Header; features: FeatureName[]; bitmapsExt?: BitmapsExtension; cryptoExt?: CryptoHeaderExtension }> {
   const fileSize = source.size;
   // Magic and version first: nothing else means anything until they are right.
   const start = viewOf(await readExact(source, 0, 8, 'qcow2 header', signal));
@@ -218,7 +235,7 @@ async function readHeader(source: RandomAccessSource, limits: Limits, signal?: A
   // Feature bits decide what the rest means, and refusals come before deeper parsing.
   const unknownIncompat = incompatible & ~INCOMPAT_KNOWN;
   if (unknownIncompat !== 0n) {
-    const features = await readExtensions(source, headerLength, clusterSize, version, autoclear, limits, signal, true).then(
+    const features = await readExtensions(source, headerLength, clusterSize, version, autoclear, 0, limits, signal, true).then(
       (r) => r.features,
       () => [] as FeatureName[],
     );
@@ -250,10 +267,7 @@ async function readHeader(source: RandomAccessSource, limits: Limits, signal?: A
   }
 
   const cryptMethod = fixed.getUint32(32);
-  if (cryptMethod !== 0) {
-    const kind = cryptMethod === 1 ? 'AES' : cryptMethod === 2 ? 'LUKS' : `method ${cryptMethod}`;
-    throw new UnsupportedFeatureError(`encrypted image; encryption needs a key, not supported yet (qcow2 crypt method ${kind})`);
-  }
+  if (cryptMethod > 2) throw new UnsupportedFeatureError(`unsupported qcow2 encryption method ${cryptMethod}`);
 
   if (refcountOrder > 6) throw new ImageCorruptError(`refcount_order ${refcountOrder} is too large (refcounts may not exceed 64 bits)`);
 
@@ -296,10 +310,11 @@ async function readHeader(source: RandomAccessSource, limits: Limits, signal?: A
     headerLength,
     compression,
     extendedL2,
+    cryptMethod,
   };
 
-  const ext = await readExtensions(source, headerLength, clusterSize, version, autoclear, limits, signal, false);
-  return { header, features: ext.features, ...(ext.bitmaps ? { bitmapsExt: ext.bitmaps } : {}) };
+  const ext = await readExtensions(source, headerLength, clusterSize, version, autoclear, cryptMethod, limits, signal, false);
+  return { header, features: ext.features, ...(ext.bitmaps ? { bitmapsExt: ext.bitmaps } : {}), ...(ext.crypto ? { cryptoExt: ext.crypto } : {}) };
 }
 
 /**
@@ -312,13 +327,15 @@ async function readExtensions(
   clusterSize: number,
   version: number,
   autoclear: bigint,
+  cryptMethod: number,
   limits: Limits,
   signal: AbortSignal | undefined,
   lenient: boolean,
-): Promise<{ features: FeatureName[]; bitmaps?: BitmapsExtension }> {
+): Promise<{ features: FeatureName[]; bitmaps?: BitmapsExtension; crypto?: CryptoHeaderExtension }> {
   const end = clusterSize;
   const features: FeatureName[] = [];
   let bitmaps: BitmapsExtension | undefined;
+  let crypto: CryptoHeaderExtension | undefined;
   let offset = headerLength;
   let consumed = headerLength;
   while (offset < end) {
@@ -362,10 +379,17 @@ async function readExtensions(
         bitmaps = { count, directorySize, directoryOffset };
         break;
       }
-      case EXT_CRYPTO_HEADER:
-        // crypt_method is 0 here (encrypted images are refused earlier).
-        if (!lenient) throw new ImageCorruptError('full disk encryption header extension in an image without LUKS encryption');
+      case EXT_CRYPTO_HEADER: {
+        if (lenient) break;
+        if (cryptMethod !== 2) throw new ImageCorruptError('CRYPTO header extension only expected with LUKS encryption method');
+        if (length !== 16) throw new ImageCorruptError(`CRYPTO header extension size ${length}, but expected size 16`);
+        const ext = viewOf(await readExact(source, offset, 16, 'crypto header extension', signal));
+        crypto = { offset: u64(ext, 0, 'crypto header offset'), length: u64(ext, 8, 'crypto header length') };
+        if (crypto.offset % clusterSize !== 0) {
+          throw new ImageCorruptError(`encryption header offset ${crypto.offset} is not a multiple of cluster size ${clusterSize}`);
+        }
         break;
+      }
       case EXT_DATA_FILE:
         if (!lenient) throw new UnsafeImageError('qcow2 image names an external data file; images that name other files are refused');
         break;
@@ -375,7 +399,47 @@ async function readExtensions(
     }
     offset += Math.ceil(length / 8) * 8;
   }
-  return bitmaps ? { features, bitmaps } : { features };
+  return { features, ...(bitmaps ? { bitmaps } : {}), ...(crypto ? { crypto } : {}) };
+}
+
+// ---------------------------------------------------------------------------
+// Encryption
+
+interface Encryption {
+  format: 'aes' | 'luks';
+  luks?: LuksHeader;
+  region?: CryptoHeaderExtension;
+  /** Present once a passphrase opened it. */
+  cipher?: SectorCipher;
+}
+
+/** The crypto header (LUKS) or legacy AES key; unlocked when a passphrase is given. */
+async function openEncryption(
+  source: RandomAccessSource,
+  header: Qcow2Header,
+  cryptoExt: CryptoHeaderExtension | undefined,
+  options: OpenOptions,
+): Promise<Encryption | undefined> {
+  const { passphrase, limits, signal } = options;
+  if (header.cryptMethod === 0) return undefined;
+  if (header.cryptMethod === 1) {
+    return { format: 'aes', ...(passphrase ? { cipher: legacyQcowAesCipher(passphrase) } : {}) };
+  }
+  if (!cryptoExt) throw new ImageCorruptError('LUKS-encrypted qcow2 image has no crypto header extension');
+  const region = cryptoExt;
+  if (region.length < LUKS_HEADER_BYTES) throw new ImageCorruptError(`crypto header of ${region.length} bytes is too short for a LUKS header`);
+  if (region.offset + region.length > source.size) {
+    throw new ImageCorruptError(`crypto header at offset ${hex(region.offset)} (${region.length} bytes) lies beyond the end of the file (${source.size} bytes)`);
+  }
+  const read = (offset: number, length: number, what: string): Promise<Uint8Array> => {
+    if (offset + length > region.length) throw new ImageCorruptError(`${what}: request for data outside of the crypto header (${offset}+${length} > ${region.length})`);
+    return readExact(source, region.offset + offset, length, what, signal);
+  };
+  const luks = parseLuksHeader(await read(0, LUKS_HEADER_BYTES, 'LUKS header'));
+  if (luksRegionEnd(luks) > region.length) throw new ImageCorruptError(`LUKS key material extends past the crypto header (${region.length} bytes)`);
+  const encryption: Encryption = { format: 'luks', luks, region };
+  if (passphrase) encryption.cipher = await unlockLuks(luks, passphrase, read, limits, signal);
+  return encryption;
 }
 
 // ---------------------------------------------------------------------------
@@ -576,6 +640,7 @@ class Qcow2Image implements DiskImage {
     private readonly bitmaps: BitmapInfo[] | undefined,
     private readonly bitmapsExt: BitmapsExtension | undefined,
     limits: Limits,
+    private readonly encryption?: Encryption,
   ) {
     this.l2EntrySize = header.extendedL2 ? 16 : 8;
     this.l2Entries = header.clusterSize / this.l2EntrySize;
@@ -587,9 +652,11 @@ class Qcow2Image implements DiskImage {
 
   info(): FormatInfo {
     const h = this.header;
+    const enc = this.encryption;
+    const encrypt = enc ? { encrypt: enc.luks ? luksInfoJson(enc.luks) : { format: 'aes' } } : {};
     let data: Record<string, unknown>;
     if (h.version === 2) {
-      data = { compat: '0.10', 'compression-type': h.compression, 'refcount-bits': 2 ** h.refcountOrder };
+      data = { compat: '0.10', 'compression-type': h.compression, 'refcount-bits': 2 ** h.refcountOrder, ...encrypt };
     } else {
       data = {
         compat: '1.1',
@@ -605,6 +672,7 @@ class Qcow2Image implements DiskImage {
             }
           : {}),
         'refcount-bits': 2 ** h.refcountOrder,
+        ...encrypt,
         corrupt: (h.incompatible & INCOMPAT_CORRUPT) !== 0n,
         'extended-l2': h.extendedL2,
       };
@@ -612,6 +680,7 @@ class Qcow2Image implements DiskImage {
     return {
       clusterSize: h.clusterSize,
       dirty: (h.incompatible & INCOMPAT_DIRTY) !== 0n,
+      ...(enc ? { encrypted: true } : {}),
       ...(this.snapshots.length > 0 ? { snapshots: this.snapshots.map(snapshotJson) } : {}),
       formatSpecific: { type: 'qcow2', data },
     };
@@ -638,6 +707,13 @@ class Qcow2Image implements DiskImage {
     const l2Span = this.l2Entries * cs;
     const extended = this.header.extendedL2;
     const subclusterSize = cs / SUBCLUSTERS;
+    const enc = this.encryption;
+    if (enc && !enc.cipher) {
+      throw new UnsupportedFeatureError(
+        `encrypted image (qcow2 ${enc.format === 'luks' ? 'LUKS' : 'legacy AES'}): a passphrase is needed to read it (--passphrase-file, or the API's passphrase field)`,
+      );
+    }
+    const cipher = enc?.cipher;
     const ready: MapEntry[] = [];
     let run: MapEntry | undefined;
 
@@ -661,7 +737,7 @@ class Qcow2Image implements DiskImage {
         return;
       }
       if (run) ready.push(run);
-      run = { kind: 'stored', offset, length, fileOffset };
+      run = cipher ? { kind: 'stored', offset, length, fileOffset, cipher } : { kind: 'stored', offset, length, fileOffset };
     };
 
     // A huge empty image is a long loop over L1 entries with no I/O: give the event loop turns.
@@ -745,7 +821,7 @@ class Qcow2Image implements DiskImage {
 
   async check(signal?: AbortSignal): Promise<CheckReport> {
     const bitmaps = this.bitmaps && this.bitmapsExt ? { directory: this.bitmapsExt, bitmaps: this.bitmaps } : undefined;
-    return new Qcow2Checker(this.source, this.header, this.virtualSize, this.snapshots, this.snapshotTableSize, bitmaps, signal).run();
+    return new Qcow2Checker(this.source, this.header, this.virtualSize, this.snapshots, this.snapshotTableSize, bitmaps, signal, this.encryption?.region).run();
   }
 
   async close(): Promise<void> {
@@ -779,6 +855,7 @@ class Qcow2Checker {
     private readonly snapshotTableSize: number,
     private readonly bitmaps: { directory: BitmapsExtension; bitmaps: BitmapInfo[] } | undefined,
     private readonly signal?: AbortSignal,
+    private readonly cryptoRegion?: CryptoHeaderExtension,
   ) {
     this.cs = h.clusterSize;
     this.fileSize = source.size;
@@ -856,6 +933,7 @@ class Qcow2Checker {
       }
       this.inc(h.snapshotsOffset, this.snapshotTableSize);
       this.inc(h.refcountTableOffset, h.refcountTableClusters * this.cs);
+      if (this.cryptoRegion) this.inc(this.cryptoRegion.offset, this.cryptoRegion.length);
       await this.checkBitmaps();
       const reftable = await this.checkRefblocks();
       highest = await this.compareRefcounts(reftable, refcountBits);
@@ -1168,7 +1246,7 @@ export const qcow2Driver: FormatDriver = {
   },
   async open(source: RandomAccessSource, options: OpenOptions): Promise<DiskImage> {
     const { limits, signal } = options;
-    const { header, bitmapsExt } = await readHeader(source, limits, signal);
+    const { header, bitmapsExt, cryptoExt } = await readHeader(source, limits, signal);
     const cs = header.clusterSize;
     const virtualSize = Math.floor(header.sizeField / SECTOR) * SECTOR;
 
@@ -1204,7 +1282,8 @@ export const qcow2Driver: FormatDriver = {
       l1Size = snapshot.l1Size;
     }
 
-    const image = new Qcow2Image(source, header, virtualSize, l1, l1Size, snapshots, tableSize, bitmaps, bitmapsExt, limits);
+    const encryption = await openEncryption(source, header, cryptoExt, options);
+    const image = new Qcow2Image(source, header, virtualSize, l1, l1Size, snapshots, tableSize, bitmaps, bitmapsExt, limits, encryption);
     return image;
   },
 };
