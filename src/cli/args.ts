@@ -164,6 +164,13 @@ export function commandHelp(spec: CommandSpec): string {
 export const OUTPUT_OPTION: OptionSpec = { key: 'output', long: 'output', value: 'human|json', help: 'output format (default human)' };
 /** `-f FMT`: the declared source format. */
 export const FORMAT_OPTION: OptionSpec = { key: 'format', short: 'f', value: 'FMT', help: 'source format: auto (default), qcow2, vmdk, vdi or raw; refused when the bytes disagree' };
+/** `--passphrase-file FILE`: the key of an encrypted qcow2. */
+export const PASSPHRASE_OPTION: OptionSpec = {
+  key: 'passphrase-file',
+  long: 'passphrase-file',
+  value: 'FILE',
+  help: "key of an encrypted qcow2 (LUKS or legacy AES): the file's bytes exactly, as qemu's secret file= (a trailing newline counts)",
+};
 
 export type Output = 'human' | 'json';
 

@@ -1,4 +1,5 @@
-/** Opening a source image for a command: the file, the declared format, a snapshot. */
+/** Opening a source image for a command: the file, the declared format, a snapshot, a passphrase. */
+import { readFile } from 'node:fs/promises';
 import { FileSource, InvalidArgumentError, openImage, parseFormat, type DiskImage, type FormatId, type SnapshotSelector } from '../engine/index.js';
 
 export function declaredFormat(value: string | undefined): FormatId | 'auto' {
@@ -24,13 +25,26 @@ export interface ImageOpenOptions {
   format: FormatId | 'auto';
   snapshot?: SnapshotSelector;
   signal?: AbortSignal;
+  /** `--passphrase-file`: read when the image is opened, held in memory only. */
+  passphraseFile?: string;
+}
+
+/** The passphrase file's bytes, exactly (never echoed, never copied anywhere). */
+async function readPassphrase(file: string): Promise<Uint8Array> {
+  const bytes = await readFile(file).catch((err: NodeJS.ErrnoException) => {
+    throw new InvalidArgumentError(`cannot read the passphrase file ${file}: ${err.code ?? err.message}`);
+  });
+  if (bytes.length === 0) throw new InvalidArgumentError(`the passphrase file ${file} is empty`);
+  return bytes;
 }
 
 /** Opens FILE, runs fn, closes image and file whatever happens. */
 export async function withImage<T>(file: string, options: ImageOpenOptions, fn: (image: DiskImage, source: FileSource) => Promise<T>): Promise<T> {
+  const passphrase = options.passphraseFile !== undefined ? await readPassphrase(options.passphraseFile) : undefined;
   const source = await FileSource.open(file);
   try {
     const image = await openImage(source, {
+      ...(passphrase ? { passphrase } : {}),
       format: options.format,
       ...(options.snapshot ? { snapshot: options.snapshot } : {}),
       ...(options.signal ? { signal: options.signal } : {}),
@@ -43,6 +57,12 @@ export async function withImage<T>(file: string, options: ImageOpenOptions, fn: 
   } finally {
     await source.close();
   }
+}
+
+/** The `--passphrase-file` of parsed arguments, as withImage options. */
+export function passphraseFile(args: { get(key: string): string | undefined }): { passphraseFile?: string } {
+  const file = args.get('passphrase-file');
+  return file !== undefined ? { passphraseFile: file } : {};
 }
 
 /** Guest bytes the map says hold data: an upper bound of a sparse output's allocation. Metadata only. */

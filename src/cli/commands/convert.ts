@@ -3,9 +3,9 @@
  * meaning, written through the never-destroy destination rules (destination.ts).
  */
 import { convertToRaw, InvalidArgumentError, type Extent, type ExtentSink } from '../../engine/index.js';
-import { commandHelp, FORMAT_OPTION, parseCommand, UsageError, type CommandSpec } from '../args.js';
+import { commandHelp, FORMAT_OPTION, PASSPHRASE_OPTION, parseCommand, UsageError, type CommandSpec } from '../args.js';
 import { CACHE_MODES, DestinationSink, refuseSameFile, type CacheMode } from '../destination.js';
-import { dataBytesOf, declaredFormat, parseSnapshot, withImage } from '../image.js';
+import { dataBytesOf, declaredFormat, parseSnapshot, passphraseFile, withImage } from '../image.js';
 import { ProgressPrinter } from '../progress.js';
 import { parseSize } from '../size.js';
 
@@ -17,6 +17,7 @@ export const spec: CommandSpec = {
   maxOperands: 2,
   options: [
     FORMAT_OPTION,
+    PASSPHRASE_OPTION,
     { key: 'target', short: 'O', value: 'raw', help: 'output format; only raw' },
     { key: 'snapshot', short: 'l', value: 'SNAPSHOT', help: 'convert an internal snapshot: snapshot.name=NAME, snapshot.id=ID or NAME_OR_ID' },
     { key: 'progress', short: 'p', help: 'show progress on stdout, as qemu-img prints it' },
@@ -127,7 +128,7 @@ export async function run(argv: string[], out: (s: string) => void): Promise<num
   const onSignal = (sig: NodeJS.Signals): void => abort.abort(new InvalidArgumentError(`interrupted by ${sig}`));
   process.once('SIGINT', onSignal).once('SIGTERM', onSignal).once('SIGHUP', onSignal);
   try {
-    return await withImage(src, { format: declaredFormat(args.get('format')), ...(snap ? { snapshot: parseSnapshot(snap) } : {}), signal: abort.signal }, async (image, source) => {
+    return await withImage(src, { format: declaredFormat(args.get('format')), ...passphraseFile(args), ...(snap ? { snapshot: parseSnapshot(snap) } : {}), signal: abort.signal }, async (image, source) => {
       const data = await dataBytesOf(image, abort.signal);
       const sink = await DestinationSink.open({
         path: dst,

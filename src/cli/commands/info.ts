@@ -1,8 +1,8 @@
 /** `diskconv info`: qemu-img info, human or JSON. */
 import { imageInfo } from '../../engine/index.js';
-import { commandHelp, FORMAT_OPTION, OUTPUT_OPTION, outputOf, parseCommand, type CommandSpec } from '../args.js';
+import { commandHelp, FORMAT_OPTION, OUTPUT_OPTION, outputOf, PASSPHRASE_OPTION, parseCommand, type CommandSpec } from '../args.js';
 import { formatHumanInfo } from '../human.js';
-import { declaredFormat, withImage } from '../image.js';
+import { declaredFormat, passphraseFile, withImage } from '../image.js';
 
 export const spec: CommandSpec = {
   name: 'info',
@@ -10,7 +10,7 @@ export const spec: CommandSpec = {
   summary: "Show an image's metadata as qemu-img info does (same fields, same JSON keys). Reads metadata only.",
   minOperands: 1,
   maxOperands: 1,
-  options: [FORMAT_OPTION, OUTPUT_OPTION, { key: 'force-share', short: 'U', help: 'open without locks (accepted; diskconv takes no image locks)' }],
+  options: [FORMAT_OPTION, OUTPUT_OPTION, PASSPHRASE_OPTION, { key: 'force-share', short: 'U', help: 'open without locks (accepted; diskconv takes no image locks)' }],
 };
 
 export async function run(argv: string[], out: (s: string) => void): Promise<number> {
@@ -21,7 +21,7 @@ export async function run(argv: string[], out: (s: string) => void): Promise<num
   }
   const file = args.operands[0] as string;
   const output = outputOf(args.get('output'));
-  const info = await withImage(file, { format: declaredFormat(args.get('format')) }, (img, src) => imageInfo(img, src));
+  const info = await withImage(file, { format: declaredFormat(args.get('format')), ...passphraseFile(args) }, (img, src) => imageInfo(img, src));
   out(output === 'json' ? JSON.stringify(info, null, 4) : formatHumanInfo(info));
   return 0;
 }
