@@ -30,6 +30,7 @@ const optionFields = {
   source_format: z.enum(SOURCE_FORMATS).default('auto'),
   output_format: z.literal('raw').default('raw'),
   expected_sha256: sha256Field.optional(),
+  callback_url: z.string().min(1).max(2048).optional(),
 };
 
 const jsonBody = z
@@ -45,6 +46,8 @@ export interface JobOptions {
   source_format: SourceFormat;
   output_format: 'raw';
   expected_sha256?: string;
+  /** POSTed the job on a terminal state (src/queue/webhooks.ts). */
+  callback_url?: string;
 }
 
 export type ReceivedSource =
@@ -143,7 +146,7 @@ async function receiveJson(request: FastifyRequest, deps: BodyDeps): Promise<Rec
   await checkImportUrl(body.source.url, deps.policy);
   return {
     source: { kind: 'url', url: body.source.url },
-    options: { source_format: body.source_format, output_format: body.output_format, ...(body.expected_sha256 ? { expected_sha256: body.expected_sha256 } : {}) },
+    options: { source_format: body.source_format, output_format: body.output_format, ...(body.expected_sha256 ? { expected_sha256: body.expected_sha256 } : {}), ...(body.callback_url ? { callback_url: body.callback_url } : {}) },
   };
 }
 
@@ -155,6 +158,7 @@ async function receiveOctetStream(request: FastifyRequest, key: string, deps: Bo
     source_format: query.source_format,
     output_format: query.output_format,
     ...(query.expected_sha256 ? { expected_sha256: query.expected_sha256 } : {}),
+    ...(query.callback_url ? { callback_url: query.callback_url } : {}),
   };
   const filename = sanitizeFilename(query.filename);
   const stored = await streamToStore(body, key, deps);
@@ -194,6 +198,7 @@ async function receiveMultipart(request: FastifyRequest, key: string, deps: Body
       source_format: parsed.source_format,
       output_format: parsed.output_format,
       ...(parsed.expected_sha256 ? { expected_sha256: parsed.expected_sha256 } : {}),
+      ...(parsed.callback_url ? { callback_url: parsed.callback_url } : {}),
     };
     await verifyChecksum(stored, options, key, deps);
     return { source: { kind: 'upload', key, ...stored, ...(filename ? { filename } : {}) }, options };

@@ -27,6 +27,7 @@ export function presentJob(rec: JobRecord): Record<string, unknown> {
     error: rec.error ?? null,
     ...(rec.last_error ? { last_error: rec.last_error } : {}),
     ...(rec.duration_seconds !== undefined ? { duration_seconds: rec.duration_seconds } : {}),
+    ...(rec.callback_url ? { callback_url: rec.callback_url, callback: rec.callback ?? null } : {}),
     links: { self: jobPath(rec.id), output: `${jobPath(rec.id)}/output` },
   };
 }

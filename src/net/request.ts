@@ -47,6 +47,10 @@ export function destroyAgents(agents: Agents): void {
 }
 
 export interface RequestSpec {
+  /** GET unless given (webhook deliveries POST). */
+  method?: 'GET' | 'POST';
+  /** Sent whole, with its Content-Length. */
+  body?: Buffer;
   headers?: Record<string, string>;
   signal?: AbortSignal;
   agents?: Agents;
@@ -160,11 +164,11 @@ export function sendRequest(checked: CheckedUrl, policy: UrlPolicy, spec: Reques
 
   return new Promise<Exchange>((resolve, reject) => {
     const options: https.RequestOptions = {
-      method: 'GET',
+      method: spec.method ?? 'GET',
       hostname,
       port: url.port === '' ? (secure ? 443 : 80) : Number(url.port),
       path: `${url.pathname}${url.search}`,
-      headers: { 'user-agent': USER_AGENT, 'accept-encoding': 'identity', ...spec.headers },
+      headers: { 'user-agent': USER_AGENT, 'accept-encoding': 'identity', ...(spec.body ? { 'content-length': String(spec.body.length) } : {}), ...spec.headers },
       lookup: pinnedLookup(checked),
       agent: spec.agents ? (secure ? spec.agents.https : spec.agents.http) : false,
     };
@@ -211,7 +215,7 @@ export function sendRequest(checked: CheckedUrl, policy: UrlPolicy, spec: Reques
       exchange.onFinish(cleanup);
       resolve(exchange);
     });
-    request.end();
+    request.end(spec.body);
   });
 }
 

@@ -15,6 +15,7 @@ import { createProcessor, failIfUnfinished, type ProcessResult } from './process
 import { bullConnection, ConversionQueue, type ConvertJobData } from './queue.js';
 import { JobRecords } from './records.js';
 import { startSweeper } from './retention.js';
+import { startWebhookLoop } from './webhooks.js';
 
 export interface RunningWorker {
   /** Stops taking jobs; waits up to `graceMs` for running ones, then hands them back. */
@@ -62,6 +63,8 @@ export async function startWorker(config: Config, deps: { stores: Stores; logger
   const queue = new ConversionQueue(redisUrl, config);
   queue.queue.on('error', (err) => logger.warn({ err: err.message }, 'queue connection error'));
   const sweeper = startSweeper({ config, redis, records, stores, leases: new Leases(redis, config.queueName), queue, scratchDir, logger });
+  // Completion webhooks: a loop of their own, so a dead receiver never holds a conversion.
+  const webhooks = startWebhookLoop({ config, redis, records, logger });
   await worker.waitUntilReady();
   logger.info({ queue: config.queueName, concurrency: config.workerConcurrency }, 'worker ready');
 
@@ -70,6 +73,7 @@ export async function startWorker(config: Config, deps: { stores: Stores; logger
     close(graceMs = config.shutdownGraceMs) {
       closing ??= (async () => {
         sweeper.stop();
+        await webhooks.stop();
         const timer = setTimeout(() => {
           logger.info('shutdown grace period over; handing back running jobs');
           cancels.abortAll('shutdown');

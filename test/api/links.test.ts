@@ -153,3 +153,35 @@ describe('signed download links', () => {
     expect((await app.inject({ method: 'GET', url: '/../package.json' })).statusCode).toBe(404);
   });
 });
+
+describe('callback_url without WEBHOOK_SECRET', () => {
+  it('is refused (INVALID_ARGUMENT) and nothing is kept', async () => {
+    const redis = await startRedis();
+    const client = new Redis(redis.url);
+    const { dir, cleanup } = await makeTempDir('diskconv-nohooks-');
+    const config = loadConfig({ DATA_DIR: join(dir, 'data'), QUEUE_NAME: uniqueQueueName('nohooks') });
+    const stores = await openStores(config);
+    const records = new JobRecords(client, config.queueName);
+    const queue = new ConversionQueue(redis.url, config);
+    const app = await buildApp(config, { records, queue, stores, redis: client });
+    try {
+      const res = await app.inject({
+        method: 'POST',
+        url: '/v1/jobs?callback_url=https%3A%2F%2Fexample.org%2Fhook',
+        headers: { 'content-type': 'application/octet-stream' },
+        payload: Buffer.alloc(4096, 1),
+      });
+      expect(res.statusCode).toBe(400);
+      expect(res.json().code).toBe('INVALID_ARGUMENT');
+      expect(res.json().detail).toContain('WEBHOOK_SECRET');
+      expect((await app.inject({ method: 'GET', url: '/v1/jobs' })).json().jobs).toEqual([]);
+    } finally {
+      await app.close();
+      await queue.close();
+      await stores.close();
+      client.disconnect();
+      await redis.stop();
+      await cleanup();
+    }
+  });
+});

@@ -3,6 +3,7 @@ import { randomBytes } from 'node:crypto';
 import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
 import { z } from 'zod';
 import { isFinal, JOB_STATES, type JobRecord } from '../../queue/records.js';
+import { checkCallbackUrl, initialCallback } from '../../queue/webhooks.js';
 import { receiveBody } from '../bodies.js';
 import type { ApiContext } from '../context.js';
 import { ApiError } from '../errors.js';
@@ -31,6 +32,13 @@ export async function findJob(ctx: ApiContext, request: FastifyRequest): Promise
   return rec;
 }
 
+/** callback_url checked by the webhook URL rules, and its delivery state starting out pending. */
+async function callbackFields(url: string | undefined, config: ApiContext['config']): Promise<Pick<JobRecord, 'callback_url' | 'callback'>> {
+  if (url === undefined) return {};
+  await checkCallbackUrl(url, config);
+  return { callback_url: url, callback: initialCallback() };
+}
+
 export async function jobRoutes(app: FastifyInstance, ctx: ApiContext): Promise<void> {
   app.post('/v1/jobs', { config: { rateLimit: { max: ctx.config.rateLimit.jobs, timeWindow: ctx.config.rateLimit.windowSeconds * 1000 } } }, async (request, reply) => {
     const id = newJobId();
@@ -45,6 +53,10 @@ export async function jobRoutes(app: FastifyInstance, ctx: ApiContext): Promise<
 
   const createJob = async (request: FastifyRequest, reply: FastifyReply, id: string): Promise<FastifyReply> => {
     const received = await receiveBody(request, id, { config: ctx.config, staging: ctx.stores.staging, policy: ctx.policy });
+    const callback = await callbackFields(received.options.callback_url, ctx.config).catch(async (err: unknown) => {
+      await ctx.stores.staging.delete(id).catch(() => {});
+      throw err;
+    });
     const now = Date.now();
     const src = received.source;
     const record: JobRecord = {
@@ -62,6 +74,7 @@ export async function jobRoutes(app: FastifyInstance, ctx: ApiContext): Promise<
           ? { kind: 'upload', size: src.size, sha256: src.sha256, ...(src.filename ? { filename: src.filename } : {}) }
           : { kind: 'url', url: src.url },
       progress: { phase: 'queued', bytes_done: 0, bytes_total: null, percent: null },
+      ...callback,
     };
     try {
       await ctx.records.create(record);
