@@ -119,7 +119,7 @@ describe('mutations', () => {
     }
     expect(seen.size).toBe(seeds.length);
     expect([...kinds].sort()).toEqual(['bitflip', 'byteset', 'entry', 'field', 'truncate']);
-    for (const f of ['qcow2', 'vmdk', 'vdi', 'raw']) expect(seeds.some((s) => s.format === f)).toBe(true);
+    for (const f of ['qcow2', 'vmdk', 'vdi', 'vpc', 'vhdx', 'raw']) expect(seeds.some((s) => s.format === f)).toBe(true);
   });
 });
 

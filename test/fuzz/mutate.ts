@@ -15,11 +15,15 @@ import {
   qcow2CompressedEntry,
   qcow2Layout,
   vdiLayout,
+  vhdxFixChecksums,
+  vhdxLayout,
   vmdkLayout,
+  vpcFixChecksums,
+  vpcLayout,
   type Field,
 } from '../fixtures/hostile/layout.js';
 
-export type SeedFormat = 'qcow2' | 'vmdk' | 'vdi' | 'raw';
+export type SeedFormat = 'qcow2' | 'vmdk' | 'vdi' | 'vpc' | 'vhdx' | 'raw';
 
 export interface SeedImage {
   /** Short name for reports, e.g. "qcow2-v3-zstd". */
@@ -43,6 +47,8 @@ export interface FuzzCase {
   mutations: Mutation[];
   /** Declared format passed to openImage, or undefined to probe. */
   declared?: SeedFormat;
+  /** The checksums the format keeps (VHD footer, VHDX CRC-32C) were recomputed after mutating, so the mutations reach past them. */
+  checksumsFixed?: boolean;
 }
 
 /** mulberry32: small, fast, good enough to spread mutations; seeded per case. */
@@ -84,9 +90,10 @@ export function caseSeed(runSeed: number, index: number): number {
 /**
  * What a table entry counts in, so it can be pointed at another structure:
  * qcow2 L1/L2 entries hold byte offsets (flags in the top and bottom bits),
- * vmdk GD/GT entries sector numbers, vdi block map entries block indexes.
+ * vmdk GD/GT and VHD BAT entries sector numbers, vdi block map entries block indexes,
+ * VHDX BAT entries a MiB offset above a 3-bit state.
  */
-export type EntryUnit = 'qcow2-offset' | 'sectors' | 'blocks';
+export type EntryUnit = 'qcow2-offset' | 'sectors' | 'blocks' | 'vhdx-bat';
 
 /** Structure of a seed image: where its boundaries and table entries are. Computed once per seed. */
 export interface SeedShape {
@@ -143,6 +150,33 @@ export function seedShape(seed: SeedImage): SeedShape {
         for (let i = 0; i < Math.min(l.blocksInImage, 64); i++) entries.push({ table: 'bmap', offset: l.offsetBmap + i * 4, width: 4, endian: 'le', unit: 'blocks' });
         return { fields: FIELD_TABLES.vdi, boundaries: l.boundaries, entries, hotRanges: clamp([[0, 512], [l.offsetBmap, l.offsetBmap + l.blocksInImage * 4]]) };
       }
+      case 'vpc': {
+        // A fixed VHD: only its footer, at the end, is metadata.
+        if (img.buf.toString('latin1', 0, 8) !== 'conectix') return { fields: [], boundaries: [size - 512], entries: [], hotRanges: clamp([[size - 512, size]]) };
+        const l = vpcLayout(img);
+        const entries: SeedShape['entries'] = l.allocatedEntries.slice(0, 64).map((offset) => ({ table: 'BAT', offset, width: 4, endian: 'be', unit: 'sectors' }));
+        for (let i = 0; i < Math.min(l.maxTableEntries, 8); i++) entries.push({ table: 'BAT', offset: l.batOffset + 4 * i, width: 4, endian: 'be', unit: 'sectors' });
+        const hot: Array<[number, number]> = [[0, 1024 + 64], [l.batOffset, l.batOffset + l.maxTableEntries * 4], [size - 512, size]];
+        return { fields: FIELD_TABLES.vpc, boundaries: l.boundaries, entries, hotRanges: clamp(hot) };
+      }
+      case 'vhdx': {
+        const l = vhdxLayout(img);
+        const entries: SeedShape['entries'] = l.payloadEntries.slice(0, 64).map((offset) => ({ table: 'BAT', offset, width: 8, endian: 'le', unit: 'vhdx-bat' }));
+        // Metadata items are where the layout puts them: their fields are found per seed.
+        const item = (name: string, offset: number | undefined, width: 4 | 8, kind: Field['kind']): Field[] => (offset === undefined ? [] : [{ name, offset, width, endian: 'le', kind }]);
+        const fields: Field[] = [
+          ...FIELD_TABLES.vhdx,
+          ...item('file_parameters.block_size', l.items.fileParameters, 4, 'size'),
+          ...item('file_parameters.flags', l.items.fileParameters === undefined ? undefined : l.items.fileParameters + 4, 4, 'flags'),
+          ...item('virtual_disk_size', l.items.virtualDiskSize, 8, 'size'),
+          ...item('logical_sector_size', l.items.logicalSectorSize, 4, 'size'),
+          { name: 'metadata.entry_count', offset: l.metaOffset + 10, width: 2, endian: 'le', kind: 'count' },
+          { name: 'metadata.entry0.offset', offset: l.metaOffset + 32 + 16, width: 4, endian: 'le', kind: 'offset' },
+        ];
+        const hot: Array<[number, number]> = [[0x10000, 0x10000 + 80], [0x20000, 0x20000 + 80], [0x30000, 0x30000 + 80], [l.metaOffset, l.metaOffset + 256], [l.batOffset, l.batOffset + 512], [l.logOffset, l.logOffset + 128]];
+        for (const v of Object.values(l.items)) if (v !== undefined) hot.push([v, v + 8]);
+        return { fields, boundaries: l.boundaries, entries, hotRanges: clamp(hot) };
+      }
       case 'raw':
         return { fields: [], boundaries: [512, 4096, 0x8000], entries: [], hotRanges: clamp([[0, 1024], [0x8000, 0x9800]]) };
     }
@@ -175,6 +209,8 @@ function retarget(rng: Rng, unit: EntryUnit, original: bigint, shape: SeedShape)
       return BigInt(Math.floor(target / 512));
     case 'blocks':
       return BigInt(rng.int(8));
+    case 'vhdx-bat':
+      return (original & 7n) | ((BigInt(target) >> 20n) << 20n);
   }
 }
 
@@ -235,6 +271,8 @@ function mutateOnce(rng: Rng, img: ImageBytes, shape: SeedShape): Mutation | und
   }
 }
 
+const CHECKSUM_FIXERS: Partial<Record<SeedFormat, (img: ImageBytes) => void>> = { vpc: vpcFixChecksums, vhdx: vhdxFixChecksums };
+
 /** Builds case `index` of a run: mutations of one seed, chosen by the case's own PRNG. */
 export function makeCase(seeds: readonly SeedImage[], shapes: readonly SeedShape[], runSeed: number, index: number): FuzzCase {
   const rng = new Rng(caseSeed(runSeed, index));
@@ -251,7 +289,12 @@ export function makeCase(seeds: readonly SeedImage[], shapes: readonly SeedShape
     if (m?.kind === 'truncate') break; // later offsets would mostly fall past the end
   }
   const declared = seed.format !== 'raw' && rng.chance(0.1) ? seed.format : undefined;
-  return { seed: seed.name, index, bytes: img.buf, mutations, ...(declared ? { declared } : {}) };
+  // VHD footers and VHDX headers/region table carry checksums that stop most mutations at
+  // open; usually recompute them so the mutation is judged on its own.
+  const fixer = CHECKSUM_FIXERS[seed.format];
+  const checksumsFixed = fixer !== undefined && rng.chance(0.75);
+  if (checksumsFixed) fixer(img);
+  return { seed: seed.name, index, bytes: img.buf, mutations, ...(declared ? { declared } : {}), ...(checksumsFixed ? { checksumsFixed } : {}) };
 }
 
 export function describeMutations(mutations: readonly Mutation[]): string {

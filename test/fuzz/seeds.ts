@@ -16,7 +16,7 @@ export const CORPUS_DIR = CORPUS_ROOT;
 
 /** Images a fuzzer (AFL) or truncation produced, from the shared corpus; all are refused by qemu-img. */
 export const CORPUS_FUZZER_IMAGES: ReadonlyArray<{ path: string; format: SeedFormat }> = [
-  { path: 'qemu-iotests/afl5.img', format: 'raw' },
+  { path: 'qemu-iotests/afl5.img', format: 'vpc' },
   { path: 'qemu-iotests/afl9.vmdk', format: 'vmdk' },
   { path: 'go-vmdk-parser/vmdk-invalid.img', format: 'vmdk' },
 ];
@@ -43,6 +43,10 @@ export async function buildSeeds(dir: string, options: { corpus?: boolean } = {}
     { name: 'vmdk-stream', format: 'vmdk', file: 'stream.vmdk', args: ['-O', 'vmdk', '-o', 'subformat=streamOptimized'] },
     { name: 'vdi-dynamic', format: 'vdi', file: 'dynamic.vdi', args: ['-O', 'vdi'] },
     { name: 'vdi-static', format: 'vdi', file: 'static.vdi', args: ['-O', 'vdi', '-o', 'static=on'] },
+    { name: 'vpc-dynamic', format: 'vpc', file: 'dynamic.vhd', args: ['-O', 'vpc', '-o', 'subformat=dynamic'] },
+    { name: 'vpc-fixed', format: 'vpc', file: 'fixed.vhd', args: ['-O', 'vpc', '-o', 'subformat=fixed,force_size=on'] },
+    { name: 'vhdx-dynamic', format: 'vhdx', file: 'dynamic.vhdx', args: ['-O', 'vhdx', '-o', 'block_size=1M'] },
+    { name: 'vhdx-fixed', format: 'vhdx', file: 'fixed.vhdx', args: ['-O', 'vhdx', '-o', 'block_size=1M,subformat=fixed'] },
   ];
   for (const s of seeds) await qemuImg('convert', '-f', 'raw', ...s.args, raw, join(dir, s.file));
 
