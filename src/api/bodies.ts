@@ -18,7 +18,7 @@ import { checkImportUrl, type UrlPolicyShape } from '../queue/url-import.js';
 import type { InputStaging, StagedWrite } from '../store/index.js';
 import { ApiError } from './errors.js';
 
-export const SOURCE_FORMATS = ['auto', 'raw', 'qcow2', 'vmdk', 'vdi'] as const;
+export const SOURCE_FORMATS = ['auto', 'raw', 'qcow2', 'vmdk', 'vdi', 'vpc', 'vhdx'] as const;
 
 const sha256Field = z
   .string()

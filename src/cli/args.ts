@@ -163,7 +163,7 @@ export function commandHelp(spec: CommandSpec): string {
 /** `--output=human|json`, shared by the commands that print reports. */
 export const OUTPUT_OPTION: OptionSpec = { key: 'output', long: 'output', value: 'human|json', help: 'output format (default human)' };
 /** `-f FMT`: the declared source format. */
-export const FORMAT_OPTION: OptionSpec = { key: 'format', short: 'f', value: 'FMT', help: 'source format: auto (default), qcow2, vmdk, vdi or raw; refused when the bytes disagree' };
+export const FORMAT_OPTION: OptionSpec = { key: 'format', short: 'f', value: 'FMT', help: 'source format: auto (default), qcow2, vmdk, vdi, vpc (VHD), vhdx or raw; refused when the bytes disagree' };
 /** `--passphrase-file FILE`: the key of an encrypted qcow2. */
 export const PASSPHRASE_OPTION: OptionSpec = {
   key: 'passphrase-file',

@@ -24,7 +24,7 @@ export function version(): string {
 }
 
 async function usage(): Promise<string> {
-  const lines = ['usage: diskconv [--version] [--help] COMMAND [command options]', 'Convert qcow2, vmdk, vdi and raw disk images to raw, as qemu-img does.', '', 'Commands:'];
+  const lines = ['usage: diskconv [--version] [--help] COMMAND [command options]', 'Convert qcow2, vmdk, vdi, vpc (VHD), vhdx and raw disk images to raw, as qemu-img does.', '', 'Commands:'];
   for (const [name, load] of Object.entries(COMMANDS)) {
     const { spec } = await load();
     lines.push(`  ${`${name} ${spec.operands}`.padEnd(22)}${spec.summary.split('. ')[0]?.replace(/\.$/, '')}`);
@@ -34,7 +34,7 @@ async function usage(): Promise<string> {
     `  ${'worker'.padEnd(22)}run a conversion worker`,
     `  ${'up'.padEnd(22)}run API and worker (and a private redis-server when REDIS_URL is unset)`,
     '',
-    "Formats: auto (default), qcow2, vmdk, vdi, raw. 'diskconv COMMAND --help' shows a command's options.",
+    "Formats: auto (default), qcow2, vmdk, vdi, vpc, vhdx, raw. 'diskconv COMMAND --help' shows a command's options.",
   );
   return lines.join('\n');
 }

@@ -24,7 +24,7 @@ export type JobState = (typeof JOB_STATES)[number];
 export const FINAL_STATES: readonly JobState[] = ['succeeded', 'failed', 'cancelled'];
 export const isFinal = (state: JobState): boolean => FINAL_STATES.includes(state);
 
-export type SourceFormat = 'auto' | 'raw' | 'qcow2' | 'vmdk' | 'vdi';
+export type SourceFormat = 'auto' | 'raw' | 'qcow2' | 'vmdk' | 'vdi' | 'vpc' | 'vhdx';
 
 export interface JobSource {
   kind: 'upload' | 'url';
