@@ -207,6 +207,8 @@ const schema = z.object({
   WEBHOOK_TIMEOUT_MS: int(100, 600_000, 10_000),
   UPLOAD_TTL_SECONDS: int(60, 30 * 86400, 86400),
   UPLOAD_IDLE_TIMEOUT_MS: int(100, 3_600_000, 60_000),
+  RBD_POOLS: list.refine((pools) => pools.every((p) => /^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$/.test(p)), { message: 'expected pool names separated by commas' }),
+  RBD_COMMAND_TIMEOUT_MS: int(1000, 3_600_000, 120_000),
 });
 
 /** Where staged inputs and outputs live: a directory (default: DATA_DIR/store) or a bucket. */
@@ -272,6 +274,7 @@ export interface Config {
   uploads: { ttlSeconds: number };
   /** An upload whose body sends nothing for this long is dropped (its staging file removed). */
   uploadIdleTimeoutMs: number;
+  rbd: { pools: string[]; commandTimeoutMs: number };
 }
 
 /** The variables read, for the README table and error messages. */
@@ -331,5 +334,6 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): Config {
     },
     uploads: { ttlSeconds: e.UPLOAD_TTL_SECONDS },
     uploadIdleTimeoutMs: e.UPLOAD_IDLE_TIMEOUT_MS,
+    rbd: { pools: e.RBD_POOLS, commandTimeoutMs: e.RBD_COMMAND_TIMEOUT_MS },
   };
 }

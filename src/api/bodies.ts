@@ -13,9 +13,9 @@ import type { FastifyRequest } from 'fastify';
 import { z } from 'zod';
 import type { Config } from '../config.js';
 import { isDiskconvError } from '../engine/errors.js';
-import type { SourceFormat } from '../queue/records.js';
+import type { JobDestination, SourceFormat } from '../queue/records.js';
 import { checkImportUrl, type UrlPolicyShape } from '../queue/url-import.js';
-import type { InputStaging, StagedWrite } from '../store/index.js';
+import type { Destinations, InputStaging, StagedWrite } from '../store/index.js';
 import { ApiError } from './errors.js';
 
 export const SOURCE_FORMATS = ['auto', 'raw', 'qcow2', 'vmdk', 'vdi', 'vpc', 'vhdx'] as const;
@@ -37,10 +37,34 @@ const jsonBody = z
   .object({
     source: z.object({ url: z.string().min(1).max(4096) }).strict(),
     ...optionFields,
+    /** Where the raw image goes instead of the output store. */
+    output: z.object({ target: z.literal('rbd'), pool: z.string().min(1).max(128), image: z.string().min(1).max(128).optional() }).strict().optional(),
   })
   .strict();
 
-const uploadOptions = z.object({ ...optionFields, filename: z.string().max(1024).optional() }).strict();
+/** The same choice for uploads, as query parameters or multipart fields. */
+const destinationFields = {
+  output_target: z.enum(['store', 'rbd']).optional(),
+  rbd_pool: z.string().min(1).max(128).optional(),
+  rbd_image: z.string().min(1).max(128).optional(),
+};
+
+const uploadOptions = z.object({ ...optionFields, ...destinationFields, filename: z.string().max(1024).optional() }).strict();
+
+/**
+ * The job's destination (the image defaults to the job id), checked against
+ * RBD_POOLS before a byte of the body is read or stored.
+ */
+function destinationOf(fields: { target?: 'store' | 'rbd' | undefined; pool?: string | undefined; image?: string | undefined }, key: string, deps: BodyDeps): JobDestination | undefined {
+  if (fields.target !== 'rbd') {
+    if (fields.pool !== undefined || fields.image !== undefined) throw new ApiError('VALIDATION_FAILED', 'rbd_pool and rbd_image need output_target=rbd');
+    return undefined;
+  }
+  if (fields.pool === undefined) throw new ApiError('VALIDATION_FAILED', 'an rbd target needs a pool');
+  const destination: JobDestination = { target: 'rbd', pool: fields.pool, image: fields.image ?? key };
+  deps.destinations.check(destination);
+  return destination;
+}
 
 export interface JobOptions {
   source_format: SourceFormat;
@@ -48,6 +72,7 @@ export interface JobOptions {
   expected_sha256?: string;
   /** POSTed the job on a terminal state (src/queue/webhooks.ts). */
   callback_url?: string;
+  destination?: JobDestination;
 }
 
 export type ReceivedSource =
@@ -62,6 +87,7 @@ export interface Received {
 export interface BodyDeps {
   config: Pick<Config, 'maxUploadBytes'> & Partial<Pick<Config, 'uploadIdleTimeoutMs'>>;
   staging: InputStaging;
+  destinations: Pick<Destinations, 'check'>;
   policy: UrlPolicyShape;
 }
 
@@ -90,7 +116,7 @@ export function sanitizeFilename(name: string | undefined): string | undefined {
  */
 export async function receiveBody(request: FastifyRequest, key: string, deps: BodyDeps): Promise<Received> {
   const type = mediaType(request);
-  if (type === 'application/json') return receiveJson(request, deps);
+  if (type === 'application/json') return receiveJson(request, key, deps);
   if (type === 'application/octet-stream' || type === 'multipart/form-data') {
     const stopWatching = watchIdle(request, deps.config.uploadIdleTimeoutMs);
     try {
@@ -140,13 +166,20 @@ async function checkDeclaredLength(request: FastifyRequest, overhead: number, de
   }
 }
 
-async function receiveJson(request: FastifyRequest, deps: BodyDeps): Promise<Received> {
+async function receiveJson(request: FastifyRequest, key: string, deps: BodyDeps): Promise<Received> {
   if (request.body === undefined || request.body === null) throw new ApiError('EMPTY_BODY', 'the JSON body is empty');
   const body = jsonBody.parse(request.body);
+  const destination = body.output ? destinationOf(body.output, key, deps) : undefined;
   await checkImportUrl(body.source.url, deps.policy);
   return {
     source: { kind: 'url', url: body.source.url },
-    options: { source_format: body.source_format, output_format: body.output_format, ...(body.expected_sha256 ? { expected_sha256: body.expected_sha256 } : {}), ...(body.callback_url ? { callback_url: body.callback_url } : {}) },
+    options: {
+      source_format: body.source_format,
+      output_format: body.output_format,
+      ...(body.expected_sha256 ? { expected_sha256: body.expected_sha256 } : {}),
+      ...(body.callback_url ? { callback_url: body.callback_url } : {}),
+      ...(destination ? { destination } : {}),
+    },
   };
 }
 
@@ -154,11 +187,13 @@ async function receiveOctetStream(request: FastifyRequest, key: string, deps: Bo
   const query = uploadOptions.parse(request.query ?? {});
   const body = request.body as Readable | undefined;
   if (!body || typeof body.pipe !== 'function') throw new ApiError('EMPTY_BODY', 'the body is empty');
+  const destination = destinationOf({ target: query.output_target, pool: query.rbd_pool, image: query.rbd_image }, key, deps);
   const options: JobOptions = {
     source_format: query.source_format,
     output_format: query.output_format,
     ...(query.expected_sha256 ? { expected_sha256: query.expected_sha256 } : {}),
     ...(query.callback_url ? { callback_url: query.callback_url } : {}),
+    ...(destination ? { destination } : {}),
   };
   const filename = sanitizeFilename(query.filename);
   const stored = await streamToStore(body, key, deps);
@@ -178,6 +213,11 @@ async function receiveMultipart(request: FastifyRequest, key: string, deps: Body
           throw new ApiError('TOO_MANY_FILES', `unexpected file part '${part.fieldname.slice(0, 64)}'; send one part named 'file'`);
         }
         filename = sanitizeFilename(part.filename);
+        // Fields sent before the file: a refused destination stops the upload before it is stored.
+        if ('output_target' in fields || 'rbd_pool' in fields) {
+          const early = uploadOptions.pick({ output_target: true, rbd_pool: true, rbd_image: true }).safeParse(fields);
+          if (early.success) destinationOf({ target: early.data.output_target, pool: early.data.rbd_pool, image: early.data.rbd_image }, key, deps);
+        }
         stored = await streamToStore(part.file, key, deps);
         if ((part.file as Readable & { truncated?: boolean }).truncated) {
           throw new ApiError('PAYLOAD_TOO_LARGE', `the file is larger than MAX_UPLOAD_BYTES (${deps.config.maxUploadBytes})`);
@@ -194,11 +234,13 @@ async function receiveMultipart(request: FastifyRequest, key: string, deps: Body
   try {
     if (!stored) throw new ApiError('MISSING_FILE');
     const parsed = uploadOptions.omit({ filename: true }).parse(fields);
+    const destination = destinationOf({ target: parsed.output_target, pool: parsed.rbd_pool, image: parsed.rbd_image }, key, deps);
     const options: JobOptions = {
       source_format: parsed.source_format,
       output_format: parsed.output_format,
       ...(parsed.expected_sha256 ? { expected_sha256: parsed.expected_sha256 } : {}),
       ...(parsed.callback_url ? { callback_url: parsed.callback_url } : {}),
+      ...(destination ? { destination } : {}),
     };
     await verifyChecksum(stored, options, key, deps);
     return { source: { kind: 'upload', key, ...stored, ...(filename ? { filename } : {}) }, options };

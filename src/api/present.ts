@@ -22,8 +22,22 @@ export function presentJob(rec: JobRecord): Record<string, unknown> {
     progress: rec.progress,
     source: rec.source,
     output: rec.output
-      ? { format: rec.output.format, size: rec.output.size, sha256: rec.output.sha256, data_bytes: rec.output.data_bytes, ...(rec.output.location ? { location: rec.output.location } : {}), href: `${jobPath(rec.id)}/output` }
+      ? rec.output.target
+        ? // Written to a destination (RBD): where it is, never an href (it is not served by the API).
+          {
+            format: rec.output.format,
+            target: rec.output.target,
+            pool: rec.output.pool,
+            image: rec.output.image,
+            snapshot: rec.output.snapshot,
+            size: rec.output.size,
+            sha256: rec.output.sha256,
+            data_bytes: rec.output.data_bytes,
+            location: rec.output.location,
+          }
+        : { format: rec.output.format, size: rec.output.size, sha256: rec.output.sha256, data_bytes: rec.output.data_bytes, ...(rec.output.location ? { location: rec.output.location } : {}), href: `${jobPath(rec.id)}/output` }
       : null,
+    ...(rec.destination ? { destination: rec.destination } : {}),
     error: rec.error ?? null,
     ...(rec.last_error ? { last_error: rec.last_error } : {}),
     ...(rec.duration_seconds !== undefined ? { duration_seconds: rec.duration_seconds } : {}),

@@ -22,7 +22,7 @@ import {
 } from '../engine/index.js';
 import { estimateAllocation, scrubMessage } from './inspect.js';
 import { displayUrl, openImportUrl, urlPolicy, type OpenedUrlSource } from './url-import.js';
-import type { OutputWriter, Stores } from '../store/index.js';
+import type { DestinationResult, DestinationWriter, OutputWriter, Stores } from '../store/index.js';
 import type { AbortReason, CancelWatcher } from './cancel.js';
 import type { ConvertJobData } from './queue.js';
 import type { JobError, JobProgress, JobRecord, JobRecords } from './records.js';
@@ -97,7 +97,7 @@ const percent = (done: number, total: number | null | undefined): number | null 
 
 export function createProcessor(deps: ProcessorDeps) {
   const { config, records, cancels, logger } = deps;
-  const { staging, output } = deps.stores;
+  const { staging, output, destinations } = deps.stores;
   const policy = urlPolicy(config);
 
   return async function processConversion(job: Job<ConvertJobData>, token?: string, bullSignal?: AbortSignal): Promise<ProcessResult> {
@@ -139,8 +139,10 @@ export function createProcessor(deps: ProcessorDeps) {
     let opened: OpenedUrlSource | undefined;
     let source: RandomAccessSource | undefined;
     let image: DiskImage | undefined;
-    let writer: OutputWriter | undefined;
+    let writer: OutputWriter | DestinationWriter | undefined;
     let committed = false;
+    /** An RBD image this attempt finished (snapshot made): removed again if the job does not succeed after all. */
+    let published: DestinationResult | undefined;
     const t0 = Date.now();
     try {
       // Nothing of a previous attempt is removed here: a live one (whose lock lapsed)
@@ -175,7 +177,7 @@ export function createProcessor(deps: ProcessorDeps) {
       image = await openImage(readSource, { format: declared, limits: { maxVirtualSize: config.maxVirtualSize }, signal });
       const info = { ...(await imageInfo(image, readSource)), filename: displayName };
       const allocation = await estimateAllocation(image, readSource, signal);
-      const free = await output.freeBytes();
+      const free = rec.destination ? undefined : await output.freeBytes();
       if (free !== undefined && allocation.dataBytes + FREE_SPACE_RESERVE > free) {
         throw new InsufficientSpaceError(`the output needs up to ${allocation.dataBytes} bytes; the store has ${free} bytes free`);
       }
@@ -187,7 +189,8 @@ export function createProcessor(deps: ProcessorDeps) {
       await progress.flush();
       const total = image.virtualSize;
       progress.report({ phase: 'converting', bytes_done: 0, bytes_total: total, percent: 0 }, true);
-      writer = await output.create(id, image.virtualSize);
+      // An RBD target is created at the virtual size (a clash fails here, before a byte is written).
+      writer = rec.destination ? await destinations.create(rec.destination, image.virtualSize, id) : await output.create(id, image.virtualSize);
       const result = await convertToRaw(image, readSource, writer, {
         signal,
         sha256: true,
@@ -201,13 +204,14 @@ export function createProcessor(deps: ProcessorDeps) {
       const stored = await writer.commit();
       writer = undefined;
       committed = true;
+      if ('target' in stored) published = stored;
       const seconds = (Date.now() - t0) / 1000;
       const done = await records.transition(
         id,
         'succeeded',
         ['running'],
         {
-          output: { format: 'raw', size: stored.size, sha256: result.sha256 as string, data_bytes: result.dataBytes, ...(stored.location ? { location: stored.location } : {}) },
+          output: { format: 'raw', size: stored.size, sha256: result.sha256 as string, data_bytes: result.dataBytes, ...(stored.location ? { location: stored.location } : {}), ...('target' in stored ? { target: stored.target, pool: stored.pool, image: stored.image, snapshot: stored.snapshot } : {}) },
           progress: { phase: 'done', bytes_done: total, bytes_total: total, percent: 100 },
           duration_seconds: seconds,
           last_error: undefined,
@@ -221,6 +225,7 @@ export function createProcessor(deps: ProcessorDeps) {
           return { outcome: 'skipped' };
         }
         // Cancelled (or deleted) between the last check and the commit: unpublish.
+        if ('target' in stored) await destinations.remove(stored).catch((err: unknown) => log.warn({ err }, 'could not remove the cancelled RBD image'));
         await output.delete(id);
         await staging.delete(id);
         log.info('cancelled as it finished; output removed');
@@ -240,6 +245,7 @@ export function createProcessor(deps: ProcessorDeps) {
       }
       if (reason === 'cancel' || (await records.getState(id).catch(() => undefined)) === 'cancelled') {
         // The job is over for every attempt: everything under its key goes.
+        if (published) await destinations.remove(published).catch(() => {});
         await output.delete(id).catch(() => {});
         await staging.delete(id).catch(() => {});
         log.info('cancelled');
@@ -267,11 +273,13 @@ export function createProcessor(deps: ProcessorDeps) {
         // The job is over: its input, and any output (committed, or another attempt's leftovers), go.
         await staging.delete(id).catch(() => {});
         await output.delete(id).catch(() => {});
+        if (published) await destinations.remove(published).catch(() => {});
         if (isDiskconvError(err)) log.info({ code: error.code }, `failed: ${error.message}`);
         else log.error({ err }, 'failed with an internal error');
         throw new UnrecoverableError(`${error.code}: ${error.message}`);
       }
       if (committed) await output.delete(id).catch(() => {}); // published but not recorded: the retry writes it again
+      if (published) await destinations.remove(published).catch(() => {});
       await records.transition(
         id,
         'queued',

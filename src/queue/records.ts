@@ -55,8 +55,20 @@ export interface JobOutput {
   size: number;
   sha256: string;
   data_bytes: number;
-  /** Where the output store keeps it (`s3://BUCKET/KEY`); absent for a local directory. */
+  /** Where it is: `s3://BUCKET/KEY` in the output store, `rbd://FSID/POOL/IMAGE/snap` for an RBD target; absent for a local directory. */
   location?: string;
+  /** Set when the job wrote to a destination (RBD) instead of the output store. */
+  target?: 'rbd';
+  pool?: string;
+  image?: string;
+  snapshot?: string;
+}
+
+/** Where a job writes instead of the output store (an RBD image in a user's pool). */
+export interface JobDestination {
+  target: 'rbd';
+  pool: string;
+  image: string;
 }
 
 export interface JobError {
@@ -79,6 +91,8 @@ export interface JobRecord {
   source: JobSource;
   progress: JobProgress;
   output?: JobOutput;
+  /** The job's destination, when it is not the output store. */
+  destination?: JobDestination;
   error?: JobError;
   /** The last transient error, while retries remain. */
   last_error?: JobError;
@@ -105,7 +119,7 @@ export interface JobCallback {
 /** Histogram buckets for conversion seconds (Prometheus `le`). */
 export const DURATION_BUCKETS = [1, 5, 15, 60, 300, 900, 3600] as const;
 
-const JSON_FIELDS = ['source', 'progress', 'output', 'error', 'last_error', 'callback'] as const;
+const JSON_FIELDS = ['source', 'progress', 'output', 'destination', 'error', 'last_error', 'callback'] as const;
 const NUMBER_FIELDS = ['created_at', 'updated_at', 'started_at', 'finished_at', 'attempts', 'duration_seconds'] as const;
 
 type FieldValue = string | number | object | undefined;

@@ -7,7 +7,7 @@
  *
  * The contract, in the order a job uses it:
  *   check(target)              refuse a target before anything is written
- *   create(target, size)       make the image (a name clash throws, the existing image untouched)
+ *   create(target, size, job)  make the image (a name clash throws, the existing image untouched)
  *   writer.write()/finish()    the conversion's extents, in guest order (an ExtentSink)
  *   writer.commit()            make it usable (RBD: snapshot `snap`, protected) and say where it is
  *   writer.abort()             on failure or cancel: remove what create() made, nothing else
@@ -45,8 +45,13 @@ export interface Destinations {
   readonly kinds: readonly DestinationTarget['target'][];
   /** Throws DestinationRefusedError when the target is not allowed (pool outside RBD_POOLS, bad name). Writes nothing. */
   check(target: DestinationTarget): void;
-  /** Creates the image at `virtualSize`; throws DestinationExistsError (and touches nothing) when the name is taken. */
-  create(target: DestinationTarget, virtualSize: number): Promise<DestinationWriter>;
+  /**
+   * Creates the image at `virtualSize`, tagged with `owner` (the job id);
+   * throws DestinationExistsError (and touches nothing) when the name is taken
+   * by anything but an unfinished image of this same owner (a previous attempt
+   * of the job, killed midway), which is removed and made again.
+   */
+  create(target: DestinationTarget, virtualSize: number, owner: string): Promise<DestinationWriter>;
   /**
    * Removes a committed destination that this service created (a job deleted
    * or cancelled after it finished writing): unprotects and removes its

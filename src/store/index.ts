@@ -7,6 +7,7 @@ import { join } from 'node:path';
 import type { Config } from '../config.js';
 import { NoDestinations, type Destinations } from './destination.js';
 import { FileOutputStore } from './file/output.js';
+import { RbdDestinations } from './rbd/destinations.js';
 import { FileStaging } from './file/staging.js';
 import type { OutputStore } from './output.js';
 import { createS3Client, type S3Settings } from './s3/client.js';
@@ -22,8 +23,9 @@ export interface Stores {
   close(): Promise<void>;
 }
 
-export async function openStores(config: Pick<Config, 'dataDir' | 'store'> & Partial<Pick<Config, 's3'>>): Promise<Stores> {
+export async function openStores(config: Pick<Config, 'dataDir' | 'store'> & Partial<Pick<Config, 's3' | 'rbd'>>): Promise<Stores> {
   const location = config.store;
+  const destinations: Destinations = config.rbd && config.rbd.pools.length > 0 ? new RbdDestinations(config.rbd) : new NoDestinations();
   if (location.kind === 's3') {
     const s3 = config.s3 ?? { endpoint: undefined, region: 'us-east-1', forcePathStyle: false, requestTimeoutMs: 60_000 };
     const settings: S3Settings = { bucket: location.bucket, prefix: location.prefix, ...s3 };
@@ -31,7 +33,7 @@ export async function openStores(config: Pick<Config, 'dataDir' | 'store'> & Par
     return {
       staging: new S3Staging(client, settings),
       output: new S3OutputStore(client, settings),
-      destinations: new NoDestinations(),
+      destinations,
       close: async () => client.destroy(),
     };
   }
@@ -39,7 +41,7 @@ export async function openStores(config: Pick<Config, 'dataDir' | 'store'> & Par
   return {
     staging: await FileStaging.open(root),
     output: await FileOutputStore.open(root),
-    destinations: new NoDestinations(),
+    destinations,
     close: async () => {},
   };
 }

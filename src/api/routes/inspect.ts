@@ -30,7 +30,7 @@ export async function inspectRoutes(app: FastifyInstance, ctx: ApiContext): Prom
   });
 
   const inspect = async (request: FastifyRequest, key: string, controller: AbortController): Promise<Record<string, unknown>> => {
-    const received = await receiveBody(request, key, { config: ctx.config, staging: ctx.stores.staging, policy: ctx.policy });
+    const received = await receiveBody(request, key, { config: ctx.config, staging: ctx.stores.staging, destinations: ctx.stores.destinations, policy: ctx.policy });
     const src = received.source;
     const stagingPath = join(ctx.scratchDir, `${key}.download`);
     let opened: OpenedUrlSource | undefined;

@@ -52,7 +52,7 @@ export async function jobRoutes(app: FastifyInstance, ctx: ApiContext): Promise<
   });
 
   const createJob = async (request: FastifyRequest, reply: FastifyReply, id: string): Promise<FastifyReply> => {
-    const received = await receiveBody(request, id, { config: ctx.config, staging: ctx.stores.staging, policy: ctx.policy });
+    const received = await receiveBody(request, id, { config: ctx.config, staging: ctx.stores.staging, destinations: ctx.stores.destinations, policy: ctx.policy });
     const callback = await callbackFields(received.options.callback_url, ctx.config).catch(async (err: unknown) => {
       await ctx.stores.staging.delete(id).catch(() => {});
       throw err;
@@ -66,6 +66,7 @@ export async function jobRoutes(app: FastifyInstance, ctx: ApiContext): Promise<
       source_format: received.options.source_format,
       output_format: received.options.output_format,
       ...(received.options.expected_sha256 ? { expected_sha256: received.options.expected_sha256 } : {}),
+      ...(received.options.destination ? { destination: received.options.destination } : {}),
       created_at: now,
       updated_at: now,
       attempts: 0,

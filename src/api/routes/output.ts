@@ -29,6 +29,7 @@ export function parseRange(header: string | undefined, size: number): ByteRange 
 export async function outputRoutes(app: FastifyInstance, ctx: ApiContext): Promise<void> {
   const serve = async (request: FastifyRequest, reply: FastifyReply, withBody: boolean): Promise<FastifyReply> => {
     const rec = await findJob(ctx, request);
+    if (rec.destination) throw new ApiError('OUTPUT_ELSEWHERE', `the job writes to ${rec.destination.target} ${rec.destination.pool}/${rec.destination.image}; it is not served here`);
     if (rec.state !== 'succeeded' || !rec.output) throw new ApiError('JOB_NOT_READY', `the job is ${rec.state}; its output exists once it has succeeded`);
     const obj = await ctx.stores.output.stat(rec.id);
     if (!obj) throw new ApiError('NOT_FOUND', 'the output is no longer stored');

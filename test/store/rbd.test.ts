@@ -1,0 +1,149 @@
+/**
+ * RBD images as per-job destinations, against the shared test Ceph: a
+ * conversion streamed sparsely through `rbd import-diff`, snapshot `snap`
+ * created and protected, Glance's location; a name clash, a refused pool and
+ * a failed write leave everything they did not create as it was.
+ */
+import { createHash } from 'node:crypto';
+import { join } from 'node:path';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { FileSource, convertToRaw, openImage } from '../../src/engine/index.js';
+import { DestinationExistsError, DestinationRefusedError, DestinationError } from '../../src/store/index.js';
+import { RbdDestinations } from '../../src/store/rbd/destinations.js';
+import { cephAvailable, cephCli, useCeph, type CephEnv } from '../helpers/ceph.js';
+import { makeTempDir, qemuImg, qemuIo, qemuRawSha256, writeRaw } from '../helpers/qemu.js';
+
+describe.skipIf(!cephAvailable)('RBD destinations', () => {
+  let env: CephEnv;
+  let dir: string;
+  let cleanup: () => Promise<void>;
+  let image: string;
+  let imageSha: string;
+  let rbd: RbdDestinations;
+  const names: string[] = [];
+  const name = (n: string): string => {
+    const full = `${n}-${process.pid}-${Math.random().toString(36).slice(2, 6)}`;
+    names.push(full);
+    return full;
+  };
+  const cli = (...args: string[]): Promise<string> => cephCli(env, 'rbd', args);
+  const exportSha = async (spec: string): Promise<string> => {
+    const out = join(dir, `export-${Math.random().toString(36).slice(2)}.raw`);
+    await cli('export', '--no-progress', spec, out);
+    const { sha256File } = await import('../helpers/qemu.js');
+    return sha256File(out);
+  };
+  const exists = async (n: string): Promise<boolean> => (await cli('ls', '--format', 'json', 'rbd')).includes(`"${n}"`);
+
+  async function convertInto(target: { target: 'rbd'; pool: string; image: string }, owner: string) {
+    const source = await FileSource.open(image, 'disk.qcow2');
+    const img = await openImage(source);
+    const writer = await rbd.create(target, img.virtualSize, owner);
+    const result = await convertToRaw(img, source, writer, { sha256: true });
+    await img.close();
+    await source.close();
+    return { writer, result };
+  }
+
+  beforeAll(async () => {
+    env = await useCeph();
+    process.env.CEPH_CONF = env.CEPH_CONF;
+    process.env.CEPH_ARGS = env.CEPH_ARGS;
+    ({ dir, cleanup } = await makeTempDir('diskconv-rbd-'));
+    // 256 MiB virtual, 6 MiB of data at both ends and the middle.
+    image = join(dir, 'disk.qcow2');
+    await qemuImg('create', '-f', 'qcow2', image, '256M');
+    await qemuIo('-c', 'write -P 0x71 0 2M', '-c', 'write -P 0x72 128M 2M', '-c', 'write -P 0x73 254M 2M', image);
+    imageSha = await qemuRawSha256(image, dir);
+    rbd = new RbdDestinations({ pools: ['rbd'], commandTimeoutMs: 60_000 });
+  });
+  afterAll(async () => {
+    for (const n of names) {
+      await cli('snap', 'unprotect', `rbd/${n}@snap`).catch(() => {});
+      await cli('snap', 'purge', '--no-progress', `rbd/${n}`).catch(() => {});
+      await cli('rm', '--no-progress', `rbd/${n}`).catch(() => {});
+    }
+    await cleanup?.();
+  });
+
+  it('writes a conversion sparsely, snapshots and protects snap, and reports Glance\'s location', async () => {
+    const target = { target: 'rbd' as const, pool: 'rbd', image: name('conv') };
+    const { writer, result } = await convertInto(target, 'job-conv');
+    const done = await writer.commit();
+    expect(done).toEqual({ target: 'rbd', pool: 'rbd', image: target.image, snapshot: 'snap', size: 256 * 2 ** 20, location: `rbd://${env.CEPH_FSID}/rbd/${target.image}/snap` });
+    expect(result.sha256).toBe(imageSha);
+    expect(await exportSha(`rbd/${target.image}@snap`)).toBe(imageSha);
+    const snaps = JSON.parse(await cli('snap', 'ls', '--format', 'json', `rbd/${target.image}`)) as Array<{ name: string; protected: string }>;
+    expect(snaps).toEqual([expect.objectContaining({ name: 'snap', protected: 'true' })]);
+    const info = JSON.parse(await cli('info', '--format', 'json', `rbd/${target.image}`)) as { features: string[]; size: number };
+    expect(info.features).toContain('layering');
+    // Sparse: 6 MiB of data in 256 MiB; at most the 4 MiB objects the data touches are allocated.
+    const du = JSON.parse(await cli('du', '--format', 'json', `rbd/${target.image}@snap`)) as { images: Array<{ used_size: number; provisioned_size: number }> };
+    const used = du.images[0]?.used_size ?? Infinity;
+    expect(used).toBeLessThanOrEqual(12 * 2 ** 20);
+    expect(du.images[0]?.provisioned_size).toBe(256 * 2 ** 20);
+    // A clone can be made at once, as Nova does.
+    const clone = name('clone');
+    await cli('clone', `rbd/${target.image}@snap`, `rbd/${clone}`);
+    expect(await exportSha(`rbd/${clone}`)).toBe(imageSha);
+    await cli('rm', '--no-progress', `rbd/${clone}`);
+  });
+
+  it('fails a name clash with its own code and leaves the existing image byte-identical', async () => {
+    const taken = name('taken');
+    const raw = join(dir, 'existing.raw');
+    await writeRaw(raw, 8 * 2 ** 20, 5);
+    await cli('import', '--no-progress', raw, `rbd/${taken}`);
+    const before = await exportSha(`rbd/${taken}`);
+    await expect(convertInto({ target: 'rbd', pool: 'rbd', image: taken }, 'job-clash')).rejects.toBeInstanceOf(DestinationExistsError);
+    expect(await exportSha(`rbd/${taken}`)).toBe(before);
+    expect((JSON.parse(await cli('info', '--format', 'json', `rbd/${taken}`)) as { size: number }).size).toBe(8 * 2 ** 20);
+  });
+
+  it('refuses a pool outside RBD_POOLS and odd names before anything is written', async () => {
+    const n = name('refused');
+    expect(() => rbd.check({ target: 'rbd', pool: 'elsewhere', image: n })).toThrow(DestinationRefusedError);
+    await expect(rbd.create({ target: 'rbd', pool: 'elsewhere', image: n }, 1 << 20, 'job-x')).rejects.toBeInstanceOf(DestinationRefusedError);
+    for (const bad of ['-x', '../a', 'a/b', 'a@snap', '', 'x'.repeat(200)]) {
+      expect(() => rbd.check({ target: 'rbd', pool: 'rbd', image: bad })).toThrow(DestinationRefusedError);
+    }
+    expect(await exists(n)).toBe(false);
+  });
+
+  it('removes only the image it created when a write is aborted, also after finish', async () => {
+    const t1 = { target: 'rbd' as const, pool: 'rbd', image: name('aborted') };
+    const w1 = await rbd.create(t1, 64 << 20, 'job-a');
+    await w1.write({ kind: 'data', offset: 0, length: 1 << 20, data: Buffer.alloc(1 << 20, 9) });
+    expect(await exists(t1.image)).toBe(true);
+    await w1.abort();
+    expect(await exists(t1.image)).toBe(false);
+    const t2 = { target: 'rbd' as const, pool: 'rbd', image: name('finished') };
+    const w2 = await rbd.create(t2, 1 << 20, 'job-b');
+    await w2.write({ kind: 'zero', offset: 0, length: 1 << 20 });
+    await w2.finish(1 << 20);
+    await w2.abort();
+    expect(await exists(t2.image)).toBe(false);
+  });
+
+  it('takes over its own dead attempt\'s unfinished image, and no one else\'s', async () => {
+    const n = name('dead-attempt');
+    await cli('create', '--size', '4M', `rbd/${n}`);
+    await cli('image-meta', 'set', `rbd/${n}`, 'diskconv.job', 'job-dead');
+    await expect(rbd.create({ target: 'rbd', pool: 'rbd', image: n }, 1 << 20, 'job-other')).rejects.toBeInstanceOf(DestinationExistsError);
+    expect((JSON.parse(await cli('info', '--format', 'json', `rbd/${n}`)) as { size: number }).size).toBe(4 << 20);
+    const w = await rbd.create({ target: 'rbd', pool: 'rbd', image: n }, 1 << 20, 'job-dead');
+    await w.write({ kind: 'data', offset: 0, length: 1 << 20, data: Buffer.alloc(1 << 20, 3) });
+    await w.finish(1 << 20);
+    await w.commit();
+    const digest = createHash('sha256').update(Buffer.alloc(1 << 20, 3)).digest('hex');
+    expect(await exportSha(`rbd/${n}@snap`)).toBe(digest);
+  });
+
+  it('reports rbd\'s own message when it fails', async () => {
+    const broken = new RbdDestinations({ pools: ['no-such-pool'], commandTimeoutMs: 60_000 });
+    const err = await broken.create({ target: 'rbd', pool: 'no-such-pool', image: name('x') }, 1 << 20, 'job-y').catch((e: unknown) => e);
+    expect(err).toBeInstanceOf(DestinationError);
+    expect((err as Error).message).toMatch(/no-such-pool.*No such file or directory|No such file or directory/);
+    expect((err as Error).message).not.toMatch(/EPIPE/);
+  });
+});
