@@ -12,6 +12,7 @@ export default defineConfig({
     passWithNoTests: false,
     // One entry each; keep it an array. ceph-global: the run's shared test Ceph, started lazily.
     // build: dist/ built once before any test (tests spawn dist/cli.js).
-    globalSetup: ['test/global/build.ts', 'test/helpers/ceph-global.ts'],
+    // glance-setup: the run's shared test Glance, started lazily (with the test Ceph as its RBD store).
+    globalSetup: ['test/global/build.ts', 'test/helpers/ceph-global.ts', 'test/helpers/glance-setup.ts'],
   },
 });

@@ -4,6 +4,7 @@
  */
 import { resolve } from 'node:path';
 import { z } from 'zod';
+import { HASH_ALGORITHMS, type HashAlgorithm } from './engine/convert.js';
 import { DiskconvError } from './engine/errors.js';
 import { parseAllowList, parsePortList } from './net/url-policy.js';
 
@@ -59,6 +60,12 @@ const list = z
       .map((v) => v.trim())
       .filter((v) => v.length > 0),
   );
+
+const optionalText = z
+  .string()
+  .trim()
+  .optional()
+  .transform((s) => (s === '' ? undefined : s));
 
 const bool = (fallback: boolean) =>
   z
@@ -209,6 +216,23 @@ const schema = z.object({
   UPLOAD_IDLE_TIMEOUT_MS: int(100, 3_600_000, 60_000),
   RBD_POOLS: list.refine((pools) => pools.every((p) => /^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$/.test(p)), { message: 'expected pool names separated by commas' }),
   RBD_COMMAND_TIMEOUT_MS: int(1000, 3_600_000, 120_000),
+  OUTPUT_HASHES: list.refine((names) => names.every((n) => (HASH_ALGORITHMS as readonly string[]).includes(n.toLowerCase())), {
+    message: `expected a comma-separated list of ${HASH_ALGORITHMS.join(', ')}`,
+  }),
+  // Publishing into Glance (src/publish/glance.ts).
+  GLANCE_URL: optionalText.refine((s) => s === undefined || /^https?:\/\/[^\s]+$/.test(s), { message: 'expected http(s)://host[:port][/path] of the image API' }),
+  GLANCE_TOKEN: optionalText,
+  OS_AUTH_URL: optionalText.refine((s) => s === undefined || /^https?:\/\/[^\s]+$/.test(s), { message: 'expected http(s)://host[:port]/v3 (Keystone)' }),
+  OS_USERNAME: optionalText,
+  OS_PASSWORD: z.string().optional().transform((s) => (s === '' ? undefined : s)),
+  OS_PROJECT_NAME: optionalText,
+  OS_USER_DOMAIN_NAME: z.string().trim().default('Default'),
+  OS_PROJECT_DOMAIN_NAME: z.string().trim().default('Default'),
+  GLANCE_METHOD: z.enum(['direct', 'import']).default('direct'),
+  GLANCE_STORE: optionalText,
+  GLANCE_RBD_POOLS: list,
+  GLANCE_PUBLISH_ATTEMPTS: int(1, 100, 5),
+  GLANCE_PUBLISH_BACKOFF_MS: int(0, 3_600_000, 2000),
 });
 
 /** Where staged inputs and outputs live: a directory (default: DATA_DIR/store) or a bucket. */
@@ -275,6 +299,58 @@ export interface Config {
   /** An upload whose body sends nothing for this long is dropped (its staging file removed). */
   uploadIdleTimeoutMs: number;
   rbd: { pools: string[]; commandTimeoutMs: number };
+  /** Digests of every output beyond sha256 (always computed). */
+  outputHashes: HashAlgorithm[];
+  /** Publishing into Glance; undefined when GLANCE_URL is unset. */
+  glance: GlanceConfig | undefined;
+}
+
+export interface GlanceConfig {
+  /** The image API endpoint, without /v2. */
+  url: string;
+  auth:
+    | { kind: 'token'; token: string }
+    | { kind: 'password'; authUrl: string; username: string; password: string; projectName: string; userDomainName: string; projectDomainName: string };
+  /** `direct`: PUT /v2/images/{id}/file; `import`: stage, then glance-direct import. */
+  method: 'direct' | 'import';
+  /** The Glance store (multi-store backend id) uploads go to; Glance's default when unset. */
+  store: string | undefined;
+  /** RBD pools Glance's RBD store uses: an RBD output in one of them is registered in place (zero copy). */
+  rbdPools: string[];
+  publishAttempts: number;
+  publishBackoffMs: number;
+  connectTimeoutMs: number;
+  idleTimeoutMs: number;
+}
+
+function glanceConfig(e: Env): GlanceConfig | undefined {
+  if (!e.GLANCE_URL) return undefined;
+  let auth: GlanceConfig['auth'];
+  if (e.GLANCE_TOKEN) auth = { kind: 'token', token: e.GLANCE_TOKEN };
+  else if (e.OS_AUTH_URL && e.OS_USERNAME && e.OS_PASSWORD && e.OS_PROJECT_NAME) {
+    auth = {
+      kind: 'password',
+      authUrl: e.OS_AUTH_URL,
+      username: e.OS_USERNAME,
+      password: e.OS_PASSWORD,
+      projectName: e.OS_PROJECT_NAME,
+      userDomainName: e.OS_USER_DOMAIN_NAME,
+      projectDomainName: e.OS_PROJECT_DOMAIN_NAME,
+    };
+  } else {
+    throw new ConfigError('invalid configuration: GLANCE_URL needs GLANCE_TOKEN, or OS_AUTH_URL, OS_USERNAME, OS_PASSWORD and OS_PROJECT_NAME (Keystone v3)');
+  }
+  return {
+    url: e.GLANCE_URL.replace(/\/+$/, '').replace(/\/v2$/, ''),
+    auth,
+    method: e.GLANCE_METHOD,
+    store: e.GLANCE_STORE,
+    rbdPools: e.GLANCE_RBD_POOLS,
+    publishAttempts: e.GLANCE_PUBLISH_ATTEMPTS,
+    publishBackoffMs: e.GLANCE_PUBLISH_BACKOFF_MS,
+    connectTimeoutMs: e.URL_CONNECT_TIMEOUT_MS,
+    idleTimeoutMs: e.URL_IDLE_TIMEOUT_MS,
+  };
 }
 
 /** The variables read, for the README table and error messages. */
@@ -335,5 +411,7 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): Config {
     uploads: { ttlSeconds: e.UPLOAD_TTL_SECONDS },
     uploadIdleTimeoutMs: e.UPLOAD_IDLE_TIMEOUT_MS,
     rbd: { pools: e.RBD_POOLS, commandTimeoutMs: e.RBD_COMMAND_TIMEOUT_MS },
+    outputHashes: [...new Set(e.OUTPUT_HASHES.map((n) => n.toLowerCase() as HashAlgorithm))].filter((n) => n !== 'sha256'),
+    glance: glanceConfig(e),
   };
 }

@@ -13,7 +13,7 @@ import type { FastifyRequest } from 'fastify';
 import { z } from 'zod';
 import type { Config } from '../config.js';
 import { isDiskconvError } from '../engine/errors.js';
-import type { JobDestination, SourceFormat } from '../queue/records.js';
+import type { GlanceRequest, JobDestination, SourceFormat } from '../queue/records.js';
 import { checkImportUrl, type UrlPolicyShape } from '../queue/url-import.js';
 import type { Destinations, InputStaging, StagedWrite } from '../store/index.js';
 import { ApiError } from './errors.js';
@@ -24,6 +24,49 @@ const sha256Field = z
   .string()
   .regex(/^[0-9a-fA-F]{64}$/, 'expected 64 hex digits')
   .transform((s) => s.toLowerCase());
+
+/** Image attributes Glance sets itself or that a job does not choose: never as `properties`. */
+const GLANCE_RESERVED = new Set([
+  'id', 'name', 'status', 'visibility', 'protected', 'os_hidden', 'checksum', 'os_hash_algo', 'os_hash_value', 'owner', 'size',
+  'virtual_size', 'min_disk', 'min_ram', 'disk_format', 'container_format', 'created_at', 'updated_at', 'deleted', 'deleted_at',
+  'locations', 'direct_url', 'self', 'file', 'schema', 'tags', 'stores', 'members',
+]);
+
+/** The `glance` option: what the published Glance image is called and carries (disk_format raw, container_format bare always). */
+export const glanceOption = z
+  .object({
+    name: z.string().max(255).optional(),
+    visibility: z.enum(['private', 'shared', 'community', 'public']).optional(),
+    min_disk: z.number().int().min(0).max(2 ** 31 - 1).optional(),
+    min_ram: z.number().int().min(0).max(2 ** 31 - 1).optional(),
+    protected: z.boolean().optional(),
+    properties: z
+      .record(
+        z
+          .string()
+          .min(1)
+          .max(255)
+          .refine((k) => !GLANCE_RESERVED.has(k) && !k.startsWith('os_glance'), { message: 'is an attribute Glance sets itself' }),
+        z.string().max(65535),
+      )
+      .refine((p) => Object.keys(p).length <= 128, { message: 'at most 128 properties' })
+      .optional(),
+  })
+  .strict();
+
+/** The same as a JSON-encoded string (multipart field, query parameter). */
+const glanceText = z
+  .string()
+  .max(256 * 1024)
+  .transform((s, ctx) => {
+    try {
+      return JSON.parse(s) as unknown;
+    } catch {
+      ctx.addIssue({ code: z.ZodIssueCode.custom, message: 'expected a JSON object' });
+      return z.NEVER;
+    }
+  })
+  .pipe(glanceOption);
 
 /** Options shared by the three kinds of body. */
 const optionFields = {
@@ -37,6 +80,7 @@ const jsonBody = z
   .object({
     source: z.object({ url: z.string().min(1).max(4096) }).strict(),
     ...optionFields,
+    glance: glanceOption.optional(),
     /** Where the raw image goes instead of the output store. */
     output: z.object({ target: z.literal('rbd'), pool: z.string().min(1).max(128), image: z.string().min(1).max(128).optional() }).strict().optional(),
   })
@@ -49,7 +93,7 @@ const destinationFields = {
   rbd_image: z.string().min(1).max(128).optional(),
 };
 
-const uploadOptions = z.object({ ...optionFields, ...destinationFields, filename: z.string().max(1024).optional() }).strict();
+const uploadOptions = z.object({ ...optionFields, ...destinationFields, glance: glanceText.optional(), filename: z.string().max(1024).optional() }).strict();
 
 /**
  * The job's destination (the image defaults to the job id), checked against
@@ -73,6 +117,7 @@ export interface JobOptions {
   /** POSTed the job on a terminal state (src/queue/webhooks.ts). */
   callback_url?: string;
   destination?: JobDestination;
+  glance?: GlanceRequest;
 }
 
 export type ReceivedSource =
@@ -179,6 +224,7 @@ async function receiveJson(request: FastifyRequest, key: string, deps: BodyDeps)
       ...(body.expected_sha256 ? { expected_sha256: body.expected_sha256 } : {}),
       ...(body.callback_url ? { callback_url: body.callback_url } : {}),
       ...(destination ? { destination } : {}),
+      ...(body.glance ? { glance: body.glance } : {}),
     },
   };
 }
@@ -194,6 +240,7 @@ async function receiveOctetStream(request: FastifyRequest, key: string, deps: Bo
     ...(query.expected_sha256 ? { expected_sha256: query.expected_sha256 } : {}),
     ...(query.callback_url ? { callback_url: query.callback_url } : {}),
     ...(destination ? { destination } : {}),
+    ...(query.glance ? { glance: query.glance } : {}),
   };
   const filename = sanitizeFilename(query.filename);
   const stored = await streamToStore(body, key, deps);
@@ -241,6 +288,7 @@ async function receiveMultipart(request: FastifyRequest, key: string, deps: Body
       ...(parsed.expected_sha256 ? { expected_sha256: parsed.expected_sha256 } : {}),
       ...(parsed.callback_url ? { callback_url: parsed.callback_url } : {}),
       ...(destination ? { destination } : {}),
+      ...(parsed.glance ? { glance: parsed.glance } : {}),
     };
     await verifyChecksum(stored, options, key, deps);
     return { source: { kind: 'upload', key, ...stored, ...(filename ? { filename } : {}) }, options };

@@ -52,6 +52,9 @@ export const ERROR_CODES = {
   URL_REFUSED: { status: 422, title: 'The URL is refused by the URL import rules' },
   SOURCE_TOO_LARGE: { status: 413, title: 'The source is larger than allowed' },
   URL_FETCH_FAILED: { status: 422, title: 'The URL could not be fetched' },
+  GLANCE_NOT_CONFIGURED: { status: 422, title: 'This service does not publish into Glance' },
+  GLANCE_REFUSED: { status: 502, title: 'Glance refused to publish the image' },
+  GLANCE_UNAVAILABLE: { status: 502, title: 'Glance could not be reached' },
   // server side
   INTERNAL_ERROR: { status: 500, title: 'Internal error' },
   SOURCE_UNAVAILABLE: { status: 502, title: 'The source could not be read' },

@@ -14,6 +14,7 @@ export function presentJob(rec: JobRecord): Record<string, unknown> {
     source_format: rec.source_format,
     output_format: rec.output_format,
     ...(rec.expected_sha256 ? { expected_sha256: rec.expected_sha256 } : {}),
+    ...(rec.glance ? { glance: rec.glance } : {}),
     created_at: iso(rec.created_at),
     updated_at: iso(rec.updated_at),
     started_at: iso(rec.started_at),
@@ -32,10 +33,23 @@ export function presentJob(rec: JobRecord): Record<string, unknown> {
             snapshot: rec.output.snapshot,
             size: rec.output.size,
             sha256: rec.output.sha256,
+            ...(rec.output.sha512 ? { sha512: rec.output.sha512 } : {}),
+            ...(rec.output.md5 ? { md5: rec.output.md5 } : {}),
             data_bytes: rec.output.data_bytes,
             location: rec.output.location,
+            ...(rec.output.glance ? { glance: rec.output.glance } : {}),
           }
-        : { format: rec.output.format, size: rec.output.size, sha256: rec.output.sha256, data_bytes: rec.output.data_bytes, ...(rec.output.location ? { location: rec.output.location } : {}), href: `${jobPath(rec.id)}/output` }
+        : {
+            format: rec.output.format,
+            size: rec.output.size,
+            sha256: rec.output.sha256,
+            ...(rec.output.sha512 ? { sha512: rec.output.sha512 } : {}),
+            ...(rec.output.md5 ? { md5: rec.output.md5 } : {}),
+            data_bytes: rec.output.data_bytes,
+            ...(rec.output.location ? { location: rec.output.location } : {}),
+            ...(rec.output.glance ? { glance: rec.output.glance } : {}),
+            href: `${jobPath(rec.id)}/output`,
+          }
       : null,
     ...(rec.destination ? { destination: rec.destination } : {}),
     error: rec.error ?? null,

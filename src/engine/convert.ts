@@ -30,13 +30,21 @@ export interface ConvertOptions extends ReadOptions {
   progressIntervalMs?: number;
   /** Compute the sha256 of the whole raw output (holes hashed as zeros). */
   sha256?: boolean;
+  /** Digests of the whole raw output to compute in the same pass (holes hashed as zeros); adds to `sha256`. */
+  hashes?: readonly HashAlgorithm[];
 }
+
+/** Digests the conversion can compute on the way: sha256 (ours), md5 and sha512 (Glance's checksum and os_hash_value). */
+export const HASH_ALGORITHMS = ['sha256', 'sha512', 'md5'] as const;
+export type HashAlgorithm = (typeof HASH_ALGORITHMS)[number];
 
 export interface ConvertResult {
   virtualSize: number;
   /** Guest bytes that were data (not holes) in the source map. */
   dataBytes: number;
   sha256?: string;
+  sha512?: string;
+  md5?: string;
 }
 
 export const ZERO_BLOCK = 4096;
@@ -75,7 +83,9 @@ export async function hashZeros(hash: Hash, length: number, options: { pacer?: P
 
 /** Streams an image into a sink as raw. The one conversion loop for every format and sink. */
 export async function convertToRaw(image: DiskImage, source: RandomAccessSource, sink: ExtentSink, options: ConvertOptions = {}): Promise<ConvertResult> {
-  const hash = options.sha256 ? createHash('sha256') : undefined;
+  const wanted = new Set<HashAlgorithm>(options.hashes ?? []);
+  if (options.sha256) wanted.add('sha256');
+  const hashes = [...wanted].map((algorithm) => ({ algorithm, hash: createHash(algorithm) }));
   const interval = options.progressIntervalMs ?? 250;
   let lastReport = 0;
   let dataBytes = 0;
@@ -91,7 +101,7 @@ export async function convertToRaw(image: DiskImage, source: RandomAccessSource,
   try {
     for await (const extent of readExtents(image, source, options)) {
       throwIfAborted(options.signal);
-      if (hash) {
+      for (const { hash } of hashes) {
         if (extent.kind === 'data') hash.update(extent.data);
         else await hashZeros(hash, extent.length, { pacer, onSlice: (done) => report(extent.offset + done) });
       }
@@ -109,7 +119,9 @@ export async function convertToRaw(image: DiskImage, source: RandomAccessSource,
     throw err;
   }
   options.onProgress?.({ bytesDone: image.virtualSize, bytesTotal: image.virtualSize });
-  return { virtualSize: image.virtualSize, dataBytes, ...(hash ? { sha256: hash.digest('hex') } : {}) };
+  const digests: Partial<Record<HashAlgorithm, string>> = {};
+  for (const { algorithm, hash } of hashes) digests[algorithm] = hash.digest('hex');
+  return { virtualSize: image.virtualSize, dataBytes, ...digests };
 }
 
 export interface RawFileSinkOptions {

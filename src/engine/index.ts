@@ -16,7 +16,7 @@ export { FileSource, BufferSource, readExact, type RandomAccessSource } from './
 export { detectFormat, DRIVERS } from './probe.js';
 export { readExtents, type ReadOptions } from './reader.js';
 export { Pacer } from './pace.js';
-export { convertToRaw, RawFileSink, isAllZero, hashZeros, type RawFileSinkOptions, type ExtentSink, type ConvertOptions, type ConvertResult, type Progress } from './convert.js';
+export { convertToRaw, RawFileSink, isAllZero, hashZeros, HASH_ALGORITHMS, type HashAlgorithm, type RawFileSinkOptions, type ExtentSink, type ConvertOptions, type ConvertResult, type Progress } from './convert.js';
 
 export interface OpenImageOptions {
   /** Declared format; 'auto' or undefined probes. A declared format that disagrees with the bytes is refused. */

@@ -16,6 +16,7 @@ import {
   InsufficientSpaceError,
   isDiskconvError,
   openImage,
+  type ConvertResult,
   type DiskImage,
   type FormatId,
   type RandomAccessSource,
@@ -23,10 +24,14 @@ import {
 import { estimateAllocation, scrubMessage } from './inspect.js';
 import { displayUrl, openImportUrl, urlPolicy, type OpenedUrlSource } from './url-import.js';
 import type { DestinationResult, DestinationWriter, OutputWriter, Stores } from '../store/index.js';
+import { GLANCE_HASHES, Publisher } from '../publish/publish.js';
+import { rbdExport } from '../publish/rbd-export.js';
 import type { AbortReason, CancelWatcher } from './cancel.js';
 import type { ConvertJobData } from './queue.js';
-import type { JobError, JobProgress, JobRecord, JobRecords } from './records.js';
+import type { GlanceOutput, JobError, JobOutput, JobProgress, JobRecord, JobRecords } from './records.js';
 import { ThrottledSource } from './throttle.js';
+
+const digests = (r: ConvertResult): { sha512?: string; md5?: string } => ({ ...(r.sha512 ? { sha512: r.sha512 } : {}), ...(r.md5 ? { md5: r.md5 } : {}) });
 
 /** Space kept free in the store beyond the estimate, for metadata and other writers. */
 const FREE_SPACE_RESERVE = 64 * 2 ** 20;
@@ -99,6 +104,51 @@ export function createProcessor(deps: ProcessorDeps) {
   const { config, records, cancels, logger } = deps;
   const { staging, output, destinations } = deps.stores;
   const policy = urlPolicy(config);
+  const publisher = config.glance ? new Publisher(config.glance) : undefined;
+
+  /** The publish step (src/publish): the record shows the output and the Glance image while it goes active. */
+  async function publishOutput(
+    rec: JobRecord,
+    converted: JobOutput,
+    rbd: DestinationResult | undefined,
+    owner: string,
+    signal: AbortSignal,
+    log: Logger,
+  ): Promise<{ output: JobOutput } | { output: JobOutput; error: JobError }> {
+    const id = rec.id;
+    const previous = rec.output?.glance;
+    await records.update(
+      id,
+      ['running'],
+      { output: { ...converted, ...(previous ? { glance: previous } : {}) }, progress: { phase: 'publishing', bytes_done: 0, bytes_total: converted.size, percent: null } },
+      { owner },
+    );
+    let glance: GlanceOutput | undefined = previous;
+    if (!publisher) {
+      return { output: converted, error: { code: 'GLANCE_UNAVAILABLE', message: 'this worker has no GLANCE_URL configured' } };
+    }
+    try {
+      glance = await publisher.publish({
+        request: rec.glance ?? {},
+        output: { size: converted.size, md5: converted.md5 as string, sha512: converted.sha512 as string },
+        ...(rbd ? { rbd: { pool: rbd.pool, location: rbd.location } } : {}),
+        openOutput: () => (rbd ? rbdExport(rbd) : output.read(id)),
+        ...(previous ? { previous } : {}),
+        onUpdate: async (g) => {
+          glance = g;
+          await records.update(id, ['running'], { output: { ...converted, glance: g } }, { owner });
+        },
+        signal,
+        log,
+      });
+      return { output: { ...converted, glance } };
+    } catch (err) {
+      if (signal.aborted) throw err;
+      const error: JobError = isDiskconvError(err) ? { code: err.code, message: err.message } : { code: 'GLANCE_UNAVAILABLE', message: 'publishing into Glance failed' };
+      if (!isDiskconvError(err)) log.error({ err }, 'publishing failed with an internal error');
+      return { output: { ...converted, ...(glance ? { glance } : {}) }, error };
+    }
+  }
 
   return async function processConversion(job: Job<ConvertJobData>, token?: string, bullSignal?: AbortSignal): Promise<ProcessResult> {
     const id = job.data.id;
@@ -194,6 +244,7 @@ export function createProcessor(deps: ProcessorDeps) {
       const result = await convertToRaw(image, readSource, writer, {
         signal,
         sha256: true,
+        hashes: [...config.outputHashes, ...(rec.glance ? GLANCE_HASHES : [])],
         progressIntervalMs: config.worker.progressIntervalMs,
         onProgress: (p) => progress.report({ phase: 'converting', bytes_done: p.bytesDone, bytes_total: p.bytesTotal, percent: percent(p.bytesDone, p.bytesTotal) }),
       });
@@ -205,13 +256,41 @@ export function createProcessor(deps: ProcessorDeps) {
       writer = undefined;
       committed = true;
       if ('target' in stored) published = stored;
+      let jobOutput: JobOutput = {
+        format: 'raw',
+        size: stored.size,
+        sha256: result.sha256 as string,
+        ...digests(result),
+        data_bytes: result.dataBytes,
+        ...(stored.location ? { location: stored.location } : {}),
+        ...('target' in stored ? { target: stored.target, pool: stored.pool, image: stored.image, snapshot: stored.snapshot } : {}),
+      };
+      if (rec.glance) {
+        const glanced = await publishOutput(rec, jobOutput, 'target' in stored ? stored : undefined, owner, signal, log);
+        if ('error' in glanced) {
+          // The conversion stands: the output stays downloadable; only publishing failed.
+          await records.transition(
+            id,
+            'failed',
+            ['running'],
+            { output: glanced.output, error: glanced.error, last_error: undefined, attempt_id: undefined, duration_seconds: (Date.now() - t0) / 1000 },
+            { owner },
+          );
+          await staging.delete(id).catch(() => {});
+          log.info({ code: glanced.error.code }, `publishing failed: ${glanced.error.message}`);
+          throw new UnrecoverableError(`${glanced.error.code}: ${glanced.error.message}`);
+        }
+        jobOutput = glanced.output;
+        // Registered in place: Glance owns the RBD image from now on; nothing here may remove it.
+        if (jobOutput.glance?.method === 'location') published = undefined;
+      }
       const seconds = (Date.now() - t0) / 1000;
       const done = await records.transition(
         id,
         'succeeded',
         ['running'],
         {
-          output: { format: 'raw', size: stored.size, sha256: result.sha256 as string, data_bytes: result.dataBytes, ...(stored.location ? { location: stored.location } : {}), ...('target' in stored ? { target: stored.target, pool: stored.pool, image: stored.image, snapshot: stored.snapshot } : {}) },
+          output: jobOutput,
           progress: { phase: 'done', bytes_done: total, bytes_total: total, percent: 100 },
           duration_seconds: seconds,
           last_error: undefined,
@@ -237,6 +316,7 @@ export function createProcessor(deps: ProcessorDeps) {
       return { outcome: 'succeeded' };
     } catch (err) {
       // This attempt's own partial output only; never another attempt's.
+      if (err instanceof UnrecoverableError) throw err; // a failed publish, already recorded
       await writer?.abort().catch(() => {});
       const reason = controller.signal.aborted ? (controller.signal.reason as AbortReason) : undefined;
       if (reason === 'superseded') {

@@ -44,7 +44,7 @@ export interface JobSource {
 }
 
 export interface JobProgress {
-  phase: 'queued' | 'downloading' | 'probing' | 'converting' | 'committing' | 'retrying' | 'done';
+  phase: 'queued' | 'downloading' | 'probing' | 'converting' | 'committing' | 'publishing' | 'retrying' | 'done';
   bytes_done: number;
   bytes_total: number | null;
   percent: number | null;
@@ -54,6 +54,9 @@ export interface JobOutput {
   format: 'raw';
   size: number;
   sha256: string;
+  /** When OUTPUT_HASHES names it, or the job publishes into Glance. */
+  sha512?: string;
+  md5?: string;
   data_bytes: number;
   /** Where it is: `s3://BUCKET/KEY` in the output store, `rbd://FSID/POOL/IMAGE/snap` for an RBD target; absent for a local directory. */
   location?: string;
@@ -62,6 +65,8 @@ export interface JobOutput {
   pool?: string;
   image?: string;
   snapshot?: string;
+  /** The Glance image this output was published as (jobs with `glance`). */
+  glance?: GlanceOutput;
 }
 
 /** Where a job writes instead of the output store (an RBD image in a user's pool). */
@@ -69,6 +74,30 @@ export interface JobDestination {
   target: 'rbd';
   pool: string;
   image: string;
+}
+
+/** What a job asks Glance to record (the `glance` option). */
+export interface GlanceRequest {
+  name?: string;
+  visibility?: 'private' | 'shared' | 'community' | 'public';
+  min_disk?: number;
+  min_ram?: number;
+  protected?: boolean;
+  properties?: Record<string, string>;
+}
+
+export interface GlanceOutput {
+  image_id: string;
+  /** Glance's image status; `active` once the job has succeeded. */
+  status: string;
+  /** `location`: registered in place (zero copy); `upload`: the bytes were sent to Glance. */
+  method: 'location' | 'upload';
+  /** Glance's recorded md5 and sha512 (equal to the output's md5 and sha512). */
+  checksum?: string | null;
+  os_hash_algo?: string | null;
+  os_hash_value?: string | null;
+  /** Why a location registration fell back to an upload. */
+  fallback_reason?: string;
 }
 
 export interface JobError {
@@ -83,6 +112,8 @@ export interface JobRecord {
   source_format: SourceFormat;
   output_format: 'raw';
   expected_sha256?: string;
+  /** Publish the output into Glance once converted. */
+  glance?: GlanceRequest;
   created_at: number;
   updated_at: number;
   started_at?: number;
@@ -119,7 +150,7 @@ export interface JobCallback {
 /** Histogram buckets for conversion seconds (Prometheus `le`). */
 export const DURATION_BUCKETS = [1, 5, 15, 60, 300, 900, 3600] as const;
 
-const JSON_FIELDS = ['source', 'progress', 'output', 'destination', 'error', 'last_error', 'callback'] as const;
+const JSON_FIELDS = ['source', 'progress', 'output', 'destination', 'error', 'last_error', 'callback', 'glance'] as const;
 const NUMBER_FIELDS = ['created_at', 'updated_at', 'started_at', 'finished_at', 'attempts', 'duration_seconds'] as const;
 
 type FieldValue = string | number | object | undefined;

@@ -86,6 +86,34 @@ describe('configuration', () => {
     expect(missing).toEqual([]);
   });
 
+  it('reads OUTPUT_HASHES and the Glance variables', () => {
+    expect(loadConfig({}).outputHashes).toEqual([]);
+    expect(loadConfig({}).glance).toBeUndefined();
+    expect(loadConfig({ OUTPUT_HASHES: 'MD5, sha512,sha256,md5' }).outputHashes).toEqual(['md5', 'sha512']);
+    expect(() => loadConfig({ OUTPUT_HASHES: 'crc32' })).toThrow(/OUTPUT_HASHES/);
+    expect(loadConfig({ GLANCE_URL: 'http://glance:9292/v2/', GLANCE_TOKEN: 't', GLANCE_RBD_POOLS: 'images, vms' }).glance).toMatchObject({
+      url: 'http://glance:9292',
+      auth: { kind: 'token', token: 't' },
+      method: 'direct',
+      rbdPools: ['images', 'vms'],
+      publishAttempts: 5,
+      connectTimeoutMs: 10_000,
+      idleTimeoutMs: 30_000,
+    });
+    const keystone = loadConfig({
+      GLANCE_URL: 'https://glance.example',
+      OS_AUTH_URL: 'https://keystone.example/v3',
+      OS_USERNAME: 'diskconv',
+      OS_PASSWORD: 'secret',
+      OS_PROJECT_NAME: 'images',
+      GLANCE_METHOD: 'import',
+    }).glance;
+    expect(keystone).toMatchObject({ method: 'import', auth: { kind: 'password', username: 'diskconv', projectName: 'images', userDomainName: 'Default', projectDomainName: 'Default' } });
+    expect(() => loadConfig({ GLANCE_URL: 'http://glance:9292' })).toThrow(/GLANCE_TOKEN, or OS_AUTH_URL/);
+    expect(() => loadConfig({ GLANCE_URL: 'glance:9292', GLANCE_TOKEN: 't' })).toThrow(/GLANCE_URL/);
+    expect(() => loadConfig({ GLANCE_URL: 'http://g', GLANCE_TOKEN: 't', GLANCE_METHOD: 'copy' })).toThrow(/GLANCE_METHOD/);
+  });
+
   it('parses byte sizes in binary units', () => {
     expect(parseByteSize('1024')).toBe(1024);
     expect(parseByteSize('1k')).toBe(1024);

@@ -53,6 +53,10 @@ export async function jobRoutes(app: FastifyInstance, ctx: ApiContext): Promise<
 
   const createJob = async (request: FastifyRequest, reply: FastifyReply, id: string): Promise<FastifyReply> => {
     const received = await receiveBody(request, id, { config: ctx.config, staging: ctx.stores.staging, destinations: ctx.stores.destinations, policy: ctx.policy });
+    if (received.options.glance && !ctx.config.glance) {
+      if (received.source.kind === 'upload') await ctx.stores.staging.delete(id).catch(() => {});
+      throw new ApiError('GLANCE_NOT_CONFIGURED', 'this service does not publish into Glance (GLANCE_URL is not set)');
+    }
     const callback = await callbackFields(received.options.callback_url, ctx.config).catch(async (err: unknown) => {
       await ctx.stores.staging.delete(id).catch(() => {});
       throw err;
@@ -67,6 +71,7 @@ export async function jobRoutes(app: FastifyInstance, ctx: ApiContext): Promise<
       output_format: received.options.output_format,
       ...(received.options.expected_sha256 ? { expected_sha256: received.options.expected_sha256 } : {}),
       ...(received.options.destination ? { destination: received.options.destination } : {}),
+      ...(received.options.glance ? { glance: received.options.glance } : {}),
       created_at: now,
       updated_at: now,
       attempts: 0,

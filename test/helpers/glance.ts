@@ -1,0 +1,138 @@
+/**
+ * The test Glance: Debian's glance-api run by scripts/glance-dev.sh from a temp
+ * directory (sqlite, a file store `fs`, and with the test Ceph the RBD store
+ * `ceph`, then the default). useGlance() gives the run's shared one (started by
+ * the first test file that asks; glance-setup.ts stops it); a test that stops
+ * Glance on purpose starts its own with startGlance().
+ */
+import { execFile } from 'node:child_process';
+import { existsSync } from 'node:fs';
+import { mkdir, mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join, resolve } from 'node:path';
+import { setTimeout as sleep } from 'node:timers/promises';
+import { inject } from 'vitest';
+import { cephAvailable, useCeph } from './ceph.js';
+
+export const GLANCE_SCRIPT = resolve(import.meta.dirname, '../../scripts/glance-dev.sh');
+export const GLANCE_API = '/usr/bin/glance-api';
+export const haveGlance = existsSync(GLANCE_API);
+
+export interface TestGlance {
+  url: string;
+  token: string;
+  dir: string;
+  /** The RBD pool of its `ceph` store, when it has one. */
+  rbdPool?: string;
+}
+
+export interface GlanceOptions {
+  cephConf?: string;
+  cephPool?: string;
+}
+
+function script(args: string[], env: Record<string, string> = {}): Promise<string> {
+  return new Promise((resolvePromise, reject) => {
+    execFile(GLANCE_SCRIPT, args, { env: { ...process.env, ...env }, timeout: 120_000 }, (err, stdout, stderr) => {
+      if (err) reject(new Error(`glance-dev.sh ${args.join(' ')}: ${stderr || err.message}`));
+      else resolvePromise(stdout);
+    });
+  });
+}
+
+function parseEnv(text: string): Record<string, string> {
+  return Object.fromEntries(
+    text
+      .split('\n')
+      .map((l) => /^([A-Z_]+)=(.*)$/.exec(l.trim()))
+      .filter((m): m is RegExpExecArray => m !== null)
+      .map((m) => [m[1] as string, m[2] as string]),
+  );
+}
+
+function glanceFrom(dir: string, vars: Record<string, string>): TestGlance {
+  return { url: vars.GLANCE_URL as string, token: vars.GLANCE_TOKEN as string, dir, ...(vars.GLANCE_RBD_POOLS ? { rbdPool: vars.GLANCE_RBD_POOLS } : {}) };
+}
+
+let shared: Promise<TestGlance> | undefined;
+
+/** The run's shared Glance, started on first use (with the run's Ceph where Ceph is installed). */
+export function useGlance(): Promise<TestGlance> {
+  shared ??= startShared();
+  return shared;
+}
+
+async function startShared(): Promise<TestGlance> {
+  const runDir = inject('glanceRunDir');
+  if (!runDir) throw new Error('no glanceRunDir: test/helpers/glance-setup.ts is not in vitest.config.ts globalSetup');
+  const dir = join(runDir, 'glance');
+  const ready = join(runDir, 'ready');
+  const failed = join(runDir, 'failed');
+  let mine = false;
+  try {
+    await mkdir(join(runDir, 'lock'));
+    mine = true;
+  } catch {
+    // Another test file is starting it (or did).
+  }
+  if (mine) {
+    try {
+      const env: Record<string, string> = {};
+      if (cephAvailable) {
+        const ceph = await useCeph();
+        env.GLANCE_CEPH_CONF = ceph.CEPH_CONF;
+      }
+      await writeFile(ready, await script(['up', dir], env));
+    } catch (err) {
+      await writeFile(failed, (err as Error).message);
+    }
+  }
+  const deadline = Date.now() + 300_000;
+  while (Date.now() < deadline) {
+    const text = await readFile(ready, 'utf8').catch(() => undefined);
+    if (text) return glanceFrom(dir, parseEnv(text));
+    const why = await readFile(failed, 'utf8').catch(() => undefined);
+    if (why) throw new Error(`the test Glance did not start: ${why}`);
+    await sleep(200);
+  }
+  throw new Error('timed out waiting for the test Glance to start');
+}
+
+export async function startGlance(options: GlanceOptions = {}): Promise<TestGlance & { stop(): Promise<void>; start(): Promise<void>; down(): Promise<void> }> {
+  const dir = await mkdtemp(join(tmpdir(), 'diskconv-glance-'));
+  const env: Record<string, string> = {};
+  if (options.cephConf) env.GLANCE_CEPH_CONF = options.cephConf;
+  if (options.cephPool) env.GLANCE_CEPH_POOL = options.cephPool;
+  let vars: Record<string, string>;
+  try {
+    vars = parseEnv(await script(['up', dir], env));
+  } catch (err) {
+    await script(['down', dir]).catch(() => {});
+    await rm(dir, { recursive: true, force: true });
+    throw err;
+  }
+  return {
+    ...glanceFrom(dir, vars),
+    stop: async () => void (await script(['stop', dir])),
+    start: async () => void (await script(['start', dir])),
+    down: async () => {
+      await script(['down', dir]);
+      await rm(dir, { recursive: true, force: true });
+    },
+  };
+}
+
+/** A Glance API call with the test token; JSON in and out. */
+export async function glanceApi<T = Record<string, unknown>>(g: Pick<TestGlance, 'url' | 'token'>, path: string, init: RequestInit = {}): Promise<{ status: number; body: T }> {
+  const headers = new Headers(init.headers);
+  headers.set('x-auth-token', g.token);
+  const res = await fetch(`${g.url}${path}`, { ...init, headers });
+  const text = await res.text();
+  let body: unknown = text;
+  try {
+    body = JSON.parse(text);
+  } catch {
+    /* an HTML error page, or an image's bytes */
+  }
+  return { status: res.status, body: body as T };
+}
