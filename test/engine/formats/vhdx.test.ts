@@ -173,6 +173,7 @@ beforeAll(async () => {
   ]);
   fixtures['fixed, 256 MiB blocks'] = await create('fixed256.vhdx', '300M', 'block_size=256M,subformat=fixed', ['write -P 0x73 255M 2M']);
   fixtures['dynamic, nothing written'] = await create('empty.vhdx', '10M', 'block_size=1M', []);
+  fixtures['dynamic, size 0'] = await create('size0.vhdx', '0', 'block_size=1M', []);
 
   // Block states qemu-img never writes, read by qemu-img as zeros.
   for (const [stateName, state] of [['UNDEFINED', S.UNDEFINED], ['UNMAPPED', S.UNMAPPED], ['UNMAPPED (0.95 draft value 5)', S.UNMAPPED_V095], ['ZERO with a file offset left', S.ZERO]] as const) {
@@ -200,6 +201,7 @@ describe('vhdx: agrees with qemu-img', () => {
     'dynamic, 256 MiB blocks, data at block edges',
     'fixed, 256 MiB blocks',
     'dynamic, nothing written',
+    'dynamic, size 0',
     'block 0 in state UNDEFINED',
     'block 0 in state UNMAPPED',
     'block 0 in state UNMAPPED (0.95 draft value 5)',
@@ -336,6 +338,15 @@ describe('vhdx: refused as qemu-img refuses them', () => {
     ['a BAT entry whose block overlaps the metadata region', (b) => setBatEntry(b, 0, S.FULLY_PRESENT, layout(b).meta.offset), 'IMAGE_CORRUPT', /Invalid argument/],
     ['a BAT entry whose block overlaps the BAT', (b) => setBatEntry(b, 0, S.FULLY_PRESENT, layout(b).bat.offset), 'IMAGE_CORRUPT', /Invalid argument/],
     ['has_parent without a parent locator', (b) => b.writeUInt32LE(2, item(b, G.fileParameters) + 4), 'IMAGE_CORRUPT', /Invalid argument/],
+    [
+      'a 1-byte virtual size whose one block lies past the end of the file (found by the fuzzer: qemu counts blocks before rounding to sectors)',
+      (b) => {
+        b.writeBigUInt64LE(1n, item(b, '2442a52f1bcd7648b2115dbed83bf4b8'));
+        setBatEntry(b, 0, S.FULLY_PRESENT, Math.ceil(b.length / MiB) * MiB + 16 * MiB);
+      },
+      'IMAGE_CORRUPT',
+      /points after end of file/,
+    ],
     ['a virtual size over MAX_VIRTUAL_SIZE', (b) => b.writeBigUInt64LE(2n ** 50n, item(b, '2442a52f1bcd7648b2115dbed83bf4b8')), 'LIMIT_EXCEEDED', /./],
   ];
   it.each(refusals)('%s', async (what, edit, code, qemuSays) => {

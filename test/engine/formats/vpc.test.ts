@@ -225,6 +225,21 @@ describe('vpc: map', () => {
   });
 });
 
+describe('vpc: sector bitmaps', () => {
+  it('an allocated block whose bitmap marks no sector is still read whole, as qemu reads it', async () => {
+    const file = await patched(dynamic, 'bitmap-cleared.vhd', (b) => {
+      const batOffset = Number(b.readBigUInt64BE(D.at + D.tableOffset));
+      const bitmap = b.readUInt32BE(batOffset) * 512;
+      b.fill(0, bitmap, bitmap + 512);
+    });
+    await expectSameAsQemu(file);
+    const out = `${file}.raw`;
+    await runDiskconv(['convert', '-O', 'raw', file, out]);
+    // Block 0 holds data (not zeros) although its bitmap says no sector is present.
+    expect((await readFile(out)).subarray(0, 2 * MiB).some((x) => x !== 0)).toBe(true);
+  });
+});
+
 describe('vpc: refusals', () => {
   const variant = async (edit: (b: Buffer) => void, from = dynamic): Promise<Buffer> => {
     const b = await readFile(from);

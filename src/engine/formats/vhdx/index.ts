@@ -220,7 +220,10 @@ export const vhdxDriver: FormatDriver = {
     const virtualSize = Math.floor(Number(rawSize) / logicalSectorSize) * logicalSectorSize;
     const chunkRatio = (MAX_SECTORS_PER_BLOCK * logicalSectorSize) / blockSize;
     const dataBlocks = Math.ceil(virtualSize / blockSize);
-    const batEntries = dataBlocks === 0 ? 0 : batIndex(dataBlocks - 1, chunkRatio) + 1;
+    // qemu counts the BAT from the size before rounding to sectors, and checks all of it.
+    // An empty disk reads nothing from its BAT: qemu's huge count for it is not checked.
+    const qemuDataBlocks = Math.ceil(Number(rawSize) / blockSize);
+    const batEntries = qemuDataBlocks === 0 ? 0 : batIndex(qemuDataBlocks - 1, chunkRatio) + 1;
     const geometry: VhdxGeometry = { blockSize, logicalSectorSize, chunkRatio, virtualSize, dataBlocks, batEntries };
     if (batEntries * 8 > bat.length) throw new ImageCorruptError(`${name}: VHDX BAT region of ${bat.length} bytes cannot hold ${batEntries} entries`);
     enforceLimit('maxTopTableBytes', batEntries * 8, limits, `${name}: VHDX BAT size`);
@@ -246,14 +249,14 @@ export const vhdxDriver: FormatDriver = {
       }
       if (state !== STATE.FULLY_PRESENT) continue;
       const block = i - Math.floor(i / (chunkRatio + 1));
-      const length = Math.min(blockSize, virtualSize - block * blockSize);
+      const length = Math.max(0, Math.min(blockSize, virtualSize - block * blockSize));
       // qemu measures the last block with the BAT index, not the block number; refuse what either measure finds truncated.
       const qemuRemainder = virtualSize - i * blockSize;
       const qemuLength = qemuRemainder < 0 ? blockSize : Math.min(blockSize, qemuRemainder);
       if (fileOffset < HEADER_SECTION_BYTES) {
         throw new ImageCorruptError(`${name}: VHDX BAT entry ${i} (block ${block}) points at ${hex(fileOffset)}, inside the 1 MiB header section`);
       }
-      if (!Number.isSafeInteger(fileOffset + blockSize) || fileOffset + Math.max(length, qemuLength) > fileSize) {
+      if (!Number.isSafeInteger(fileOffset + blockSize) || fileOffset >= fileSize || fileOffset + Math.max(length, qemuLength) > fileSize) {
         throw new ImageCorruptError(
           `${name}: VHDX BAT entry ${i} (block ${block}) at ${hex(fileOffset)} ends after the end of the file (${fileSize} bytes); the image has probably been truncated`,
         );
