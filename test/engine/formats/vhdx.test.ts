@@ -271,6 +271,40 @@ describe('vhdx: 4 KiB logical sectors (read per the specification; qemu-img 7.2 
   });
 });
 
+describe('vhdx: 4 KiB logical sectors past the first sector bitmap entry (disks over 32 GiB)', () => {
+  it('places the sector bitmap entry after 128 payload entries of 256 MiB, not 16', { timeout: 300_000 }, async () => {
+    // The 512-byte twin, read by qemu-img: 33 GiB of 256 MiB blocks, a bitmap entry after every 16 payload entries.
+    const size = 33 * GiB;
+    const writes = ['write -P 0xa1 0 4k', 'write -P 0xa2 8G 4k', 'write -P 0xa3 32G 8k', 'write -P 0xa4 33791M 1M'];
+    const twin = await create('twin-big.vhdx', String(size), 'block_size=256M', writes);
+    const file = await patched(twin, 'logical4k-big.vhdx', (b) => {
+      b.writeUInt32LE(4096, item(b, G.logicalSectorSize));
+      // Re-lay the BAT for a chunk ratio of 2^23 * 4096 / 256 MiB = 128.
+      const blocks = size / (256 * MiB);
+      const entries = Array.from({ length: blocks }, (_, i) => b.readBigUInt64LE(layout(b).bat.offset + 8 * (i + Math.floor(i / 16))));
+      const bat = layout(b).bat.offset;
+      b.fill(0, bat, bat + 8 * (blocks + Math.floor(blocks / 16)));
+      entries.forEach((e, i) => b.writeBigUInt64LE(e, bat + 8 * (i + Math.floor(i / 128))));
+    });
+    expect(await qemuOutcome(file, 'info')).toMatchObject({ ok: false });
+    const dst = path('logical4k-big.out');
+    const conv = await runDiskconv(['convert', '-O', 'raw', file, dst]);
+    expect(conv.stderr).toBe('');
+    // Every write lies in [0, 4 KiB), [8 GiB, +4 KiB) or [32 GiB, 33 GiB): compare those windows with qemu-img's reading of the twin.
+    const { createHash } = await import('node:crypto');
+    const ours = await FileSource.open(dst);
+    expect(ours.size).toBe(size);
+    for (const [start, length] of [[0, 64 * KiB], [8 * GiB, 64 * KiB], [32 * GiB, GiB]] as const) {
+      const ref = path(`twin-window-${start}.raw`);
+      await qemuImg('convert', '-O', 'raw', '--image-opts', `driver=raw,offset=${start},size=${length},file.driver=vhdx,file.file.driver=file,file.file.filename=${twin}`, ref);
+      const hash = createHash('sha256');
+      for (let off = start; off < start + length; off += 64 * MiB) hash.update(await ours.read(off, Math.min(64 * MiB, start + length - off)));
+      expect(hash.digest('hex'), `window at ${start}`).toBe(await sha256File(ref));
+    }
+    await ours.close();
+  });
+});
+
 describe('vhdx: refused as qemu-img refuses them', () => {
   it.each([
     ['PARTIALLY_PRESENT', S.PARTIALLY_PRESENT],
