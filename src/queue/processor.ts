@@ -124,6 +124,7 @@ export function createProcessor(deps: ProcessorDeps) {
       { owner },
     );
     let glance: GlanceOutput | undefined = previous;
+    const publishStart = Date.now();
     if (!publisher) {
       return { output: converted, error: { code: 'GLANCE_UNAVAILABLE', message: 'this worker has no GLANCE_URL configured' } };
     }
@@ -141,6 +142,7 @@ export function createProcessor(deps: ProcessorDeps) {
         signal,
         log,
       });
+      log.info({ image: glance.image_id, method: glance.method, seconds: (Date.now() - publishStart) / 1000 }, 'published into Glance');
       return { output: { ...converted, glance } };
     } catch (err) {
       if (signal.aborted) throw err;
