@@ -2,7 +2,7 @@
 import { pino, type Logger } from 'pino';
 import type { Config } from './config.js';
 
-/** Paths pino removes from every log line: bearer tokens never reach the logs. */
+/** Paths pino removes from every log line: bearer tokens and passphrases never reach the logs. */
 export const REDACT_PATHS = [
   'req.headers.authorization',
   'req.headers.cookie',
@@ -10,6 +10,11 @@ export const REDACT_PATHS = [
   'request.headers.authorization',
   'authorization',
   '*.authorization',
+  // an encrypted image's key, wherever a line might carry it
+  'passphrase',
+  '*.passphrase',
+  'req.body.passphrase',
+  'body.passphrase',
 ];
 
 export function createLogger(config: Pick<Config, 'logLevel'>, name: string): Logger {

@@ -76,6 +76,9 @@ const optionFields = {
   callback_url: z.string().min(1).max(2048).optional(),
 };
 
+/** An encrypted image's key: JSON body or multipart field only (never the query string, which is logged). */
+const passphraseField = z.string().min(1).max(1024);
+
 const jsonBody = z
   .object({
     source: z.object({ url: z.string().min(1).max(4096) }).strict(),
@@ -83,6 +86,7 @@ const jsonBody = z
     glance: glanceOption.optional(),
     /** Where the raw image goes instead of the output store. */
     output: z.object({ target: z.literal('rbd'), pool: z.string().min(1).max(128), image: z.string().min(1).max(128).optional() }).strict().optional(),
+    passphrase: passphraseField.optional(),
   })
   .strict();
 
@@ -127,6 +131,8 @@ export type ReceivedSource =
 export interface Received {
   source: ReceivedSource;
   options: JobOptions;
+  /** Kept apart from the options: it goes to its own Redis key, never into the record. */
+  passphrase?: string;
 }
 
 export interface BodyDeps {
@@ -226,6 +232,7 @@ async function receiveJson(request: FastifyRequest, key: string, deps: BodyDeps)
       ...(destination ? { destination } : {}),
       ...(body.glance ? { glance: body.glance } : {}),
     },
+    ...(body.passphrase !== undefined ? { passphrase: body.passphrase } : {}),
   };
 }
 
@@ -280,7 +287,9 @@ async function receiveMultipart(request: FastifyRequest, key: string, deps: Body
   }
   try {
     if (!stored) throw new ApiError('MISSING_FILE');
-    const parsed = uploadOptions.omit({ filename: true }).parse(fields);
+    const { passphrase: rawPassphrase, ...optionValues } = fields;
+    const passphrase = rawPassphrase === undefined ? undefined : passphraseField.parse(rawPassphrase);
+    const parsed = uploadOptions.omit({ filename: true }).parse(optionValues);
     const destination = destinationOf({ target: parsed.output_target, pool: parsed.rbd_pool, image: parsed.rbd_image }, key, deps);
     const options: JobOptions = {
       source_format: parsed.source_format,
@@ -291,7 +300,7 @@ async function receiveMultipart(request: FastifyRequest, key: string, deps: Body
       ...(parsed.glance ? { glance: parsed.glance } : {}),
     };
     await verifyChecksum(stored, options, key, deps);
-    return { source: { kind: 'upload', key, ...stored, ...(filename ? { filename } : {}) }, options };
+    return { source: { kind: 'upload', key, ...stored, ...(filename ? { filename } : {}) }, options, ...(passphrase !== undefined ? { passphrase } : {}) };
   } catch (err) {
     await deps.staging.delete(key).catch(() => {});
     throw err;

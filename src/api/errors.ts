@@ -47,6 +47,7 @@ export const ERROR_CODES = {
   UNSUPPORTED_FORMAT: { status: 422, title: 'The image format is not supported' },
   FORMAT_MISMATCH: { status: 422, title: 'The declared format does not match the bytes' },
   LIMIT_EXCEEDED: { status: 422, title: 'The image exceeds a limit' },
+  WRONG_PASSPHRASE: { status: 422, title: 'The passphrase does not unlock the encrypted image' },
   INVALID_ARGUMENT: { status: 400, title: 'Invalid argument' },
   CHECKSUM_MISMATCH: { status: 422, title: 'The bytes do not match expected_sha256' },
   URL_REFUSED: { status: 422, title: 'The URL is refused by the URL import rules' },

@@ -226,7 +226,13 @@ export function createProcessor(deps: ProcessorDeps) {
       await progress.flush();
       progress.report({ phase: 'probing', bytes_done: 0, bytes_total: null, percent: null }, true);
       const declared = rec.source_format === 'auto' ? 'auto' : (rec.source_format as FormatId);
-      image = await openImage(readSource, { format: declared, limits: { maxVirtualSize: config.maxVirtualSize }, signal });
+      const passphrase = await records.getPassphrase(id);
+      image = await openImage(readSource, {
+        format: declared,
+        limits: { maxVirtualSize: config.maxVirtualSize },
+        signal,
+        ...(passphrase !== undefined ? { passphrase: Buffer.from(passphrase, 'utf8') } : {}),
+      });
       const info = { ...(await imageInfo(image, readSource)), filename: displayName };
       const allocation = await estimateAllocation(image, readSource, signal);
       const free = rec.destination ? undefined : await output.freeBytes();

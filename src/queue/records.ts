@@ -221,6 +221,9 @@ export interface ListPage {
   nextCursor: string | null;
 }
 
+/** Longest a passphrase stays in Redis if its job never finishes (a backstop: a final state deletes it). */
+export const PASSPHRASE_TTL_SECONDS = 24 * 3600;
+
 export class JobRecords {
   private readonly prefix: string;
   constructor(
@@ -307,6 +310,8 @@ export class JobRecords {
       ...encodeFields(fields),
     )) as [number, string];
     if (result[0] === 1) await this.afterTransition(id, state, (result[1] || undefined) as JobState | undefined, fields);
+    // A finished job's passphrase goes at once (the TTL is only the backstop).
+    if (result[0] === 1 && isFinal(state)) await this.deletePassphrase(id).catch(() => {});
     return { moved: result[0] === 1, previous: (result[1] || undefined) as JobState | undefined };
   }
 
@@ -317,9 +322,28 @@ export class JobRecords {
     return (await this.transition(id, state, [state], fields, options)).moved;
   }
 
+  /**
+   * An encrypted image's passphrase lives in its own key (<prefix>secret:<id>),
+   * never in the job record or the BullMQ job data, with a TTL, and is deleted
+   * when the job reaches a final state or is removed.
+   */
+  private passphraseKey(id: string): string {
+    return `${this.prefix}secret:${id}`;
+  }
+  async putPassphrase(id: string, passphrase: string, ttlSeconds = PASSPHRASE_TTL_SECONDS): Promise<void> {
+    await this.redis.set(this.passphraseKey(id), passphrase, 'EX', ttlSeconds);
+  }
+  async getPassphrase(id: string): Promise<string | undefined> {
+    return (await this.redis.get(this.passphraseKey(id))) ?? undefined;
+  }
+  async deletePassphrase(id: string): Promise<void> {
+    await this.redis.del(this.passphraseKey(id));
+  }
+
   async remove(record: Pick<JobRecord, 'id' | 'tenant'>): Promise<boolean> {
     const n = (await this.redis.eval(REMOVE, 5, this.key(record.id), this.statsKey, this.finishedKey, this.tenantKey(record.tenant), this.unfinishedKey, record.id)) as number;
     await this.redis.del(eventsKey(this.prefix, record.id)).catch(() => {});
+    await this.deletePassphrase(record.id).catch(() => {});
     await this.redis.zrem(this.webhooksDueKey, record.id).catch(() => {});
     await this.redis.publish(`${this.prefix}events`, record.id).catch(() => {});
     return n === 1;

@@ -84,6 +84,8 @@ export async function jobRoutes(app: FastifyInstance, ctx: ApiContext): Promise<
     };
     try {
       await ctx.records.create(record);
+      // Before the enqueue, so the worker finds it; its own key with a TTL, never in the record.
+      if (received.passphrase !== undefined) await ctx.records.putPassphrase(id, received.passphrase);
       await ctx.queue.enqueue(id);
     } catch (err) {
       await ctx.records.remove(record).catch(() => {});
