@@ -194,6 +194,8 @@ if ARGV[4] == '1' then
   redis.call('HSET', KEYS[1], 'finished_at', ARGV[3])
   redis.call('ZADD', KEYS[3], ARGV[3], ARGV[5])
   redis.call('ZREM', KEYS[4], ARGV[5])
+  -- a finished job's passphrase goes in the same step (KEYS[5]; the TTL is only the backstop)
+  redis.call('DEL', KEYS[5])
 end
 return {1, cur}
 `;
@@ -296,11 +298,12 @@ export class JobRecords {
     const now = Date.now();
     const result = (await this.redis.eval(
       TRANSITION,
-      4,
+      5,
       this.key(id),
       this.statsKey,
       this.finishedKey,
       this.unfinishedKey,
+      this.passphraseKey(id),
       state,
       `,${from.join(',')},`,
       String(now),
@@ -310,8 +313,6 @@ export class JobRecords {
       ...encodeFields(fields),
     )) as [number, string];
     if (result[0] === 1) await this.afterTransition(id, state, (result[1] || undefined) as JobState | undefined, fields);
-    // A finished job's passphrase goes at once (the TTL is only the backstop).
-    if (result[0] === 1 && isFinal(state)) await this.deletePassphrase(id).catch(() => {});
     return { moved: result[0] === 1, previous: (result[1] || undefined) as JobState | undefined };
   }
 
