@@ -1,4 +1,5 @@
 import { Worker, type MessagePort } from 'node:worker_threads';
+import { CodecDataError } from './codec-error.js';
 import type { Codec } from './types.js';
 
 // A small pool of worker threads that decode compressed clusters off the main
@@ -17,7 +18,8 @@ interface DecodeRequest {
   /** Each job's codec, [start, end) in `input` and decoded length. */
   jobs: Array<{ codec: Codec; start: number; end: number; decodedLength: number }>;
 }
-type DecodeResult = { output: Uint8Array } | { error: string };
+/** `data`: the codec refused the bytes (CodecDataError); otherwise the decoder itself failed (a bug). */
+type DecodeResult = { output: Uint8Array } | { error: string; data: boolean; stack?: string };
 interface DecodeReply {
   id: number;
   results: DecodeResult[];
@@ -59,7 +61,7 @@ class PoolWorker {
       jobs.forEach((job, i) => {
         const result = reply.results[i];
         if (!result) job.reject(new Error('decoder worker returned no result'));
-        else if ('error' in result) job.reject(new Error(result.error));
+        else if ('error' in result) job.reject(result.data ? new CodecDataError(result.error) : workerFailure(result));
         else job.resolve(result.output);
       });
       this.onReply(this);
@@ -186,6 +188,13 @@ export class DecodePool {
   }
 }
 
+/** A decoder's own failure in a worker, with the worker's stack. */
+function workerFailure(result: { error: string; stack?: string }): Error {
+  const err = new Error(`decoder worker failed: ${result.error}`);
+  if (result.stack) err.stack = `${err.stack ?? ''}\n  in the worker: ${result.stack}`;
+  return err;
+}
+
 /** The worker side: answers decode requests on `port` with `decodeSync`. */
 export function serveDecodeRequests(port: MessagePort, decodeSync: DecodeSync): void {
   port.on('message', (request: DecodeRequest) => {
@@ -208,7 +217,7 @@ export function serveDecodeRequests(port: MessagePort, decodeSync: DecodeSync): 
         const buffer = output.buffer as ArrayBuffer;
         if (!transfer.includes(buffer)) transfer.push(buffer);
       } catch (err) {
-        results.push({ error: err instanceof Error ? err.message : String(err) });
+        results.push(err instanceof Error ? { error: err.message, data: err instanceof CodecDataError, stack: err.stack } : { error: String(err), data: false });
       }
     }
     const reply: DecodeReply = { id: request.id, results };

@@ -34,10 +34,28 @@ export async function runCase(bytes: Uint8Array, declared?: FormatId): Promise<C
       await image.close();
     }
   } catch (err) {
+    // A typed error that wraps one of our bugs (a TypeError, say, reported as IMAGE_CORRUPT) is still a crash.
+    const bug = bugInCauses(err);
+    if (bug) return { outcome: 'crash', stage, name: bug.name, message: `${err instanceof Error ? err.message : String(err)} (caused by ${bug.name}: ${bug.message})`, stack: bug.stack ?? '' };
     if (isDiskconvError(err)) return { outcome: 'refused', stage, code: String(err.code), message: err.message };
     const e = err instanceof Error ? err : new Error(String(err));
     return { outcome: 'crash', stage, name: e.name, message: e.message, stack: e.stack ?? '' };
   } finally {
     await source.close();
   }
+}
+
+/**
+ * The first error in `err`'s cause chain (itself excluded) that only a bug
+ * throws: TypeError, ReferenceError, SyntaxError, or a RangeError other than
+ * node's "buffer too large" (which a bounded inflate reports for data).
+ */
+export function bugInCauses(err: unknown): Error | undefined {
+  const seen = new Set<unknown>();
+  for (let e = (err as { cause?: unknown } | null)?.cause; e instanceof Error && !seen.has(e); e = (e as { cause?: unknown }).cause) {
+    seen.add(e);
+    if (e instanceof TypeError || e instanceof ReferenceError || e instanceof SyntaxError) return e;
+    if (e instanceof RangeError && (e as { code?: unknown }).code !== 'ERR_BUFFER_TOO_LARGE') return e;
+  }
+  return undefined;
 }

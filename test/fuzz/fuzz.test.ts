@@ -10,7 +10,9 @@
 import { mkdir } from 'node:fs/promises';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { ImageCorruptError } from '../../src/engine/errors.js';
 import { makeTempDir } from '../helpers/qemu.js';
+import { bugInCauses } from './case.js';
 import { compareWithQemu } from './differential.js';
 import { DEFAULT_BOUNDS, FuzzWorker, runFuzz } from './harness.js';
 import { describeMutations, makeCase, seedShape, type SeedImage } from './mutate.js';
@@ -41,6 +43,13 @@ describe('fuzz harness: every bound can fail', () => {
     } finally {
       await worker.close();
     }
+  });
+
+  it('a typed error wrapping a TypeError (a bug reported as IMAGE_CORRUPT) is a crash', () => {
+    const wrapped = new ImageCorruptError('cannot decompress cluster', { cause: new Error('context', { cause: new TypeError('x is undefined') }) });
+    expect(bugInCauses(wrapped)).toBeInstanceOf(TypeError);
+    expect(bugInCauses(new ImageCorruptError('cannot decompress cluster', { cause: new Error('invalid distance too far back') }))).toBeUndefined();
+    expect(bugInCauses(new ImageCorruptError('bad table'))).toBeUndefined();
   });
 
   it('a hang is cut at the per-case time bound and the worker restarts', async () => {

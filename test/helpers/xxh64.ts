@@ -1,5 +1,5 @@
 /**
- * XXH64 (seed 0), the hash behind a zstd frame's Content_Checksum (RFC 8878
+ * For tests: XXH64 (seed 0), the hash behind a zstd frame's Content_Checksum (RFC 8878
  * 3.1.1: the low 4 bytes, little-endian). BigInt arithmetic: slow, but frames
  * that carry a checksum are rare in disk images (qemu's zstd writes none).
  */
