@@ -1,3 +1,4 @@
+import { alignedBuffer } from './aligned.js';
 import { decode } from './decompress.js';
 import { decryptEntry, encryptedBytes, encryptedFileRange } from './crypto/reader-step.js';
 import { ImageCorruptError, throwIfAborted } from './errors.js';
@@ -153,8 +154,9 @@ export async function* readExtents(image: DiskImage, source: RandomAccessSource,
 
   const load = async (batch: Batch): Promise<LoadedBatch> => {
     throwIfAborted(signal);
-    const buffer = batch.readBytes === 0 ? undefined : batch.readBytes <= arenaBytes ? (freeArenas.pop() ?? Buffer.allocUnsafeSlow(arenaBytes)) : Buffer.allocUnsafeSlow(batch.readBytes);
-    const decoded = batch.entries.some((e) => e.kind === 'compressed' || (e.kind === 'stored' && e.cipher)) ? (freeDecodedArenas.pop() ?? Buffer.allocUnsafeSlow(decodedArenaBytes)) : undefined;
+    // Page-aligned (aligned.ts): the kernel's copies into them run several times faster.
+    const buffer = batch.readBytes === 0 ? undefined : batch.readBytes <= arenaBytes ? (freeArenas.pop() ?? alignedBuffer(arenaBytes)) : alignedBuffer(batch.readBytes);
+    const decoded = batch.entries.some((e) => e.kind === 'compressed' || (e.kind === 'stored' && e.cipher)) ? (freeDecodedArenas.pop() ?? alignedBuffer(decodedArenaBytes)) : undefined;
     let decodedUsed = 0;
     const results: Array<Promise<Extent>> = new Array(batch.entries.length);
     const byGroup: number[][] = batch.groups.map(() => []);
