@@ -3,8 +3,11 @@
 
 # --- build: compile TypeScript, then keep only production dependencies
 FROM node:20-alpine AS build
+# node-gyp builds zstd-napi's bundled libzstd (zstd on Node 20) and native/ (SEEK_DATA/SEEK_HOLE).
+RUN apk add --no-cache python3 make g++
 WORKDIR /app
 COPY package.json package-lock.json ./
+COPY native ./native
 RUN npm ci --no-audit --no-fund
 COPY tsconfig.json ./
 COPY src ./src
@@ -20,6 +23,7 @@ WORKDIR /app
 COPY --from=build /app/package.json ./
 COPY --from=build /app/node_modules ./node_modules
 COPY --from=build /app/dist ./dist
+COPY --from=build /app/native ./native
 COPY openapi.yaml ./
 COPY web ./web
 # The image's own unprivileged user (uid 1000) owns the data directory; a new named

@@ -1,5 +1,6 @@
 import { open, type FileHandle } from 'node:fs/promises';
 import { AbortedError, ImageCorruptError, SourceUnavailableError } from './errors.js';
+import { seekHelper } from './native.js';
 
 /**
  * Random-access bytes: a local file, an HTTP resource read with range requests,
@@ -22,6 +23,14 @@ export interface RandomAccessSource {
   readInto?(target: Uint8Array, offset: number, signal?: AbortSignal): Promise<number>;
   /** Bytes the source occupies on its storage (qemu's actual-size), when known. */
   allocatedSize?(): Promise<number | undefined>;
+  /**
+   * Optional: where data lies, as the filesystem tells it (SEEK_DATA/SEEK_HOLE):
+   * up to `max` data ranges of [offset, end), in order, flat as
+   * [start0, end0, start1, end1, ...]; everything between them reads as zeros.
+   * Fewer than `max` ranges means there are no more before `end`. Undefined
+   * when the source cannot tell; callers then read everything.
+   */
+  dataRanges?(offset: number, end: number, max: number): Promise<number[] | undefined>;
   close(): Promise<void>;
 }
 
@@ -98,6 +107,22 @@ export class FileSource implements RandomAccessSource {
   async allocatedSize(): Promise<number> {
     return this.blocks * 512;
   }
+
+  /** SEEK_DATA/SEEK_HOLE through the native helper, when it loaded and the filesystem answers. */
+  async dataRanges(offset: number, end: number, max: number): Promise<number[] | undefined> {
+    const helper = seekHelper();
+    if (!helper || this.seekUnsupported) return undefined;
+    try {
+      return helper.dataExtents(this.handle.fd, offset, Math.min(end, this.size), max);
+    } catch (err) {
+      if ((err as { code?: unknown }).code === 'ENOTSUP') {
+        this.seekUnsupported = true;
+        return undefined;
+      }
+      throw new SourceUnavailableError(`cannot map data of ${this.name}: ${(err as Error).message}`, { cause: err });
+    }
+  }
+  private seekUnsupported = false;
 
   async close(): Promise<void> {
     await this.handle.close();

@@ -1,8 +1,11 @@
 import type { RandomAccessSource } from '../source.js';
+import { SourceUnavailableError, throwIfAborted } from '../errors.js';
 import { enforceLimit } from '../limits.js';
 import type { DiskImage, FormatDriver, FormatInfo, MapEntry, OpenOptions } from '../types.js';
 
 const SECTOR = 512;
+/** Data ranges asked of the filesystem at once. */
+const RANGES_PER_CALL = 4096;
 
 /**
  * Raw: the bytes are the disk. qemu rounds the size up to whole sectors and reads
@@ -19,11 +22,40 @@ export const rawDriver: FormatDriver = {
       format: 'raw',
       virtualSize,
       info: (): FormatInfo => ({ dirty: false }),
-      async *map(): AsyncGenerator<MapEntry> {
-        if (source.size > 0) yield { kind: 'stored', offset: 0, length: source.size, fileOffset: 0 };
+      async *map(signal?: AbortSignal): AsyncGenerator<MapEntry> {
+        yield* mapData(source, signal);
         if (virtualSize > source.size) yield { kind: 'zero', offset: source.size, length: virtualSize - source.size };
       },
       close: async () => {},
     };
   },
 };
+
+/**
+ * The file's bytes as stored entries, and its holes as zero entries where the
+ * filesystem tells them (SEEK_DATA/SEEK_HOLE, as qemu-img asks): holes are then
+ * never read. Where it cannot tell, the whole file is one stored run (read, and
+ * scanned for zeros by the sink).
+ */
+async function* mapData(source: RandomAccessSource, signal?: AbortSignal): AsyncGenerator<MapEntry> {
+  const size = source.size;
+  let pos = 0;
+  while (pos < size) {
+    throwIfAborted(signal);
+    const ranges = source.dataRanges ? await source.dataRanges(pos, size, RANGES_PER_CALL) : undefined;
+    if (!ranges) {
+      yield { kind: 'stored', offset: pos, length: size - pos, fileOffset: pos };
+      return;
+    }
+    for (let i = 0; i + 1 < ranges.length; i += 2) {
+      const start = ranges[i] as number;
+      const end = Math.min(size, ranges[i + 1] as number);
+      if (!(start >= pos && end > start)) throw new SourceUnavailableError(`${source.name}: the filesystem reported data ranges out of order`);
+      if (start > pos) yield { kind: 'zero', offset: pos, length: start - pos };
+      yield { kind: 'stored', offset: start, length: end - start, fileOffset: start };
+      pos = end;
+    }
+    if (ranges.length / 2 < RANGES_PER_CALL) break;
+  }
+  if (pos < size) yield { kind: 'zero', offset: pos, length: size - pos };
+}
