@@ -1,60 +1,148 @@
 #!/usr/bin/env node
-// Benchmarks diskconv convert against qemu-img convert on the same images, side by side in one run.
-// Prints wall-time and CPU-time ratios (diskconv / qemu-img; below 1.00 means we are faster) and peak memory.
-// Usage: npm run bench [-- --size-mib 1024 --runs 3 --only qcow2-zlib,vmdk-stream --keep DIR]
-import { spawn, execFileSync } from 'node:child_process';
-import { mkdtempSync, mkdirSync, rmSync, writeFileSync, openSync, writeSync, closeSync, readFileSync, existsSync, statSync } from 'node:fs';
-import { tmpdir } from 'node:os';
-import { join } from 'node:path';
+// diskconv convert against qemu-img convert, side by side in one run (issue 8's benchmark).
+//
+// A deterministic disk (4 GiB virtual by default, about 30 % data: incompressible,
+// compressible text and binary, written zeros, holes, and runs of small extents at
+// 4 KiB-aligned starts that are not cluster-aligned) is turned by qemu-img into each
+// source format. Per format, rounds of three runs in rotating order: qemu-img's
+// default, qemu-img -m 16 -W (out-of-order writes, every core decoding) and
+// diskconv; each run after its output was deleted and `sync`, on a warm page
+// cache. Reported: median wall and CPU (user+sys) seconds, peak RSS, allocated
+// bytes of the output, whether the output is identical to qemu-img's. With
+// --flushed (default on), also the flushed pair: qemu-img -t writeback against
+// diskconv's own flush (-t writeback, when this build has it).
+//
+// Usage: npm run bench -- [--size 4G] [--rounds 5] [--only qcow2,vdi-static] [--keep DIR]
+//                         [--flushed on|off] [--json FILE] [--md FILE]
+// Writes a markdown table and a JSON file (bench/results/latest.{md,json} by default).
+import { spawn, execFileSync, spawnSync } from 'node:child_process';
+import { createCipheriv } from 'node:crypto';
+import { closeSync, existsSync, mkdirSync, mkdtempSync, openSync, readFileSync, rmSync, statSync, writeFileSync, writeSync } from 'node:fs';
+import { cpus, tmpdir, totalmem } from 'node:os';
+import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 
 const args = new Map();
 for (let i = 2; i < process.argv.length; i += 2) args.set(process.argv[i].replace(/^--/, ''), process.argv[i + 1]);
-const sizeMiB = Number(args.get('size-mib') ?? 1024);
-const runs = Number(args.get('runs') ?? 3);
+const parseSize = (s) => {
+  const m = /^(\d+(?:\.\d+)?)([KMGT]?)i?B?$/i.exec(s);
+  if (!m) throw new Error(`bad size ${s}`);
+  return Math.round(Number(m[1]) * 1024 ** ' KMGT'.indexOf((m[2] || ' ').toUpperCase()));
+};
+const virtualSize = parseSize(args.get('size') ?? '4G');
+const rounds = Number(args.get('rounds') ?? 5);
 const only = args.get('only')?.split(',');
-const CLI = fileURLToPath(new URL('../dist/cli.js', import.meta.url));
+const flushed = (args.get('flushed') ?? 'on') !== 'off';
+const here = dirname(fileURLToPath(import.meta.url));
+const CLI = join(here, '..', 'dist', 'cli.js');
+const jsonOut = args.get('json') ?? join(here, 'results', 'latest.json');
+const mdOut = args.get('md') ?? join(here, 'results', 'latest.md');
 const dir = args.get('keep') ?? mkdtempSync(join(tmpdir(), 'diskconv-bench-'));
 mkdirSync(dir, { recursive: true });
 
-/** Guest content like a real disk: 40% random, 30% text-like, 30% zeros, in 1 MiB runs. */
-function makeSource(path, bytes) {
-  const fd = openSync(path, 'w');
-  const chunk = 1 << 20;
-  let x = 12345;
-  const rnd = Buffer.alloc(chunk);
-  const text = Buffer.alloc(chunk, 'the quick brown fox jumps over the lazy dog 0123456789\n');
-  for (let off = 0, i = 0; off < bytes; off += chunk, i++) {
-    const kind = (i * 7) % 10;
-    if (kind < 4) {
-      for (let j = 0; j < chunk; j += 4) {
-        x ^= x << 13; x >>>= 0; x ^= x >>> 17; x ^= x << 5; x >>>= 0;
-        rnd.writeUInt32LE(x, j);
-      }
-      writeSync(fd, rnd, 0, chunk, off);
-    } else if (kind < 7) {
-      writeSync(fd, text, 0, chunk, off);
-    } // else leave a hole
+// ---------------------------------------------------------------------------
+// The source disk: deterministic from a fixed seed.
+
+const MiB = 2 ** 20;
+const KiB = 1024;
+/** xorshift32: the layout's choices. */
+function rng(seed) {
+  let x = seed >>> 0 || 1;
+  return () => {
+    x ^= x << 13; x >>>= 0; x ^= x >>> 17; x ^= x << 5; x >>>= 0;
+    return x / 2 ** 32;
+  };
+}
+/** Incompressible bytes, deterministic: AES-CTR over zeros with a fixed key. */
+function randomBytes(length, at) {
+  const iv = Buffer.alloc(16);
+  iv.writeUInt32BE(Math.floor(at / 16 / 2 ** 32), 8);
+  iv.writeUInt32BE((at / 16) % 2 ** 32, 12);
+  return createCipheriv('aes-128-ctr', Buffer.alloc(16, 7), iv).update(Buffer.alloc(length));
+}
+const WORDS = 'the quick brown fox jumps over lazy dogs while kernel modules load block devices mount filesystems and daemons write logs'.split(' ');
+function textBytes(length, at) {
+  const r = rng(at / 4096 + 17);
+  let s = '';
+  while (s.length < length) {
+    s += `${new Date(1.7e12 + at + s.length * 1000).toISOString()} host${Math.floor(r() * 64)} `;
+    for (let w = 0, n = 4 + Math.floor(r() * 12); w < n; w++) s += `${WORDS[Math.floor(r() * WORDS.length)]} `;
+    s += `${Math.floor(r() * 1e6)}\n`;
   }
-  closeSync(fd);
-  execFileSync('truncate', ['-s', String(bytes), path]);
+  return Buffer.from(s.slice(0, length), 'latin1');
+}
+/** Binary like executables and databases: structured, compressible about 2-3x. */
+function binaryBytes(length, at) {
+  const b = Buffer.alloc(length);
+  const r = rng(at / 4096 + 99);
+  for (let p = 0; p + 16 <= length; p += 16) {
+    b.writeUInt32LE((at + p) / 16, p);
+    b.writeUInt32LE(((Math.floor(r() * 256) * 0x01010101) & 0xffff00ff) >>> 0, p + 4);
+    b.writeUInt32LE(p % 4096 < 2048 ? 0 : Math.floor(r() * 2 ** 32), p + 8);
+    b.writeUInt32LE(0x90909090, p + 12);
+  }
+  return b;
 }
 
+/**
+ * The layout: regions of holes and data. Data is long runs (1-6 MiB) of one
+ * kind, or a fragmented run: a few dozen 4-60 KiB extents at 4 KiB-aligned
+ * starts with holes between. About 30 % of the disk is data.
+ */
+function layout(size) {
+  const r = rng(0x5eed);
+  const extents = [];
+  let at = 0;
+  while (at < size) {
+    const roll = r();
+    if (roll < 0.62) {
+      at += (1 + Math.floor(r() * 8)) * MiB + Math.floor(r() * 16) * 4 * KiB; // a hole
+    } else if (roll < 0.87) {
+      const length = (1 + Math.floor(r() * 6)) * MiB;
+      const k = r();
+      extents.push({ at, length, kind: k < 0.4 ? 'random' : k < 0.65 ? 'text' : k < 0.9 ? 'binary' : 'zeros' });
+      at += length;
+    } else {
+      for (let i = 0, n = 16 + Math.floor(r() * 48); i < n; i++) {
+        const length = (1 + Math.floor(r() * 15)) * 4 * KiB;
+        const k = r();
+        extents.push({ at, length, kind: k < 0.35 ? 'random' : k < 0.6 ? 'text' : k < 0.9 ? 'binary' : 'zeros' });
+        at += length + (1 + Math.floor(r() * 8)) * 4 * KiB;
+      }
+    }
+  }
+  return extents.filter((e) => e.at < size).map((e) => ({ ...e, length: Math.min(e.length, size - e.at) }));
+}
+
+function makeSource(path, size) {
+  const fd = openSync(path, 'w');
+  let data = 0;
+  for (const e of layout(size)) {
+    const bytes = e.kind === 'random' ? randomBytes(e.length, e.at) : e.kind === 'text' ? textBytes(e.length, e.at) : e.kind === 'binary' ? binaryBytes(e.length, e.at) : Buffer.alloc(e.length);
+    writeSync(fd, bytes, 0, bytes.length, e.at);
+    data += e.length;
+  }
+  closeSync(fd);
+  execFileSync('truncate', ['-s', String(size), path]);
+  return data;
+}
+
+// ---------------------------------------------------------------------------
+// Runs.
+
 const CASES = [
-  ['raw', ['-O', 'raw']],
   ['qcow2', ['-O', 'qcow2']],
   ['qcow2-zlib', ['-O', 'qcow2', '-c', '-o', 'compression_type=zlib']],
   ['qcow2-zstd', ['-O', 'qcow2', '-c', '-o', 'compression_type=zstd']],
-  ['qcow2-l2ext', ['-O', 'qcow2', '-o', 'extended_l2=on,cluster_size=128k']],
   ['vmdk-sparse', ['-O', 'vmdk', '-o', 'subformat=monolithicSparse']],
   ['vmdk-stream', ['-O', 'vmdk', '-o', 'subformat=streamOptimized']],
-  ['vdi', ['-O', 'vdi']],
+  ['vdi-dynamic', ['-O', 'vdi']],
+  ['vdi-static', ['-O', 'vdi', '-o', 'static=on']],
+  ['raw-sparse', ['-O', 'raw']],
 ].filter(([name]) => !only || only.includes(name));
+const FORMAT_OF = { qcow2: 'qcow2', vmdk: 'vmdk', vdi: 'vdi', raw: 'raw' };
 
-/**
- * Runs a command under /usr/bin/time: wall seconds, user+sys CPU seconds (the
- * fair figure when other work loads the machine), and peak RSS in MiB.
- */
+/** Runs a command under /usr/bin/time: wall seconds, user and sys CPU seconds, peak RSS in MiB. */
 function timed(cmd, argv) {
   const report = join(dir, 'time.txt');
   return new Promise((resolve, reject) => {
@@ -63,65 +151,146 @@ function timed(cmd, argv) {
     let stderr = '';
     child.stderr.on('data', (d) => (stderr += d));
     child.on('exit', (code) => {
-      const secs = Number(process.hrtime.bigint() - t0) / 1e9;
+      const wall = Number(process.hrtime.bigint() - t0) / 1e9;
       if (code !== 0) return reject(new Error(`${cmd} ${argv.join(' ')} exited ${code}: ${stderr}`));
       const [user, sys, maxKiB] = readFileSync(report, 'utf8').trim().split('\n').pop().split(/\s+/).map(Number);
-      resolve({ secs, user, sys, cpu: user + sys, peakMiB: maxKiB / 1024 });
+      resolve({ wall, user, sys, cpu: user + sys, rssMiB: maxKiB / 1024 });
     });
   });
 }
+const median = (xs) => {
+  const s = [...xs].sort((a, b) => a - b);
+  return s.length % 2 ? s[(s.length - 1) / 2] : (s[s.length / 2 - 1] + s[s.length / 2]) / 2;
+};
+const allocated = (p) => statSync(p).blocks * 512;
+const identical = (a, b) => spawnSync('cmp', ['-s', a, b]).status === 0;
 
-const median = (xs) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)];
-const sha = (p) => execFileSync('sha256sum', [p]).toString().split(' ')[0];
+/** Whether this diskconv build takes -t writeback (the CLI's flush option). */
+function diskconvHasFlush() {
+  const probe = join(dir, 'probe.raw');
+  writeFileSync(probe, Buffer.alloc(4096, 1));
+  const out = join(dir, 'probe.out');
+  rmSync(out, { force: true });
+  const ok = spawnSync(process.execPath, [CLI, 'convert', '-f', 'raw', '-O', 'raw', '-t', 'writeback', probe, out]).status === 0;
+  rmSync(out, { force: true });
+  rmSync(probe, { force: true });
+  return ok;
+}
+
+const MODES = {
+  'qemu-img': (img, fmt, out, flush) => ['qemu-img', ['convert', '-f', fmt, '-O', 'raw', ...(flush ? ['-t', 'writeback'] : []), img, out]],
+  'qemu-img -m 16 -W': (img, fmt, out, flush) => ['qemu-img', ['convert', '-f', fmt, '-O', 'raw', '-m', '16', '-W', ...(flush ? ['-t', 'writeback'] : []), img, out]],
+  diskconv: (img, fmt, out, flush) => [process.execPath, [CLI, 'convert', '-f', fmt, '-O', 'raw', ...(flush ? ['-t', 'writeback'] : []), img, out]],
+};
 
 const source = join(dir, 'source.raw');
-console.log(`diskconv bench: ${sizeMiB} MiB guest, ${runs} runs each, median wall time; dir ${dir}`);
-// With --keep, images from an earlier run of the same size are reused.
-const reuse = args.get('keep') && existsSync(source) && statSync(source).size === sizeMiB * 2 ** 20;
-if (!reuse) makeSource(source, sizeMiB * 2 ** 20);
-console.log('wall = median wall seconds; cpu = median user+sys seconds (user/sys); best = fastest run (wall, cpu); ratios are diskconv / qemu-img, below 1.00 we are faster');
-console.log(
-  `${'case'.padEnd(13)} ${'qemu wall'.padStart(9)} ${'ours wall'.padStart(9)} ${'ratio'.padStart(6)} ${'qemu cpu (u/s)'.padStart(19)} ${'ours cpu (u/s)'.padStart(19)} ${'ratio'.padStart(6)} ${'qemu best'.padStart(11)} ${'ours best'.padStart(11)} ${'qemu MiB'.padStart(9)} ${'ours MiB'.padStart(9)}  same`,
-);
-const best = (xs) => `${Math.min(...xs.map((x) => x.secs)).toFixed(2)} ${Math.min(...xs.map((x) => x.cpu)).toFixed(2)}`;
-const cpuCell = (xs) => {
-  const m = xs.find((x) => x.cpu === median(xs.map((y) => y.cpu)));
-  return `${m.cpu.toFixed(2)} (${m.user.toFixed(2)}/${m.sys.toFixed(2)})`;
+const reuse = args.get('keep') && existsSync(source) && statSync(source).size === virtualSize;
+const dataBytes = reuse ? layout(virtualSize).reduce((n, e) => n + e.length, 0) : makeSource(source, virtualSize);
+const machine = {
+  cpus: cpus().length,
+  cpuModel: cpus()[0]?.model ?? 'unknown',
+  memGiB: Math.round(totalmem() / 2 ** 30),
+  node: process.version,
+  qemuImg: execFileSync('qemu-img', ['--version']).toString().split('\n')[0],
+  kernel: execFileSync('uname', ['-r']).toString().trim(),
+  filesystem: execFileSync('stat', ['-f', '-c', '%T', dir]).toString().trim(),
+  loadAverageAtStart: execFileSync('cat', ['/proc/loadavg']).toString().split(' ').slice(0, 3).join(' '),
 };
-const rows = [];
+const hasFlush = flushed && diskconvHasFlush();
+console.log(`diskconv bench: ${virtualSize / 2 ** 30} GiB virtual, ${(dataBytes / 2 ** 20).toFixed(0)} MiB data (${((100 * dataBytes) / virtualSize).toFixed(0)} %), ${rounds} rounds; ${dir}`);
+console.log(`machine: ${machine.cpus} x ${machine.cpuModel}, ${machine.memGiB} GiB, ${machine.node}, ${machine.qemuImg}, ${machine.filesystem}, load ${machine.loadAverageAtStart}`);
+if (flushed && !hasFlush) console.log('this diskconv has no -t writeback: the flushed pair runs qemu-img only');
+
+const results = [];
 for (const [name, opts] of CASES) {
   const image = join(dir, `${name}.img`);
-  if (!reuse || !existsSync(image)) execFileSync('qemu-img', ['convert', '-f', 'raw', ...opts, source, image]);
-  const q = [], d = [];
-  for (let r = 0; r < runs; r++) {
-    // Alternate order so neither tool always gets the warmer page cache.
-    const pair = r % 2 === 0 ? ['q', 'd'] : ['d', 'q'];
-    for (const who of pair) {
-      const out = join(dir, `${name}.${who}.raw`);
-      rmSync(out, { force: true });
-      // Write back the previous run's output first, so its writeback does not land in this run.
-      execFileSync('sync');
-      const res = who === 'q'
-        ? await timed('qemu-img', ['convert', '-O', 'raw', image, out])
-        : await timed(process.execPath, [CLI, 'convert', '-O', 'raw', image, out]);
-      (who === 'q' ? q : d).push(res);
-    }
+  const fmt = FORMAT_OF[name.split('-')[0]];
+  if (!reuse || !existsSync(image)) {
+    if (name === 'raw-sparse') execFileSync('cp', ['--sparse=always', source, image]);
+    else execFileSync('qemu-img', ['convert', '-f', 'raw', ...opts, source, image]);
   }
-  const same = sha(join(dir, `${name}.q.raw`)) === sha(join(dir, `${name}.d.raw`));
-  const qs = median(q.map((x) => x.secs)), ds = median(d.map((x) => x.secs));
-  const qc = median(q.map((x) => x.cpu)), dc = median(d.map((x) => x.cpu));
-  const qPeak = Math.max(...q.map((x) => x.peakMiB)), dPeak = Math.max(...d.map((x) => x.peakMiB));
-  rows.push({
-    name, qemuSeconds: qs, diskconvSeconds: ds, ratio: ds / qs,
-    qemuCpuSeconds: qc, diskconvCpuSeconds: dc, cpuRatio: dc / qc,
-    qemuRuns: q, diskconvRuns: d, qemuPeakMiB: qPeak, diskconvPeakMiB: dPeak, identical: same,
-  });
+  // Warm the cache: the image is read once before timing.
+  execFileSync('cat', [image], { stdio: ['ignore', 'ignore', 'inherit'], maxBuffer: 0 });
+  const row = { name, imageBytes: statSync(image).size, imageAllocated: allocated(image), modes: {} };
+  for (const pass of flushed ? [false, true] : [false]) {
+    const modes = Object.keys(MODES).filter((m) => !pass || m !== 'diskconv' || hasFlush);
+    const runs = Object.fromEntries(modes.map((m) => [m, []]));
+    const outputs = {};
+    for (let r = 0; r < rounds; r++) {
+      for (let i = 0; i < modes.length; i++) {
+        const mode = modes[(i + r) % modes.length]; // rotate who goes first
+        const out = join(dir, `${name}.${mode.replace(/\W+/g, '_')}.raw`);
+        rmSync(out, { force: true });
+        execFileSync('sync');
+        const [cmd, argv] = MODES[mode](image, fmt, out, pass);
+        const res = await timed(cmd, argv);
+        res.allocated = allocated(out);
+        runs[mode].push(res);
+        outputs[mode] = out;
+      }
+    }
+    const reference = outputs['qemu-img'];
+    for (const mode of modes) {
+      const xs = runs[mode];
+      const key = pass ? `${mode} (flushed)` : mode;
+      row.modes[key] = {
+        wall: median(xs.map((x) => x.wall)),
+        cpu: median(xs.map((x) => x.cpu)),
+        user: median(xs.map((x) => x.user)),
+        sys: median(xs.map((x) => x.sys)),
+        rssMiB: Math.max(...xs.map((x) => x.rssMiB)),
+        allocated: xs[xs.length - 1].allocated,
+        identical: mode === 'qemu-img' ? true : identical(reference, outputs[mode]),
+        runs: xs,
+      };
+    }
+    for (const out of Object.values(outputs)) rmSync(out, { force: true });
+  }
+  results.push(row);
+  const m = row.modes;
+  const d = m.diskconv;
   console.log(
-    `${name.padEnd(13)} ${qs.toFixed(3).padStart(9)} ${ds.toFixed(3).padStart(9)} ${(ds / qs).toFixed(2).padStart(6)} ${cpuCell(q).padStart(19)} ${cpuCell(d).padStart(19)} ${(dc / qc).toFixed(2).padStart(6)} ${best(q).padStart(11)} ${best(d).padStart(11)} ${qPeak.toFixed(0).padStart(9)} ${dPeak.toFixed(0).padStart(9)}  ${same ? 'yes' : 'NO'}`,
+    `${name.padEnd(12)} qemu ${m['qemu-img'].wall.toFixed(2)} s, -m16 -W ${m['qemu-img -m 16 -W'].wall.toFixed(2)} s, diskconv ${d.wall.toFixed(2)} s ` +
+      `(x${(d.wall / m['qemu-img'].wall).toFixed(2)} / x${(d.wall / m['qemu-img -m 16 -W'].wall).toFixed(2)}), cpu ${d.cpu.toFixed(2)} vs ${m['qemu-img'].cpu.toFixed(2)}, ` +
+      `rss ${d.rssMiB.toFixed(0)} MiB, ${d.identical ? 'identical' : 'DIFFERS'}`,
   );
-  for (const f of [join(dir, `${name}.q.raw`), join(dir, `${name}.d.raw`)]) rmSync(f, { force: true });
   if (!args.get('keep')) rmSync(image, { force: true });
 }
-writeFileSync(join(dir, 'results.json'), JSON.stringify(rows, null, 2));
+
+// ---------------------------------------------------------------------------
+// Report.
+
+const fmtS = (x) => (x === undefined ? '–' : x.toFixed(2));
+const GiB = (b) => (b / 2 ** 30).toFixed(2);
+const lines = [];
+lines.push(`${virtualSize / 2 ** 30} GiB virtual, ${(dataBytes / 2 ** 20).toFixed(0)} MiB data; median of ${rounds} rounds (rotating order, outputs deleted and sync before each run, warm cache).`);
+lines.push(`Machine: ${machine.cpus} × ${machine.cpuModel}, ${machine.memGiB} GiB RAM, ${machine.filesystem}, Linux ${machine.kernel}, Node ${machine.node}, ${machine.qemuImg}; load average at start ${machine.loadAverageAtStart}.`);
+lines.push('');
+lines.push('| source | qemu-img wall (cpu) | qemu-img -m 16 -W wall (cpu) | diskconv wall (cpu) | diskconv / default | diskconv / -m 16 -W | cpu ratio | peak RSS MiB (qemu / -W / ours) | output allocated GiB (qemu / ours) | identical |');
+lines.push('|---|---|---|---|---|---|---|---|---|---|');
+for (const row of results) {
+  const q = row.modes['qemu-img'], w = row.modes['qemu-img -m 16 -W'], d = row.modes.diskconv;
+  lines.push(
+    `| ${row.name} | ${fmtS(q.wall)} (${fmtS(q.cpu)}) | ${fmtS(w.wall)} (${fmtS(w.cpu)}) | ${fmtS(d.wall)} (${fmtS(d.cpu)}) | ${(d.wall / q.wall).toFixed(2)} | ${(d.wall / w.wall).toFixed(2)} | ${(d.cpu / q.cpu).toFixed(2)} | ${q.rssMiB.toFixed(0)} / ${w.rssMiB.toFixed(0)} / ${d.rssMiB.toFixed(0)} | ${GiB(q.allocated)} / ${GiB(d.allocated)} | ${d.identical && w.identical ? 'yes' : 'NO'} |`,
+  );
+}
+if (flushed) {
+  lines.push('');
+  lines.push('Flushed (qemu-img -t writeback; diskconv -t writeback' + (hasFlush ? '' : ': not in this build') + '):');
+  lines.push('');
+  lines.push('| source | qemu-img | qemu-img -m 16 -W | diskconv | diskconv / default |');
+  lines.push('|---|---|---|---|---|');
+  for (const row of results) {
+    const q = row.modes['qemu-img (flushed)'], w = row.modes['qemu-img -m 16 -W (flushed)'], d = row.modes['diskconv (flushed)'];
+    lines.push(`| ${row.name} | ${fmtS(q?.wall)} | ${fmtS(w?.wall)} | ${fmtS(d?.wall)} | ${d && q ? (d.wall / q.wall).toFixed(2) : '–'} |`);
+  }
+}
+const md = lines.join('\n') + '\n';
+console.log('\n' + md);
+mkdirSync(dirname(jsonOut), { recursive: true });
+mkdirSync(dirname(mdOut), { recursive: true });
+writeFileSync(jsonOut, JSON.stringify({ date: new Date().toISOString(), virtualSize, dataBytes, rounds, machine, results }, null, 2) + '\n');
+writeFileSync(mdOut, md);
+console.log(`wrote ${mdOut} and ${jsonOut}`);
 if (!args.get('keep')) rmSync(dir, { recursive: true, force: true });
-if (rows.some((r) => !r.identical)) process.exitCode = 1;
+if (results.some((r) => Object.values(r.modes).some((m) => !m.identical))) process.exitCode = 1;
