@@ -145,8 +145,9 @@ export function startSweeper(deps: {
     if (running) return;
     running = true;
     try {
-      // The lock outlives a crashed sweeper by at most a few minutes.
-      const locked = await deps.redis.set(deps.records.sweepLockKey, owner, 'PX', 300_000, 'NX');
+      // The lock outlives a crashed sweeper (or a Redis restart that kept it in its append-only file) by a few
+      // periods at most, never minutes of no sweeping; two sweeps at once are harmless anyway (idempotent deletes).
+      const locked = await deps.redis.set(deps.records.sweepLockKey, owner, 'PX', Math.min(300_000, Math.max(15_000, 5 * periodMs)), 'NX');
       if (locked !== 'OK') return;
       try {
         const report = await sweepOnce(deps);
