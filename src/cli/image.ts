@@ -27,6 +27,8 @@ export interface ImageOpenOptions {
   signal?: AbortSignal;
   /** `--passphrase-file`: read when the image is opened, held in memory only. */
   passphraseFile?: string;
+  /** info: open images whose data is refused (backing files) to show their metadata. */
+  metadataOnly?: boolean;
 }
 
 /** The passphrase file's bytes, exactly (never echoed, never copied anywhere). */
@@ -48,6 +50,7 @@ export async function withImage<T>(file: string, options: ImageOpenOptions, fn: 
       format: options.format,
       ...(options.snapshot ? { snapshot: options.snapshot } : {}),
       ...(options.signal ? { signal: options.signal } : {}),
+      ...(options.metadataOnly ? { metadataOnly: true } : {}),
     });
     try {
       return await fn(image, source);

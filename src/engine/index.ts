@@ -26,6 +26,8 @@ export interface OpenImageOptions {
   signal?: AbortSignal;
   /** Key for an encrypted image; never logged or stored. */
   passphrase?: Uint8Array;
+  /** For info: open images whose data cannot be read (backing files); see DiskImage.readable(). */
+  metadataOnly?: boolean;
 }
 
 export function parseFormat(value: string): FormatId | 'auto' {
@@ -42,6 +44,7 @@ export async function openImage(source: RandomAccessSource, options: OpenImageOp
     ...(options.snapshot ? { snapshot: options.snapshot } : {}),
     ...(options.signal ? { signal: options.signal } : {}),
     ...(options.passphrase ? { passphrase: options.passphrase } : {}),
+    ...(options.metadataOnly ? { metadataOnly: true } : {}),
   });
 }
 
@@ -55,8 +58,17 @@ export interface QemuInfoJson {
   'cluster-size'?: number;
   encrypted?: boolean;
   'backing-filename'?: string;
+  'full-backing-filename'?: string;
+  'backing-filename-format'?: string;
   snapshots?: unknown[];
   'format-specific'?: { type: string; data: Record<string, unknown> };
+}
+
+/** qemu's path_combine: a relative backing name is relative to the image's directory. Only a string; nothing is opened. */
+export function fullBackingFilename(imageName: string, backing: string): string {
+  if (backing.startsWith('/') || /^[a-z][a-z0-9+.-]*:/i.test(backing)) return backing;
+  const slash = imageName.lastIndexOf('/');
+  return slash < 0 ? backing : imageName.slice(0, slash + 1) + backing;
 }
 
 export async function imageInfo(image: DiskImage, source: RandomAccessSource): Promise<QemuInfoJson> {
@@ -71,7 +83,11 @@ export async function imageInfo(image: DiskImage, source: RandomAccessSource): P
   };
   if (info.clusterSize !== undefined) json['cluster-size'] = info.clusterSize;
   if (info.encrypted) json.encrypted = true;
-  if (info.backingFilename !== undefined) json['backing-filename'] = info.backingFilename;
+  if (info.backingFilename !== undefined) {
+    json['backing-filename'] = info.backingFilename;
+    json['full-backing-filename'] = fullBackingFilename(source.name, info.backingFilename);
+    if (info.backingFilenameFormat !== undefined) json['backing-filename-format'] = info.backingFilenameFormat;
+  }
   if (info.snapshots && info.snapshots.length > 0) json.snapshots = info.snapshots;
   if (info.formatSpecific) json['format-specific'] = info.formatSpecific;
   return json;

@@ -63,6 +63,8 @@ export interface FormatInfo {
   dirty: boolean;
   encrypted?: boolean;
   backingFilename?: string;
+  /** The backing file's format as the image names it (qcow2's backing format extension). */
+  backingFilenameFormat?: string;
   snapshots?: QemuSnapshotJson[];
   formatSpecific?: { type: string; data: Record<string, unknown> };
 }
@@ -89,6 +91,13 @@ export interface DiskImage {
    */
   map(signal?: AbortSignal): AsyncIterable<MapEntry>;
   info(): FormatInfo;
+  /**
+   * Throws the typed reason the guest data cannot be read (the image depends on a
+   * backing file, opened with `metadataOnly`); absent or returning means readable.
+   * map() and check() throw the same error, so nothing reads such an image by accident
+   * (go-qcow2reader's Readable(): metadata stays inspectable where data is not).
+   */
+  readable?(): void;
   /** Metadata consistency check; absent where the format has nothing to check beyond open(). */
   check?(signal?: AbortSignal): Promise<CheckReport>;
   close(): Promise<void>;
@@ -106,6 +115,12 @@ export interface OpenOptions {
   signal?: AbortSignal;
   /** Key for an encrypted image (qcow2 LUKS or legacy AES); never logged or stored. */
   passphrase?: Uint8Array;
+  /**
+   * Opened to show metadata only (`info`): an image whose data depends on another
+   * file (a qcow2 backing file) opens, and refuses map()/check() through readable().
+   * The named file is never opened either way.
+   */
+  metadataOnly?: boolean;
 }
 
 export interface FormatDriver {

@@ -1,7 +1,7 @@
 /** `diskconv info`: qemu-img info, human or JSON. */
 import { imageInfo } from '../../engine/index.js';
 import { commandHelp, FORMAT_OPTION, OUTPUT_OPTION, outputOf, PASSPHRASE_OPTION, parseCommand, type CommandSpec } from '../args.js';
-import { formatHumanInfo } from '../human.js';
+import { formatHumanInfo, formatJsonInfo } from '../human.js';
 import { declaredFormat, passphraseFile, withImage } from '../image.js';
 
 export const spec: CommandSpec = {
@@ -21,7 +21,8 @@ export async function run(argv: string[], out: (s: string) => void): Promise<num
   }
   const file = args.operands[0] as string;
   const output = outputOf(args.get('output'));
-  const info = await withImage(file, { format: declaredFormat(args.get('format')), ...passphraseFile(args) }, (img, src) => imageInfo(img, src));
-  out(output === 'json' ? JSON.stringify(info, null, 4) : formatHumanInfo(info));
+  // Metadata only: an image with a backing file shows it; nothing it names is opened.
+  const info = await withImage(file, { format: declaredFormat(args.get('format')), metadataOnly: true, ...passphraseFile(args) }, (img, src) => imageInfo(img, src));
+  out(output === 'json' ? formatJsonInfo(info) : formatHumanInfo(info));
   return 0;
 }

@@ -191,11 +191,17 @@ class SequentialReader {
   }
 }
 
+interface Backing {
+  name: string;
+  format?: string;
+}
+
 async function readHeader(
   source: RandomAccessSource,
   limits: Limits,
   signal?: AbortSignal,
-): Promise<{ header: Qcow2Header; features: FeatureName[]; bitmapsExt?: BitmapsExtension; cryptoExt?: CryptoHeaderExtension }> {
+  metadataOnly = false,
+): Promise<{ header: Qcow2Header; features: FeatureName[]; bitmapsExt?: BitmapsExtension; cryptoExt?: CryptoHeaderExtension; backing?: Backing }> {
   const fileSize = source.size;
   // Magic and version first: nothing else means anything until they are right.
   const start = viewOf(await readExact(source, 0, 8, 'qcow2 header', signal));
@@ -255,15 +261,19 @@ async function readHeader(
   }
 
   const backingFileOffsetField = fixed.getBigUint64(8);
+  let backingName: string | undefined;
   if (backingFileOffsetField !== 0n) {
     // The name is shown (sanitized) only when it lies where qemu would read it; nothing named is ever opened.
     const backingFileOffset = Number(backingFileOffsetField);
     const nameLength = fixed.getUint32(16);
     let shown = '';
     if (nameLength > 0 && nameLength <= BACKING_FILE_NAME_MAX && backingFileOffset + nameLength <= Math.min(fileSize, clusterSize)) {
-      shown = ` "${sanitize(await readExact(source, backingFileOffset, nameLength, 'backing file name', signal))}"`;
+      const bytes = await readExact(source, backingFileOffset, nameLength, 'backing file name', signal);
+      shown = ` "${sanitize(bytes)}"`;
+      if (metadataOnly) backingName = sanitize(bytes, BACKING_FILE_NAME_MAX);
     }
-    throw new UnsafeImageError(`qcow2 image has a backing file${shown}; images that depend on a backing file are refused (it is never opened)`);
+    // For info, an image with a readable backing name opens; its data stays refused (readable()).
+    if (backingName === undefined) throw new UnsafeImageError(`qcow2 image has a backing file${shown}; images that depend on a backing file are refused (it is never opened)`);
   }
 
   const cryptMethod = fixed.getUint32(32);
@@ -314,7 +324,14 @@ async function readHeader(
   };
 
   const ext = await readExtensions(source, headerLength, clusterSize, version, autoclear, cryptMethod, limits, signal, false);
-  return { header, features: ext.features, ...(ext.bitmaps ? { bitmapsExt: ext.bitmaps } : {}), ...(ext.crypto ? { cryptoExt: ext.crypto } : {}) };
+  const backing = backingName === undefined ? undefined : { name: backingName, ...(ext.backingFormat !== undefined ? { format: ext.backingFormat } : {}) };
+  return {
+    header,
+    features: ext.features,
+    ...(ext.bitmaps ? { bitmapsExt: ext.bitmaps } : {}),
+    ...(ext.crypto ? { cryptoExt: ext.crypto } : {}),
+    ...(backing ? { backing } : {}),
+  };
 }
 
 /**
@@ -331,10 +348,11 @@ async function readExtensions(
   limits: Limits,
   signal: AbortSignal | undefined,
   lenient: boolean,
-): Promise<{ features: FeatureName[]; bitmaps?: BitmapsExtension; crypto?: CryptoHeaderExtension }> {
+): Promise<{ features: FeatureName[]; bitmaps?: BitmapsExtension; crypto?: CryptoHeaderExtension; backingFormat?: string }> {
   const end = clusterSize;
   const features: FeatureName[] = [];
   let bitmaps: BitmapsExtension | undefined;
+  let backingFormat: string | undefined;
   let crypto: CryptoHeaderExtension | undefined;
   let offset = headerLength;
   let consumed = headerLength;
@@ -394,12 +412,15 @@ async function readExtensions(
         if (!lenient) throw new UnsafeImageError('qcow2 image names an external data file; images that name other files are refused');
         break;
       case EXT_BACKING_FORMAT:
+        // Shown by info only (qemu: at most 16 bytes of a format name).
+        if (!lenient && length > 0 && length <= 16) backingFormat = sanitize(await readExact(source, offset, length, 'backing format extension', signal), 16);
+        break;
       default:
         break; // unknown extensions may be ignored
     }
     offset += Math.ceil(length / 8) * 8;
   }
-  return { features, ...(bitmaps ? { bitmaps } : {}), ...(crypto ? { crypto } : {}) };
+  return { features, ...(bitmaps ? { bitmaps } : {}), ...(crypto ? { crypto } : {}), ...(backingFormat !== undefined ? { backingFormat } : {}) };
 }
 
 // ---------------------------------------------------------------------------
@@ -641,6 +662,8 @@ class Qcow2Image implements DiskImage {
     private readonly bitmapsExt: BitmapsExtension | undefined,
     limits: Limits,
     private readonly encryption?: Encryption,
+    /** Set only when opened metadataOnly: the data depends on this file, and is refused. */
+    private readonly backing?: Backing,
   ) {
     this.l2EntrySize = header.extendedL2 ? 16 : 8;
     this.l2Entries = header.clusterSize / this.l2EntrySize;
@@ -681,6 +704,8 @@ class Qcow2Image implements DiskImage {
       clusterSize: h.clusterSize,
       dirty: (h.incompatible & INCOMPAT_DIRTY) !== 0n,
       ...(enc ? { encrypted: true } : {}),
+      ...(this.backing ? { backingFilename: this.backing.name } : {}),
+      ...(this.backing?.format !== undefined ? { backingFilenameFormat: this.backing.format } : {}),
       ...(this.snapshots.length > 0 ? { snapshots: this.snapshots.map(snapshotJson) } : {}),
       formatSpecific: { type: 'qcow2', data },
     };
@@ -700,7 +725,14 @@ class Qcow2Image implements DiskImage {
     return table;
   }
 
+  readable(): void {
+    if (this.backing) {
+      throw new UnsafeImageError(`qcow2 image has a backing file "${this.backing.name}"; images that depend on a backing file are refused (it is never opened)`);
+    }
+  }
+
   async *map(signal?: AbortSignal): AsyncGenerator<MapEntry> {
+    this.readable();
     const cs = this.header.clusterSize;
     const fileSize = this.source.size;
     const virtualSize = this.virtualSize;
@@ -820,6 +852,7 @@ class Qcow2Image implements DiskImage {
   }
 
   async check(signal?: AbortSignal): Promise<CheckReport> {
+    this.readable();
     const bitmaps = this.bitmaps && this.bitmapsExt ? { directory: this.bitmapsExt, bitmaps: this.bitmaps } : undefined;
     return new Qcow2Checker(this.source, this.header, this.virtualSize, this.snapshots, this.snapshotTableSize, bitmaps, signal, this.encryption?.region).run();
   }
@@ -1246,7 +1279,7 @@ export const qcow2Driver: FormatDriver = {
   },
   async open(source: RandomAccessSource, options: OpenOptions): Promise<DiskImage> {
     const { limits, signal } = options;
-    const { header, bitmapsExt, cryptoExt } = await readHeader(source, limits, signal);
+    const { header, bitmapsExt, cryptoExt, backing } = await readHeader(source, limits, signal, options.metadataOnly === true);
     const cs = header.clusterSize;
     const virtualSize = Math.floor(header.sizeField / SECTOR) * SECTOR;
 
@@ -1283,7 +1316,7 @@ export const qcow2Driver: FormatDriver = {
     }
 
     const encryption = await openEncryption(source, header, cryptoExt, options);
-    const image = new Qcow2Image(source, header, virtualSize, l1, l1Size, snapshots, tableSize, bitmaps, bitmapsExt, limits, encryption);
+    const image = new Qcow2Image(source, header, virtualSize, l1, l1Size, snapshots, tableSize, bitmaps, bitmapsExt, limits, encryption, backing);
     return image;
   },
 };
