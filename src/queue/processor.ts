@@ -27,6 +27,7 @@ import type { DestinationResult, DestinationWriter, OutputWriter, Stores } from 
 import { GLANCE_HASHES, Publisher } from '../publish/publish.js';
 import { rbdExport } from '../publish/rbd-export.js';
 import type { AbortReason, CancelWatcher } from './cancel.js';
+import type { Reservation, SpaceReservations } from './space.js';
 import type { ConvertJobData } from './queue.js';
 import type { GlanceOutput, JobError, JobOutput, JobProgress, JobRecord, JobRecords } from './records.js';
 import { ThrottledSource } from './throttle.js';
@@ -44,6 +45,8 @@ export interface ProcessorDeps {
   logger: Logger;
   /** Worker-local scratch space (URL downloads staged whole). */
   scratchDir: string;
+  /** Shared reservations of the store's free space (space.ts); without it, each job checks alone. */
+  space?: SpaceReservations;
 }
 
 export type ProcessResult = { outcome: 'succeeded' | 'cancelled' | 'skipped' };
@@ -195,6 +198,7 @@ export function createProcessor(deps: ProcessorDeps) {
     let committed = false;
     /** An RBD image this attempt finished (snapshot made): removed again if the job does not succeed after all. */
     let published: DestinationResult | undefined;
+    let reservation: Reservation | undefined;
     const t0 = Date.now();
     try {
       // Nothing of a previous attempt is removed here: a live one (whose lock lapsed)
@@ -238,6 +242,14 @@ export function createProcessor(deps: ProcessorDeps) {
       const free = rec.destination ? undefined : await output.freeBytes();
       if (free !== undefined && allocation.dataBytes + FREE_SPACE_RESERVE > free) {
         throw new InsufficientSpaceError(`the output needs up to ${allocation.dataBytes} bytes; the store has ${free} bytes free`);
+      }
+      if (free !== undefined && deps.space) {
+        // Reserve what was checked for, so concurrent jobs do not all pass the same check.
+        const got = await deps.space.reserve(owner, allocation.dataBytes, free, FREE_SPACE_RESERVE);
+        if (!('reservation' in got)) {
+          throw new InsufficientSpaceError(`the output needs up to ${allocation.dataBytes} bytes; the store has ${free} bytes free, ${got.others} of them reserved by running jobs`);
+        }
+        reservation = got.reservation;
       }
       const current = (await records.get(id))?.source ?? rec.source;
       await mustOwn(
@@ -378,6 +390,7 @@ export function createProcessor(deps: ProcessorDeps) {
       log.warn({ code: error.code, err: isDiskconvError(err) ? undefined : err }, `attempt failed, will retry: ${error.message}`);
       throw err instanceof Error ? err : new Error(String(err));
     } finally {
+      await reservation?.release();
       cancels.untrack(id);
       await progress.flush();
       await image?.close().catch(() => {});

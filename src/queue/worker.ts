@@ -14,6 +14,7 @@ import { Leases } from './leases.js';
 import { createProcessor, failIfUnfinished, type ProcessResult } from './processor.js';
 import { bullConnection, ConversionQueue, type ConvertJobData } from './queue.js';
 import { JobRecords } from './records.js';
+import { SpaceReservations, spaceKey } from './space.js';
 import { startSweeper } from './retention.js';
 import { startWebhookLoop } from './webhooks.js';
 
@@ -32,7 +33,8 @@ export async function startWorker(config: Config, deps: { stores: Stores; logger
   const scratchDir = join(config.dataDir, 'work');
   await mkdir(scratchDir, { recursive: true, mode: 0o750 });
 
-  const processor = createProcessor({ config, records, stores, cancels, logger, scratchDir });
+  const space = new SpaceReservations(redis, spaceKey(config), Math.max(60_000, 3 * config.worker.lockDurationMs));
+  const processor = createProcessor({ config, records, stores, cancels, logger, scratchDir, space });
   const worker = new Worker<ConvertJobData, ProcessResult>(config.queueName, processor, {
     connection: bullConnection(redisUrl),
     concurrency: config.workerConcurrency,

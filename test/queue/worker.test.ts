@@ -192,4 +192,58 @@ describe('worker (in-process, real Redis and BullMQ)', () => {
     expect(await r.stores.staging.stat(id)).toBeDefined();
     expect((await readdir(join(r.config.dataDir, 'store', 'tmp'))).filter((n) => n.startsWith(`output.${id}.`))).toEqual([]);
   });
+
+  it.skipIf(process.getuid?.() !== 0)('reserves the space it checked for: two jobs that each fit alone, but not together, never run out of space mid-write and both succeed', async () => {
+    // An 80 MiB image (data, not holes) twice, on a 312 MiB filesystem: with both inputs staged,
+    // one output fits with the 64 MiB margin (152 MiB free), two do not.
+    const raw = join(dir, 'data80.raw');
+    const { writeFile } = await import('node:fs/promises');
+    const { seededBytes } = await import('../helpers/qemu.js');
+    await writeFile(raw, seededBytes(80 * 2 ** 20, 7));
+    const image = join(dir, 'data80.qcow2');
+    await qemuImg('convert', '-f', 'raw', '-O', 'qcow2', raw, image);
+    const { mkdtemp } = await import('node:fs/promises');
+    const { tmpdir } = await import('node:os');
+    const { execFileSync } = await import('node:child_process');
+    const mnt = await mkdtemp(join(tmpdir(), 'diskconv-space-'));
+    execFileSync('mount', ['-t', 'tmpfs', '-o', 'size=312m', 'tmpfs', mnt]);
+    try {
+      // Reads throttled so the two conversions overlap; retries spread over ~30 s.
+      const r = await rig({ DATA_DIR: mnt, WORKER_CONCURRENCY: '2', WORKER_READ_BYTES_PER_SECOND: '16M', JOB_ATTEMPTS: '6', JOB_BACKOFF_MS: '1000' });
+      const a = await r.submit(image, 'auto', false);
+      const b = await r.submit(image, 'auto', false);
+      await Promise.all([r.queue.enqueue(a), r.queue.enqueue(b)]);
+      const final = (id: string): Promise<JobRecord> =>
+        waitFor(`job ${id}`, async () => {
+          const rec = await r.records.get(id);
+          return rec && ['succeeded', 'failed', 'cancelled'].includes(rec.state) ? rec : undefined;
+        }, 150_000, 200);
+      // Every retry is a refusal before writing (the other job holds the space), never a disk filling up mid-write.
+      const seen = new Set<string>();
+      let watching = true;
+      const watch = (async () => {
+        while (watching) {
+          for (const id of [a, b]) {
+            const e = (await r.records.get(id))?.last_error;
+            if (e) seen.add(`${e.code}: ${e.message}`);
+          }
+          await new Promise((res) => setTimeout(res, 50));
+        }
+      })();
+      const [ra, rb] = await Promise.all([final(a), final(b)]);
+      watching = false;
+      await watch;
+      // Up-front refusals name what the output needs ("the output needs up to ..."); a write that hit a full disk does not.
+      expect([...seen].filter((m) => !/^INSUFFICIENT_SPACE: the output needs up to/.test(m))).toEqual([]);
+      expect([ra?.state, rb?.state], JSON.stringify([ra?.error, rb?.error])).toEqual(['succeeded', 'succeeded']);
+      const ref = await qemuRawSha256(image, dir);
+      expect([ra?.output?.sha256, rb?.output?.sha256]).toEqual([ref, ref]);
+      const mine = running.pop();
+      await mine?.worker.close(1000);
+      await mine?.queue.close();
+    } finally {
+      execFileSync('umount', ['-l', mnt]);
+      await import('node:fs/promises').then((fs) => fs.rm(mnt, { recursive: true, force: true }));
+    }
+  }, 180_000);
 });
