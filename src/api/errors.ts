@@ -116,9 +116,27 @@ export function problemFor(code: string, detail: string): Problem {
   return { type: `urn:diskconv:problem:${code.toLowerCase().replace(/_/g, '-')}`, title: info.title, status: info.status, detail: safeDetail, code };
 }
 
+/** Seconds a client is told to wait before retrying when Redis is unreachable. */
+export const QUEUE_RETRY_AFTER_SECONDS = 5;
+
+/**
+ * ioredis's own failures (a command refused while disconnected with the offline
+ * queue off, retries exhausted, a connection closed under a command) and BullMQ's
+ * enqueue timeout: Redis is unreachable, which the client should hear as a 503
+ * to retry, not an internal error.
+ */
+export function isRedisUnavailable(err: unknown): boolean {
+  if (!(err instanceof Error)) return false;
+  if (err.name === 'MaxRetriesPerRequestError' || err.name === 'QueueTimeoutError') return true;
+  const code = (err as NodeJS.ErrnoException).code;
+  if (code === 'ECONNREFUSED' || code === 'ECONNRESET' || code === 'EPIPE' || code === 'ETIMEDOUT') return true;
+  return /enableOfflineQueue|Connection is closed|Stream isn't writeable|connect ECONNREFUSED/.test(err.message);
+}
+
 /** Maps anything thrown to a problem. */
 export function toProblem(err: unknown): { problem: Problem; headers: Record<string, string> } {
   if (err instanceof ApiError) return { problem: problemFor(err.code, err.message), headers: err.headers };
+  if (isRedisUnavailable(err)) return { problem: problemFor('QUEUE_UNAVAILABLE', 'the job queue is unavailable'), headers: { 'retry-after': String(QUEUE_RETRY_AFTER_SECONDS) } };
   if (err instanceof ZodError) {
     const detail = err.issues.map((i) => `${i.path.join('.') || 'body'}: ${i.message}`).join('; ');
     return { problem: problemFor('VALIDATION_FAILED', detail), headers: {} };

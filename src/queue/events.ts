@@ -105,7 +105,8 @@ export class JobEventHub {
 
   private start(): Promise<void> {
     this.starting ??= (async () => {
-      const sub = this.redis.duplicate();
+      // A subscriber waits for its connection (the API's own client fails fast instead).
+      const sub = this.redis.duplicate({ enableOfflineQueue: true });
       sub.on('error', () => {}); // ioredis reconnects and resubscribes; readers also poll
       sub.on('message', (_channel: string, id: string) => {
         for (const fn of this.listeners.get(id) ?? []) fn();

@@ -12,9 +12,29 @@ export interface ConvertJobData {
 
 export const JOB_NAME = 'convert';
 
-export function bullConnection(redisUrl: string): ConnectionOptions {
-  // BullMQ needs maxRetriesPerRequest: null for its blocking commands.
-  return { url: redisUrl, maxRetriesPerRequest: null };
+export function bullConnection(redisUrl: string, options: { failFast?: boolean } = {}): ConnectionOptions {
+  // BullMQ needs maxRetriesPerRequest: null for its blocking commands (workers). A
+  // producer (the API) fails fast instead: with Redis down, a command is refused at
+  // once rather than queued until Redis returns.
+  return options.failFast ? { url: redisUrl, maxRetriesPerRequest: 1, enableOfflineQueue: false } : { url: redisUrl, maxRetriesPerRequest: null };
+}
+
+/** An enqueue that did not finish in time: Redis is unreachable or stuck. */
+export class QueueTimeoutError extends Error {
+  override name = 'QueueTimeoutError';
+}
+
+/** How long the API waits for BullMQ to take a job before answering 503. */
+export const ENQUEUE_TIMEOUT_MS = 5000;
+
+function withTimeout<T>(promise: Promise<T>, ms: number, what: string): Promise<T> {
+  let timer: NodeJS.Timeout | undefined;
+  return Promise.race([
+    promise,
+    new Promise<never>((_, reject) => {
+      timer = setTimeout(() => reject(new QueueTimeoutError(`${what} did not finish in ${ms} ms`)), ms);
+    }),
+  ]).finally(() => clearTimeout(timer));
 }
 
 export class ConversionQueue {
@@ -22,11 +42,16 @@ export class ConversionQueue {
   constructor(
     redisUrl: string,
     private readonly config: Pick<Config, 'queueName' | 'jobAttempts' | 'jobBackoffMs' | 'retention'>,
+    options: { failFast?: boolean } = {},
   ) {
-    this.queue = new Queue<ConvertJobData>(config.queueName, { connection: bullConnection(redisUrl) });
+    this.queue = new Queue<ConvertJobData>(config.queueName, { connection: bullConnection(redisUrl, options) });
   }
 
   async enqueue(id: string): Promise<void> {
+    await withTimeout(this.enqueueNow(id), ENQUEUE_TIMEOUT_MS, 'enqueue');
+  }
+
+  private async enqueueNow(id: string): Promise<void> {
     await this.queue.add(
       JOB_NAME,
       { id },

@@ -11,6 +11,8 @@ export interface TestRedis {
   url: string;
   port: number;
   stop(): Promise<void>;
+  /** Kills the server without a goodbye (SIGKILL by default), for outage tests. */
+  kill(signal?: NodeJS.Signals): void;
 }
 
 export async function startRedis(): Promise<TestRedis> {
@@ -19,6 +21,9 @@ export async function startRedis(): Promise<TestRedis> {
   return {
     url: redis.url,
     port: redis.port,
+    kill: (signal: NodeJS.Signals = 'SIGKILL') => {
+      redis.process.kill(signal);
+    },
     stop: async () => {
       await redis.stop();
       await rm(dir, { recursive: true, force: true });

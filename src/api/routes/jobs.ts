@@ -6,7 +6,7 @@ import { isFinal, JOB_STATES, type JobRecord } from '../../queue/records.js';
 import { checkCallbackUrl, initialCallback } from '../../queue/webhooks.js';
 import { receiveBody } from '../bodies.js';
 import type { ApiContext } from '../context.js';
-import { ApiError } from '../errors.js';
+import { ApiError, QUEUE_RETRY_AFTER_SECONDS } from '../errors.js';
 import { jobPath, presentJob } from '../present.js';
 
 /** 128 random bits, URL-safe: unguessable, and safe as a store key. */
@@ -91,7 +91,7 @@ export async function jobRoutes(app: FastifyInstance, ctx: ApiContext): Promise<
       await ctx.records.remove(record).catch(() => {});
       await ctx.stores.staging.delete(id).catch(() => {});
       request.log.error({ err }, 'enqueue failed');
-      throw new ApiError('QUEUE_UNAVAILABLE');
+      throw new ApiError('QUEUE_UNAVAILABLE', undefined, { 'retry-after': String(QUEUE_RETRY_AFTER_SECONDS) });
     }
     request.log.info({ job: id, kind: src.kind, size: src.kind === 'upload' ? src.size : undefined }, 'job created');
     return reply.code(202).header('location', jobPath(id)).send(presentJob(record));
