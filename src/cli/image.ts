@@ -1,5 +1,9 @@
 /** Opening a source image for a command: the file, the declared format, a snapshot, a passphrase. */
-import { readFile } from 'node:fs/promises';
+import { createReadStream, createWriteStream } from 'node:fs';
+import { mkdtemp, open, readFile, rm, statfs } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { DEFAULT_LIMITS, decompressTo, detectWrapper, WRAPPER_PROBE_BYTES } from '../engine/index.js';
 import { FileSource, InvalidArgumentError, openImage, parseFormat, type DiskImage, type FormatId, type SnapshotSelector } from '../engine/index.js';
 
 export function declaredFormat(value: string | undefined): FormatId | 'auto' {
@@ -43,7 +47,11 @@ async function readPassphrase(file: string): Promise<Uint8Array> {
 /** Opens FILE, runs fn, closes image and file whatever happens. */
 export async function withImage<T>(file: string, options: ImageOpenOptions, fn: (image: DiskImage, source: FileSource) => Promise<T>): Promise<T> {
   const passphrase = options.passphraseFile !== undefined ? await readPassphrase(options.passphraseFile) : undefined;
-  const source = await FileSource.open(file);
+  const unwrapped = await unwrap(file, options.signal);
+  const source = await FileSource.open(unwrapped.path, file).catch(async (err: unknown) => {
+    await unwrapped.cleanup();
+    throw err;
+  });
   try {
     const image = await openImage(source, {
       ...(passphrase ? { passphrase } : {}),
@@ -59,6 +67,42 @@ export async function withImage<T>(file: string, options: ImageOpenOptions, fn: 
     }
   } finally {
     await source.close();
+    await unwrapped.cleanup();
+  }
+}
+
+/** Space left free on TMPDIR's filesystem while a wrapper decompresses into it. */
+const SCRATCH_RESERVE = 64 * 2 ** 20;
+
+/**
+ * A gzip/xz/bzip2/zstd wrapper (by its magic, never its name) is decompressed
+ * into a scratch file in TMPDIR (mode 0600, removed afterwards), bounded by the
+ * virtual size limit and the free space there: the formats are random access,
+ * so the inner image is read from that file. Anything else is read in place.
+ */
+async function unwrap(file: string, signal?: AbortSignal): Promise<{ path: string; cleanup: () => Promise<void> }> {
+  const head = Buffer.alloc(WRAPPER_PROBE_BYTES);
+  const fh = await open(file, 'r').catch(() => undefined);
+  if (!fh) return { path: file, cleanup: async () => {} }; // FileSource.open reports it
+  const { bytesRead } = await fh.read(head, 0, head.length, 0).finally(() => fh.close());
+  const format = detectWrapper(head.subarray(0, bytesRead));
+  if (!format) return { path: file, cleanup: async () => {} };
+  const dir = await mkdtemp(join(tmpdir(), 'diskconv-unwrap-'));
+  const cleanup = (): Promise<void> => rm(dir, { recursive: true, force: true });
+  try {
+    const path = join(dir, 'inner');
+    const fs = await statfs(dir);
+    const free = Math.max(0, fs.bavail * fs.bsize - SCRATCH_RESERVE);
+    const byFree = free < DEFAULT_LIMITS.maxVirtualSize;
+    await decompressTo(format, createReadStream(file), createWriteStream(path, { mode: 0o600 }), {
+      maxBytes: byFree ? free : DEFAULT_LIMITS.maxVirtualSize,
+      limitName: byFree ? 'free space in TMPDIR' : 'maxVirtualSize',
+      ...(signal ? { signal } : {}),
+    });
+    return { path, cleanup };
+  } catch (err) {
+    await cleanup();
+    throw err;
   }
 }
 

@@ -15,6 +15,7 @@ export { DEFAULT_LIMITS, withLimits, type Limits } from './limits.js';
 export { FileSource, BufferSource, readExact, type RandomAccessSource } from './source.js';
 export { detectFormat, DRIVERS } from './probe.js';
 export { readExtents, type ReadOptions } from './reader.js';
+export { detectWrapper, decompressTo, WRAPPER_FORMATS, WRAPPER_PROBE_BYTES, type WrapperFormat, type DecompressOptions } from './wrappers/index.js';
 export { Pacer } from './pace.js';
 export { convertToRaw, RawFileSink, isAllZero, hashZeros, HASH_ALGORITHMS, type HashAlgorithm, type RawFileSinkOptions, type ExtentSink, type ConvertOptions, type ConvertResult, type Progress } from './convert.js';
 
