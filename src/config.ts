@@ -212,7 +212,7 @@ const schema = z.object({
   WEBHOOK_ATTEMPTS: int(1, 50, 8),
   WEBHOOK_BACKOFF_MS: int(10, 3_600_000, 2000),
   WEBHOOK_TIMEOUT_MS: int(100, 600_000, 10_000),
-  UPLOAD_TTL_SECONDS: int(60, 30 * 86400, 86400),
+  UPLOAD_TTL_SECONDS: int(1, 30 * 86400, 86400),
   UPLOAD_IDLE_TIMEOUT_MS: int(100, 3_600_000, 60_000),
   RBD_POOLS: list.refine((pools) => pools.every((p) => /^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$/.test(p)), { message: 'expected pool names separated by commas' }),
   RBD_COMMAND_TIMEOUT_MS: int(1000, 3_600_000, 120_000),

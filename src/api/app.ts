@@ -20,6 +20,7 @@ import { inspectRoutes } from './routes/inspect.js';
 import { jobRoutes } from './routes/jobs.js';
 import { opsRoutes } from './routes/ops.js';
 import { outputRoutes } from './routes/output.js';
+import { uploadRoutes } from './routes/uploads.js';
 import { webRoutes } from './routes/web.js';
 import { createLinkSigner } from './signed-links.js';
 
@@ -86,6 +87,7 @@ export function diskconvApp(config: Config, deps: AppDeps): FastifyPluginAsync {
     await inspectRoutes(app, ctx);
     await eventRoutes(app, ctx);
     await webRoutes(app, ctx, links);
+    await uploadRoutes(app, ctx);
   };
   // Like fastify-plugin: the handlers and hooks above apply to the whole instance.
   (plugin as unknown as Record<symbol, boolean>)[Symbol.for('skip-override')] = true;
