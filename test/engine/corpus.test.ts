@@ -125,6 +125,8 @@ describe.skipIf(!present)(`real-world corpus (${CORPUS_ROOT})`, () => {
 
 if (!present) {
   describe('real-world corpus', () => {
-    it.skip(`skipped: no corpus at ${CORPUS_ROOT} (MANIFEST.tsv absent)`, () => {});
+    // CI runs with ../shared beside the clone: a missing corpus there fails the run instead of skipping 59 tests.
+    if (process.env.CI === 'true') it(`the corpus is at ${CORPUS_ROOT} in CI`, () => expect(present, 'MANIFEST.tsv absent').toBe(true));
+    else it.skip(`skipped: no corpus at ${CORPUS_ROOT} (MANIFEST.tsv absent)`, () => {});
   });
 }
