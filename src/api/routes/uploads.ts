@@ -49,9 +49,9 @@ interface Claim {
 
 export async function uploadRoutes(app: FastifyInstance, ctx: ApiContext): Promise<void> {
   const directory = join(ctx.config.dataDir, 'uploads');
-  const spoolDir = join(ctx.scratchDir, 'tus-checksum');
   await mkdir(directory, { recursive: true, mode: 0o750 });
-  await mkdir(spoolDir, { recursive: true, mode: 0o750 });
+  // A checksummed PATCH spools into the scratch folder for as long as it lasts; nothing stays there between requests.
+  await mkdir(ctx.scratchDir, { recursive: true, mode: 0o750 });
   const ttlMs = ctx.config.uploads.ttlSeconds * 1000;
   const datastore = new FileStore({ directory, expirationPeriodInMilliseconds: ttlMs });
   const prefix = ctx.records.keyPrefix;
@@ -187,7 +187,7 @@ export async function uploadRoutes(app: FastifyInstance, ctx: ApiContext): Promi
   const verifyChecksum = async (request: FastifyRequest, header: string): Promise<{ body: Readable; cleanup: () => Promise<void> } | { status: number; message: string }> => {
     const m = /^(\w+) ([A-Za-z0-9+/=]+)$/.exec(header.trim());
     if (!m || !(CHECKSUM_ALGORITHMS as readonly string[]).includes(m[1] as string)) return { status: 400, message: `Upload-Checksum must be '<${CHECKSUM_ALGORITHMS.join('|')}> <base64>'` };
-    const path = join(spoolDir, randomBytes(12).toString('hex'));
+    const path = join(ctx.scratchDir, `tus-checksum.${randomBytes(12).toString('hex')}`);
     const hash = createHash(m[1] as string);
     const limit = ctx.config.maxUploadBytes;
     let seen = 0;
