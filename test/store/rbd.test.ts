@@ -128,7 +128,7 @@ describe.skipIf(!cephAvailable)('RBD destinations', () => {
   it('takes over its own dead attempt\'s unfinished image, and no one else\'s', async () => {
     const n = name('dead-attempt');
     await cli('create', '--size', '4M', `rbd/${n}`);
-    await cli('image-meta', 'set', `rbd/${n}`, 'diskconv.job', 'job-dead');
+    await cli('image-meta', 'set', `rbd/${n}`, 'diskconv.job', 'job:job-dead');
     await expect(rbd.create({ target: 'rbd', pool: 'rbd', image: n }, 1 << 20, 'job-other')).rejects.toBeInstanceOf(DestinationExistsError);
     expect((JSON.parse(await cli('info', '--format', 'json', `rbd/${n}`)) as { size: number }).size).toBe(4 << 20);
     const w = await rbd.create({ target: 'rbd', pool: 'rbd', image: n }, 1 << 20, 'job-dead');
@@ -137,6 +137,25 @@ describe.skipIf(!cephAvailable)('RBD destinations', () => {
     await w.commit();
     const digest = createHash('sha256').update(Buffer.alloc(1 << 20, 3)).digest('hex');
     expect(await exportSha(`rbd/${n}@snap`)).toBe(digest);
+  });
+
+  it('tags and takes over images of jobs whose id starts with a dash (rbd would read it as an option)', async () => {
+    const owner = '-JGTc1sMSoJSumpAbfFAdQ';
+    const n = name('dash-owner');
+    const w = await rbd.create({ target: 'rbd', pool: 'rbd', image: n }, 1 << 20, owner);
+    await w.write({ kind: 'data', offset: 0, length: 1 << 20, data: Buffer.alloc(1 << 20, 5) });
+    await w.finish(1 << 20);
+    await w.commit();
+    expect(await exportSha(`rbd/${n}@snap`)).toBe(createHash('sha256').update(Buffer.alloc(1 << 20, 5)).digest('hex'));
+    // A dead attempt's unfinished image, tagged for the same dashed id, is taken over by its retry.
+    const dead = name('dash-dead');
+    await cli('create', '--size', '4M', `rbd/${dead}`);
+    await cli('image-meta', 'set', `rbd/${dead}`, 'diskconv.job', `job:${owner}`);
+    const retry = await rbd.create({ target: 'rbd', pool: 'rbd', image: dead }, 1 << 20, owner);
+    await retry.write({ kind: 'data', offset: 0, length: 1 << 20, data: Buffer.alloc(1 << 20, 6) });
+    await retry.finish(1 << 20);
+    await retry.commit();
+    expect(await exportSha(`rbd/${dead}@snap`)).toBe(createHash('sha256').update(Buffer.alloc(1 << 20, 6)).digest('hex'));
   });
 
   it('reports rbd\'s own message when it fails', async () => {

@@ -27,6 +27,8 @@ import { DIFF_HEADER, END_RECORD, nonZeroRuns, sizeRecord, writeHeader } from '.
 
 export const SNAPSHOT = 'snap';
 const OWNER_KEY = 'diskconv.job';
+/** The tag's value: job ids may start with '-', which rbd would read as an option; the prefix keeps it a value. */
+const ownerTag = (owner: string): string => `job:${owner}`;
 const EEXIST = 17;
 const ENOENT = 2;
 const EBUSY = 16;
@@ -94,7 +96,7 @@ export class RbdDestinations implements Destinations {
     const res = await runTool('rbd', ['create', '--size', `${virtualSize}B`, '--image-feature', 'layering', spec], { timeoutMs: this.settings.commandTimeoutMs });
     if (res.code === 0) {
       try {
-        await this.rbd(['image-meta', 'set', spec, OWNER_KEY, owner]);
+        await this.rbd(['image-meta', 'set', spec, OWNER_KEY, ownerTag(owner)]);
       } catch (err) {
         await this.rbd(['rm', '--no-progress', spec]).catch(() => {});
         throw asDestinationError(err, `tagging ${spec}`);
@@ -113,7 +115,7 @@ export class RbdDestinations implements Destinations {
   private async isOwnUnfinished(target: DestinationTarget, owner: string): Promise<boolean> {
     const spec = this.spec(target);
     const meta = await runTool('rbd', ['image-meta', 'get', spec, OWNER_KEY], { timeoutMs: this.settings.commandTimeoutMs });
-    if (meta.code !== 0 || meta.stdout.trim() !== owner) return false;
+    if (meta.code !== 0 || meta.stdout.trim() !== ownerTag(owner)) return false;
     const snaps = JSON.parse(await this.rbd(['snap', 'ls', '--format', 'json', spec])) as unknown[];
     return snaps.length === 0;
   }
