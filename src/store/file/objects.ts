@@ -15,11 +15,12 @@ import { access, mkdir, open, readdir, rename, rm, stat, statfs, type FileHandle
 import { join } from 'node:path';
 import type { Readable } from 'node:stream';
 import { InsufficientSpaceError, isDiskconvError } from '../../engine/index.js';
+import type { ObjectSet } from '../objects.js';
 import { assertKey, StoreError, StoreObjectMissingError, type ByteRange, type ObjectStat, type OwnerCheck } from '../common.js';
 
 export type FileKind = 'input' | 'output';
 
-export class FileObjects {
+export class FileObjects implements ObjectSet {
   private constructor(
     readonly root: string,
     readonly kind: FileKind,

@@ -2,21 +2,17 @@
 import { rm } from 'node:fs/promises';
 import type { Readable } from 'node:stream';
 import { RawFileSink, type Extent } from '../../engine/index.js';
-import { StoreError, type ByteRange, type ObjectStat, type OwnerCheck } from '../common.js';
-import type { OutputStore, OutputWriter, StoredOutput } from '../output.js';
+import { StoreError, type ByteRange } from '../common.js';
+import { ObjectStoreBase } from '../objects.js';
+import type { OutputStore, OutputWriter } from '../output.js';
 import { asStoreError, FileObjects } from './objects.js';
 
-export class FileOutputStore implements OutputStore {
+export class FileOutputStore extends ObjectStoreBase<FileObjects> implements OutputStore {
   readonly kind = 'file';
-  private constructor(private readonly objects: FileObjects) {}
 
   /** `root` is the store directory (outputs under root/output, writes in progress under root/tmp). */
   static async open(root: string): Promise<FileOutputStore> {
     return new FileOutputStore(await FileObjects.open(root, 'output'));
-  }
-
-  private stored(st: ObjectStat): StoredOutput {
-    return st;
   }
 
   async create(key: string, size: number): Promise<OutputWriter> {
@@ -45,31 +41,12 @@ export class FileOutputStore implements OutputStore {
       },
       commit: async () => {
         if (!finished) throw new StoreError(`commit of output ${key} before finish`);
-        return this.stored(await this.objects.publish(temp, key));
+        return this.objects.publish(temp, key);
       },
     };
   }
 
-  async stat(key: string): Promise<StoredOutput | undefined> {
-    const st = await this.objects.stat(key);
-    return st && this.stored(st);
-  }
   read(key: string, range?: ByteRange): Promise<Readable> {
     return this.objects.read(key, range);
-  }
-  delete(key: string): Promise<void> {
-    return this.objects.delete(key);
-  }
-  list(): AsyncIterable<ObjectStat> {
-    return this.objects.list();
-  }
-  sweepUncommitted(olderThan: number, owned: OwnerCheck): Promise<number> {
-    return this.objects.sweepUncommitted(olderThan, owned);
-  }
-  freeBytes(): Promise<number | undefined> {
-    return this.objects.freeBytes();
-  }
-  ping(): Promise<void> {
-    return this.objects.ping();
   }
 }

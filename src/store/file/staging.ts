@@ -2,13 +2,13 @@
 import { createWriteStream } from 'node:fs';
 import { rm } from 'node:fs/promises';
 import { FileSource, type RandomAccessSource } from '../../engine/index.js';
-import { StoreError, StoreObjectMissingError, type ObjectStat, type OwnerCheck } from '../common.js';
+import { StoreError, StoreObjectMissingError } from '../common.js';
+import { ObjectStoreBase } from '../objects.js';
 import type { InputStaging, StagedWrite } from '../staging.js';
 import { asStoreError, FileObjects } from './objects.js';
 
-export class FileStaging implements InputStaging {
+export class FileStaging extends ObjectStoreBase<FileObjects> implements InputStaging {
   readonly kind = 'file';
-  private constructor(private readonly objects: FileObjects) {}
 
   /** `root` is the store directory (inputs under root/input, writes in progress under root/tmp). */
   static async open(root: string): Promise<FileStaging> {
@@ -38,24 +38,5 @@ export class FileStaging implements InputStaging {
   async open(key: string, name = `input ${key}`): Promise<RandomAccessSource> {
     if (!(await this.objects.stat(key))) throw new StoreObjectMissingError(`input ${key} is not in the store`);
     return FileSource.open(this.objects.path(key), name);
-  }
-
-  stat(key: string): Promise<ObjectStat | undefined> {
-    return this.objects.stat(key);
-  }
-  delete(key: string): Promise<void> {
-    return this.objects.delete(key);
-  }
-  list(): AsyncIterable<ObjectStat> {
-    return this.objects.list();
-  }
-  sweepUncommitted(olderThan: number, owned: OwnerCheck): Promise<number> {
-    return this.objects.sweepUncommitted(olderThan, owned);
-  }
-  freeBytes(): Promise<number | undefined> {
-    return this.objects.freeBytes();
-  }
-  ping(): Promise<void> {
-    return this.objects.ping();
   }
 }

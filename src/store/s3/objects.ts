@@ -22,6 +22,7 @@ import {
 } from '@aws-sdk/client-s3';
 import { Upload } from '@aws-sdk/lib-storage';
 import { assertKey, StoreObjectMissingError, type ByteRange, type ObjectStat, type OwnerCheck } from '../common.js';
+import type { ObjectSet } from '../objects.js';
 import { asS3StoreError, deadline, isNotFound, pingBucket, type S3Settings } from './client.js';
 
 export type S3Kind = 'input' | 'output';
@@ -50,7 +51,7 @@ export interface S3Write {
   readonly failed: Promise<never>;
 }
 
-export class S3Objects {
+export class S3Objects implements ObjectSet {
   constructor(
     readonly client: S3Client,
     readonly settings: S3Settings,
@@ -134,6 +135,11 @@ export class S3Objects {
     }
   }
 
+  async stat(key: string): Promise<ObjectStat | undefined> {
+    const head = await this.head(key);
+    return head && { key, size: head.size, modifiedAt: head.modifiedAt };
+  }
+
   async read(key: string, range?: ByteRange): Promise<Readable> {
     try {
       // The body streams for as long as the client reads; only the request itself has a deadline.
@@ -215,6 +221,11 @@ export class S3Objects {
       removed++;
     }
     return removed;
+  }
+
+  /** A bucket has no free-space figure. */
+  async freeBytes(): Promise<undefined> {
+    return undefined;
   }
 
   ping(): Promise<void> {

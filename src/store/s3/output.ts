@@ -10,21 +10,21 @@ import type { S3Client } from '@aws-sdk/client-s3';
 import { GetObjectCommand } from '@aws-sdk/client-s3';
 import { getSignedUrl } from '@aws-sdk/s3-request-presigner';
 import type { Extent } from '../../engine/index.js';
-import { StoreError, type ByteRange, type ObjectStat, type OwnerCheck } from '../common.js';
+import { StoreError, type ByteRange } from '../common.js';
+import { ObjectStoreBase } from '../objects.js';
 import type { OutputStore, OutputWriter, StoredOutput } from '../output.js';
 import type { S3Settings } from './client.js';
 import { S3Objects } from './objects.js';
 
 const ZEROS = Buffer.alloc(1 << 20);
 
-export class S3OutputStore implements OutputStore {
+export class S3OutputStore extends ObjectStoreBase<S3Objects> implements OutputStore {
   readonly kind = 's3';
-  private readonly objects: S3Objects;
   constructor(
     private readonly client: S3Client,
     settings: S3Settings,
   ) {
-    this.objects = new S3Objects(client, settings, 'output');
+    super(new S3Objects(client, settings, 'output'));
   }
 
   async create(key: string, size: number): Promise<OutputWriter> {
@@ -71,9 +71,9 @@ export class S3OutputStore implements OutputStore {
     for (let left = bytes; left > 0; left -= ZEROS.length) await push(left >= ZEROS.length ? ZEROS : ZEROS.subarray(0, left));
   }
 
-  async stat(key: string): Promise<StoredOutput | undefined> {
-    const head = await this.objects.head(key);
-    return head && { key, size: head.size, modifiedAt: head.modifiedAt, location: this.objects.location(key) };
+  override async stat(key: string): Promise<StoredOutput | undefined> {
+    const st = await super.stat(key);
+    return st && { ...st, location: this.objects.location(key) };
   }
   read(key: string, range?: ByteRange): Promise<Readable> {
     return this.objects.read(key, range);
@@ -85,20 +85,5 @@ export class S3OutputStore implements OutputStore {
       ResponseContentDisposition: `attachment; filename="${key}.raw"`,
     });
     return getSignedUrl(this.client, command, { expiresIn: ttlSeconds });
-  }
-  delete(key: string): Promise<void> {
-    return this.objects.delete(key);
-  }
-  list(): AsyncIterable<ObjectStat> {
-    return this.objects.list();
-  }
-  sweepUncommitted(olderThan: number, owned: OwnerCheck): Promise<number> {
-    return this.objects.sweepUncommitted(olderThan, owned);
-  }
-  async freeBytes(): Promise<number | undefined> {
-    return undefined;
-  }
-  ping(): Promise<void> {
-    return this.objects.ping();
   }
 }

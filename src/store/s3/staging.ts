@@ -5,20 +5,20 @@
  */
 import type { S3Client } from '@aws-sdk/client-s3';
 import type { RandomAccessSource } from '../../engine/index.js';
-import { StoreError, StoreObjectMissingError, type ObjectStat, type OwnerCheck } from '../common.js';
+import { StoreError, StoreObjectMissingError } from '../common.js';
+import { ObjectStoreBase } from '../objects.js';
 import type { InputStaging, StagedWrite } from '../staging.js';
 import type { S3Settings } from './client.js';
 import { S3Objects } from './objects.js';
 import { S3RangeSource } from './source.js';
 
-export class S3Staging implements InputStaging {
+export class S3Staging extends ObjectStoreBase<S3Objects> implements InputStaging {
   readonly kind = 's3';
-  private readonly objects: S3Objects;
   constructor(
     private readonly client: S3Client,
     private readonly settings: S3Settings,
   ) {
-    this.objects = new S3Objects(client, settings, 'input');
+    super(new S3Objects(client, settings, 'input'));
   }
 
   async create(key: string): Promise<StagedWrite> {
@@ -39,25 +39,5 @@ export class S3Staging implements InputStaging {
     const head = await this.objects.head(key);
     if (!head) throw new StoreObjectMissingError(`input ${key} is not in the store`);
     return new S3RangeSource(this.client, this.settings.bucket, this.objects.objectKey(key), head.size, head.etag || undefined, name, this.settings.requestTimeoutMs);
-  }
-
-  async stat(key: string): Promise<ObjectStat | undefined> {
-    const head = await this.objects.head(key);
-    return head && { key, size: head.size, modifiedAt: head.modifiedAt };
-  }
-  delete(key: string): Promise<void> {
-    return this.objects.delete(key);
-  }
-  list(): AsyncIterable<ObjectStat> {
-    return this.objects.list();
-  }
-  sweepUncommitted(olderThan: number, owned: OwnerCheck): Promise<number> {
-    return this.objects.sweepUncommitted(olderThan, owned);
-  }
-  async freeBytes(): Promise<number | undefined> {
-    return undefined;
-  }
-  ping(): Promise<void> {
-    return this.objects.ping();
   }
 }
