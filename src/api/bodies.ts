@@ -7,12 +7,12 @@
  * are committed (fsync'd, renamed into place) before anything is enqueued.
  */
 import { createHash } from 'node:crypto';
-import { Transform, type Readable } from 'node:stream';
-import { pipeline } from 'node:stream/promises';
+import type { Readable } from 'node:stream';
 import type { FastifyRequest } from 'fastify';
 import { z } from 'zod';
 import type { Config } from '../config.js';
 import { isDiskconvError } from '../engine/errors.js';
+import { DEFAULT_LIMITS, unwrapStream, type UnwrapResult, type WrapperFormat } from '../engine/index.js';
 import type { GlanceRequest, JobDestination, SourceFormat } from '../queue/records.js';
 import { checkImportUrl, type UrlPolicyShape } from '../queue/url-import.js';
 import type { Destinations, InputStaging, StagedWrite } from '../store/index.js';
@@ -125,7 +125,7 @@ export interface JobOptions {
 }
 
 export type ReceivedSource =
-  | { kind: 'upload'; key: string; size: number; sha256: string; filename?: string }
+  | ({ kind: 'upload'; key: string; filename?: string } & StoredUpload)
   | { kind: 'url'; url: string };
 
 export interface Received {
@@ -136,7 +136,7 @@ export interface Received {
 }
 
 export interface BodyDeps {
-  config: Pick<Config, 'maxUploadBytes'> & Partial<Pick<Config, 'uploadIdleTimeoutMs'>>;
+  config: Pick<Config, 'maxUploadBytes'> & Partial<Pick<Config, 'uploadIdleTimeoutMs' | 'maxVirtualSize'>>;
   staging: InputStaging;
   destinations: Pick<Destinations, 'check'>;
   policy: UrlPolicyShape;
@@ -257,7 +257,7 @@ async function receiveOctetStream(request: FastifyRequest, key: string, deps: Bo
 
 async function receiveMultipart(request: FastifyRequest, key: string, deps: BodyDeps): Promise<Received> {
   const fields: Record<string, string> = {};
-  let stored: { size: number; sha256: string } | undefined;
+  let stored: StoredUpload | undefined;
   let filename: string | undefined;
   try {
     for await (const part of request.parts()) {
@@ -314,32 +314,59 @@ async function verifyChecksum(stored: { sha256: string }, options: JobOptions, k
   }
 }
 
-/** Streams into a new input object with a size limit and sha256; commits it durably. */
-async function streamToStore(body: Readable, key: string, deps: BodyDeps): Promise<{ size: number; sha256: string }> {
+/** What an upload stored: the received bytes' size and sha256, and the wrapper removed on the way. */
+export interface StoredUpload {
+  /** Bytes received (what the client sent; `sha256` is theirs). */
+  size: number;
+  sha256: string;
+  /** A gzip/xz/bzip2/zstd wrapper found by its magic and decompressed into the store. */
+  wrapper?: WrapperFormat;
+  /** The staged (inner) image's size, when a wrapper was removed. */
+  unwrapped_size?: number;
+}
+
+/**
+ * Streams into a new input object with a size limit and sha256; commits it
+ * durably. A compressed wrapper (by magic bytes) is decompressed on the way, so
+ * the store holds the inner image: bounded by MAX_VIRTUAL_SIZE and the store's
+ * free space (a bomb is LIMIT_EXCEEDED), a truncated or corrupt wrapper is
+ * IMAGE_CORRUPT; either way nothing stays staged.
+ */
+export async function streamToStore(body: Readable, key: string, deps: BodyDeps): Promise<StoredUpload> {
   const max = deps.config.maxUploadBytes;
   const hash = createHash('sha256');
   let size = 0;
-  const meter = new Transform({
-    transform(chunk: Buffer, _enc, done) {
+  // Counted and hashed as it arrives, before any decompression: the limit and the sha256 are of what was sent.
+  async function* received(): AsyncGenerator<Buffer> {
+    for await (const chunk of body as AsyncIterable<Buffer>) {
       size += chunk.length;
-      if (size > max) {
-        done(new ApiError('PAYLOAD_TOO_LARGE', `the upload is larger than MAX_UPLOAD_BYTES (${max})`));
-        return;
-      }
+      if (size > max) throw new ApiError('PAYLOAD_TOO_LARGE', `the upload is larger than MAX_UPLOAD_BYTES (${max})`);
       hash.update(chunk);
-      done(null, chunk);
-    },
-  });
+      yield chunk;
+    }
+  }
+  const bound = await unwrapBound(deps);
   const writer: StagedWrite = await deps.staging.create(key);
+  let result: UnwrapResult;
   try {
-    await pipeline(body, meter, writer.stream);
+    result = await unwrapStream(received(), writer.stream, bound);
     if (size === 0) throw new ApiError('EMPTY_BODY', 'the upload is empty');
     await writer.commit();
   } catch (err) {
     await writer.abort().catch(() => {});
     throw asBodyError(err);
   }
-  return { size, sha256: hash.digest('hex') };
+  return { size, sha256: hash.digest('hex'), ...(result.wrapper ? { wrapper: result.wrapper, unwrapped_size: result.bytes } : {}) };
+}
+
+/** How far a wrapper may decompress into staging: MAX_VIRTUAL_SIZE, or the store's free space when that is less. */
+async function unwrapBound(deps: BodyDeps): Promise<{ maxBytes: number; limitName: string }> {
+  const maxVirtual = deps.config.maxVirtualSize ?? DEFAULT_LIMITS.maxVirtualSize;
+  const free = await deps.staging.freeBytes().catch(() => undefined);
+  if (free !== undefined && Math.max(0, free - FREE_SPACE_RESERVE) < maxVirtual) {
+    return { maxBytes: Math.max(0, free - FREE_SPACE_RESERVE), limitName: 'free space in the staging store' };
+  }
+  return { maxBytes: maxVirtual, limitName: 'MAX_VIRTUAL_SIZE' };
 }
 
 /** Errors from streams and busboy carry no code; name them. */

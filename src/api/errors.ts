@@ -59,6 +59,7 @@ export const ERROR_CODES = {
   // server side
   INTERNAL_ERROR: { status: 500, title: 'Internal error' },
   SOURCE_UNAVAILABLE: { status: 502, title: 'The source could not be read' },
+  SOURCE_CHANGED: { status: 502, title: 'The source changed while it was read' },
   STORE_UNAVAILABLE: { status: 503, title: 'The store is unavailable' },
   STORE_OBJECT_MISSING: { status: 503, title: 'A stored object is missing' },
   DESTINATION_UNAVAILABLE: { status: 503, title: 'The output destination is unavailable' },

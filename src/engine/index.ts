@@ -16,6 +16,8 @@ export { FileSource, BufferSource, readExact, type RandomAccessSource } from './
 export { detectFormat, DRIVERS } from './probe.js';
 export { readExtents, type ReadOptions } from './reader.js';
 export { detectWrapper, decompressTo, WRAPPER_FORMATS, WRAPPER_PROBE_BYTES, type WrapperFormat, type DecompressOptions } from './wrappers/index.js';
+export { sniffWrapper, unwrapStream, type SniffedStream, type UnwrapResult } from './wrappers/stream.js';
+export { RangedSource, Limiter, DEFAULT_RANGED_TUNING, type RangedSourceTuning, type RangedSourceStats } from './ranged-source.js';
 export { Pacer } from './pace.js';
 export { convertToRaw, RawFileSink, isAllZero, hashZeros, HASH_ALGORITHMS, type HashAlgorithm, type RawFileSinkOptions, type ExtentSink, type ConvertOptions, type ConvertResult, type Progress } from './convert.js';
 

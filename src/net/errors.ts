@@ -63,3 +63,14 @@ export class UrlFetchError extends DiskconvError {
     super(message, options);
   }
 }
+
+/**
+ * The remote file changed while it was read (another ETag, another size, or a
+ * whole 200 answer to a range request guarded by If-Range): the bytes read so far
+ * belong to another version, so this attempt stops rather than stitching a disk
+ * from two. Retried: a new attempt reads the new version from its start.
+ */
+export class SourceChangedError extends DiskconvError {
+  readonly code = 'SOURCE_CHANGED' as const;
+  readonly deterministic = false;
+}

@@ -1,26 +1,40 @@
 /**
  * Opens a URL as a RandomAccessSource for the engine.
  *
- * The probe is a GET with `Range: bytes=0-0` (not HEAD: presigned URLs are often
- * signed for GET only, and a server without range support answers it with the
- * whole body, which we then stage without a second request).
- * - 206 with a Content-Range size, and no expectedSha256: mode 'range', the
- *   engine reads through range requests (HttpRangeSource).
+ * The probe is a GET of the first bytes (`Range: bytes=0-9`, not HEAD: presigned
+ * URLs are often signed for GET only, and a server without range support answers
+ * it with the whole body, which we then stage without a second request).
+ * - 206 with a Content-Range size, a validator (a strong ETag or Last-Modified),
+ *   no compressed wrapper in the first bytes and no expectedSha256: mode 'range',
+ *   the engine reads through range requests (HttpRangeSource), each carrying
+ *   If-Range, so a changed file is SOURCE_CHANGED rather than a disk stitched
+ *   from two versions.
  * - otherwise: mode 'staged', the body is streamed to `stagingPath`, hashed on
- *   the way; a connection dropped mid-body is resumed with `Range: bytes=N-` when
- *   the server supports ranges (If-Range guards against a changed file: a 200
- *   answer restarts from zero), else the import fails with SOURCE_UNAVAILABLE
- *   and the queue retries the job. Then the sha256 is verified and a FileSource
+ *   the way (a server without a validator cannot tell us when the file changes
+ *   between two range requests, and a wrapper cannot be read at random); a
+ *   gzip/xz/bzip2/zstd wrapper (by its magic bytes) is decompressed as it arrives,
+ *   bounded by `maxUnwrappedBytes` and the free space there, so the staged file
+ *   is the inner image and no compressed copy is kept. A connection dropped
+ *   mid-body is resumed with `Range: bytes=N-` when the server supports ranges
+ *   (If-Range guards against a changed file: a 200 answer restarts from zero),
+ *   else the import fails with SOURCE_UNAVAILABLE and the queue retries the job.
+ *   Then the sha256 (of the bytes as downloaded) is verified and a FileSource
  *   over the staged file is returned.
  * onProgress is called while staging (at most every 200 ms, and at the end); in
  * range mode there is no download phase and it is not called.
  */
 import { createHash, type Hash } from 'node:crypto';
-import { open, rm, type FileHandle } from 'node:fs/promises';
-import { DiskconvError, InsufficientSpaceError, InvalidArgumentError, SourceUnavailableError, throwIfAborted } from '../engine/errors.js';
+import { once } from 'node:events';
+import { createWriteStream } from 'node:fs';
+import { open, rm, statfs, type FileHandle } from 'node:fs/promises';
+import { dirname } from 'node:path';
+import { PassThrough } from 'node:stream';
+import { DiskconvError, InsufficientSpaceError, InvalidArgumentError, LimitExceededError, SourceUnavailableError, throwIfAborted } from '../engine/errors.js';
+import { DEFAULT_LIMITS } from '../engine/limits.js';
 import { FileSource, type RandomAccessSource } from '../engine/source.js';
+import { decompressTo, detectWrapper, WRAPPER_PROBE_BYTES, type WrapperFormat } from '../engine/wrappers/index.js';
 import { ChecksumMismatchError, SourceTooLargeError, UrlFetchError } from './errors.js';
-import { DEFAULT_RANGE_TUNING, HttpRangeSource, type RangeSourceTuning, type RemoteValidator } from './range-source.js';
+import { DEFAULT_RANGE_TUNING, HttpRangeSource, ifRangeOf, type RangeSourceTuning, type RemoteValidator } from './range-source.js';
 import {
   createAgents,
   destroyAgents,
@@ -43,6 +57,19 @@ export interface UrlSourceOptions {
   onProgress?: (bytesDone: number, bytesTotal: number | undefined) => void;
   /** Range-mode tuning (tests); defaults are DEFAULT_RANGE_TUNING. */
   rangeTuning?: Partial<RangeSourceTuning>;
+  /** Most bytes a wrapper may decompress to (MAX_VIRTUAL_SIZE; the engine's default limit when absent). */
+  maxUnwrappedBytes?: number;
+  /**
+   * A bound on what may be staged at all (downloaded, and decompressed): POST
+   * /v1/inspect keeps the API host's disk small with it. Past it: LIMIT_EXCEEDED
+   * naming `limitName`.
+   */
+  stagingLimit?: { maxBytes: number; limitName: string };
+  /**
+   * Called before anything is staged; staging waits for it, and the function it
+   * resolves to is called once the staged file is gone (a concurrency limit).
+   */
+  stagingSlot?: (signal: AbortSignal | undefined) => Promise<() => void>;
 }
 
 export interface OpenedUrlSource {
@@ -51,8 +78,12 @@ export interface OpenedUrlSource {
   /** The URL after redirects (with its query; not for logs, see source.name). */
   finalUrl: string;
   size: number;
-  /** sha256 of the staged bytes (staged mode only). */
+  /** sha256 of the downloaded bytes (staged mode only; of the wrapped bytes when a wrapper was removed). */
   sha256?: string;
+  /** The compressed wrapper that was removed while staging. */
+  wrapper?: WrapperFormat;
+  /** Size of the staged image inside the wrapper. */
+  unwrappedSize?: number;
   /** Closes the source and removes the staged file. */
   close(): Promise<void>;
 }
@@ -65,8 +96,10 @@ const PROGRESS_INTERVAL_MS = 200;
 const WRITE_BATCH_BYTES = 2 ** 20;
 /** Also bounded by count: a server dribbling tiny chunks must not pile up buffer objects. */
 const WRITE_BATCH_CHUNKS = 256;
-/** The probe's body is one byte; anything much longer means the server ignored the range. */
+/** The probe's body is a few bytes; anything much longer means the server ignored the range. */
 const MAX_PROBE_BODY = 1024;
+/** Space left free beside a staged download. */
+const STAGING_RESERVE = 64 * 2 ** 20;
 
 function refuseEncoding(exchange: Exchange): void {
   const encoding = exchange.header('content-encoding');
@@ -88,6 +121,7 @@ function validatorOf(exchange: Exchange): RemoteValidator {
   return { ...(etag !== undefined ? { etag } : {}), ...(lastModified !== undefined ? { lastModified } : {}) };
 }
 
+
 export async function openUrlSource(url: string, policy: UrlPolicy, options: UrlSourceOptions): Promise<OpenedUrlSource> {
   validateUrlPolicy(policy);
   const expected = options.expectedSha256?.toLowerCase();
@@ -102,27 +136,34 @@ export async function openUrlSource(url: string, policy: UrlPolicy, options: Url
   const spec = { ...(signal ? { signal } : {}), agents };
   try {
     if (expected === undefined) {
-      const probe = await fetchFollowing(checked, policy, { ...spec, headers: { range: 'bytes=0-0' } });
+      const probe = await fetchFollowing(checked, policy, { ...spec, headers: { range: `bytes=0-${WRAPPER_PROBE_BYTES - 1}` } });
       const where = displayUrl(probe.checked.url);
       if (probe.status === 206) {
         refuseEncoding(probe);
         const range = parseContentRange(probe.header('content-range'));
         if (range && range.start === 0 && range.total !== undefined) {
           refuseTooLarge(range.total, policy, where);
+          const head: Buffer[] = [];
           let received = 0;
           for await (const chunk of probe.body()) {
             received += chunk.length;
-            if (received > MAX_PROBE_BODY) throw new UrlFetchError(`${where}: the answer to a 1-byte range request is longer than ${MAX_PROBE_BODY} bytes`);
+            if (received > MAX_PROBE_BODY) throw new UrlFetchError(`${where}: the answer to a ${WRAPPER_PROBE_BYTES}-byte range request is longer than ${MAX_PROBE_BODY} bytes`);
+            head.push(chunk);
           }
-          const source = new HttpRangeSource(probe.checked, range.total, where, validatorOf(probe), policy, agents, signal, tuning);
-          return { source, mode: 'range', finalUrl: probe.checked.url.href, size: range.total, close: () => source.close() };
+          const validator = validatorOf(probe);
+          // Read by ranges only what ranges can read faithfully: a known version of a plain image.
+          if (ifRangeOf(validator) !== undefined && detectWrapper(Buffer.concat(head)) === undefined) {
+            const source = new HttpRangeSource(probe.checked, range.total, where, validator, policy, agents, signal, tuning);
+            return { source, mode: 'range', finalUrl: probe.checked.url.href, size: range.total, close: () => source.close() };
+          }
+        } else {
+          // A 206 we cannot use for ranges (no size): fetch the whole body.
+          probe.discard();
         }
-        // A 206 we cannot use for ranges (no size): fetch the whole body.
-        probe.discard();
       } else if (probe.status === 200) {
         return await stage(probe, policy, options, expected, agents);
       } else if (probe.status === 416) {
-        probe.discard(); // an empty resource: nothing satisfies bytes=0-0
+        probe.discard(); // an empty resource: no range of it is satisfiable
       } else {
         probe.expectStatus([200, 206]);
       }
@@ -135,6 +176,91 @@ export async function openUrlSource(url: string, policy: UrlPolicy, options: Url
   }
 }
 
+/** Where the downloaded bytes go: the staging file as they are, or through a decompressor into it. */
+interface StageSink {
+  /** Appends the batch (in order). */
+  write(batch: Buffer[]): Promise<void>;
+  /** All written: returns the staged file's size. */
+  finish(): Promise<number>;
+  /** Stops; the caller removes the file. */
+  abort(): Promise<void>;
+}
+
+/** Failures of the staging file itself: never answered by resuming the download. */
+const stagingFailures = new WeakSet<Error>();
+
+function writeFailure(err: unknown, where: string, stagingPath: string): DiskconvError {
+  if (err instanceof DiskconvError) return err;
+  const code = (err as NodeJS.ErrnoException).code;
+  const failure =
+    code === 'ENOSPC' || code === 'EDQUOT'
+      ? new InsufficientSpaceError(`no space left to stage ${where} at ${stagingPath}`, { cause: err })
+      : new SourceUnavailableError(`cannot write the staged copy of ${where}: ${(err as Error).message}`, { cause: err });
+  stagingFailures.add(failure);
+  return failure;
+}
+
+/** The bytes as they are, one writev per batch. */
+async function plainSink(stagingPath: string, where: string): Promise<StageSink> {
+  const handle: FileHandle = await open(stagingPath, 'w', 0o600);
+  let written = 0;
+  let closed = false;
+  return {
+    async write(batch) {
+      try {
+        const { bytesWritten } = await handle.writev(batch, written);
+        const expected = batch.reduce((sum, b) => sum + b.length, 0);
+        if (bytesWritten !== expected) throw new Error(`short write (${bytesWritten} of ${expected} bytes)`);
+        written += expected;
+      } catch (err) {
+        throw writeFailure(err, where, stagingPath);
+      }
+    },
+    async finish() {
+      closed = true;
+      await handle.close();
+      return written;
+    },
+    async abort() {
+      if (!closed) await handle.close().catch(() => {});
+      closed = true;
+    },
+  };
+}
+
+/** Through the wrapper's decompressor (bounded) into the staging file, as the bytes arrive. */
+function unwrapSink(format: WrapperFormat, stagingPath: string, where: string, bound: { maxBytes: number; limitName: string }, signal: AbortSignal | undefined): StageSink {
+  const input = new PassThrough({ highWaterMark: WRITE_BATCH_BYTES });
+  const output = createWriteStream(stagingPath, { mode: 0o600 });
+  let failure: DiskconvError | undefined;
+  const done = decompressTo(format, input, output, { ...bound, ...(signal ? { signal } : {}) }).catch((err: unknown) => {
+    failure = writeFailure(err, where, stagingPath);
+    throw failure;
+  });
+  const settled = done.then(
+    () => {},
+    () => {},
+  );
+  return {
+    async write(batch) {
+      for (const chunk of batch) {
+        if (failure) throw failure;
+        if (!input.write(chunk)) await Promise.race([once(input, 'drain').catch(() => {}), settled]);
+      }
+      if (failure) throw failure;
+    },
+    async finish() {
+      input.end();
+      return await done;
+    },
+    async abort() {
+      input.destroy();
+      await settled;
+      output.destroy();
+    },
+  };
+}
+
 /** Streams a 200 response to the staging file, resuming dropped connections with range requests. */
 async function stage(first: Exchange, policy: UrlPolicy, options: UrlSourceOptions, expected: string | undefined, agents: Agents): Promise<OpenedUrlSource> {
   first.expectStatus([200]);
@@ -143,40 +269,54 @@ async function stage(first: Exchange, policy: UrlPolicy, options: UrlSourceOptio
   const where = displayUrl(target.url);
   const rangeCapable = (first.header('accept-ranges') ?? '').toLowerCase().split(/\s*,\s*/).includes('bytes');
   const validator = validatorOf(first);
+  const limit = options.stagingLimit;
 
-  let handle: FileHandle | undefined;
+  let release: (() => void) | undefined;
+  let sink: StageSink | undefined;
   let exchange: Exchange | undefined = first;
   try {
-    handle = await open(stagingPath, 'w', 0o600);
+    if (options.stagingSlot) release = await options.stagingSlot(signal);
+    const free = await statfs(dirname(stagingPath)).then(
+      (fs) => Math.max(0, fs.bavail * fs.bsize - STAGING_RESERVE),
+      () => undefined,
+    );
+    // What a wrapper may decompress to: the virtual size limit, the staging limit, the free space.
+    const bounds: Array<{ maxBytes: number; limitName: string }> = [{ maxBytes: options.maxUnwrappedBytes ?? DEFAULT_LIMITS.maxVirtualSize, limitName: 'MAX_VIRTUAL_SIZE' }];
+    if (limit) bounds.push(limit);
+    if (free !== undefined) bounds.push({ maxBytes: free, limitName: 'free space in the scratch directory' });
+    const unwrapBound = bounds.reduce((a, b) => (b.maxBytes < a.maxBytes ? b : a));
+    const refuseStaging = (bytes: number, known: boolean): void => {
+      if (limit && bytes > limit.maxBytes) {
+        throw new LimitExceededError(limit.limitName, bytes, limit.maxBytes, `${where} must be staged${known ? '' : ' and passed'}`);
+      }
+      if (known && free !== undefined && bytes > free) {
+        throw new InsufficientSpaceError(`${where} is ${bytes} bytes; ${free} bytes are free to stage it`);
+      }
+    };
+
     let hash: Hash = createHash('sha256');
     let done = 0;
     let total: number | undefined;
     let resumes = 0;
     let stalled = 0;
     let lastReport = 0;
+    let wrapper: WrapperFormat | undefined;
     // Chunks are written in batches (one writev per MiB rather than one write per socket read).
     let pending: Buffer[] = [];
     let pendingBytes = 0;
-    let written = 0;
-    let writeFailure: DiskconvError | undefined;
-    const flush = async (): Promise<void> => {
+    /** Writes what is pending; the sink is chosen by the first bytes (held back until there are enough to tell, or the end). */
+    const flush = async (atEnd: boolean): Promise<void> => {
+      if (!sink) {
+        if (pendingBytes < WRAPPER_PROBE_BYTES && !atEnd) return;
+        const head = pending.length === 1 ? (pending[0] as Buffer) : Buffer.concat(pending);
+        wrapper = detectWrapper(head.subarray(0, WRAPPER_PROBE_BYTES));
+        sink = wrapper ? unwrapSink(wrapper, stagingPath, where, unwrapBound, signal) : await plainSink(stagingPath, where);
+      }
       if (pendingBytes === 0) return;
       const batch = pending;
       pending = [];
       pendingBytes = 0;
-      try {
-        const { bytesWritten } = await (handle as FileHandle).writev(batch, written);
-        const expected = batch.reduce((sum, b) => sum + b.length, 0);
-        if (bytesWritten !== expected) throw new Error(`short write (${bytesWritten} of ${expected} bytes)`);
-        written += expected;
-      } catch (err) {
-        const code = (err as NodeJS.ErrnoException).code;
-        writeFailure =
-          code === 'ENOSPC' || code === 'EDQUOT'
-            ? new InsufficientSpaceError(`no space left to stage ${where} at ${stagingPath}`, { cause: err })
-            : new SourceUnavailableError(`cannot write the staged copy of ${where}: ${(err as Error).message}`, { cause: err });
-        throw writeFailure;
-      }
+      await sink.write(batch);
     };
     const report = (force: boolean): void => {
       const now = Date.now();
@@ -190,7 +330,7 @@ async function stage(first: Exchange, policy: UrlPolicy, options: UrlSourceOptio
       try {
         if (!exchange) {
           const headers: Record<string, string> = { range: `bytes=${done}-` };
-          const ifRange = validator.etag !== undefined && !validator.etag.startsWith('W/') ? validator.etag : validator.lastModified;
+          const ifRange = ifRangeOf(validator);
           if (ifRange !== undefined) headers['if-range'] = ifRange;
           exchange = await fetchFollowing(target, policy, { headers, ...(signal ? { signal } : {}), agents });
         }
@@ -205,16 +345,21 @@ async function stage(first: Exchange, policy: UrlPolicy, options: UrlSourceOptio
           total ??= range.total;
         } else {
           current.expectStatus([200]);
-          if (done > 0) {
+          if (done > 0 || sink) {
             // The server sent the whole resource again (it changed, or ignored the range): start over.
             hash = createHash('sha256');
             done = 0;
-            written = 0;
-            await handle.truncate(0);
+            pending = [];
+            pendingBytes = 0;
+            await sink?.abort();
+            sink = undefined;
           }
           total = parseContentLength(current.header('content-length'));
         }
-        if (total !== undefined) refuseTooLarge(total, policy, where);
+        if (total !== undefined) {
+          refuseTooLarge(total, policy, where);
+          refuseStaging(total, true);
+        }
         report(true);
 
         for await (const chunk of current.body()) {
@@ -226,23 +371,25 @@ async function stage(first: Exchange, policy: UrlPolicy, options: UrlSourceOptio
             current.discard();
             throw new SourceUnavailableError(`${where}: the body is longer than the ${total} bytes announced`);
           }
+          if (total === undefined) refuseStaging(done + chunk.length, false);
           hash.update(chunk);
           pending.push(chunk);
           pendingBytes += chunk.length;
           done += chunk.length;
-          if (pendingBytes >= WRITE_BATCH_BYTES || pending.length >= WRITE_BATCH_CHUNKS) await flush();
+          if (pendingBytes >= WRITE_BATCH_BYTES || pending.length >= WRITE_BATCH_CHUNKS) await flush(false);
           report(false);
         }
-        await flush();
         if (total !== undefined && done < total) {
           throw new SourceUnavailableError(`${where}: the body ended after ${done} of ${total} bytes`);
         }
+        await flush(true);
         break;
       } catch (err) {
         exchange?.discard();
         exchange = undefined;
-        if (!(err instanceof SourceUnavailableError) || err === writeFailure) throw err;
-        await flush(); // what arrived before the drop is good; resume after it
+        // Only a dropped or failed connection is resumed; a write, decompression or limit failure is final.
+        if (!(err instanceof SourceUnavailableError) || stagingFailures.has(err)) throw err;
+        await flush(false); // what arrived before the drop is good; resume after it
         if (!rangeCapable || total === undefined) {
           throw new SourceUnavailableError(`${err.message}; the server does not offer range requests to resume`, { cause: err });
         }
@@ -255,28 +402,33 @@ async function stage(first: Exchange, policy: UrlPolicy, options: UrlSourceOptio
       }
     }
     report(true);
-    await handle.close();
-    handle = undefined;
+    const staged = await (sink as StageSink | undefined)?.finish();
+    sink = undefined;
     destroyAgents(agents);
 
     const sha256 = hash.digest('hex');
     if (expected !== undefined && sha256 !== expected) throw new ChecksumMismatchError(expected, sha256, where);
     const source = await FileSource.open(stagingPath, where);
+    let released = false;
     return {
       source,
       mode: 'staged',
       finalUrl: target.url.href,
       size: done,
       sha256,
+      ...(wrapper ? { wrapper, unwrappedSize: staged ?? 0 } : {}),
       close: async () => {
         await source.close().catch(() => {});
         await rm(stagingPath, { force: true });
+        if (!released) release?.();
+        released = true;
       },
     };
   } catch (err) {
     exchange?.discard();
-    await handle?.close().catch(() => {});
+    await sink?.abort().catch(() => {});
     await rm(stagingPath, { force: true });
+    release?.();
     throw err;
   }
 }

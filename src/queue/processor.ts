@@ -211,6 +211,7 @@ export function createProcessor(deps: ProcessorDeps) {
           signal,
           stagingPath,
           ...(rec.expected_sha256 ? { expectedSha256: rec.expected_sha256 } : {}),
+          maxUnwrappedBytes: config.maxVirtualSize,
           onProgress: (done, total) => progress.report({ phase: 'downloading', bytes_done: done, bytes_total: total ?? null, percent: percent(done, total) }),
         });
         source = opened.source;
@@ -218,7 +219,7 @@ export function createProcessor(deps: ProcessorDeps) {
           await records.update(
             id,
             ['running'],
-            { source: { ...rec.source, final_url: opened.finalUrl, size: opened.size, mode: opened.mode, ...(opened.sha256 ? { sha256: opened.sha256 } : {}) } },
+            { source: { ...rec.source, final_url: opened.finalUrl, size: opened.size, mode: opened.mode, ...(opened.sha256 ? { sha256: opened.sha256 } : {}), ...(opened.wrapper ? { wrapper: opened.wrapper, unwrapped_size: opened.unwrappedSize } : {}) } },
             { owner },
           ),
         );

@@ -41,6 +41,10 @@ export interface JobSource {
   info?: Record<string, unknown>;
   /** How a URL was read: range requests or staged whole. */
   mode?: 'range' | 'staged';
+  /** A gzip/xz/bzip2/zstd wrapper (found by its magic bytes) that was decompressed; size and sha256 are of the wrapped bytes. */
+  wrapper?: 'gzip' | 'xz' | 'bzip2' | 'zstd';
+  /** Size of the image inside the wrapper. */
+  unwrapped_size?: number;
 }
 
 export interface JobProgress {

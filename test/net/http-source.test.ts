@@ -3,19 +3,22 @@
  * dropped connections, redirects, size limits, timeouts, checksums, abort. The
  * converted output is compared with `qemu-img convert -O raw` of the served file.
  */
+import { execFile } from 'node:child_process';
 import { createHash, randomBytes } from 'node:crypto';
+import { promisify } from 'node:util';
 import { readFile, readdir, rm, stat, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { AbortedError, SourceUnavailableError } from '../../src/engine/errors.js';
 import { FileSource, RawFileSink, convertToRaw, openImage, type RandomAccessSource } from '../../src/engine/index.js';
-import { ChecksumMismatchError, SourceTooLargeError, UrlFetchError } from '../../src/net/errors.js';
+import { ChecksumMismatchError, SourceChangedError, SourceTooLargeError, UrlFetchError } from '../../src/net/errors.js';
 import { openUrlSource, type OpenedUrlSource } from '../../src/net/http-source.js';
 import { HttpRangeSource } from '../../src/net/range-source.js';
 import { DEFAULT_URL_POLICY, type UrlPolicy } from '../../src/net/url-policy.js';
 import { makeTempDir, mixedContent, qemuImg, qemuRawSha256, sha256File } from '../helpers/qemu.js';
 import { fileHandler, redirect, routes, startBlackhole, startServer, type TestServer } from './servers.js';
 
+const execFileP = promisify(execFile);
 let dir: string;
 let cleanup: () => Promise<void>;
 const servers: TestServer[] = [];
@@ -114,7 +117,7 @@ describe('range mode', () => {
 
   it('serves small neighbouring reads from one cached block', async () => {
     const f = fx('disk.raw');
-    const server = await serve(fileHandler(f.bytes, { ranges: true }));
+    const server = await serve(fileHandler(f.bytes, { ranges: true, etag: '"v1"' }));
     const opened = await openUrlSource(`${server.origin}/disk.raw`, policy, { stagingPath: staging() });
     try {
       const before = server.requests.length;
@@ -142,7 +145,7 @@ describe('range mode', () => {
   it('retries range requests that drop mid-body; the result is byte-identical', async () => {
     const f = fx('disk.raw');
     // Requests 1 and 4 (the probe is 0) lose their connection after 1000 bytes.
-    const server = await serve(fileHandler(f.bytes, { ranges: true, dropAfter: { bytes: 1000, requests: [1, 4] } }));
+    const server = await serve(fileHandler(f.bytes, { ranges: true, etag: '"v1"', dropAfter: { bytes: 1000, requests: [1, 4] } }));
     const opened = await openUrlSource(`${server.origin}/disk.raw`, policy, { stagingPath: staging(), rangeTuning: { retryDelayMs: 10 } });
     try {
       expect(opened.mode).toBe('range');
@@ -157,7 +160,7 @@ describe('range mode', () => {
 
   it('fails with SOURCE_UNAVAILABLE when a range keeps failing', async () => {
     const f = fx('disk.raw');
-    const server = await serve(fileHandler(f.bytes, { ranges: true, dropAfter: { bytes: 10, requests: [1, 2, 3, 4, 5] } }));
+    const server = await serve(fileHandler(f.bytes, { ranges: true, etag: '"v1"', dropAfter: { bytes: 10, requests: [1, 2, 3, 4, 5] } }));
     const opened = await openUrlSource(`${server.origin}/disk.raw`, policy, { stagingPath: staging(), rangeTuning: { retryDelayMs: 10 } });
     try {
       const err = await opened.source.read(0, 4 * 2 ** 20).catch((e: unknown) => e);
@@ -176,8 +179,12 @@ describe('range mode', () => {
     try {
       etag = '"v2"'; // If-Range no longer matches: the server answers 200 with everything
       const err = await opened.source.read(0, 512).catch((e: unknown) => e);
-      expect(err).toBeInstanceOf(SourceUnavailableError);
+      expect(err).toBeInstanceOf(SourceChangedError);
+      expect(err).toMatchObject({ code: 'SOURCE_CHANGED', deterministic: false });
       expect((err as Error).message).toMatch(/changed/);
+      // Not retried within the read: one more request after the probe, carrying If-Range.
+      expect(server.requests.length).toBe(2);
+      expect(server.requests[1]?.ifRange).toBe('"v1"');
     } finally {
       await opened.close();
     }
@@ -185,7 +192,7 @@ describe('range mode', () => {
 
   it('honours an abort signal on reads', async () => {
     const f = fx('disk.raw');
-    const server = await serve(fileHandler(f.bytes, { ranges: true }));
+    const server = await serve(fileHandler(f.bytes, { ranges: true, etag: '"v1"' }));
     const controller = new AbortController();
     const opened = await openUrlSource(`${server.origin}/disk.raw`, policy, { stagingPath: staging(), signal: controller.signal });
     try {
@@ -460,7 +467,7 @@ describe('limits and failures', () => {
       routes({
         '/start': redirect('/hop?x=1', 301),
         '/hop': redirect('/files/disk.vmdk?token=secret', 307),
-        '/files/disk.vmdk': fileHandler(f.bytes, { ranges: true }),
+        '/files/disk.vmdk': fileHandler(f.bytes, { ranges: true, etag: '"v1"' }),
       }),
     );
     const opened = await openUrlSource(`${server.origin}/start`, policy, { stagingPath: staging() });
@@ -472,5 +479,188 @@ describe('limits and failures', () => {
     } finally {
       await opened.close();
     }
+  });
+});
+
+describe('validators and If-Range', () => {
+  it('stages a range-capable server that names no version (no ETag, no Last-Modified)', async () => {
+    const f = fx('disk.qcow2');
+    const server = await serve(fileHandler(f.bytes, { ranges: true }));
+    const stagingPath = staging();
+    const opened = await openUrlSource(`${server.origin}/disk.qcow2`, policy, { stagingPath });
+    try {
+      expect(opened.mode).toBe('staged');
+      expect(opened.sha256).toBe(f.sha256);
+      expect(await exists(stagingPath)).toBe(true);
+      expect(await convertThrough(opened.source)).toBe(f.reference);
+      // The probe, then one whole GET; nothing read by ranges afterwards.
+      expect(server.requests.map((r) => r.range)).toEqual(['bytes=0-9', undefined]);
+    } finally {
+      await opened.close();
+    }
+    expect(await exists(stagingPath)).toBe(false);
+  });
+
+  it('stages a server whose only validator is a weak ETag (If-Range cannot use it)', async () => {
+    const f = fx('disk.raw');
+    const server = await serve(fileHandler(f.bytes, { ranges: true, etag: 'W/"v1"' }));
+    const opened = await openUrlSource(`${server.origin}/disk.raw`, policy, { stagingPath: staging() });
+    try {
+      expect(opened.mode).toBe('staged');
+    } finally {
+      await opened.close();
+    }
+  });
+
+  it('reads by ranges with If-Range: <Last-Modified> when that is the validator, and refuses a newer file', async () => {
+    const f = fx('disk.raw');
+    let lastModified = 'Tue, 01 Apr 2025 10:00:00 GMT';
+    const server = await serve((req, res) => {
+      const stale = req.headers['if-range'] !== undefined && req.headers['if-range'] !== lastModified;
+      const m = /^bytes=(\d+)-(\d*)$/.exec(req.headers.range ?? '');
+      if (!m || stale) {
+        res.writeHead(200, { 'content-length': f.bytes.length, 'accept-ranges': 'bytes', 'last-modified': lastModified }).end(f.bytes);
+        return;
+      }
+      const start = Number(m[1]);
+      const end = m[2] ? Math.min(Number(m[2]), f.bytes.length - 1) : f.bytes.length - 1;
+      res.writeHead(206, { 'content-range': `bytes ${start}-${end}/${f.bytes.length}`, 'content-length': end - start + 1, 'last-modified': lastModified });
+      res.end(f.bytes.subarray(start, end + 1));
+    });
+    const opened = await openUrlSource(`${server.origin}/disk.raw`, policy, { stagingPath: staging() });
+    try {
+      expect(opened.mode).toBe('range');
+      expect(await convertThrough(opened.source)).toBe(f.reference);
+      expect(server.requests.slice(1).every((r) => r.ifRange === 'Tue, 01 Apr 2025 10:00:00 GMT')).toBe(true);
+      lastModified = 'Wed, 02 Apr 2025 10:00:00 GMT';
+      const err = await opened.source.read(2 * 2 ** 20, 600_000).catch((e: unknown) => e);
+      expect(err).toBeInstanceOf(SourceChangedError);
+    } finally {
+      await opened.close();
+    }
+  });
+
+  it('refuses a range answer from another version (ETag differs) as SOURCE_CHANGED', async () => {
+    const f = fx('disk.raw');
+    let etag = '"v1"';
+    // A server that ignores If-Range but tells its ETag: the answer itself gives the change away.
+    const server = await serve((req, res) => {
+      const m = /^bytes=(\d+)-(\d*)$/.exec(req.headers.range ?? '');
+      const start = Number(m?.[1] ?? 0);
+      const end = m?.[2] ? Math.min(Number(m[2]), f.bytes.length - 1) : f.bytes.length - 1;
+      res.writeHead(206, { 'content-range': `bytes ${start}-${end}/${f.bytes.length}`, 'content-length': end - start + 1, etag });
+      res.end(f.bytes.subarray(start, end + 1));
+    });
+    const opened = await openUrlSource(`${server.origin}/disk.raw`, policy, { stagingPath: staging() });
+    try {
+      expect(opened.mode).toBe('range');
+      expect(Buffer.from(await opened.source.read(0, 512)).equals(f.bytes.subarray(0, 512))).toBe(true);
+      etag = '"v2"';
+      await expect(opened.source.read(1_000_000, 512)).rejects.toMatchObject({ code: 'SOURCE_CHANGED' });
+    } finally {
+      await opened.close();
+    }
+  });
+});
+
+describe('compressed wrappers', () => {
+  const TOOLS = { gzip: 'gzip', xz: 'xz', bzip2: 'bzip2', zstd: 'zstd' } as const;
+  const wrapped: Record<string, Buffer> = {};
+  beforeAll(async () => {
+    for (const [w, tool] of Object.entries(TOOLS)) {
+      const { stdout } = await execFileP(tool, ['-c', fx('disk.qcow2').path], { encoding: 'buffer', maxBuffer: 64 * 2 ** 20 });
+      wrapped[w] = stdout;
+    }
+  });
+
+  for (const w of Object.keys(TOOLS)) {
+    it(`${w}: a range-capable server with a validator is still staged, unwrapped as it arrives`, async () => {
+      const bytes = wrapped[w] as Buffer;
+      const server = await serve(fileHandler(bytes, { ranges: true, etag: '"v1"' }));
+      const stagingPath = staging();
+      const opened = await openUrlSource(`${server.origin}/disk`, policy, { stagingPath });
+      try {
+        expect(opened.mode).toBe('staged');
+        expect(opened.wrapper).toBe(w);
+        expect(opened.size).toBe(bytes.length);
+        expect(opened.sha256).toBe(createHash('sha256').update(bytes).digest('hex'));
+        expect(opened.unwrappedSize).toBe(fx('disk.qcow2').bytes.length);
+        // The staged file is the inner image itself; no compressed copy lies beside it.
+        expect((await readFile(stagingPath)).equals(fx('disk.qcow2').bytes)).toBe(true);
+        expect((await readdir(dir)).filter((n) => n.startsWith(stagingPath.split('/').pop() as string))).toEqual([stagingPath.split('/').pop()]);
+        expect(await convertThrough(opened.source)).toBe(fx('disk.qcow2').reference);
+      } finally {
+        await opened.close();
+      }
+      expect(await exists(stagingPath)).toBe(false);
+    });
+  }
+
+  it('resumes a dropped download into the same decompressor', async () => {
+    const bytes = wrapped.xz as Buffer;
+    const server = await serve(fileHandler(bytes, { ranges: true, etag: '"v1"', dropAfter: { bytes: Math.floor(bytes.length / 3), requests: [1] } }));
+    const opened = await openUrlSource(`${server.origin}/disk`, policy, { stagingPath: staging() });
+    try {
+      expect(opened.wrapper).toBe('xz');
+      expect(server.requests.at(-1)?.range).toBe(`bytes=${Math.floor(bytes.length / 3)}-`);
+      expect(await convertThrough(opened.source)).toBe(fx('disk.qcow2').reference);
+    } finally {
+      await opened.close();
+    }
+  });
+
+  it('stops a decompression bomb at maxUnwrappedBytes (LIMIT_EXCEEDED) and removes the staged file', async () => {
+    const { stdout: bomb } = await execFileP('sh', ['-c', 'head -c 67108864 /dev/zero | gzip -c'], { encoding: 'buffer', maxBuffer: 16 * 2 ** 20 });
+    const server = await serve(fileHandler(bomb, { ranges: true, etag: '"v1"' }));
+    const stagingPath = staging();
+    const err = await openUrlSource(`${server.origin}/bomb`, policy, { stagingPath, maxUnwrappedBytes: 8 * 2 ** 20 }).catch((e: unknown) => e);
+    expect(err).toMatchObject({ code: 'LIMIT_EXCEEDED', limit: 'MAX_VIRTUAL_SIZE' });
+    expect(await exists(stagingPath)).toBe(false);
+  });
+
+  it('refuses a truncated wrapper with IMAGE_CORRUPT and removes the staged file', async () => {
+    for (const w of ['gzip', 'zstd', 'bzip2']) {
+      const whole = wrapped[w] as Buffer;
+      const server = await serve(fileHandler(whole.subarray(0, Math.floor(whole.length / 2)), { ranges: true, etag: '"v1"' }));
+      const stagingPath = staging();
+      const err = await openUrlSource(`${server.origin}/cut`, policy, { stagingPath }).catch((e: unknown) => e);
+      expect(err, w).toMatchObject({ code: 'IMAGE_CORRUPT' });
+      expect(await exists(stagingPath)).toBe(false);
+    }
+  });
+
+  it('bounds what may be staged (stagingLimit): refused by Content-Length first, and while decompressing', async () => {
+    const f = fx('disk.raw');
+    const plain = await serve(fileHandler(f.bytes, { ranges: false }));
+    const stagingPath = staging();
+    const limit = { maxBytes: 2 * 2 ** 20, limitName: 'INSPECT_MAX_STAGED_BYTES' };
+    await expect(openUrlSource(`${plain.origin}/disk.raw`, policy, { stagingPath, stagingLimit: limit })).rejects.toMatchObject({ code: 'LIMIT_EXCEEDED', limit: 'INSPECT_MAX_STAGED_BYTES' });
+    const packed = await serve(fileHandler(wrapped.gzip as Buffer, { ranges: true, etag: '"v1"' }));
+    expect((wrapped.gzip as Buffer).length).toBeLessThan(limit.maxBytes);
+    await expect(openUrlSource(`${packed.origin}/disk`, policy, { stagingPath, stagingLimit: limit })).rejects.toMatchObject({ code: 'LIMIT_EXCEEDED', limit: 'INSPECT_MAX_STAGED_BYTES' });
+    expect(await exists(stagingPath)).toBe(false);
+    // A range-readable plain image is not staged, so the bound does not apply.
+    const ranged = await serve(fileHandler(f.bytes, { ranges: true, etag: '"v1"' }));
+    const opened = await openUrlSource(`${ranged.origin}/disk.raw`, policy, { stagingPath, stagingLimit: limit });
+    await opened.close();
+    expect(opened.mode).toBe('range');
+  });
+
+  it('takes a staging slot before staging and gives it back when the staged file is gone', async () => {
+    const f = fx('disk.raw');
+    const server = await serve(fileHandler(f.bytes, { ranges: false }));
+    const events: string[] = [];
+    const stagingSlot = async (): Promise<() => void> => {
+      events.push('acquire');
+      return () => events.push('release');
+    };
+    const opened = await openUrlSource(`${server.origin}/disk.raw`, policy, { stagingPath: staging(), stagingSlot });
+    expect(events).toEqual(['acquire']);
+    await opened.close();
+    await opened.close();
+    expect(events).toEqual(['acquire', 'release']);
+    const failed = await serve(fileHandler(f.bytes, { ranges: false }));
+    await expect(openUrlSource(`${failed.origin}/disk.raw`, policy, { stagingPath: staging(), stagingSlot, expectedSha256: 'ab'.repeat(32) })).rejects.toMatchObject({ code: 'CHECKSUM_MISMATCH' });
+    expect(events).toEqual(['acquire', 'release', 'acquire', 'release']);
   });
 });

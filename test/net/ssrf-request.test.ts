@@ -27,7 +27,7 @@ const allowPolicy: UrlPolicy = { ...DEFAULT_URL_POLICY, allow: ['127.0.0.1'] };
 
 beforeAll(async () => {
   ({ dir, cleanup } = await makeTempDir('diskconv-ssrf-'));
-  const file = fileHandler(bytes, { ranges: true });
+  const file = fileHandler(bytes, { ranges: true, etag: '"v1"' });
   const hops: Handler = (req, res, i) => {
     const path = (req.url ?? '').split('?')[0] ?? '';
     const m = /^\/hop\/(\d+)$/.exec(path);
@@ -41,8 +41,8 @@ beforeAll(async () => {
     return routes({ '/disk.raw': file })(req, res, i);
   };
   allowed = await startServer(hops, '127.0.0.1');
-  forbidden4 = await startServer(fileHandler(bytes, { ranges: true }), '127.0.0.2');
-  forbidden6 = await startServer(fileHandler(bytes, { ranges: true }), '::1');
+  forbidden4 = await startServer(fileHandler(bytes, { ranges: true, etag: '"v1"' }), '127.0.0.2');
+  forbidden6 = await startServer(fileHandler(bytes, { ranges: true, etag: '"v1"' }), '::1');
 });
 
 afterAll(async () => {

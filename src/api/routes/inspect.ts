@@ -7,13 +7,16 @@ import { randomBytes } from 'node:crypto';
 import { rm } from 'node:fs/promises';
 import { join } from 'node:path';
 import type { FastifyInstance, FastifyRequest } from 'fastify';
-import type { FormatId, RandomAccessSource } from '../../engine/index.js';
+import { Limiter, type FormatId, type RandomAccessSource } from '../../engine/index.js';
 import { inspectSource } from '../../queue/inspect.js';
 import { displayUrl, openImportUrl, type OpenedUrlSource } from '../../queue/url-import.js';
 import { receiveBody } from '../bodies.js';
 import type { ApiContext } from '../context.js';
 
 export async function inspectRoutes(app: FastifyInstance, ctx: ApiContext): Promise<void> {
+  // A URL that cannot be read by ranges is staged on this host: bounded in bytes
+  // (INSPECT_MAX_STAGED_BYTES, and the free space there) and in inspections at once.
+  const stagingSlots = new Limiter(ctx.config.inspect.stagingConcurrency);
   app.post('/v1/inspect', { config: { rateLimit: { max: ctx.config.rateLimit.inspect, timeWindow: ctx.config.rateLimit.windowSeconds * 1000 } } }, async (request, reply) => {
     const key = `inspect-${randomBytes(12).toString('base64url')}`;
     const controller = new AbortController();
@@ -40,15 +43,26 @@ export async function inspectRoutes(app: FastifyInstance, ctx: ApiContext): Prom
       if (src.kind === 'upload') {
         const displayName = src.filename ?? 'upload';
         source = await ctx.stores.staging.open(key, displayName);
-        summary = { kind: 'upload', ...(src.filename ? { filename: src.filename } : {}), size: src.size, sha256: src.sha256 };
+        summary = { kind: 'upload', ...(src.filename ? { filename: src.filename } : {}), size: src.size, sha256: src.sha256, ...(src.wrapper ? { wrapper: src.wrapper, unwrapped_size: src.unwrapped_size } : {}) };
       } else {
         opened = await openImportUrl(src.url, ctx.policy, {
           signal: controller.signal,
           stagingPath,
           ...(received.options.expected_sha256 ? { expectedSha256: received.options.expected_sha256 } : {}),
+          maxUnwrappedBytes: ctx.config.maxVirtualSize,
+          stagingLimit: { maxBytes: ctx.config.inspect.maxStagedBytes, limitName: 'INSPECT_MAX_STAGED_BYTES' },
+          stagingSlot: (signal) => stagingSlots.acquire(signal),
         });
         source = opened.source;
-        summary = { kind: 'url', url: src.url, final_url: opened.finalUrl, size: opened.size, mode: opened.mode, ...(opened.sha256 ? { sha256: opened.sha256 } : {}) };
+        summary = {
+          kind: 'url',
+          url: src.url,
+          final_url: opened.finalUrl,
+          size: opened.size,
+          mode: opened.mode,
+          ...(opened.sha256 ? { sha256: opened.sha256 } : {}),
+          ...(opened.wrapper ? { wrapper: opened.wrapper, unwrapped_size: opened.unwrappedSize } : {}),
+        };
       }
       const displayName = src.kind === 'upload' ? (src.filename ?? 'upload') : displayUrl(src.url);
       const format = received.options.source_format === 'auto' ? 'auto' : (received.options.source_format as FormatId);

@@ -77,7 +77,7 @@ export async function jobRoutes(app: FastifyInstance, ctx: ApiContext): Promise<
       attempts: 0,
       source:
         src.kind === 'upload'
-          ? { kind: 'upload', size: src.size, sha256: src.sha256, ...(src.filename ? { filename: src.filename } : {}) }
+          ? { kind: 'upload', size: src.size, sha256: src.sha256, ...(src.filename ? { filename: src.filename } : {}), ...(src.wrapper ? { wrapper: src.wrapper, unwrapped_size: src.unwrapped_size } : {}) }
           : { kind: 'url', url: src.url },
       progress: { phase: 'queued', bytes_done: 0, bytes_total: null, percent: null },
       ...callback,

@@ -1,0 +1,287 @@
+/**
+ * The one range-reading core behind every remote source (a URL read by HTTP
+ * range requests, an S3 object read by ranged GETs): a subclass says how to
+ * fetch bytes [start, end) once; this class decides what to fetch and when.
+ * - small reads (headers, tables) come from a bounded LRU of aligned blocks, and
+ *   concurrent readers of one block share one request (coalescing);
+ * - large reads (the reader's coalesced data runs) are split into requests of at
+ *   most `maxRequestBytes`, at most `concurrency` in flight for the whole source;
+ * - a large read starts a read-ahead of the same length after it (when
+ *   `readAhead`), which the next sequential read picks up;
+ * - a failed request is retried when the subclass calls the failure transient.
+ * It knows nothing of HTTP or S3.
+ */
+import { AbortedError, ImageCorruptError, throwIfAborted } from './errors.js';
+import type { RandomAccessSource } from './source.js';
+
+export interface RangedSourceTuning {
+  /** Reads shorter than this are served from cached aligned blocks of this size. */
+  blockBytes: number;
+  /** Blocks kept (memory bound: blockBytes × cacheBlocks). */
+  cacheBlocks: number;
+  /** Largest single request; larger reads are split. */
+  maxRequestBytes: number;
+  /** Requests in flight at once. */
+  concurrency: number;
+  /** Read the same length again after each large read, in the background. */
+  readAhead: boolean;
+  /** Attempts per request when the failure is transient (1: no retries here). */
+  attempts: number;
+  /** Delay before the first retry; doubled after each. */
+  retryDelayMs: number;
+}
+
+export const DEFAULT_RANGED_TUNING: Readonly<RangedSourceTuning> = Object.freeze({
+  blockBytes: 256 * 1024,
+  cacheBlocks: 32,
+  maxRequestBytes: 8 * 2 ** 20,
+  concurrency: 4,
+  readAhead: true,
+  attempts: 1,
+  retryDelayMs: 200,
+});
+
+export interface RangedSourceStats {
+  /** Requests sent (retries included; a subclass adds the extra requests of a short answer). */
+  requests: number;
+  /** Body bytes received. */
+  bytesFetched: number;
+  /** Large reads served by the read-ahead. */
+  readAheadHits: number;
+}
+
+/** Counting semaphore. */
+export class Limiter {
+  private active = 0;
+  private readonly waiting: Array<() => void> = [];
+  constructor(private readonly limit: number) {}
+
+  async run<T>(task: () => Promise<T>): Promise<T> {
+    const release = await this.acquire();
+    try {
+      return await task();
+    } finally {
+      release();
+    }
+  }
+
+  /** Waits for a slot (or the signal's abort); the returned function gives it back, once. */
+  async acquire(signal?: AbortSignal): Promise<() => void> {
+    throwIfAborted(signal);
+    if (this.active >= this.limit) {
+      await new Promise<void>((resolve, reject) => {
+        const wake = (): void => {
+          signal?.removeEventListener('abort', onAbort);
+          resolve();
+        };
+        const onAbort = (): void => {
+          const i = this.waiting.indexOf(wake);
+          if (i >= 0) this.waiting.splice(i, 1);
+          reject(new AbortedError());
+        };
+        this.waiting.push(wake);
+        signal?.addEventListener('abort', onAbort, { once: true });
+      });
+    }
+    this.active++;
+    let released = false;
+    return () => {
+      if (released) return;
+      released = true;
+      this.active--;
+      this.waiting.shift()?.();
+    };
+  }
+}
+
+/** A signal that fires when any given one does; listeners are removed by dispose (long-lived signals stay clean). */
+function linkSignals(...signals: Array<AbortSignal | undefined>): { signal: AbortSignal | undefined; dispose: () => void } {
+  const present = signals.filter((s): s is AbortSignal => s !== undefined);
+  if (present.length <= 1) return { signal: present[0], dispose: () => {} };
+  const controller = new AbortController();
+  const onAbort = (): void => controller.abort();
+  for (const s of present) {
+    if (s.aborted) controller.abort();
+    s.addEventListener('abort', onAbort, { once: true });
+  }
+  return { signal: controller.signal, dispose: () => present.forEach((s) => s.removeEventListener('abort', onAbort)) };
+}
+
+/** Waits for `promise`, or rejects with AbortedError when `signal` fires first (the work itself goes on, shared). */
+function raceAbort<T>(promise: Promise<T>, signal: AbortSignal | undefined): Promise<T> {
+  if (!signal) return promise;
+  if (signal.aborted) return Promise.reject(new AbortedError());
+  return new Promise<T>((resolve, reject) => {
+    const onAbort = (): void => reject(new AbortedError());
+    signal.addEventListener('abort', onAbort, { once: true });
+    promise.then(
+      (value) => {
+        signal.removeEventListener('abort', onAbort);
+        resolve(value);
+      },
+      (err: unknown) => {
+        signal.removeEventListener('abort', onAbort);
+        reject(err);
+      },
+    );
+  });
+}
+
+function sleep(ms: number, signal: AbortSignal | undefined): Promise<void> {
+  return new Promise((resolve, reject) => {
+    if (signal?.aborted) return reject(new AbortedError());
+    const onAbort = (): void => {
+      clearTimeout(timer);
+      reject(new AbortedError());
+    };
+    const timer = setTimeout(() => {
+      signal?.removeEventListener('abort', onAbort);
+      resolve();
+    }, ms);
+    signal?.addEventListener('abort', onAbort, { once: true });
+  });
+}
+
+export abstract class RangedSource implements RandomAccessSource {
+  private readonly cache = new Map<number, Promise<Buffer>>();
+  private readonly limiter: Limiter;
+  /** Aborted by close(), and by the owner's signal when one was given. */
+  private readonly lifetime = new AbortController();
+  /** One read-ahead at a time: the bytes right after the last large read. */
+  private ahead: { offset: number; end: number; data: Promise<Buffer> } | undefined;
+  protected closed = false;
+  readonly stats: RangedSourceStats = { requests: 0, bytesFetched: 0, readAheadHits: 0 };
+  protected readonly tuning: RangedSourceTuning;
+
+  protected constructor(
+    readonly size: number,
+    readonly name: string,
+    tuning: Partial<RangedSourceTuning>,
+    /** Aborts everything the source does (a job's cancellation). */
+    ownerSignal?: AbortSignal,
+  ) {
+    this.tuning = { ...DEFAULT_RANGED_TUNING, ...tuning };
+    this.limiter = new Limiter(this.tuning.concurrency);
+    if (ownerSignal) {
+      if (ownerSignal.aborted) this.lifetime.abort();
+      else ownerSignal.addEventListener('abort', () => this.lifetime.abort(), { once: true });
+    }
+  }
+
+  /** Bytes [start, end) in one request (or a few, for a short answer); exactly end - start bytes. */
+  protected abstract fetchOnce(start: number, end: number, signal: AbortSignal): Promise<Buffer>;
+  /** Whether a failure of fetchOnce may heal if asked again. */
+  protected abstract transient(err: unknown): boolean;
+  /** The error for a read after close(). */
+  protected abstract closedError(): Error;
+  /** Releases what the subclass holds (connections); after the base has stopped everything. */
+  protected abstract release(): Promise<void>;
+
+  async read(offset: number, length: number, signal?: AbortSignal): Promise<Uint8Array> {
+    throwIfAborted(signal);
+    if (this.closed) throw this.closedError();
+    throwIfAborted(this.lifetime.signal);
+    if (!Number.isSafeInteger(offset) || !Number.isSafeInteger(length) || offset < 0 || length < 0) {
+      throw new ImageCorruptError(`${this.name}: invalid read offset=${offset} length=${length}`);
+    }
+    const end = Math.min(this.size, offset + length);
+    if (end <= offset) return new Uint8Array(0);
+    if (end - offset < this.tuning.blockBytes) return this.readCached(offset, end, signal);
+
+    let out: Buffer;
+    const ahead = this.ahead;
+    if (ahead && ahead.offset === offset && ahead.end >= end) {
+      this.ahead = undefined;
+      this.stats.readAheadHits++;
+      const data = await raceAbort(ahead.data, signal);
+      out = data.length === end - offset ? data : data.subarray(0, end - offset);
+    } else {
+      if (ahead && !(ahead.offset < end && offset < ahead.end)) this.ahead = undefined; // not sequential: drop it
+      const linked = linkSignals(signal, this.lifetime.signal);
+      try {
+        out = await this.fetchSplit(offset, end, linked.signal as AbortSignal);
+      } finally {
+        linked.dispose();
+      }
+    }
+    // Read ahead the same length, in the background (its failure surfaces only if it is used).
+    const nextEnd = Math.min(this.size, end + (end - offset));
+    if (this.tuning.readAhead && nextEnd > end && !this.ahead && !this.closed) {
+      const data = this.fetchSplit(end, nextEnd, this.lifetime.signal);
+      data.catch(() => {});
+      this.ahead = { offset: end, end: nextEnd, data };
+    }
+    return out;
+  }
+
+  private async fetchSplit(offset: number, end: number, signal: AbortSignal): Promise<Buffer> {
+    const pieces: Array<Promise<Buffer>> = [];
+    for (let start = offset; start < end; start += this.tuning.maxRequestBytes) {
+      pieces.push(this.fetch(start, Math.min(end, start + this.tuning.maxRequestBytes), signal));
+    }
+    const parts = await Promise.all(pieces);
+    return parts.length === 1 ? (parts[0] as Buffer) : Buffer.concat(parts);
+  }
+
+  private async readCached(offset: number, end: number, signal: AbortSignal | undefined): Promise<Uint8Array> {
+    const block = this.tuning.blockBytes;
+    const first = Math.floor(offset / block);
+    const last = Math.floor((end - 1) / block);
+    const blocks: Array<Promise<Buffer>> = [];
+    for (let i = first; i <= last; i++) blocks.push(this.block(i));
+    const buffers = await raceAbort(Promise.all(blocks), signal);
+    const out = Buffer.allocUnsafe(end - offset);
+    buffers.forEach((data, k) => {
+      const blockStart = (first + k) * block;
+      const from = Math.max(offset, blockStart);
+      data.copy(out, from - offset, from - blockStart, Math.min(end, blockStart + data.length) - blockStart);
+    });
+    return out;
+  }
+
+  /** A cached aligned block; concurrent readers of one block share one request. */
+  private block(index: number): Promise<Buffer> {
+    const cached = this.cache.get(index);
+    if (cached) {
+      this.cache.delete(index); // most recently used goes last
+      this.cache.set(index, cached);
+      return cached;
+    }
+    const start = index * this.tuning.blockBytes;
+    const pending = this.fetch(start, Math.min(this.size, start + this.tuning.blockBytes), this.lifetime.signal);
+    this.cache.set(index, pending);
+    pending.catch(() => {
+      if (this.cache.get(index) === pending) this.cache.delete(index);
+    });
+    while (this.cache.size > this.tuning.cacheBlocks) this.cache.delete(this.cache.keys().next().value as number);
+    return pending;
+  }
+
+  /** Bytes [start, end) under the in-flight limit, retrying transient failures (the wait holds no slot). */
+  private async fetch(start: number, end: number, signal: AbortSignal): Promise<Buffer> {
+    for (let attempt = 1; ; attempt++) {
+      try {
+        return await this.limiter.run(async () => {
+          if (this.closed) throw this.closedError();
+          throwIfAborted(signal);
+          this.stats.requests++;
+          const bytes = await this.fetchOnce(start, end, signal);
+          if (bytes.length !== end - start) throw new Error(`${this.name}: asked for ${end - start} bytes at ${start}, got ${bytes.length}`);
+          this.stats.bytesFetched += bytes.length;
+          return bytes;
+        });
+      } catch (err) {
+        if (attempt >= this.tuning.attempts || this.closed || signal.aborted || !this.transient(err)) throw err;
+        await sleep(this.tuning.retryDelayMs * 2 ** (attempt - 1), signal);
+      }
+    }
+  }
+
+  async close(): Promise<void> {
+    this.closed = true;
+    this.lifetime.abort();
+    this.cache.clear();
+    this.ahead = undefined;
+    await this.release();
+  }
+}
