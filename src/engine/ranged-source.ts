@@ -11,7 +11,7 @@
  * - a failed request is retried when the subclass calls the failure transient.
  * It knows nothing of HTTP or S3.
  */
-import { AbortedError, ImageCorruptError, throwIfAborted } from './errors.js';
+import { AbortedError, ImageCorruptError, LimitExceededError, throwIfAborted } from './errors.js';
 import type { RandomAccessSource } from './source.js';
 
 export interface RangedSourceTuning {
@@ -29,6 +29,9 @@ export interface RangedSourceTuning {
   attempts: number;
   /** Delay before the first retry; doubled after each. */
   retryDelayMs: number;
+  /** Most bytes this source may request over its life (retries included); past it, LIMIT_EXCEEDED naming `fetchLimitName`. */
+  maxFetchBytes?: number;
+  fetchLimitName?: string;
 }
 
 export const DEFAULT_RANGED_TUNING: Readonly<RangedSourceTuning> = Object.freeze({
@@ -150,6 +153,8 @@ export abstract class RangedSource implements RandomAccessSource {
   /** One read-ahead at a time: the bytes right after the last large read. */
   private ahead: { offset: number; end: number; data: Promise<Buffer> } | undefined;
   protected closed = false;
+  /** Bytes asked for so far, against maxFetchBytes. */
+  private asked = 0;
   readonly stats: RangedSourceStats = { requests: 0, bytesFetched: 0, readAheadHits: 0 };
   protected readonly tuning: RangedSourceTuning;
 
@@ -264,6 +269,11 @@ export abstract class RangedSource implements RandomAccessSource {
         return await this.limiter.run(async () => {
           if (this.closed) throw this.closedError();
           throwIfAborted(signal);
+          const budget = this.tuning.maxFetchBytes;
+          if (budget !== undefined && this.asked + (end - start) > budget) {
+            throw new LimitExceededError(this.tuning.fetchLimitName ?? 'maxFetchBytes', this.asked + (end - start), budget, `${this.name}: reading it needs more bytes than allowed`);
+          }
+          this.asked += end - start;
           this.stats.requests++;
           const bytes = await this.fetchOnce(start, end, signal);
           if (bytes.length !== end - start) throw new Error(`${this.name}: asked for ${end - start} bytes at ${start}, got ${bytes.length}`);

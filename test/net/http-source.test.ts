@@ -633,11 +633,11 @@ describe('compressed wrappers', () => {
     const f = fx('disk.raw');
     const plain = await serve(fileHandler(f.bytes, { ranges: false }));
     const stagingPath = staging();
-    const limit = { maxBytes: 2 * 2 ** 20, limitName: 'INSPECT_MAX_STAGED_BYTES' };
-    await expect(openUrlSource(`${plain.origin}/disk.raw`, policy, { stagingPath, stagingLimit: limit })).rejects.toMatchObject({ code: 'LIMIT_EXCEEDED', limit: 'INSPECT_MAX_STAGED_BYTES' });
+    const limit = { maxBytes: 2 * 2 ** 20, limitName: 'INSPECT_MAX_BYTES' };
+    await expect(openUrlSource(`${plain.origin}/disk.raw`, policy, { stagingPath, stagingLimit: limit })).rejects.toMatchObject({ code: 'LIMIT_EXCEEDED', limit: 'INSPECT_MAX_BYTES' });
     const packed = await serve(fileHandler(wrapped.gzip as Buffer, { ranges: true, etag: '"v1"' }));
     expect((wrapped.gzip as Buffer).length).toBeLessThan(limit.maxBytes);
-    await expect(openUrlSource(`${packed.origin}/disk`, policy, { stagingPath, stagingLimit: limit })).rejects.toMatchObject({ code: 'LIMIT_EXCEEDED', limit: 'INSPECT_MAX_STAGED_BYTES' });
+    await expect(openUrlSource(`${packed.origin}/disk`, policy, { stagingPath, stagingLimit: limit })).rejects.toMatchObject({ code: 'LIMIT_EXCEEDED', limit: 'INSPECT_MAX_BYTES' });
     expect(await exists(stagingPath)).toBe(false);
     // A range-readable plain image is not staged, so the bound does not apply.
     const ranged = await serve(fileHandler(f.bytes, { ranges: true, etag: '"v1"' }));

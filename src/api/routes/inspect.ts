@@ -15,7 +15,7 @@ import type { ApiContext } from '../context.js';
 
 export async function inspectRoutes(app: FastifyInstance, ctx: ApiContext): Promise<void> {
   // A URL that cannot be read by ranges is staged on this host: bounded in bytes
-  // (INSPECT_MAX_STAGED_BYTES, and the free space there) and in inspections at once.
+  // (INSPECT_MAX_BYTES, and the free space there) and in inspections at once; range reads by the same byte bound.
   const stagingSlots = new Limiter(ctx.config.inspect.stagingConcurrency);
   app.post('/v1/inspect', { config: { rateLimit: { max: ctx.config.rateLimit.inspect, timeWindow: ctx.config.rateLimit.windowSeconds * 1000 } } }, async (request, reply) => {
     const key = `inspect-${randomBytes(12).toString('base64url')}`;
@@ -50,8 +50,10 @@ export async function inspectRoutes(app: FastifyInstance, ctx: ApiContext): Prom
           stagingPath,
           ...(received.options.expected_sha256 ? { expectedSha256: received.options.expected_sha256 } : {}),
           maxUnwrappedBytes: ctx.config.maxVirtualSize,
-          stagingLimit: { maxBytes: ctx.config.inspect.maxStagedBytes, limitName: 'INSPECT_MAX_STAGED_BYTES' },
+          stagingLimit: { maxBytes: ctx.config.inspect.maxBytes, limitName: 'INSPECT_MAX_BYTES' },
           stagingSlot: (signal) => stagingSlots.acquire(signal),
+          // Range reads of metadata only: no read-ahead, and the same byte bound as staging.
+          rangeTuning: { readAhead: false, maxFetchBytes: ctx.config.inspect.maxBytes, fetchLimitName: 'INSPECT_MAX_BYTES' },
         });
         source = opened.source;
         summary = {
