@@ -235,6 +235,10 @@ const schema = z.object({
   GLANCE_RBD_POOLS: list,
   GLANCE_PUBLISH_ATTEMPTS: int(1, 100, 5),
   GLANCE_PUBLISH_BACKOFF_MS: int(0, 3_600_000, 2000),
+  // Issue 11: an API reachable from other hosts without API_TOKENS only when asked for.
+  ALLOW_ANONYMOUS: bool(false),
+  // Issue 10: how long an Idempotency-Key of POST /v1/jobs remembers its job.
+  IDEMPOTENCY_TTL_SECONDS: int(60, 30 * 86400, 86400),
 });
 
 /** Where staged inputs and outputs live: a directory (default: DATA_DIR/store) or a bucket. */
@@ -307,6 +311,10 @@ export interface Config {
   outputHashes: HashAlgorithm[];
   /** Publishing into Glance; undefined when GLANCE_URL is unset. */
   glance: GlanceConfig | undefined;
+  /** Serve without API_TOKENS on a non-loopback HOST (checkListenExposure). */
+  allowAnonymous: boolean;
+  /** POST /v1/jobs with Idempotency-Key. */
+  idempotency: { ttlSeconds: number };
 }
 
 export interface GlanceConfig {
@@ -418,5 +426,31 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): Config {
     rbd: { pools: e.RBD_POOLS, commandTimeoutMs: e.RBD_COMMAND_TIMEOUT_MS },
     outputHashes: [...new Set(e.OUTPUT_HASHES.map((n) => n.toLowerCase() as HashAlgorithm))].filter((n) => n !== 'sha256'),
     glance: glanceConfig(e),
+    allowAnonymous: e.ALLOW_ANONYMOUS,
+    idempotency: { ttlSeconds: e.IDEMPOTENCY_TTL_SECONDS },
   };
+}
+
+/** 127.0.0.0/8, ::1 (also IPv4-mapped), and the name localhost. */
+export function isLoopbackHost(host: string): boolean {
+  const h = host.trim().toLowerCase().replace(/^\[(.*)\]$/, '$1').replace(/\.$/, '');
+  if (h === 'localhost' || h.endsWith('.localhost')) return true;
+  if (h === '::1' || h === '0:0:0:0:0:0:0:1') return true;
+  const v4 = /^(?:::ffff:)?(\d{1,3})\.(\d{1,3})\.(\d{1,3})\.(\d{1,3})$/.exec(h);
+  return v4 !== null && Number(v4[1]) === 127 && v4.slice(2).every((o) => Number(o) <= 255);
+}
+
+/**
+ * The API refuses to listen where other hosts can reach it (any HOST that is not
+ * loopback: 0.0.0.0, ::, an interface address, a host name) without API_TOKENS,
+ * unless ALLOW_ANONYMOUS=true says that an open service is meant (issue 11).
+ * Called by `serve` and `up` before anything starts; a worker listens nowhere.
+ */
+export function checkListenExposure(config: Pick<Config, 'host' | 'apiTokens' | 'allowAnonymous'>): void {
+  if (config.apiTokens.length > 0 || config.allowAnonymous || isLoopbackHost(config.host)) return;
+  throw new ConfigError(
+    `invalid configuration: HOST=${config.host} is reachable from other hosts and API_TOKENS is empty, so anyone who can reach it could use the API; ` +
+      'set API_TOKENS (comma-separated tokens of 16+ characters, e.g. from `openssl rand -hex 32`), or HOST=127.0.0.1, ' +
+      'or ALLOW_ANONYMOUS=true to serve without tokens on purpose',
+  );
 }

@@ -14,6 +14,7 @@ import { Leases } from '../queue/leases.js';
 import { urlPolicy } from '../queue/url-import.js';
 import { createAuthenticator } from './auth.js';
 import type { ApiContext, AppDeps } from './context.js';
+import { IdempotencyKeys } from './idempotency.js';
 import { ApiError, clientErrorProblem, errorHandler, problemFor, sendProblem } from './errors.js';
 import { eventRoutes } from './routes/events.js';
 import { inspectRoutes } from './routes/inspect.js';
@@ -36,7 +37,10 @@ export function diskconvApp(config: Config, deps: AppDeps): FastifyPluginAsync {
   const plugin: FastifyPluginAsync = async (app) => {
     const scratchDir = join(config.dataDir, 'work');
     await mkdir(scratchDir, { recursive: true, mode: 0o750 });
-    const ctx: ApiContext = { ...deps, config, policy: urlPolicy(config), scratchDir, leases: new Leases(deps.redis, config.queueName) };
+    const ctx: ApiContext = { ...deps, config, policy: urlPolicy(config), scratchDir,
+      leases: new Leases(deps.redis, config.queueName),
+      idempotency: new IdempotencyKeys(deps.redis, config.queueName, config.idempotency.ttlSeconds),
+    };
 
     app.setErrorHandler(errorHandler);
     app.setNotFoundHandler((request, reply) => {

@@ -5,6 +5,7 @@ import type { ConversionQueue } from '../queue/queue.js';
 import type { JobRecords } from '../queue/records.js';
 import type { UrlPolicyShape } from '../queue/url-import.js';
 import type { Leases } from '../queue/leases.js';
+import type { IdempotencyKeys } from './idempotency.js';
 import type { Stores } from '../store/index.js';
 
 export interface AppDeps {
@@ -20,6 +21,8 @@ export interface ApiContext extends AppDeps {
   policy: UrlPolicyShape;
   /** Leases that keep the sweeps off an upload or inspection in progress. */
   leases: Leases;
+  /** Idempotency-Key of POST /v1/jobs, per tenant, in Redis. */
+  idempotency: IdempotencyKeys;
   /** Local scratch space of this API process (URL inspection staged whole). */
   scratchDir: string;
 }

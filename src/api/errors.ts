@@ -33,6 +33,8 @@ export const ERROR_CODES = {
   OUTPUT_ELSEWHERE: { status: 409, title: 'The job wrote its output to a destination (see output.location), not the output store' },
   DESTINATION_EXISTS: { status: 409, title: 'The destination image already exists; it was left untouched' },
   DESTINATION_REFUSED: { status: 422, title: 'The output destination is not allowed' },
+  IDEMPOTENCY_KEY_REUSED: { status: 422, title: 'The Idempotency-Key was used with a different request' },
+  IDEMPOTENCY_KEY_IN_USE: { status: 409, title: 'A request with this Idempotency-Key is still being processed' },
   PAYLOAD_TOO_LARGE: { status: 413, title: 'The body is larger than allowed' },
   UNSUPPORTED_MEDIA_TYPE: { status: 415, title: 'Unsupported Content-Type' },
   RANGE_NOT_SATISFIABLE: { status: 416, title: 'The range is outside the output' },

@@ -9,7 +9,7 @@ import { Redis } from 'ioredis';
 import type { Logger } from 'pino';
 import { startServer } from '../api/server.js';
 import { createLogger } from '../log.js';
-import { ConfigError, loadConfig, type Config } from '../config.js';
+import { checkListenExposure, ConfigError, loadConfig, type Config } from '../config.js';
 import { InvalidArgumentError } from '../engine/errors.js';
 import { ConversionQueue } from '../queue/queue.js';
 import { JobRecords } from '../queue/records.js';
@@ -103,6 +103,7 @@ export async function runService(command: string, argv: string[]): Promise<numbe
   if (command !== 'serve' && command !== 'worker' && command !== 'up') throw new InvalidArgumentError(`unknown service command '${command}'`);
   if (argv.length > 0) throw new InvalidArgumentError(`diskconv ${command} takes no arguments; configure it with environment variables (see the README)`);
   const config = loadConfig();
+  if (command !== 'worker') checkListenExposure(config);
   const logger = createLogger(config, `diskconv-${command}`);
   const running: Stoppable[] = [];
   let privateRedis: PrivateRedis | undefined;

@@ -48,7 +48,10 @@ export interface JobSource {
 }
 
 export interface JobProgress {
-  phase: 'queued' | 'downloading' | 'probing' | 'converting' | 'committing' | 'publishing' | 'retrying' | 'done';
+  /** `done` for a succeeded job, `failed` or `cancelled` for the others once they end (set by the transition script). */
+  phase: 'queued' | 'downloading' | 'probing' | 'converting' | 'committing' | 'publishing' | 'retrying' | 'done' | 'failed' | 'cancelled';
+  /** On a failed or cancelled job: the phase it was in when it ended. */
+  ended_in?: Exclude<JobProgress['phase'], 'done' | 'failed' | 'cancelled'>;
   bytes_done: number;
   bytes_total: number | null;
   percent: number | null;
@@ -194,6 +197,20 @@ redis.call('HSET', KEYS[1], 'state', ARGV[1], 'updated_at', ARGV[3])
 for i = 7, #ARGV, 2 do
   if ARGV[i + 1] == '' then redis.call('HDEL', KEYS[1], ARGV[i]) else redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
 end
+-- failed or cancelled: progress.phase says so, and ended_in keeps the phase the job was in
+local terminal = ''
+if (ARGV[1] == 'failed' or ARGV[1] == 'cancelled') and cur ~= ARGV[1] then
+  local p = redis.call('HGET', KEYS[1], 'progress')
+  if p then
+    local prior = string.match(p, '"phase":"([%a_]+)"')
+    if prior and prior ~= 'failed' and prior ~= 'cancelled' then
+      local tail = ''
+      if not string.find(p, '"ended_in":', 1, true) then tail = ',"ended_in":"' .. prior .. '"' end
+      terminal = string.gsub(p, '"phase":"[%a_]+"', '"phase":"' .. ARGV[1] .. '"' .. tail, 1)
+      redis.call('HSET', KEYS[1], 'progress', terminal)
+    end
+  end
+end
 if ARGV[4] == '1' then
   redis.call('HSET', KEYS[1], 'finished_at', ARGV[3])
   redis.call('ZADD', KEYS[3], ARGV[3], ARGV[5])
@@ -201,7 +218,7 @@ if ARGV[4] == '1' then
   -- a finished job's passphrase goes in the same step (KEYS[5]; the TTL is only the backstop)
   redis.call('DEL', KEYS[5])
 end
-return {1, cur}
+return {1, cur, terminal}
 `;
 
 /** Removes a record and its index entries; keeps the per-state counts right. */
@@ -315,8 +332,10 @@ export class JobRecords {
       id,
       options.owner ?? '',
       ...encodeFields(fields),
-    )) as [number, string];
-    if (result[0] === 1) await this.afterTransition(id, state, (result[1] || undefined) as JobState | undefined, fields);
+    )) as [number, string, string?];
+    // The record's progress as the script rewrote it for a failed or cancelled job: its last progress event.
+    const terminal = result[2] ? { progress: JSON.parse(result[2]) as JobProgress } : {};
+    if (result[0] === 1) await this.afterTransition(id, state, (result[1] || undefined) as JobState | undefined, { ...fields, ...terminal });
     return { moved: result[0] === 1, previous: (result[1] || undefined) as JobState | undefined };
   }
 

@@ -1,7 +1,8 @@
 import { resolve } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { readFile } from 'node:fs/promises';
-import { CONFIG_VARIABLES, ConfigError, loadConfig, parseByteSize } from '../../src/config.js';
+import { checkListenExposure, CONFIG_VARIABLES, ConfigError, isLoopbackHost, loadConfig, parseByteSize } from '../../src/config.js';
+import { parse } from 'yaml';
 import { execFile } from 'node:child_process';
 import { CLI } from '../helpers/cli.js';
 
@@ -136,5 +137,57 @@ describe('configuration', () => {
     const noRedis = await run({});
     expect(noRedis.code).toBe(1);
     expect(noRedis.stderr).toMatch(/REDIS_URL is required/);
+  });
+
+  describe('ALLOW_ANONYMOUS: no open API on a reachable address by accident (issue 11)', () => {
+    it('tells loopback from the rest', () => {
+      for (const h of ['127.0.0.1', '127.3.2.1', '::1', '[::1]', 'localhost', 'LOCALHOST.', '::ffff:127.0.0.1']) expect(isLoopbackHost(h), h).toBe(true);
+      for (const h of ['0.0.0.0', '::', '[::]', '10.0.0.5', '192.168.1.2', 'api.example.org', '128.0.0.1', '::ffff:10.0.0.1', '127.0.0.1.example.org']) expect(isLoopbackHost(h), h).toBe(false);
+    });
+
+    it('refuses a non-loopback HOST without API_TOKENS unless ALLOW_ANONYMOUS=true', () => {
+      expect(loadConfig({}).allowAnonymous).toBe(false);
+      expect(() => checkListenExposure(loadConfig({ HOST: '0.0.0.0' }))).toThrow(ConfigError);
+      expect(() => checkListenExposure(loadConfig({ HOST: '0.0.0.0' }))).toThrow(/HOST=0\.0\.0\.0.*API_TOKENS.*ALLOW_ANONYMOUS=true/);
+      expect(() => checkListenExposure(loadConfig({ HOST: '::' }))).toThrow(ConfigError);
+      expect(() => checkListenExposure(loadConfig({ HOST: '0.0.0.0', ALLOW_ANONYMOUS: 'false' }))).toThrow(ConfigError);
+      expect(() => checkListenExposure(loadConfig({ HOST: '0.0.0.0', ALLOW_ANONYMOUS: 'true' }))).not.toThrow();
+      expect(() => checkListenExposure(loadConfig({ HOST: '0.0.0.0', API_TOKENS: 'aaaaaaaaaaaaaaaa' }))).not.toThrow();
+      expect(() => checkListenExposure(loadConfig({}))).not.toThrow(); // 127.0.0.1 by default
+      expect(() => checkListenExposure(loadConfig({ HOST: '::1' }))).not.toThrow();
+      expect(() => loadConfig({ ALLOW_ANONYMOUS: 'perhaps' })).toThrow(/ALLOW_ANONYMOUS/);
+    });
+
+    it('serve stops at start-up with the message, before it opens anything; ALLOW_ANONYMOUS=true lets it start', async () => {
+      const run = (env: Record<string, string>, timeout = 20_000) =>
+        new Promise<{ code: number | string; stderr: string }>((done) => {
+          execFile(process.execPath, [CLI, 'serve'], { env: { PATH: process.env.PATH ?? '', ...env }, timeout }, (err, _stdout, stderr) =>
+            done({ code: err ? (err.killed ? 'killed' : Number(err.code ?? 1)) : 0, stderr }),
+          );
+        });
+      // Redis is unreachable on purpose: the refusal comes first, without waiting for it.
+      const open = await run({ HOST: '0.0.0.0', PORT: '0', REDIS_URL: 'redis://127.0.0.1:1' });
+      expect(open.code).toBe(1);
+      expect(open.stderr).toMatch(/CONFIG_INVALID: invalid configuration: HOST=0\.0\.0\.0 is reachable from other hosts and API_TOKENS is empty/);
+      expect(open.stderr).toMatch(/ALLOW_ANONYMOUS=true/);
+      // With it, start-up goes past the check (and then waits on the unreachable Redis until killed).
+      const allowed = await run({ HOST: '0.0.0.0', PORT: '0', REDIS_URL: 'redis://127.0.0.1:1', ALLOW_ANONYMOUS: 'true', LOG_LEVEL: 'silent' }, 4000);
+      expect(allowed.stderr).not.toMatch(/CONFIG_INVALID/);
+    });
+
+    it('docker-compose publishes the API only with a token the operator sets, never a literal one', async () => {
+      const compose = parse(await readFile(new URL('../../docker-compose.yml', import.meta.url), 'utf8')) as {
+        services: Record<string, { command?: string[]; environment?: Record<string, string> }>;
+      };
+      const apis = Object.entries(compose.services).filter(([, svc]) => svc.command?.[0] === 'serve');
+      expect(apis.length).toBeGreaterThan(0);
+      for (const [name, svc] of apis) {
+        const env = svc.environment ?? {};
+        expect(env.HOST, name).toBe('0.0.0.0');
+        // `${API_TOKENS:?message}`: compose refuses to start without it, and says where to set it.
+        expect(env.API_TOKENS, name).toMatch(/^\$\{API_TOKENS:\?[^}]*\.env[^}]*\}$/);
+        expect(env.ALLOW_ANONYMOUS ?? 'false', name).toMatch(/^(false|)$/);
+      }
+    });
   });
 });

@@ -3,6 +3,7 @@ import { Readable } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
 import { Redis } from 'ioredis';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { readJobEvents } from '../../src/queue/events.js';
 import { JobRecords, tenantOf, type JobRecord } from '../../src/queue/records.js';
 import { sweepOnce } from '../../src/queue/retention.js';
 import { openStores } from '../../src/store/index.js';
@@ -63,6 +64,32 @@ describe('JobRecords (real Redis)', () => {
     expect(Number(stats['state:cancelled'])).toBe(1);
     expect(Number(stats['state:running'] ?? 0)).toBe(0);
     expect(await records.transition('nope', 'running', ['queued'])).toEqual({ moved: false, previous: undefined });
+  });
+
+  it('ends a failed or cancelled job in a terminal progress phase, keeping where it stopped (issue 11)', async () => {
+    const big = 5 * 2 ** 40 + 12345; // more digits than a float printer would keep
+    await records.create(record('term-f', 't1', 4000));
+    await records.transition('term-f', 'running', ['queued']);
+    await records.update('term-f', ['running'], { progress: { phase: 'converting', bytes_done: big - 1, bytes_total: big, percent: 99.99 } });
+    expect((await records.transition('term-f', 'failed', ['running'], { error: { code: 'IMAGE_CORRUPT', message: 'cut' } })).moved).toBe(true);
+    expect((await records.get('term-f'))?.progress).toEqual({ phase: 'failed', ended_in: 'converting', bytes_done: big - 1, bytes_total: big, percent: 99.99 });
+    // The record's last progress event says so too, just before the final state event.
+    const events = (await readJobEvents(client, records.keyPrefix, 'term-f', undefined)).map((e) => e.event);
+    expect(events.slice(-2)).toEqual([
+      { type: 'progress', progress: { phase: 'failed', ended_in: 'converting', bytes_done: big - 1, bytes_total: big, percent: 99.99 } },
+      { type: 'state', state: 'failed', previous: 'running' },
+    ]);
+
+    await records.create(record('term-c', 't1', 4001));
+    expect((await records.transition('term-c', 'cancelled', ['queued', 'running'])).moved).toBe(true);
+    expect((await records.get('term-c'))?.progress).toEqual({ phase: 'cancelled', ended_in: 'queued', bytes_done: 0, bytes_total: null, percent: null });
+    // A transition that does not move leaves it alone; a succeeded job keeps its own 'done'.
+    expect((await records.transition('term-c', 'failed', ['queued', 'running'])).moved).toBe(false);
+    expect((await records.get('term-c'))?.progress.phase).toBe('cancelled');
+    await records.create(record('term-s', 't1', 4002));
+    await records.transition('term-s', 'running', ['queued']);
+    await records.transition('term-s', 'succeeded', ['running'], { progress: { phase: 'done', bytes_done: 1, bytes_total: 1, percent: 100 } });
+    expect((await records.get('term-s'))?.progress).toEqual({ phase: 'done', bytes_done: 1, bytes_total: 1, percent: 100 });
   });
 
   it('updates fields only while in the given states, and deletes fields set to undefined', async () => {

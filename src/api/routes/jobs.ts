@@ -7,6 +7,7 @@ import { checkCallbackUrl, initialCallback } from '../../queue/webhooks.js';
 import { receiveBody } from '../bodies.js';
 import type { ApiContext } from '../context.js';
 import { ApiError, QUEUE_RETRY_AFTER_SECONDS } from '../errors.js';
+import { idempotencyKeyOf, requestFingerprint, type Claim } from '../idempotency.js';
 import { jobPath, presentJob } from '../present.js';
 
 /** 128 random bits, URL-safe: unguessable, and safe as a store key. */
@@ -41,17 +42,19 @@ async function callbackFields(url: string | undefined, config: ApiContext['confi
 
 export async function jobRoutes(app: FastifyInstance, ctx: ApiContext): Promise<void> {
   app.post('/v1/jobs', { config: { rateLimit: { max: ctx.config.rateLimit.jobs, timeWindow: ctx.config.rateLimit.windowSeconds * 1000 } } }, async (request, reply) => {
+    // Checked before a byte of the body is read.
+    const idempotencyKey = idempotencyKeyOf(request.headers);
     const id = newJobId();
     // Until the record exists, the lease is what keeps the sweeps off the upload.
     const lease = await ctx.leases.hold(id);
     try {
-      return await createJob(request, reply, id);
+      return await createJob(request, reply, id, idempotencyKey);
     } finally {
       await lease.release();
     }
   });
 
-  const createJob = async (request: FastifyRequest, reply: FastifyReply, id: string): Promise<FastifyReply> => {
+  const createJob = async (request: FastifyRequest, reply: FastifyReply, id: string, idempotencyKey: string | undefined): Promise<FastifyReply> => {
     const received = await receiveBody(request, id, { config: ctx.config, staging: ctx.stores.staging, destinations: ctx.stores.destinations, policy: ctx.policy });
     if (received.options.glance && !ctx.config.glance) {
       if (received.source.kind === 'upload') await ctx.stores.staging.delete(id).catch(() => {});
@@ -61,6 +64,26 @@ export async function jobRoutes(app: FastifyInstance, ctx: ApiContext): Promise<
       await ctx.stores.staging.delete(id).catch(() => {});
       throw err;
     });
+    // Idempotency-Key: claimed once the request is known to be acceptable, just before the job exists.
+    let claim: Claim | undefined;
+    if (idempotencyKey !== undefined) {
+      const fingerprint = requestFingerprint(received, id);
+      const claimed = await ctx.idempotency
+        .claim(request.tenant, idempotencyKey, fingerprint, id, async (job) => (await ctx.records.getForTenant(job, request.tenant)) !== undefined)
+        .catch(async (err: unknown) => {
+          await ctx.stores.staging.delete(id).catch(() => {});
+          throw err;
+        });
+      if (claimed.kind === 'existing') {
+        // The same request again: its job as it is now, not a second one; this upload goes.
+        await ctx.stores.staging.delete(id).catch(() => {});
+        const existing = await ctx.records.getForTenant(claimed.job, request.tenant);
+        if (!existing) throw new ApiError('IDEMPOTENCY_KEY_IN_USE', 'the job of this Idempotency-Key is being removed; retry shortly', { 'retry-after': '1' });
+        request.log.info({ job: existing.id }, 'idempotent replay');
+        return reply.code(200).header('location', jobPath(existing.id)).header('idempotent-replayed', 'true').send(presentJob(existing));
+      }
+      claim = claimed.claim;
+    }
     const now = Date.now();
     const src = received.source;
     const record: JobRecord = {
@@ -90,9 +113,12 @@ export async function jobRoutes(app: FastifyInstance, ctx: ApiContext): Promise<
     } catch (err) {
       await ctx.records.remove(record).catch(() => {});
       await ctx.stores.staging.delete(id).catch(() => {});
+      await claim?.release().catch(() => {});
       request.log.error({ err }, 'enqueue failed');
       throw new ApiError('QUEUE_UNAVAILABLE', undefined, { 'retry-after': String(QUEUE_RETRY_AFTER_SECONDS) });
     }
+    // The job exists: a failure to remember its key only costs the retry its replay (the pending TTL runs out).
+    await claim?.created().catch((err: unknown) => request.log.warn({ err }, 'could not record the Idempotency-Key'));
     request.log.info({ job: id, kind: src.kind, size: src.kind === 'upload' ? src.size : undefined }, 'job created');
     return reply.code(202).header('location', jobPath(id)).send(presentJob(record));
   };
