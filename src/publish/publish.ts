@@ -29,6 +29,8 @@ export interface PublishInput {
   output: { size: number; md5: string; sha512: string };
   /** The output as an RBD image with its Glance-form location, when it was written into a pool. */
   rbd?: { pool: string; location: string };
+  /** Called just before the RBD image is registered in place: from then on it is Glance's. */
+  beforeLocation?: () => Promise<void>;
   /** The output's bytes from the start, streamed from the output store (a fresh stream per call). */
   openOutput: () => Promise<Readable>;
   /** What an earlier attempt recorded (a worker that died mid-publish): its image is reused or replaced. */
@@ -131,6 +133,7 @@ export class Publisher {
 
     if (method === 'location' && input.rbd) {
       try {
+        await input.beforeLocation?.();
         await this.client.addLocation(
           image.id,
           input.rbd.location,

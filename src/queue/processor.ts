@@ -135,7 +135,7 @@ export function createProcessor(deps: ProcessorDeps) {
       glance = await publisher.publish({
         request: rec.glance ?? {},
         output: { size: converted.size, md5: converted.md5 as string, sha512: converted.sha512 as string },
-        ...(rbd ? { rbd: { pool: rbd.pool, location: rbd.location } } : {}),
+        ...(rbd ? { rbd: { pool: rbd.pool, location: rbd.location }, beforeLocation: () => destinations.handOver(rbd) } : {}),
         openOutput: () => (rbd ? rbdExport(rbd) : output.read(id)),
         ...(previous ? { previous } : {}),
         onUpdate: async (g) => {

@@ -48,8 +48,9 @@ export interface Destinations {
   /**
    * Creates the image at `virtualSize`, tagged with `owner` (the job id);
    * throws DestinationExistsError (and touches nothing) when the name is taken
-   * by anything but an unfinished image of this same owner (a previous attempt
-   * of the job, killed midway), which is removed and made again.
+   * by anything but an image of this same owner that a previous attempt left
+   * (killed before the job was recorded; not cloned, not handed over), which is
+   * removed and made again.
    */
   create(target: DestinationTarget, virtualSize: number, owner: string): Promise<DestinationWriter>;
   /**
@@ -58,6 +59,8 @@ export interface Destinations {
    * snapshot, then the image.
    */
   remove(result: DestinationResult): Promise<void>;
+  /** Marks a committed destination as registered elsewhere (Glance): from then on no retry of the job may rewrite it. */
+  handOver(result: DestinationResult): Promise<void>;
 }
 
 /** The target is not allowed here: deterministic, nothing was written. */
@@ -89,4 +92,5 @@ export class NoDestinations implements Destinations {
     throw new Error('unreachable');
   }
   async remove(): Promise<void> {}
+  async handOver(): Promise<void> {}
 }

@@ -58,6 +58,9 @@ describe.skipIf(!cephAvailable)('RBD destinations', () => {
     rbd = new RbdDestinations({ pools: ['rbd'], commandTimeoutMs: 60_000 });
   });
   afterAll(async () => {
+    // Temporaries this file's tests leave on purpose (their owners end in the pid).
+    const temps = (JSON.parse(await cli('ls', '--format', 'json', 'rbd')) as string[]).filter((n) => n.startsWith('diskconv-tmp.') && n.includes(`-${process.pid}.`));
+    names.push(...temps);
     for (const n of names) {
       await cli('snap', 'unprotect', `rbd/${n}@snap`).catch(() => {});
       await cli('snap', 'purge', '--no-progress', `rbd/${n}`).catch(() => {});
@@ -114,8 +117,10 @@ describe.skipIf(!cephAvailable)('RBD destinations', () => {
     const t1 = { target: 'rbd' as const, pool: 'rbd', image: name('aborted') };
     const w1 = await rbd.create(t1, 64 << 20, 'job-a');
     await w1.write({ kind: 'data', offset: 0, length: 1 << 20, data: Buffer.alloc(1 << 20, 9) });
-    expect(await exists(t1.image)).toBe(true);
+    const temps = async (): Promise<string[]> => (JSON.parse(await cli('ls', '--format', 'json', 'rbd')) as string[]).filter((x) => x.startsWith('diskconv-tmp.job-a.'));
+    expect(await temps()).toHaveLength(1);
     await w1.abort();
+    expect(await temps()).toEqual([]);
     expect(await exists(t1.image)).toBe(false);
     const t2 = { target: 'rbd' as const, pool: 'rbd', image: name('finished') };
     const w2 = await rbd.create(t2, 1 << 20, 'job-b');
@@ -156,6 +161,97 @@ describe.skipIf(!cephAvailable)('RBD destinations', () => {
     await retry.finish(1 << 20);
     await retry.commit();
     expect(await exportSha(`rbd/${dead}@snap`)).toBe(createHash('sha256').update(Buffer.alloc(1 << 20, 6)).digest('hex'));
+  });
+
+  const oneMiB = (fill: number) => ({ kind: 'data' as const, offset: 0, length: 1 << 20, data: Buffer.alloc(1 << 20, fill) });
+  const sha = (fill: number): string => createHash('sha256').update(Buffer.alloc(1 << 20, fill)).digest('hex');
+  const listed = async (): Promise<string[]> => JSON.parse(await cli('ls', '--format', 'json', 'rbd')) as string[];
+
+  it('writes under a temporary name of the attempt and renames into place only when complete', async () => {
+    const owner = `job-temp-${process.pid}`;
+    const n = name('renamed');
+    const w = await rbd.create({ target: 'rbd', pool: 'rbd', image: n }, 1 << 20, owner);
+    await w.write(oneMiB(7));
+    await w.finish(1 << 20);
+    // Written but not committed: the final name holds nothing yet, the attempt's tagged temporary holds it all.
+    expect(await exists(n)).toBe(false);
+    const temps = (await listed()).filter((x) => x.startsWith(`diskconv-tmp.${owner}.`));
+    expect(temps).toHaveLength(1);
+    expect((await cli('image-meta', 'get', `rbd/${temps[0]}`, 'diskconv.job')).trim()).toBe(`job:${owner}`);
+    await w.commit();
+    expect(await exportSha(`rbd/${n}@snap`)).toBe(sha(7));
+    expect((await listed()).filter((x) => x.startsWith(`diskconv-tmp.${owner}.`))).toEqual([]);
+  });
+
+  it('redoes its own image that a dead attempt committed but never recorded; not once it is cloned or handed to Glance', async () => {
+    const owner = `job-unrecorded-${process.pid}`;
+    const n = name('unrecorded');
+    const first = await rbd.create({ target: 'rbd', pool: 'rbd', image: n }, 1 << 20, owner);
+    await first.write(oneMiB(1));
+    await first.finish(1 << 20);
+    const result = await first.commit();
+    // The attempt died here (the job still says running); its retry writes the image again.
+    const retry = await rbd.create({ target: 'rbd', pool: 'rbd', image: n }, 1 << 20, owner);
+    await retry.write(oneMiB(2));
+    await retry.finish(1 << 20);
+    await retry.commit();
+    expect(await exportSha(`rbd/${n}@snap`)).toBe(sha(2));
+    // Someone cloned it meanwhile (it looked finished): the retry refuses and leaves image and clone alone.
+    const clone = name('unrecorded-clone');
+    await cli('clone', `rbd/${n}@snap`, `rbd/${clone}`);
+    await expect(rbd.create({ target: 'rbd', pool: 'rbd', image: n }, 1 << 20, owner)).rejects.toBeInstanceOf(DestinationExistsError);
+    expect(await exportSha(`rbd/${n}@snap`)).toBe(sha(2));
+    expect(await exportSha(`rbd/${clone}`)).toBe(sha(2));
+    await cli('rm', '--no-progress', `rbd/${clone}`);
+    // Registered in Glance: Glance's now, never rewritten.
+    await rbd.handOver(result);
+    const err = await rbd.create({ target: 'rbd', pool: 'rbd', image: n }, 1 << 20, owner).catch((e: unknown) => e);
+    expect(err).toBeInstanceOf(DestinationExistsError);
+    expect((err as Error).message).toMatch(/Glance/);
+    expect(await exportSha(`rbd/${n}@snap`)).toBe(sha(2));
+  });
+
+  it('fails the commit when someone takes the final name during the conversion, and leaves their image alone', async () => {
+    const owner = `job-race-${process.pid}`;
+    const n = name('raced');
+    const w = await rbd.create({ target: 'rbd', pool: 'rbd', image: n }, 1 << 20, owner);
+    await w.write(oneMiB(4));
+    await w.finish(1 << 20);
+    const raw = join(dir, 'theirs.raw');
+    await writeRaw(raw, 2 * 2 ** 20, 9);
+    await cli('import', '--no-progress', raw, `rbd/${n}`);
+    const theirs = await exportSha(`rbd/${n}`);
+    await expect(w.commit()).rejects.toBeInstanceOf(DestinationExistsError);
+    await w.abort();
+    expect(await exportSha(`rbd/${n}`)).toBe(theirs);
+    expect((await listed()).filter((x) => x.startsWith(`diskconv-tmp.${owner}.`))).toEqual([]);
+  });
+
+  it('removes temporaries its dead attempts left (tagged, or untagged and empty), never another job\'s or one with data', async () => {
+    const owner = `job-leftovers-${process.pid}`;
+    const other = `job-neighbour-${process.pid}`;
+    const tagged = `diskconv-tmp.${owner}.dead0001`;
+    const untaggedEmpty = `diskconv-tmp.${owner}.dead0002`;
+    const untaggedData = `diskconv-tmp.${owner}.dead0003`;
+    const neighbours = `diskconv-tmp.${other}.live0001`;
+    for (const t of [tagged, untaggedEmpty, neighbours]) await cli('create', '--size', '4M', `rbd/${t}`);
+    await cli('image-meta', 'set', `rbd/${tagged}`, 'diskconv.job', `job:${owner}`);
+    await cli('image-meta', 'set', `rbd/${neighbours}`, 'diskconv.job', `job:${other}`);
+    const raw = join(dir, 'leftover.raw');
+    await writeRaw(raw, 2 * 2 ** 20, 3);
+    await cli('import', '--no-progress', raw, `rbd/${untaggedData}`);
+    names.push(untaggedData, neighbours);
+    const n = name('after-leftovers');
+    const w = await rbd.create({ target: 'rbd', pool: 'rbd', image: n }, 1 << 20, owner);
+    await w.write(oneMiB(8));
+    await w.finish(1 << 20);
+    await w.commit();
+    const now = await listed();
+    expect(now).not.toContain(tagged);
+    expect(now).not.toContain(untaggedEmpty);
+    expect(now).toContain(untaggedData);
+    expect(now).toContain(neighbours);
+    expect(await exportSha(`rbd/${n}@snap`)).toBe(sha(8));
   });
 
   it('reports rbd\'s own message when it fails', async () => {

@@ -6,10 +6,14 @@
  *
  * Writing streams an `rbd import-diff` (diff-stream.ts) of the non-zero blocks
  * only: holes never travel and never allocate. Only pools in RBD_POOLS are
- * written; an image that already exists is never touched (its name clash fails
- * the job), unless it is this job's own unfinished image (tagged with image-meta
- * diskconv.job and without a snapshot), left by an attempt that died.
+ * written. An image is written under a temporary name of its attempt
+ * (`diskconv-tmp.JOB.RANDOM`, tagged with image-meta diskconv.job) and renamed
+ * into place when complete, so the final name never holds half an image. An
+ * image that already exists is never touched (its name clash fails the job),
+ * unless it is this job's own, left by an attempt that died after the rename
+ * and before the job was recorded, not yet cloned and not handed to Glance.
  */
+import { randomBytes } from 'node:crypto';
 import { once } from 'node:events';
 import { setTimeout as sleep } from 'node:timers/promises';
 import type { Extent } from '../../engine/index.js';
@@ -27,6 +31,10 @@ import { DIFF_HEADER, END_RECORD, nonZeroRuns, sizeRecord, writeHeader } from '.
 
 export const SNAPSHOT = 'snap';
 const OWNER_KEY = 'diskconv.job';
+/** Set before the image is registered in Glance: from then on it is Glance's, and no retry may remove it. */
+const HANDED_OVER_KEY = 'diskconv.glance';
+/** Temporary names (one per attempt) under which images are written before they are renamed into place. */
+const TEMP_PREFIX = 'diskconv-tmp.';
 /** The tag's value: job ids may start with '-', which rbd would read as an option; the prefix keeps it a value. */
 const ownerTag = (owner: string): string => `job:${owner}`;
 const EEXIST = 17;
@@ -85,39 +93,90 @@ export class RbdDestinations implements Destinations {
 
   async create(target: DestinationTarget, virtualSize: number, owner: string): Promise<DestinationWriter> {
     this.check(target);
-    const spec = this.spec(target);
     const fsid = await this.clusterFsid();
-    await this.createImage(target, virtualSize, owner);
-    return this.writer(target, spec, virtualSize, fsid);
+    // A clash fails before a byte is written; the final name is taken again, atomically, at commit.
+    await this.claimName(target, owner);
+    await this.removeStaleTemps(target.pool, owner);
+    const temp = { ...target, image: `${TEMP_PREFIX}${owner}.${randomBytes(4).toString('hex')}` };
+    await this.createTemp(temp, virtualSize, owner);
+    return this.writer(target, temp, virtualSize, fsid, owner);
   }
 
-  private async createImage(target: DestinationTarget, virtualSize: number, owner: string, retried = false): Promise<void> {
+  /**
+   * Frees the final name when an earlier attempt of this job left it (renamed into place, perhaps snapshotted, but
+   * never recorded: the attempt died); throws DestinationExistsError when anyone else's image has it.
+   */
+  private async claimName(target: DestinationTarget, owner: string): Promise<void> {
     const spec = this.spec(target);
-    const res = await runTool('rbd', ['create', '--size', `${virtualSize}B`, '--image-feature', 'layering', spec], { timeoutMs: this.settings.commandTimeoutMs });
-    if (res.code === 0) {
-      try {
-        await this.rbd(['image-meta', 'set', spec, OWNER_KEY, ownerTag(owner)]);
-      } catch (err) {
-        await this.rbd(['rm', '--no-progress', spec]).catch(() => {});
-        throw asDestinationError(err, `tagging ${spec}`);
+    const info = await runTool('rbd', ['info', '--format', 'json', spec], { timeoutMs: this.settings.commandTimeoutMs });
+    if (info.code === ENOENT) return;
+    if (info.code !== 0) throw asDestinationError(new CliFailure('rbd info', info.code, info.stderr), `looking up ${spec}`);
+    const meta = await this.metadata(spec);
+    if (meta.get(OWNER_KEY) !== ownerTag(owner)) throw new DestinationExistsError(`RBD image ${spec} already exists; it was left untouched`);
+    if (meta.has(HANDED_OVER_KEY)) {
+      throw new DestinationExistsError(`RBD image ${spec} was written by an earlier attempt of this job and registered in Glance; it was left untouched`);
+    }
+    const snaps = JSON.parse(await this.rbd(['snap', 'ls', '--format', 'json', spec])) as Array<{ name: string }>;
+    if (snaps.some((s) => s.name !== SNAPSHOT)) throw new DestinationExistsError(`RBD image ${spec} has snapshots this service did not make; it was left untouched`);
+    if (snaps.length > 0) {
+      // Protected and maybe already cloned by someone who saw it: unprotect refuses while clones exist, and then it stays.
+      const unprotect = await runTool('rbd', ['snap', 'unprotect', `${spec}@${SNAPSHOT}`], { timeoutMs: this.settings.commandTimeoutMs });
+      if (unprotect.code !== 0 && !/not protected/.test(unprotect.stderr)) {
+        throw new DestinationExistsError(`RBD image ${spec} was written by an earlier attempt of this job and is in use (${lastLines(unprotect.stderr) || 'unprotect failed'}); it was left untouched`);
       }
-      return;
+      await this.rbd(['snap', 'rm', '--no-progress', `${spec}@${SNAPSHOT}`]).catch((err: unknown) => {
+        throw asDestinationError(err, `removing the earlier attempt's snapshot of ${spec}`);
+      });
     }
-    if (res.code !== EEXIST) throw asDestinationError(new CliFailure('rbd create', res.code, res.stderr), `creating ${spec}`);
-    if (!retried && (await this.isOwnUnfinished(target, owner))) {
-      await this.removeImage(spec);
-      return this.createImage(target, virtualSize, owner, true);
-    }
-    throw new DestinationExistsError(`RBD image ${spec} already exists; it was left untouched`);
+    await this.removeImage(spec);
   }
 
-  /** True for an image this job made and never finished (no snapshot): a dead attempt's. */
-  private async isOwnUnfinished(target: DestinationTarget, owner: string): Promise<boolean> {
-    const spec = this.spec(target);
-    const meta = await runTool('rbd', ['image-meta', 'get', spec, OWNER_KEY], { timeoutMs: this.settings.commandTimeoutMs });
-    if (meta.code !== 0 || meta.stdout.trim() !== ownerTag(owner)) return false;
-    const snaps = JSON.parse(await this.rbd(['snap', 'ls', '--format', 'json', spec])) as unknown[];
-    return snaps.length === 0;
+  private async metadata(spec: string): Promise<Map<string, string>> {
+    const out = await this.rbd(['image-meta', 'list', '--format', 'json', spec]).catch((err: unknown) => {
+      throw asDestinationError(err, `reading the metadata of ${spec}`);
+    });
+    const parsed = (out.trim() ? JSON.parse(out) : {}) as Record<string, unknown>;
+    return new Map(Object.entries(parsed).filter((e): e is [string, string] => typeof e[1] === 'string'));
+  }
+
+  /**
+   * Images are written under a temporary name and renamed into place when complete, so the final name never holds a
+   * half-written image, and an attempt killed between create and tag leaves only a temporary of its own.
+   */
+  private async createTemp(temp: DestinationTarget, virtualSize: number, owner: string): Promise<void> {
+    const spec = this.spec(temp);
+    await this.rbd(['create', '--size', `${virtualSize}B`, '--image-feature', 'layering', spec]).catch((err: unknown) => {
+      throw asDestinationError(err, `creating ${spec}`);
+    });
+    try {
+      await this.rbd(['image-meta', 'set', spec, OWNER_KEY, ownerTag(owner)]);
+    } catch (err) {
+      await this.rbd(['rm', '--no-progress', spec]).catch(() => {});
+      throw asDestinationError(err, `tagging ${spec}`);
+    }
+  }
+
+  /**
+   * Temporaries that dead attempts of this job left: removed when nobody writes them any more (rbd refuses while a
+   * watch is held, and then they wait for the next attempt or the commit). Another attempt's live one is never touched.
+   * An untagged one (killed between create and tag) is removed only while it holds no data.
+   */
+  private async removeStaleTemps(pool: string, owner: string): Promise<void> {
+    const listed = await runTool('rbd', ['ls', '--format', 'json', pool], { timeoutMs: this.settings.commandTimeoutMs });
+    if (listed.code !== 0) return;
+    const names = (JSON.parse(listed.stdout || '[]') as string[]).filter((n) => n.startsWith(`${TEMP_PREFIX}${owner}.`));
+    for (const name of names) {
+      const spec = `${pool}/${name}`;
+      const meta = await this.metadata(spec).catch(() => undefined);
+      if (!meta) continue;
+      if (meta.get(OWNER_KEY) !== ownerTag(owner)) {
+        if (meta.size > 0) continue;
+        const du = await runTool('rbd', ['du', '--format', 'json', spec], { timeoutMs: this.settings.commandTimeoutMs });
+        const used = du.code === 0 ? (JSON.parse(du.stdout) as { images?: Array<{ used_size?: number }> }).images?.[0]?.used_size : undefined;
+        if (used !== 0) continue;
+      }
+      await runTool('rbd', ['rm', '--no-progress', spec], { timeoutMs: this.settings.commandTimeoutMs });
+    }
   }
 
   private async removeImage(spec: string): Promise<void> {
@@ -133,7 +192,19 @@ export class RbdDestinations implements Destinations {
     }
   }
 
-  private async writer(target: DestinationTarget, spec: string, size: number, fsid: string): Promise<DestinationWriter> {
+  /** Marks a committed image as handed to Glance (called before its location is registered): no retry may rewrite it. */
+  async handOver(result: DestinationResult): Promise<void> {
+    const spec = `${result.pool}/${result.image}`;
+    this.check({ target: 'rbd', pool: result.pool, image: result.image });
+    await this.rbd(['image-meta', 'set', spec, HANDED_OVER_KEY, 'glance']).catch((err: unknown) => {
+      throw asDestinationError(err, `marking ${spec} as registered in Glance`);
+    });
+  }
+
+  private async writer(target: DestinationTarget, temp: DestinationTarget, size: number, fsid: string, owner: string): Promise<DestinationWriter> {
+    const finalSpec = this.spec(target);
+    // Where the image is now: its temporary name until commit renames it into place.
+    let spec = this.spec(temp);
     const child = spawnTool('rbd', ['import-diff', '--no-progress', '-', spec]);
     let stderr = '';
     child.stderr.on('data', (c: Buffer) => {
@@ -199,12 +270,17 @@ export class RbdDestinations implements Destinations {
           await exited;
           clearTimeout(timer);
         }
-        // Only the image create() made; a snapshot may exist if commit failed midway.
+        // Only the image create() made (under whichever name it has now); a snapshot may exist if commit failed midway.
         if (wasFinished) await this.dropSnapshot(spec).catch(() => {});
         await this.removeImage(spec).catch(() => {});
       },
       commit: async (): Promise<DestinationResult> => {
         if (state !== 'finished') throw new DestinationError(`commit of ${spec} before finish`);
+        // The rename is atomic and refuses a taken name: an image made meanwhile under the final name stays as it was.
+        const renamed = await runTool('rbd', ['rename', spec, finalSpec], { timeoutMs: this.settings.commandTimeoutMs });
+        if (renamed.code === EEXIST) throw new DestinationExistsError(`RBD image ${finalSpec} was created by someone else during the conversion; it was left untouched`);
+        if (renamed.code !== 0) throw asDestinationError(new CliFailure('rbd rename', renamed.code, renamed.stderr), `renaming ${spec} to ${finalSpec}`);
+        spec = finalSpec;
         try {
           await this.rbd(['snap', 'create', '--no-progress', `${spec}@${SNAPSHOT}`]);
           await this.rbd(['snap', 'protect', `${spec}@${SNAPSHOT}`]);
@@ -212,6 +288,8 @@ export class RbdDestinations implements Destinations {
           throw asDestinationError(err, `snapshot of ${spec}`);
         }
         state = 'committed';
+        // A dead attempt's temporary that was still watched when this one started can go now.
+        await this.removeStaleTemps(target.pool, owner).catch(() => {});
         return { target: 'rbd', pool: target.pool, image: target.image, snapshot: SNAPSHOT, size, location: `rbd://${fsid}/${target.pool}/${target.image}/${SNAPSHOT}` };
       },
     };
