@@ -68,11 +68,16 @@ export interface Inspection {
  */
 export async function inspectSource(
   source: RandomAccessSource,
-  options: { format?: FormatId | 'auto'; maxVirtualSize: number; signal?: AbortSignal; displayName: string },
+  options: { format?: FormatId | 'auto'; maxVirtualSize: number; signal?: AbortSignal; displayName: string; passphrase?: Uint8Array },
 ): Promise<Inspection> {
   let image: DiskImage | undefined;
   try {
-    image = await openImage(source, { format: options.format ?? 'auto', limits: { maxVirtualSize: options.maxVirtualSize }, ...(options.signal ? { signal: options.signal } : {}) });
+    image = await openImage(source, {
+      format: options.format ?? 'auto',
+      limits: { maxVirtualSize: options.maxVirtualSize },
+      ...(options.signal ? { signal: options.signal } : {}),
+      ...(options.passphrase ? { passphrase: options.passphrase } : {}),
+    });
     const info = { ...(await imageInfo(image, source)), filename: options.displayName };
     const allocation = await estimateAllocation(image, source, options.signal);
     return {

@@ -152,6 +152,37 @@ describe('encrypted qcow2 through the service', () => {
     expect(res.trim().split('\n').pop()).toBe('400');
   });
 
+  it('POST /v1/inspect takes the passphrase (multipart field or JSON body): the info of the unlocked image, never echoed (issue 9)', async () => {
+    const inspectUpload = async (passphrase?: string): Promise<Record<string, unknown>> =>
+      JSON.parse(
+        await curl([...AUTH, '-F', `file=@${images['luks.qcow2']?.path}`, ...(passphrase !== undefined ? ['-F', `passphrase=${passphrase}`] : []), `${svc.apiUrl}/v1/inspect`]),
+      ) as Record<string, unknown>;
+    const unlocked = await inspectUpload(PASSPHRASE);
+    expect(unlocked, JSON.stringify(unlocked)).toMatchObject({ safe: true, format: 'qcow2', virtual_size: 4 * 2 ** 20 + 4096, info: { encrypted: true } });
+    expect((unlocked.allocation as { data_bytes: number }).data_bytes).toBeGreaterThan(0);
+    expect(JSON.stringify(unlocked)).not.toContain(PASSPHRASE);
+
+    const wrong = await inspectUpload('not the passphrase');
+    expect(wrong).toMatchObject({ safe: false, error: { code: 'WRONG_PASSPHRASE' } });
+    expect(JSON.stringify(wrong)).not.toContain('not the passphrase');
+    const none = await inspectUpload();
+    expect(none).toMatchObject({ safe: false, error: { code: 'UNSUPPORTED_FEATURE' } });
+
+    // By URL, with the passphrase in the JSON body.
+    const body = JSON.stringify({ source: { url: `${files.url}/range/luks.qcow2` }, passphrase: PASSPHRASE });
+    const byUrl = JSON.parse(await curl([...AUTH, '-H', 'Content-Type: application/json', '-d', body, `${svc.apiUrl}/v1/inspect`])) as Record<string, unknown>;
+    expect(byUrl, JSON.stringify(byUrl)).toMatchObject({ safe: true, format: 'qcow2', info: { encrypted: true } });
+    expect(JSON.stringify(byUrl)).not.toContain(PASSPHRASE);
+    // Not in the query string (logged), and nothing kept in Redis for an inspection.
+    const query = await curl([...AUTH, '-s', '-o', '/dev/null', '-w', '%{http_code}', '--data-binary', `@${images['luks.qcow2']?.path}`, '-H', 'Content-Type: application/octet-stream', `${svc.apiUrl}/v1/inspect?passphrase=x`]);
+    expect(query.trim()).toBe('400');
+    for (const key of await redis.keys(`*${svc.queueName}*`)) {
+      const type = await redis.type(key);
+      const dump = type === 'hash' ? JSON.stringify(await redis.hgetall(key)) : type === 'string' ? ((await redis.get(key)) ?? '') : '';
+      expect(dump, key).not.toContain(PASSPHRASE);
+    }
+  });
+
   it('the passphrase is in no log line and no file of the data directory', async () => {
     expect(svc.logs()).not.toContain(PASSPHRASE);
     expect(svc.logs()).not.toContain('not the passphrase');

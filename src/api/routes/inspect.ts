@@ -68,7 +68,15 @@ export async function inspectRoutes(app: FastifyInstance, ctx: ApiContext): Prom
       }
       const displayName = src.kind === 'upload' ? (src.filename ?? 'upload') : displayUrl(src.url);
       const format = received.options.source_format === 'auto' ? 'auto' : (received.options.source_format as FormatId);
-      const inspection = await inspectSource(source, { format, maxVirtualSize: ctx.config.maxVirtualSize, signal: controller.signal, displayName });
+      // An encrypted image's passphrase (JSON body or multipart field): for this request only, never kept or echoed.
+      const passphrase = received.passphrase !== undefined ? Buffer.from(received.passphrase, 'utf8') : undefined;
+      const inspection = await inspectSource(source, {
+        format,
+        maxVirtualSize: ctx.config.maxVirtualSize,
+        signal: controller.signal,
+        displayName,
+        ...(passphrase ? { passphrase } : {}),
+      });
       return { source: summary, ...inspection };
     } finally {
       // A URL source is closed through its opener, which also drops its connections.
