@@ -12,7 +12,7 @@ import type { FastifyRequest } from 'fastify';
 import { z } from 'zod';
 import type { Config } from '../config.js';
 import { isDiskconvError } from '../engine/errors.js';
-import { DEFAULT_LIMITS, unwrapStream, type UnwrapResult, type WrapperFormat } from '../engine/index.js';
+import { DEFAULT_LIMITS, LimitExceededError, unwrapStream, type UnwrapResult, type WrapperFormat } from '../engine/index.js';
 import type { GlanceRequest, JobDestination, SourceFormat } from '../queue/records.js';
 import { checkImportUrl, type UrlPolicyShape } from '../queue/url-import.js';
 import type { Destinations, InputStaging, StagedWrite } from '../store/index.js';
@@ -354,17 +354,23 @@ export async function streamToStore(body: Readable, key: string, deps: BodyDeps)
     await writer.commit();
   } catch (err) {
     await writer.abort().catch(() => {});
+    // Out of room is the store's state, not the image's fault: 507, as for an upload that fills the disk.
+    if (err instanceof LimitExceededError && err.limit === FREE_SPACE_LIMIT) {
+      throw new ApiError('INSUFFICIENT_SPACE', `the unwrapped image passed the ${err.maximum} bytes the staging store has free`);
+    }
     throw asBodyError(err);
   }
   return { size, sha256: hash.digest('hex'), ...(result.wrapper ? { wrapper: result.wrapper, unwrapped_size: result.bytes } : {}) };
 }
+
+const FREE_SPACE_LIMIT = 'free space in the staging store';
 
 /** How far a wrapper may decompress into staging: MAX_VIRTUAL_SIZE, or the store's free space when that is less. */
 async function unwrapBound(deps: BodyDeps): Promise<{ maxBytes: number; limitName: string }> {
   const maxVirtual = deps.config.maxVirtualSize ?? DEFAULT_LIMITS.maxVirtualSize;
   const free = await deps.staging.freeBytes().catch(() => undefined);
   if (free !== undefined && Math.max(0, free - FREE_SPACE_RESERVE) < maxVirtual) {
-    return { maxBytes: Math.max(0, free - FREE_SPACE_RESERVE), limitName: 'free space in the staging store' };
+    return { maxBytes: Math.max(0, free - FREE_SPACE_RESERVE), limitName: FREE_SPACE_LIMIT };
   }
   return { maxBytes: maxVirtual, limitName: 'MAX_VIRTUAL_SIZE' };
 }

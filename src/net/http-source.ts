@@ -98,6 +98,8 @@ const WRITE_BATCH_BYTES = 2 ** 20;
 const WRITE_BATCH_CHUNKS = 256;
 /** The probe's body is a few bytes; anything much longer means the server ignored the range. */
 const MAX_PROBE_BODY = 1024;
+/** The decompression bound that is the free space beside the staged file. */
+const FREE_SPACE_LIMIT = 'free space in the scratch directory';
 /** Space left free beside a staged download. */
 const STAGING_RESERVE = 64 * 2 ** 20;
 
@@ -234,7 +236,11 @@ function unwrapSink(format: WrapperFormat, stagingPath: string, where: string, b
   const output = createWriteStream(stagingPath, { mode: 0o600 });
   let failure: DiskconvError | undefined;
   const done = decompressTo(format, input, output, { ...bound, ...(signal ? { signal } : {}) }).catch((err: unknown) => {
-    failure = writeFailure(err, where, stagingPath);
+    // Past the free space is the host's state, not the image's fault: retried (perhaps elsewhere), not refused.
+    failure =
+      err instanceof LimitExceededError && err.limit === FREE_SPACE_LIMIT
+        ? new InsufficientSpaceError(`${where} decompresses to more than the ${err.maximum} bytes free to stage it`)
+        : writeFailure(err, where, stagingPath);
     throw failure;
   });
   const settled = done.then(
@@ -283,7 +289,7 @@ async function stage(first: Exchange, policy: UrlPolicy, options: UrlSourceOptio
     // What a wrapper may decompress to: the virtual size limit, the staging limit, the free space.
     const bounds: Array<{ maxBytes: number; limitName: string }> = [{ maxBytes: options.maxUnwrappedBytes ?? DEFAULT_LIMITS.maxVirtualSize, limitName: 'MAX_VIRTUAL_SIZE' }];
     if (limit) bounds.push(limit);
-    if (free !== undefined) bounds.push({ maxBytes: free, limitName: 'free space in the scratch directory' });
+    if (free !== undefined) bounds.push({ maxBytes: free, limitName: FREE_SPACE_LIMIT });
     const unwrapBound = bounds.reduce((a, b) => (b.maxBytes < a.maxBytes ? b : a));
     const refuseStaging = (bytes: number, known: boolean): void => {
       if (limit && bytes > limit.maxBytes) {

@@ -6,8 +6,8 @@
  * stops at MAX_VIRTUAL_SIZE with LIMIT_EXCEEDED and a truncated wrapper is
  * IMAGE_CORRUPT; neither leaves anything staged.
  */
-import { execFile } from 'node:child_process';
-import { readdir, readFile, writeFile } from 'node:fs/promises';
+import { execFile, execFileSync } from 'node:child_process';
+import { mkdir, readdir, readFile, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -192,5 +192,41 @@ describe('compressed wrappers through the service', () => {
     expect(done.error?.code).toBe('IMAGE_CORRUPT');
     expect(done.attempts).toBe(1);
     expect(await filesUnder(join(svc.dataDir, 'work'))).toEqual([]);
+  });
+});
+
+function canMountTmpfs(): boolean {
+  if (process.getuid?.() !== 0) return false;
+  try {
+    execFileSync('mount', ['--version'], { stdio: 'ignore' });
+    return true;
+  } catch {
+    return false;
+  }
+}
+
+describe('unwrapping an upload into a store short of space', () => {
+  it.skipIf(!canMountTmpfs() && process.env.CI !== 'true')('answers 507 INSUFFICIENT_SPACE (not LIMIT_EXCEEDED) when the inner image passes the free space, leaving nothing staged', async () => {
+    const { dir, cleanup } = await makeTempDir('diskconv-wrapped-space-');
+    const mnt = join(dir, 'small-fs');
+    await mkdir(mnt);
+    execFileSync('mount', ['-t', 'tmpfs', '-o', 'size=80m', 'tmpfs', mnt]);
+    let svc: ServiceHarness | undefined;
+    try {
+      const packed = join(dir, 'packed.img');
+      const { stdout } = await exec('sh', ['-c', 'head -c 50331648 /dev/zero | gzip -c'], { encoding: 'buffer', maxBuffer: 16 * 2 ** 20 });
+      await writeFile(packed, stdout);
+      // 80 MiB free minus the 64 MiB kept free: about 16 MiB may be staged; the upload is 48 KiB, its image 48 MiB.
+      svc = await ServiceHarness.create('wrapped-space', { API_TOKENS: TOKEN, DATA_DIR: mnt, MAX_VIRTUAL_SIZE: '1G' });
+      await svc.startApi();
+      const answer = JSON.parse(await curl([...AUTH, '-F', `file=@${packed}`, `${svc.apiUrl}/v1/jobs`])) as Record<string, unknown>;
+      expect(answer).toMatchObject({ status: 507, code: 'INSUFFICIENT_SPACE' });
+      expect(await filesUnder(join(mnt, 'store', 'input'))).toEqual([]);
+      expect(await filesUnder(join(mnt, 'store', 'tmp'))).toEqual([]);
+    } finally {
+      await svc?.close();
+      execFileSync('umount', ['-l', mnt]);
+      await cleanup();
+    }
   });
 });

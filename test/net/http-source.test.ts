@@ -3,10 +3,10 @@
  * dropped connections, redirects, size limits, timeouts, checksums, abort. The
  * converted output is compared with `qemu-img convert -O raw` of the served file.
  */
-import { execFile } from 'node:child_process';
+import { execFile, execFileSync as execFileSyncNode } from 'node:child_process';
 import { createHash, randomBytes } from 'node:crypto';
 import { promisify } from 'node:util';
-import { readFile, readdir, rm, stat, writeFile } from 'node:fs/promises';
+import { mkdir, readFile, readdir, rm, stat, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { AbortedError, SourceUnavailableError } from '../../src/engine/errors.js';
@@ -662,5 +662,34 @@ describe('compressed wrappers', () => {
     const failed = await serve(fileHandler(f.bytes, { ranges: false }));
     await expect(openUrlSource(`${failed.origin}/disk.raw`, policy, { stagingPath: staging(), stagingSlot, expectedSha256: 'ab'.repeat(32) })).rejects.toMatchObject({ code: 'CHECKSUM_MISMATCH' });
     expect(events).toEqual(['acquire', 'release', 'acquire', 'release']);
+  });
+});
+
+function canMountTmpfs(): boolean {
+  if (process.getuid?.() !== 0) return false;
+  try {
+    execFileSyncNode('mount', ['--version'], { stdio: 'ignore' });
+    return true;
+  } catch {
+    return false;
+  }
+}
+
+describe('free space while unwrapping', () => {
+  it.skipIf(!canMountTmpfs() && process.env.CI !== 'true')('a wrapper that decompresses past the free space is INSUFFICIENT_SPACE (retried), not the image\'s fault; nothing stays', async () => {
+    const mnt = join(dir, 'small-fs');
+    await mkdir(mnt);
+    execFileSyncNode('mount', ['-t', 'tmpfs', '-o', 'size=72m', 'tmpfs', mnt]);
+    try {
+      const { stdout: packed } = await execFileP('sh', ['-c', 'head -c 33554432 /dev/zero | gzip -c'], { encoding: 'buffer', maxBuffer: 16 * 2 ** 20 });
+      const server = await serve(fileHandler(packed, { ranges: false }));
+      const stagingPath = join(mnt, 'staged');
+      // 72 MiB free minus the 64 MiB kept free: about 8 MiB to decompress into, far under MAX_VIRTUAL_SIZE.
+      const err = await openUrlSource(`${server.origin}/packed`, policy, { stagingPath }).catch((e: unknown) => e);
+      expect(err).toMatchObject({ code: 'INSUFFICIENT_SPACE', deterministic: false });
+      expect(await readdir(mnt)).toEqual([]);
+    } finally {
+      execFileSyncNode('umount', ['-l', mnt]);
+    }
   });
 });
