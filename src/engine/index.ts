@@ -4,9 +4,11 @@
  */
 import { InvalidArgumentError } from './errors.js';
 import { withLimits, type Limits } from './limits.js';
-import { detectFormat } from './probe.js';
+import { DRIVERS, detectFormat } from './probe.js';
+import { isTar, openArchive } from './archive/index.js';
+import { UnsafeImageError } from './errors.js';
 import type { RandomAccessSource } from './source.js';
-import type { CheckReport, DiskImage, FormatId, SnapshotSelector } from './types.js';
+import type { ArchiveInfo, CheckReport, DiskImage, FormatId, SnapshotSelector } from './types.js';
 import { FORMAT_IDS } from './types.js';
 
 export * from './errors.js';
@@ -31,6 +33,8 @@ export interface OpenImageOptions {
   passphrase?: Uint8Array;
   /** For info: open images whose data cannot be read (backing files); see DiskImage.readable(). */
   metadataOnly?: boolean;
+  /** An OVA's disk (1-based index, diskId or file name) or a bundle's top member; see src/engine/archive/. */
+  disk?: string;
 }
 
 export function parseFormat(value: string): FormatId | 'auto' {
@@ -41,14 +45,25 @@ export function parseFormat(value: string): FormatId | 'auto' {
 /** Probes and opens an image through its driver. The caller closes the image, then the source. */
 export async function openImage(source: RandomAccessSource, options: OpenImageOptions = {}): Promise<DiskImage> {
   const declared = options.format === 'auto' ? undefined : options.format;
-  const { driver } = await detectFormat(source, declared, options.signal);
-  return driver.open(source, {
+  const common = {
     limits: withLimits(options.limits),
     ...(options.snapshot ? { snapshot: options.snapshot } : {}),
     ...(options.signal ? { signal: options.signal } : {}),
     ...(options.passphrase ? { passphrase: options.passphrase } : {}),
     ...(options.metadataOnly ? { metadataOnly: true } : {}),
-  });
+  };
+  // An OVA or a tar bundle (by its ustar magic, never its name); `-f raw` reads the tar as bytes.
+  if (declared !== 'raw') {
+    const head = await source.read(0, Math.min(512, source.size), options.signal);
+    if (isTar(head)) {
+      const other = DRIVERS.find((d) => d.id !== 'raw' && d.probe(head, source.size));
+      if (other) throw new UnsafeImageError(`${source.name}: ambiguous image: a tar header that also carries a ${other.id} signature`);
+      return openArchive(source, { ...common, ...(declared ? { format: declared } : {}), ...(options.disk !== undefined ? { disk: options.disk } : {}) });
+    }
+  }
+  if (options.disk !== undefined) throw new InvalidArgumentError(`${source.name}: a disk was chosen (${options.disk}), but the input is not an OVA or a tar bundle`);
+  const { driver } = await detectFormat(source, declared, options.signal);
+  return driver.open(source, common);
 }
 
 /** The fields `qemu-img info --output=json` prints, with qemu's keys. */
@@ -65,6 +80,8 @@ export interface QemuInfoJson {
   'backing-filename-format'?: string;
   snapshots?: unknown[];
   'format-specific'?: { type: string; data: Record<string, unknown> };
+  /** Only for an image read from an OVA or a tar bundle (qemu-img has no such input). */
+  archive?: ArchiveInfo;
 }
 
 /** qemu's path_combine: a relative backing name is relative to the image's directory. Only a string; nothing is opened. */
@@ -93,6 +110,7 @@ export async function imageInfo(image: DiskImage, source: RandomAccessSource): P
   }
   if (info.snapshots && info.snapshots.length > 0) json.snapshots = info.snapshots;
   if (info.formatSpecific) json['format-specific'] = info.formatSpecific;
+  if (image.archive) json.archive = image.archive;
   return json;
 }
 

@@ -22,6 +22,12 @@ export interface Limits {
   maxPbkdf2Iterations: number;
   /** Bytes of second-level tables (L2 / grain tables) kept in cache. */
   tableCacheBytes: number;
+  /** Members an archive (OVA, tar bundle) may hold; each costs a header read. */
+  maxArchiveMembers: number;
+  /** Largest OVF descriptor, manifest, pax or GNU long-name record read from an archive (bytes). */
+  maxArchiveTextBytes: number;
+  /** Images in one chain (an overlay, its backing file, that one's...) or extents of one split VMDK. */
+  maxChainDepth: number;
 }
 
 export const DEFAULT_LIMITS: Readonly<Limits> = Object.freeze({
@@ -35,6 +41,9 @@ export const DEFAULT_LIMITS: Readonly<Limits> = Object.freeze({
   maxLogBytes: 64 * 2 ** 20,
   // qemu's default iter-time of 2 s gives a few million on fast machines; 8 slots of that stay inside.
   maxPbkdf2Iterations: 2 ** 25,
+  maxArchiveMembers: 4096,
+  maxArchiveTextBytes: 4 * 2 ** 20,
+  maxChainDepth: 16,
 });
 
 export function withLimits(overrides?: Partial<Limits>): Limits {

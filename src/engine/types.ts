@@ -40,6 +40,22 @@ export type MapEntry =
  */
 export type Codec = 'deflate' | 'zstd' | 'vmdk-grain';
 
+/** A guest range an overlay does not hold itself: its backing image's data shows through there. */
+export type LayerEntry = MapEntry | { kind: 'backing'; offset: number; length: number };
+
+/** What an archive (OVA, tar bundle) held and which of it the image is. */
+export interface ArchiveInfo {
+  kind: 'ova' | 'tar';
+  /** The disks an OVF names, in its DiskSection order (1-based index). */
+  disks?: Array<{ index: number; 'disk-id': string; file?: string; size?: number; capacity?: string; format?: string }>;
+  /** Index of the disk converted (OVA). */
+  disk?: number;
+  /** Members the image is made of, top first (an overlay, then its backing files; a VMDK descriptor, then its extents). */
+  members: string[];
+  /** Whether an OVA manifest (.mf) was found and every digest in it checked. */
+  manifest?: 'verified' | 'absent';
+}
+
 /** What converters and writers consume: guest-ordered, contiguous, covering [0, virtualSize). */
 export type Extent =
   | { kind: 'data'; offset: number; length: number; data: Uint8Array }
@@ -98,6 +114,14 @@ export interface DiskImage {
    * (go-qcow2reader's Readable(): metadata stays inspectable where data is not).
    */
   readable?(): void;
+  /**
+   * Present on images opened with `backingSupplied`: the map in which ranges the
+   * image does not hold are 'backing' entries (its backing file's data); the caller,
+   * which found that file, fills them. map() still refuses such an image.
+   */
+  layerMap?(signal?: AbortSignal): AsyncIterable<LayerEntry>;
+  /** Set on images read out of an archive: which members, which disk. */
+  readonly archive?: ArchiveInfo;
   /** Metadata consistency check; absent where the format has nothing to check beyond open(). */
   check?(signal?: AbortSignal): Promise<CheckReport>;
   close(): Promise<void>;
@@ -121,6 +145,12 @@ export interface OpenOptions {
    * The named file is never opened either way.
    */
   metadataOnly?: boolean;
+  /**
+   * The caller resolves the backing file itself (a member of the same bundle,
+   * src/engine/archive/): the image opens, names its backing file in info(), and
+   * serves layerMap(); map() and check() still refuse, and nothing named is opened here.
+   */
+  backingSupplied?: boolean;
 }
 
 export interface FormatDriver {

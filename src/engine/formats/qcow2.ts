@@ -24,6 +24,7 @@ import type {
   DiskImage,
   FormatDriver,
   FormatInfo,
+  LayerEntry,
   MapEntry,
   OpenOptions,
   QemuSnapshotJson,
@@ -731,8 +732,22 @@ class Qcow2Image implements DiskImage {
     }
   }
 
-  async *map(signal?: AbortSignal): AsyncGenerator<MapEntry> {
-    this.readable();
+  map(signal?: AbortSignal): AsyncGenerator<MapEntry> {
+    // Without layering no 'backing' entry is ever made.
+    return this.entries(signal, false) as AsyncGenerator<MapEntry>;
+  }
+
+  /** The map with the ranges this image does not hold as 'backing' (for a bundle that holds the backing file). */
+  layerMap(signal?: AbortSignal): AsyncGenerator<LayerEntry> {
+    return this.entries(signal, true);
+  }
+
+  /**
+   * Unallocated clusters (and subclusters) read as zeros without a backing file;
+   * `layered` reports them as 'backing' instead, zero clusters staying zero.
+   */
+  private async *entries(signal: AbortSignal | undefined, layered: boolean): AsyncGenerator<LayerEntry> {
+    if (!layered) this.readable();
     const cs = this.header.clusterSize;
     const fileSize = this.source.size;
     const virtualSize = this.virtualSize;
@@ -746,8 +761,8 @@ class Qcow2Image implements DiskImage {
       );
     }
     const cipher = enc?.cipher;
-    const ready: MapEntry[] = [];
-    let run: MapEntry | undefined;
+    const ready: LayerEntry[] = [];
+    let run: LayerEntry | undefined;
 
     const addZero = (offset: number, length: number): void => {
       if (run?.kind === 'zero') {
@@ -756,6 +771,15 @@ class Qcow2Image implements DiskImage {
       }
       if (run) ready.push(run);
       run = { kind: 'zero', offset, length };
+    };
+    const addUnallocated = (offset: number, length: number): void => {
+      if (!layered) return addZero(offset, length);
+      if (run?.kind === 'backing') {
+        run.length += length;
+        return;
+      }
+      if (run) ready.push(run);
+      run = { kind: 'backing', offset, length };
     };
     const where = (guest: number, l1Index: number, index: number): string => `for guest offset ${hex(guest)} (L1 index ${l1Index}, L2 index ${index})`;
     const addStored = (offset: number, length: number, fileOffset: number, l1Index: number, index: number): void => {
@@ -772,6 +796,18 @@ class Qcow2Image implements DiskImage {
       run = cipher ? { kind: 'stored', offset, length, fileOffset, cipher } : { kind: 'stored', offset, length, fileOffset };
     };
 
+    const addSubclusters = (guest: number, length: number, host: number, zeroBits: number, allocBits: number, l1Index: number, index: number): void => {
+      for (let sc = 0; sc < SUBCLUSTERS; sc++) {
+        const scStart = sc * subclusterSize;
+        if (scStart >= length) break;
+        const scLength = Math.min(subclusterSize, length - scStart);
+        // Unallocated subclusters read as zeros without a backing file, as the backing's data with one.
+        if ((allocBits >>> sc) & 1) addStored(guest + scStart, scLength, host + scStart, l1Index, index);
+        else if ((zeroBits >>> sc) & 1) addZero(guest + scStart, scLength);
+        else addUnallocated(guest + scStart, scLength);
+      }
+    };
+
     // A huge empty image is a long loop over L1 entries with no I/O: give the event loop turns.
     const pacer = new Pacer(signal, undefined, 64);
     for (let guest = 0; guest < virtualSize; ) {
@@ -786,7 +822,7 @@ class Qcow2Image implements DiskImage {
         l2Offset = entryOffset(hi, lo);
       }
       if (l2Offset === 0) {
-        addZero(guest, spanEnd - guest);
+        addUnallocated(guest, spanEnd - guest);
         guest = spanEnd;
       } else {
         const table = await this.l2Table(l1Index, l2Offset, signal);
@@ -814,29 +850,22 @@ class Qcow2Image implements DiskImage {
               if (host % cs !== 0) throw new ImageCorruptError(`cluster offset ${hex(host)} ${where(guest, l1Index, index)} is not aligned to the cluster size`);
               // The zero flag exists from version 3; qemu refuses it in a version 2 image.
               if (lo & 1 && this.header.version < 3) throw new ImageCorruptError(`zero cluster entry ${where(guest, l1Index, index)} in a version 2 image`);
-              if (lo & 1 || host === 0) addZero(guest, length);
+              if (lo & 1) addZero(guest, length);
+              else if (host === 0) addUnallocated(guest, length);
               else addStored(guest, length, host, l1Index, index);
             } else {
               const zeroBits = table.getUint32(p + 8);
               const allocBits = table.getUint32(p + 12);
               if (host === 0) {
                 if (allocBits !== 0) throw new ImageCorruptError(`invalid L2 entry ${where(guest, l1Index, index)}: unallocated cluster with allocated subclusters`);
-                addZero(guest, length);
+                if (!layered || zeroBits === 0xffffffff) addZero(guest, length);
+                else addSubclusters(guest, length, 0, zeroBits, 0, l1Index, index);
               } else {
                 if ((zeroBits & allocBits) !== 0) throw new ImageCorruptError(`invalid L2 entry ${where(guest, l1Index, index)}: subclusters marked both allocated and zero`);
                 if (host % cs !== 0) throw new ImageCorruptError(`cluster offset ${hex(host)} ${where(guest, l1Index, index)} is not aligned to the cluster size`);
                 if (allocBits === 0xffffffff) addStored(guest, length, host, l1Index, index);
-                else if (allocBits === 0) addZero(guest, length);
-                else {
-                  for (let sc = 0; sc < SUBCLUSTERS; sc++) {
-                    const scStart = sc * subclusterSize;
-                    if (scStart >= length) break;
-                    const scLength = Math.min(subclusterSize, length - scStart);
-                    // Zero and unallocated subclusters both read as zeros (no backing file).
-                    if ((allocBits >>> sc) & 1) addStored(guest + scStart, scLength, host + scStart, l1Index, index);
-                    else addZero(guest + scStart, scLength);
-                  }
-                }
+                else if (allocBits === 0 && (!layered || zeroBits === 0xffffffff)) addZero(guest, length);
+                else addSubclusters(guest, length, host, zeroBits, allocBits, l1Index, index);
               }
             }
           }
@@ -1279,7 +1308,7 @@ export const qcow2Driver: FormatDriver = {
   },
   async open(source: RandomAccessSource, options: OpenOptions): Promise<DiskImage> {
     const { limits, signal } = options;
-    const { header, bitmapsExt, cryptoExt, backing } = await readHeader(source, limits, signal, options.metadataOnly === true);
+    const { header, bitmapsExt, cryptoExt, backing } = await readHeader(source, limits, signal, options.metadataOnly === true || options.backingSupplied === true);
     const cs = header.clusterSize;
     const virtualSize = Math.floor(header.sizeField / SECTOR) * SECTOR;
 

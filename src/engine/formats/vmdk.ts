@@ -84,6 +84,8 @@ interface ExtentLine {
   sectors: bigint;
   type: string;
   fileName: string | undefined;
+  /** FLAT extents: where the extent's data starts in its file (sectors). */
+  offset: bigint;
 }
 
 interface Descriptor {
@@ -153,12 +155,21 @@ function looksLikeDescriptorFile(head: Uint8Array): boolean {
   return false;
 }
 
-async function openSparse(source: RandomAccessSource, limits: Limits, signal: AbortSignal | undefined): Promise<DiskImage> {
+/**
+ * Opens one hosted sparse extent of a split VMDK (twoGbMaxExtentSparse): a KDMV
+ * file that qemu writes without an embedded descriptor, since the descriptor file
+ * is the disk's. Used by src/engine/archive/ for members of the same bundle.
+ */
+export function openSparseExtent(source: RandomAccessSource, limits: Limits, signal?: AbortSignal): Promise<DiskImage> {
+  return openSparse(source, limits, signal, true);
+}
+
+async function openSparse(source: RandomAccessSource, limits: Limits, signal: AbortSignal | undefined, asExtent = false): Promise<DiskImage> {
   const name = source.name;
   const first = await readExact(source, 0, SECTOR, `${name}: VMDK sparse header`, signal);
   let header = parseSparseHeader(first, `${name}: sparse header`);
 
-  if (header.capacity === 0n && header.descriptorOffset !== 0n) {
+  if (header.capacity === 0n && header.descriptorOffset !== 0n && !asExtent) {
     // qemu reads such a file as a descriptor file whose extents are other files.
     const offset = sectorsToBytes(header.descriptorOffset, 'descriptor offset');
     if (offset >= source.size) {
@@ -205,8 +216,12 @@ async function openSparse(source: RandomAccessSource, limits: Limits, signal: Ab
     );
   }
 
-  const descriptor = await readEmbeddedDescriptor(source, header, limits, signal);
-  const { cid, parentCid } = validateEmbeddedDescriptor(name, descriptor, header.capacity);
+  let cid = 0;
+  let parentCid = 0xffffffff;
+  if (!asExtent) {
+    const descriptor = await readEmbeddedDescriptor(source, header, limits, signal);
+    ({ cid, parentCid } = validateEmbeddedDescriptor(name, descriptor, header.capacity));
+  }
 
   let grainDirectory: Uint32Array = new Uint32Array(0);
   if (grainDirectoryEntries > 0) {
@@ -341,6 +356,7 @@ function parseDescriptor(text: string): Descriptor {
         sectors: BigInt(extent[2] as string),
         type: (extent[3] as string).toUpperCase(),
         fileName: extent[4],
+        offset: BigInt(extent[5] ?? '0'),
       });
       continue;
     }
@@ -687,4 +703,80 @@ function readU32BE(bytes: Uint8Array, offset: number): number {
 
 function sectorsToBytes(sectors: bigint, what: string): number {
   return toSafeNumber(sectors * BigInt(SECTOR), what);
+}
+
+/** One extent line of a descriptor file, for a bundle that holds the file it names. */
+export interface VmdkExtentRef {
+  lineNumber: number;
+  type: 'SPARSE' | 'FLAT' | 'ZERO';
+  /** Guest sectors the extent covers. */
+  sectors: number;
+  fileName?: string;
+  /** FLAT: where the data starts in the file (bytes). */
+  fileOffset: number;
+}
+
+export interface VmdkDescriptorFile {
+  createType: string;
+  cid: number;
+  extents: VmdkExtentRef[];
+}
+
+/** createTypes whose extents are hosted files a bundle can carry. */
+const BUNDLE_CREATE_TYPES = new Set(['monolithicFlat', 'twoGbMaxExtentSparse', 'twoGbMaxExtentFlat', 'monolithicSparse', 'streamOptimized']);
+
+/**
+ * A text descriptor file's extents (a split or flat VMDK), validated; undefined
+ * when the source is a sparse extent (KDMV) rather than a descriptor. Nothing
+ * named is opened: the caller (src/engine/archive/) resolves the names against
+ * the members of its bundle, and only those.
+ */
+export async function readVmdkDescriptorFile(source: RandomAccessSource, limits: Limits, signal?: AbortSignal): Promise<VmdkDescriptorFile | undefined> {
+  const name = source.name;
+  const head = await readExact(source, 0, Math.min(4, source.size), `${name}: VMDK magic`, signal);
+  if (head.length === 4 && (readU32BE(head, 0) === SPARSE_MAGIC || readU32BE(head, 0) === VMFS_SPARSE_MAGIC)) return undefined;
+  enforceLimit('maxDescriptorBytes', source.size, limits, `${name}: VMDK descriptor file size`);
+  const text = await readExact(source, 0, source.size, `${name}: VMDK descriptor file`, signal);
+  if (!looksLikeDescriptorFile(text)) throw new FormatMismatchError(`${name}: not a VMDK descriptor`);
+  const descriptor = parseDescriptor(decodeText(text));
+  const where = `${name}: descriptor`;
+  const bad = descriptor.badLines[0];
+  if (bad) throw new ImageCorruptError(`${where} line ${bad.lineNumber} is not a comment, a key=value pair or an extent line: ${JSON.stringify(bad.text.slice(0, 80))}`);
+  const createType = descriptor.values.get('createType');
+  if (createType === undefined) throw new ImageCorruptError(`${where} has no createType`);
+  if (!BUNDLE_CREATE_TYPES.has(createType)) {
+    throw new UnsupportedFeatureError(`${where}: createType "${createType}" is not supported (monolithicFlat, twoGbMaxExtentSparse and twoGbMaxExtentFlat descriptors are read with their extents)`);
+  }
+  if (descriptor.values.has('parentFileNameHint') || descriptor.text.includes('parentFileNameHint')) {
+    throw new UnsafeImageError(`${where} names a parent disk (parentFileNameHint); differencing (child) VMDKs are refused`);
+  }
+  const cidText = descriptor.values.get('CID');
+  const parentText = descriptor.values.get('parentCID');
+  if (cidText === undefined) throw new ImageCorruptError(`${where} has no CID`);
+  if (parentText !== undefined && parseCid(parentText, `${where}: parentCID`) !== 0xffffffff) {
+    throw new UnsafeImageError(`${where}: parentCID=${parentText} marks a differencing (child) disk whose data depends on a parent file; it is refused`);
+  }
+  const cid = parseCid(cidText, `${where}: CID`);
+  if (descriptor.extents.length === 0) throw new ImageCorruptError(`${where} has no extent line`);
+  enforceLimit('maxArchiveMembers', descriptor.extents.length, limits, `${where}: extent lines`);
+  let total = 0n;
+  const extents = descriptor.extents.map((e): VmdkExtentRef => {
+    const at = `${where} line ${e.lineNumber}`;
+    if (e.access === 'NOACCESS') throw new UnsupportedFeatureError(`${at}: NOACCESS extents are not supported`);
+    if (e.type !== 'SPARSE' && e.type !== 'FLAT' && e.type !== 'ZERO') {
+      throw new UnsupportedFeatureError(`${at}: extent type ${e.type} is not supported (SPARSE, FLAT and ZERO extents are)`);
+    }
+    if (e.type !== 'ZERO' && e.fileName === undefined) throw new ImageCorruptError(`${at}: ${e.type} extent without a file name`);
+    if (e.sectors === 0n) throw new ImageCorruptError(`${at}: extent of 0 sectors`);
+    total += e.sectors;
+    return {
+      lineNumber: e.lineNumber,
+      type: e.type,
+      sectors: toSafeNumber(e.sectors, `${at}: extent size`),
+      ...(e.fileName !== undefined ? { fileName: e.fileName } : {}),
+      fileOffset: sectorsToBytes(e.offset, `${at}: extent offset`),
+    };
+  });
+  enforceLimit('maxVirtualSize', total * BigInt(SECTOR), limits, `${where}: VMDK capacity`);
+  return { createType, cid, extents };
 }

@@ -1,0 +1,382 @@
+/**
+ * Archives that carry disks: OVA appliances (a tar with an OVF descriptor, an
+ * optional manifest and the disks it names) and bundles (a tar holding a split
+ * VMDK's descriptor and extents, or a qcow2 overlay with its backing chain).
+ *
+ * Every name found inside an image or an OVF resolves only to a member of the
+ * same archive: never to a host path, never with `..`, an absolute path or a
+ * URL, never through a link member (tar.ts refuses those). A name not in the
+ * archive is UNSAFE_IMAGE naming the missing member. The result is one
+ * DiskImage whose map points into the archive (compose.ts), read by the one
+ * reader like any other image.
+ */
+import { createHash } from 'node:crypto';
+import { ImageCorruptError, InvalidArgumentError, LimitExceededError, UnsafeImageError, UnsupportedFeatureError, UnsupportedFormatError, throwIfAborted } from '../errors.js';
+import { enforceLimit, type Limits } from '../limits.js';
+import { detectFormat, driverFor } from '../probe.js';
+import { readExact, type RandomAccessSource } from '../source.js';
+import type { ArchiveInfo, DiskImage, FormatId, OpenOptions } from '../types.js';
+import { FORMAT_IDS } from '../types.js';
+import { openSparseExtent, readVmdkDescriptorFile } from '../formats/vmdk.js';
+import { ConcatImage, LayeredImage, MemberImage, type ConcatPart } from './compose.js';
+import { MemberSource } from './member-source.js';
+import { parseOvf } from './ovf.js';
+import { indexTar, isTar, normalizeMemberName, shown, type TarIndex, type TarMember } from './tar.js';
+
+export { isTar } from './tar.js';
+
+export interface ArchiveOpenOptions extends OpenOptions {
+  /**
+   * Which disk: for an OVA the 1-based index in the OVF's DiskSection (default 1),
+   * its diskId or its file name; for a bundle the member name of the top image
+   * (needed only when the bundle holds several).
+   */
+  disk?: string;
+  /** The declared format of the disk inside (the top image). */
+  format?: FormatId;
+}
+
+interface Context {
+  archive: RandomAccessSource;
+  index: TarIndex;
+  options: ArchiveOpenOptions;
+  limits: Limits;
+  /** Every member opened for the chosen disk, in order. */
+  used: string[];
+}
+
+/** Opens the disk an archive holds; the caller closes the image, then the archive source. */
+export async function openArchive(archive: RandomAccessSource, options: ArchiveOpenOptions): Promise<DiskImage> {
+  const { limits, signal } = options;
+  const index = await indexTar(archive, limits, signal);
+  if (index.members.length === 0) throw new ImageCorruptError(`${archive.name}: the tar archive holds no file`);
+  const ctx: Context = { archive, index, options, limits, used: [] };
+  const ovfs = index.members.filter((m) => /\.ovf$/i.test(m.name));
+  if (ovfs.length > 1) {
+    throw new UnsafeImageError(`${archive.name}: the archive holds ${ovfs.length} OVF descriptors (${ovfs.map((m) => `"${shown(m.name)}"`).join(', ')}); an OVA has exactly one`);
+  }
+  const ovf = ovfs[0];
+  if (ovf) return openOva(ctx, ovf);
+  return openBundle(ctx);
+}
+
+function memberSource(ctx: Context, member: TarMember): MemberSource {
+  return new MemberSource(ctx.archive, member.offset, member.size, `${ctx.archive.name}/${member.name}`);
+}
+
+function dirOf(name: string): string {
+  const slash = name.lastIndexOf('/');
+  return slash < 0 ? '' : name.slice(0, slash + 1);
+}
+
+/**
+ * The member a name inside `from` refers to, relative to `from`'s folder, as
+ * qemu resolves a relative backing name; absolute paths, URLs and `..` are refused.
+ */
+function resolveReference(ctx: Context, from: TarMember, ref: string, what: string): TarMember {
+  const where = `${ctx.archive.name}/${from.name}`;
+  if (ref === '') throw new ImageCorruptError(`${where}: empty ${what} name`);
+  if (/^[a-z][a-z0-9+.-]*:/i.test(ref)) throw new UnsafeImageError(`${where}: ${what} "${shown(ref)}" is a URL or protocol name; names inside an image resolve only to members of the same archive`);
+  if (ref.startsWith('/')) throw new UnsafeImageError(`${where}: ${what} "${shown(ref)}" is an absolute path; names inside an image resolve only to members of the same archive, never to host files`);
+  const name = normalizeMemberName(dirOf(from.name) + ref, `${where}: ${what}`);
+  const member = ctx.index.byName.get(name);
+  if (!member) throw new UnsafeImageError(`${where}: ${what} "${shown(ref)}" is not a member of the archive (looked for "${shown(name)}"); it is never looked for outside it`);
+  return member;
+}
+
+/** Reads a small text member whole (OVF, manifest), bounded. */
+async function memberText(ctx: Context, member: TarMember, what: string): Promise<string> {
+  enforceLimit('maxArchiveTextBytes', member.size, ctx.limits, `${ctx.archive.name}/${member.name}: ${what}`);
+  const bytes = await readExact(ctx.archive, member.offset, member.size, `${ctx.archive.name}/${member.name}`, ctx.options.signal);
+  return Buffer.from(bytes).toString('utf8');
+}
+
+// ---------------------------------------------------------------------------
+// OVA
+
+async function openOva(ctx: Context, ovfMember: TarMember): Promise<DiskImage> {
+  const name = ctx.archive.name;
+  const where = `${name}/${ovfMember.name}`;
+  const ovf = parseOvf(await memberText(ctx, ovfMember, 'OVF descriptor'), where);
+  const manifest = await verifyManifest(ctx, ovfMember);
+
+  const filesById = new Map<string, { href: string; size?: number; member: TarMember; compression?: string; chunkSize?: number }>();
+  const hrefs = new Set<string>();
+  for (const file of ovf.files) {
+    if (filesById.has(file.id)) throw new ImageCorruptError(`${where}: two References/File elements with ovf:id "${shown(file.id)}"`);
+    const member = resolveReference(ctx, ovfMember, file.href, 'file reference');
+    if (hrefs.has(member.name)) throw new UnsafeImageError(`${where}: the OVF names the file "${shown(member.name)}" twice; which disk it is would be ambiguous`);
+    hrefs.add(member.name);
+    if (file.size !== undefined && file.size !== member.size) {
+      throw new ImageCorruptError(`${where}: the OVF gives "${shown(file.href)}" ${file.size} bytes, the archive member has ${member.size}`);
+    }
+    filesById.set(file.id, { ...file, member });
+  }
+  const fileRefs = new Set<string>();
+  const disks = ovf.disks.map((disk, i) => {
+    if (disk.fileRef !== undefined) {
+      if (fileRefs.has(disk.fileRef)) throw new UnsafeImageError(`${where}: two disks use the file "${shown(disk.fileRef)}"`);
+      fileRefs.add(disk.fileRef);
+    }
+    const file = disk.fileRef !== undefined ? filesById.get(disk.fileRef) : undefined;
+    if (disk.fileRef !== undefined && !file) throw new ImageCorruptError(`${where}: disk "${shown(disk.diskId)}" refers to file "${shown(disk.fileRef)}", which References does not list`);
+    return { index: i + 1, disk, file };
+  });
+  if (disks.length === 0) throw new ImageCorruptError(`${where}: the OVF's DiskSection names no disk`);
+
+  const wanted = ctx.options.disk;
+  let chosen = disks[0];
+  if (wanted !== undefined) {
+    chosen = /^[0-9]+$/.test(wanted)
+      ? disks[Number(wanted) - 1]
+      : disks.find((d) => d.disk.diskId === wanted || d.file?.member.name === wanted || d.file?.href === wanted);
+    if (!chosen) {
+      throw new InvalidArgumentError(
+        `${name}: no disk "${shown(wanted)}" in the OVF; it names ${disks.map((d) => `${d.index} (${shown(d.disk.diskId)}${d.file ? `, ${shown(d.file.href)}` : ''})`).join(', ')}`,
+      );
+    }
+  }
+  if (!chosen) throw new ImageCorruptError(`${where}: no disk`);
+  if (!chosen.file) throw new UnsupportedFeatureError(`${where}: disk ${chosen.index} ("${shown(chosen.disk.diskId)}") has no file (an empty disk of the appliance); there is nothing to convert`);
+  if (chosen.file.compression !== undefined && chosen.file.compression !== 'identity') {
+    throw new UnsupportedFeatureError(`${where}: the file of disk ${chosen.index} is stored with ovf:compression="${shown(chosen.file.compression)}", which is not supported`);
+  }
+  if (chosen.file.chunkSize !== undefined) throw new UnsupportedFeatureError(`${where}: the file of disk ${chosen.index} is split in chunks (ovf:chunkSize), which is not supported`);
+  if (chosen.disk.format !== undefined && /compressed/i.test(chosen.disk.format) && !/streamOptimized/i.test(chosen.disk.format)) {
+    // e.g. VMware's "compressed" (gzip) disk format URI: refused by name rather than read as raw.
+    throw new UnsupportedFeatureError(`${where}: disk format "${shown(chosen.disk.format)}" is not supported`);
+  }
+
+  const image = await openChain(ctx, chosen.file.member, ctx.options.format, []);
+  const info: ArchiveInfo = {
+    kind: 'ova',
+    disks: disks.map((d) => ({
+      index: d.index,
+      'disk-id': d.disk.diskId,
+      ...(d.file ? { file: d.file.member.name, size: d.file.member.size } : {}),
+      ...(d.disk.capacity !== undefined ? { capacity: d.disk.capacity } : {}),
+      ...(d.disk.format !== undefined ? { format: d.disk.format } : {}),
+    })),
+    disk: chosen.index,
+    members: [...ctx.used],
+    manifest,
+  };
+  (image as { archive?: ArchiveInfo }).archive = info;
+  return image;
+}
+
+/**
+ * The manifest beside the OVF (same base name, `.mf`): every `ALG(file)= hex`
+ * line names a member, whose digest must match. A manifest naming a file the
+ * archive lacks, or a digest that differs, is corruption.
+ */
+async function verifyManifest(ctx: Context, ovfMember: TarMember): Promise<'verified' | 'absent'> {
+  const mfs = ctx.index.members.filter((m) => /\.mf$/i.test(m.name));
+  if (mfs.length === 0) return 'absent';
+  if (mfs.length > 1) throw new UnsafeImageError(`${ctx.archive.name}: the archive holds ${mfs.length} manifests; an OVA has at most one`);
+  const mf = mfs[0] as TarMember;
+  const where = `${ctx.archive.name}/${mf.name}`;
+  const text = await memberText(ctx, mf, 'manifest');
+  const lines = text.split('\n').map((l) => l.replace(/\r$/, '')).filter((l) => l.trim() !== '');
+  const seen = new Set<string>();
+  const checks: Array<{ member: TarMember; alg: string; digest: string }> = [];
+  for (const line of lines) {
+    const m = /^\s*(SHA1|SHA256|SHA512)\s*\(\s*(.+?)\s*\)\s*=\s*([0-9a-fA-F]+)\s*$/.exec(line);
+    if (!m) throw new ImageCorruptError(`${where}: manifest line "${shown(line)}" is not ALG(file)= digest with SHA1, SHA256 or SHA512`);
+    const alg = (m[1] as string).toLowerCase();
+    const digest = (m[3] as string).toLowerCase();
+    const lengths: Record<string, number> = { sha1: 40, sha256: 64, sha512: 128 };
+    if (digest.length !== lengths[alg]) throw new ImageCorruptError(`${where}: ${alg.toUpperCase()} digest of "${shown(m[2] as string)}" has ${digest.length} hex digits`);
+    const member = resolveReference(ctx, mf, m[2] as string, 'manifest entry');
+    if (seen.has(member.name)) throw new ImageCorruptError(`${where}: the manifest lists "${shown(member.name)}" twice`);
+    seen.add(member.name);
+    checks.push({ member, alg, digest });
+  }
+  if (!seen.has(ovfMember.name)) throw new ImageCorruptError(`${where}: the manifest has no digest of the OVF descriptor "${shown(ovfMember.name)}"`);
+  for (const { member, alg, digest } of checks) {
+    const got = await digestOf(ctx, member, alg);
+    if (got !== digest) {
+      throw new ImageCorruptError(`${ctx.archive.name}/${member.name}: ${alg.toUpperCase()} digest ${got} differs from the manifest's ${digest}; the appliance is damaged or altered`);
+    }
+  }
+  return 'verified';
+}
+
+const DIGEST_CHUNK = 4 * 2 ** 20;
+
+async function digestOf(ctx: Context, member: TarMember, alg: string): Promise<string> {
+  const hash = createHash(alg);
+  for (let done = 0; done < member.size; ) {
+    throwIfAborted(ctx.options.signal);
+    const length = Math.min(DIGEST_CHUNK, member.size - done);
+    hash.update(await readExact(ctx.archive, member.offset + done, length, `${ctx.archive.name}/${member.name}`, ctx.options.signal));
+    done += length;
+  }
+  return hash.digest('hex');
+}
+
+// ---------------------------------------------------------------------------
+// Bundles
+
+/** What a member names (backing file, extent files), without opening anything it names. */
+async function referencesOf(ctx: Context, member: TarMember): Promise<{ format: FormatId; refs: string[] } | undefined> {
+  const source = memberSource(ctx, member);
+  let format: FormatId;
+  try {
+    ({ format } = await detectFormat(source, undefined, ctx.options.signal));
+  } catch {
+    return undefined; // not an image we read; it can only be named by one
+  }
+  if (format === 'vmdk') {
+    const descriptor = await readVmdkDescriptorFile(source, ctx.limits, ctx.options.signal).catch(() => undefined);
+    if (!descriptor) return { format, refs: [] };
+    return { format, refs: descriptor.extents.flatMap((e) => (e.fileName !== undefined ? [resolveQuietly(ctx, member, e.fileName)] : [])) };
+  }
+  if (format === 'qcow2') {
+    const image = await driverFor('qcow2')
+      .open(source, { limits: ctx.limits, metadataOnly: true, ...(ctx.options.signal ? { signal: ctx.options.signal } : {}) })
+      .catch(() => undefined);
+    if (!image) return { format, refs: [] };
+    const backing = image.info().backingFilename;
+    await image.close();
+    return { format, refs: backing !== undefined ? [resolveQuietly(ctx, member, backing)] : [] };
+  }
+  return { format, refs: [] };
+}
+
+function resolveQuietly(ctx: Context, from: TarMember, ref: string): string {
+  try {
+    return resolveReference(ctx, from, ref, 'reference').name;
+  } catch {
+    return '';
+  }
+}
+
+async function openBundle(ctx: Context): Promise<DiskImage> {
+  const name = ctx.archive.name;
+  let top: TarMember | undefined;
+  if (ctx.options.disk !== undefined) {
+    top = ctx.index.byName.get(normalizeMemberName(ctx.options.disk, `${name}: --disk`));
+    if (!top) throw new InvalidArgumentError(`${name}: the archive has no member "${shown(ctx.options.disk)}"; it holds ${listMembers(ctx)}`);
+  } else {
+    const images: Array<{ member: TarMember; format: FormatId }> = [];
+    const referenced = new Set<string>();
+    for (const member of ctx.index.members) {
+      const found = await referencesOf(ctx, member);
+      if (!found) continue;
+      if (found.format !== 'raw') images.push({ member, format: found.format });
+      for (const r of found.refs) referenced.add(r);
+    }
+    const tops = images.filter((i) => !referenced.has(i.member.name));
+    if (tops.length > 1) {
+      throw new InvalidArgumentError(
+        `${name}: the bundle holds several disks (${tops.map((t) => `"${shown(t.member.name)}" (${t.format})`).join(', ')}); choose one with --disk NAME (API: disk)`,
+      );
+    }
+    top = tops[0]?.member ?? (ctx.index.members.length === 1 ? ctx.index.members[0] : undefined);
+    if (!top) throw new UnsupportedFormatError(`${name}: the tar archive holds no disk image this tool reads (members: ${listMembers(ctx)})`);
+  }
+  const image = await openChain(ctx, top, ctx.options.format, []);
+  (image as { archive?: ArchiveInfo }).archive = { kind: 'tar', members: [...ctx.used] };
+  return image;
+}
+
+function listMembers(ctx: Context): string {
+  const names = ctx.index.members.map((m) => `"${shown(m.name)}"`);
+  return names.length > 8 ? `${names.slice(0, 8).join(', ')}, ...` : names.join(', ');
+}
+
+/**
+ * Opens a member as an image in archive coordinates: a VMDK descriptor with its
+ * extents, a qcow2 with its backing chain (each a member), or a plain image.
+ */
+async function openChain(ctx: Context, member: TarMember, declared: FormatId | undefined, chain: string[]): Promise<DiskImage> {
+  const where = `${ctx.archive.name}/${member.name}`;
+  if (chain.includes(member.name)) {
+    throw new UnsafeImageError(`${where}: the backing chain loops (${[...chain, member.name].map((n) => `"${shown(n)}"`).join(' -> ')})`);
+  }
+  if (chain.length >= ctx.limits.maxChainDepth) {
+    throw new LimitExceededError('maxChainDepth', chain.length + 1, ctx.limits.maxChainDepth, `${where}: images in the backing chain`);
+  }
+  const { options, limits } = ctx;
+  const source = memberSource(ctx, member);
+  const { format, driver } = await detectFormat(source, declared, options.signal);
+  ctx.used.push(member.name);
+  const open: OpenOptions = {
+    limits,
+    ...(options.signal ? { signal: options.signal } : {}),
+    ...(options.passphrase ? { passphrase: options.passphrase } : {}),
+    ...(options.metadataOnly ? { metadataOnly: true } : {}),
+  };
+  if (chain.length === 0 && options.snapshot) open.snapshot = options.snapshot;
+
+  if (format === 'vmdk') {
+    const descriptor = await readVmdkDescriptorFile(source, limits, options.signal);
+    if (descriptor) return openSplitVmdk(ctx, member, descriptor);
+  }
+  if (format === 'qcow2') {
+    const image = await driver.open(source, { ...open, backingSupplied: true });
+    const info = image.info();
+    if (info.backingFilename === undefined) return new MemberImage(image, source);
+    try {
+      const backingMember = resolveReference(ctx, member, info.backingFilename, 'backing file');
+      const backingFormat = info.backingFilenameFormat;
+      if (backingFormat !== undefined && !(FORMAT_IDS as readonly string[]).includes(backingFormat)) {
+        throw new UnsupportedFeatureError(`${where}: backing file format "${shown(backingFormat)}" is not supported`);
+      }
+      const { passphrase: _unused, ...rest } = options;
+      const backing = await openChain({ ...ctx, options: rest }, backingMember, backingFormat as FormatId | undefined, [...chain, member.name]);
+      return new LayeredImage(new MemberImage(image, source), backing);
+    } catch (err) {
+      await image.close();
+      throw err;
+    }
+  }
+  return new MemberImage(await driver.open(source, open), source);
+}
+
+async function openSplitVmdk(ctx: Context, member: TarMember, descriptor: NonNullable<Awaited<ReturnType<typeof readVmdkDescriptorFile>>>): Promise<DiskImage> {
+  const where = `${ctx.archive.name}/${member.name}`;
+  const parts: ConcatPart[] = [];
+  const extentsInfo: Array<Record<string, unknown>> = [];
+  const names = new Set<string>();
+  try {
+    for (const extent of descriptor.extents) {
+      const length = extent.sectors * 512;
+      if (extent.type === 'ZERO') {
+        parts.push({ length });
+        continue;
+      }
+      const file = resolveReference(ctx, member, extent.fileName as string, `extent file (line ${extent.lineNumber})`);
+      if (file.name === member.name) throw new UnsafeImageError(`${where}: extent line ${extent.lineNumber} names the descriptor itself`);
+      if (names.has(file.name)) throw new UnsafeImageError(`${where}: the extent file "${shown(file.name)}" is named twice`);
+      names.add(file.name);
+      ctx.used.push(file.name);
+      const source = memberSource(ctx, file);
+      if (extent.type === 'FLAT') {
+        if (extent.fileOffset + length > file.size) {
+          throw new ImageCorruptError(`${where}: FLAT extent line ${extent.lineNumber} needs ${extent.fileOffset + length} bytes of "${shown(file.name)}", which has ${file.size}`);
+        }
+        parts.push({ length, storedAt: file.offset + extent.fileOffset, name: file.name });
+        extentsInfo.push({ 'virtual-size': length, filename: source.name, format: 'FLAT' });
+      } else {
+        const image = new MemberImage(await openSparseExtent(source, ctx.limits, ctx.options.signal), source);
+        parts.push({ length, image, name: file.name });
+        const cluster = image.info().clusterSize;
+        extentsInfo.push({ 'virtual-size': length, filename: source.name, ...(cluster !== undefined ? { 'cluster-size': cluster } : {}), format: 'SPARSE' });
+      }
+    }
+  } catch (err) {
+    for (const p of parts) await p.image?.close();
+    throw err;
+  }
+  const firstSparse = parts.find((p) => p.image)?.image?.info().clusterSize;
+  return new ConcatImage('vmdk', parts, {
+    ...(firstSparse !== undefined ? { clusterSize: firstSparse } : {}),
+    dirty: false,
+    formatSpecific: {
+      type: 'vmdk',
+      data: { cid: descriptor.cid, 'parent-cid': 0xffffffff, 'create-type': descriptor.createType, extents: extentsInfo },
+    },
+  });
+}
