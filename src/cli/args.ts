@@ -172,6 +172,14 @@ export const PASSPHRASE_OPTION: OptionSpec = {
   help: "key of an encrypted qcow2 (LUKS or legacy AES): the file's bytes exactly, as qemu's secret file= (a trailing newline counts)",
 };
 
+/** `--disk N|ID|NAME`: which disk of an OVA (1-based, by diskId or file) or which top member of a tar bundle. */
+export const DISK_OPTION: OptionSpec = {
+  key: 'disk',
+  long: 'disk',
+  value: 'N|NAME',
+  help: 'OVA: the disk to read (1-based index in the OVF, its diskId or file; default the first); tar bundle: the member that is the disk',
+};
+
 export type Output = 'human' | 'json';
 
 export function outputOf(value: string | undefined): Output {

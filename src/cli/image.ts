@@ -33,6 +33,8 @@ export interface ImageOpenOptions {
   passphraseFile?: string;
   /** info: open images whose data is refused (backing files) to show their metadata. */
   metadataOnly?: boolean;
+  /** `--disk`: an OVA's disk or a tar bundle's top member. */
+  disk?: string;
 }
 
 /** The passphrase file's bytes, exactly (never echoed, never copied anywhere). */
@@ -59,6 +61,7 @@ export async function withImage<T>(file: string, options: ImageOpenOptions, fn: 
       ...(options.snapshot ? { snapshot: options.snapshot } : {}),
       ...(options.signal ? { signal: options.signal } : {}),
       ...(options.metadataOnly ? { metadataOnly: true } : {}),
+      ...(options.disk !== undefined ? { disk: options.disk } : {}),
     });
     try {
       return await fn(image, source);
@@ -106,10 +109,11 @@ async function unwrap(file: string, signal?: AbortSignal): Promise<{ path: strin
   }
 }
 
-/** The `--passphrase-file` of parsed arguments, as withImage options. */
-export function passphraseFile(args: { get(key: string): string | undefined }): { passphraseFile?: string } {
+/** The `--passphrase-file` (and `--disk`) of parsed arguments, as withImage options. */
+export function passphraseFile(args: { get(key: string): string | undefined }): { passphraseFile?: string; disk?: string } {
   const file = args.get('passphrase-file');
-  return file !== undefined ? { passphraseFile: file } : {};
+  const disk = args.get('disk');
+  return { ...(file !== undefined ? { passphraseFile: file } : {}), ...(disk !== undefined ? { disk } : {}) };
 }
 
 /** Guest bytes the map says hold data: an upper bound of a sparse output's allocation. Metadata only. */

@@ -3,7 +3,7 @@
  * meaning, written through the never-destroy destination rules (destination.ts).
  */
 import { convertToRaw, InvalidArgumentError, type Extent, type ExtentSink } from '../../engine/index.js';
-import { commandHelp, FORMAT_OPTION, PASSPHRASE_OPTION, parseCommand, UsageError, type CommandSpec } from '../args.js';
+import { commandHelp, FORMAT_OPTION, PASSPHRASE_OPTION, DISK_OPTION, parseCommand, UsageError, type CommandSpec } from '../args.js';
 import { CACHE_MODES, DestinationSink, refuseSameFile, type CacheMode } from '../destination.js';
 import { dataBytesOf, declaredFormat, parseSnapshot, passphraseFile, withImage } from '../image.js';
 import { ProgressPrinter } from '../progress.js';
@@ -18,6 +18,7 @@ export const spec: CommandSpec = {
   options: [
     FORMAT_OPTION,
     PASSPHRASE_OPTION,
+    DISK_OPTION,
     { key: 'target', short: 'O', value: 'raw', help: 'output format; only raw' },
     { key: 'snapshot', short: 'l', value: 'SNAPSHOT', help: 'convert an internal snapshot: snapshot.name=NAME, snapshot.id=ID or NAME_OR_ID' },
     { key: 'progress', short: 'p', help: 'show progress on stdout, as qemu-img prints it' },

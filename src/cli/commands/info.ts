@@ -1,6 +1,6 @@
 /** `diskconv info`: qemu-img info, human or JSON. */
 import { imageInfo } from '../../engine/index.js';
-import { commandHelp, FORMAT_OPTION, OUTPUT_OPTION, outputOf, PASSPHRASE_OPTION, parseCommand, type CommandSpec } from '../args.js';
+import { commandHelp, FORMAT_OPTION, OUTPUT_OPTION, outputOf, PASSPHRASE_OPTION, DISK_OPTION, parseCommand, type CommandSpec } from '../args.js';
 import { formatHumanInfo, formatJsonInfo } from '../human.js';
 import { declaredFormat, passphraseFile, withImage } from '../image.js';
 
@@ -10,7 +10,7 @@ export const spec: CommandSpec = {
   summary: "Show an image's metadata as qemu-img info does (same fields, same JSON keys). Reads metadata only.",
   minOperands: 1,
   maxOperands: 1,
-  options: [FORMAT_OPTION, OUTPUT_OPTION, PASSPHRASE_OPTION, { key: 'force-share', short: 'U', help: 'open without locks (accepted; diskconv takes no image locks)' }],
+  options: [FORMAT_OPTION, OUTPUT_OPTION, PASSPHRASE_OPTION, DISK_OPTION, { key: 'force-share', short: 'U', help: 'open without locks (accepted; diskconv takes no image locks)' }],
 };
 
 export async function run(argv: string[], out: (s: string) => void): Promise<number> {

@@ -273,6 +273,9 @@ async function openBundle(ctx: Context): Promise<DiskImage> {
         `${name}: the bundle holds several disks (${tops.map((t) => `"${shown(t.member.name)}" (${t.format})`).join(', ')}); choose one with --disk NAME (API: disk)`,
       );
     }
+    if (tops.length === 0 && images.length > 0) {
+      throw new UnsafeImageError(`${name}: every image in the bundle is the backing file or an extent of another (${images.map((i) => `"${shown(i.member.name)}"`).join(', ')}): the references loop`);
+    }
     top = tops[0]?.member ?? (ctx.index.members.length === 1 ? ctx.index.members[0] : undefined);
     if (!top) throw new UnsupportedFormatError(`${name}: the tar archive holds no disk image this tool reads (members: ${listMembers(ctx)})`);
   }
