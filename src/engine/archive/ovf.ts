@@ -74,6 +74,8 @@ export function parseOvf(text: string, where: string): OvfDescriptor {
   let sawRoot = false;
   while (p < text.length) {
     const lt = text.indexOf('<', p);
+    // Character data is not used, but its references are checked like attributes'.
+    decodeEntities(text.slice(p, lt < 0 ? text.length : lt), where);
     if (lt < 0) break;
     if (text.startsWith('<!--', lt)) {
       const end = text.indexOf('-->', lt + 4);

@@ -23,7 +23,7 @@ function octal(value: number, width: number): string {
 /** One ustar header block, written from POSIX.1-1988's layout. */
 export function tarHeader(e: RawTarEntry, size: number): Buffer {
   const h = Buffer.alloc(512);
-  h.write(e.name, 0, 100, 'utf8');
+  h.write(e.name, 0, 100, 'latin1');
   h.write(octal(0o644, 8), 100, 'ascii');
   h.write(octal(0, 8), 108, 'ascii');
   h.write(octal(0, 8), 116, 'ascii');
