@@ -107,7 +107,7 @@ describe('OVA', () => {
     const ovfBytes = await readFile(path('app.ovf'));
     const mf = await readFile(path('app.mf'), 'utf8');
     const tampered = Buffer.from(disk1);
-    tampered[tampered.length - 2000] ^= 1;
+    tampered[tampered.length - 2000] = (tampered[tampered.length - 2000] as number) ^ 1;
     const bad = await outcomeOf(makeTar([{ name: 'app.ovf', data: ovfBytes }, { name: 'app.mf', data: Buffer.from(mf) }, { name: 'app-disk1.vmdk', data: tampered }, { name: 'app-disk2.qcow2', data: disk2 }]));
     expect(bad.code).toBe('IMAGE_CORRUPT');
     expect(bad.message).toMatch(/SHA1 digest .* differs from the manifest/);

@@ -100,7 +100,7 @@ describe('tar members', () => {
     const t = makeTar([{ name: 'd.qcow2', data: qcow }]);
     expect(isTar(t)).toBe(true);
     const broken = Buffer.from(t);
-    broken[0] ^= 1;
+    broken[0] = (broken[0] as number) ^ 1;
     expect(isTar(broken)).toBe(false);
     expect((await openImage(new BufferSource(t), { format: 'raw' })).format).toBe('raw');
     // The bytes say tar and qcow2 at once: refused as ambiguous.
