@@ -103,7 +103,7 @@ const uploadOptions = z.object({ ...optionFields, ...destinationFields, glance: 
  * The job's destination (the image defaults to the job id), checked against
  * RBD_POOLS before a byte of the body is read or stored.
  */
-function destinationOf(fields: { target?: 'store' | 'rbd' | undefined; pool?: string | undefined; image?: string | undefined }, key: string, deps: BodyDeps): JobDestination | undefined {
+function destinationOf(fields: { target?: 'store' | 'rbd' | undefined; pool?: string | undefined; image?: string | undefined }, key: string, deps: Pick<BodyDeps, 'destinations'>): JobDestination | undefined {
   if (fields.target !== 'rbd') {
     if (fields.pool !== undefined || fields.image !== undefined) throw new ApiError('VALIDATION_FAILED', 'rbd_pool and rbd_image need output_target=rbd');
     return undefined;
@@ -140,6 +140,49 @@ export interface BodyDeps {
   staging: InputStaging;
   destinations: Pick<Destinations, 'check'>;
   policy: UrlPolicyShape;
+}
+
+/** What the flat text fields name: the job's options, the file name, an encrypted image's key. */
+export interface FieldOptions {
+  options: JobOptions;
+  filename?: string;
+  passphrase?: string;
+}
+
+/**
+ * The job options as flat text fields: the query string of an octet-stream
+ * upload, multipart fields, and a tus upload's Upload-Metadata (routes/uploads.ts)
+ * all go through this one schema. `passphrase` only where the fields are not
+ * logged (never the query string); `filename` only where it is not the file
+ * part's own name. The destination is checked against RBD_POOLS here.
+ */
+export function readOptionFields(
+  fields: Record<string, string | undefined>,
+  key: string,
+  deps: Pick<BodyDeps, 'destinations'>,
+  accept: { passphrase: boolean; filename: boolean },
+): FieldOptions {
+  const { passphrase: rawPassphrase, ...values } = fields;
+  if (rawPassphrase !== undefined && !accept.passphrase) {
+    throw new ApiError('VALIDATION_FAILED', 'passphrase is accepted in a JSON body, a multipart field or tus Upload-Metadata, never in the query string');
+  }
+  if (values.filename !== undefined && !accept.filename) throw new ApiError('VALIDATION_FAILED', "filename: the file part's own name is the file name");
+  const passphrase = rawPassphrase === undefined ? undefined : passphraseField.parse(rawPassphrase);
+  const parsed = uploadOptions.parse(values);
+  const destination = destinationOf({ target: parsed.output_target, pool: parsed.rbd_pool, image: parsed.rbd_image }, key, deps);
+  const filename = sanitizeFilename(parsed.filename);
+  return {
+    options: {
+      source_format: parsed.source_format,
+      output_format: parsed.output_format,
+      ...(parsed.expected_sha256 ? { expected_sha256: parsed.expected_sha256 } : {}),
+      ...(parsed.callback_url ? { callback_url: parsed.callback_url } : {}),
+      ...(destination ? { destination } : {}),
+      ...(parsed.glance ? { glance: parsed.glance } : {}),
+    },
+    ...(filename ? { filename } : {}),
+    ...(passphrase !== undefined ? { passphrase } : {}),
+  };
 }
 
 /** Room for multipart boundaries and headers around the file. */
@@ -237,19 +280,9 @@ async function receiveJson(request: FastifyRequest, key: string, deps: BodyDeps)
 }
 
 async function receiveOctetStream(request: FastifyRequest, key: string, deps: BodyDeps): Promise<Received> {
-  const query = uploadOptions.parse(request.query ?? {});
+  const { options, filename } = readOptionFields((request.query ?? {}) as Record<string, string>, key, deps, { passphrase: false, filename: true });
   const body = request.body as Readable | undefined;
   if (!body || typeof body.pipe !== 'function') throw new ApiError('EMPTY_BODY', 'the body is empty');
-  const destination = destinationOf({ target: query.output_target, pool: query.rbd_pool, image: query.rbd_image }, key, deps);
-  const options: JobOptions = {
-    source_format: query.source_format,
-    output_format: query.output_format,
-    ...(query.expected_sha256 ? { expected_sha256: query.expected_sha256 } : {}),
-    ...(query.callback_url ? { callback_url: query.callback_url } : {}),
-    ...(destination ? { destination } : {}),
-    ...(query.glance ? { glance: query.glance } : {}),
-  };
-  const filename = sanitizeFilename(query.filename);
   const stored = await streamToStore(body, key, deps);
   await verifyChecksum(stored, options, key, deps);
   return { source: { kind: 'upload', key, ...stored, ...(filename ? { filename } : {}) }, options };
@@ -287,18 +320,7 @@ async function receiveMultipart(request: FastifyRequest, key: string, deps: Body
   }
   try {
     if (!stored) throw new ApiError('MISSING_FILE');
-    const { passphrase: rawPassphrase, ...optionValues } = fields;
-    const passphrase = rawPassphrase === undefined ? undefined : passphraseField.parse(rawPassphrase);
-    const parsed = uploadOptions.omit({ filename: true }).parse(optionValues);
-    const destination = destinationOf({ target: parsed.output_target, pool: parsed.rbd_pool, image: parsed.rbd_image }, key, deps);
-    const options: JobOptions = {
-      source_format: parsed.source_format,
-      output_format: parsed.output_format,
-      ...(parsed.expected_sha256 ? { expected_sha256: parsed.expected_sha256 } : {}),
-      ...(parsed.callback_url ? { callback_url: parsed.callback_url } : {}),
-      ...(destination ? { destination } : {}),
-      ...(parsed.glance ? { glance: parsed.glance } : {}),
-    };
+    const { options, passphrase } = readOptionFields(fields, key, deps, { passphrase: true, filename: false });
     await verifyChecksum(stored, options, key, deps);
     return { source: { kind: 'upload', key, ...stored, ...(filename ? { filename } : {}) }, options, ...(passphrase !== undefined ? { passphrase } : {}) };
   } catch (err) {

@@ -3,7 +3,7 @@ import { randomBytes } from 'node:crypto';
 import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
 import { z } from 'zod';
 import { isFinal, JOB_STATES, type JobRecord } from '../../queue/records.js';
-import { checkCallbackUrl, initialCallback } from '../../queue/webhooks.js';
+import { checkJobOptions, newJobRecord, submitJob } from '../job-record.js';
 import { receiveBody } from '../bodies.js';
 import type { ApiContext } from '../context.js';
 import { ApiError, QUEUE_RETRY_AFTER_SECONDS } from '../errors.js';
@@ -33,13 +33,6 @@ export async function findJob(ctx: ApiContext, request: FastifyRequest): Promise
   return rec;
 }
 
-/** callback_url checked by the webhook URL rules, and its delivery state starting out pending. */
-async function callbackFields(url: string | undefined, config: ApiContext['config']): Promise<Pick<JobRecord, 'callback_url' | 'callback'>> {
-  if (url === undefined) return {};
-  await checkCallbackUrl(url, config);
-  return { callback_url: url, callback: initialCallback() };
-}
-
 export async function jobRoutes(app: FastifyInstance, ctx: ApiContext): Promise<void> {
   app.post('/v1/jobs', { config: { rateLimit: { max: ctx.config.rateLimit.jobs, timeWindow: ctx.config.rateLimit.windowSeconds * 1000 } } }, async (request, reply) => {
     // Checked before a byte of the body is read.
@@ -56,12 +49,8 @@ export async function jobRoutes(app: FastifyInstance, ctx: ApiContext): Promise<
 
   const createJob = async (request: FastifyRequest, reply: FastifyReply, id: string, idempotencyKey: string | undefined): Promise<FastifyReply> => {
     const received = await receiveBody(request, id, { config: ctx.config, staging: ctx.stores.staging, destinations: ctx.stores.destinations, policy: ctx.policy });
-    if (received.options.glance && !ctx.config.glance) {
+    const callback = await checkJobOptions(ctx, received.options).catch(async (err: unknown) => {
       if (received.source.kind === 'upload') await ctx.stores.staging.delete(id).catch(() => {});
-      throw new ApiError('GLANCE_NOT_CONFIGURED', 'this service does not publish into Glance (GLANCE_URL is not set)');
-    }
-    const callback = await callbackFields(received.options.callback_url, ctx.config).catch(async (err: unknown) => {
-      await ctx.stores.staging.delete(id).catch(() => {});
       throw err;
     });
     // Idempotency-Key: claimed once the request is known to be acceptable, just before the job exists.
@@ -84,35 +73,11 @@ export async function jobRoutes(app: FastifyInstance, ctx: ApiContext): Promise<
       }
       claim = claimed.claim;
     }
-    const now = Date.now();
     const src = received.source;
-    const record: JobRecord = {
-      id,
-      tenant: request.tenant,
-      state: 'queued',
-      source_format: received.options.source_format,
-      output_format: received.options.output_format,
-      ...(received.options.expected_sha256 ? { expected_sha256: received.options.expected_sha256 } : {}),
-      ...(received.options.destination ? { destination: received.options.destination } : {}),
-      ...(received.options.glance ? { glance: received.options.glance } : {}),
-      created_at: now,
-      updated_at: now,
-      attempts: 0,
-      source:
-        src.kind === 'upload'
-          ? { kind: 'upload', size: src.size, sha256: src.sha256, ...(src.filename ? { filename: src.filename } : {}), ...(src.wrapper ? { wrapper: src.wrapper, unwrapped_size: src.unwrapped_size } : {}) }
-          : { kind: 'url', url: src.url },
-      progress: { phase: 'queued', bytes_done: 0, bytes_total: null, percent: null },
-      ...callback,
-    };
+    const record = newJobRecord(id, request.tenant, src, received.options, callback);
     try {
-      await ctx.records.create(record);
-      // Before the enqueue, so the worker finds it; its own key with a TTL, never in the record.
-      if (received.passphrase !== undefined) await ctx.records.putPassphrase(id, received.passphrase);
-      await ctx.queue.enqueue(id);
+      await submitJob(ctx, record, received.passphrase);
     } catch (err) {
-      await ctx.records.remove(record).catch(() => {});
-      await ctx.stores.staging.delete(id).catch(() => {});
       await claim?.release().catch(() => {});
       request.log.error({ err }, 'enqueue failed');
       throw new ApiError('QUEUE_UNAVAILABLE', undefined, { 'retry-after': String(QUEUE_RETRY_AFTER_SECONDS) });

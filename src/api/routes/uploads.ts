@@ -1,8 +1,15 @@
 /**
  * Resumable uploads: the tus 1.0 protocol (core, creation, termination, checksum,
  * expiration) at /v1/uploads, by @tus/server with its file store under
- * DATA_DIR/uploads. An upload's metadata carries the job options (filename,
- * source_format, expected_sha256, callback_url); the tenant is bound to the upload
+ * DATA_DIR/uploads. An upload's metadata carries the job options, read by the
+ * same schema as POST /v1/jobs' fields (bodies.ts `readOptionFields`: filename,
+ * source_format, expected_sha256, callback_url, output_target/rbd_pool/rbd_image,
+ * glance as JSON text, passphrase) and checked when the upload is created, before
+ * a byte is sent; the record is built by job-record.ts like any other job's. A
+ * passphrase never stays in the upload's metadata (which the tus store keeps on
+ * disk or in the bucket): it goes at once to the job's own Redis key, with the
+ * upload's TTL. The job id is chosen at creation (so an RBD image defaults to it,
+ * as for POST /v1/jobs); the tenant is bound to the upload
  * when it is created and checked on every later request (another tenant's upload
  * is a 404). A completed upload becomes a job exactly once: a Redis key claims
  * the upload id for one job, the bytes move into input staging (hashed on the
@@ -24,22 +31,40 @@ import { FileStore } from '@tus/file-store';
 import { Server, type Upload } from '@tus/server';
 import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
 import { isDiskconvError } from '../../engine/errors.js';
-import type { JobRecord, SourceFormat } from '../../queue/records.js';
-import { checkCallbackUrl, initialCallback } from '../../queue/webhooks.js';
-import { sanitizeFilename, SOURCE_FORMATS } from '../bodies.js';
+import { readOptionFields, streamToStore, type FieldOptions, type StoredUpload } from '../bodies.js';
 import type { ApiContext } from '../context.js';
-import { problemFor } from '../errors.js';
+import { problemFor, toProblem } from '../errors.js';
+import { checkJobOptions, newJobRecord, submitJob } from '../job-record.js';
 import { jobPath } from '../present.js';
 import { newJobId } from './jobs.js';
 
 export const UPLOADS_PATH = '/v1/uploads';
 const CHECKSUM_ALGORITHMS = ['sha1', 'sha256', 'md5'] as const;
-const METADATA_KEYS = new Set(['filename', 'filetype', 'source_format', 'expected_sha256', 'callback_url']);
+/** Metadata keys the server sets itself (a client sending one is refused); `filetype` is tus-js-client's, ignored. */
+const SERVER_KEYS = ['tenant', 'job'] as const;
+const IGNORED_KEYS = new Set(['filetype']);
 
 /** A tus hook's refusal: @tus/server sends `body` with `status_code`. */
 function refusal(code: Parameters<typeof problemFor>[0], detail: string, status?: number): { status_code: number; body: string } {
   const problem = problemFor(code, detail);
   return { status_code: status ?? problem.status, body: JSON.stringify(problem) };
+}
+
+/** Any error as a tus hook's refusal, with the status and problem the rest of the API would answer. */
+function refusalOf(err: unknown): { status_code: number; body: string } {
+  if (typeof err === 'object' && err !== null && 'status_code' in err) return err as { status_code: number; body: string };
+  const { problem } = toProblem(err);
+  return { status_code: problem.status, body: JSON.stringify(problem) };
+}
+
+/** The client's metadata as option fields: server keys and ignored keys left out; a key without a value is '' (for the schema to judge, never silently absent). */
+function optionFieldsOf(meta: Record<string, string | null>): Record<string, string | undefined> {
+  const fields: Record<string, string | undefined> = {};
+  for (const [k, v] of Object.entries(meta)) {
+    if (IGNORED_KEYS.has(k) || (SERVER_KEYS as readonly string[]).includes(k)) continue;
+    fields[k] = v ?? '';
+  }
+  return fields;
 }
 
 interface Claim {
@@ -63,7 +88,7 @@ export async function uploadRoutes(app: FastifyInstance, ctx: ApiContext): Promi
   const finish = async (req: Request, upload: Upload): Promise<{ headers: Record<string, string> }> => {
     const tenant = tenants.get(req) ?? '';
     const meta = upload.metadata ?? {};
-    const id = newJobId();
+    const id = meta.job ?? newJobId();
     const size = upload.size ?? upload.offset;
     const claimed = await ctx.redis.set(claimKey(upload.id), JSON.stringify({ job: id, size } satisfies Claim), 'EX', ctx.config.retention.resultTtlSeconds, 'NX');
     if (claimed !== 'OK') {
@@ -73,54 +98,46 @@ export async function uploadRoutes(app: FastifyInstance, ctx: ApiContext): Promi
     try {
       const lease = await ctx.leases.hold(id);
       try {
-        // Into staging, hashed on the way: the job's source is exactly what was received.
-        const hash = createHash('sha256');
-        const writer = await ctx.stores.staging.create(id);
+        // Into staging the way POST /v1/jobs stores a body: hashed as received, a compressed wrapper removed on the way.
+        let stored: StoredUpload;
         try {
-          await pipeline(
-            createReadStream(join(directory, upload.id)),
-            new Transform({
-              transform(chunk: Buffer, _enc, done) {
-                hash.update(chunk);
-                done(null, chunk);
-              },
-            }),
-            writer.stream,
-          );
-          await writer.commit();
+          stored = await streamToStore(createReadStream(join(directory, upload.id)), id, {
+            config: ctx.config,
+            staging: ctx.stores.staging,
+            destinations: ctx.stores.destinations,
+            policy: ctx.policy,
+          });
         } catch (err) {
-          await writer.abort().catch(() => {});
-          throw err;
-        }
-        const sha256 = hash.digest('hex');
-        if (meta.expected_sha256 && meta.expected_sha256.toLowerCase() !== sha256) {
-          await ctx.stores.staging.delete(id).catch(() => {});
+          // The bytes themselves are refused (a corrupt wrapper, a bomb): final, like the same body sent to POST /v1/jobs.
+          if (!(isDiskconvError(err) && err.deterministic)) throw err;
+          await ctx.records.deletePassphrase(id).catch(() => {});
           await ctx.redis.del(claimKey(upload.id));
           await datastore.remove(upload.id).catch(() => {});
-          throw refusal('CHECKSUM_MISMATCH', `the upload's sha256 is ${sha256}, expected ${meta.expected_sha256}`);
+          throw refusalOf(err);
         }
-        const now = Date.now();
-        const filename = sanitizeFilename(meta.filename ?? undefined);
-        const record: JobRecord = {
-          id,
-          tenant,
-          state: 'queued',
-          source_format: (meta.source_format ?? 'auto') as SourceFormat,
-          output_format: 'raw',
-          ...(meta.expected_sha256 ? { expected_sha256: meta.expected_sha256.toLowerCase() } : {}),
-          created_at: now,
-          updated_at: now,
-          attempts: 0,
-          source: { kind: 'upload', size, sha256, ...(filename ? { filename } : {}) },
-          progress: { phase: 'queued', bytes_done: 0, bytes_total: null, percent: null },
-          ...(meta.callback_url ? { callback_url: meta.callback_url, callback: initialCallback() } : {}),
-        };
+        const { sha256 } = stored;
+        let fields: FieldOptions;
+        let callback: Awaited<ReturnType<typeof checkJobOptions>>;
         try {
-          await ctx.records.create(record);
-          await ctx.queue.enqueue(id);
+          // Checked at creation already; again now, by the same rules, in case the configuration changed since.
+          fields = readOptionFields(optionFieldsOf(meta), id, ctx.stores, { passphrase: false, filename: true });
+          callback = await checkJobOptions(ctx, fields.options);
+          const expected = fields.options.expected_sha256;
+          if (expected && expected !== sha256) throw refusal('CHECKSUM_MISMATCH', `the upload's sha256 is ${sha256}, expected ${expected}`);
         } catch (err) {
-          await ctx.records.remove(record).catch(() => {});
           await ctx.stores.staging.delete(id).catch(() => {});
+          await ctx.records.deletePassphrase(id).catch(() => {});
+          await ctx.redis.del(claimKey(upload.id));
+          await datastore.remove(upload.id).catch(() => {});
+          throw refusalOf(err);
+        }
+        const passphrase = await ctx.records.getPassphrase(id);
+        const source = { kind: 'upload' as const, key: id, ...stored, ...(fields.filename ? { filename: fields.filename } : {}) };
+        try {
+          await submitJob(ctx, newJobRecord(id, tenant, source, fields.options, callback), passphrase);
+        } catch (err) {
+          // submitJob took the half-made job back, passphrase included: a retried PATCH needs it again.
+          if (passphrase !== undefined) await ctx.records.putPassphrase(id, passphrase, ctx.config.uploads.ttlSeconds + 3600).catch(() => {});
           throw err;
         }
         log.info({ job: id, upload: upload.id, size }, 'job created from a tus upload');
@@ -148,22 +165,23 @@ export async function uploadRoutes(app: FastifyInstance, ctx: ApiContext): Promi
     exposedHeaders: ['Diskconv-Job'],
     async onUploadCreate(req, upload) {
       const meta = upload.metadata ?? {};
-      for (const key of Object.keys(meta)) if (!METADATA_KEYS.has(key)) throw refusal('VALIDATION_FAILED', `unknown metadata key '${key.slice(0, 64)}'; allowed: ${[...METADATA_KEYS].join(', ')}`);
-      if (meta.source_format && !(SOURCE_FORMATS as readonly string[]).includes(meta.source_format)) {
-        throw refusal('VALIDATION_FAILED', `source_format must be one of ${SOURCE_FORMATS.join(', ')}`);
-      }
-      if (meta.expected_sha256 && !/^[0-9a-fA-F]{64}$/.test(meta.expected_sha256)) throw refusal('VALIDATION_FAILED', 'expected_sha256 must be 64 hex digits');
-      if (meta.callback_url) {
-        try {
-          await checkCallbackUrl(meta.callback_url, ctx.config);
-        } catch (err) {
-          if (isDiskconvError(err)) throw refusal(err.code === 'URL_REFUSED' ? 'URL_REFUSED' : 'INVALID_ARGUMENT', err.message);
-          throw err;
-        }
-      }
+      for (const key of SERVER_KEYS) if (key in meta) throw refusal('VALIDATION_FAILED', `metadata key '${key}' is set by the server`);
       if (upload.size === undefined) throw refusal('VALIDATION_FAILED', 'Upload-Length is required (Upload-Defer-Length is not accepted)');
-      // The tenant goes with the upload, set here and never taken from the client.
-      return { metadata: { ...meta, tenant: tenants.get(req) ?? '' } };
+      const job = newJobId();
+      let passphrase: string | undefined;
+      try {
+        // The same schema and checks as POST /v1/jobs, before a byte of the image is sent.
+        const fields = readOptionFields(optionFieldsOf(meta), job, ctx.stores, { passphrase: true, filename: true });
+        await checkJobOptions(ctx, fields.options);
+        passphrase = fields.passphrase;
+      } catch (err) {
+        throw refusalOf(err);
+      }
+      // The passphrase goes to the job's own key now (until the upload would expire), never into the stored metadata.
+      if (passphrase !== undefined) await ctx.records.putPassphrase(job, passphrase, ctx.config.uploads.ttlSeconds + 3600);
+      const { passphrase: _dropped, ...kept } = meta;
+      // The tenant and the job id go with the upload, set here and never taken from the client.
+      return { metadata: { ...kept, tenant: tenants.get(req) ?? '', job } };
     },
     async onIncomingRequest(req, uploadId) {
       if (req.method === 'POST' || req.method === 'OPTIONS') return;
