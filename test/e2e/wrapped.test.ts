@@ -10,9 +10,12 @@ import { execFile, execFileSync } from 'node:child_process';
 import { mkdir, readdir, readFile, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
+import type { S3Client } from '@aws-sdk/client-s3';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { cephAvailable, useCeph, type CephEnv } from '../helpers/ceph.js';
+import { createBucket, objectKeys, removeBucket, s3Env, testS3Client, uniqueBucket, uploadsInProgress } from '../helpers/s3.js';
 import { makeTempDir, mixedContent, qemuImg, qemuRawSha256, sha256File } from '../helpers/qemu.js';
-import { curl, ServiceHarness, type JobJson } from '../helpers/service.js';
+import { curl, ServiceHarness, waitFor, type JobJson } from '../helpers/service.js';
 import { startFileServer, type FileServer } from './http-files.js';
 
 const exec = promisify(execFile);
@@ -228,5 +231,76 @@ describe('unwrapping an upload into a store short of space', () => {
       execFileSync('umount', ['-l', mnt]);
       await cleanup();
     }
+  });
+});
+
+describe.skipIf(!cephAvailable)('compressed wrappers into an S3 store (Ceph RGW)', () => {
+  let env: CephEnv;
+  let client: S3Client;
+  let dir: string;
+  let cleanup: () => Promise<void>;
+  let svc: ServiceHarness;
+  let files: FileServer;
+  const bucket = uniqueBucket('wrapped');
+  const wrappedFiles: Record<string, { path: string; reference: string; innerSize: number }> = {};
+
+  beforeAll(async () => {
+    env = await useCeph();
+    client = testS3Client(env);
+    await createBucket(client, bucket);
+    ({ dir, cleanup } = await makeTempDir('diskconv-wrapped-s3-'));
+    const base = join(dir, 'base.raw');
+    await writeFile(base, mixedContent(5 * 2 ** 20, 29));
+    const inner = join(dir, 'inner.vdi');
+    await qemuImg('convert', '-f', 'raw', '-O', 'vdi', base, inner);
+    for (const w of ['xz', 'zstd'] as const) {
+      const path = join(dir, `vdi-${w}.img`);
+      const { stdout } = await exec(TOOLS[w], ['-c', inner], { encoding: 'buffer', maxBuffer: 64 * 2 ** 20 });
+      await writeFile(path, stdout);
+      wrappedFiles[w] = { path, reference: await qemuRawSha256(inner, dir), innerSize: (await readFile(inner)).length };
+    }
+    const { stdout: bomb } = await exec('sh', ['-c', 'head -c 100663296 /dev/zero | gzip -c'], { encoding: 'buffer', maxBuffer: 16 * 2 ** 20 });
+    await writeFile(join(dir, 'bomb.img'), bomb);
+    files = await startFileServer(dir);
+    svc = await ServiceHarness.create('wrapped-s3', {
+      ...s3Env(env, bucket, 'w/'),
+      MAX_VIRTUAL_SIZE: '64M',
+      URL_IMPORT_ALLOW: '127.0.0.1',
+      URL_IMPORT_PORTS: `80,443,${files.port}`,
+    });
+    await svc.startApi();
+    await svc.startWorker({ DATA_DIR: join(dir, 'worker-data') });
+  });
+  afterAll(async () => {
+    await svc?.close();
+    await files?.close();
+    if (client) await removeBucket(client, bucket);
+    await cleanup?.();
+  });
+
+  it('streams an unwrapped upload into the bucket and converts a wrapped URL import; both equal qemu-img of the inner image', async () => {
+    const xz = wrappedFiles.xz as { path: string; reference: string; innerSize: number };
+    const job = JSON.parse(await curl(['-F', `file=@${xz.path}`, `${svc.apiUrl}/v1/jobs`])) as JobJson;
+    expect(job.source).toMatchObject({ wrapper: 'xz', unwrapped_size: xz.innerSize });
+    const done = await svc.waitForFinal(job.id);
+    expect(done.state, JSON.stringify(done.error)).toBe('succeeded');
+    expect(done.output?.sha256).toBe(xz.reference);
+    const zst = wrappedFiles.zstd as { path: string; reference: string; innerSize: number };
+    const byUrl = JSON.parse(await curl(['-H', 'Content-Type: application/json', '-d', JSON.stringify({ source: { url: `${files.url}/range/vdi-zstd.img` } }), `${svc.apiUrl}/v1/jobs`])) as JobJson;
+    const urlDone = await svc.waitForFinal(byUrl.id);
+    expect(urlDone.state, JSON.stringify(urlDone.error)).toBe('succeeded');
+    expect(urlDone.source).toMatchObject({ wrapper: 'zstd', mode: 'staged', unwrapped_size: zst.innerSize });
+    expect(urlDone.output?.sha256).toBe(zst.reference);
+    // The API host's disk held nothing; the bucket holds no unfinished upload.
+    expect(await filesUnder(join(svc.dataDir, 'store'))).toEqual([]);
+    expect(await uploadsInProgress(client, bucket, 'w/')).toEqual([]);
+  });
+
+  it('stops a bomb at MAX_VIRTUAL_SIZE and leaves no object or multipart upload in the bucket', async () => {
+    const before = (await objectKeys(client, bucket, 'w/input/')).sort();
+    const answer = JSON.parse(await curl(['-F', `file=@${join(dir, 'bomb.img')}`, `${svc.apiUrl}/v1/jobs`])) as Record<string, unknown>;
+    expect(answer).toMatchObject({ status: 422, code: 'LIMIT_EXCEEDED' });
+    await waitFor('the aborted multipart upload to go', async () => (await uploadsInProgress(client, bucket, 'w/')).length === 0);
+    expect((await objectKeys(client, bucket, 'w/input/')).sort()).toEqual(before);
   });
 });
