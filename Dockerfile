@@ -2,9 +2,11 @@
 # Build: docker build -t diskconv .   Run: see docker-compose.yml and the README.
 
 # --- build: compile TypeScript, then keep only production dependencies
-FROM node:20-alpine AS build
-# node-gyp builds zstd-napi's bundled libzstd (zstd on Node 20) and native/ (SEEK_DATA/SEEK_HOLE).
-RUN apk add --no-cache python3 make g++
+# Node 24 LTS (Node 20 reached its end of life in April 2026); Debian, whose ceph-common gives workers `rbd`.
+FROM node:24-bookworm-slim AS build
+# node-gyp builds native/ (SEEK_DATA/SEEK_HOLE); zstd-napi is optional (Node 24 decodes zstd with node:zlib).
+RUN apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends python3 make g++ \
+ && rm -rf /var/lib/apt/lists/*
 WORKDIR /app
 COPY package.json package-lock.json ./
 COPY native ./native
@@ -14,7 +16,10 @@ COPY src ./src
 RUN npm run build && npm prune --omit=dev && find dist -name '*.map' -delete && find dist -name '*.d.ts' -delete
 
 # --- runtime: node, the compiled code, production node_modules; no compiler, no tests
-FROM node:20-alpine
+FROM node:24-bookworm-slim
+# rbd (ceph-common) for RBD targets and zero-copy Glance publishing; the workers read CEPH_CONF/CEPH_ARGS.
+RUN apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends ceph-common ca-certificates \
+ && rm -rf /var/lib/apt/lists/*
 ENV NODE_ENV=production \
     HOST=0.0.0.0 \
     PORT=8080 \

@@ -25,8 +25,9 @@ export interface ServiceProcess {
 
 const MAX_LOG = 4 * 2 ** 20;
 
-export function spawnDiskconv(name: string, command: 'serve' | 'worker' | 'up', env: Record<string, string>): ServiceProcess {
-  const child = spawn(process.execPath, [CLI, command], {
+/** `node` is the Node binary to run it on (this one by default; test/e2e/node24.test.ts passes Node 24). */
+export function spawnDiskconv(name: string, command: 'serve' | 'worker' | 'up', env: Record<string, string>, node = process.execPath): ServiceProcess {
+  const child = spawn(node, [CLI, command], {
     env: { PATH: process.env.PATH ?? '/usr/bin:/bin', HOME: process.env.HOME ?? '/tmp', ...env },
     stdio: ['ignore', 'pipe', 'pipe'],
   });
@@ -79,6 +80,8 @@ export interface JobJson {
 export class ServiceHarness {
   readonly processes: ServiceProcess[] = [];
   apiUrl = '';
+  /** The Node binary the API and workers run on. */
+  node = process.execPath;
   private port = 0;
   private constructor(
     readonly redis: TestRedis,
@@ -113,7 +116,7 @@ export class ServiceHarness {
   /** Starts (or restarts, on the same port) the API and waits until /readyz says ready. */
   async startApi(extra: Record<string, string> = {}): Promise<ServiceProcess> {
     if (!this.port) this.port = await freePort();
-    const proc = spawnDiskconv('api', 'serve', this.env({ PORT: String(this.port), ...extra }));
+    const proc = spawnDiskconv('api', 'serve', this.env({ PORT: String(this.port), ...extra }), this.node);
     this.processes.push(proc);
     this.apiUrl = `http://127.0.0.1:${this.port}`;
     await waitFor(
@@ -129,7 +132,7 @@ export class ServiceHarness {
   }
 
   async startWorker(extra: Record<string, string> = {}): Promise<ServiceProcess> {
-    const proc = spawnDiskconv(`worker${this.processes.length}`, 'worker', this.env(extra));
+    const proc = spawnDiskconv(`worker${this.processes.length}`, 'worker', this.env(extra), this.node);
     this.processes.push(proc);
     await waitFor('the worker to be ready', async () => {
       if (proc.child.exitCode !== null) throw new Error(`the worker exited: ${proc.output()}`);
