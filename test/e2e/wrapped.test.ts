@@ -16,6 +16,7 @@ import { cephAvailable, useCeph, type CephEnv } from '../helpers/ceph.js';
 import { createBucket, objectKeys, removeBucket, s3Env, testS3Client, uniqueBucket, uploadsInProgress } from '../helpers/s3.js';
 import { makeTempDir, mixedContent, qemuImg, qemuRawSha256, sha256File } from '../helpers/qemu.js';
 import { curl, ServiceHarness, waitFor, type JobJson } from '../helpers/service.js';
+import { tusUpload, TusRefused } from '../helpers/tus.js';
 import { startFileServer, type FileServer } from './http-files.js';
 
 const exec = promisify(execFile);
@@ -182,6 +183,19 @@ describe('compressed wrappers through the service', () => {
     expect(done.error?.code).toBe('LIMIT_EXCEEDED');
     expect(done.attempts).toBe(1);
     expect(await filesUnder(join(svc.dataDir, 'work'))).toEqual([]);
+  });
+
+  it('unwraps tus uploads the same way: bzip2 around vmdk converts like qemu-img, a bomb is refused at the last PATCH', async () => {
+    const c = cases.find((x) => x.wrapper === 'bzip2') as Case;
+    const { jobId } = await tusUpload(svc.apiUrl, TOKEN, await readFile(c.path), { filename: c.name }, { chunk: 256 * 1024 });
+    const done = await svc.waitForFinal(jobId, { token: TOKEN });
+    expect(done.state, JSON.stringify(done.error)).toBe('succeeded');
+    expect(done.source).toMatchObject({ wrapper: 'bzip2', unwrapped_size: c.innerSize, sha256: c.fileSha256 });
+    expect(done.output?.sha256).toBe(c.reference);
+    const err = await tusUpload(svc.apiUrl, TOKEN, await readFile(join(dir, 'bomb.img')), { filename: 'bomb.img' }).catch((e: unknown) => e);
+    expect(err).toBeInstanceOf(TusRefused);
+    expect((err as TusRefused).json()).toMatchObject({ code: 'LIMIT_EXCEEDED' });
+    expect(await filesUnder(join(svc.dataDir, 'store', 'tmp'))).toEqual([]);
   });
 
   it('refuses a truncated wrapper with IMAGE_CORRUPT, upload and URL, leaving nothing staged', async () => {
