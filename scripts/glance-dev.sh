@@ -13,6 +13,8 @@
 #   GLANCE_DEV_TOKEN       the token the API accepts as X-Auth-Token (default: random)
 #   GLANCE_CEPH_CONF       a ceph.conf (with a client.admin keyring): enables the `ceph` RBD store, made the default
 #   GLANCE_CEPH_POOL       its pool (default: rbd)
+#   GLANCE_SHOW_MULTIPLE_LOCATIONS  true (default) or false: false makes Glance refuse adding a location
+#                          (403), the way many clouds run it, for the fallback to uploading
 # Without GLANCE_CEPH_CONF the only store is `fs` (a directory).
 #
 # Auth: no Keystone. A paste filter (scripts/glance-dev/diskconv_glance_auth.py) plays the
@@ -56,7 +58,7 @@ bind_host = 127.0.0.1
 bind_port = $port
 workers = 0
 enabled_backends = $backends
-show_multiple_locations = true
+show_multiple_locations = ${GLANCE_SHOW_MULTIPLE_LOCATIONS:-true}
 show_image_direct_url = true
 enabled_import_methods = [glance-direct]
 log_file = $dir/log/glance-api.log

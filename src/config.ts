@@ -235,6 +235,7 @@ const schema = z.object({
   GLANCE_RBD_POOLS: list,
   GLANCE_PUBLISH_ATTEMPTS: int(1, 100, 5),
   GLANCE_PUBLISH_BACKOFF_MS: int(0, 3_600_000, 2000),
+  GLANCE_UPLOAD_BYTES_PER_SECOND: bytes(0, '0'),
   // Issue 11: an API reachable from other hosts without API_TOKENS only when asked for.
   ALLOW_ANONYMOUS: bool(false),
   // Issue 10: how long an Idempotency-Key of POST /v1/jobs remembers its job.
@@ -331,6 +332,8 @@ export interface GlanceConfig {
   rbdPools: string[];
   publishAttempts: number;
   publishBackoffMs: number;
+  /** Caps the rate of uploads into Glance (0: no cap). */
+  uploadBytesPerSecond: number;
   connectTimeoutMs: number;
   idleTimeoutMs: number;
 }
@@ -360,6 +363,7 @@ function glanceConfig(e: Env): GlanceConfig | undefined {
     rbdPools: e.GLANCE_RBD_POOLS,
     publishAttempts: e.GLANCE_PUBLISH_ATTEMPTS,
     publishBackoffMs: e.GLANCE_PUBLISH_BACKOFF_MS,
+    uploadBytesPerSecond: e.GLANCE_UPLOAD_BYTES_PER_SECOND,
     connectTimeoutMs: e.URL_CONNECT_TIMEOUT_MS,
     idleTimeoutMs: e.URL_IDLE_TIMEOUT_MS,
   };

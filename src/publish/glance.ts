@@ -253,6 +253,8 @@ export function tokenSource(config: GlanceConfig): TokenSource {
 
 /** What an image is created with: ours (`disk_format` raw, `container_format` bare) plus the job's fields. */
 export interface ImageCreate {
+  /** The image's id, chosen by us (a UUID), so it is known before Glance answers. */
+  id?: string;
   name?: string;
   visibility?: string;
   min_disk?: number;
@@ -306,6 +308,21 @@ export class GlanceClient {
   async deleteImage(id: string, signal?: AbortSignal): Promise<void> {
     const ex = await this.call(`/v2/images/${encodeURIComponent(id)}`, { method: 'DELETE', ...(signal ? { signal } : {}) }, 'deleting the Glance image');
     if (ex.status !== 204 && ex.status !== 200 && ex.status !== 404) throw failure('deleting the Glance image', ex);
+  }
+
+  /** Sets or clears `protected` (a protected image cannot be deleted). */
+  async setProtected(id: string, value: boolean, signal?: AbortSignal): Promise<void> {
+    const ex = await this.call(
+      `/v2/images/${encodeURIComponent(id)}`,
+      {
+        method: 'PATCH',
+        headers: { 'content-type': 'application/openstack-images-v2.1-json-patch' },
+        json: [{ op: 'replace', path: '/protected', value }],
+        ...(signal ? { signal } : {}),
+      },
+      value ? 'protecting the Glance image' : 'unprotecting the Glance image',
+    );
+    if (ex.status !== 200) throw failure(value ? 'protecting the Glance image' : 'unprotecting the Glance image', ex);
   }
 
   /** PUT /v2/images/{id}/file: the image's data, streamed. */

@@ -9,9 +9,17 @@
  *   (GLANCE_METHOD=direct) or stage it and import it with glance-direct (import).
  *
  * Unavailability (network, timeouts, 5xx) is retried with backoff; a refusal (4xx)
- * is not. Nothing here ever deletes the output; a publish that is cancelled or
- * gives up deletes only the Glance image it created, and only while not active.
+ * is not. Nothing here ever deletes the output.
+ *
+ * Which Glance image is ours: its id is chosen here (a fresh UUID, Glance accepts
+ * `id` on create) and recorded in the job before the create call, so a worker that
+ * dies at any point leaves the next attempt (or a cancel) the id of every image it
+ * may have created; an image is touched only by that recorded id, never found by
+ * name or listing. A publish that gives up deletes the image it created; a cancel
+ * is the caller's (discard()), since only it knows the job is over for every
+ * attempt (a superseded or shut-down attempt must leave the image to the next one).
  */
+import { randomUUID } from 'node:crypto';
 import type { Readable } from 'node:stream';
 import type { Logger } from 'pino';
 import type { GlanceConfig } from '../config.js';
@@ -35,7 +43,11 @@ export interface PublishInput {
   openOutput: () => Promise<Readable>;
   /** What an earlier attempt recorded (a worker that died mid-publish): its image is reused or replaced. */
   previous?: GlanceOutput;
-  /** Persists what is known so far (the image id as soon as it exists), so a cancel or a crash can find it. */
+  /**
+   * Persists what is known so far (the image id before the image exists), so a cancel
+   * or a crash can find it. Throws when the job is no longer this attempt's: nothing
+   * is created then.
+   */
   onUpdate: (glance: GlanceOutput) => Promise<void>;
   signal: AbortSignal;
   log: Logger;
@@ -60,14 +72,20 @@ export class Publisher {
     const { signal, log } = input;
     let state: GlanceOutput | undefined = input.previous;
     const attempts = this.config.publishAttempts;
+    const update = (next: GlanceOutput): Promise<void> => {
+      state = next;
+      return input.onUpdate(next);
+    };
     try {
       for (let attempt = 1; ; attempt++) {
         try {
-          const image = await this.publishOnce(input, state, (next) => {
-            state = next;
-            return input.onUpdate(next);
-          });
-          return finalRecord(image, state as GlanceOutput, input);
+          const image = await this.publishOnce(input, state, update);
+          const done = finalRecord(image, state as GlanceOutput, input);
+          if (input.request.protected) {
+            // Protected only once complete: an unfinished image of ours can always be deleted.
+            await this.client.setProtected(image.id, true, signal);
+          }
+          return done;
         } catch (err) {
           if (signal.aborted) throw new AbortedError();
           if (!isDiskconvError(err) || err.deterministic || attempt >= attempts) {
@@ -80,32 +98,44 @@ export class Publisher {
         }
       }
     } catch (err) {
-      // Cancelled or given up: remove the image we created, if it never became active.
+      // Given up: the image this job created goes (whatever its status: a failed job's image is no product).
+      // Aborted: left to the caller, who knows whether the job is over (cancel) or handed to another attempt.
       const current = state as GlanceOutput | undefined;
-      if (current?.image_id) {
-        const removed = await this.removeUnfinished(current.image_id).catch((e: unknown) => {
-          log.warn({ err: e, image: current.image_id }, 'could not delete the unfinished Glance image');
-          return false;
-        });
-        if (removed) await input.onUpdate({ ...current, status: 'deleted' }).catch(() => {});
+      if (!signal.aborted && current) {
+        const gone = await this.discard(current, log);
+        if (gone) await update(gone).catch(() => {});
       }
       throw err;
     }
   }
 
-  /** Deletes the image if it is not active (ours, unfinished). Returns whether it is gone. */
-  async removeUnfinished(id: string): Promise<boolean> {
-    const image = await this.client.getImage(id);
-    if (!image) return true;
-    if (image.status === 'active') return false;
-    await this.client.deleteImage(id);
-    return true;
+  /**
+   * Deletes the image a job recorded as its own (by its recorded id only), in any
+   * status, unprotecting it first if this job protected it. Resolves with the record
+   * to keep (status `deleted`), or undefined when it could not be deleted (logged)
+   * or there was nothing to delete.
+   */
+  async discard(glance: GlanceOutput, log: Logger): Promise<GlanceOutput | undefined> {
+    if (glance.status === 'deleted') return undefined;
+    try {
+      const image = await this.client.getImage(glance.image_id);
+      if (image) {
+        if (image.protected === true) await this.client.setProtected(image.id, false);
+        await this.client.deleteImage(image.id);
+        log.info({ image: image.id, status: image.status }, 'deleted the Glance image this job created');
+      }
+      return { ...glance, status: 'deleted' };
+    } catch (err) {
+      log.warn({ err, image: glance.image_id }, 'could not delete the Glance image this job created');
+      return undefined;
+    }
   }
 
   private async publishOnce(input: PublishInput, state: GlanceOutput | undefined, update: (g: GlanceOutput) => Promise<void>): Promise<GlanceImage> {
     const { signal } = input;
     let image: GlanceImage | undefined;
     if (state?.image_id && state.status !== 'deleted') {
+      // The recorded id is ours (chosen by an earlier try or a dead worker, created or not).
       image = await this.client.getImage(state.image_id, signal);
       if (image?.status === 'active') return image;
       if (image && image.status !== 'queued') {
@@ -114,21 +144,27 @@ export class Publisher {
         image = undefined;
       }
     }
+    const method: GlanceOutput['method'] = input.rbd && this.zeroCopy(input.rbd.pool) && !state?.fallback_reason ? 'location' : 'upload';
+    const fallback = state?.fallback_reason ? { fallback_reason: state.fallback_reason } : {};
     if (!image) {
+      // Recorded first, created second: whatever happens in between, the job knows the id.
+      const id = randomUUID();
+      await update({ image_id: id, status: 'creating', method, ...fallback });
+      // Not abortable: a create cut off mid-request may still land; this one either
+      // lands or fails, and a cancel that follows deletes it by its id.
       image = await this.client.createImage(
         {
+          id,
           ...(input.request.name !== undefined ? { name: input.request.name } : {}),
           ...(input.request.visibility !== undefined ? { visibility: input.request.visibility } : {}),
           ...(input.request.min_disk !== undefined ? { min_disk: input.request.min_disk } : {}),
           ...(input.request.min_ram !== undefined ? { min_ram: input.request.min_ram } : {}),
-          ...(input.request.protected !== undefined ? { protected: input.request.protected } : {}),
           ...(input.request.properties ? { properties: input.request.properties } : {}),
         },
-        signal,
       );
+      if (signal.aborted) throw new AbortedError();
     }
-    const method: GlanceOutput['method'] = input.rbd && this.zeroCopy(input.rbd.pool) && !state?.fallback_reason ? 'location' : 'upload';
-    const base: GlanceOutput = { image_id: image.id, status: image.status, method, ...(state?.fallback_reason ? { fallback_reason: state.fallback_reason } : {}) };
+    const base: GlanceOutput = { image_id: image.id, status: image.status, method, ...fallback };
     await update(base);
 
     if (method === 'location' && input.rbd) {

@@ -26,6 +26,7 @@ import { displayUrl, openImportUrl, urlPolicy, type OpenedUrlSource } from './ur
 import type { DestinationResult, DestinationWriter, OutputWriter, Stores } from '../store/index.js';
 import { GLANCE_HASHES, Publisher } from '../publish/publish.js';
 import { rbdExport } from '../publish/rbd-export.js';
+import { throttleUpload } from '../publish/throttle.js';
 import type { AbortReason, CancelWatcher } from './cancel.js';
 import type { Reservation, SpaceReservations } from './space.js';
 import type { ConvertJobData } from './queue.js';
@@ -117,6 +118,8 @@ export function createProcessor(deps: ProcessorDeps) {
     owner: string,
     signal: AbortSignal,
     log: Logger,
+    mustOwn: (ok: boolean) => Promise<void>,
+    onGlance: (g: GlanceOutput) => void,
   ): Promise<{ output: JobOutput } | { output: JobOutput; error: JobError }> {
     const id = rec.id;
     const previous = rec.output?.glance;
@@ -136,11 +139,12 @@ export function createProcessor(deps: ProcessorDeps) {
         request: rec.glance ?? {},
         output: { size: converted.size, md5: converted.md5 as string, sha512: converted.sha512 as string },
         ...(rbd ? { rbd: { pool: rbd.pool, location: rbd.location }, beforeLocation: () => destinations.handOver(rbd) } : {}),
-        openOutput: () => (rbd ? rbdExport(rbd) : output.read(id)),
+        openOutput: async () => throttleUpload(rbd ? await rbdExport(rbd) : await output.read(id), config.glance?.uploadBytesPerSecond ?? 0),
         ...(previous ? { previous } : {}),
         onUpdate: async (g) => {
           glance = g;
-          await records.update(id, ['running'], { output: { ...converted, glance: g } }, { owner });
+          onGlance(g);
+          await mustOwn(await records.update(id, ['running'], { output: { ...converted, glance: g } }, { owner }));
         },
         signal,
         log,
@@ -155,11 +159,26 @@ export function createProcessor(deps: ProcessorDeps) {
     }
   }
 
+  /** A cancelled job's Glance image (the one it recorded as created) is deleted; the cancelled record says so. */
+  /** Returns whether no image of the job is left in Glance. */
+  async function discardGlance(rec: Pick<JobRecord, 'id' | 'output'>, glance: GlanceOutput, log: Logger): Promise<boolean> {
+    if (glance.status === 'deleted') return true;
+    if (!publisher) return false;
+    const gone = await publisher.discard(glance, log);
+    const current = await records.get(rec.id).catch(() => undefined);
+    if (gone && current?.state === 'cancelled' && current.output) {
+      await records.update(rec.id, ['cancelled'], { output: { ...current.output, glance: gone } }).catch(() => {});
+    }
+    return gone !== undefined;
+  }
+
   return async function processConversion(job: Job<ConvertJobData>, token?: string, bullSignal?: AbortSignal): Promise<ProcessResult> {
     const id = job.data.id;
     const log = logger.child({ job: id, attempt: job.attemptsMade + 1 });
     const rec = await records.get(id);
     if (!rec || rec.state === 'succeeded' || rec.state === 'failed' || rec.state === 'cancelled') {
+      // Cancelled while no attempt ran it (its worker died mid-publish): the Glance image it created goes.
+      if (rec?.state === 'cancelled' && rec.output?.glance) await discardGlance(rec, rec.output.glance, log);
       log.info({ state: rec?.state }, 'job no longer wanted; skipped');
       return { outcome: 'skipped' };
     }
@@ -198,6 +217,8 @@ export function createProcessor(deps: ProcessorDeps) {
     let committed = false;
     /** An RBD image this attempt finished (snapshot made): removed again if the job does not succeed after all. */
     let published: DestinationResult | undefined;
+    /** The Glance image this job recorded as its own (publishing), for a cancel to delete. */
+    let glanceNow: GlanceOutput | undefined = rec.output?.glance;
     let reservation: Reservation | undefined;
     const t0 = Date.now();
     try {
@@ -287,7 +308,9 @@ export function createProcessor(deps: ProcessorDeps) {
         ...('target' in stored ? { target: stored.target, pool: stored.pool, image: stored.image, snapshot: stored.snapshot } : {}),
       };
       if (rec.glance) {
-        const glanced = await publishOutput(rec, jobOutput, 'target' in stored ? stored : undefined, owner, signal, log);
+        const glanced = await publishOutput(rec, jobOutput, 'target' in stored ? stored : undefined, owner, signal, log, mustOwn, (g) => {
+          glanceNow = g;
+        });
         if ('error' in glanced) {
           // The conversion stands: the output stays downloadable; only publishing failed.
           await records.transition(
@@ -324,8 +347,13 @@ export function createProcessor(deps: ProcessorDeps) {
           log.info('superseded by another attempt as it finished; left the job to it');
           return { outcome: 'skipped' };
         }
-        // Cancelled (or deleted) between the last check and the commit: unpublish.
-        if ('target' in stored) await destinations.remove(stored).catch((err: unknown) => log.warn({ err }, 'could not remove the cancelled RBD image'));
+        // Cancelled (or deleted) between the last check and the commit: unpublish. A Glance
+        // image registered in place owns the RBD image: deleting the Glance image removes both.
+        // If Glance still has it (the delete failed), the RBD image under it stays.
+        const glanceGone = glanceNow ? await discardGlance(rec, glanceNow, log) : true;
+        if ('target' in stored && (glanceGone || glanceNow?.method !== 'location')) {
+          await destinations.remove(stored).catch((err: unknown) => log.warn({ err }, 'could not remove the cancelled RBD image'));
+        }
         await output.delete(id);
         await staging.delete(id);
         log.info('cancelled as it finished; output removed');
@@ -346,7 +374,8 @@ export function createProcessor(deps: ProcessorDeps) {
       }
       if (reason === 'cancel' || (await records.getState(id).catch(() => undefined)) === 'cancelled') {
         // The job is over for every attempt: everything under its key goes.
-        if (published) await destinations.remove(published).catch(() => {});
+        const glanceGone = glanceNow ? await discardGlance(rec, glanceNow, log) : true;
+        if (published && (glanceGone || glanceNow?.method !== 'location')) await destinations.remove(published).catch(() => {});
         await output.delete(id).catch(() => {});
         await staging.delete(id).catch(() => {});
         log.info('cancelled');

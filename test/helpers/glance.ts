@@ -6,13 +6,15 @@
  * Glance on purpose starts its own with startGlance().
  */
 import { execFile } from 'node:child_process';
-import { existsSync } from 'node:fs';
+import { createHash } from 'node:crypto';
+import { createReadStream, existsSync } from 'node:fs';
 import { mkdir, mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { inject } from 'vitest';
 import { cephAvailable, useCeph } from './ceph.js';
+import { curl, type JobJson, type ServiceHarness } from './service.js';
 
 export const GLANCE_SCRIPT = resolve(import.meta.dirname, '../../scripts/glance-dev.sh');
 export const GLANCE_API = '/usr/bin/glance-api';
@@ -135,4 +137,55 @@ export async function glanceApi<T = Record<string, unknown>>(g: Pick<TestGlance,
     /* an HTML error page, or an image's bytes */
   }
   return { status: res.status, body: body as T };
+}
+
+/** The three digests a Glance publish is checked by: ours (sha256) and Glance's (md5 checksum, sha512 os_hash_value). */
+export interface Digests {
+  sha256: string;
+  sha512: string;
+  md5: string;
+}
+
+const hashers = () => ({ sha256: createHash('sha256'), sha512: createHash('sha512'), md5: createHash('md5') });
+
+export async function digestsOf(path: string): Promise<Digests> {
+  const h = hashers();
+  for await (const chunk of createReadStream(path)) for (const x of Object.values(h)) x.update(chunk as Buffer);
+  return { sha256: h.sha256.digest('hex'), sha512: h.sha512.digest('hex'), md5: h.md5.digest('hex') };
+}
+
+/** GET url streamed through the three hashes. */
+export async function fetchDigests(url: string, headers: Record<string, string>): Promise<Digests & { size: number }> {
+  const res = await fetch(url, { headers });
+  if (res.status !== 200 || !res.body) throw new Error(`GET ${url}: ${res.status}`);
+  const h = hashers();
+  let size = 0;
+  for await (const chunk of res.body as unknown as AsyncIterable<Uint8Array>) {
+    size += chunk.length;
+    for (const x of Object.values(h)) x.update(chunk);
+  }
+  return { size, sha256: h.sha256.digest('hex'), sha512: h.sha512.digest('hex'), md5: h.md5.digest('hex') };
+}
+
+/** A job as the API shows it, with the Glance parts. */
+export type GlanceJob = JobJson & {
+  output: (JobJson['output'] & { sha512?: string; md5?: string; location?: string; glance?: Record<string, unknown> }) | null;
+};
+
+/** POSTs a JSON job body with the bearer token; the created job. */
+export async function submitJson(svc: ServiceHarness, token: string, body: unknown): Promise<GlanceJob> {
+  return JSON.parse(await curl(['-H', `Authorization: Bearer ${token}`, '-H', 'Content-Type: application/json', '-d', JSON.stringify(body), `${svc.apiUrl}/v1/jobs`])) as GlanceJob;
+}
+
+/** Submits a JSON job and waits for its final state. */
+export async function runJson(svc: ServiceHarness, token: string, body: unknown, timeoutMs?: number): Promise<GlanceJob> {
+  const created = await submitJson(svc, token, body);
+  return (await svc.waitForFinal(created.id, { token, ...(timeoutMs ? { timeoutMs } : {}) })) as GlanceJob;
+}
+
+/** Glance's images of that name (Glance lists no deleted ones). */
+export async function imagesNamed(g: Pick<TestGlance, 'url' | 'token'>, name: string): Promise<Record<string, unknown>[]> {
+  const { status, body } = await glanceApi<{ images: Record<string, unknown>[] }>(g, `/v2/images?name=${encodeURIComponent(name)}&limit=100`);
+  if (status !== 200) throw new Error(`listing Glance images: ${status}`);
+  return body.images;
 }
