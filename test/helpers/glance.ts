@@ -31,6 +31,8 @@ export interface TestGlance {
 export interface GlanceOptions {
   cephConf?: string;
   cephPool?: string;
+  /** false: Glance refuses to add locations (403), as many clouds run it. */
+  showMultipleLocations?: boolean;
 }
 
 function script(args: string[], env: Record<string, string> = {}): Promise<string> {
@@ -105,6 +107,7 @@ export async function startGlance(options: GlanceOptions = {}): Promise<TestGlan
   const env: Record<string, string> = {};
   if (options.cephConf) env.GLANCE_CEPH_CONF = options.cephConf;
   if (options.cephPool) env.GLANCE_CEPH_POOL = options.cephPool;
+  if (options.showMultipleLocations !== undefined) env.GLANCE_SHOW_MULTIPLE_LOCATIONS = String(options.showMultipleLocations);
   let vars: Record<string, string>;
   try {
     vars = parseEnv(await script(['up', dir], env));

@@ -6,6 +6,8 @@
  * (GLANCE_UPLOAD_BYTES_PER_SECOND) so the upload is under way when the test acts;
  * the test waits for Glance to report the image `saving`, not for a time.
  */
+import { execFile } from 'node:child_process';
+import { readFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import {
@@ -14,6 +16,7 @@ import {
   glanceApi,
   haveGlance,
   imagesNamed,
+  startGlance,
   submitJson,
   useGlance,
   type Digests,
@@ -164,5 +167,119 @@ describe.skipIf(!haveGlance)('a publish that is interrupted', () => {
     if (g.image_id !== imageId) expect((await glanceApi(glance, `/v2/images/${imageId}`)).status).toBe(404);
     expect(await fetchDigests(`${glance.url}/v2/images/${String(g.image_id)}/file`, { 'x-auth-token': glance.token })).toEqual({ size: SIZE, ...raw });
     decoys.push(String(g.image_id));
+  });
+});
+
+/**
+ * The narrowest window: the create request sent, Glance's answer not yet read. A
+ * Glance of this file's own is held with SIGSTOP (the kernel still accepts the
+ * connection and buffers the request), so the request is in flight for as long as
+ * the test wants; SIGCONT lets Glance create the image after the worker is gone
+ * or the job is cancelled. Only a job that recorded the id before asking knows
+ * that image is its own.
+ */
+describe.skipIf(!haveGlance)('a publish interrupted while Glance is creating the image', () => {
+  let dir: string;
+  let cleanup: () => Promise<void>;
+  let files: FileServer;
+  let glance: Awaited<ReturnType<typeof startGlance>>;
+  let raw: Digests;
+  let glancePid: number;
+  let port: string;
+  const services: ServiceHarness[] = [];
+
+  beforeAll(async () => {
+    ({ dir, cleanup } = await makeTempDir('diskconv-glance-creating-'));
+    const base = join(dir, 'base.raw');
+    await writeRaw(base, 2 * 2 ** 20, 78);
+    await qemuImg('convert', '-f', 'raw', '-O', 'qcow2', base, join(dir, 'disk.qcow2'));
+    await qemuImg('convert', '-O', 'raw', join(dir, 'disk.qcow2'), join(dir, 'ref.raw'));
+    raw = await digestsOf(join(dir, 'ref.raw'));
+    files = await startFileServer(dir);
+    glance = await startGlance();
+    glancePid = Number((await readFile(join(glance.dir, 'glance-api.pid'), 'utf8')).trim());
+    port = new URL(glance.url).port;
+  });
+
+  afterAll(async () => {
+    for (const s of services) await s.close();
+    if (glancePid) process.kill(glancePid, 'SIGCONT');
+    await glance?.down();
+    await files?.close();
+    await cleanup?.();
+  });
+
+  const service = async (): Promise<ServiceHarness> => {
+    const s = await ServiceHarness.create('glance-creating', {
+      API_TOKENS: TOKEN,
+      URL_IMPORT_ALLOW: '127.0.0.1',
+      URL_IMPORT_PORTS: `80,443,${files.port}`,
+      GLANCE_URL: glance.url,
+      GLANCE_TOKEN: glance.token,
+      GLANCE_PUBLISH_BACKOFF_MS: '200',
+    });
+    services.push(s);
+    await s.startApi();
+    return s;
+  };
+
+  /** Bytes waiting unread in Glance's connections (its process is stopped). */
+  const unread = async (): Promise<number> => {
+    const out = await new Promise<string>((resolve, reject) =>
+      execFile('ss', ['-Htn', 'state', 'established', `( sport = :${port} )`], (err, stdout) => (err ? reject(err) : resolve(stdout))),
+    );
+    return out
+      .split('\n')
+      .filter((l) => l.trim() !== '')
+      .reduce((sum, l) => sum + Number(l.trim().split(/\s+/)[0]), 0);
+  };
+
+  /** With Glance stopped: submits, waits until the job recorded the id and the create request sits in Glance's socket. */
+  const submitAndHoldCreate = async (s: ServiceHarness, name: string): Promise<{ id: string; imageId: string }> => {
+    process.kill(glancePid, 'SIGSTOP');
+    const created = await submitJson(s, TOKEN, { source: { url: `${files.url}/range/disk.qcow2` }, glance: { name } });
+    const imageId = await waitFor(
+      'the job to record the image it is creating',
+      async () => {
+        const g = ((await s.getJob(created.id, TOKEN)) as GlanceJob).output?.glance;
+        return g?.status === 'creating' && typeof g.image_id === 'string' ? g.image_id : undefined;
+      },
+      60_000,
+      50,
+    );
+    await waitFor('the create request to reach Glance', async () => (await unread()) > 0, 20_000, 50);
+    return { id: created.id, imageId };
+  };
+
+  it('the worker SIGKILLed before Glance answered the create: the next attempt finds that image by the recorded id; one image in the end', async () => {
+    const s = await service();
+    const worker = await s.startWorker();
+    const name = `creating-crash-${process.pid}`;
+    const { id, imageId } = await submitAndHoldCreate(s, name);
+    expect(await worker.stop('SIGKILL')).toBe('SIGKILL');
+    process.kill(glancePid, 'SIGCONT');
+    // Glance still creates it: the request was whole in its socket.
+    await waitFor('Glance to create the image', async () => (await glanceApi(glance, `/v2/images/${imageId}`)).status === 200, 30_000, 100);
+    await s.startWorker();
+    const done = (await s.waitForFinal(id, { token: TOKEN, timeoutMs: 120_000 })) as GlanceJob;
+    expect(done.state, JSON.stringify(done.error)).toBe('succeeded');
+    expect(done.output?.glance).toMatchObject({ image_id: imageId, status: 'active', checksum: raw.md5, os_hash_value: raw.sha512 });
+    const named = await imagesNamed(glance, name);
+    expect(named.map((i) => i.id)).toEqual([imageId]);
+    expect(await fetchDigests(`${glance.url}/v2/images/${imageId}/file`, { 'x-auth-token': glance.token })).toEqual({ size: 2 * 2 ** 20, ...raw });
+  });
+
+  it('cancelled before Glance answered the create: the image Glance then creates is deleted by the job', async () => {
+    const s = await service();
+    await s.startWorker();
+    const name = `creating-cancel-${process.pid}`;
+    const { id, imageId } = await submitAndHoldCreate(s, name);
+    const res = await s.request(`/v1/jobs/${id}`, { method: 'DELETE', token: TOKEN });
+    expect(res.status).toBe(200);
+    process.kill(glancePid, 'SIGCONT');
+    const done = (await s.waitForJob(id, (j) => (j as GlanceJob).output?.glance?.status === 'deleted', { token: TOKEN, timeoutMs: 60_000 })) as GlanceJob;
+    expect(done.state).toBe('cancelled');
+    expect((await glanceApi(glance, `/v2/images/${imageId}`)).status).toBe(404);
+    expect(await imagesNamed(glance, name)).toEqual([]);
   });
 });
