@@ -118,6 +118,10 @@ describe('job events (SSE) across API processes', () => {
     expect((await svc.request(`/v1/jobs/${running.id}`, { method: 'DELETE', token: TOKEN_A })).status).toBe(200);
     const c = await watching;
     expect(c.events.filter((e) => e.event === 'state').map((e) => data(e).state).at(-1)).toBe('cancelled');
+    // The last progress event, just before that state, is the terminal phase (issue 11), as is the job's.
+    expect(c.events.at(-2)?.event).toBe('progress');
+    expect(data(c.events.at(-2) as SseEvent)).toMatchObject({ phase: 'cancelled', ended_in: expect.any(String) });
+    expect((data(c.events.at(-1) as SseEvent).job as JobJson).progress.phase).toBe('cancelled');
   });
 
   it('has the auth and tenant rules of GET /v1/jobs/{id}', async () => {

@@ -130,6 +130,8 @@ describe('encrypted qcow2 through the service', () => {
     expect(failed.state).toBe('failed');
     expect(failed.error?.code).toBe('WRONG_PASSPHRASE');
     expect(failed.attempts).toBe(1); // deterministic: not retried
+    // A terminal phase that says where it stopped (issue 11): the key is checked while probing.
+    expect(failed.progress).toMatchObject({ phase: 'failed', ended_in: 'probing' });
     expect(JSON.stringify(failed)).not.toContain('not the passphrase');
     expect(await redis.exists(secretKey(wrong.id))).toBe(0);
     const refused = await svc.waitForFinal(none.id, { token: TOKEN });

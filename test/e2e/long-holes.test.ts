@@ -80,7 +80,10 @@ describe('big sparse images in the service', () => {
       const res = await svc.request(`/v1/jobs/${emptyId}`, { method: 'DELETE', signal: AbortSignal.timeout(10_000) });
       const answeredMs = Date.now() - t0;
       expect(res.status).toBe(200);
-      expect(((await res.json()) as JobJson).state).toBe('cancelled');
+      const cancelled = (await res.json()) as JobJson;
+      expect(cancelled.state).toBe('cancelled');
+      // The record ends in a terminal phase and says it was cut short while converting (issue 11).
+      expect(cancelled.progress).toMatchObject({ phase: 'cancelled', ended_in: 'converting' });
       expect(answeredMs).toBeLessThan(2000); // issue 11: "DELETE answered within 2 s while it runs"
       // The worker takes the cancel within a slice of hashing, not after 64 GiB of it (bounded only to fail rather than hang).
       const worker = await waitFor(
