@@ -11,16 +11,24 @@
 const WASM_PAGE = 65536;
 
 /** The one WebAssembly API used (the engine compiles without DOM typings). */
-const wasm = (globalThis as unknown as { WebAssembly?: { Memory: new (d: { initial: number; maximum: number }) => { buffer: ArrayBuffer } } }).WebAssembly;
+const wasm = (globalThis as unknown as { WebAssembly?: { Memory: new (d: { initial: number; maximum: number; shared?: boolean }) => { buffer: ArrayBuffer | SharedArrayBuffer } } }).WebAssembly;
 
-export function alignedBuffer(bytes: number): Buffer {
+/**
+ * `shared`: backed by a SharedArrayBuffer, so decoder threads read input from
+ * it and write output into it in place (decode-pool.ts) instead of copying.
+ */
+export function alignedBuffer(bytes: number, options: { shared?: boolean } = {}): Buffer {
   if (bytes <= 0) return Buffer.alloc(0);
   const pages = Math.ceil(bytes / WASM_PAGE);
   try {
     if (!wasm) throw new Error('no WebAssembly');
-    const memory = new wasm.Memory({ initial: pages, maximum: pages });
+    const memory = new wasm.Memory({ initial: pages, maximum: pages, ...(options.shared ? { shared: true } : {}) });
     return Buffer.from(memory.buffer, 0, bytes);
   } catch {
-    return Buffer.allocUnsafeSlow(bytes);
+    return options.shared ? Buffer.from(new SharedArrayBuffer(bytes)) : Buffer.allocUnsafeSlow(bytes);
   }
+}
+
+export function isShared(bytes: Uint8Array): boolean {
+  return typeof SharedArrayBuffer === 'function' && bytes.buffer instanceof SharedArrayBuffer;
 }

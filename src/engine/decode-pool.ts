@@ -13,13 +13,18 @@ export type DecodeSync = (codec: Codec, input: Uint8Array, decodedLength: number
 
 interface DecodeRequest {
   id: number;
-  /** The inputs, back to back. */
+  /** The inputs of jobs not in shared memory, back to back. */
   input: Uint8Array;
-  /** Each job's codec, [start, end) in `input` and decoded length. */
-  jobs: Array<{ codec: Codec; start: number; end: number; decodedLength: number }>;
+  /** Shared memory the other jobs read from and decode into, in place. */
+  buffers: SharedArrayBuffer[];
+  /**
+   * Each job's codec, [start, end) in `input` and decoded length; or, for a job in
+   * shared memory, `sharedIn` [buffer, offset, length] and `sharedOut` [buffer, offset].
+   */
+  jobs: Array<{ codec: Codec; start: number; end: number; decodedLength: number; sharedIn?: [number, number, number]; sharedOut?: [number, number] }>;
 }
 /** `data`: the codec refused the bytes (CodecDataError); otherwise the decoder itself failed (a bug). */
-type DecodeResult = { output: Uint8Array } | { error: string; data: boolean; stack?: string };
+type DecodeResult = { output: Uint8Array } | { length: number } | { error: string; data: boolean; stack?: string };
 interface DecodeReply {
   id: number;
   results: DecodeResult[];
@@ -29,6 +34,8 @@ interface PendingJob {
   codec: Codec;
   input: Uint8Array;
   decodedLength: number;
+  /** Where the output goes when input and target are both in shared memory. */
+  target?: Uint8Array;
   resolve: (out: Uint8Array) => void;
   reject: (err: Error) => void;
 }
@@ -62,6 +69,7 @@ class PoolWorker {
         const result = reply.results[i];
         if (!result) job.reject(new Error('decoder worker returned no result'));
         else if ('error' in result) job.reject(result.data ? new CodecDataError(result.error) : workerFailure(result));
+        else if ('length' in result) job.resolve((job.target as Uint8Array).subarray(0, result.length));
         else job.resolve(result.output);
       });
       this.onReply(this);
@@ -81,16 +89,34 @@ class PoolWorker {
     // Keep the process alive while work is in flight; idle workers do not hold it open.
     if (this.pending.size === 0) this.worker.ref();
     this.pending.set(id, jobs);
-    // One copy of all inputs: they are views into read buffers the reader recycles.
-    const input = new Uint8Array(jobs.reduce((n, j) => n + j.input.length, 0));
+    // Jobs in shared memory travel as references; the others' inputs in one copy
+    // (they are views into read buffers the reader recycles).
+    const copied = jobs.filter((j) => !j.target);
+    const input = new Uint8Array(copied.reduce((n, j) => n + j.input.length, 0));
+    const buffers: SharedArrayBuffer[] = [];
+    const bufferIndex = (b: ArrayBufferLike): number => {
+      const i = buffers.indexOf(b as SharedArrayBuffer);
+      return i >= 0 ? i : buffers.push(b as SharedArrayBuffer) - 1;
+    };
     const layout: DecodeRequest['jobs'] = [];
     let at = 0;
     for (const job of jobs) {
+      if (job.target) {
+        layout.push({
+          codec: job.codec,
+          start: 0,
+          end: 0,
+          decodedLength: job.decodedLength,
+          sharedIn: [bufferIndex(job.input.buffer), job.input.byteOffset, job.input.length],
+          sharedOut: [bufferIndex(job.target.buffer), job.target.byteOffset],
+        });
+        continue;
+      }
       input.set(job.input, at);
       layout.push({ codec: job.codec, start: at, end: at + job.input.length, decodedLength: job.decodedLength });
       at += job.input.length;
     }
-    const request: DecodeRequest = { id, input, jobs: layout };
+    const request: DecodeRequest = { id, input, buffers, jobs: layout };
     this.worker.postMessage(request, [input.buffer]);
   }
 }
@@ -116,9 +142,15 @@ export class DecodePool {
     private readonly decodeInline: DecodeSync,
   ) {}
 
-  decode(codec: Codec, input: Uint8Array, decodedLength: number): Promise<Uint8Array> {
+  /**
+   * Decodes on a worker. With `target` (at least decodedLength bytes) and both
+   * it and `input` in shared memory, the worker reads and writes them in place
+   * and the result is a view of `target`.
+   */
+  decode(codec: Codec, input: Uint8Array, decodedLength: number, target?: Uint8Array): Promise<Uint8Array> {
+    const inPlace = target && isSharedView(input) && isSharedView(target) && target.length >= decodedLength ? target : undefined;
     return new Promise((resolve, reject) => {
-      this.queue.push({ codec, input, decodedLength, resolve, reject });
+      this.queue.push({ codec, input, decodedLength, ...(inPlace ? { target: inPlace } : {}), resolve, reject });
       // Callers issue a group's decodes at once: gather them before sending.
       if (!this.scheduled) {
         this.scheduled = true;
@@ -153,7 +185,8 @@ export class DecodePool {
       if (this.broken) {
         for (const job of this.take()) {
           try {
-            job.resolve(this.decodeInline(job.codec, job.input, job.decodedLength, (n) => Buffer.allocUnsafeSlow(n)));
+            const target = job.target;
+            job.resolve(this.decodeInline(job.codec, job.input, job.decodedLength, (n) => (target && n <= target.length ? target.subarray(0, n) : Buffer.allocUnsafeSlow(n))));
           } catch (err) {
             job.reject(err as Error);
           }
@@ -188,6 +221,10 @@ export class DecodePool {
   }
 }
 
+function isSharedView(bytes: Uint8Array): boolean {
+  return typeof SharedArrayBuffer === 'function' && bytes.buffer instanceof SharedArrayBuffer;
+}
+
 /** A decoder's own failure in a worker, with the worker's stack. */
 function workerFailure(result: { error: string; stack?: string }): Error {
   const err = new Error(`decoder worker failed: ${result.error}`);
@@ -211,6 +248,16 @@ export function serveDecodeRequests(port: MessagePort, decodeSync: DecodeSync): 
     const transfer: ArrayBuffer[] = [];
     for (const job of request.jobs) {
       try {
+        if (job.sharedIn && job.sharedOut) {
+          const [ib, io, il] = job.sharedIn;
+          const [ob, oo] = job.sharedOut;
+          const inBuf = request.buffers[ib] as SharedArrayBuffer;
+          const outBuf = request.buffers[ob] as SharedArrayBuffer;
+          const output = decodeSync(job.codec, new Uint8Array(inBuf, io, il), job.decodedLength, (n) => new Uint8Array(outBuf, oo, n));
+          if (output.buffer !== outBuf || output.byteOffset !== oo) throw new Error('decoder did not decode in place');
+          results.push({ length: output.length });
+          continue;
+        }
         const output = decodeSync(job.codec, request.input.subarray(job.start, job.end), job.decodedLength, alloc);
         results.push({ output });
         // Outputs may share a buffer; transfer each buffer once.

@@ -4,6 +4,7 @@ import { promisify } from 'node:util';
 import { isMainThread, parentPort, workerData } from 'node:worker_threads';
 import { createInflate, createInflateRaw, inflate, inflateRaw, constants as zc, type Inflate, type InflateRaw } from 'node:zlib';
 import { DecodePool, serveDecodeRequests } from './decode-pool.js';
+import { isShared } from './aligned.js';
 import { CodecDataError } from './codec-error.js';
 import { ImageCorruptError, UnsupportedFeatureError } from './errors.js';
 import type { Codec } from './types.js';
@@ -22,9 +23,12 @@ const inflateRawAsync = promisify(inflateRaw);
  * output may be written to (the result is then a view of it), so a caller can
  * recycle output memory and find consecutive clusters side by side.
  *
- * zlib decodes on this thread: one reused native context inflates a 64 KiB
- * cluster in about 15 µs, less than handing it to a worker thread costs
- * (copies, messages, a worker's own startup). zstd is libzstd's (zstd.ts).
+ * Clusters decode on a pool of worker threads, one per core, reading their
+ * input from the reader's shared read arena and writing their output into its
+ * shared decoded arena in place (no copies, no garbage); the main thread
+ * meanwhile reads and writes. Without shared memory or a worker script (under
+ * a TypeScript loader) they decode here, with one reused native zlib context
+ * (ReusableInflater) and libzstd (zstd.ts).
  *
  * Only a codec's verdict on the data is IMAGE_CORRUPT. Anything else thrown
  * here (a TypeError, a decoder worker that died) is our bug or the host's
@@ -34,8 +38,9 @@ const inflateRawAsync = promisify(inflateRaw);
 export async function decode(codec: Codec, input: Uint8Array, decodedLength: number, where: string, target?: Uint8Array): Promise<Uint8Array> {
   try {
     if (codec !== 'zstd' && !reusableInflateWorks()) return await decodeDeflateAsync(codec, input, decodedLength);
-    const pool = codec === 'zstd' ? zstdPool() : null;
-    if (pool) return await pool.decode(codec, input, decodedLength);
+    // Off this thread where input and room for the output are shared memory (no copies).
+    const pool = target && isShared(input) && isShared(target) ? decoderPool() : null;
+    if (pool) return await pool.decode(codec, input, decodedLength, target);
     const alloc = (bytes: number): Uint8Array => (target && target.length >= bytes ? target.subarray(0, bytes) : Buffer.allocUnsafeSlow(bytes));
     return decodeClusterSync(codec, input, decodedLength, alloc);
   } catch (err) {
@@ -278,23 +283,28 @@ function inflateStreamPrefix(input: Uint8Array, length: number): Promise<Uint8Ar
 const WORKER_ROLE = 'diskconv-decoder';
 
 /**
- * Cores left for decoder workers: the main thread and the libuv threads that
- * copy file data in and out keep about two busy. Measured on 2 cores, workers
- * only added their startup and copies (zstd: 0.75 s wall inline, 0.9-1.3 s with two).
+ * Decoder workers: one per core. With input and output in shared memory a
+ * worker costs a message per batch of clusters, not copies; the main thread
+ * mostly waits on I/O. On one core, decoding stays inline.
  */
-const ZSTD_WORKERS = availableParallelism() - 2;
+const DECODER_WORKERS = availableParallelism() >= 2 ? availableParallelism() : 0;
 
 let pool: DecodePool | null | undefined;
 
 /** The shared pool, or null where it would not pay or this module cannot run as a worker (e.g. under a TypeScript loader). */
-function zstdPool(): DecodePool | null {
+function decoderPool(): DecodePool | null {
   if (pool !== undefined) return pool;
   const script = new URL(import.meta.url);
   pool =
-    ZSTD_WORKERS >= 1 && script.protocol === 'file:' && fileURLToPath(script).endsWith('.js')
-      ? new DecodePool(script, { role: WORKER_ROLE }, ZSTD_WORKERS, decodeClusterSync)
+    isMainThread && DECODER_WORKERS >= 1 && typeof SharedArrayBuffer === 'function' && script.protocol === 'file:' && fileURLToPath(script).endsWith('.js')
+      ? new DecodePool(script, { role: WORKER_ROLE }, DECODER_WORKERS, decodeClusterSync)
       : null;
   return pool;
+}
+
+/** Whether compressed clusters decode on worker threads (the reader then gives them shared memory). */
+export function decodesOffThread(): boolean {
+  return decoderPool() !== null;
 }
 
 function isDecoderWorkerData(data: unknown): boolean {

@@ -1,5 +1,5 @@
-import { alignedBuffer } from './aligned.js';
-import { decode } from './decompress.js';
+import { alignedBuffer, isShared } from './aligned.js';
+import { decode, decodesOffThread } from './decompress.js';
 import { decryptEntry, encryptedBytes, encryptedFileRange } from './crypto/reader-step.js';
 import { ImageCorruptError, throwIfAborted } from './errors.js';
 import type { RandomAccessSource } from './source.js';
@@ -72,6 +72,7 @@ export async function* readExtents(image: DiskImage, source: RandomAccessSource,
   let carried: MapEntry | undefined; // pulled from the map but left for the next batch
   let expectedOffset = rangeStart;
   const freeArenas: Buffer[] = [];
+  const freeSharedArenas: Buffer[] = [];
   // Clusters decode side by side into a recycled arena (no allocation or GC per
   // cluster), so consecutive ones can leave as one extent.
   const decodedArenaBytes = batchBytes + 2 ** 20;
@@ -155,8 +156,11 @@ export async function* readExtents(image: DiskImage, source: RandomAccessSource,
   const load = async (batch: Batch): Promise<LoadedBatch> => {
     throwIfAborted(signal);
     // Page-aligned (aligned.ts): the kernel's copies into them run several times faster.
-    const buffer = batch.readBytes === 0 ? undefined : batch.readBytes <= arenaBytes ? (freeArenas.pop() ?? alignedBuffer(arenaBytes)) : alignedBuffer(batch.readBytes);
-    const decoded = batch.entries.some((e) => e.kind === 'compressed' || (e.kind === 'stored' && e.cipher)) ? (freeDecodedArenas.pop() ?? alignedBuffer(decodedArenaBytes)) : undefined;
+    // Shared where decoder threads decode from and into them in place.
+    const compressed = batch.entries.some((e) => e.kind === 'compressed');
+    const shared = { shared: compressed && decodesOffThread() };
+    const buffer = batch.readBytes === 0 ? undefined : batch.readBytes <= arenaBytes && !shared.shared ? (freeArenas.pop() ?? alignedBuffer(arenaBytes)) : batch.readBytes <= arenaBytes ? (freeSharedArenas.pop() ?? alignedBuffer(arenaBytes, shared)) : alignedBuffer(batch.readBytes, shared);
+    const decoded = compressed || batch.entries.some((e) => e.kind === 'stored' && e.cipher) ? (freeDecodedArenas.pop() ?? alignedBuffer(decodedArenaBytes, { shared: decodesOffThread() })) : undefined;
     let decodedUsed = 0;
     const results: Array<Promise<Extent>> = new Array(batch.entries.length);
     const byGroup: number[][] = batch.groups.map(() => []);
@@ -209,7 +213,7 @@ export async function* readExtents(image: DiskImage, source: RandomAccessSource,
       ahead.push(fetchNext());
       yield* mergeAdjacent(loaded.extents);
       // The consumer asked for more, so it is done with this batch's bytes.
-      if (loaded.buffer && loaded.buffer.length === arenaBytes) freeArenas.push(loaded.buffer);
+      if (loaded.buffer && loaded.buffer.length === arenaBytes) (isShared(loaded.buffer) ? freeSharedArenas : freeArenas).push(loaded.buffer);
       if (loaded.decoded) freeDecodedArenas.push(loaded.decoded);
     }
     if (expectedOffset !== rangeEnd) {
