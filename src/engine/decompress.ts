@@ -40,7 +40,12 @@ export async function decode(codec: Codec, input: Uint8Array, decodedLength: num
     if (codec !== 'zstd' && !reusableInflateWorks()) return await decodeDeflateAsync(codec, input, decodedLength);
     // Off this thread where input and room for the output are shared memory (no copies).
     const pool = target && isShared(input) && isShared(target) ? decoderPool() : null;
-    if (pool) return await pool.decode(codec, input, decodedLength, target);
+    if (pool) {
+      const out = await pool.decode(codec, input, decodedLength, target);
+      stats.offThread++;
+      return out;
+    }
+    stats.inline++;
     const alloc = (bytes: number): Uint8Array => (target && target.length >= bytes ? target.subarray(0, bytes) : Buffer.allocUnsafeSlow(bytes));
     return decodeClusterSync(codec, input, decodedLength, alloc);
   } catch (err) {
@@ -48,6 +53,13 @@ export async function decode(codec: Codec, input: Uint8Array, decodedLength: num
     if (err instanceof ZstdUnavailableError) throw new UnsupportedFeatureError(err.message, { cause: err });
     throw err;
   }
+}
+
+const stats = { offThread: 0, inline: 0 };
+
+/** Clusters this process decoded so far on decoder threads and on the calling thread (for tests and diagnostics). */
+export function decoderStats(): { offThread: number; inline: number } {
+  return { ...stats };
 }
 
 /**
