@@ -12,12 +12,17 @@
 // --flushed (default on), also the flushed pair: qemu-img -t writeback against
 // diskconv's own flush (-t writeback, when this build has it).
 //
-// Usage: npm run bench -- [--size 4G] [--rounds 5] [--only qcow2,vdi-static] [--keep DIR]
-//                         [--flushed on|off] [--json FILE] [--md FILE]
+// Usage: npm run bench -- [--size 4G] [--rounds 5] [--flushed-rounds 3] [--budget 450]
+//                         [--only qcow2,vdi-static] [--keep DIR] [--flushed on|off] [--json FILE] [--md FILE]
+// The same settings from the environment: BENCH_SIZE, BENCH_ROUNDS, BENCH_FLUSHED_ROUNDS, BENCH_BUDGET,
+// BENCH_ONLY, BENCH_FLUSHED (flags win). --budget (seconds, 0 = none) bounds the whole run: each source
+// format gets an equal share of what is left, and its rounds stop early (never below 3, or --rounds
+// if smaller) when its share is used; the rounds actually run are in the table.
+// Ratios are diskconv / qemu-img (wall seconds): below 1 means diskconv is faster.
 // Writes a markdown table and a JSON file (bench/results/latest.{md,json} by default).
 import { spawn, execFileSync, spawnSync } from 'node:child_process';
 import { createCipheriv } from 'node:crypto';
-import { closeSync, existsSync, mkdirSync, mkdtempSync, openSync, readFileSync, rmSync, statSync, writeFileSync, writeSync } from 'node:fs';
+import { closeSync, existsSync, mkdirSync, mkdtempSync, openSync, readFileSync, readSync, rmSync, statSync, writeFileSync, writeSync } from 'node:fs';
 import { cpus, tmpdir, totalmem } from 'node:os';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -29,10 +34,16 @@ const parseSize = (s) => {
   if (!m) throw new Error(`bad size ${s}`);
   return Math.round(Number(m[1]) * 1024 ** ' KMGT'.indexOf((m[2] || ' ').toUpperCase()));
 };
-const virtualSize = parseSize(args.get('size') ?? '4G');
-const rounds = Number(args.get('rounds') ?? 5);
-const only = args.get('only')?.split(',');
-const flushed = (args.get('flushed') ?? 'on') !== 'off';
+const setting = (name, env, fallback) => args.get(name) ?? process.env[env] ?? fallback;
+const virtualSize = parseSize(setting('size', 'BENCH_SIZE', '4G'));
+const rounds = Number(setting('rounds', 'BENCH_ROUNDS', 5));
+const flushedRounds = Number(setting('flushed-rounds', 'BENCH_FLUSHED_ROUNDS', Math.min(3, rounds)));
+const budgetSeconds = Number(setting('budget', 'BENCH_BUDGET', 450));
+const only = setting('only', 'BENCH_ONLY', undefined)?.split(',');
+const flushed = setting('flushed', 'BENCH_FLUSHED', 'on') !== 'off';
+const started = Date.now();
+const elapsed = () => (Date.now() - started) / 1000;
+if (![rounds, flushedRounds, budgetSeconds].every((n) => Number.isInteger(n) && n >= 0) || rounds < 1) throw new Error('rounds must be >= 1, flushed-rounds and budget >= 0 (integers)');
 const here = dirname(fileURLToPath(import.meta.url));
 const CLI = join(here, '..', 'dist', 'cli.js');
 const jsonOut = args.get('json') ?? join(here, 'results', 'latest.json');
@@ -163,7 +174,54 @@ const median = (xs) => {
   return s.length % 2 ? s[(s.length - 1) / 2] : (s[s.length / 2 - 1] + s[s.length / 2]) / 2;
 };
 const allocated = (p) => statSync(p).blocks * 512;
-const identical = (a, b) => spawnSync('cmp', ['-s', a, b]).status === 0;
+/** The 1-minute load average, recorded with every figure (the machine may be shared). */
+const loadAverage = () => Number(readFileSync('/proc/loadavg', 'utf8').split(' ')[0]);
+/**
+ * Whether two outputs hold the same bytes. Both are sparse files of the virtual
+ * size: only ranges where either has data (SEEK_DATA, through diskconv's own
+ * native helper when it built) are read; elsewhere both read as zeros. Without
+ * the helper every byte is compared.
+ */
+const seek = await import(join(here, '..', 'dist', 'engine', 'native.js')).then((m) => m.seekHelper(), () => null);
+function identical(a, b) {
+  const fa = openSync(a, 'r');
+  const fb = openSync(b, 'r');
+  try {
+    const size = statSync(a).size;
+    if (statSync(b).size !== size) return false;
+    const ranges = (fd) => {
+      if (!seek) return [0, size];
+      const out = [];
+      for (let at = 0; at < size; ) {
+        const got = seek.dataExtents(fd, at, size, 65536);
+        out.push(...got);
+        if (got.length < 2 * 65536) break;
+        at = got[got.length - 1];
+      }
+      return out;
+    };
+    // Union of both files' data ranges.
+    const all = [...ranges(fa), ...ranges(fb)];
+    const pairs = [];
+    for (let i = 0; i < all.length; i += 2) pairs.push([all[i], all[i + 1]]);
+    pairs.sort((x, y) => x[0] - y[0]);
+    const ba = Buffer.allocUnsafe(16 * MiB);
+    const bb = Buffer.allocUnsafe(16 * MiB);
+    let done = 0;
+    for (const [start, end] of pairs) {
+      for (let at = Math.max(start, done); at < end; at += ba.length) {
+        const n = Math.min(ba.length, end - at);
+        if (readSync(fa, ba, 0, n, at) !== n || readSync(fb, bb, 0, n, at) !== n) return false;
+        if (!ba.subarray(0, n).equals(bb.subarray(0, n))) return false;
+      }
+      done = Math.max(done, end);
+    }
+    return true;
+  } finally {
+    closeSync(fa);
+    closeSync(fb);
+  }
+}
 
 /** Whether this diskconv build takes -t writeback (the CLI's flush option). */
 function diskconvHasFlush() {
@@ -202,7 +260,10 @@ console.log(`machine: ${machine.cpus} x ${machine.cpuModel}, ${machine.memGiB} G
 if (flushed && !hasFlush) console.log('this diskconv has no -t writeback: the flushed pair runs qemu-img only');
 
 const results = [];
-for (const [name, opts] of CASES) {
+for (const [caseIndex, [name, opts]] of CASES.entries()) {
+  // This format's share of the time left (image creation included).
+  const share = budgetSeconds > 0 ? (budgetSeconds - elapsed()) / (CASES.length - caseIndex) : Infinity;
+  const caseStarted = elapsed();
   const image = join(dir, `${name}.img`);
   const fmt = FORMAT_OF[name.split('-')[0]];
   if (!reuse || !existsSync(image)) {
@@ -212,11 +273,19 @@ for (const [name, opts] of CASES) {
   // Warm the cache: the image is read once before timing.
   execFileSync('cat', [image], { stdio: ['ignore', 'ignore', 'inherit'], maxBuffer: 0 });
   const row = { name, imageBytes: statSync(image).size, imageAllocated: allocated(image), modes: {} };
-  for (const pass of flushed ? [false, true] : [false]) {
+  row.rounds = {};
+  row.loadAverage = {};
+  for (const pass of flushed && flushedRounds > 0 ? [false, true] : [false]) {
     const modes = Object.keys(MODES).filter((m) => !pass || m !== 'diskconv' || hasFlush);
     const runs = Object.fromEntries(modes.map((m) => [m, []]));
     const outputs = {};
-    for (let r = 0; r < rounds; r++) {
+    const wanted = pass ? flushedRounds : rounds;
+    // The unflushed pass may use the share less what the flushed pass will need (about as long per round, plus flushing).
+    const passEnd = caseStarted + (pass || !flushed || flushedRounds === 0 ? share : share * (rounds / (rounds + 1.5 * flushedRounds)));
+    const loadBefore = loadAverage();
+    let r = 0;
+    for (; r < wanted; r++) {
+      if (r >= Math.min(3, wanted) && elapsed() > passEnd) break;
       for (let i = 0; i < modes.length; i++) {
         const mode = modes[(i + r) % modes.length]; // rotate who goes first
         const out = join(dir, `${name}.${mode.replace(/\W+/g, '_')}.raw`);
@@ -229,6 +298,8 @@ for (const [name, opts] of CASES) {
         outputs[mode] = out;
       }
     }
+    row.rounds[pass ? 'flushed' : 'unflushed'] = r;
+    row.loadAverage[pass ? 'flushed' : 'unflushed'] = [loadBefore, loadAverage()];
     const reference = outputs['qemu-img'];
     for (const mode of modes) {
       const xs = runs[mode];
@@ -240,6 +311,7 @@ for (const [name, opts] of CASES) {
         sys: median(xs.map((x) => x.sys)),
         rssMiB: Math.max(...xs.map((x) => x.rssMiB)),
         allocated: xs[xs.length - 1].allocated,
+        // Each tool's last output against qemu-img's default of the same pass.
         identical: mode === 'qemu-img' ? true : identical(reference, outputs[mode]),
         runs: xs,
       };
@@ -252,7 +324,7 @@ for (const [name, opts] of CASES) {
   console.log(
     `${name.padEnd(12)} qemu ${m['qemu-img'].wall.toFixed(2)} s, -m16 -W ${m['qemu-img -m 16 -W'].wall.toFixed(2)} s, diskconv ${d.wall.toFixed(2)} s ` +
       `(x${(d.wall / m['qemu-img'].wall).toFixed(2)} / x${(d.wall / m['qemu-img -m 16 -W'].wall).toFixed(2)}), cpu ${d.cpu.toFixed(2)} vs ${m['qemu-img'].cpu.toFixed(2)}, ` +
-      `rss ${d.rssMiB.toFixed(0)} MiB, ${d.identical ? 'identical' : 'DIFFERS'}`,
+      `rss ${d.rssMiB.toFixed(0)} MiB, ${d.identical ? 'identical' : 'DIFFERS'}; ${row.rounds.unflushed} rounds, load ${row.loadAverage.unflushed[0]} -> ${row.loadAverage.unflushed[1]}; ${elapsed().toFixed(0)} s so far`,
   );
   if (!args.get('keep')) rmSync(image, { force: true });
 }
@@ -261,35 +333,41 @@ for (const [name, opts] of CASES) {
 // Report.
 
 const fmtS = (x) => (x === undefined ? '–' : x.toFixed(2));
+const ratio = (a, b) => (a && b ? (a.wall / b.wall).toFixed(2) : '–');
 const GiB = (b) => (b / 2 ** 30).toFixed(2);
 const lines = [];
-lines.push(`${virtualSize / 2 ** 30} GiB virtual, ${(dataBytes / 2 ** 20).toFixed(0)} MiB data; median of ${rounds} rounds (rotating order, outputs deleted and sync before each run, warm cache).`);
+lines.push(`${virtualSize / 2 ** 30} GiB virtual, ${(dataBytes / 2 ** 20).toFixed(0)} MiB data; median of up to ${rounds} rounds (rotating order, outputs deleted and sync before each run, warm cache); whole run ${(elapsed() / 60).toFixed(1)} min.`);
 lines.push(`Machine: ${machine.cpus} × ${machine.cpuModel}, ${machine.memGiB} GiB RAM, ${machine.filesystem}, Linux ${machine.kernel}, Node ${machine.node}, ${machine.qemuImg}; load average at start ${machine.loadAverageAtStart}.`);
+lines.push('Ratios are diskconv / qemu-img wall time: below 1.00 diskconv is faster.');
 lines.push('');
-lines.push('| source | qemu-img wall (cpu) | qemu-img -m 16 -W wall (cpu) | diskconv wall (cpu) | diskconv / default | diskconv / -m 16 -W | cpu ratio | peak RSS MiB (qemu / -W / ours) | output allocated GiB (qemu / ours) | identical |');
-lines.push('|---|---|---|---|---|---|---|---|---|---|');
+lines.push('| source | diskconv / qemu-img | diskconv / qemu-img -m 16 -W | qemu-img wall (cpu) | qemu-img -m 16 -W wall (cpu) | diskconv wall (cpu) | cpu ratio | peak RSS MiB (qemu / -W / ours) | output allocated GiB (qemu / ours) | identical | rounds | load (1 min) |');
+lines.push('|---|---|---|---|---|---|---|---|---|---|---|---|');
 for (const row of results) {
   const q = row.modes['qemu-img'], w = row.modes['qemu-img -m 16 -W'], d = row.modes.diskconv;
   lines.push(
-    `| ${row.name} | ${fmtS(q.wall)} (${fmtS(q.cpu)}) | ${fmtS(w.wall)} (${fmtS(w.cpu)}) | ${fmtS(d.wall)} (${fmtS(d.cpu)}) | ${(d.wall / q.wall).toFixed(2)} | ${(d.wall / w.wall).toFixed(2)} | ${(d.cpu / q.cpu).toFixed(2)} | ${q.rssMiB.toFixed(0)} / ${w.rssMiB.toFixed(0)} / ${d.rssMiB.toFixed(0)} | ${GiB(q.allocated)} / ${GiB(d.allocated)} | ${d.identical && w.identical ? 'yes' : 'NO'} |`,
+    `| ${row.name} | **${ratio(d, q)}** | **${ratio(d, w)}** | ${fmtS(q.wall)} (${fmtS(q.cpu)}) | ${fmtS(w.wall)} (${fmtS(w.cpu)}) | ${fmtS(d.wall)} (${fmtS(d.cpu)}) | ${(d.cpu / q.cpu).toFixed(2)} | ${q.rssMiB.toFixed(0)} / ${w.rssMiB.toFixed(0)} / ${d.rssMiB.toFixed(0)} | ${GiB(q.allocated)} / ${GiB(d.allocated)} | ${d.identical && w.identical ? 'yes' : 'NO'} | ${row.rounds.unflushed} | ${row.loadAverage.unflushed.join(' → ')} |`,
   );
 }
-if (flushed) {
+if (flushed && flushedRounds > 0) {
   lines.push('');
   lines.push('Flushed (qemu-img -t writeback; diskconv -t writeback' + (hasFlush ? '' : ': not in this build') + '):');
   lines.push('');
-  lines.push('| source | qemu-img | qemu-img -m 16 -W | diskconv | diskconv / default |');
-  lines.push('|---|---|---|---|---|');
+  lines.push('| source | diskconv / qemu-img | diskconv / qemu-img -m 16 -W | qemu-img | qemu-img -m 16 -W | diskconv | identical | rounds | load (1 min) |');
+  lines.push('|---|---|---|---|---|---|---|---|---|');
   for (const row of results) {
     const q = row.modes['qemu-img (flushed)'], w = row.modes['qemu-img -m 16 -W (flushed)'], d = row.modes['diskconv (flushed)'];
-    lines.push(`| ${row.name} | ${fmtS(q?.wall)} | ${fmtS(w?.wall)} | ${fmtS(d?.wall)} | ${d && q ? (d.wall / q.wall).toFixed(2) : '–'} |`);
+    if (!q) continue;
+    lines.push(`| ${row.name} | **${ratio(d, q)}** | **${ratio(d, w)}** | ${fmtS(q.wall)} | ${fmtS(w?.wall)} | ${fmtS(d?.wall)} | ${d?.identical && w?.identical ? 'yes' : d ? 'NO' : '–'} | ${row.rounds.flushed} | ${row.loadAverage.flushed.join(' → ')} |`);
   }
 }
+lines.push('');
+lines.push(`Side by side (diskconv / qemu-img default, wall): ${results.map((row) => `${row.name} ${ratio(row.modes.diskconv, row.modes['qemu-img'])}`).join(' · ')}`);
+lines.push(`Side by side (diskconv / qemu-img -m 16 -W, wall): ${results.map((row) => `${row.name} ${ratio(row.modes.diskconv, row.modes['qemu-img -m 16 -W'])}`).join(' · ')}`);
 const md = lines.join('\n') + '\n';
 console.log('\n' + md);
 mkdirSync(dirname(jsonOut), { recursive: true });
 mkdirSync(dirname(mdOut), { recursive: true });
-writeFileSync(jsonOut, JSON.stringify({ date: new Date().toISOString(), virtualSize, dataBytes, rounds, machine, results }, null, 2) + '\n');
+writeFileSync(jsonOut, JSON.stringify({ date: new Date().toISOString(), virtualSize, dataBytes, rounds, flushedRounds, budgetSeconds, seconds: Math.round(elapsed()), loadAverageAtEnd: readFileSync('/proc/loadavg', 'utf8').split(' ').slice(0, 3).join(' '), machine, results }, null, 2) + '\n');
 writeFileSync(mdOut, md);
 console.log(`wrote ${mdOut} and ${jsonOut}`);
 if (!args.get('keep')) rmSync(dir, { recursive: true, force: true });
