@@ -23,6 +23,8 @@ export interface SweepReport {
   requeued: number;
   /** Unfinished jobs whose BullMQ job ended without a result; failed with WORKER_LOST. */
   lost: number;
+  /** What dead attempts left in destinations (RBD temporaries) for jobs that no longer wait or run. */
+  destinationLeftovers: number;
 }
 
 /** What the sweeper needs of the queue to reconcile records with BullMQ. */
@@ -38,7 +40,7 @@ const RECONCILE_AFTER_MS = 60_000;
 export async function sweepOnce(deps: {
   config: Pick<Config, 'retention'>;
   records: JobRecords;
-  stores: Pick<Stores, 'staging' | 'output'>;
+  stores: Pick<Stores, 'staging' | 'output'> & Partial<Pick<Stores, 'destinations'>>;
   /** Leases of writes in progress (uploads, inspections); without it, only job states protect a write. */
   leases?: Pick<Leases, 'held'>;
   queue?: QueuePort;
@@ -54,7 +56,7 @@ export async function sweepOnce(deps: {
     return state === 'queued' || state === 'running';
   };
   const now = deps.now ?? Date.now();
-  const report: SweepReport = { expiredJobs: 0, orphanObjects: 0, uncommitted: 0, scratch: 0, requeued: 0, lost: 0 };
+  const report: SweepReport = { expiredJobs: 0, orphanObjects: 0, uncommitted: 0, scratch: 0, requeued: 0, lost: 0, destinationLeftovers: 0 };
 
   if (deps.queue) {
     for (const id of await records.unfinishedBefore(now - RECONCILE_AFTER_MS, 500)) {
@@ -108,6 +110,8 @@ export async function sweepOnce(deps: {
     report.orphanObjects++;
   }
   report.uncommitted = (await staging.sweepUncommitted(orphanBefore, owned)) + (await output.sweepUncommitted(orphanBefore, owned));
+  // No age here: a temporary lives only while its job waits or runs, and rbd refuses to remove one still being written.
+  if (deps.stores.destinations) report.destinationLeftovers = await deps.stores.destinations.sweepLeftovers(owned);
 
   if (deps.scratchDir) {
     for (const name of await readdir(deps.scratchDir).catch(() => [] as string[])) {
@@ -132,7 +136,7 @@ export function startSweeper(deps: {
   config: Pick<Config, 'retention'>;
   redis: Redis;
   records: JobRecords;
-  stores: Pick<Stores, 'staging' | 'output'>;
+  stores: Pick<Stores, 'staging' | 'output'> & Partial<Pick<Stores, 'destinations'>>;
   leases: Pick<Leases, 'held'>;
   queue: QueuePort;
   scratchDir: string;

@@ -61,6 +61,11 @@ export interface Destinations {
   remove(result: DestinationResult): Promise<void>;
   /** Marks a committed destination as registered elsewhere (Glance): from then on no retry of the job may rewrite it. */
   handOver(result: DestinationResult): Promise<void>;
+  /**
+   * Removes what attempts left behind for jobs that no longer wait or run (`live(job)` false): RBD temporaries of a
+   * worker that died while its job then failed or was cancelled. Never a committed image; returns how many went.
+   */
+  sweepLeftovers(live: (job: string) => Promise<boolean>): Promise<number>;
 }
 
 /** The target is not allowed here: deterministic, nothing was written. */
@@ -93,4 +98,7 @@ export class NoDestinations implements Destinations {
   }
   async remove(): Promise<void> {}
   async handOver(): Promise<void> {}
+  async sweepLeftovers(): Promise<number> {
+    return 0;
+  }
 }

@@ -163,7 +163,7 @@ describe('JobRecords (real Redis)', () => {
 
       // Nothing is old enough yet.
       let report = await sweepOnce({ config: { retention: { resultTtlSeconds: 3600, orphanTtlSeconds: 3600, sweepSeconds: 60 } }, records: r, stores });
-      expect(report).toEqual({ expiredJobs: 0, orphanObjects: 0, uncommitted: 0, scratch: 0, requeued: 0, lost: 0 });
+      expect(report).toEqual({ expiredJobs: 0, orphanObjects: 0, uncommitted: 0, scratch: 0, requeued: 0, lost: 0, destinationLeftovers: 0 });
 
       report = await sweepOnce({
         config: { retention: { resultTtlSeconds: 1, orphanTtlSeconds: 1, sweepSeconds: 60 } },

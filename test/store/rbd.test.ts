@@ -254,6 +254,36 @@ describe.skipIf(!cephAvailable)('RBD destinations', () => {
     expect(await exportSha(`rbd/${n}@snap`)).toBe(sha(8));
   });
 
+  it('sweeps temporaries of jobs that no longer run, never a live job\'s, one being written, or a committed image', async () => {
+    const ended = `job-ended-${process.pid}`;
+    const live = `job-live-${process.pid}`;
+    const writing = `job-writing-${process.pid}`;
+    const endedTemp = `diskconv-tmp.${ended}.dead0001`;
+    const liveTemp = `diskconv-tmp.${live}.dead0001`;
+    for (const t of [endedTemp, liveTemp]) await cli('create', '--size', '4M', `rbd/${t}`);
+    await cli('image-meta', 'set', `rbd/${endedTemp}`, 'diskconv.job', `job:${ended}`);
+    await cli('image-meta', 'set', `rbd/${liveTemp}`, 'diskconv.job', `job:${live}`);
+    names.push(liveTemp);
+    // A write in progress (rbd holds a watch on it) of a job the sweeper is told has ended: rbd refuses, it stays.
+    const inFlight = await rbd.create({ target: 'rbd', pool: 'rbd', image: name('in-flight') }, 1 << 20, writing);
+    await inFlight.write({ kind: 'data', offset: 0, length: 512 << 10, data: Buffer.alloc(512 << 10, 1) });
+    // A committed image of an ended job is not a temporary.
+    const committedName = name('committed');
+    const committed = await rbd.create({ target: 'rbd', pool: 'rbd', image: committedName }, 1 << 20, ended);
+    await committed.write(oneMiB(6));
+    await committed.finish(1 << 20);
+    await committed.commit();
+    const removed = await rbd.sweepLeftovers(async (job) => job === live);
+    const now = await listed();
+    expect(now).not.toContain(endedTemp);
+    expect(now).toContain(liveTemp);
+    expect(now.filter((x) => x.startsWith(`diskconv-tmp.${writing}.`))).toHaveLength(1);
+    expect(removed).toBeGreaterThanOrEqual(1);
+    expect(await exportSha(`rbd/${committedName}@snap`)).toBe(sha(6));
+    await inFlight.abort();
+    expect((await listed()).filter((x) => x.startsWith(`diskconv-tmp.${writing}.`))).toEqual([]);
+  });
+
   it('reports rbd\'s own message when it fails', async () => {
     const broken = new RbdDestinations({ pools: ['no-such-pool'], commandTimeoutMs: 60_000 });
     const err = await broken.create({ target: 'rbd', pool: 'no-such-pool', image: name('x') }, 1 << 20, 'job-y').catch((e: unknown) => e);

@@ -158,25 +158,53 @@ export class RbdDestinations implements Destinations {
 
   /**
    * Temporaries that dead attempts of this job left: removed when nobody writes them any more (rbd refuses while a
-   * watch is held, and then they wait for the next attempt or the commit). Another attempt's live one is never touched.
-   * An untagged one (killed between create and tag) is removed only while it holds no data.
+   * watch is held, and then they wait for the next attempt, the commit or the sweeper). Another attempt's live one
+   * is never touched. Returns how many went.
    */
-  private async removeStaleTemps(pool: string, owner: string): Promise<void> {
-    const listed = await runTool('rbd', ['ls', '--format', 'json', pool], { timeoutMs: this.settings.commandTimeoutMs });
-    if (listed.code !== 0) return;
-    const names = (JSON.parse(listed.stdout || '[]') as string[]).filter((n) => n.startsWith(`${TEMP_PREFIX}${owner}.`));
-    for (const name of names) {
-      const spec = `${pool}/${name}`;
-      const meta = await this.metadata(spec).catch(() => undefined);
-      if (!meta) continue;
-      if (meta.get(OWNER_KEY) !== ownerTag(owner)) {
-        if (meta.size > 0) continue;
-        const du = await runTool('rbd', ['du', '--format', 'json', spec], { timeoutMs: this.settings.commandTimeoutMs });
-        const used = du.code === 0 ? (JSON.parse(du.stdout) as { images?: Array<{ used_size?: number }> }).images?.[0]?.used_size : undefined;
-        if (used !== 0) continue;
-      }
-      await runTool('rbd', ['rm', '--no-progress', spec], { timeoutMs: this.settings.commandTimeoutMs });
+  private async removeStaleTemps(pool: string, owner: string): Promise<number> {
+    let removed = 0;
+    for (const temp of await this.temporaries(pool)) {
+      if (temp.owner === owner && (await this.removeTemp(pool, temp.name, owner))) removed++;
     }
+    return removed;
+  }
+
+  /** Temporaries in `pool`, with the job their name says they belong to. */
+  private async temporaries(pool: string): Promise<Array<{ name: string; owner: string }>> {
+    const listed = await runTool('rbd', ['ls', '--format', 'json', pool], { timeoutMs: this.settings.commandTimeoutMs });
+    if (listed.code !== 0) return [];
+    return (JSON.parse(listed.stdout || '[]') as string[]).flatMap((name) => {
+      if (!name.startsWith(TEMP_PREFIX)) return [];
+      const rest = name.slice(TEMP_PREFIX.length);
+      const dot = rest.lastIndexOf('.');
+      return dot > 0 ? [{ name, owner: rest.slice(0, dot) }] : [];
+    });
+  }
+
+  /** Removes a temporary that is `owner`'s: tagged so, or untagged and holding no data (killed between create and tag). */
+  private async removeTemp(pool: string, name: string, owner: string): Promise<boolean> {
+    const spec = `${pool}/${name}`;
+    const meta = await this.metadata(spec).catch(() => undefined);
+    if (!meta) return false;
+    if (meta.get(OWNER_KEY) !== ownerTag(owner)) {
+      if (meta.size > 0) return false;
+      const du = await runTool('rbd', ['du', '--format', 'json', spec], { timeoutMs: this.settings.commandTimeoutMs });
+      const used = du.code === 0 ? (JSON.parse(du.stdout) as { images?: Array<{ used_size?: number }> }).images?.[0]?.used_size : undefined;
+      if (used !== 0) return false;
+    }
+    const res = await runTool('rbd', ['rm', '--no-progress', spec], { timeoutMs: this.settings.commandTimeoutMs });
+    return res.code === 0;
+  }
+
+  async sweepLeftovers(live: (job: string) => Promise<boolean>): Promise<number> {
+    let removed = 0;
+    for (const pool of this.settings.pools) {
+      for (const temp of await this.temporaries(pool)) {
+        if (await live(temp.owner)) continue;
+        if (await this.removeTemp(pool, temp.name, temp.owner)) removed++;
+      }
+    }
+    return removed;
   }
 
   private async removeImage(spec: string): Promise<void> {
