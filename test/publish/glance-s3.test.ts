@@ -97,7 +97,7 @@ describe.skipIf(!cephAvailable || !haveGlance)('publishing from an S3 output sto
     expect(image).toMatchObject({ status: 'active', name: 'from-s3', disk_format: 'raw', size: SIZE, stores: 'fs', checksum: raw.md5, os_hash_value: raw.sha512 });
     expect(await fetchDigests(`${glance.url}/v2/images/${imageId}/file`, { 'x-auth-token': glance.token })).toEqual({ size: SIZE, ...raw });
     // The output stays in the bucket and downloadable; no staged input or multipart upload is left.
-    expect(await objectKeys(s3, bucket, 'svc/staging/')).toEqual([]);
+    expect(await objectKeys(s3, bucket, 'svc/input/')).toEqual([]);
     expect(await uploadsInProgress(s3, bucket)).toEqual([]);
     expect(await fetchDigests(`${svc.apiUrl}${done.output?.href}`, { authorization: `Bearer ${TOKEN}` })).toEqual({ size: SIZE, ...raw });
   });
