@@ -17,6 +17,9 @@
  * upload still answers its full offset and names the job (`Diskconv-Job`).
  * Unfinished uploads are removed UPLOAD_TTL_SECONDS after they were created.
  *
+ * Several API processes may serve one upload (behind one balancer, on a shared
+ * store): its lock is in Redis (tus-locker.ts), so no two of them write it at once.
+ *
  * The checksum extension (which @tus/server does not implement) is done here: a
  * PATCH with `Upload-Checksum: <sha1|sha256|md5> <base64>` is spooled to a
  * scratch file while hashed, and handed on only when it matches (460 otherwise).
@@ -35,6 +38,7 @@ import { readOptionFields, streamToStore, type FieldOptions, type StoredUpload }
 import type { ApiContext } from '../context.js';
 import { problemFor, toProblem } from '../errors.js';
 import { checkJobOptions, newJobRecord, submitJob } from '../job-record.js';
+import { RedisLocker } from '../tus-locker.js';
 import { jobPath } from '../present.js';
 import { newJobId } from './jobs.js';
 
@@ -155,9 +159,16 @@ export async function uploadRoutes(app: FastifyInstance, ctx: ApiContext): Promi
     return { headers: { 'Diskconv-Job': jobPath(id) } };
   };
 
+  // One lock per upload across every API process (a file store every API shares, or the bucket).
+  const subscriber = ctx.redis.duplicate({ enableOfflineQueue: true });
+  subscriber.on('error', (err) => log.warn({ err: err.message }, 'tus locker: redis connection error'));
+  const locker = new RedisLocker(ctx.redis, subscriber, prefix);
+  app.addHook('onClose', async () => locker.close());
+
   const tus = new Server({
     path: UPLOADS_PATH,
     datastore,
+    locker,
     relativeLocation: true,
     respectForwardedHeaders: ctx.config.trustProxy,
     maxSize: ctx.config.maxUploadBytes,
@@ -236,22 +247,26 @@ export async function uploadRoutes(app: FastifyInstance, ctx: ApiContext): Promi
   const handle = async (request: FastifyRequest, reply: FastifyReply): Promise<FastifyReply> => {
     const { upload_id: uploadId } = (request.params ?? {}) as { upload_id?: string };
     // A completed upload is a job now: HEAD says so; a repeated final PATCH is answered as done.
-    if (uploadId && (request.method === 'HEAD' || request.method === 'PATCH')) {
+    const completed = async (): Promise<FastifyReply | undefined> => {
+      if (!uploadId || (request.method !== 'HEAD' && request.method !== 'PATCH')) return undefined;
       const raw = await ctx.redis.get(claimKey(uploadId));
-      if (raw) {
-        const claim = JSON.parse(raw) as Claim;
-        const rec = await ctx.records.get(claim.job);
-        if (!rec || rec.tenant !== request.tenant) return reply.code(404).header('tus-resumable', '1.0.0').header('cache-control', 'no-store').send();
-        return reply
-          .code(request.method === 'HEAD' ? 200 : 204)
-          .header('tus-resumable', '1.0.0')
-          .header('upload-offset', String(claim.size))
-          .header('upload-length', String(claim.size))
-          .header('cache-control', 'no-store')
-          .header('diskconv-job', jobPath(claim.job))
-          .send();
-      }
-    }
+      if (!raw) return undefined;
+      const claim = JSON.parse(raw) as Claim;
+      const rec = await ctx.records.get(claim.job);
+      // Claimed but no record yet: its job is being made; tus still has the upload and answers.
+      if (!rec) return undefined;
+      if (rec.tenant !== request.tenant) return reply.code(404).header('tus-resumable', '1.0.0').header('cache-control', 'no-store').send();
+      return reply
+        .code(request.method === 'HEAD' ? 200 : 204)
+        .header('tus-resumable', '1.0.0')
+        .header('upload-offset', String(claim.size))
+        .header('upload-length', String(claim.size))
+        .header('cache-control', 'no-store')
+        .header('diskconv-job', jobPath(claim.job))
+        .send();
+    };
+    const done = await completed();
+    if (done) return done;
     let body: Readable | undefined;
     let cleanup: (() => Promise<void>) | undefined;
     const checksum = request.headers['upload-checksum'];
@@ -275,6 +290,11 @@ export async function uploadRoutes(app: FastifyInstance, ctx: ApiContext): Promi
       } as RequestInit);
       tenants.set(webRequest, request.tenant);
       const response = await tus.handleWeb(webRequest);
+      // Completed (and its tus copy removed) by another request while this one waited for the upload's lock.
+      if (response.status === 404) {
+        const late = await completed();
+        if (late) return late;
+      }
       reply.code(response.status);
       response.headers.forEach((value, key) => {
         if (key === 'tus-extension') value = `${value},checksum`;
