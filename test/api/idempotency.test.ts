@@ -179,6 +179,24 @@ describe('Idempotency-Key on POST /v1/jobs (real HTTP, real Redis)', () => {
     expect((await list()).filter((j) => j === id)).toHaveLength(1);
   });
 
+  it('every API process shares the keys: a retry that lands on another process gets the same job', async () => {
+    const second = await buildApp(config, { records: new JobRecords(client, config.queueName), queue, stores, redis: client });
+    try {
+      const otherBase = await second.listen({ host: '127.0.0.1', port: 0 });
+      const first = await upload('shared-1');
+      expect(first.status).toBe(202);
+      const res = await fetch(`${otherBase}/v1/jobs`, {
+        method: 'POST',
+        headers: { authorization: `Bearer ${TOKEN_A}`, 'content-type': 'application/octet-stream', 'idempotency-key': 'shared-1' },
+        body: image,
+      });
+      expect(res.status).toBe(200);
+      expect(((await res.json()) as { id: string }).id).toBe(first.json.id);
+    } finally {
+      await second.close();
+    }
+  });
+
   it('a refused request leaves no key: its corrected retry creates the job', async () => {
     const bad = await upload('refused-1', image, { query: '?source_format=floppy' });
     expect(bad.status).toBe(400);
