@@ -1,0 +1,128 @@
+/**
+ * The CLI on OVA appliances and tar bundles: `convert` byte-identical to
+ * qemu-img on the extracted disk, `info` listing the disks, `--disk`, and the
+ * strace canary: names inside the archive's images are never opened on the
+ * host, even when files of those names lie right beside the archive.
+ */
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { execFile, execFileSync } from 'node:child_process';
+import { join } from 'node:path';
+import { readFile, writeFile } from 'node:fs/promises';
+import { makeTempDir, mixedContent, qemuImg, qemuIo, run, sha256File } from '../helpers/qemu.js';
+import { CLI, runDiskconv } from '../helpers/cli.js';
+
+const MiB = 2 ** 20;
+let dir: string;
+let cleanup: () => Promise<void>;
+const path = (name: string): string => join(dir, name);
+/** Known when the tests are collected, so a missing strace shows as a skip (and fails under CI). */
+const strace = ((): boolean => {
+  try {
+    execFileSync('strace', ['-V'], { stdio: 'ignore' });
+    return true;
+  } catch {
+    return false;
+  }
+})();
+
+function traced(log: string, args: string[]): Promise<void> {
+  return new Promise((resolve) => {
+    execFile('strace', ['-f', '-e', 'trace=%file', '-o', log, process.execPath, CLI, ...args], { timeout: 60_000 }, () => resolve());
+  });
+}
+
+const OVF = `<?xml version="1.0" encoding="UTF-8"?>
+<Envelope xmlns="http://schemas.dmtf.org/ovf/envelope/1" xmlns:ovf="http://schemas.dmtf.org/ovf/envelope/1">
+  <References>
+    <File ovf:id="f1" ovf:href="canary-disk1.vmdk"/>
+    <File ovf:id="f2" ovf:href="canary-disk2.vmdk"/>
+  </References>
+  <DiskSection><Info>disks</Info>
+    <Disk ovf:diskId="boot" ovf:fileRef="f1" ovf:capacity="8388608"/>
+    <Disk ovf:diskId="data" ovf:fileRef="f2" ovf:capacity="12582912"/>
+  </DiskSection>
+</Envelope>
+`;
+
+beforeAll(async () => {
+  ({ dir, cleanup } = await makeTempDir('diskconv-cli-archive-'));
+  await writeFile(path('a.raw'), mixedContent(8 * MiB, 11));
+  await writeFile(path('b.raw'), mixedContent(12 * MiB, 12));
+  await qemuImg('convert', '-O', 'vmdk', '-o', 'subformat=streamOptimized', path('a.raw'), path('canary-disk1.vmdk'));
+  await qemuImg('convert', '-O', 'vmdk', '-o', 'subformat=streamOptimized', path('b.raw'), path('canary-disk2.vmdk'));
+  await writeFile(path('app.ovf'), OVF);
+  await run('tar', ['-cf', path('app.ova'), '-C', dir, 'app.ovf', 'canary-disk1.vmdk', 'canary-disk2.vmdk']);
+  // A chain: the overlay names its backing file by a relative name; a file of that name lies beside the tar.
+  await qemuImg('create', '-q', '-f', 'qcow2', path('canary-base.qcow2'), '16M');
+  await qemuIo('-c', 'write -P 0x31 0 3M', path('canary-base.qcow2'));
+  await qemuImg('create', '-q', '-f', 'qcow2', '-b', 'canary-base.qcow2', '-F', 'qcow2', path('top.qcow2'));
+  await qemuIo('-c', 'write -P 0x32 1M 1M', path('top.qcow2'));
+  await run('tar', ['-cf', path('chain.tar'), '-C', dir, 'top.qcow2', 'canary-base.qcow2']);
+}, 120_000);
+afterAll(async () => cleanup());
+
+describe('diskconv on archives', () => {
+  it('convert appliance.ova out.raw equals qemu-img on the extracted first disk; --disk 2 the second', async () => {
+    await run('mkdir', [path('x')]);
+    await run('tar', ['-xf', path('app.ova'), '-C', path('x')]);
+    for (const [n, disk] of [[1, 'canary-disk1.vmdk'], [2, 'canary-disk2.vmdk']] as const) {
+      await qemuImg('convert', '-O', 'raw', path(`x/${disk}`), path(`ref${n}.raw`));
+      const args = n === 1 ? [] : ['--disk', '2'];
+      const r = await runDiskconv(['convert', ...args, '-O', 'raw', path('app.ova'), path(`out${n}.raw`)]);
+      expect(r.stderr).toBe('');
+      expect(r.code).toBe(0);
+      expect(await sha256File(path(`out${n}.raw`))).toBe(await sha256File(path(`ref${n}.raw`)));
+    }
+    const chain = await runDiskconv(['convert', '-O', 'raw', path('chain.tar'), path('chain.raw')]);
+    expect(chain.code, chain.stderr).toBe(0);
+    await qemuImg('convert', '-O', 'raw', path('top.qcow2'), path('chain.ref'));
+    expect(await sha256File(path('chain.raw'))).toBe(await sha256File(path('chain.ref')));
+  }, 120_000);
+
+  it('info --output=json lists the OVF disks; a wrong --disk is a usage-level error naming them', async () => {
+    const r = await runDiskconv(['info', '--output=json', path('app.ova')]);
+    expect(r.code, r.stderr).toBe(0);
+    const info = JSON.parse(r.stdout) as { format: string; 'virtual-size': number; archive: { kind: string; disk: number; disks: Array<{ 'disk-id': string; file: string }> } };
+    expect(info.format).toBe('vmdk');
+    expect(info['virtual-size']).toBe(8 * MiB);
+    expect(info.archive.kind).toBe('ova');
+    expect(info.archive.disks.map((d) => [d['disk-id'], d.file])).toEqual([
+      ['boot', 'canary-disk1.vmdk'],
+      ['data', 'canary-disk2.vmdk'],
+    ]);
+    const two = JSON.parse((await runDiskconv(['info', '--output=json', '--disk', 'data', path('app.ova')])).stdout) as { 'virtual-size': number };
+    expect(two['virtual-size']).toBe(12 * MiB);
+    const bad = await runDiskconv(['convert', '--disk', '7', '-O', 'raw', path('app.ova'), path('bad.raw')]);
+    expect(bad.code).not.toBe(0);
+    expect(bad.stderr).toMatch(/INVALID_ARGUMENT.*no disk "7".*boot.*data/);
+  }, 60_000);
+
+  it.skipIf(!strace && !process.env.CI)('strace: only the archive is opened, never a file an image names, even one lying beside it', async () => {
+    if (!strace) throw new Error('strace is needed for this test in CI');
+    for (const [archive, args] of [
+      ['app.ova', ['convert', '-O', 'raw']],
+      ['app.ova', ['info']],
+      ['chain.tar', ['convert', '-O', 'raw']],
+      ['chain.tar', ['info']],
+    ] as const) {
+      const log = path(`${archive}.${args[0]}.strace`);
+      const out = path(`${archive}.${args[0]}.raw`);
+      await traced(log, [...args, path(archive), ...(args[0] === 'convert' ? [out] : [])]);
+      const calls = await readFile(log, 'latin1');
+      expect(calls, archive).toContain(path(archive));
+      expect(calls, `${archive} ${args[0]}: a member's name was opened on the host`).not.toContain('canary');
+    }
+    // Absolute and climbing backing names that exist on the host: refused, and never looked up.
+    for (const backing of [path('canary-base.qcow2'), '../canary-base.qcow2']) {
+      await qemuImg('create', '-q', '-f', 'qcow2', '-u', '-b', backing, '-F', 'qcow2', path('evil.qcow2'), '16M');
+      await run('tar', ['-cf', path('evil.tar'), '-C', dir, 'evil.qcow2']);
+      const log = path('evil.strace');
+      await traced(log, ['convert', '-O', 'raw', path('evil.tar'), path('evil.raw')]);
+      const calls = await readFile(log, 'latin1');
+      expect(calls).toContain(path('evil.tar'));
+      expect(calls, backing).not.toContain('canary');
+      const r = await runDiskconv(['convert', '-O', 'raw', path('evil.tar'), path('evil.raw')]);
+      expect(r.stderr).toMatch(/UNSAFE_IMAGE/);
+    }
+  }, 120_000);
+});
