@@ -74,6 +74,8 @@ const optionFields = {
   output_format: z.literal('raw').default('raw'),
   expected_sha256: sha256Field.optional(),
   callback_url: z.string().min(1).max(2048).optional(),
+  /** An OVA's disk (1-based index, diskId or file) or a tar bundle's top member (src/engine/archive/). */
+  disk: z.string().min(1).max(256).optional(),
 };
 
 /** An encrypted image's key: JSON body or multipart field only (never the query string, which is logged). */
@@ -122,6 +124,7 @@ export interface JobOptions {
   callback_url?: string;
   destination?: JobDestination;
   glance?: GlanceRequest;
+  disk?: string;
 }
 
 export type ReceivedSource =
@@ -179,6 +182,7 @@ export function readOptionFields(
       ...(parsed.callback_url ? { callback_url: parsed.callback_url } : {}),
       ...(destination ? { destination } : {}),
       ...(parsed.glance ? { glance: parsed.glance } : {}),
+      ...(parsed.disk !== undefined ? { disk: parsed.disk } : {}),
     },
     ...(filename ? { filename } : {}),
     ...(passphrase !== undefined ? { passphrase } : {}),
@@ -274,6 +278,7 @@ async function receiveJson(request: FastifyRequest, key: string, deps: BodyDeps)
       ...(body.callback_url ? { callback_url: body.callback_url } : {}),
       ...(destination ? { destination } : {}),
       ...(body.glance ? { glance: body.glance } : {}),
+      ...(body.disk !== undefined ? { disk: body.disk } : {}),
     },
     ...(body.passphrase !== undefined ? { passphrase: body.passphrase } : {}),
   };

@@ -39,6 +39,7 @@ export function newJobRecord(
     ...(options.expected_sha256 ? { expected_sha256: options.expected_sha256 } : {}),
     ...(options.destination ? { destination: options.destination } : {}),
     ...(options.glance ? { glance: options.glance } : {}),
+    ...(options.disk !== undefined ? { disk: options.disk } : {}),
     created_at: now,
     updated_at: now,
     attempts: 0,

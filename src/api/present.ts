@@ -13,6 +13,7 @@ export function presentJob(rec: JobRecord): Record<string, unknown> {
     state: rec.state,
     source_format: rec.source_format,
     output_format: rec.output_format,
+    ...(rec.disk !== undefined ? { disk: rec.disk } : {}),
     ...(rec.expected_sha256 ? { expected_sha256: rec.expected_sha256 } : {}),
     ...(rec.glance ? { glance: rec.glance } : {}),
     created_at: iso(rec.created_at),

@@ -258,6 +258,7 @@ export function createProcessor(deps: ProcessorDeps) {
         limits: { maxVirtualSize: config.maxVirtualSize },
         signal,
         ...(passphrase !== undefined ? { passphrase: Buffer.from(passphrase, 'utf8') } : {}),
+        ...(rec.disk !== undefined ? { disk: rec.disk } : {}),
       });
       const info = { ...(await imageInfo(image, readSource)), filename: displayName };
       const allocation = await estimateAllocation(image, readSource, signal);

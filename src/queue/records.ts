@@ -117,6 +117,8 @@ export interface JobRecord {
   tenant: string;
   state: JobState;
   source_format: SourceFormat;
+  /** An OVA's disk or a tar bundle's top member (the `disk` option). */
+  disk?: string;
   output_format: 'raw';
   expected_sha256?: string;
   /** Publish the output into Glance once converted. */
