@@ -15,6 +15,9 @@
 #   GLANCE_CEPH_POOL       its pool (default: rbd)
 #   GLANCE_SHOW_MULTIPLE_LOCATIONS  true (default) or false: false makes Glance refuse adding a location
 #                          (403), the way many clouds run it, for the fallback to uploading
+#   GLANCE_KEYSTONE_URL    a Keystone v3 (scripts/keystone-dev.sh): tokens are validated by keystonemiddleware's
+#                          authtoken (no cache) instead of the fixed token below; with GLANCE_KEYSTONE_USERNAME and
+#                          GLANCE_KEYSTONE_PASSWORD (project admin, domain Default) as Glance's service user
 # Without GLANCE_CEPH_CONF the only store is `fs` (a directory).
 #
 # Auth: no Keystone. A paste filter (scripts/glance-dev/diskconv_glance_auth.py) plays the
@@ -39,7 +42,23 @@ configure() {
   local token=${GLANCE_DEV_TOKEN:-$(head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n')}
   printf '%s\n' "$token" >"$dir/token"
   chmod 600 "$dir/token"
-  local backends="fs:file" default=fs ceph_section=""
+  local backends="fs:file" default=fs ceph_section="" flavor=diskconv keystone_section=""
+  if [[ -n "${GLANCE_KEYSTONE_URL:-}" ]]; then
+    flavor=keystone
+    keystone_section="
+[keystone_authtoken]
+www_authenticate_uri = $GLANCE_KEYSTONE_URL
+auth_url = $GLANCE_KEYSTONE_URL
+auth_type = password
+username = ${GLANCE_KEYSTONE_USERNAME:-admin}
+password = ${GLANCE_KEYSTONE_PASSWORD:?GLANCE_KEYSTONE_PASSWORD is needed with GLANCE_KEYSTONE_URL}
+project_name = admin
+user_domain_name = Default
+project_domain_name = Default
+token_cache_time = -1
+interface = public
+"
+  fi
   if [[ -n "${GLANCE_CEPH_CONF:-}" ]]; then
     [[ -r "$GLANCE_CEPH_CONF" ]] || die "GLANCE_CEPH_CONF=$GLANCE_CEPH_CONF is not readable"
     backends="ceph:rbd, fs:file"
@@ -87,9 +106,9 @@ filesystem_store_datadir = $dir/tasks/
 image_import_plugins = []
 
 [paste_deploy]
-flavor = diskconv
+flavor = $flavor
 config_file = $dir/glance-api-paste.ini
-
+$keystone_section
 [oslo_concurrency]
 lock_path = $dir
 

@@ -33,6 +33,8 @@ export interface GlanceOptions {
   cephPool?: string;
   /** false: Glance refuses to add locations (403), as many clouds run it. */
   showMultipleLocations?: boolean;
+  /** Validate tokens with keystonemiddleware against this Keystone v3 (its admin user as Glance's service user). */
+  keystone?: { url: string; password: string };
 }
 
 function script(args: string[], env: Record<string, string> = {}): Promise<string> {
@@ -107,6 +109,10 @@ export async function startGlance(options: GlanceOptions = {}): Promise<TestGlan
   const env: Record<string, string> = {};
   if (options.cephConf) env.GLANCE_CEPH_CONF = options.cephConf;
   if (options.cephPool) env.GLANCE_CEPH_POOL = options.cephPool;
+  if (options.keystone) {
+    env.GLANCE_KEYSTONE_URL = options.keystone.url;
+    env.GLANCE_KEYSTONE_PASSWORD = options.keystone.password;
+  }
   if (options.showMultipleLocations !== undefined) env.GLANCE_SHOW_MULTIPLE_LOCATIONS = String(options.showMultipleLocations);
   let vars: Record<string, string>;
   try {
