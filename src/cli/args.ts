@@ -146,6 +146,17 @@ function optionLabel(o: OptionSpec): string {
   return o.long ? `${names}=${o.value}` : `${names} ${o.value}`;
 }
 
+/**
+ * Every command's preamble: parses argv, and for -h/--help prints the command's
+ * help and returns undefined (the command then exits 0).
+ */
+export function parseOrHelp(spec: CommandSpec, argv: readonly string[], out: (s: string) => void): ParsedArgs | undefined {
+  const args = parseCommand(spec, argv);
+  if (!args.help) return args;
+  out(commandHelp(spec));
+  return undefined;
+}
+
 /** `diskconv COMMAND --help`. */
 export function commandHelp(spec: CommandSpec): string {
   const opts = [...spec.options, HELP];
@@ -164,6 +175,8 @@ export function commandHelp(spec: CommandSpec): string {
 export const OUTPUT_OPTION: OptionSpec = { key: 'output', long: 'output', value: 'human|json', help: 'output format (default human)' };
 /** `-f FMT`: the declared source format. */
 export const FORMAT_OPTION: OptionSpec = { key: 'format', short: 'f', value: 'FMT', help: 'source format: auto (default), qcow2, vmdk, vdi, vpc (VHD), vhdx or raw; refused when the bytes disagree' };
+/** `-U`: qemu-img's --force-share; diskconv takes no image locks, so it is accepted and changes nothing. */
+export const FORCE_SHARE_OPTION: OptionSpec = { key: 'force-share', short: 'U', long: 'force-share', help: 'open without locks (accepted; diskconv takes no image locks)' };
 /** `--passphrase-file FILE`: the key of an encrypted qcow2. */
 export const PASSPHRASE_OPTION: OptionSpec = {
   key: 'passphrase-file',

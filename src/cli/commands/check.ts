@@ -1,6 +1,6 @@
 /** `diskconv check`: qemu-img check's report and exit codes. */
 import { checkImage } from '../../engine/index.js';
-import { commandHelp, FORMAT_OPTION, OUTPUT_OPTION, outputOf, PASSPHRASE_OPTION, DISK_OPTION, parseCommand, type CommandSpec } from '../args.js';
+import { type CommandSpec, DISK_OPTION, FORCE_SHARE_OPTION, FORMAT_OPTION, OUTPUT_OPTION, outputOf, parseOrHelp, PASSPHRASE_OPTION } from '../args.js';
 import { formatHumanCheck } from '../human.js';
 import { declaredFormat, passphraseFile, withImage } from '../image.js';
 
@@ -10,15 +10,12 @@ export const spec: CommandSpec = {
   summary: "Check an image's metadata. Exit status as qemu-img check: 0 clean, 1 check error, 2 corruptions, 3 leaks, 63 no checks for the format.",
   minOperands: 1,
   maxOperands: 1,
-  options: [FORMAT_OPTION, OUTPUT_OPTION, PASSPHRASE_OPTION, DISK_OPTION, { key: 'force-share', short: 'U', help: 'open without locks (accepted; diskconv takes no image locks)' }],
+  options: [FORMAT_OPTION, OUTPUT_OPTION, PASSPHRASE_OPTION, DISK_OPTION, FORCE_SHARE_OPTION],
 };
 
 export async function run(argv: string[], out: (s: string) => void): Promise<number> {
-  const args = parseCommand(spec, argv);
-  if (args.help) {
-    out(commandHelp(spec));
-    return 0;
-  }
+  const args = parseOrHelp(spec, argv, out);
+  if (!args) return 0;
   const file = args.operands[0] as string;
   const output = outputOf(args.get('output'));
   return withImage(file, { format: declaredFormat(args.get('format')), ...passphraseFile(args) }, async (image) => {

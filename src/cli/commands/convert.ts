@@ -3,7 +3,7 @@
  * meaning, written through the never-destroy destination rules (destination.ts).
  */
 import { convertToRaw, InvalidArgumentError, type Extent, type ExtentSink } from '../../engine/index.js';
-import { commandHelp, FORMAT_OPTION, PASSPHRASE_OPTION, DISK_OPTION, parseCommand, UsageError, type CommandSpec } from '../args.js';
+import { type CommandSpec, DISK_OPTION, FORCE_SHARE_OPTION, FORMAT_OPTION, parseOrHelp, PASSPHRASE_OPTION, UsageError } from '../args.js';
 import { CACHE_MODES, DestinationSink, refuseSameFile, type CacheMode } from '../destination.js';
 import { dataBytesOf, declaredFormat, parseSnapshot, passphraseFile, withImage } from '../image.js';
 import { ProgressPrinter } from '../progress.js';
@@ -30,7 +30,7 @@ export const spec: CommandSpec = {
     { key: 'src-cache', short: 'T', value: 'CACHE', help: 'source cache mode (accepted; the source is only read)' },
     { key: 'coroutines', short: 'm', value: 'N', help: 'parallel requests, 1-16: reads in flight (default 4)' },
     { key: 'out-of-order', short: 'W', help: 'allow out-of-order writes (accepted; writes are in order, the output is the same)' },
-    { key: 'force-share', short: 'U', help: 'open without locks (accepted; diskconv takes no image locks)' },
+    FORCE_SHARE_OPTION,
     { key: 'copy-offload', short: 'C', help: 'copy offloading (accepted; the output is the same)' },
   ],
   notes: [
@@ -89,11 +89,8 @@ function cacheMode(value: string | undefined, what: string): CacheMode | undefin
 }
 
 export async function run(argv: string[], out: (s: string) => void): Promise<number> {
-  const args = parseCommand(spec, argv);
-  if (args.help) {
-    out(commandHelp(spec));
-    return 0;
-  }
+  const args = parseOrHelp(spec, argv, out);
+  if (!args) return 0;
   const [src, dst] = args.operands as [string, string];
   const target = args.get('target') ?? 'raw';
   if (target !== 'raw') throw new InvalidArgumentError(`output format '${target}' is not supported; only -O raw`);

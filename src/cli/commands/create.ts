@@ -1,6 +1,6 @@
 /** `diskconv create -f raw FILE SIZE`: a sparse raw file (or a check that a device is large enough), as qemu-img create. */
 import { UnsupportedFormatError } from '../../engine/index.js';
-import { commandHelp, parseCommand, UsageError, type CommandSpec } from '../args.js';
+import { type CommandSpec, parseOrHelp, UsageError } from '../args.js';
 import { DestinationSink } from '../destination.js';
 import { parseSize, SIZE_HINT } from '../size.js';
 
@@ -19,11 +19,8 @@ export const spec: CommandSpec = {
 };
 
 export async function run(argv: string[], out: (s: string) => void): Promise<number> {
-  const args = parseCommand(spec, argv);
-  if (args.help) {
-    out(commandHelp(spec));
-    return 0;
-  }
+  const args = parseOrHelp(spec, argv, out);
+  if (!args) return 0;
   const format = args.get('format') ?? 'raw';
   if (format !== 'raw') throw new UnsupportedFormatError(`creating '${format}' images is not supported; only -f raw`);
   const [file, sizeText] = args.operands as [string, string | undefined];

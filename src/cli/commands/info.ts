@@ -1,6 +1,6 @@
 /** `diskconv info`: qemu-img info, human or JSON. */
 import { imageInfo } from '../../engine/index.js';
-import { commandHelp, FORMAT_OPTION, OUTPUT_OPTION, outputOf, PASSPHRASE_OPTION, DISK_OPTION, parseCommand, type CommandSpec } from '../args.js';
+import { type CommandSpec, DISK_OPTION, FORCE_SHARE_OPTION, FORMAT_OPTION, OUTPUT_OPTION, outputOf, parseOrHelp, PASSPHRASE_OPTION } from '../args.js';
 import { formatHumanInfo, formatJsonInfo } from '../human.js';
 import { declaredFormat, passphraseFile, withImage } from '../image.js';
 
@@ -10,15 +10,12 @@ export const spec: CommandSpec = {
   summary: "Show an image's metadata as qemu-img info does (same fields, same JSON keys). Reads metadata only.",
   minOperands: 1,
   maxOperands: 1,
-  options: [FORMAT_OPTION, OUTPUT_OPTION, PASSPHRASE_OPTION, DISK_OPTION, { key: 'force-share', short: 'U', help: 'open without locks (accepted; diskconv takes no image locks)' }],
+  options: [FORMAT_OPTION, OUTPUT_OPTION, PASSPHRASE_OPTION, DISK_OPTION, FORCE_SHARE_OPTION],
 };
 
 export async function run(argv: string[], out: (s: string) => void): Promise<number> {
-  const args = parseCommand(spec, argv);
-  if (args.help) {
-    out(commandHelp(spec));
-    return 0;
-  }
+  const args = parseOrHelp(spec, argv, out);
+  if (!args) return 0;
   const file = args.operands[0] as string;
   const output = outputOf(args.get('output'));
   // Metadata only: an image with a backing file shows it; nothing it names is opened.

@@ -1,6 +1,6 @@
 /** `diskconv measure -O raw`: the size a raw output needs, as qemu-img measure prints it. */
 import { InvalidArgumentError } from '../../engine/index.js';
-import { commandHelp, FORMAT_OPTION, OUTPUT_OPTION, outputOf, parseCommand, UsageError, type CommandSpec } from '../args.js';
+import { type CommandSpec, FORCE_SHARE_OPTION, FORMAT_OPTION, OUTPUT_OPTION, outputOf, parseOrHelp, UsageError } from '../args.js';
 import { declaredFormat, parseSnapshot, withImage } from '../image.js';
 import { parseSize, SIZE_HINT } from '../size.js';
 
@@ -16,16 +16,13 @@ export const spec: CommandSpec = {
     { key: 'size', long: 'size', value: 'SIZE', help: 'measure a new image of SIZE bytes instead of FILE' },
     { key: 'snapshot', short: 'l', value: 'SNAPSHOT', help: 'measure an internal snapshot' },
     OUTPUT_OPTION,
-    { key: 'force-share', short: 'U', help: 'open without locks (accepted; diskconv takes no image locks)' },
+    FORCE_SHARE_OPTION,
   ],
 };
 
 export async function run(argv: string[], out: (s: string) => void): Promise<number> {
-  const args = parseCommand(spec, argv);
-  if (args.help) {
-    out(commandHelp(spec));
-    return 0;
-  }
+  const args = parseOrHelp(spec, argv, out);
+  if (!args) return 0;
   const output = outputOf(args.get('output'));
   const target = args.get('target') ?? 'raw';
   if (target !== 'raw') throw new InvalidArgumentError(`output format '${target}' is not supported; only -O raw`);
