@@ -24,3 +24,15 @@ export function destinationError(path: string, what: string, err: unknown): Disk
   if (errno === 'ENOSPC' || errno === 'EDQUOT') return new InsufficientSpaceError(`${path}: ${what}: no space left on the device (${errno})`, { cause: err });
   return new DestinationUnwritableError(`${path}: ${what}: ${reason}`, { cause: err });
 }
+
+const exitStatuses = new WeakMap<object, number>();
+
+/** Marks an error with the exit status its command gives it (compare: 2 when an image cannot be opened, 4 when it cannot be read). */
+export function withExitStatus<E>(err: E, status: number): E {
+  if (typeof err === 'object' && err !== null && !exitStatuses.has(err)) exitStatuses.set(err, status);
+  return err;
+}
+
+export function exitStatusOf(err: unknown): number | undefined {
+  return typeof err === 'object' && err !== null ? exitStatuses.get(err) : undefined;
+}

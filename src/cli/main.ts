@@ -1,6 +1,7 @@
 import { readFileSync } from 'node:fs';
 import { isDiskconvError } from '../engine/errors.js';
 import { UsageError, type CommandSpec } from './args.js';
+import { exitStatusOf } from './errors.js';
 
 interface CommandModule {
   spec: CommandSpec;
@@ -14,6 +15,8 @@ const COMMANDS: Record<string, () => Promise<CommandModule>> = {
   check: () => import('./commands/check.js'),
   create: () => import('./commands/create.js'),
   measure: () => import('./commands/measure.js'),
+  map: () => import('./commands/map.js'),
+  compare: () => import('./commands/compare.js'),
 };
 
 const SERVICE = ['serve', 'worker', 'up'] as const;
@@ -66,6 +69,6 @@ export async function runCli(argv: string[], out: (s: string) => void = (s) => p
       process.stderr.write(`Try 'diskconv ${err.command ? `${err.command} ` : ''}--help' for more information\n`);
     }
     if (!isDiskconvError(err) && process.env.DISKCONV_DEBUG) process.stderr.write(`${(err as Error).stack}\n`);
-    return command === 'check' && isDiskconvError(err) && err.code === 'IMAGE_CORRUPT' ? 2 : 1;
+    return exitStatusOf(err) ?? (command === 'check' && isDiskconvError(err) && err.code === 'IMAGE_CORRUPT' ? 2 : 1);
   }
 }

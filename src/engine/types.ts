@@ -9,12 +9,37 @@ export const FORMAT_IDS: readonly FormatId[] = ['qcow2', 'vmdk', 'vdi', 'vpc', '
 
 /** How a guest byte range is stored: produced by drivers from metadata alone, without reading data. */
 export type MapEntry =
-  | { kind: 'zero'; offset: number; length: number }
+  | {
+      kind: 'zero';
+      offset: number;
+      length: number;
+      /**
+       * Why it reads as zeros; the reader ignores it, `map` and `compare -s` show it
+       * (src/cli/block-status.ts). `unallocated` (the default): nothing is stored
+       * here, a backing file or parent would supply it; `zeroed`: the metadata marks
+       * it zero (qcow2 zero flag, vmdk zeroed grain); `hole`: the file itself has a
+       * hole here (raw, fixed VHD).
+       */
+      status?: ZeroStatus;
+      /** Host bytes still allocated to it (a zeroed qcow2 cluster that kept its cluster), or where a hole lies in the file. */
+      fileOffset?: number;
+    }
   /**
    * `length` guest bytes stored at `fileOffset`: verbatim, or encrypted in whole
    * sectors when `cipher` is set (the reader reads whole sectors and decrypts).
    */
-  | { kind: 'stored'; offset: number; length: number; fileOffset: number; cipher?: SectorCipher }
+  | {
+      kind: 'stored';
+      offset: number;
+      length: number;
+      fileOffset: number;
+      cipher?: SectorCipher;
+      /**
+       * Allocated when the image was made, not when written (a static VDI): the file
+       * may have holes under it, which `map` shows as qemu does (data that reads as zeros).
+       */
+      preallocated?: boolean;
+    }
   /**
    * A compressed cluster/grain: read `readLength` bytes at `fileOffset` (an upper
    * bound; reads are clamped at end of file), decode them with `codec` into
@@ -30,6 +55,8 @@ export type MapEntry =
       decodedLength: number;
       decodedOffset: number;
     };
+
+export type ZeroStatus = 'unallocated' | 'zeroed' | 'hole';
 
 /**
  * deflate: raw deflate (qcow2 zlib type), output must fill decodedLength;

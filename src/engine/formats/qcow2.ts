@@ -29,6 +29,7 @@ import type {
   OpenOptions,
   QemuSnapshotJson,
   SnapshotSelector,
+  ZeroStatus,
 } from '../types.js';
 
 const QCOW_MAGIC = 0x514649fb; // "QFI\xfb"
@@ -764,16 +765,22 @@ class Qcow2Image implements DiskImage {
     const ready: LayerEntry[] = [];
     let run: LayerEntry | undefined;
 
-    const addZero = (offset: number, length: number): void => {
-      if (run?.kind === 'zero') {
+    // Runs of the same kind merge; a zeroed cluster that kept its host cluster
+    // (fileOffset) merges only with the next host cluster, as qemu's map shows them.
+    const addZero = (offset: number, length: number, status: ZeroStatus = 'unallocated', fileOffset?: number): void => {
+      if (
+        run?.kind === 'zero' &&
+        (run.status ?? 'unallocated') === status &&
+        (fileOffset === undefined ? run.fileOffset === undefined : run.fileOffset !== undefined && run.fileOffset + run.length === fileOffset)
+      ) {
         run.length += length;
         return;
       }
       if (run) ready.push(run);
-      run = { kind: 'zero', offset, length };
+      run = { kind: 'zero', offset, length, ...(status !== 'unallocated' ? { status } : {}), ...(fileOffset !== undefined ? { fileOffset } : {}) };
     };
-    const addUnallocated = (offset: number, length: number): void => {
-      if (!layered) return addZero(offset, length);
+    const addUnallocated = (offset: number, length: number, fileOffset?: number): void => {
+      if (!layered) return addZero(offset, length, 'unallocated', fileOffset);
       if (run?.kind === 'backing') {
         run.length += length;
         return;
@@ -801,10 +808,12 @@ class Qcow2Image implements DiskImage {
         const scStart = sc * subclusterSize;
         if (scStart >= length) break;
         const scLength = Math.min(subclusterSize, length - scStart);
-        // Unallocated subclusters read as zeros without a backing file, as the backing's data with one.
+        // Unallocated subclusters read as zeros without a backing file, as the backing's data with one;
+        // with a host cluster, zero and unallocated subclusters keep their place in it (qemu's map shows the offset).
+        const kept = host === 0 ? undefined : host + scStart;
         if ((allocBits >>> sc) & 1) addStored(guest + scStart, scLength, host + scStart, l1Index, index);
-        else if ((zeroBits >>> sc) & 1) addZero(guest + scStart, scLength);
-        else addUnallocated(guest + scStart, scLength);
+        else if ((zeroBits >>> sc) & 1) addZero(guest + scStart, scLength, 'zeroed', kept);
+        else addUnallocated(guest + scStart, scLength, kept);
       }
     };
 
@@ -850,7 +859,7 @@ class Qcow2Image implements DiskImage {
               if (host % cs !== 0) throw new ImageCorruptError(`cluster offset ${hex(host)} ${where(guest, l1Index, index)} is not aligned to the cluster size`);
               // The zero flag exists from version 3; qemu refuses it in a version 2 image.
               if (lo & 1 && this.header.version < 3) throw new ImageCorruptError(`zero cluster entry ${where(guest, l1Index, index)} in a version 2 image`);
-              if (lo & 1) addZero(guest, length);
+              if (lo & 1) addZero(guest, length, 'zeroed', host === 0 ? undefined : host);
               else if (host === 0) addUnallocated(guest, length);
               else addStored(guest, length, host, l1Index, index);
             } else {
@@ -858,13 +867,14 @@ class Qcow2Image implements DiskImage {
               const allocBits = table.getUint32(p + 12);
               if (host === 0) {
                 if (allocBits !== 0) throw new ImageCorruptError(`invalid L2 entry ${where(guest, l1Index, index)}: unallocated cluster with allocated subclusters`);
-                if (!layered || zeroBits === 0xffffffff) addZero(guest, length);
+                if (!layered && zeroBits === 0) addZero(guest, length);
+                else if (zeroBits === 0xffffffff) addZero(guest, length, 'zeroed');
                 else addSubclusters(guest, length, 0, zeroBits, 0, l1Index, index);
               } else {
                 if ((zeroBits & allocBits) !== 0) throw new ImageCorruptError(`invalid L2 entry ${where(guest, l1Index, index)}: subclusters marked both allocated and zero`);
                 if (host % cs !== 0) throw new ImageCorruptError(`cluster offset ${hex(host)} ${where(guest, l1Index, index)} is not aligned to the cluster size`);
                 if (allocBits === 0xffffffff) addStored(guest, length, host, l1Index, index);
-                else if (allocBits === 0 && (!layered || zeroBits === 0xffffffff)) addZero(guest, length);
+                else if (allocBits === 0 && zeroBits === 0xffffffff) addZero(guest, length, 'zeroed', host);
                 else addSubclusters(guest, length, host, zeroBits, allocBits, l1Index, index);
               }
             }

@@ -23,8 +23,9 @@ export const rawDriver: FormatDriver = {
       virtualSize,
       info: (): FormatInfo => ({ dirty: false }),
       async *map(signal?: AbortSignal): AsyncGenerator<MapEntry> {
-        yield* mapData(source, signal);
-        if (virtualSize > source.size) yield { kind: 'zero', offset: source.size, length: virtualSize - source.size };
+        yield* mapFileRanges(source, source.size, signal);
+        // The rest of the last sector, past the end of the file: a hole, as qemu's map shows it.
+        if (virtualSize > source.size) yield { kind: 'zero', offset: source.size, length: virtualSize - source.size, status: 'hole', fileOffset: source.size };
       },
       close: async () => {},
     };
@@ -32,14 +33,14 @@ export const rawDriver: FormatDriver = {
 };
 
 /**
- * The file's bytes as stored entries, and its holes as zero entries where the
- * filesystem tells them (SEEK_DATA/SEEK_HOLE, as qemu-img asks): holes are then
- * never read. Where it cannot tell, the whole file is one stored run (read, and
- * scanned for zeros by the sink).
+ * The file's first `size` bytes as stored entries (guest offset = file offset),
+ * and its holes as zero entries (`hole`) where the filesystem tells them
+ * (SEEK_DATA/SEEK_HOLE, as qemu-img asks): holes are then never read. Where it
+ * cannot tell, the whole range is one stored run (read, and scanned for zeros by
+ * the sink). Raw images and fixed VHDs map through it; `from` starts later in the file.
  */
-async function* mapData(source: RandomAccessSource, signal?: AbortSignal): AsyncGenerator<MapEntry> {
-  const size = source.size;
-  let pos = 0;
+export async function* mapFileRanges(source: RandomAccessSource, size: number, signal?: AbortSignal, from = 0): AsyncGenerator<MapEntry> {
+  let pos = from;
   while (pos < size) {
     throwIfAborted(signal);
     const ranges = source.dataRanges ? await source.dataRanges(pos, size, RANGES_PER_CALL) : undefined;
@@ -49,13 +50,14 @@ async function* mapData(source: RandomAccessSource, signal?: AbortSignal): Async
     }
     for (let i = 0; i + 1 < ranges.length; i += 2) {
       const start = ranges[i] as number;
+      if (start >= size) break; // the helper clips at `size`; this only guards a range past it
       const end = Math.min(size, ranges[i + 1] as number);
       if (!(start >= pos && end > start)) throw new SourceUnavailableError(`${source.name}: the filesystem reported data ranges out of order`);
-      if (start > pos) yield { kind: 'zero', offset: pos, length: start - pos };
+      if (start > pos) yield { kind: 'zero', offset: pos, length: start - pos, status: 'hole', fileOffset: pos };
       yield { kind: 'stored', offset: start, length: end - start, fileOffset: start };
       pos = end;
     }
     if (ranges.length / 2 < RANGES_PER_CALL) break;
   }
-  if (pos < size) yield { kind: 'zero', offset: pos, length: size - pos };
+  if (pos < size) yield { kind: 'zero', offset: pos, length: size - pos, status: 'hole', fileOffset: pos };
 }

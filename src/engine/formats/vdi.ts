@@ -234,7 +234,7 @@ export const vdiDriver: FormatDriver = {
             continue;
           }
           if (run) yield run;
-          run = { kind: 'stored', offset, length, fileOffset };
+          run = header.imageType === TYPE_STATIC ? { kind: 'stored', offset, length, fileOffset, preallocated: true } : { kind: 'stored', offset, length, fileOffset };
         }
       }
       if (run) yield run;

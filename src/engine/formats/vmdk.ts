@@ -525,7 +525,7 @@ class VmdkSparseImage implements DiskImage {
       if (!entries) {
         const offset = firstGrain * grainBytes;
         const length = Math.min(grains * grainBytes, virtualSize - offset);
-        if (pending?.kind === 'zero') pending.length += length;
+        if (pending?.kind === 'zero' && pending.status === undefined) pending.length += length;
         else {
           if (pending) yield pending;
           pending = { kind: 'zero', offset, length };
@@ -537,10 +537,11 @@ class VmdkSparseImage implements DiskImage {
         const length = Math.min(grainBytes, virtualSize - offset);
         const sector = entries[i] as number;
         if (!this.isAllocated(sector)) {
-          if (pending?.kind === 'zero') pending.length += length;
+          const zeroed = sector !== 0; // a zeroed grain (qemu's VMDK_ZEROED), not a never-written one
+          if (pending?.kind === 'zero' && (pending.status === 'zeroed') === zeroed) pending.length += length;
           else {
             if (pending) yield pending;
-            pending = { kind: 'zero', offset, length };
+            pending = zeroed ? { kind: 'zero', offset, length, status: 'zeroed' } : { kind: 'zero', offset, length };
           }
           continue;
         }

@@ -22,6 +22,7 @@ import { FormatMismatchError, ImageCorruptError, UnsafeImageError, UnsupportedFe
 import { ascii } from '../bytes.js';
 import { enforceLimit, toSafeNumber } from '../limits.js';
 import { readExact, type RandomAccessSource } from '../source.js';
+import { mapFileRanges } from './raw.js';
 import type { DiskImage, FormatDriver, FormatInfo, MapEntry, OpenOptions } from '../types.js';
 
 const FOOTER_BYTES = 512;
@@ -141,9 +142,8 @@ export const vpcDriver: FormatDriver = {
       return {
         format: 'vpc',
         virtualSize,
-        async *map(): AsyncGenerator<MapEntry> {
-          if (virtualSize > 0) yield { kind: 'stored', offset: 0, length: virtualSize, fileOffset: 0 };
-        },
+        // The data area is the disk, as a raw file's bytes are: its holes are never read.
+        map: (mapSignal?: AbortSignal): AsyncGenerator<MapEntry> => mapFileRanges(source, virtualSize, mapSignal ?? signal),
         // qemu prints no cluster size for a fixed VHD.
         info: (): FormatInfo => ({ dirty: false }),
         close: async () => {},

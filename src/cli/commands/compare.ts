@@ -1,0 +1,168 @@
+/**
+ * `diskconv compare A B`: qemu-img compare's messages and exit status. Both
+ * images are read through the engine's reader in guest order, a window at a
+ * time (constant memory); where both read as zeros nothing is read or compared.
+ * Exit status: 0 identical, 1 different (or a usage error), 2 an image cannot be
+ * opened, 4 an image cannot be read.
+ */
+import { blockStatus, ImageCorruptError, readExtents, type BlockStatus, type DiskImage, type Extent, type RandomAccessSource } from '../../engine/index.js';
+import { type CommandSpec, FORCE_SHARE_OPTION, parseOrHelp, UsageError } from '../args.js';
+import { CACHE_MODES } from '../destination.js';
+import { withExitStatus } from '../errors.js';
+import { declaredFormat, withImage } from '../image.js';
+
+export const spec: CommandSpec = {
+  name: 'compare',
+  operands: 'A B',
+  summary: 'Compare the guest contents of two images, as qemu-img compare. Exit status 0 identical, 1 different, 2 cannot open, 4 cannot read.',
+  minOperands: 2,
+  maxOperands: 2,
+  options: [
+    { key: 'format', short: 'f', value: 'FMT', help: "A's format: auto (default), qcow2, vmdk, vdi, vpc, vhdx or raw" },
+    { key: 'format2', short: 'F', value: 'FMT', help: "B's format" },
+    { key: 'strict', short: 's', help: 'strict: images of different sizes, or whose allocation differs, are a mismatch' },
+    { key: 'quiet', short: 'q', help: 'quiet: print nothing; the exit status tells' },
+    { key: 'src-cache', short: 'T', value: 'CACHE', help: 'source cache mode (accepted; the images are only read)' },
+    FORCE_SHARE_OPTION,
+  ],
+  notes: [
+    'By default images of different sizes compare equal when the larger one holds only zeros past the',
+    "end of the smaller ('Warning: Image size mismatch!'). Offsets are those of the first differing",
+    '512-byte sector, as qemu-img prints them.',
+  ].join('\n'),
+};
+
+const SECTOR = 512;
+const BLOCK = 64 * 1024;
+const ZEROS = Buffer.alloc(BLOCK);
+
+/** The extent covering each asked offset, in increasing order; an extent's bytes stay valid until the cursor moves past it. */
+class Cursor<T extends { offset: number; length: number }> {
+  private current: T | undefined;
+  constructor(private readonly it: AsyncIterator<T>) {}
+  async at(offset: number): Promise<T> {
+    while (!this.current || this.current.offset + this.current.length <= offset) {
+      const step = await this.it.next();
+      if (step.done) throw new ImageCorruptError(`image map ends before guest offset ${offset}`);
+      this.current = step.value;
+    }
+    return this.current;
+  }
+  async close(): Promise<void> {
+    await this.it.return?.(undefined);
+  }
+}
+
+const bytesOf = (e: Extent & { kind: 'data' }, from: number, to: number): Buffer =>
+  Buffer.from(e.data.buffer as ArrayBuffer, e.data.byteOffset + (from - e.offset), to - from);
+
+/** First guest offset in [from, to) where the two differ (a missing side reads as zeros), or -1. */
+function firstDifference(a: Extent | undefined, b: Extent | undefined, from: number, to: number): number {
+  const da = a?.kind === 'data' ? a : undefined;
+  const db = b?.kind === 'data' ? b : undefined;
+  if (!da && !db) return -1;
+  for (let at = from; at < to; at += BLOCK) {
+    const end = Math.min(to, at + BLOCK);
+    const x = da ? bytesOf(da, at, end) : ZEROS.subarray(0, end - at);
+    const y = db ? bytesOf(db, at, end) : ZEROS.subarray(0, end - at);
+    if (x.equals(y)) continue;
+    for (let i = 0; i < x.length; i++) if (x[i] !== y[i]) return at + i;
+  }
+  return -1;
+}
+
+const sameStatus = (x: BlockStatus, y: BlockStatus): boolean =>
+  x.data === y.data && x.zero === y.zero && x.present === y.present && (x.hostOffset === undefined) === (y.hostOffset === undefined);
+
+interface Side {
+  image: DiskImage;
+  source: RandomAccessSource;
+}
+
+async function compareImages(a: Side, b: Side, strict: boolean, say: (s: string) => void): Promise<number> {
+  const sizeA = a.image.virtualSize;
+  const sizeB = b.image.virtualSize;
+  if (strict && sizeA !== sizeB) {
+    say('Strict mode: Image size mismatch!');
+    return 1;
+  }
+  const extents = [a, b].map((s) => new Cursor(readExtents(s.image, s.source)[Symbol.asyncIterator]()));
+  const statuses = strict ? [a, b].map((s) => new Cursor(blockStatus(s.image, s.source)[Symbol.asyncIterator]())) : [];
+  const [ea, eb] = extents as [Cursor<Extent>, Cursor<Extent>];
+  const mismatch = (at: number): number => {
+    say(`Content mismatch at offset ${Math.floor(at / SECTOR) * SECTOR}!`);
+    return 1;
+  };
+  try {
+    const common = Math.min(sizeA, sizeB);
+    for (let offset = 0; offset < common; ) {
+      let end = common;
+      if (strict) {
+        const [sa, sb] = await Promise.all(statuses.map((c) => c.at(offset)));
+        if (!sameStatus(sa as BlockStatus, sb as BlockStatus)) {
+          say(`Strict mode: Offset ${offset} block status mismatch!`);
+          return 1;
+        }
+        end = Math.min(end, (sa as BlockStatus).offset + (sa as BlockStatus).length, (sb as BlockStatus).offset + (sb as BlockStatus).length);
+      }
+      const x = await ea.at(offset);
+      const y = await eb.at(offset);
+      end = Math.min(end, x.offset + x.length, y.offset + y.length);
+      const diff = firstDifference(x, y, offset, end);
+      if (diff >= 0) return mismatch(diff);
+      offset = end;
+    }
+    if (sizeA !== sizeB) {
+      say('Warning: Image size mismatch!');
+      const over = sizeA > sizeB ? ea : eb;
+      const size = Math.max(sizeA, sizeB);
+      for (let offset = common; offset < size; ) {
+        const x = await over.at(offset);
+        const end = Math.min(size, x.offset + x.length);
+        const diff = firstDifference(x, undefined, offset, end);
+        if (diff >= 0) return mismatch(diff);
+        offset = end;
+      }
+    }
+    say('Images are identical.');
+    return 0;
+  } finally {
+    for (const c of [...extents, ...statuses]) await c.close();
+  }
+}
+
+export async function run(argv: string[], out: (s: string) => void): Promise<number> {
+  const args = parseOrHelp(spec, argv, out);
+  if (!args) return 0;
+  const cache = args.get('src-cache');
+  // qemu-img compare exits 2 on a bad cache mode or format, as on any image it cannot open.
+  if (cache !== undefined && !(CACHE_MODES as readonly string[]).includes(cache)) throw withExitStatus(new UsageError(`Invalid source cache option: ${cache}`, 'compare'), 2);
+  const [fileA, fileB] = args.operands as [string, string];
+  let formatA, formatB;
+  try {
+    formatA = declaredFormat(args.get('format'));
+    formatB = declaredFormat(args.get('format2'));
+  } catch (err) {
+    throw withExitStatus(err, 2);
+  }
+  const quiet = args.has('quiet');
+  const say = (s: string): void => {
+    if (!quiet) out(s);
+  };
+  // 2 until both images are open and readable (qemu-img's "Could not open"), 4 once reading fails.
+  let opened = false;
+  try {
+    return await withImage(fileA, { format: formatA }, (imageA, sourceA) => {
+      imageA.readable?.();
+      return withImage(fileB, { format: formatB }, (imageB, sourceB) => {
+        imageB.readable?.();
+        opened = true;
+        return compareImages({ image: imageA, source: sourceA }, { image: imageB, source: sourceB }, args.has('strict'), say);
+      });
+    });
+  } catch (err) {
+    const code = (err as { code?: unknown }).code;
+    const cannotOpen = !opened || code === 'UNSUPPORTED_FEATURE' || code === 'UNSAFE_IMAGE';
+    throw withExitStatus(err, cannotOpen ? 2 : 4);
+  }
+}
