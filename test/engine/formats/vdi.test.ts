@@ -166,7 +166,7 @@ describe('vdi: agrees with qemu-img', () => {
 describe('vdi: map', () => {
   it('merges contiguous blocks into single entries and covers the disk', async () => {
     const { image, entries } = await mapOf(fixtures['static, 4 MiB'] as string);
-    expect(entries).toEqual([{ kind: 'stored', offset: 0, length: 4 * MiB, fileOffset: expect.any(Number) }]);
+    expect(entries).toEqual([{ kind: 'stored', offset: 0, length: 4 * MiB, fileOffset: expect.any(Number), preallocated: true }]);
     expect(image.info()).toEqual({ clusterSize: MiB, dirty: false });
 
     const dyn = await mapOf(dynamic4M);
