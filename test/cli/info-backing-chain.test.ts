@@ -25,6 +25,8 @@ beforeAll(async () => {
     await qemuImg('convert', '-f', 'raw', '-O', fmt, raw, img);
     images.push(img);
   }
+  // Written out, so the allocated size (disk size / actual-size) is settled before both tools read it.
+  await sh('sync', images);
 });
 afterAll(async () => cleanup?.());
 
