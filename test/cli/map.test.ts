@@ -162,6 +162,14 @@ describe('map: the same output and exit status as qemu-img map', () => {
     expect(r.stderr).toContain('UNSAFE_IMAGE');
   });
 
+  it('a tar bundle is refused: qemu-img would map the archive as a raw file', async () => {
+    await sh('tar', ['-cf', at('bundle.tar'), '-C', dir, 'plain.qcow2']);
+    const r = await runDiskconv(['map', '--output=json', at('bundle.tar')]);
+    expect(r.code).toBe(1);
+    expect(r.stdout).toBe('');
+    expect(r.stderr).toContain('UNSUPPORTED_FEATURE');
+  });
+
   it('--help lists the options', async () => {
     const r = await runDiskconv(['map', '--help']);
     expect(r.code).toBe(0);

@@ -68,6 +68,10 @@ export async function run(argv: string[], out: (s: string) => void): Promise<num
   const startOffset = sizeOption(args.get('start-offset'), 'start offset') ?? 0;
   const maxLength = sizeOption(args.get('max-length'), 'max length');
   return withImage(file, { format: declaredFormat(args.get('format')), ...passphraseFile(args) }, async (image, source) => {
+    if (image.archive) {
+      // qemu-img maps an archive as a raw file; offsets into its members would be neither that nor a disk file's.
+      throw new UnsupportedFeatureError(`${file} is an ${image.archive.kind === 'ova' ? 'OVA' : 'tar bundle'}: map shows one disk file's layout; extract the disk and map it`);
+    }
     const end = maxLength === undefined ? image.virtualSize : Math.min(startOffset + maxLength, image.virtualSize);
     let first = true;
     const dump = (e: Entry, next: Entry | undefined): void => {
