@@ -31,6 +31,34 @@ export interface BlockStatus {
   present: boolean;
   /** qemu's `offset`: where the bytes lie in the image file (BDRV_BLOCK_OFFSET_VALID). */
   hostOffset?: number;
+  /** Compressed data (qemu 8's `compressed`; 7.2 does not print it). */
+  compressed?: boolean;
+}
+
+/**
+ * The span that one answer of qemu's driver never crosses for such a run (its
+ * block status comes a grain, block or L2 slice at a time); undefined where it
+ * answers for the whole run. `compare -s` needs it: qemu compares its
+ * end-of-file flag too, which is set only on an answer that reaches the end.
+ */
+export function qemuStatusSpan(image: DiskImage, status: BlockStatus): number | undefined {
+  const info = image.info();
+  const cs = info.clusterSize;
+  if (cs === undefined) return undefined;
+  switch (image.format) {
+    case 'qcow2': {
+      if (status.compressed) return cs;
+      const extended = (info.formatSpecific?.data as { 'extended-l2'?: boolean } | undefined)?.['extended-l2'] === true;
+      return cs * (cs / (extended ? 16 : 8));
+    }
+    case 'vmdk':
+    case 'vdi':
+      return cs;
+    case 'vpc':
+      return status.data ? cs : undefined;
+    default:
+      return undefined;
+  }
 }
 
 const QEMU_HAS_BACKING: ReadonlySet<FormatId> = new Set(['qcow2', 'vmdk']);
@@ -47,7 +75,7 @@ export async function* blockStatus(image: DiskImage, source: RandomAccessSource,
   for await (const entry of image.map(signal)) {
     const { offset, length } = entry;
     if (entry.kind === 'compressed') {
-      yield { offset, length, data: true, zero: false, present: true };
+      yield { offset, length, data: true, zero: false, present: true, compressed: true };
     } else if (entry.kind === 'stored') {
       if (entry.preallocated) yield* overFileHoles(entry, source, signal);
       else yield { offset, length, data: true, zero: false, present: true, ...host(entry.cipher ? undefined : entry.fileOffset) };

@@ -17,7 +17,7 @@ export { DEFAULT_LIMITS, withLimits, type Limits } from './limits.js';
 export { FileSource, BufferSource, readExact, type RandomAccessSource } from './source.js';
 export { detectFormat, DRIVERS } from './probe.js';
 export { readExtents, type ReadOptions } from './reader.js';
-export { blockStatus, type BlockStatus } from './block-status.js';
+export { blockStatus, qemuStatusSpan, type BlockStatus } from './block-status.js';
 export { detectWrapper, decompressTo, WRAPPER_FORMATS, WRAPPER_PROBE_BYTES, type WrapperFormat, type DecompressOptions } from './wrappers/index.js';
 export { sniffWrapper, unwrapStream, type SniffedStream, type UnwrapResult } from './wrappers/stream.js';
 export { RangedSource, Limiter, DEFAULT_RANGED_TUNING, type RangedSourceTuning, type RangedSourceStats } from './ranged-source.js';

@@ -5,7 +5,7 @@
  * Exit status: 0 identical, 1 different (or a usage error), 2 an image cannot be
  * opened, 4 an image cannot be read.
  */
-import { blockStatus, ImageCorruptError, readExtents, type BlockStatus, type DiskImage, type Extent, type RandomAccessSource } from '../../engine/index.js';
+import { blockStatus, ImageCorruptError, qemuStatusSpan, readExtents, type BlockStatus, type DiskImage, type Extent, type RandomAccessSource } from '../../engine/index.js';
 import { type CommandSpec, FORCE_SHARE_OPTION, parseOrHelp, UsageError } from '../args.js';
 import { CACHE_MODES } from '../destination.js';
 import { withExitStatus } from '../errors.js';
@@ -71,6 +71,44 @@ function firstDifference(a: Extent | undefined, b: Extent | undefined, from: num
   return -1;
 }
 
+/** Block statuses with one of lookahead, so the last run is known as such (qemu's end-of-file flag). */
+class StatusCursor {
+  private current: BlockStatus | undefined;
+  private following: BlockStatus | undefined;
+  private done = false;
+  constructor(
+    private readonly image: DiskImage,
+    private readonly it: AsyncIterator<BlockStatus>,
+  ) {}
+  private async pull(): Promise<BlockStatus | undefined> {
+    if (this.done) return undefined;
+    const step = await this.it.next();
+    if (step.done) this.done = true;
+    return step.done ? undefined : step.value;
+  }
+  /**
+   * The status at `offset`, and where qemu's last answer (the one flagged end of
+   * file) starts when this is the last run: a run answered a span at a time ends
+   * in its last span.
+   */
+  async at(offset: number): Promise<{ status: BlockStatus; eofFrom: number | undefined }> {
+    if (!this.current) this.following = await this.pull();
+    while (!this.current || this.current.offset + this.current.length <= offset) {
+      if (!this.following) throw new ImageCorruptError(`image map ends before guest offset ${offset}`);
+      this.current = this.following;
+      this.following = await this.pull();
+    }
+    const status = this.current;
+    if (this.following) return { status, eofFrom: undefined };
+    const end = status.offset + status.length;
+    const span = qemuStatusSpan(this.image, status);
+    return { status, eofFrom: span === undefined ? status.offset : Math.max(status.offset, Math.floor((end - 1) / span) * span) };
+  }
+  async close(): Promise<void> {
+    await this.it.return?.(undefined);
+  }
+}
+
 const sameStatus = (x: BlockStatus, y: BlockStatus): boolean =>
   x.data === y.data && x.zero === y.zero && x.present === y.present && (x.hostOffset === undefined) === (y.hostOffset === undefined);
 
@@ -87,7 +125,7 @@ async function compareImages(a: Side, b: Side, strict: boolean, say: (s: string)
     return 1;
   }
   const extents = [a, b].map((s) => new Cursor(readExtents(s.image, s.source)[Symbol.asyncIterator]()));
-  const statuses = strict ? [a, b].map((s) => new Cursor(blockStatus(s.image, s.source)[Symbol.asyncIterator]())) : [];
+  const statuses = strict ? [a, b].map((s) => new StatusCursor(s.image, blockStatus(s.image, s.source)[Symbol.asyncIterator]())) : [];
   const [ea, eb] = extents as [Cursor<Extent>, Cursor<Extent>];
   const mismatch = (at: number): number => {
     say(`Content mismatch at offset ${Math.floor(at / SECTOR) * SECTOR}!`);
@@ -98,12 +136,16 @@ async function compareImages(a: Side, b: Side, strict: boolean, say: (s: string)
     for (let offset = 0; offset < common; ) {
       let end = common;
       if (strict) {
-        const [sa, sb] = await Promise.all(statuses.map((c) => c.at(offset)));
-        if (!sameStatus(sa as BlockStatus, sb as BlockStatus)) {
+        const [sa, sb] = (await Promise.all(statuses.map((c) => c.at(offset)))) as [Awaited<ReturnType<StatusCursor['at']>>, Awaited<ReturnType<StatusCursor['at']>>];
+        // qemu compares the whole status word: its flags and whether this answer reaches the end of the image.
+        const eofA = sa.eofFrom !== undefined && offset >= sa.eofFrom;
+        const eofB = sb.eofFrom !== undefined && offset >= sb.eofFrom;
+        if (!sameStatus(sa.status, sb.status) || eofA !== eofB) {
           say(`Strict mode: Offset ${offset} block status mismatch!`);
           return 1;
         }
-        end = Math.min(end, (sa as BlockStatus).offset + (sa as BlockStatus).length, (sb as BlockStatus).offset + (sb as BlockStatus).length);
+        end = Math.min(end, sa.status.offset + sa.status.length, sb.status.offset + sb.status.length);
+        for (const from of [sa.eofFrom, sb.eofFrom]) if (from !== undefined && from > offset) end = Math.min(end, from);
       }
       const x = await ea.at(offset);
       const y = await eb.at(offset);
