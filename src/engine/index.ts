@@ -5,7 +5,7 @@
 import { InvalidArgumentError } from './errors.js';
 import { withLimits, type Limits } from './limits.js';
 import { DRIVERS, detectFormat } from './probe.js';
-import { isTar, openArchive } from './archive/index.js';
+import { isTar, isZip, openArchive } from './archive/index.js';
 import { UnsafeImageError } from './errors.js';
 import type { RandomAccessSource } from './source.js';
 import type { ArchiveInfo, CheckReport, DiskImage, FormatId, SnapshotSelector } from './types.js';
@@ -53,12 +53,12 @@ export async function openImage(source: RandomAccessSource, options: OpenImageOp
     ...(options.passphrase ? { passphrase: options.passphrase } : {}),
     ...(options.metadataOnly ? { metadataOnly: true } : {}),
   };
-  // An OVA or a tar bundle (by its ustar magic, never its name); `-f raw` reads the tar as bytes.
+  // An OVA or a tar/zip bundle (by its magic, never its name); `-f raw` reads the archive as bytes.
   if (declared !== 'raw') {
     const head = await source.read(0, Math.min(512, source.size), options.signal);
-    if (isTar(head)) {
+    if (isTar(head) || isZip(head)) {
       const other = DRIVERS.find((d) => d.id !== 'raw' && d.probe(head, source.size));
-      if (other) throw new UnsafeImageError(`${source.name}: ambiguous image: a tar header that also carries a ${other.id} signature`);
+      if (other) throw new UnsafeImageError(`${source.name}: ambiguous image: an archive header that also carries a ${other.id} signature`);
       return openArchive(source, { ...common, ...(declared ? { format: declared } : {}), ...(options.disk !== undefined ? { disk: options.disk } : {}) });
     }
   }

@@ -72,7 +72,7 @@ export type LayerEntry = MapEntry | { kind: 'backing'; offset: number; length: n
 
 /** What an archive (OVA, tar bundle) held and which of it the image is. */
 export interface ArchiveInfo {
-  kind: 'ova' | 'tar';
+  kind: 'ova' | 'tar' | 'zip';
   /** The disks an OVF names, in its DiskSection order (1-based index). */
   disks?: Array<{ index: number; 'disk-id': string; file?: string; size?: number; capacity?: string; format?: string }>;
   /** Index of the disk converted (OVA). */

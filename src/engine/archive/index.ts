@@ -23,7 +23,10 @@ import { MemberSource } from './member-source.js';
 import { parseOvf } from './ovf.js';
 import { indexTar, isTar, normalizeMemberName, shown, type TarIndex, type TarMember } from './tar.js';
 
+import { indexZip, isZip } from './zip.js';
+
 export { isTar } from './tar.js';
+export { isZip } from './zip.js';
 
 export interface ArchiveOpenOptions extends OpenOptions {
   /**
@@ -43,14 +46,17 @@ interface Context {
   limits: Limits;
   /** Every member opened for the chosen disk, in order. */
   used: string[];
+  kind: 'tar' | 'zip';
 }
 
 /** Opens the disk an archive holds; the caller closes the image, then the archive source. */
 export async function openArchive(archive: RandomAccessSource, options: ArchiveOpenOptions): Promise<DiskImage> {
   const { limits, signal } = options;
-  const index = await indexTar(archive, limits, signal);
-  if (index.members.length === 0) throw new ImageCorruptError(`${archive.name}: the tar archive holds no file`);
-  const ctx: Context = { archive, index, options, limits, used: [] };
+  const head = await archive.read(0, Math.min(64, archive.size), signal);
+  const kind = isZip(head) ? 'zip' : 'tar';
+  const index = kind === 'zip' ? await indexZip(archive, limits, signal) : await indexTar(archive, limits, signal);
+  if (index.members.length === 0) throw new ImageCorruptError(`${archive.name}: the ${kind} archive holds no file`);
+  const ctx: Context = { archive, index, options, limits, used: [], kind };
   const ovfs = index.members.filter((m) => /\.ovf$/i.test(m.name));
   if (ovfs.length > 1) {
     throw new UnsafeImageError(`${archive.name}: the archive holds ${ovfs.length} OVF descriptors (${ovfs.map((m) => `"${shown(m.name)}"`).join(', ')}); an OVA has exactly one`);
@@ -280,7 +286,7 @@ async function openBundle(ctx: Context): Promise<DiskImage> {
     if (!top) throw new UnsupportedFormatError(`${name}: the tar archive holds no disk image this tool reads (members: ${listMembers(ctx)})`);
   }
   const image = await openChain(ctx, top, ctx.options.format, []);
-  (image as { archive?: ArchiveInfo }).archive = { kind: 'tar', members: [...ctx.used] };
+  (image as { archive?: ArchiveInfo }).archive = { kind: ctx.kind, members: [...ctx.used] };
   return image;
 }
 
