@@ -1,18 +1,17 @@
 /**
  * The shared test Ceph (one per test run; see ceph-global.ts): useCeph() starts
  * it the first time any test file asks, in the run's directory, and every other
- * file (in any fork) waits for the same cluster. A mkdir is the lock.
+ * file (in any fork) waits for the same cluster (once-per-run.ts).
  *
  * Outside CI a machine without Ceph's packages skips the Ceph tests (as a skip,
  * via `describe.skipIf(!cephAvailable)`); in CI (`CI=true`) they run and fail.
  */
 import { execFile, execFileSync } from 'node:child_process';
-import { mkdir, readFile, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
-import { setTimeout as sleep } from 'node:timers/promises';
 import { promisify } from 'node:util';
 import { inject } from 'vitest';
 import { CEPH_DEV } from './ceph-global.js';
+import { oncePerRun } from './once-per-run.js';
 
 export interface CephEnv {
   CEPH_DEV_DIR: string;
@@ -61,34 +60,12 @@ export function useCeph(): Promise<CephEnv> {
 async function start(): Promise<CephEnv> {
   const runDir = inject('cephRunDir');
   if (!runDir) throw new Error('no cephRunDir: test/helpers/ceph-global.ts is not in vitest.config.ts globalSetup');
-  const ready = join(runDir, 'ready');
-  const failed = join(runDir, 'failed');
-  let mine = false;
-  try {
-    await mkdir(join(runDir, 'lock'));
-    mine = true;
-  } catch {
-    // Another test file is starting it (or did).
-  }
-  if (mine) {
-    try {
-      const { stdout } = await promisify(execFile)(CEPH_DEV, ['up', join(runDir, 'cluster')], { timeout: 240_000 });
-      parseEnv(stdout);
-      await writeFile(ready, stdout);
-    } catch (err) {
-      const e = err as { stderr?: string; message?: string };
-      await writeFile(failed, `${e.message ?? String(err)}\n${e.stderr ?? ''}`);
-    }
-  }
-  const deadline = Date.now() + 300_000;
-  while (Date.now() < deadline) {
-    const text = await readFile(ready, 'utf8').catch(() => undefined);
-    if (text) return parseEnv(text);
-    const why = await readFile(failed, 'utf8').catch(() => undefined);
-    if (why) throw new Error(`the test Ceph did not start: ${why}`);
-    await sleep(200);
-  }
-  throw new Error('timed out waiting for the test Ceph to start');
+  const text = await oncePerRun(runDir, 'the test Ceph', async () => {
+    const { stdout } = await promisify(execFile)(CEPH_DEV, ['up', join(runDir, 'cluster')], { timeout: 240_000 });
+    parseEnv(stdout);
+    return stdout;
+  });
+  return parseEnv(text);
 }
 
 /** Runs a Ceph CLI (rbd, ceph, radosgw-admin) against the test cluster. */

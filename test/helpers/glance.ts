@@ -8,12 +8,12 @@
 import { execFile } from 'node:child_process';
 import { createHash } from 'node:crypto';
 import { createReadStream, existsSync } from 'node:fs';
-import { mkdir, mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
+import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
-import { setTimeout as sleep } from 'node:timers/promises';
 import { inject } from 'vitest';
 import { cephAvailable, useCeph } from './ceph.js';
+import { oncePerRun } from './once-per-run.js';
 import { curl, type JobJson, type ServiceHarness } from './service.js';
 
 export const GLANCE_SCRIPT = resolve(import.meta.dirname, '../../scripts/glance-dev.sh');
@@ -72,36 +72,12 @@ async function startShared(): Promise<TestGlance> {
   const runDir = inject('glanceRunDir');
   if (!runDir) throw new Error('no glanceRunDir: test/helpers/glance-setup.ts is not in vitest.config.ts globalSetup');
   const dir = join(runDir, 'glance');
-  const ready = join(runDir, 'ready');
-  const failed = join(runDir, 'failed');
-  let mine = false;
-  try {
-    await mkdir(join(runDir, 'lock'));
-    mine = true;
-  } catch {
-    // Another test file is starting it (or did).
-  }
-  if (mine) {
-    try {
-      const env: Record<string, string> = {};
-      if (cephAvailable) {
-        const ceph = await useCeph();
-        env.GLANCE_CEPH_CONF = ceph.CEPH_CONF;
-      }
-      await writeFile(ready, await script(['up', dir], env));
-    } catch (err) {
-      await writeFile(failed, (err as Error).message);
-    }
-  }
-  const deadline = Date.now() + 300_000;
-  while (Date.now() < deadline) {
-    const text = await readFile(ready, 'utf8').catch(() => undefined);
-    if (text) return glanceFrom(dir, parseEnv(text));
-    const why = await readFile(failed, 'utf8').catch(() => undefined);
-    if (why) throw new Error(`the test Glance did not start: ${why}`);
-    await sleep(200);
-  }
-  throw new Error('timed out waiting for the test Glance to start');
+  const text = await oncePerRun(runDir, 'the test Glance', async () => {
+    const env: Record<string, string> = {};
+    if (cephAvailable) env.GLANCE_CEPH_CONF = (await useCeph()).CEPH_CONF;
+    return script(['up', dir], env);
+  });
+  return glanceFrom(dir, parseEnv(text));
 }
 
 export async function startGlance(options: GlanceOptions = {}): Promise<TestGlance & { stop(): Promise<void>; start(): Promise<void>; down(): Promise<void> }> {

@@ -4,43 +4,13 @@
  * elsewhere is uploaded (rbd export streamed into Glance). Real Glance (its `ceph`
  * store on the run's test Ceph), real Ceph, Redis and HTTP.
  */
-import { createHash } from 'node:crypto';
-import { createReadStream } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { cephAvailable, cephCli, useCeph, type CephEnv } from '../helpers/ceph.js';
-import { glanceApi, haveGlance, useGlance, type TestGlance } from '../helpers/glance.js';
+import { digestsOf, fetchDigests, glanceApi, haveGlance, useGlance, type Digests, type GlanceJob, type TestGlance } from '../helpers/glance.js';
 import { makeTempDir, qemuImg, qemuIo } from '../helpers/qemu.js';
-import { curl, ServiceHarness, type JobJson } from '../helpers/service.js';
+import { curl, ServiceHarness } from '../helpers/service.js';
 import { startFileServer, type FileServer } from '../e2e/http-files.js';
-
-interface Digests {
-  sha256: string;
-  sha512: string;
-  md5: string;
-}
-
-const hashes = () => ({ sha256: createHash('sha256'), sha512: createHash('sha512'), md5: createHash('md5') });
-
-async function digestsOf(path: string): Promise<Digests> {
-  const h = hashes();
-  for await (const chunk of createReadStream(path)) for (const x of Object.values(h)) x.update(chunk as Buffer);
-  return { sha256: h.sha256.digest('hex'), sha512: h.sha512.digest('hex'), md5: h.md5.digest('hex') };
-}
-
-async function fetchDigests(url: string, headers: Record<string, string>): Promise<Digests & { size: number }> {
-  const res = await fetch(url, { headers });
-  if (res.status !== 200 || !res.body) throw new Error(`GET ${url}: ${res.status}`);
-  const h = hashes();
-  let size = 0;
-  for await (const chunk of res.body as unknown as AsyncIterable<Uint8Array>) {
-    size += chunk.length;
-    for (const x of Object.values(h)) x.update(chunk);
-  }
-  return { size, sha256: h.sha256.digest('hex'), sha512: h.sha512.digest('hex'), md5: h.md5.digest('hex') };
-}
-
-type GlanceJob = JobJson & { output: (JobJson['output'] & { sha512?: string; md5?: string; location?: string; glance?: Record<string, unknown> }) | null };
 
 const TOKEN = 'glance-rbd-token-0123456789';
 const AUTH = ['-H', `Authorization: Bearer ${TOKEN}`];

@@ -4,46 +4,16 @@
  * images made by qemu-img, Glance's bytes and hashes compared with
  * `qemu-img convert -O raw`.
  */
-import { createHash } from 'node:crypto';
-import { createReadStream } from 'node:fs';
 import { rm } from 'node:fs/promises';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { glanceApi, haveGlance, startGlance, useGlance, type TestGlance } from '../helpers/glance.js';
+import { digestsOf, fetchDigests, glanceApi, haveGlance, runJson, startGlance, submitJson, useGlance, type Digests, type GlanceJob, type TestGlance } from '../helpers/glance.js';
 import { makeTempDir, qemuImg, writeRaw } from '../helpers/qemu.js';
-import { curl, ServiceHarness, waitFor, type JobJson } from '../helpers/service.js';
+import { curl, ServiceHarness, waitFor } from '../helpers/service.js';
 import { startFileServer, type FileServer } from '../e2e/http-files.js';
 
 const TOKEN = 'glance-test-token-0123456789';
 const AUTH = ['-H', `Authorization: Bearer ${TOKEN}`];
-
-interface Digests {
-  sha256: string;
-  sha512: string;
-  md5: string;
-}
-
-async function digestsOf(path: string): Promise<Digests> {
-  const hashes = { sha256: createHash('sha256'), sha512: createHash('sha512'), md5: createHash('md5') };
-  for await (const chunk of createReadStream(path)) for (const h of Object.values(hashes)) h.update(chunk as Buffer);
-  return { sha256: hashes.sha256.digest('hex'), sha512: hashes.sha512.digest('hex'), md5: hashes.md5.digest('hex') };
-}
-
-async function fetchDigests(url: string, headers: Record<string, string>): Promise<Digests & { size: number }> {
-  const res = await fetch(url, { headers });
-  if (res.status !== 200 || !res.body) throw new Error(`GET ${url}: ${res.status}`);
-  const hashes = { sha256: createHash('sha256'), sha512: createHash('sha512'), md5: createHash('md5') };
-  let size = 0;
-  for await (const chunk of res.body as unknown as AsyncIterable<Uint8Array>) {
-    size += chunk.length;
-    for (const h of Object.values(hashes)) h.update(chunk);
-  }
-  return { size, sha256: hashes.sha256.digest('hex'), sha512: hashes.sha512.digest('hex'), md5: hashes.md5.digest('hex') };
-}
-
-type GlanceJob = JobJson & {
-  output: (JobJson['output'] & { sha512?: string; md5?: string; glance?: Record<string, unknown> }) | null;
-};
 
 describe.skipIf(!haveGlance)('publishing into Glance (file store)', () => {
   let dir: string;
@@ -53,10 +23,9 @@ describe.skipIf(!haveGlance)('publishing into Glance (file store)', () => {
   let svc: ServiceHarness;
   const fixtures: Record<string, { path: string; raw: Digests; size: number }> = {};
 
-  const submitUrl = async (s: ServiceHarness, name: string, glanceOption: unknown): Promise<GlanceJob> => {
-    const body = JSON.stringify({ source: { url: `${files.url}/range/${name}` }, glance: glanceOption });
-    return JSON.parse(await curl([...AUTH, '-H', 'Content-Type: application/json', '-d', body, `${s.apiUrl}/v1/jobs`])) as GlanceJob;
-  };
+  /** A URL import of the fixture `name` with the `glance` option, submitted and waited for. */
+  const publishUrl = (s: ServiceHarness, name: string, glanceOption: unknown): Promise<GlanceJob> =>
+    runJson(s, TOKEN, { source: { url: `${files.url}/range/${name}` }, glance: glanceOption });
 
   /** Glance's image: active, raw/bare, its bytes and hashes those of qemu-img's conversion. */
   async function expectPublished(job: GlanceJob, raw: Digests, size: number, method: 'upload' | 'location' = 'upload'): Promise<Record<string, unknown>> {
@@ -112,9 +81,8 @@ describe.skipIf(!haveGlance)('publishing into Glance (file store)', () => {
 
   it('publishes a URL import: an active raw image with our name and properties, its bytes and hashes those of qemu-img', async () => {
     const f = fixtures['disk.qcow2']!;
-    const created = await submitUrl(svc, 'disk.qcow2', { name: 'diskconv-url', min_disk: 1, min_ram: 64, properties: { os_distro: 'debian', hw_disk_bus: 'scsi' } });
-    expect(created.glance).toMatchObject({ name: 'diskconv-url' });
-    const done = (await svc.waitForFinal(created.id, { token: TOKEN })) as GlanceJob;
+    const done = await publishUrl(svc, 'disk.qcow2', { name: 'diskconv-url', min_disk: 1, min_ram: 64, properties: { os_distro: 'debian', hw_disk_bus: 'scsi' } });
+    expect(done.glance).toMatchObject({ name: 'diskconv-url' });
     const image = await expectPublished(done, f.raw, f.size);
     expect(image).toMatchObject({ name: 'diskconv-url', min_disk: 1, min_ram: 64, os_distro: 'debian', hw_disk_bus: 'scsi', visibility: 'shared', stores: 'fs' });
     // The conversion's output is still served by the service, equal to Glance's.
@@ -176,8 +144,7 @@ describe.skipIf(!haveGlance)('publishing into Glance (file store)', () => {
       await s.startApi();
       await s.startWorker();
       const f = fixtures['disk.vdi']!;
-      const created = await submitUrl(s, 'disk.vdi', { name: 'diskconv-import' });
-      const done = (await s.waitForFinal(created.id, { token: TOKEN })) as GlanceJob;
+      const done = await publishUrl(s, 'disk.vdi', { name: 'diskconv-import' });
       const image = await expectPublished(done, f.raw, f.size);
       expect(image).toMatchObject({ name: 'diskconv-import' });
     } finally {
@@ -197,8 +164,7 @@ describe.skipIf(!haveGlance)('publishing into Glance (file store)', () => {
       await s.startApi();
       await s.startWorker();
       const f = fixtures['disk.qcow2']!;
-      const created = await submitUrl(s, 'disk.qcow2', { name: 'diskconv-refused' });
-      const done = (await s.waitForFinal(created.id, { token: TOKEN })) as GlanceJob;
+      const done = await publishUrl(s, 'disk.qcow2', { name: 'diskconv-refused' });
       expect(done.state).toBe('failed');
       expect(done.error?.code).toBe('GLANCE_REFUSED');
       expect(done.error?.message).toMatch(/authori[sz]ed|credentials/i);
@@ -265,10 +231,8 @@ describe.skipIf(!haveGlance)('a Glance that goes away during publishing', () => 
       URL_CONNECT_TIMEOUT_MS: '2000',
     });
 
-  const submit = async (s: ServiceHarness): Promise<GlanceJob> => {
-    const body = JSON.stringify({ source: { url: `${files.url}/range/disk.qcow2` }, glance: { name: 'diskconv-outage' } });
-    return JSON.parse(await curl([...AUTH, '-H', 'Content-Type: application/json', '-d', body, `${s.apiUrl}/v1/jobs`])) as GlanceJob;
-  };
+  const submit = (s: ServiceHarness): Promise<GlanceJob> =>
+    submitJson(s, TOKEN, { source: { url: `${files.url}/range/disk.qcow2` }, glance: { name: 'diskconv-outage' } });
 
   it('stopped for a few seconds: the publish is retried and succeeds once Glance is back', async () => {
     const s = await service(12);
