@@ -25,6 +25,13 @@ const EXPLAIN = {
   RATE_LIMITED: 'Too many requests in a short time; wait a moment and try again.',
   VALIDATION_FAILED: 'A field is missing or invalid.',
   WORKER_LOST: 'The conversion was interrupted too many times.',
+  WRONG_PASSPHRASE: 'The passphrase does not unlock this encrypted image.',
+  DESTINATION_REFUSED: 'This service may not write into that RBD pool.',
+  DESTINATION_EXISTS: 'An RBD image of that name already exists; it was left as it was.',
+  DESTINATION_UNAVAILABLE: 'The Ceph cluster could not be reached; the service retried and gave up.',
+  GLANCE_NOT_CONFIGURED: 'This service does not publish into Glance.',
+  GLANCE_REFUSED: 'Glance refused the image (for example a name, visibility or property it does not allow). The converted image can still be downloaded here.',
+  GLANCE_UNAVAILABLE: 'Glance could not be reached; the service retried and gave up. The converted image can still be downloaded here.',
   INTERNAL_ERROR: 'Something went wrong inside the service.',
 };
 
@@ -152,6 +159,7 @@ async function start() {
     }),
   );
   $('target-field').hidden = targets.length < 2;
+  $('glance-fields').hidden = !state.service.glance;
   await refresh();
 }
 
@@ -180,8 +188,16 @@ function readForm() {
   if (file && url) throw new ProblemError({ code: 'VALIDATION_FAILED', detail: 'choose a file or give a URL, not both' });
   if (!file && !url) throw new ProblemError({ code: 'VALIDATION_FAILED', detail: 'choose a file or give a URL' });
   if (sha && !/^[0-9a-fA-F]{64}$/.test(sha)) throw new ProblemError({ code: 'VALIDATION_FAILED', detail: 'the expected sha256 must be 64 hex digits' });
-  const target = $('target-field').hidden ? undefined : $('target').value;
-  return { file, url, sha, format: $('source-format').value, target };
+  const id = $('target-field').hidden ? 'store' : $('target').value;
+  const target = ((state.service && state.service.targets) || []).find((t) => t.id === id);
+  let glance;
+  if (!$('glance-fields').hidden && $('glance-publish').checked) {
+    glance = {};
+    const name = $('glance-name').value.trim();
+    if (name) glance.name = name;
+    if ($('glance-visibility').value) glance.visibility = $('glance-visibility').value;
+  }
+  return { file, url, sha, format: $('source-format').value, target, glance };
 }
 
 /** POSTs with XMLHttpRequest, whose upload events give real progress while a file is sent. */
@@ -199,18 +215,25 @@ function send(method, path, body, contentType, onProgress) {
   });
 }
 
-function buildBody({ file, url, sha, format, target }) {
+function buildBody({ file, url, sha, format, target, glance }) {
+  const rbd = target && target.kind === 'rbd' ? target.pool : undefined;
   if (file) {
     const fd = new FormData();
     fd.append('source_format', format);
     if (sha) fd.append('expected_sha256', sha.toLowerCase());
-    if (target && target !== 'store') fd.append('target', target);
+    // Before the file part: a refused pool stops the upload before it is stored.
+    if (rbd) {
+      fd.append('output_target', 'rbd');
+      fd.append('rbd_pool', rbd);
+    }
+    if (glance) fd.append('glance', JSON.stringify(glance));
     fd.append('file', file, file.name);
     return { body: fd, contentType: undefined };
   }
   const json = { source: { url }, source_format: format };
   if (sha) json.expected_sha256 = sha.toLowerCase();
-  if (target && target !== 'store') json.target = target;
+  if (rbd) json.output = { target: 'rbd', pool: rbd };
+  if (glance) json.glance = glance;
   return { body: JSON.stringify(json), contentType: 'application/json' };
 }
 
@@ -407,6 +430,7 @@ function progressText(job) {
   const p = job.progress || {};
   if (job.state === 'succeeded') return 'Done';
   if (job.state === 'failed' || job.state === 'cancelled') return '';
+  if (p.phase === 'publishing') return 'Publishing into Glance';
   const pct = p.percent === null || p.percent === undefined ? '' : ` ${p.percent}%`;
   return `${p.phase || job.state}${pct}`;
 }
@@ -469,12 +493,23 @@ function renderJob(job) {
   ];
   if (job.output && job.output.sha512) rows.push(['sha512', job.output.sha512]);
   if (job.output && job.output.md5) rows.push(['md5', job.output.md5]);
+  const dest = job.destination || (job.output && job.output.target === 'rbd' ? job.output : undefined);
+  if (dest && dest.target === 'rbd') {
+    rows.push(['Output target', `Ceph RBD ${dest.pool}/${dest.image}${job.output && job.output.snapshot ? `@${job.output.snapshot}` : ''}`]);
+  }
+  if (job.output && job.output.location) rows.push(['Location', job.output.location]);
+  if (job.glance) rows.push(['Glance request', [job.glance.name && `name ${job.glance.name}`, job.glance.visibility && `visibility ${job.glance.visibility}`].filter(Boolean).join(', ') || 'defaults']);
+  const g = job.output && job.output.glance;
+  if (g) {
+    rows.push(['Glance image', g.image_id]);
+    rows.push(['Glance status', `${g.status} (${g.method === 'location' ? 'registered in place' : 'uploaded'})`]);
+  }
   for (const [k, v] of rows) {
     const dt = document.createElement('dt');
     dt.textContent = k;
     const dd = document.createElement('dd');
     dd.textContent = v;
-    if (k === 'sha256' || k === 'sha512' || k === 'md5') dd.className = 'mono';
+    if (k === 'sha256' || k === 'sha512' || k === 'md5' || k === 'Glance image' || k === 'Location') dd.className = 'mono';
     dl.append(dt, dd);
   }
   li.append(dl);
@@ -489,7 +524,7 @@ function renderJob(job) {
 
   const actions = document.createElement('div');
   actions.className = 'job-actions';
-  if (job.state === 'succeeded') {
+  if (job.state === 'succeeded' && !(job.output && job.output.target === 'rbd')) {
     const a = document.createElement('a');
     a.textContent = `Download ${jobName(job).split('/').pop()}.raw`;
     a.href = `/v1/jobs/${job.id}/output`;

@@ -29,13 +29,21 @@ export const CONTENT_SECURITY_POLICY = [
 ].join('; ');
 
 export interface OutputTarget {
+  /** `store`, or `rbd:POOL`. */
   id: string;
   label: string;
+  kind: 'store' | 'rbd';
+  /** For an RBD target: the pool (one of RBD_POOLS), sent as output_target=rbd & rbd_pool. */
+  pool?: string;
 }
 
-/** Where a job's output can go: the store always; more where the deployment configures them. */
-export function outputTargets(_ctx: ApiContext): OutputTarget[] {
-  return [{ id: 'store', label: 'This service (download)' }];
+/** Where a job's output can go: the store always, and each RBD pool RBD_POOLS allows. */
+export function outputTargets(ctx: Pick<ApiContext, 'config'>): OutputTarget[] {
+  const pools = ctx.config.rbd?.pools ?? [];
+  return [
+    { id: 'store', label: 'This service (download)', kind: 'store' },
+    ...pools.map((pool): OutputTarget => ({ id: `rbd:${pool}`, label: `Ceph RBD pool ${pool}`, kind: 'rbd', pool })),
+  ];
 }
 
 export async function webRoutes(app: FastifyInstance, ctx: ApiContext, links: LinkSigner): Promise<void> {
@@ -65,6 +73,8 @@ export async function webRoutes(app: FastifyInstance, ctx: ApiContext, links: Li
     targets: outputTargets(ctx),
     max_upload_bytes: ctx.config.maxUploadBytes,
     webhooks: ctx.config.webhooks.secret !== undefined,
+    /** The page offers the Glance fields only when the service publishes into Glance. */
+    glance: ctx.config.glance !== undefined,
     uploads: '/v1/uploads',
     link_ttl_seconds: ctx.config.links.ttlSeconds,
   }));
