@@ -120,11 +120,15 @@ describe.skipIf(!cephAvailable)('jobs with an RBD target', () => {
     const res = await upload(`output_target=rbd&rbd_pool=rbd&rbd_image=${n}`, slow);
     const id = res.body.id as string;
     await svc.waitForJob(id, (j: JobJson) => j.state === 'running' && j.progress.phase === 'converting' && j.progress.bytes_done > 0, { timeoutMs: 60_000 });
-    expect(await exists(n)).toBe(true);
+    // Mid-conversion the image is the attempt's temporary; its final name holds nothing yet.
+    const temps = async (): Promise<string[]> => (JSON.parse(await rbd('ls', '--format', 'json', 'rbd')) as string[]).filter((x) => x.startsWith(`diskconv-tmp.${id}.`));
+    expect(await temps()).toHaveLength(1);
+    expect(await exists(n)).toBe(false);
     const del = await fetch(`${svc.apiUrl}/v1/jobs/${id}`, { method: 'DELETE' });
     expect(del.status).toBe(200);
     const { waitFor } = await import('../helpers/service.js');
-    await waitFor('the image to be removed', async () => !(await exists(n)), 60_000, 500);
+    await waitFor('the image to be removed', async () => (await temps()).length === 0, 60_000, 500);
+    expect(await exists(n)).toBe(false);
     expect((await svc.getJob(id)).state).toBe('cancelled');
   });
 });

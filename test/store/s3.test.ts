@@ -7,6 +7,7 @@ import { openStores, type Stores } from '../../src/store/index.js';
 import { S3RangeSource } from '../../src/store/s3/source.js';
 import { cephAvailable, useCeph, type CephEnv } from '../helpers/ceph.js';
 import { seededBytes } from '../helpers/qemu.js';
+import { waitFor } from '../helpers/service.js';
 import { createBucket, objectKeys, removeBucket, s3Env, testS3Client, uniqueBucket, uploadsInProgress } from '../helpers/s3.js';
 import { readAll, storeContract } from './contract.js';
 
@@ -59,6 +60,8 @@ describe.skipIf(!cephAvailable)('S3 store (Ceph RGW)', () => {
     const image = await openImage(source, { format: 'raw' });
     const writer = await stores.output.create('multi', data.length);
     await convertToRaw(image, source, writer);
+    // lib-storage takes the parts into its queue before RGW has answered CreateMultipartUpload: wait to see it.
+    await waitFor('the multipart upload to be in progress', async () => (await uploadsInProgress(client, bucket, prefix)).length > 0, 30_000, 200);
     expect(await uploadsInProgress(client, bucket, prefix)).toHaveLength(1);
     expect(await stores.output.stat('multi')).toBeUndefined();
     const stored = await writer.commit();
