@@ -140,7 +140,7 @@ describe('signed download links', () => {
     expect(res.statusCode).toBe(200);
     const body = res.json() as Record<string, unknown>;
     expect(body.auth).toBe(true);
-    expect(body.targets).toEqual([{ id: 'store', label: 'This service (download)' }]);
+    expect(body.targets).toEqual([{ id: 'store', label: 'This service (download)', kind: 'store' }]);
     for (const url of ['/', '/app.js', '/app.css', '/v1/service', '/nope']) {
       const r = await app.inject({ method: 'GET', url });
       expect(r.headers['x-content-type-options']).toBe('nosniff');

@@ -290,8 +290,8 @@ export async function uploadRoutes(app: FastifyInstance, ctx: ApiContext): Promi
       } as RequestInit);
       tenants.set(webRequest, request.tenant);
       const response = await tus.handleWeb(webRequest);
-      // Completed (and its tus copy removed) by another request while this one waited for the upload's lock.
-      if (response.status === 404) {
+      // Completed (and its tus copy removed, or half removed: tus says 410) by another request meanwhile.
+      if (response.status === 404 || response.status === 410) {
         const late = await completed();
         if (late) return late;
       }
