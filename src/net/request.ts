@@ -258,18 +258,5 @@ export function parseContentLength(value: string | undefined): number | undefine
   return Number(value.trim());
 }
 
-/** Sleeps, or rejects with AbortedError when the signal fires. */
-export function sleep(ms: number, signal?: AbortSignal): Promise<void> {
-  return new Promise((resolve, reject) => {
-    if (signal?.aborted) return reject(new AbortedError());
-    const onAbort = (): void => {
-      clearTimeout(timer);
-      reject(new AbortedError());
-    };
-    const timer = setTimeout(() => {
-      signal?.removeEventListener('abort', onAbort);
-      resolve();
-    }, ms);
-    signal?.addEventListener('abort', onAbort, { once: true });
-  });
-}
+/** The engine's abortable sleep, for the URL fetchers and the Glance publisher. */
+export { sleep } from '../engine/ranged-source.js';
