@@ -110,6 +110,29 @@ export interface FormatInfo {
   backingFilenameFormat?: string;
   snapshots?: QemuSnapshotJson[];
   formatSpecific?: { type: string; data: Record<string, unknown> };
+  /**
+   * What a child names its parent by (not printed): a VHD footer's unique id, a
+   * VHDX header's data write GUID, as lowercase hex; a VMDK's CID is in formatSpecific.
+   */
+  identity?: string;
+}
+
+/**
+ * How a differencing image (VHD type 4, VHDX with a parent, a VMDK child) names its
+ * parent, for a bundle that resolves it among its own members only.
+ */
+export interface ParentLink {
+  /**
+   * Names to try, in order. `path`: a path relative to the child's folder, as qemu
+   * resolves a backing name (absolute, URL or `..` refused); `locator`: a name from a
+   * VHD/VHDX parent locator: a relative path is tried as a path inside the archive
+   * (never with `..`), an absolute one only by its last component in the child's folder.
+   */
+  names: Array<{ name: string; how: 'path' | 'locator'; from: string }>;
+  /** The parent's format when the child implies one (a VHD's parent is a VHD). */
+  format?: FormatId;
+  /** Why `parent` is not the image this child was made from, or undefined when it is. */
+  mismatch(parent: DiskImage): string | undefined;
 }
 
 export interface CheckReport {
@@ -147,6 +170,8 @@ export interface DiskImage {
    * which found that file, fills them. map() still refuses such an image.
    */
   layerMap?(signal?: AbortSignal): AsyncIterable<LayerEntry>;
+  /** Present on differencing images opened with `backingSupplied`: how they name their parent. */
+  readonly parent?: ParentLink;
   /** Set on images read out of an archive: which members, which disk. */
   readonly archive?: ArchiveInfo;
   /** Metadata consistency check; absent where the format has nothing to check beyond open(). */

@@ -15,7 +15,7 @@ import { ImageCorruptError, InvalidArgumentError, LimitExceededError, UnsafeImag
 import { enforceLimit, type Limits } from '../limits.js';
 import { detectFormat, driverFor } from '../probe.js';
 import { readExact, type RandomAccessSource } from '../source.js';
-import type { ArchiveInfo, DiskImage, FormatId, OpenOptions } from '../types.js';
+import type { ArchiveInfo, DiskImage, FormatId, OpenOptions, ParentLink } from '../types.js';
 import { FORMAT_IDS } from '../types.js';
 import { openSparseExtent, readVmdkDescriptorFile } from '../formats/vmdk.js';
 import { ConcatImage, LayeredImage, MemberImage, type ConcatPart } from './compose.js';
@@ -234,18 +234,25 @@ async function referencesOf(ctx: Context, member: TarMember): Promise<{ format: 
     return undefined; // not an image we read; it can only be named by one
   }
   if (format === 'vmdk') {
-    const descriptor = await readVmdkDescriptorFile(source, ctx.limits, ctx.options.signal).catch(() => undefined);
-    if (!descriptor) return { format, refs: [] };
-    return { format, refs: descriptor.extents.flatMap((e) => (e.fileName !== undefined ? [resolveQuietly(ctx, member, e.fileName)] : [])) };
+    const descriptor = await readVmdkDescriptorFile(source, ctx.limits, ctx.options.signal).catch(() => null);
+    if (descriptor === null) return { format, refs: [] };
+    if (descriptor) return { format, refs: descriptor.extents.flatMap((e) => (e.fileName !== undefined ? [resolveQuietly(ctx, member, e.fileName)] : [])) };
   }
-  if (format === 'qcow2') {
-    const image = await driverFor('qcow2')
-      .open(source, { limits: ctx.limits, metadataOnly: true, ...(ctx.options.signal ? { signal: ctx.options.signal } : {}) })
+  if (LAYERED_FORMATS.has(format)) {
+    const image = await driverFor(format)
+      .open(source, { limits: ctx.limits, metadataOnly: true, backingSupplied: true, ...(ctx.options.signal ? { signal: ctx.options.signal } : {}) })
       .catch(() => undefined);
     if (!image) return { format, refs: [] };
-    const backing = image.info().backingFilename;
+    const link = parentLinkOf(image);
     await image.close();
-    return { format, refs: backing !== undefined ? [resolveQuietly(ctx, member, backing)] : [] };
+    if (!link) return { format, refs: [] };
+    let parent = '';
+    try {
+      parent = resolveParent(ctx, member, link).name;
+    } catch {
+      // named but not found: reported when the chain is opened
+    }
+    return { format, refs: [parent] };
   }
   return { format, refs: [] };
 }
@@ -323,18 +330,24 @@ async function openChain(ctx: Context, member: TarMember, declared: FormatId | u
     const descriptor = await readVmdkDescriptorFile(source, limits, options.signal);
     if (descriptor) return openSplitVmdk(ctx, member, descriptor);
   }
-  if (format === 'qcow2') {
+  if (LAYERED_FORMATS.has(format)) {
     const image = await driver.open(source, { ...open, backingSupplied: true });
-    const info = image.info();
-    if (info.backingFilename === undefined) return new MemberImage(image, source);
     try {
-      const backingMember = resolveReference(ctx, member, info.backingFilename, 'backing file');
-      const backingFormat = info.backingFilenameFormat;
-      if (backingFormat !== undefined && !(FORMAT_IDS as readonly string[]).includes(backingFormat)) {
-        throw new UnsupportedFeatureError(`${where}: backing file format "${shown(backingFormat)}" is not supported`);
+      const link = parentLinkOf(image);
+      if (!link) return new MemberImage(image, source);
+      const parentMember = resolveParent(ctx, member, link);
+      if (link.format !== undefined && !(FORMAT_IDS as readonly string[]).includes(link.format)) {
+        throw new UnsupportedFeatureError(`${where}: backing file format "${shown(link.format)}" is not supported`);
       }
       const { passphrase: _unused, ...rest } = options;
-      const backing = await openChain({ ...ctx, options: rest }, backingMember, backingFormat as FormatId | undefined, [...chain, member.name]);
+      const backing = await openChain({ ...ctx, options: rest }, parentMember, link.format, [...chain, member.name]);
+      try {
+        const mismatch = link.mismatch(backing);
+        if (mismatch !== undefined) throw new UnsafeImageError(`${where}: "${shown(parentMember.name)}" is not this image's parent: ${mismatch}`);
+      } catch (err) {
+        await backing.close();
+        throw err;
+      }
       return new LayeredImage(new MemberImage(image, source), backing);
     } catch (err) {
       await image.close();
@@ -342,6 +355,73 @@ async function openChain(ctx: Context, member: TarMember, declared: FormatId | u
     }
   }
   return new MemberImage(await driver.open(source, open), source);
+}
+
+/** Formats whose images may name a parent the bundle supplies. */
+const LAYERED_FORMATS = new Set<FormatId>(['qcow2', 'vmdk', 'vpc', 'vhdx']);
+
+/** The driver's link to a parent, or a qcow2's backing file name (with its format) as one. */
+function parentLinkOf(image: DiskImage): ParentLink | undefined {
+  if (image.parent) return image.parent;
+  const info = image.info();
+  if (info.backingFilename === undefined) return undefined;
+  return {
+    names: [{ name: info.backingFilename, how: 'path', from: 'backing file' }],
+    ...(info.backingFilenameFormat !== undefined ? { format: info.backingFilenameFormat as FormatId } : {}),
+    mismatch: () => undefined,
+  };
+}
+
+/**
+ * The member a differencing image's parent is, from the names it gives (ParentLink),
+ * only ever inside the archive. A `path` name resolves as qemu resolves a relative
+ * backing file name, strictly (an absolute path, URL or `..` is refused). A
+ * `locator` name (VHD/VHDX parent locators, written by Windows as relative and as
+ * absolute paths) is tried as a relative path inside the archive when it is one
+ * without `..`, then by its last component in the child's folder. No name found is
+ * UNSAFE_IMAGE naming what was looked for.
+ */
+function resolveParent(ctx: Context, from: TarMember, link: ParentLink): TarMember {
+  const where = `${ctx.archive.name}/${from.name}`;
+  const tried: string[] = [];
+  for (const ref of link.names) {
+    if (ref.how === 'path') return resolveReference(ctx, from, ref.name, ref.from);
+    for (const name of locatorCandidates(ref.name)) {
+      let member: TarMember | undefined;
+      try {
+        member = ctx.index.byName.get(normalizeMemberName(dirOf(from.name) + name, where));
+      } catch {
+        continue; // not a safe member name: never a path
+      }
+      if (member && member.name !== from.name) return member;
+      const looked = `"${shown(dirOf(from.name) + name)}"`;
+      if (!tried.includes(looked)) tried.push(looked);
+    }
+  }
+  const named = link.names.map((n) => `${n.from} "${shown(n.name)}"`).join(', ');
+  throw new UnsafeImageError(
+    `${where}: its parent (${named || 'no name given'}) is not a member of the archive (looked for ${tried.join(', ') || 'nothing usable'}); a parent is never looked for outside the archive`,
+  );
+}
+
+/** What a locator's name may be inside the archive: itself when relative and without `..`, then its last component. */
+function locatorCandidates(raw: string): string[] {
+  let text = raw.replace(/\\/g, '/');
+  const url = /^file:\/\/[^/]*(\/.*)$/i.exec(text);
+  if (url) {
+    try {
+      text = decodeURIComponent(url[1] as string);
+    } catch {
+      text = url[1] as string;
+    }
+  }
+  const absolute = /^[a-z]:/i.test(text) || text.startsWith('/') || /^[a-z][a-z0-9+.-]*:/i.test(text);
+  const out: string[] = [];
+  const segments = text.split('/');
+  if (!absolute && !segments.includes('..')) out.push(text);
+  const base = segments[segments.length - 1] ?? '';
+  if (base !== '' && base !== '.' && base !== '..' && !out.includes(base)) out.push(base);
+  return out;
 }
 
 async function openSplitVmdk(ctx: Context, member: TarMember, descriptor: NonNullable<Awaited<ReturnType<typeof readVmdkDescriptorFile>>>): Promise<DiskImage> {

@@ -12,7 +12,7 @@ import { ascii } from '../bytes.js';
 import { enforceLimit, toSafeNumber, type Limits } from '../limits.js';
 import { Pacer } from '../pace.js';
 import { readExact, type RandomAccessSource } from '../source.js';
-import type { CheckReport, DiskImage, FormatDriver, FormatInfo, MapEntry, OpenOptions } from '../types.js';
+import type { CheckReport, DiskImage, FormatDriver, FormatInfo, LayerEntry, MapEntry, OpenOptions, ParentLink } from '../types.js';
 
 const SECTOR = 512;
 const SPARSE_MAGIC = 0x4b444d56; // "KDMV"
@@ -110,7 +110,7 @@ export const vmdkDriver: FormatDriver = {
     const { limits, signal } = options;
     const head = await readExact(source, 0, Math.min(4, source.size), `${source.name}: VMDK magic`, signal);
     const magic = head.length === 4 ? readU32BE(head, 0) : undefined;
-    if (magic === SPARSE_MAGIC) return openSparse(source, limits, signal);
+    if (magic === SPARSE_MAGIC) return openSparse(source, limits, signal, false, options.backingSupplied === true);
     if (magic === VMFS_SPARSE_MAGIC) {
       throw new UnsupportedFeatureError(`${source.name}: VMFS sparse (COWD) extents from ESX 2.x are not supported`);
     }
@@ -164,7 +164,12 @@ export function openSparseExtent(source: RandomAccessSource, limits: Limits, sig
   return openSparse(source, limits, signal, true);
 }
 
-async function openSparse(source: RandomAccessSource, limits: Limits, signal: AbortSignal | undefined, asExtent = false): Promise<DiskImage> {
+/**
+ * `layered`: the caller (a bundle holding the parent) resolves a child disk's
+ * parentFileNameHint itself; the image then names it in info() and serves
+ * layerMap(), while map() still refuses it.
+ */
+async function openSparse(source: RandomAccessSource, limits: Limits, signal: AbortSignal | undefined, asExtent = false, layered = false): Promise<DiskImage> {
   const name = source.name;
   const first = await readExact(source, 0, SECTOR, `${name}: VMDK sparse header`, signal);
   let header = parseSparseHeader(first, `${name}: sparse header`);
@@ -218,9 +223,10 @@ async function openSparse(source: RandomAccessSource, limits: Limits, signal: Ab
 
   let cid = 0;
   let parentCid = 0xffffffff;
+  let parentHint: string | undefined;
   if (!asExtent) {
     const descriptor = await readEmbeddedDescriptor(source, header, limits, signal);
-    ({ cid, parentCid } = validateEmbeddedDescriptor(name, descriptor, header.capacity));
+    ({ cid, parentCid, parentHint } = validateEmbeddedDescriptor(name, descriptor, header.capacity, layered));
   }
 
   let grainDirectory: Uint32Array = new Uint32Array(0);
@@ -248,6 +254,7 @@ async function openSparse(source: RandomAccessSource, limits: Limits, signal: Ab
     zeroedGrains: (header.flags & FLAG_ZEROED_GRAIN) !== 0,
     cid,
     parentCid,
+    ...(parentHint !== undefined ? { parentHint } : {}),
   });
 }
 
@@ -392,7 +399,7 @@ function refuseDescriptorFile(name: string, descriptor: Descriptor, what: string
  * The safety rules for the descriptor of a single-file image: nothing in it may
  * point at another file or a parent disk.
  */
-function validateEmbeddedDescriptor(name: string, descriptor: Descriptor, capacity: bigint): { cid: number; parentCid: number } {
+function validateEmbeddedDescriptor(name: string, descriptor: Descriptor, capacity: bigint, allowParent: boolean): { cid: number; parentCid: number; parentHint?: string } {
   const where = `${name}: embedded descriptor`;
   if (descriptor.values.size === 0 && descriptor.extents.length === 0 && descriptor.badLines.length === 0) {
     throw new ImageCorruptError(`${where} is empty`);
@@ -407,9 +414,11 @@ function validateEmbeddedDescriptor(name: string, descriptor: Descriptor, capaci
     const why = EXTERNAL_CREATE_TYPES.has(createType) ? 'stores its data in other files' : 'is not a known single-file type';
     throw new UnsafeImageError(`${where}: createType "${createType}" ${why}; only monolithicSparse and streamOptimized images are converted`);
   }
-  // qemu finds the parent hint anywhere in the descriptor text; so do we.
-  if (descriptor.values.has('parentFileNameHint') || descriptor.text.includes('parentFileNameHint')) {
-    throw new UnsafeImageError(`${where} names a parent disk (parentFileNameHint); differencing (child) disks are refused`);
+  const parentHint = parentFileNameHint(descriptor.text, where);
+  if (parentHint !== undefined && !allowParent) {
+    throw new UnsafeImageError(
+      `${where} names a parent disk (parentFileNameHint="${parentHint.replace(/[\x00-\x1f\x7f]/g, '?').slice(0, 120)}"); a child disk is read only from a bundle (tar or zip) that holds its parent, and the named file is never opened`,
+    );
   }
   const cidText = descriptor.values.get('CID');
   const parentText = descriptor.values.get('parentCID');
@@ -417,8 +426,8 @@ function validateEmbeddedDescriptor(name: string, descriptor: Descriptor, capaci
   if (parentText === undefined) throw new ImageCorruptError(`${where} has no parentCID`);
   const cid = parseCid(cidText, `${where}: CID`);
   const parentCid = parseCid(parentText, `${where}: parentCID`);
-  if (parentCid !== 0xffffffff) {
-    throw new UnsafeImageError(`${where}: parentCID=${parentText} marks a differencing (child) disk whose data depends on a parent file; it is refused`);
+  if (parentCid !== 0xffffffff && parentHint === undefined) {
+    throw new UnsafeImageError(`${where}: parentCID=${parentText} marks a differencing (child) disk whose data depends on a parent file, but it names none; it is refused`);
   }
   if (descriptor.extents.length === 0) throw new ImageCorruptError(`${where} has no extent line`);
   if (descriptor.extents.length > 1) {
@@ -436,7 +445,23 @@ function validateEmbeddedDescriptor(name: string, descriptor: Descriptor, capaci
   if (extent.sectors !== capacity) {
     throw new ImageCorruptError(`${at}: extent of ${extent.sectors} sectors disagrees with the header's capacity of ${capacity} sectors`);
   }
-  return { cid, parentCid };
+  return { cid, parentCid, ...(parentHint !== undefined ? { parentHint } : {}) };
+}
+
+/**
+ * The parent's name as qemu finds it (vmdk_parent_open): the first
+ * `parentFileNameHint` anywhere in the descriptor text, then `="`, the name, `"`.
+ */
+function parentFileNameHint(text: string, where: string): string | undefined {
+  const at = text.indexOf('parentFileNameHint');
+  if (at < 0) return undefined;
+  const start = at + 'parentFileNameHint'.length;
+  if (text.slice(start, start + 2) !== '="') throw new ImageCorruptError(`${where}: parentFileNameHint is not followed by ="name"`);
+  const end = text.indexOf('"', start + 2);
+  if (end < 0) throw new ImageCorruptError(`${where}: parentFileNameHint has no closing quote`);
+  const name = text.slice(start + 2, end);
+  if (name === '') throw new ImageCorruptError(`${where}: parentFileNameHint is empty`);
+  return name;
 }
 
 /** A 32-bit hex number, as qemu reads it with sscanf("%x"). */
@@ -457,6 +482,8 @@ interface SparseLayout {
   zeroedGrains: boolean;
   cid: number;
   parentCid: number;
+  /** A child disk's parent (only when opened layered): unallocated grains are the parent's. */
+  parentHint?: string;
 }
 
 class VmdkSparseImage implements DiskImage {
@@ -483,10 +510,11 @@ class VmdkSparseImage implements DiskImage {
   }
 
   info(): FormatInfo {
-    const { grainBytes, compressed, cid, parentCid } = this.layout;
+    const { grainBytes, compressed, cid, parentCid, parentHint } = this.layout;
     return {
       clusterSize: grainBytes,
       dirty: false,
+      ...(parentHint !== undefined ? { backingFilename: parentHint } : {}),
       formatSpecific: {
         type: 'vmdk',
         data: {
@@ -508,11 +536,62 @@ class VmdkSparseImage implements DiskImage {
     };
   }
 
-  async *map(signal?: AbortSignal): AsyncGenerator<MapEntry> {
+  get parent(): ParentLink | undefined {
+    const { parentHint, parentCid } = this.layout;
+    if (parentHint === undefined) return undefined;
+    return {
+      names: [{ name: parentHint, how: 'path', from: 'parentFileNameHint' }],
+      // qemu opens a VMDK's parent as a VMDK (and refuses to create one over anything else).
+      format: 'vmdk',
+      // qemu reads a parent's grains only when the parent is a VMDK whose CID is the child's parentCID (vmdk_is_cid_valid).
+      mismatch: (image: DiskImage): string | undefined => {
+        if (image.format !== 'vmdk') return `the parent is a ${image.format} image; qemu reads a VMDK child's parent only when it is a VMDK whose CID matches`;
+        const cid = image.info().formatSpecific?.data.cid;
+        return cid === parentCid ? undefined : `the child's parentCID is ${parentCid.toString(16).padStart(8, '0')} but the parent's CID is ${typeof cid === 'number' ? cid.toString(16).padStart(8, '0') : 'unknown'}; the parent was changed after the child was made (qemu-img refuses to read it too)`;
+      },
+    };
+  }
+
+  readable(): void {
+    if (this.layout.parentHint !== undefined) {
+      throw new UnsafeImageError(`${this.source.name}: VMDK child disk of "${this.layout.parentHint}": its data depends on a parent file, which is never opened`);
+    }
+  }
+
+  map(signal?: AbortSignal): AsyncGenerator<MapEntry> {
+    this.readable();
+    return this.entries(signal, false) as AsyncGenerator<MapEntry>;
+  }
+
+  /** Never-written grains as 'backing' (the parent's data), for a bundle that holds the parent. */
+  layerMap(signal?: AbortSignal): AsyncGenerator<LayerEntry> {
+    return this.entries(signal, this.layout.parentHint !== undefined);
+  }
+
+  private async *entries(signal: AbortSignal | undefined, layered: boolean): AsyncGenerator<LayerEntry> {
     const { grainBytes, gtes, grainDirectory, compressed } = this.layout;
     const size = this.source.size;
     const virtualSize = this.virtualSize;
-    let pending: MapEntry | undefined;
+    let pending: LayerEntry | undefined;
+    // Never written: zeros, or the parent's data in a layered child.
+    const unwritten = (offset: number, length: number): LayerEntry | undefined => {
+      if (layered) {
+        if (pending?.kind === 'backing') {
+          pending.length += length;
+          return undefined;
+        }
+        const previous = pending;
+        pending = { kind: 'backing', offset, length };
+        return previous;
+      }
+      if (pending?.kind === 'zero' && pending.status === undefined) {
+        pending.length += length;
+        return undefined;
+      }
+      const previous = pending;
+      pending = { kind: 'zero', offset, length };
+      return previous;
+    };
 
     // A huge empty image is a long loop over grain tables with no I/O: give the event loop turns.
     const pacer = new Pacer(signal, undefined, 64);
@@ -525,11 +604,8 @@ class VmdkSparseImage implements DiskImage {
       if (!entries) {
         const offset = firstGrain * grainBytes;
         const length = Math.min(grains * grainBytes, virtualSize - offset);
-        if (pending?.kind === 'zero' && pending.status === undefined) pending.length += length;
-        else {
-          if (pending) yield pending;
-          pending = { kind: 'zero', offset, length };
-        }
+        const done = unwritten(offset, length);
+        if (done) yield done;
         continue;
       }
       for (let i = 0; i < grains; i++) {
@@ -538,7 +614,10 @@ class VmdkSparseImage implements DiskImage {
         const sector = entries[i] as number;
         if (!this.isAllocated(sector)) {
           const zeroed = sector !== 0; // a zeroed grain (qemu's VMDK_ZEROED), not a never-written one
-          if (pending?.kind === 'zero' && (pending.status === 'zeroed') === zeroed) pending.length += length;
+          if (!zeroed) {
+            const done = unwritten(offset, length);
+            if (done) yield done;
+          } else if (pending?.kind === 'zero' && (pending.status === 'zeroed') === zeroed) pending.length += length;
           else {
             if (pending) yield pending;
             pending = zeroed ? { kind: 'zero', offset, length, status: 'zeroed' } : { kind: 'zero', offset, length };
@@ -623,7 +702,7 @@ class VmdkSparseImage implements DiskImage {
   }
 
   private isAllocated(sector: number): boolean {
-    // 0: never written, reads as zeros (no parent: child disks are refused).
+    // 0: never written: zeros, or the parent's data in a child disk read from a bundle.
     // 1 with the zeroed-grain flag: explicitly zeroed.
     return sector !== 0 && !(sector === 1 && this.layout.zeroedGrains);
   }

@@ -1,0 +1,138 @@
+/**
+ * VMDK child disks (`qemu-img create -f vmdk -b parent.vmdk -F vmdk`: a
+ * monolithicSparse with parentCID and parentFileNameHint in its embedded
+ * descriptor) in a tar or zip bundle with their parent: flattened as qemu-img
+ * convert flattens the same files in place. Alone, a child is refused.
+ */
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { join } from 'node:path';
+import { readFile, writeFile } from 'node:fs/promises';
+import { makeTempDir, qemuImg, qemuIo, run, sha256File } from '../../helpers/qemu.js';
+import { BufferSource, FileSource, imageInfo, openImage } from '../../../src/engine/index.js';
+import { fileSha256, makeTar, outcomeOf } from './helpers.js';
+
+const MiB = 2 ** 20;
+let dir: string;
+let cleanup: () => Promise<void>;
+const path = (name: string): string => join(dir, name);
+
+async function reference(image: string): Promise<string> {
+  const out = path(`${image.replace(/\//g, '_')}.ref.raw`);
+  await qemuImg('convert', '-O', 'raw', path(image), out);
+  return sha256File(out);
+}
+const tar = async (name: string, files: string[]): Promise<string> => {
+  await run('tar', ['-cf', path(name), '-C', dir, ...files]);
+  return path(name);
+};
+const zip = async (name: string, files: string[]): Promise<string> => {
+  await run('sh', ['-c', `cd "${dir}" && zip -q -0 ${name} ${files.join(' ')}`]);
+  return path(name);
+};
+
+beforeAll(async () => {
+  ({ dir, cleanup } = await makeTempDir('diskconv-vmdk-child-'));
+  // base (24 MiB) <- mid (32 MiB) <- top (32 MiB): data, zero writes and grains left to the parent.
+  await qemuImg('create', '-q', '-f', 'vmdk', path('base.vmdk'), '24M');
+  await qemuIo('-f', 'vmdk', '-c', 'write -P 0x11 0 8M', '-c', 'write -P 0x12 22M 2M', path('base.vmdk'));
+  await qemuImg('create', '-q', '-f', 'vmdk', '-b', 'base.vmdk', '-F', 'vmdk', path('mid.vmdk'), '32M');
+  await qemuIo('-f', 'vmdk', '-c', 'write -P 0x21 1M 1M', '-c', 'write -z 4M 1M', '-c', 'write -P 0x22 30M 1M', path('mid.vmdk'));
+  await qemuImg('create', '-q', '-f', 'vmdk', '-b', 'mid.vmdk', '-F', 'vmdk', path('top.vmdk'), '32M');
+  await qemuIo('-f', 'vmdk', '-c', 'write -P 0x31 1536k 64k', '-c', 'write -P 0x32 7M 4k', '-c', 'write -P 0x33 23M 1M', path('top.vmdk'));
+  // A child of a streamOptimized parent.
+  await qemuImg('convert', '-O', 'vmdk', '-o', 'subformat=streamOptimized', path('base.vmdk'), path('stream.vmdk'));
+  await qemuImg('create', '-q', '-f', 'vmdk', '-b', 'stream.vmdk', '-F', 'vmdk', path('over-stream.vmdk'));
+  await qemuIo('-f', 'vmdk', '-c', 'write -P 0x41 2M 3M', path('over-stream.vmdk'));
+}, 120_000);
+afterAll(async () => cleanup());
+
+describe('VMDK child disks in a bundle', () => {
+  it('a three-disk chain (tar and zip, any member order) equals qemu-img convert of the top in place', async () => {
+    const ref = await reference('top.vmdk');
+    for (const bundle of [
+      await tar('chain.tar', ['top.vmdk', 'mid.vmdk', 'base.vmdk']),
+      await tar('chain2.tar', ['base.vmdk', 'top.vmdk', 'mid.vmdk']),
+      await zip('chain.zip', ['mid.vmdk', 'base.vmdk', 'top.vmdk']),
+    ]) {
+      const got = await fileSha256(bundle);
+      expect(got.format, bundle).toBe('vmdk');
+      expect(got.virtualSize).toBe(32 * MiB);
+      expect(got.sha256, bundle).toBe(ref);
+    }
+    // The middle of the chain chosen with --disk: equal to qemu-img on mid.vmdk.
+    expect((await fileSha256(path('chain.tar'), { disk: 'mid.vmdk' })).sha256).toBe(await reference('mid.vmdk'));
+  }, 120_000);
+
+  it('a child of a streamOptimized parent', async () => {
+    const got = await fileSha256(await tar('stream.tar', ['over-stream.vmdk', 'stream.vmdk']));
+    expect(got.sha256).toBe(await reference('over-stream.vmdk'));
+  }, 60_000);
+
+  it('info names the backing file and lists the chain', async () => {
+    const source = await FileSource.open(path('chain.tar'));
+    try {
+      const image = await openImage(source, { metadataOnly: true });
+      const info = await imageInfo(image, source);
+      expect(info.archive?.members).toEqual(['top.vmdk', 'mid.vmdk', 'base.vmdk']);
+      expect(info['backing-filename']).toBe('mid.vmdk');
+      await image.close();
+    } finally {
+      await source.close();
+    }
+  });
+
+  it('alone, missing its parent, with a changed parent or a parent out of the archive: typed refusals', async () => {
+    const alone = await readFile(path('top.vmdk'));
+    const a = await outcomeOf(alone);
+    expect(a.code).toBe('UNSAFE_IMAGE');
+    expect(a.message).toMatch(/parentFileNameHint="mid\.vmdk".*bundle/);
+
+    const missing = await outcomeOf(await readFile(await tar('nomid.tar', ['top.vmdk', 'base.vmdk'])), { disk: 'top.vmdk' });
+    expect(missing.code).toBe('UNSAFE_IMAGE');
+    expect(missing.message).toMatch(/"mid\.vmdk" is not a member/);
+
+    // The parent rewritten after the child was made: its CID changes, and qemu refuses the child's reads.
+    await run('cp', [path('mid.vmdk'), path('mid-changed.vmdk')]);
+    await run('cp', [path('base.vmdk'), path('base-copy.vmdk')]);
+    const changed = await readFile(path('base-copy.vmdk'), 'latin1');
+    const cid = /CID=([0-9a-f]{8})/.exec(changed)?.[1] as string;
+    await writeFile(path('base-copy.vmdk'), changed.replace(`CID=${cid}`, 'CID=0badc0de'), 'latin1');
+    const text = await readFile(path('mid-changed.vmdk'), 'latin1');
+    await writeFile(path('mid-changed.vmdk'), text.replace('parentFileNameHint="base.vmdk"', 'parentFileNameHint="base-copy.vmdk"'), 'latin1');
+    const bad = await outcomeOf(await readFile(await tar('changed.tar', ['mid-changed.vmdk', 'base-copy.vmdk'])));
+    expect(bad.code).toBe('UNSAFE_IMAGE');
+    expect(bad.message).toMatch(/not this image's parent.*parentCID.*0badc0de/);
+
+    // Hints that are host paths or climb out: refused, never opened.
+    for (const [hint, pattern] of [
+      [path('base.vmdk'), /absolute path/],
+      ['../base.vmdk', /climbs/],
+      ['nbd://127.0.0.1/x', /URL/],
+    ] as const) {
+      const t = await readFile(path('mid.vmdk'), 'latin1');
+      // Same length as the original hint keeps the embedded descriptor's size; qemu pads it anyway.
+      await writeFile(path('evil.vmdk'), t.replace('parentFileNameHint="base.vmdk"', `parentFileNameHint="${hint}"`), 'latin1');
+      const r = await outcomeOf(await readFile(await tar('evil.tar', ['evil.vmdk', 'base.vmdk'])), { disk: 'evil.vmdk' });
+      expect(r.code, hint).toBe('UNSAFE_IMAGE');
+      expect(r.message, hint).toMatch(pattern);
+    }
+  }, 60_000);
+
+  it('a child that names itself, and two children naming each other, are loops', async () => {
+    const t = await readFile(path('top.vmdk'), 'latin1');
+    const self = Buffer.from(t.replace('parentFileNameHint="mid.vmdk"', 'parentFileNameHint="top.vmdk"'), 'latin1');
+    const r = await outcomeOf(makeTar([{ name: 'top.vmdk', data: self }]), { disk: 'top.vmdk' });
+    expect(r.code).toBe('UNSAFE_IMAGE');
+    expect(r.message).toMatch(/loops/);
+    const m = await readFile(path('mid.vmdk'), 'latin1');
+    const a = Buffer.from(t.replace('parentFileNameHint="mid.vmdk"', 'parentFileNameHint="b.vmdk"'), 'latin1');
+    const b = Buffer.from(m.replace('parentFileNameHint="base.vmdk"', 'parentFileNameHint="a.vmdk"'), 'latin1');
+    const pair = makeTar([{ name: 'a.vmdk', data: a }, { name: 'b.vmdk', data: b }]);
+    const loop = await outcomeOf(pair);
+    expect(loop.code).toBe('UNSAFE_IMAGE');
+    expect(loop.message).toMatch(/loop/);
+    const image = await openImage(new BufferSource(pair, 'pair.tar'), { disk: 'a.vmdk' }).catch((e: Error) => e);
+    expect(image).toBeInstanceOf(Error);
+    expect(String((image as Error).message)).toMatch(/loops.*a\.vmdk.*b\.vmdk.*a\.vmdk/);
+  });
+});
