@@ -14,6 +14,7 @@ import { join, resolve } from 'node:path';
 import { inject } from 'vitest';
 import { cephAvailable, useCeph } from './ceph.js';
 import { oncePerRun } from './once-per-run.js';
+import { qemuImg, writeRaw } from './qemu.js';
 import { curl, type JobJson, type ServiceHarness } from './service.js';
 
 export const GLANCE_SCRIPT = resolve(import.meta.dirname, '../../scripts/glance-dev.sh');
@@ -137,6 +138,19 @@ export async function digestsOf(path: string): Promise<Digests> {
   const h = hashers();
   for await (const chunk of createReadStream(path)) for (const x of Object.values(h)) x.update(chunk as Buffer);
   return { sha256: h.sha256.digest('hex'), sha512: h.sha512.digest('hex'), md5: h.md5.digest('hex') };
+}
+
+/**
+ * The fixture the publishing tests convert: `size` bytes of seeded data made into
+ * DIR/disk.qcow2 by qemu-img, and the digests of qemu-img's raw conversion of it
+ * (DIR/ref.raw), which every published image must match.
+ */
+export async function qcow2WithReference(dir: string, size: number, seed: number): Promise<Digests> {
+  const base = join(dir, 'base.raw');
+  await writeRaw(base, size, seed);
+  await qemuImg('convert', '-f', 'raw', '-O', 'qcow2', base, join(dir, 'disk.qcow2'));
+  await qemuImg('convert', '-O', 'raw', join(dir, 'disk.qcow2'), join(dir, 'ref.raw'));
+  return digestsOf(join(dir, 'ref.raw'));
 }
 
 /** GET url streamed through the three hashes. */

@@ -25,8 +25,20 @@ export async function tusPatch(url: string, token: string | undefined, offset: n
   return fetch(url, { method: 'PATCH', headers: tusHeaders(token, extra), body: bytes });
 }
 
+/**
+ * HEAD is idempotent, and an HTTP client may send it again when a kept-alive
+ * connection turns out closed as it was reused (RFC 9110 9.2.2), as tus clients
+ * do; fetch does not, so this does, once. A server that is down still fails
+ * (the second attempt opens a new connection).
+ */
 export async function tusHead(url: string, token: string | undefined): Promise<Response> {
-  return fetch(url, { method: 'HEAD', headers: tusHeaders(token) });
+  try {
+    return await fetch(url, { method: 'HEAD', headers: tusHeaders(token) });
+  } catch (err) {
+    const code = (err as { cause?: { code?: string } }).cause?.code;
+    if (code !== 'ECONNRESET' && code !== 'UND_ERR_SOCKET') throw err;
+    return fetch(url, { method: 'HEAD', headers: tusHeaders(token) });
+  }
 }
 
 export class TusRefused extends Error {

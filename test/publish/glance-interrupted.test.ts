@@ -11,11 +11,11 @@ import { readFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import {
-  digestsOf,
   fetchDigests,
   glanceApi,
   haveGlance,
   imagesNamed,
+  qcow2WithReference,
   startGlance,
   submitJson,
   useGlance,
@@ -23,7 +23,7 @@ import {
   type GlanceJob,
   type TestGlance,
 } from '../helpers/glance.js';
-import { makeTempDir, qemuImg, writeRaw } from '../helpers/qemu.js';
+import { makeTempDir } from '../helpers/qemu.js';
 import { ServiceHarness, waitFor, type ServiceProcess } from '../helpers/service.js';
 import { startFileServer, type FileServer } from '../e2e/http-files.js';
 
@@ -43,11 +43,7 @@ describe.skipIf(!haveGlance)('a publish that is interrupted', () => {
 
   beforeAll(async () => {
     ({ dir, cleanup } = await makeTempDir('diskconv-glance-interrupted-'));
-    const base = join(dir, 'base.raw');
-    await writeRaw(base, SIZE, 77);
-    await qemuImg('convert', '-f', 'raw', '-O', 'qcow2', base, join(dir, 'disk.qcow2'));
-    await qemuImg('convert', '-O', 'raw', join(dir, 'disk.qcow2'), join(dir, 'ref.raw'));
-    raw = await digestsOf(join(dir, 'ref.raw'));
+    raw = await qcow2WithReference(dir, SIZE, 77);
     files = await startFileServer(dir);
     glance = await useGlance();
   });
@@ -190,11 +186,7 @@ describe.skipIf(!haveGlance)('a publish interrupted while Glance is creating the
 
   beforeAll(async () => {
     ({ dir, cleanup } = await makeTempDir('diskconv-glance-creating-'));
-    const base = join(dir, 'base.raw');
-    await writeRaw(base, 2 * 2 ** 20, 78);
-    await qemuImg('convert', '-f', 'raw', '-O', 'qcow2', base, join(dir, 'disk.qcow2'));
-    await qemuImg('convert', '-O', 'raw', join(dir, 'disk.qcow2'), join(dir, 'ref.raw'));
-    raw = await digestsOf(join(dir, 'ref.raw'));
+    raw = await qcow2WithReference(dir, 2 * 2 ** 20, 78);
     files = await startFileServer(dir);
     glance = await startGlance();
     glancePid = Number((await readFile(join(glance.dir, 'glance-api.pid'), 'utf8')).trim());

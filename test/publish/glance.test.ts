@@ -7,7 +7,7 @@
 import { rm } from 'node:fs/promises';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { digestsOf, fetchDigests, glanceApi, haveGlance, runJson, startGlance, submitJson, useGlance, type Digests, type GlanceJob, type TestGlance } from '../helpers/glance.js';
+import { digestsOf, fetchDigests, glanceApi, haveGlance, qcow2WithReference, runJson, startGlance, submitJson, useGlance, type Digests, type GlanceJob, type TestGlance } from '../helpers/glance.js';
 import { makeTempDir, qemuImg, writeRaw } from '../helpers/qemu.js';
 import { curl, ServiceHarness, waitFor } from '../helpers/service.js';
 import { startFileServer, type FileServer } from '../e2e/http-files.js';
@@ -203,11 +203,7 @@ describe.skipIf(!haveGlance)('a Glance that goes away during publishing', () => 
 
   beforeAll(async () => {
     ({ dir, cleanup } = await makeTempDir('diskconv-glance-outage-'));
-    const base = join(dir, 'base.raw');
-    await writeRaw(base, 4 * 2 ** 20, 5);
-    await qemuImg('convert', '-f', 'raw', '-O', 'qcow2', base, join(dir, 'disk.qcow2'));
-    await qemuImg('convert', '-O', 'raw', join(dir, 'disk.qcow2'), join(dir, 'ref.raw'));
-    raw = await digestsOf(join(dir, 'ref.raw'));
+    raw = await qcow2WithReference(dir, 4 * 2 ** 20, 5);
     files = await startFileServer(dir);
     // A Glance of this file's own: stopping the shared one would disturb other tests.
     glance = await startGlance();
