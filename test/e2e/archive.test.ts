@@ -65,8 +65,7 @@ describe('OVA and bundles through the service', () => {
       API_TOKENS: TOKEN,
       MAX_UPLOAD_BYTES: '64M',
       MAX_VIRTUAL_SIZE: '64M',
-      URL_IMPORT_ALLOW: '127.0.0.1',
-      URL_IMPORT_PORTS: `80,443,${files.port}`,
+      ...files.importEnv,
       JOB_ATTEMPTS: '2',
     });
     await svc.startApi();

@@ -70,8 +70,7 @@ describe('service end to end', () => {
     svc = await ServiceHarness.create('e2e', {
       API_TOKENS: TOKEN,
       MAX_UPLOAD_BYTES: '8M',
-      URL_IMPORT_ALLOW: '127.0.0.1',
-      URL_IMPORT_PORTS: `80,443,${files.port}`,
+      ...files.importEnv,
       JOB_ATTEMPTS: '3',
       WORKER_CONCURRENCY: '2',
     });

@@ -66,8 +66,7 @@ describe('encrypted qcow2 through the service', () => {
     svc = await ServiceHarness.create('e2e-crypt', {
       API_TOKENS: TOKEN,
       MAX_UPLOAD_BYTES: '16M',
-      URL_IMPORT_ALLOW: '127.0.0.1',
-      URL_IMPORT_PORTS: `80,443,${files.port}`,
+      ...files.importEnv,
       JOB_ATTEMPTS: '3',
       LOG_LEVEL: 'debug',
     });

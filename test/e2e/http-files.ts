@@ -17,6 +17,8 @@ export interface FileServer {
   log: string[];
   /** Responses cut on purpose, by file name. */
   dropped: Set<string>;
+  /** The service settings that allow URL imports from this server (loopback, its port). */
+  importEnv: { URL_IMPORT_ALLOW: string; URL_IMPORT_PORTS: string };
   close(): Promise<void>;
 }
 
@@ -84,6 +86,7 @@ export async function startFileServer(dir: string): Promise<FileServer> {
     port,
     log,
     dropped,
+    importEnv: { URL_IMPORT_ALLOW: '127.0.0.1', URL_IMPORT_PORTS: `80,443,${port}` },
     close: () =>
       new Promise((resolve) => {
         server.closeAllConnections();

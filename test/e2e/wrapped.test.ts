@@ -89,8 +89,7 @@ describe('compressed wrappers through the service', () => {
       API_TOKENS: TOKEN,
       MAX_UPLOAD_BYTES: '16M',
       MAX_VIRTUAL_SIZE: '64M',
-      URL_IMPORT_ALLOW: '127.0.0.1',
-      URL_IMPORT_PORTS: `80,443,${files.port}`,
+      ...files.importEnv,
       JOB_ATTEMPTS: '3',
       WORKER_CONCURRENCY: '2',
     });
@@ -279,8 +278,7 @@ describe.skipIf(!cephAvailable)('compressed wrappers into an S3 store (Ceph RGW)
     svc = await ServiceHarness.create('wrapped-s3', {
       ...s3Env(env, bucket, 'w/'),
       MAX_VIRTUAL_SIZE: '64M',
-      URL_IMPORT_ALLOW: '127.0.0.1',
-      URL_IMPORT_PORTS: `80,443,${files.port}`,
+      ...files.importEnv,
     });
     await svc.startApi();
     await svc.startWorker({ DATA_DIR: join(dir, 'worker-data') });

@@ -42,8 +42,7 @@ describe.skipIf(!cephAvailable || !haveGlance)('a Glance that refuses locations'
     files = await startFileServer(dir);
     svc = await ServiceHarness.create('glance-fallback', {
       API_TOKENS: TOKEN,
-      URL_IMPORT_ALLOW: '127.0.0.1',
-      URL_IMPORT_PORTS: `80,443,${files.port}`,
+      ...files.importEnv,
       RBD_POOLS: 'rbd',
       CEPH_CONF: env.CEPH_CONF,
       CEPH_ARGS: env.CEPH_ARGS,

@@ -58,8 +58,7 @@ describe.skipIf(!haveGlance)('a publish that is interrupted', () => {
   const service = async (): Promise<ServiceHarness> => {
     const s = await ServiceHarness.create('glance-interrupted', {
       API_TOKENS: TOKEN,
-      URL_IMPORT_ALLOW: '127.0.0.1',
-      URL_IMPORT_PORTS: `80,443,${files.port}`,
+      ...files.importEnv,
       GLANCE_URL: glance.url,
       GLANCE_TOKEN: glance.token,
       GLANCE_STORE: 'fs',
@@ -204,8 +203,7 @@ describe.skipIf(!haveGlance)('a publish interrupted while Glance is creating the
   const service = async (): Promise<ServiceHarness> => {
     const s = await ServiceHarness.create('glance-creating', {
       API_TOKENS: TOKEN,
-      URL_IMPORT_ALLOW: '127.0.0.1',
-      URL_IMPORT_PORTS: `80,443,${files.port}`,
+      ...files.importEnv,
       GLANCE_URL: glance.url,
       GLANCE_TOKEN: glance.token,
       GLANCE_PUBLISH_BACKOFF_MS: '200',

@@ -80,8 +80,7 @@ describe.skipIf(!haveGlance || !haveKeystone)('Glance behind a real Keystone', (
     files = await startFileServer(dir);
     svc = await ServiceHarness.create('glance-keystone', {
       API_TOKENS: TOKEN,
-      URL_IMPORT_ALLOW: '127.0.0.1',
-      URL_IMPORT_PORTS: `80,443,${files.port}`,
+      ...files.importEnv,
       GLANCE_URL: glance.url,
       OS_AUTH_URL: os.OS_AUTH_URL as string,
       OS_USERNAME: 'diskconv',

@@ -61,8 +61,7 @@ describe.skipIf(!haveGlance)('publishing into Glance (file store)', () => {
     glance = await useGlance();
     svc = await ServiceHarness.create('glance', {
       API_TOKENS: TOKEN,
-      URL_IMPORT_ALLOW: '127.0.0.1',
-      URL_IMPORT_PORTS: `80,443,${files.port}`,
+      ...files.importEnv,
       GLANCE_URL: glance.url,
       GLANCE_TOKEN: glance.token,
       // The shared Glance's default store is RBD where Ceph is installed: these tests upload into its file store.
@@ -133,8 +132,7 @@ describe.skipIf(!haveGlance)('publishing into Glance (file store)', () => {
   it('imports through the staging area when GLANCE_METHOD=import (glance-direct)', async () => {
     const s = await ServiceHarness.create('glance-import', {
       API_TOKENS: TOKEN,
-      URL_IMPORT_ALLOW: '127.0.0.1',
-      URL_IMPORT_PORTS: `80,443,${files.port}`,
+      ...files.importEnv,
       GLANCE_URL: glance.url,
       GLANCE_TOKEN: glance.token,
       GLANCE_STORE: 'fs',
@@ -155,8 +153,7 @@ describe.skipIf(!haveGlance)('publishing into Glance (file store)', () => {
   it('a Glance that refuses the token fails the job with GLANCE_REFUSED and Glance’s message; the output stays downloadable', async () => {
     const s = await ServiceHarness.create('glance-refused', {
       API_TOKENS: TOKEN,
-      URL_IMPORT_ALLOW: '127.0.0.1',
-      URL_IMPORT_PORTS: `80,443,${files.port}`,
+      ...files.importEnv,
       GLANCE_URL: glance.url,
       GLANCE_TOKEN: 'not-the-glance-token',
     });
@@ -177,7 +174,7 @@ describe.skipIf(!haveGlance)('publishing into Glance (file store)', () => {
   });
 
   it('refuses glance on a service without GLANCE_URL (422 GLANCE_NOT_CONFIGURED)', async () => {
-    const s = await ServiceHarness.create('glance-none', { API_TOKENS: TOKEN, URL_IMPORT_ALLOW: '127.0.0.1', URL_IMPORT_PORTS: `80,443,${files.port}` });
+    const s = await ServiceHarness.create('glance-none', { API_TOKENS: TOKEN, ...files.importEnv });
     try {
       await s.startApi();
       const res = await s.request('/v1/jobs', {
@@ -218,8 +215,7 @@ describe.skipIf(!haveGlance)('a Glance that goes away during publishing', () => 
   const service = (attempts: number): Promise<ServiceHarness> =>
     ServiceHarness.create('glance-outage', {
       API_TOKENS: TOKEN,
-      URL_IMPORT_ALLOW: '127.0.0.1',
-      URL_IMPORT_PORTS: `80,443,${files.port}`,
+      ...files.importEnv,
       GLANCE_URL: glance.url,
       GLANCE_TOKEN: glance.token,
       GLANCE_PUBLISH_ATTEMPTS: String(attempts),

@@ -40,8 +40,7 @@ describe.skipIf(!hasChromium)('the web page in chromium', () => {
     files = await startFileServer(dir);
     svc = await ServiceHarness.create('web', {
       API_TOKENS: TOKEN,
-      URL_IMPORT_ALLOW: '127.0.0.1',
-      URL_IMPORT_PORTS: `80,443,${files.port}`,
+      ...files.importEnv,
       WORKER_READ_BYTES_PER_SECOND: '2M',
       SSE_HEARTBEAT_SECONDS: '2',
     });
