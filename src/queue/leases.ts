@@ -50,6 +50,15 @@ export class Leases {
     };
   }
 
+  /**
+   * Holds `name` for `ms` without an owner process renewing it: a write that
+   * lives between requests (a tus upload into the bucket, idle until its client
+   * resumes) and is its own sweeper's until then. `hold` takes it over.
+   */
+  async reserve(name: string, ms: number): Promise<void> {
+    await this.redis.set(this.prefix + name, `reserved-${randomBytes(8).toString('hex')}`, 'PX', Math.max(1, Math.ceil(ms)));
+  }
+
   async held(name: string): Promise<boolean> {
     return (await this.redis.exists(this.prefix + name)) === 1;
   }

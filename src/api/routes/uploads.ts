@@ -1,7 +1,10 @@
 /**
  * Resumable uploads: the tus 1.0 protocol (core, creation, termination, checksum,
  * expiration) at /v1/uploads, by @tus/server with its file store under
- * DATA_DIR/uploads. An upload's metadata carries the job options, read by the
+ * DATA_DIR/uploads, or, with STORE_URL=s3://..., with our store that writes
+ * straight into the bucket under the job's staging key (tus-s3-store.ts: the API
+ * host keeps no byte on disk, and the completed upload is the staged input,
+ * not copied). An upload's metadata carries the job options, read by the
  * same schema as POST /v1/jobs' fields (bodies.ts `readOptionFields`: filename,
  * source_format, expected_sha256, callback_url, output_target/rbd_pool/rbd_image,
  * glance as JSON text, passphrase) and checked when the upload is created, before
@@ -22,7 +25,9 @@
  *
  * The checksum extension (which @tus/server does not implement) is done here: a
  * PATCH with `Upload-Checksum: <sha1|sha256|md5> <base64>` is spooled to a
- * scratch file while hashed, and handed on only when it matches (460 otherwise).
+ * scratch file while hashed, and handed on only when it matches (460 otherwise);
+ * into the bucket it is hashed on its way and the store commits it only when the
+ * digest matched (checksumScope), so nothing is spooled.
  */
 import { createHash, randomBytes } from 'node:crypto';
 import { createReadStream, createWriteStream } from 'node:fs';
@@ -34,11 +39,14 @@ import { FileStore } from '@tus/file-store';
 import { Server, type Upload } from '@tus/server';
 import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
 import { isDiskconvError } from '../../engine/errors.js';
+import { detectWrapper, WRAPPER_PROBE_BYTES } from '../../engine/index.js';
+import { S3Staging } from '../../store/s3/staging.js';
 import { readOptionFields, streamToStore, type FieldOptions, type StoredUpload } from '../bodies.js';
 import type { ApiContext } from '../context.js';
-import { problemFor, toProblem } from '../errors.js';
+import { ApiError, problemFor, toProblem } from '../errors.js';
 import { checkJobOptions, newJobRecord, submitJob } from '../job-record.js';
 import { RedisLocker } from '../tus-locker.js';
+import { checksumScope, TusS3Store } from '../tus-s3-store.js';
 import { jobPath } from '../present.js';
 import { newJobId } from './jobs.js';
 
@@ -77,17 +85,50 @@ interface Claim {
 }
 
 export async function uploadRoutes(app: FastifyInstance, ctx: ApiContext): Promise<void> {
-  const directory = join(ctx.config.dataDir, 'uploads');
-  await mkdir(directory, { recursive: true, mode: 0o750 });
-  // A checksummed PATCH spools into the scratch folder for as long as it lasts; nothing stays there between requests.
-  await mkdir(ctx.scratchDir, { recursive: true, mode: 0o750 });
   const ttlMs = ctx.config.uploads.ttlSeconds * 1000;
-  const datastore = new FileStore({ directory, expirationPeriodInMilliseconds: ttlMs });
   const prefix = ctx.records.keyPrefix;
+  const staging = ctx.stores.staging;
+  const directory = join(ctx.config.dataDir, 'uploads');
+  // Into the bucket when staging is one: no byte of an upload on this host's disk.
+  const s3 = staging instanceof S3Staging ? staging : undefined;
+  const s3Store = s3 ? new TusS3Store({ ...s3.access(), redis: ctx.redis, prefix, leases: ctx.leases, expirationMs: ttlMs }) : undefined;
+  if (!s3Store) {
+    await mkdir(directory, { recursive: true, mode: 0o750 });
+    // A checksummed PATCH spools into the scratch folder for as long as it lasts; nothing stays there between requests.
+    await mkdir(ctx.scratchDir, { recursive: true, mode: 0o750 });
+  }
+  const datastore = s3Store ?? new FileStore({ directory, expirationPeriodInMilliseconds: ttlMs });
   const claimKey = (uploadId: string): string => `${prefix}upload:${uploadId}`;
   /** Who is asking, per request handed to tus (set by the route before tus sees it). */
   const tenants = new WeakMap<Request, string>();
   const log = app.log;
+  const bodyDeps = { config: ctx.config, staging, destinations: ctx.stores.destinations, policy: ctx.policy };
+
+  /**
+   * The completed upload as the job's staged input. File store: streamed into
+   * staging, hashed on the way. Bucket: it is the staged object already; its
+   * sha256 is the store's, and only a compressed wrapper is read back, to be
+   * staged unwrapped under the same key (the new object replaces the old only
+   * at its completion, after the last byte was read).
+   */
+  const stage = async (upload: Upload, id: string): Promise<StoredUpload> => {
+    if (!s3Store || !s3) return streamToStore(createReadStream(join(directory, upload.id)), id, bodyDeps);
+    const size = upload.size ?? upload.offset;
+    if (size === 0) throw new ApiError('EMPTY_BODY', 'the upload is empty');
+    const source = await s3.open(id, `upload ${upload.id}`);
+    let head: Uint8Array;
+    try {
+      head = await source.read(0, Math.min(size, WRAPPER_PROBE_BYTES));
+    } finally {
+      await source.close();
+    }
+    if (detectWrapper(head)) return streamToStore(await s3.read(id), id, bodyDeps);
+    const started = Date.now();
+    const { sha256, readBackBytes } = await s3Store.sha256Of(upload.id);
+    // A resume that reached another API process: the digest cost one read of the whole object.
+    if (readBackBytes > 0) log.info({ upload: upload.id, job: id, bytes: readBackBytes, ms: Date.now() - started }, 'sha256 of a tus upload read back from the bucket');
+    return { size, sha256 };
+  };
 
   const finish = async (req: Request, upload: Upload): Promise<{ headers: Record<string, string> }> => {
     const tenant = tenants.get(req) ?? '';
@@ -105,15 +146,11 @@ export async function uploadRoutes(app: FastifyInstance, ctx: ApiContext): Promi
         // Into staging the way POST /v1/jobs stores a body: hashed as received, a compressed wrapper removed on the way.
         let stored: StoredUpload;
         try {
-          stored = await streamToStore(createReadStream(join(directory, upload.id)), id, {
-            config: ctx.config,
-            staging: ctx.stores.staging,
-            destinations: ctx.stores.destinations,
-            policy: ctx.policy,
-          });
+          stored = await stage(upload, id);
         } catch (err) {
           // The bytes themselves are refused (a corrupt wrapper, a bomb): final, like the same body sent to POST /v1/jobs.
           if (!(isDiskconvError(err) && err.deterministic)) throw err;
+          if (s3Store) await ctx.stores.staging.delete(id).catch(() => {});
           await ctx.records.deletePassphrase(id).catch(() => {});
           await ctx.redis.del(claimKey(upload.id));
           await datastore.remove(upload.id).catch(() => {});
@@ -151,6 +188,8 @@ export async function uploadRoutes(app: FastifyInstance, ctx: ApiContext): Promi
     } catch (err) {
       if (typeof err === 'object' && err !== null && 'status_code' in err) throw err;
       await ctx.redis.del(claimKey(upload.id)).catch(() => {});
+      // The staged object waits for the retried PATCH: keep the sweeps off it meanwhile.
+      if (s3Store) await ctx.leases.reserve(id, ttlMs).catch(() => {});
       log.error({ err, upload: upload.id }, 'could not turn a finished upload into a job');
       throw refusal(isDiskconvError(err) && err.code === 'INSUFFICIENT_SPACE' ? 'INSUFFICIENT_SPACE' : 'QUEUE_UNAVAILABLE', 'the upload is complete but its job could not be created; retry the last PATCH');
     }
@@ -213,9 +252,40 @@ export async function uploadRoutes(app: FastifyInstance, ctx: ApiContext): Promi
   app.addContentTypeParser('application/offset+octet-stream', (_request, payload, done) => done(null, payload));
 
   /** A checksum'd PATCH: spool and hash; hand on the spooled bytes only when they match. */
+  const parseChecksum = (header: string): { algorithm: string; digest: string } | undefined => {
+    const m = /^(\w+) ([A-Za-z0-9+/=]+)$/.exec(header.trim());
+    if (!m || !(CHECKSUM_ALGORITHMS as readonly string[]).includes(m[1] as string)) return undefined;
+    return { algorithm: m[1] as string, digest: m[2] as string };
+  };
+  const CHECKSUM_FORMAT = `Upload-Checksum must be '<${CHECKSUM_ALGORITHMS.join('|')}> <base64>'`;
+
+  /**
+   * A checksum'd PATCH into the bucket: hashed on its way to the store, which
+   * commits it only if the stream ends cleanly (checksumScope); a digest that
+   * does not match ends the stream with an error instead, and the route answers 460.
+   */
+  const checkInline = (request: FastifyRequest, expected: { algorithm: string; digest: string }): { body: Readable; mismatched: () => boolean } => {
+    const hash = createHash(expected.algorithm);
+    let mismatch = false;
+    const body = new Transform({
+      transform(chunk: Buffer, _enc, done) {
+        hash.update(chunk);
+        done(null, chunk);
+      },
+      flush(done) {
+        if (hash.digest('base64') === expected.digest) return done();
+        mismatch = true;
+        done(new Error('Checksum Mismatch'));
+      },
+    });
+    request.raw.on('error', (err) => body.destroy(err));
+    request.raw.pipe(body);
+    return { body, mismatched: () => mismatch };
+  };
+
   const verifyChecksum = async (request: FastifyRequest, header: string): Promise<{ body: Readable; cleanup: () => Promise<void> } | { status: number; message: string }> => {
     const m = /^(\w+) ([A-Za-z0-9+/=]+)$/.exec(header.trim());
-    if (!m || !(CHECKSUM_ALGORITHMS as readonly string[]).includes(m[1] as string)) return { status: 400, message: `Upload-Checksum must be '<${CHECKSUM_ALGORITHMS.join('|')}> <base64>'` };
+    if (!m || !(CHECKSUM_ALGORITHMS as readonly string[]).includes(m[1] as string)) return { status: 400, message: CHECKSUM_FORMAT };
     const path = join(ctx.scratchDir, `tus-checksum.${randomBytes(12).toString('hex')}`);
     const hash = createHash(m[1] as string);
     const limit = ctx.config.maxUploadBytes;
@@ -269,8 +339,13 @@ export async function uploadRoutes(app: FastifyInstance, ctx: ApiContext): Promi
     if (done) return done;
     let body: Readable | undefined;
     let cleanup: (() => Promise<void>) | undefined;
+    let mismatched: (() => boolean) | undefined;
     const checksum = request.headers['upload-checksum'];
-    if (request.method === 'PATCH' && typeof checksum === 'string') {
+    if (request.method === 'PATCH' && typeof checksum === 'string' && s3Store) {
+      const expected = parseChecksum(checksum);
+      if (!expected) return reply.code(400).header('tus-resumable', '1.0.0').type('text/plain').send(CHECKSUM_FORMAT);
+      ({ body, mismatched } = checkInline(request, expected));
+    } else if (request.method === 'PATCH' && typeof checksum === 'string') {
       const verified = await verifyChecksum(request, checksum);
       if ('status' in verified) return reply.code(verified.status).header('tus-resumable', '1.0.0').type('text/plain').send(verified.message);
       ({ body, cleanup } = verified);
@@ -289,7 +364,11 @@ export async function uploadRoutes(app: FastifyInstance, ctx: ApiContext): Promi
         ...(body ? { body: Readable.toWeb(body) as ReadableStream, duplex: 'half' } : {}),
       } as RequestInit);
       tenants.set(webRequest, request.tenant);
-      const response = await tus.handleWeb(webRequest);
+      const response = mismatched ? await checksumScope.run({ checksummed: true }, () => tus.handleWeb(webRequest)) : await tus.handleWeb(webRequest);
+      if (mismatched?.()) {
+        await response.body?.cancel().catch(() => {});
+        return reply.code(460).header('tus-resumable', '1.0.0').type('text/plain').send('Checksum Mismatch');
+      }
       // Completed (and its tus copy removed, or half removed: tus says 410) by another request meanwhile.
       if (response.status === 404 || response.status === 410) {
         const late = await completed();

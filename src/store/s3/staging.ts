@@ -3,6 +3,7 @@
  * (multipart) upload, so the API host needs no large disk and any worker on
  * any host reads it back with ranged GETs.
  */
+import type { Readable } from 'node:stream';
 import type { S3Client } from '@aws-sdk/client-s3';
 import type { RandomAccessSource } from '../../engine/index.js';
 import { StoreError, StoreObjectMissingError } from '../common.js';
@@ -33,6 +34,16 @@ export class S3Staging extends ObjectStoreBase<S3Objects> implements InputStagin
       },
       abort: () => write.abort(),
     };
+  }
+
+  /** The bucket and the object key of `key`, for a writer of its own (tus uploads straight into staging, src/api/tus-s3-store.ts). */
+  access(): { client: S3Client; settings: S3Settings; objectKey: (key: string) => string } {
+    return { client: this.client, settings: this.settings, objectKey: (key) => this.objects.objectKey(key) };
+  }
+
+  /** The committed object as one stream. */
+  read(key: string): Promise<Readable> {
+    return this.objects.read(key);
   }
 
   async open(key: string, name = `input ${key}`): Promise<RandomAccessSource> {
