@@ -16,14 +16,22 @@
  * - Sector bitmaps are not consulted: an allocated block is read whole, as qemu does.
  * Beyond qemu: a BAT entry whose block overlaps the footer copy, the dynamic header
  * or the BAT, and data past the end of the file, are refused instead of read.
- * Differencing disks (type 4) are refused: their parent is another file.
+ *
+ * Differencing disks (type 4): qemu 7.2 reads one as a dynamic disk and never
+ * opens its parent, so its output lacks the parent's data. We refuse one alone
+ * (UNSAFE_IMAGE naming the parent it names); opened with `backingSupplied` (a
+ * bundle holding the parent, src/engine/archive/) it names its parent by the
+ * dynamic header's parent locators and Unicode name, is verified against the
+ * parent's unique id, and maps as the specification reads it: an unallocated
+ * block, and every sector whose bit in the block's sector bitmap is clear, are
+ * the parent's.
  */
 import { FormatMismatchError, ImageCorruptError, UnsafeImageError, UnsupportedFeatureError, throwIfAborted } from '../errors.js';
 import { ascii } from '../bytes.js';
 import { enforceLimit, toSafeNumber } from '../limits.js';
 import { readExact, type RandomAccessSource } from '../source.js';
 import { mapFileRanges } from './raw.js';
-import type { DiskImage, FormatDriver, FormatInfo, MapEntry, OpenOptions } from '../types.js';
+import type { DiskImage, FormatDriver, FormatInfo, LayerEntry, MapEntry, OpenOptions, ParentLink } from '../types.js';
 
 const FOOTER_BYTES = 512;
 const DYN_HEADER_BYTES = 1024;
@@ -55,7 +63,16 @@ const F = {
   checksum: 64,
 } as const;
 /** Dynamic disk header fields (big-endian), "Dynamic Disk Header Format". */
-const D = { cookie: 0, tableOffset: 16, maxTableEntries: 28, blockSize: 32 } as const;
+const D = { cookie: 0, tableOffset: 16, maxTableEntries: 28, blockSize: 32, parentUniqueId: 40, parentTimeStamp: 56, parentUnicodeName: 64, parentLocators: 576 } as const;
+/** Footer: the disk's unique id, which a child's dynamic header names its parent by. */
+const FOOTER_UNIQUE_ID = 68;
+const PARENT_NAME_BYTES = 512;
+const LOCATOR_ENTRIES = 8;
+const LOCATOR_BYTES = 24;
+/** A parent locator's path is at most 32767 UTF-16 units (Windows' longest path). */
+const MAX_LOCATOR_BYTES = 65536;
+/** Platform codes of parent locators whose data is a path (the spec's table); 'Mac ' (an alias record) is skipped. */
+const LOCATOR_CODES: Record<string, 'utf16le' | 'latin1' | 'utf8'> = { W2ru: 'utf16le', W2ku: 'utf16le', Wi2r: 'latin1', Wi2k: 'latin1', MacX: 'utf8' };
 
 const hex = (n: number): string => `0x${n.toString(16)}`;
 
@@ -106,10 +123,36 @@ export function isVhdFooter(bytes: Uint8Array | undefined): boolean {
   return bytes !== undefined && ascii(bytes, 0, 8) === COOKIE;
 }
 
-function differencing(name: string): UnsafeImageError {
-  return new UnsafeImageError(
-    `${name}: differencing VHD (disk type 4): its unallocated blocks live in a parent image, which is never opened; a bundle with the parent is not yet supported`,
-  );
+const hexOf = (b: Uint8Array): string => Buffer.from(b).toString('hex');
+const shownName = (n: string): string => n.replace(/[\x00-\x1f\x7f]/g, '?').slice(0, 200);
+
+/** The names a differencing VHD gives its parent: locator paths (in entry order), then the parent's Unicode name. */
+async function readParentNames(source: RandomAccessSource, dyn: Uint8Array, signal?: AbortSignal): Promise<ParentLink['names']> {
+  const name = source.name;
+  const dv = new DataView(dyn.buffer, dyn.byteOffset, dyn.byteLength);
+  const names: ParentLink['names'] = [];
+  for (let i = 0; i < LOCATOR_ENTRIES; i++) {
+    const at = D.parentLocators + i * LOCATOR_BYTES;
+    const code = ascii(dyn, at, 4);
+    const encoding = LOCATOR_CODES[code];
+    const length = dv.getUint32(at + 8);
+    if (!encoding || length === 0) continue;
+    const offset = toSafeNumber(dv.getBigUint64(at + 16), `${name}: VHD parent locator ${i} offset`);
+    if (length > MAX_LOCATOR_BYTES) throw new ImageCorruptError(`${name}: VHD parent locator ${i} (${code}) is ${length} bytes long (at most ${MAX_LOCATOR_BYTES})`);
+    if (offset < FOOTER_BYTES || offset + length > source.size) {
+      throw new ImageCorruptError(`${name}: VHD parent locator ${i} (${code}) at ${hex(offset)} (${length} bytes) lies outside the file (${source.size} bytes)`);
+    }
+    const bytes = await readExact(source, offset, length, `${name}: VHD parent locator ${i}`, signal);
+    const text = Buffer.from(bytes).toString(encoding).replace(/\0+$/, '');
+    if (text !== '') names.push({ name: text, how: 'locator', from: `${code} locator` });
+  }
+  // The Unicode name: UTF-16 big-endian, NUL-terminated.
+  const raw = dyn.subarray(D.parentUnicodeName, D.parentUnicodeName + PARENT_NAME_BYTES);
+  const swapped = Buffer.from(raw);
+  swapped.swap16();
+  const unicode = swapped.toString('utf16le').split('\0')[0] ?? '';
+  if (unicode !== '') names.push({ name: unicode, how: 'locator', from: 'parent Unicode name' });
+  return names;
 }
 
 export const vpcDriver: FormatDriver = {
@@ -129,7 +172,7 @@ export const vpcDriver: FormatDriver = {
     const footer = parseVhdFooter(footerBytes, name);
     enforceLimit('maxVirtualSize', footer.virtualSize, limits, `${name}: VHD virtual size`);
     const { virtualSize } = footer;
-    if (footer.diskType === TYPE_DIFFERENCING) throw differencing(name);
+    const identity = hexOf(footerBytes.subarray(FOOTER_UNIQUE_ID, FOOTER_UNIQUE_ID + 16));
 
     if (!dynamic) {
       if (footer.diskType !== TYPE_FIXED) {
@@ -145,14 +188,15 @@ export const vpcDriver: FormatDriver = {
         // The data area is the disk, as a raw file's bytes are: its holes are never read.
         map: (mapSignal?: AbortSignal): AsyncGenerator<MapEntry> => mapFileRanges(source, virtualSize, mapSignal ?? signal),
         // qemu prints no cluster size for a fixed VHD.
-        info: (): FormatInfo => ({ dirty: false }),
+        info: (): FormatInfo => ({ dirty: false, identity }),
         close: async () => {},
       };
     }
 
-    if (footer.diskType !== TYPE_DYNAMIC) {
-      throw new UnsupportedFeatureError(`${name}: VHD with a footer copy at offset 0 and disk type ${footer.diskType} (only dynamic, 3, has one)`);
+    if (footer.diskType !== TYPE_DYNAMIC && footer.diskType !== TYPE_DIFFERENCING) {
+      throw new UnsupportedFeatureError(`${name}: VHD with a footer copy at offset 0 and disk type ${footer.diskType} (only dynamic, 3, and differencing, 4, have one)`);
     }
+    const isDifferencing = footer.diskType === TYPE_DIFFERENCING;
     const dataOffset = toSafeNumber(footer.dataOffset, `${name}: VHD dynamic header offset`);
     if (dataOffset < FOOTER_BYTES || dataOffset + DYN_HEADER_READ > source.size) {
       throw new ImageCorruptError(`${name}: VHD dynamic header offset ${hex(dataOffset)} is not within the file (${source.size} bytes) after the footer copy`);
@@ -162,6 +206,29 @@ export const vpcDriver: FormatDriver = {
       throw new ImageCorruptError(`${name}: VHD dynamic header at ${hex(dataOffset)} has no "${DYN_COOKIE}" cookie (qemu: "Invalid header magic")`);
     }
     const dv = new DataView(dyn.buffer, dyn.byteOffset, dyn.byteLength);
+    let parent: ParentLink | undefined;
+    if (isDifferencing) {
+      // The locators lie in the second half of the header; read it whole.
+      if (dataOffset + DYN_HEADER_BYTES > source.size) throw new ImageCorruptError(`${name}: VHD dynamic header at ${hex(dataOffset)} runs past the end of the file`);
+      const full = await readExact(source, dataOffset, DYN_HEADER_BYTES, 'VHD dynamic header', signal);
+      const names = await readParentNames(source, full, signal);
+      const parentId = hexOf(full.subarray(D.parentUniqueId, D.parentUniqueId + 16));
+      if (!options.backingSupplied) {
+        const named = names.length > 0 ? `naming its parent by ${names.map((n) => `${n.from} "${shownName(n.name)}"`).join(', ')}` : 'that names no parent';
+        throw new UnsafeImageError(
+          `${name}: differencing VHD (disk type 4) ${named}: its unallocated sectors are the parent's, which is never opened from a path inside the image; convert a tar or zip bundle holding both files (qemu-img reads it without its parent, as zeros)`,
+        );
+      }
+      parent = {
+        names,
+        format: 'vpc',
+        mismatch: (image: DiskImage): string | undefined => {
+          if (image.format !== 'vpc') return `the parent is a ${image.format} image, and a differencing VHD's parent is a VHD`;
+          const got = image.info().identity;
+          return got === parentId ? undefined : `the child names parent unique id ${parentId}, the parent's footer has ${got ?? 'none'}`;
+        },
+      };
+    }
     const blockSize = dv.getUint32(D.blockSize);
     if (blockSize < SECTOR || (blockSize & (blockSize - 1)) !== 0) {
       throw new ImageCorruptError(`${name}: invalid VHD block size ${blockSize} (a power of two of at least 512 bytes)`);
@@ -214,7 +281,45 @@ export const vpcDriver: FormatDriver = {
       }
     }
 
+    /** A differencing disk's map: sectors whose bitmap bit is clear, and unallocated blocks, are the parent's. */
+    async function* layers(mapSignal?: AbortSignal): AsyncGenerator<LayerEntry> {
+      let run: LayerEntry | undefined;
+      const add = function* (entry: LayerEntry): Generator<LayerEntry> {
+        if (run && run.kind === entry.kind && run.offset + run.length === entry.offset && (run.kind !== 'stored' || (entry.kind === 'stored' && run.fileOffset + run.length === entry.fileOffset))) {
+          run.length += entry.length;
+          return;
+        }
+        if (run) yield run;
+        run = entry;
+      };
+      for (let block = 0; block < blocksInDisk; block++) {
+        throwIfAborted(mapSignal ?? signal);
+        const offset = block * blockSize;
+        const length = Math.min(blockSize, virtualSize - offset);
+        const entry = block < maxTableEntries ? bat.getUint32(block * 4) : UNALLOCATED;
+        if (entry === UNALLOCATED) {
+          yield* add({ kind: 'backing', offset, length });
+          continue;
+        }
+        const sectors = length / SECTOR;
+        const bitmap = await readExact(source, entry * SECTOR, Math.ceil(sectors / 8), `${name}: VHD sector bitmap of block ${block}`, mapSignal ?? signal);
+        const data = entry * SECTOR + bitmapBytes;
+        for (let s = 0; s < sectors; ) {
+          // Bit 7 of byte 0 is the block's first sector (the most significant bit first).
+          const present = (((bitmap[s >> 3] as number) >> (7 - (s & 7))) & 1) === 1;
+          let e = s + 1;
+          while (e < sectors && ((((bitmap[e >> 3] as number) >> (7 - (e & 7))) & 1) === 1) === present) e++;
+          const at = offset + s * SECTOR;
+          const bytes = (e - s) * SECTOR;
+          yield* add(present ? { kind: 'stored', offset: at, length: bytes, fileOffset: data + s * SECTOR } : { kind: 'backing', offset: at, length: bytes });
+          s = e;
+        }
+      }
+      if (run) yield run;
+    }
+
     async function* map(mapSignal?: AbortSignal): AsyncGenerator<MapEntry> {
+      if (parent) throw new UnsafeImageError(`${name}: differencing VHD: its parent's data is needed, and the parent is never opened`);
       let run: MapEntry | undefined;
       for (let block = 0; block < blocksInDisk; block++) {
         if (block % 65536 === 0) throwIfAborted(mapSignal ?? signal);
@@ -245,7 +350,8 @@ export const vpcDriver: FormatDriver = {
       format: 'vpc',
       virtualSize,
       map,
-      info: (): FormatInfo => ({ clusterSize: blockSize, dirty: false }),
+      ...(parent ? { parent, layerMap: layers } : {}),
+      info: (): FormatInfo => ({ clusterSize: blockSize, dirty: false, identity }),
       close: async () => {},
     };
   },
