@@ -16,7 +16,7 @@ import { join } from 'node:path';
 import { gzipSync } from 'node:zlib';
 import { Redis } from 'ioredis';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { cephAvailable, cephCli, useCeph, type CephEnv } from '../helpers/ceph.js';
+import { cephAvailable, cephCli, removeRbdImages, useCeph, type CephEnv } from '../helpers/ceph.js';
 import { glanceApi, haveGlance, useGlance, type TestGlance } from '../helpers/glance.js';
 import { makeTempDir, mixedContent, qemuImg, qemuRawSha256, sha256File, writeRaw } from '../helpers/qemu.js';
 import { ServiceHarness, waitFor, type JobJson } from '../helpers/service.js';
@@ -138,13 +138,7 @@ describe('tus uploads carry the job options', () => {
   afterAll(async () => {
     redis?.disconnect();
     await svc?.close();
-    if (ceph) {
-      for (const n of rbdNames) {
-        await cephCli(ceph, 'rbd', ['snap', 'unprotect', `rbd/${n}@snap`]).catch(() => {});
-        await cephCli(ceph, 'rbd', ['snap', 'purge', '--no-progress', `rbd/${n}`]).catch(() => {});
-        await cephCli(ceph, 'rbd', ['rm', '--no-progress', `rbd/${n}`]).catch(() => {});
-      }
-    }
+    if (ceph) await removeRbdImages(ceph, rbdNames);
     await cleanup?.();
   });
 

@@ -16,7 +16,7 @@ import { pathToFileURL } from 'node:url';
 import type { S3Client } from '@aws-sdk/client-s3';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { freePort } from '../../src/cli/redis-server.js';
-import { cephAvailable, cephCli, useCeph, type CephEnv } from '../helpers/ceph.js';
+import { cephAvailable, cephCli, removeRbdImages, useCeph, type CephEnv } from '../helpers/ceph.js';
 import { makeTempDir, qemuImg, qemuRawSha256, sha256File, writeRaw } from '../helpers/qemu.js';
 import { createBucket, objectKeys, removeBucket, s3Env, testS3Client, uniqueBucket, uploadsInProgress } from '../helpers/s3.js';
 import { ServiceHarness, waitFor, type JobJson, type ServiceProcess } from '../helpers/service.js';
@@ -206,11 +206,7 @@ for (const kind of ['s3', 'file'] as const) {
       console.log(`multihost ${kind}: ${JSON.stringify(report)}`);
       await svc?.close();
       await redis?.kill('SIGTERM');
-      for (const n of rbdImages) {
-        await rbd('snap', 'unprotect', `rbd/${n}@snap`).catch(() => {});
-        await rbd('snap', 'purge', '--no-progress', `rbd/${n}`).catch(() => {});
-        await rbd('rm', '--no-progress', `rbd/${n}`).catch(() => {});
-      }
+      await removeRbdImages(env, rbdImages);
       if (client) await removeBucket(client, bucket).catch(() => {});
       await cleanup?.();
     });

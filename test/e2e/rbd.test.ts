@@ -6,7 +6,7 @@
  */
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { cephAvailable, cephCli, useCeph, type CephEnv } from '../helpers/ceph.js';
+import { cephAvailable, cephCli, removeRbdImages, useCeph, type CephEnv } from '../helpers/ceph.js';
 import { makeTempDir, qemuImg, qemuIo, qemuRawSha256, sha256File, writeRaw } from '../helpers/qemu.js';
 import { curl, ServiceHarness, type JobJson } from '../helpers/service.js';
 
@@ -50,11 +50,7 @@ describe.skipIf(!cephAvailable)('jobs with an RBD target', () => {
   });
   afterAll(async () => {
     await svc?.close();
-    for (const n of names) {
-      await rbd('snap', 'unprotect', `rbd/${n}@snap`).catch(() => {});
-      await rbd('snap', 'purge', '--no-progress', `rbd/${n}`).catch(() => {});
-      await rbd('rm', '--no-progress', `rbd/${n}`).catch(() => {});
-    }
+    await removeRbdImages(env, names);
     await cleanup?.();
   });
 

@@ -78,3 +78,16 @@ export async function cephCli(env: CephEnv, cmd: string, args: string[], options
   });
   return String(stdout);
 }
+
+/**
+ * Removes test RBD images ("pool/name", or "name" in pool rbd) with their
+ * snapshots, whatever state a test left them in; missing ones are no error.
+ */
+export async function removeRbdImages(env: CephEnv, images: Iterable<string>): Promise<void> {
+  for (const image of images) {
+    const spec = image.includes('/') ? image : `rbd/${image}`;
+    await cephCli(env, 'rbd', ['snap', 'unprotect', `${spec}@snap`]).catch(() => {});
+    await cephCli(env, 'rbd', ['snap', 'purge', '--no-progress', spec]).catch(() => {});
+    await cephCli(env, 'rbd', ['rm', '--no-progress', spec]).catch(() => {});
+  }
+}

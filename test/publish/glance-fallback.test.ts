@@ -8,7 +8,7 @@
  */
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { cephAvailable, cephCli, useCeph, type CephEnv } from '../helpers/ceph.js';
+import { cephAvailable, cephCli, removeRbdImages, useCeph, type CephEnv } from '../helpers/ceph.js';
 import { digestsOf, fetchDigests, glanceApi, haveGlance, runJson, startGlance, type Digests } from '../helpers/glance.js';
 import { makeTempDir, qemuImg, qemuIo } from '../helpers/qemu.js';
 import { ServiceHarness } from '../helpers/service.js';
@@ -58,11 +58,7 @@ describe.skipIf(!cephAvailable || !haveGlance)('a Glance that refuses locations'
     await svc?.close();
     if (imageId) await glanceApi(glance, `/v2/images/${imageId}`, { method: 'DELETE' }).catch(() => {});
     await glance?.down();
-    if (env) {
-      await rbd('snap', 'unprotect', `rbd/${rbdName}@snap`).catch(() => {});
-      await rbd('snap', 'purge', '--no-progress', `rbd/${rbdName}`).catch(() => {});
-      await rbd('rm', '--no-progress', `rbd/${rbdName}`).catch(() => {});
-    }
+    if (env) await removeRbdImages(env, [rbdName]);
     await files?.close();
     await cleanup?.();
   });

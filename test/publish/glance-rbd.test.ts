@@ -6,7 +6,7 @@
  */
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { cephAvailable, cephCli, useCeph, type CephEnv } from '../helpers/ceph.js';
+import { cephAvailable, cephCli, removeRbdImages, useCeph, type CephEnv } from '../helpers/ceph.js';
 import { digestsOf, fetchDigests, glanceApi, haveGlance, useGlance, type Digests, type GlanceJob, type TestGlance } from '../helpers/glance.js';
 import { makeTempDir, qemuImg, qemuIo } from '../helpers/qemu.js';
 import { curl, ServiceHarness } from '../helpers/service.js';
@@ -66,11 +66,7 @@ describe.skipIf(!cephAvailable || !haveGlance)('publishing RBD outputs into Glan
     await svc?.close();
     // Glance owns what it was given: deleting its image removes the RBD image it points at.
     for (const id of glanceImages) await glanceApi(glance, `/v2/images/${id}`, { method: 'DELETE' }).catch(() => {});
-    for (const [pool, n] of rbdNames.flatMap((n) => [['rbd', n], [OTHER_POOL, n]] as const)) {
-      await rbd('snap', 'unprotect', `${pool}/${n}@snap`).catch(() => {});
-      await rbd('snap', 'purge', '--no-progress', `${pool}/${n}`).catch(() => {});
-      await rbd('rm', '--no-progress', `${pool}/${n}`).catch(() => {});
-    }
+    await removeRbdImages(env, rbdNames.flatMap((n) => [`rbd/${n}`, `${OTHER_POOL}/${n}`]));
     if (env) {
       await cephCli(env, 'ceph', ['osd', 'pool', 'rm', OTHER_POOL, OTHER_POOL, '--yes-i-really-really-mean-it']).catch(() => {});
     }

@@ -10,7 +10,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { FileSource, convertToRaw, openImage } from '../../src/engine/index.js';
 import { DestinationExistsError, DestinationRefusedError, DestinationError } from '../../src/store/index.js';
 import { RbdDestinations } from '../../src/store/rbd/destinations.js';
-import { cephAvailable, cephCli, useCeph, type CephEnv } from '../helpers/ceph.js';
+import { cephAvailable, cephCli, removeRbdImages, useCeph, type CephEnv } from '../helpers/ceph.js';
 import { makeTempDir, qemuImg, qemuIo, qemuRawSha256, writeRaw } from '../helpers/qemu.js';
 
 describe.skipIf(!cephAvailable)('RBD destinations', () => {
@@ -61,11 +61,7 @@ describe.skipIf(!cephAvailable)('RBD destinations', () => {
     // Temporaries this file's tests leave on purpose (their owners end in the pid).
     const temps = (JSON.parse(await cli('ls', '--format', 'json', 'rbd')) as string[]).filter((n) => n.startsWith('diskconv-tmp.') && n.includes(`-${process.pid}.`));
     names.push(...temps);
-    for (const n of names) {
-      await cli('snap', 'unprotect', `rbd/${n}@snap`).catch(() => {});
-      await cli('snap', 'purge', '--no-progress', `rbd/${n}`).catch(() => {});
-      await cli('rm', '--no-progress', `rbd/${n}`).catch(() => {});
-    }
+    await removeRbdImages(env, names);
     await cleanup?.();
   });
 

@@ -13,7 +13,7 @@ import { mkdir, readFile } from 'node:fs/promises';
 import { join, resolve } from 'node:path';
 import { chromium, type Browser, type Page } from 'playwright-core';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { cephAvailable, cephCli, useCeph, type CephEnv } from '../helpers/ceph.js';
+import { cephAvailable, cephCli, removeRbdImages, useCeph, type CephEnv } from '../helpers/ceph.js';
 import { glanceApi, haveGlance, useGlance, type TestGlance } from '../helpers/glance.js';
 import { makeTempDir, qemuImg, qemuRawSha256, sha256File, writeRaw } from '../helpers/qemu.js';
 import { ServiceHarness, waitFor, type JobJson } from '../helpers/service.js';
@@ -66,11 +66,7 @@ describe.skipIf(!hasChromium || !cephAvailable || !haveGlance)('the page: RBD po
   afterAll(async () => {
     await browser?.close();
     await svc?.close();
-    for (const n of rbdImages) {
-      await cephCli(ceph, 'rbd', ['snap', 'unprotect', `rbd/${n}@snap`]).catch(() => {});
-      await cephCli(ceph, 'rbd', ['snap', 'purge', '--no-progress', `rbd/${n}`]).catch(() => {});
-      await cephCli(ceph, 'rbd', ['rm', '--no-progress', `rbd/${n}`]).catch(() => {});
-    }
+    await removeRbdImages(ceph, rbdImages);
     await cleanup?.();
   });
 
