@@ -14,6 +14,8 @@
 #   AWS_ACCESS_KEY_ID AWS_SECRET_ACCESS_KEY
 # Tuning: CEPH_DEV_MEMSTORE_BYTES (default 8G: a full memstore OSD blocks writes forever).
 set -euo pipefail
+# shellcheck source=pidfile.sh
+. "$(cd "$(dirname "$0")" && pwd)/pidfile.sh"
 
 die() { echo "ceph-dev: $*" >&2; exit 1; }
 log() { echo "ceph-dev: $*" >&2; }
@@ -30,17 +32,8 @@ port_busy() { python3 -c 'import socket,sys; s=socket.socket(); s.settimeout(0.3
 alive() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
 
 stop_dir() {
-  local dir=$1 pidfile pid i
-  for pidfile in "$dir"/pids/rgw.pid "$dir"/pids/osd.pid "$dir"/pids/mon.pid; do
-    [ -f "$pidfile" ] || continue
-    pid=$(cat "$pidfile")
-    if kill -0 "$pid" 2>/dev/null; then
-      kill -TERM "$pid" 2>/dev/null || true
-      for i in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-      kill -0 "$pid" 2>/dev/null && kill -KILL "$pid" 2>/dev/null || true
-    fi
-    rm -f "$pidfile"
-  done
+  local pidfile
+  for pidfile in "$1"/pids/rgw.pid "$1"/pids/osd.pid "$1"/pids/mon.pid; do stop_pidfile "$pidfile" TERM; done
 }
 
 print_env() {

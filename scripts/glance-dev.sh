@@ -26,6 +26,8 @@
 set -euo pipefail
 
 HERE=$(cd "$(dirname "$0")" && pwd)
+# shellcheck source=pidfile.sh
+. "$HERE/pidfile.sh"
 GLANCE_API=${GLANCE_API:-/usr/bin/glance-api}
 GLANCE_MANAGE=${GLANCE_MANAGE:-/usr/bin/glance-manage}
 
@@ -161,18 +163,7 @@ start() {
   die "glance-api did not become healthy in 30 s (see $dir/log)"
 }
 
-stop() {
-  local dir=$1
-  [[ -f "$dir/glance-api.pid" ]] || return 0
-  local pid
-  pid=$(cat "$dir/glance-api.pid")
-  if kill -0 "$pid" 2>/dev/null; then
-    kill -TERM "$pid" 2>/dev/null || true
-    for _ in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-    kill -0 "$pid" 2>/dev/null && kill -KILL "$pid" 2>/dev/null || true
-  fi
-  rm -f "$dir/glance-api.pid"
-}
+stop() { stop_pidfile "$1/glance-api.pid" TERM; }
 
 print_env() {
   local dir=$1

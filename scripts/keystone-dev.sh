@@ -10,6 +10,8 @@
 # keystone-manage run imports all of Keystone again (several seconds each on a loaded machine).
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
+# shellcheck source=pidfile.sh
+. "$HERE/pidfile.sh"
 die() { echo "keystone-dev: $*" >&2; exit 1; }
 free_port() { /usr/bin/python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'; }
 key() { head -c 32 /dev/urandom | base64 | tr '+/' '-_'; }
@@ -74,17 +76,7 @@ start() {
   die "keystone did not answer in 90 s (see $dir)"
 }
 
-stop() {
-  local dir=$1
-  [[ -f "$dir/uwsgi.pid" ]] || return 0
-  local pid; pid=$(cat "$dir/uwsgi.pid")
-  if kill -0 "$pid" 2>/dev/null; then
-    kill -INT "$pid" 2>/dev/null || true
-    for _ in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-    kill -0 "$pid" 2>/dev/null && kill -KILL "$pid" 2>/dev/null || true
-  fi
-  rm -f "$dir/uwsgi.pid"
-}
+stop() { stop_pidfile "$1/uwsgi.pid" INT; }
 
 cmd=${1:-}; dir=${2:-}
 [[ -n "$cmd" && -n "$dir" ]] || die "usage: $0 up|down DIR"
