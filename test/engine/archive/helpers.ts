@@ -87,3 +87,29 @@ export async function outcomeOf(bytes: Uint8Array, options: OpenImageOptions = {
     return { code: typeof e.code === 'string' ? e.code : `uncaught ${String(err)}`, message: String(e.message) };
   }
 }
+
+/**
+ * A VHDX parent locator metadata item ("VHDX Format Specification" 2.6.2.6): the
+ * VHDX locator type GUID, a reserved u16, the entry count, 12-byte entries (key
+ * offset, value offset, key length, value length) and the UTF-16LE keys and values.
+ */
+export function vhdxParentLocator(pairs: Record<string, string>): Buffer {
+  const type = Buffer.from('b7ef4ab09ed1814ab78925b8e9445913', 'hex');
+  const keys = Object.entries(pairs);
+  const head = Buffer.alloc(20 + 12 * keys.length);
+  type.copy(head, 0);
+  head.writeUInt16LE(keys.length, 18);
+  const blobs: Buffer[] = [];
+  let at = head.length;
+  keys.forEach(([k, v], i) => {
+    const kb = Buffer.from(k, 'utf16le');
+    const vb = Buffer.from(v, 'utf16le');
+    head.writeUInt32LE(at, 20 + 12 * i);
+    head.writeUInt32LE(at + kb.length, 20 + 12 * i + 4);
+    head.writeUInt16LE(kb.length, 20 + 12 * i + 8);
+    head.writeUInt16LE(vb.length, 20 + 12 * i + 10);
+    blobs.push(kb, vb);
+    at += kb.length + vb.length;
+  });
+  return Buffer.concat([head, ...blobs]);
+}

@@ -15,6 +15,7 @@ import { BufferSource, FileSource, isDiskconvError, openImage, readExtents, type
 import { crc32c } from '../../../src/engine/crc32c.js';
 import { vhdxDriver } from '../../../src/engine/formats/vhdx/index.js';
 import { withLimits } from '../../../src/engine/limits.js';
+import { vhdxParentLocator } from '../archive/helpers.js';
 
 const KiB = 1024;
 const MiB = 2 ** 20;
@@ -392,20 +393,22 @@ describe('vhdx: refused as qemu-img refuses them', () => {
     expect(theirs.error).toMatch(qemuSays);
   });
 
-  it('a differencing VHDX (has_parent and a parent locator) is UNSAFE_IMAGE, saying a bundle with the parent is not yet supported', async () => {
+  it('a differencing VHDX (has_parent and a parent locator) alone is UNSAFE_IMAGE, naming its parent and asking for a bundle with it', async () => {
     const file = await patched(dyn1, 'differencing.vhdx', (b) => {
       const l = layout(b);
       b.writeUInt32LE(2, item(b, G.fileParameters) + 4);
       const at = l.meta.offset + 32 + 32 * l.itemCount;
+      const locator = vhdxParentLocator({ parent_linkage: '{01234567-89ab-cdef-0123-456789abcdef}', relative_path: '.\\base.vhdx', absolute_win32_path: '\\\\?\\C:\\vm\\base.vhdx' });
       Buffer.from(G.parentLocator, 'hex').copy(b, at);
       b.writeUInt32LE(64 * KiB + 4 * KiB, at + 16); // an unused spot in the metadata region
-      b.writeUInt32LE(512, at + 20);
+      b.writeUInt32LE(locator.length, at + 20);
       b.writeUInt32LE(0x6, at + 24);
+      locator.copy(b, l.meta.offset + 64 * KiB + 4 * KiB);
       b.writeUInt16LE(l.itemCount + 1, l.meta.offset + 10);
     });
     const cli = await runDiskconv(['convert', '-O', 'raw', file, path('differencing.out')]);
     expect(cli.code).toBe(1);
-    expect(cli.stderr).toMatch(/^diskconv: UNSAFE_IMAGE: .*differencing VHDX.*bundle with the parent is not yet supported\n$/);
+    expect(cli.stderr).toMatch(/^diskconv: UNSAFE_IMAGE: .*differencing VHDX whose parent is named by relative_path "\.\\base\.vhdx", absolute_win32_path .*tar or zip bundle holding both.*\n$/);
     expect((await qemuOutcome(file)).error).toMatch(/Operation not supported/);
   });
 
@@ -493,6 +496,6 @@ describe('vhdx: map', () => {
     const first = entries[0] as MapEntry & { fileOffset: number };
     expect(first).toMatchObject({ kind: 'stored', offset: 0, fileOffset: batEntry(bytes, 0).offset });
     expect(entries.find((e) => e.offset === 2 * MiB)).toMatchObject({ kind: 'zero', length: 2 * MiB });
-    expect(image.info()).toEqual({ clusterSize: MiB, dirty: false });
+    expect(image.info()).toEqual({ clusterSize: MiB, dirty: false, identity: expect.stringMatching(/^[0-9a-f-]{36}$/) });
   });
 });

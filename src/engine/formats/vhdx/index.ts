@@ -12,8 +12,17 @@
  * (which needs a parent's data) and the undefined state 4 fail qemu's reads with EIO;
  * we refuse them when the map reaches them, so `info` still works as qemu's does.
  *
+ * Differencing images (HasParent): qemu 7.2 refuses them. Alone we refuse them too
+ * (UNSAFE_IMAGE naming the parent locator's paths); opened with `backingSupplied` (a
+ * bundle holding the parent, src/engine/archive/) they name the parent by the
+ * locator's relative_path, volume_path and absolute_win32_path, are verified by
+ * parent_linkage (or parent_linkage2) against the parent's DataWriteGuid, and map as
+ * the specification reads them: NOT_PRESENT and UNDEFINED blocks, and the sectors of
+ * a PARTIALLY_PRESENT block whose bit (least significant first) in the sector bitmap
+ * is clear, are the parent's; ZERO and UNMAPPED blocks read as zeros.
+ *
  * Refused: a log that needs replay (qemu refuses a read-only open; we never write to
- * an input), differencing images (a parent is another file), unknown required
+ * an input), unknown required
  * regions or metadata items. Logical sectors of 4096 bytes are read per the
  * specification, where qemu 7.2 refuses them (ENOTSUP).
  * Beyond qemu: regions and payload blocks must lie inside the file and outside the
@@ -23,7 +32,7 @@ import { ImageCorruptError, FormatMismatchError, UnsafeImageError, UnsupportedFe
 import { crc32cWithZeroedField } from '../../crc32c.js';
 import { enforceLimit, toSafeNumber } from '../../limits.js';
 import { readExact, type RandomAccessSource } from '../../source.js';
-import type { CheckReport, DiskImage, FormatDriver, FormatInfo, MapEntry, OpenOptions } from '../../types.js';
+import type { CheckReport, DiskImage, FormatDriver, FormatInfo, LayerEntry, MapEntry, OpenOptions, ParentLink } from '../../types.js';
 import {
   BAT_STATE_MASK,
   BLOCK_SIZE_MAX,
@@ -79,6 +88,46 @@ export interface VhdxGeometry {
   dataBlocks: number;
   /** BAT entries qemu reads: payload entries and the sector bitmap entries between them. */
   batEntries: number;
+}
+
+/** The VHDX parent locator type ({B04AEFB7-D19E-4A81-B789-25B8E9445913}, as stored). */
+const VHDX_LOCATOR_TYPE = Uint8Array.from([0xb7, 0xef, 0x4a, 0xb0, 0x9e, 0xd1, 0x81, 0x4a, 0xb7, 0x89, 0x25, 0xb8, 0xe9, 0x44, 0x59, 0x13]);
+/** A parent locator item larger than this is refused (its keys and values are short paths and GUIDs). */
+const MAX_LOCATOR_BYTES = 256 * 1024;
+const SECTOR_BITMAP_BYTES = MiB;
+/** The header's DataWriteGuid: what a child's parent_linkage names. */
+const DATA_WRITE_GUID = 32;
+
+/** A GUID as stored (mixed-endian) in its canonical lowercase text, without braces. */
+function guidText(b: Uint8Array, at: number): string {
+  const h = (i: number): string => (b[at + i] as number).toString(16).padStart(2, '0');
+  const part = (idx: number[]): string => idx.map(h).join('');
+  return `${part([3, 2, 1, 0])}-${part([5, 4])}-${part([7, 6])}-${part([8, 9])}-${part([10, 11, 12, 13, 14, 15])}`;
+}
+
+/** The parent locator item's key/value pairs (UTF-16LE), bounds-checked against the item. */
+function parseParentLocator(item: Uint8Array, name: string): Map<string, string> {
+  const where = `${name}: VHDX parent locator`;
+  if (item.length < 20) throw new ImageCorruptError(`${where} is ${item.length} bytes, too short for its header`);
+  for (let i = 0; i < 16; i++) {
+    if (item[i] !== VHDX_LOCATOR_TYPE[i]) throw new UnsupportedFeatureError(`${where} has locator type {${guidText(item, 0)}}, not the VHDX parent locator`);
+  }
+  const v = new DataView(item.buffer, item.byteOffset, item.byteLength);
+  const count = v.getUint16(18, true);
+  if (20 + count * 12 > item.length) throw new ImageCorruptError(`${where} claims ${count} entries, more than its ${item.length} bytes hold`);
+  const out = new Map<string, string>();
+  const text = (offset: number, length: number, what: string): string => {
+    if (offset + length > item.length || length % 2 !== 0) throw new ImageCorruptError(`${where}: ${what} at ${offset} (${length} bytes) lies outside the item`);
+    return Buffer.from(item.subarray(offset, offset + length)).toString('utf16le');
+  };
+  for (let i = 0; i < count; i++) {
+    const at = 20 + i * 12;
+    const key = text(v.getUint32(at, true), v.getUint16(at + 8, true), `key ${i}`);
+    const value = text(v.getUint32(at + 4, true), v.getUint16(at + 10, true), `value ${i}`);
+    if (out.has(key)) throw new ImageCorruptError(`${where} lists the key "${key.replace(/[\x00-\x1f]/g, '?').slice(0, 60)}" twice`);
+    out.set(key, value);
+  }
+  return out;
 }
 
 /** BAT index of payload block `block`: a sector bitmap entry follows every `chunkRatio` payload entries. */
@@ -202,11 +251,38 @@ export const vhdxDriver: FormatDriver = {
     for (const required of KNOWN.slice(0, 5)) if (!items.has(required)) throw new ImageCorruptError(`${name}: VHDX metadata lacks the required ${required} item`);
     const params = await readItem('fileParameters', 8);
     const blockSize = u32(params, 0);
+    const identity = guidText(header, DATA_WRITE_GUID);
+    let parent: ParentLink | undefined;
     if ((u32(params, 4) & FILE_PARAMS_HAS_PARENT) !== 0) {
-      if (!items.has('parentLocator')) throw new ImageCorruptError(`${name}: VHDX file parameters say it has a parent, but there is no parent locator`);
-      throw new UnsafeImageError(
-        `${name}: differencing VHDX: its unallocated blocks live in a parent image, which is never opened; a bundle with the parent is not yet supported`,
-      );
+      const locatorItem = items.get('parentLocator');
+      if (!locatorItem) throw new ImageCorruptError(`${name}: VHDX file parameters say it has a parent, but there is no parent locator`);
+      if (locatorItem.length > MAX_LOCATOR_BYTES) throw new ImageCorruptError(`${name}: VHDX parent locator of ${locatorItem.length} bytes (at most ${MAX_LOCATOR_BYTES})`);
+      const locator = parseParentLocator(await readItem('parentLocator', locatorItem.length), name);
+      const names: ParentLink['names'] = [];
+      for (const key of ['relative_path', 'volume_path', 'absolute_win32_path']) {
+        const value = locator.get(key);
+        if (value !== undefined && value !== '') names.push({ name: value, how: 'locator', from: key });
+      }
+      const linkages = ['parent_linkage', 'parent_linkage2'].flatMap((k) => {
+        const value = locator.get(k);
+        return value !== undefined ? [value.replace(/^\{|\}$/g, '').toLowerCase()] : [];
+      });
+      if (linkages.length === 0) throw new ImageCorruptError(`${name}: VHDX parent locator has no parent_linkage`);
+      if (!options.backingSupplied) {
+        const named = names.length > 0 ? names.map((n) => `${n.from} "${n.name.replace(/[\x00-\x1f\x7f]/g, '?').slice(0, 200)}"`).join(', ') : 'no path';
+        throw new UnsafeImageError(
+          `${name}: differencing VHDX whose parent is named by ${named}: its blocks not present here are the parent's, which is never opened from a path inside the image; convert a tar or zip bundle holding both files (qemu-img refuses a differencing VHDX)`,
+        );
+      }
+      parent = {
+        names,
+        format: 'vhdx',
+        mismatch: (image: DiskImage): string | undefined => {
+          if (image.format !== 'vhdx') return `the parent is a ${image.format} image, and a differencing VHDX's parent is a VHDX`;
+          const got = image.info().identity;
+          return got !== undefined && linkages.includes(got) ? undefined : `the child's parent_linkage is {${linkages[0]}}, the parent's DataWriteGuid is {${got ?? 'unknown'}}`;
+        },
+      };
     }
     const rawSize = u64(await readItem('virtualDiskSize', 8), 0);
     const logicalSectorSize = u32(await readItem('logicalSectorSize', 4), 0);
@@ -223,7 +299,8 @@ export const vhdxDriver: FormatDriver = {
     // qemu counts the BAT from the size before rounding to sectors, and checks all of it.
     // An empty disk reads nothing from its BAT: qemu's huge count for it is not checked.
     const qemuDataBlocks = Math.ceil(Number(rawSize) / blockSize);
-    const batEntries = qemuDataBlocks === 0 ? 0 : batIndex(qemuDataBlocks - 1, chunkRatio) + 1;
+    // A differencing image also needs the sector bitmap entry after the last chunk (the spec's total).
+    const batEntries = qemuDataBlocks === 0 ? 0 : parent ? Math.ceil(qemuDataBlocks / chunkRatio) * (chunkRatio + 1) : batIndex(qemuDataBlocks - 1, chunkRatio) + 1;
     const geometry: VhdxGeometry = { blockSize, logicalSectorSize, chunkRatio, virtualSize, dataBlocks, batEntries };
     if (batEntries * 8 > bat.length) throw new ImageCorruptError(`${name}: VHDX BAT region of ${bat.length} bytes cannot hold ${batEntries} entries`);
     enforceLimit('maxTopTableBytes', batEntries * 8, limits, `${name}: VHDX BAT size`);
@@ -245,9 +322,16 @@ export const vhdxDriver: FormatDriver = {
         if (state === SB_BLOCK_PRESENT && fileOffset >= fileSize) {
           throw new ImageCorruptError(`${name}: VHDX sector bitmap entry ${i} points at ${hex(fileOffset)}, after the end of the file (${fileSize} bytes)`);
         }
+        if (parent && state === SB_BLOCK_PRESENT) {
+          if (fileOffset < HEADER_SECTION_BYTES || fileOffset + SECTOR_BITMAP_BYTES > fileSize) {
+            throw new ImageCorruptError(`${name}: VHDX sector bitmap block (BAT entry ${i}) at ${hex(fileOffset)} is not inside the file (${fileSize} bytes) past the header section`);
+          }
+          const clash = overlapping(fileOffset, fileOffset + SECTOR_BITMAP_BYTES);
+          if (clash) throw new ImageCorruptError(`${name}: VHDX sector bitmap block (BAT entry ${i}) at ${hex(fileOffset)} overlaps ${clash.what} at ${hex(clash.start)}`);
+        }
         continue;
       }
-      if (state !== STATE.FULLY_PRESENT) continue;
+      if (state !== STATE.FULLY_PRESENT && !(parent && state === STATE.PARTIALLY_PRESENT)) continue;
       const block = i - Math.floor(i / (chunkRatio + 1));
       const length = Math.max(0, Math.min(blockSize, virtualSize - block * blockSize));
       // qemu measures the last block with the BAT index, not the block number; refuse what either measure finds truncated.
@@ -266,6 +350,7 @@ export const vhdxDriver: FormatDriver = {
     }
 
     async function* map(mapSignal?: AbortSignal): AsyncGenerator<MapEntry> {
+      if (parent) throw new UnsafeImageError(`${name}: differencing VHDX: its parent's data is needed, and the parent is never opened`);
       let run: MapEntry | undefined;
       for (let block = 0; block < dataBlocks; block++) {
         if (block % BAT_CHUNK_ENTRIES === 0) throwIfAborted(mapSignal ?? signal);
@@ -304,6 +389,64 @@ export const vhdxDriver: FormatDriver = {
       if (run) yield run;
     }
 
+    const sectorsPerBlock = blockSize / logicalSectorSize;
+    /** A differencing image's map: what is not present here is 'backing' (the parent's). */
+    async function* layers(mapSignal?: AbortSignal): AsyncGenerator<LayerEntry> {
+      let run: LayerEntry | undefined;
+      const add = function* (e: LayerEntry): Generator<LayerEntry> {
+        if (run && run.kind === e.kind && run.offset + run.length === e.offset && (run.kind !== 'stored' || (e.kind === 'stored' && run.fileOffset + run.length === e.fileOffset))) {
+          run.length += e.length;
+          return;
+        }
+        if (run) yield run;
+        run = e;
+      };
+      for (let block = 0; block < dataBlocks; block++) {
+        if (block % BAT_CHUNK_ENTRIES === 0) throwIfAborted(mapSignal ?? signal);
+        const offset = block * blockSize;
+        const length = Math.min(blockSize, virtualSize - offset);
+        const { state, fileOffset } = entry(batIndex(block, chunkRatio));
+        switch (state) {
+          case STATE.NOT_PRESENT:
+          case STATE.UNDEFINED:
+            yield* add({ kind: 'backing', offset, length });
+            continue;
+          case STATE.ZERO:
+          case STATE.UNMAPPED:
+          case STATE.UNMAPPED_V095:
+            yield* add({ kind: 'zero', offset, length });
+            continue;
+          case STATE.FULLY_PRESENT:
+            yield* add({ kind: 'stored', offset, length, fileOffset });
+            continue;
+          case STATE.PARTIALLY_PRESENT: {
+            const chunk = Math.floor(block / chunkRatio);
+            const sb = entry((chunk + 1) * (chunkRatio + 1) - 1);
+            if (sb.state !== SB_BLOCK_PRESENT) {
+              throw new ImageCorruptError(`${name}: VHDX block ${block} is PARTIALLY_PRESENT but the sector bitmap block of its chunk ${chunk} is not present (state ${sb.state})`);
+            }
+            const sectors = Math.ceil(length / logicalSectorSize);
+            const first = (block % chunkRatio) * sectorsPerBlock;
+            const bitmap = await readExact(source, sb.fileOffset + first / 8, Math.ceil(sectors / 8), `${name}: VHDX sector bitmap of block ${block}`, mapSignal ?? signal);
+            const bit = (i: number): boolean => ((((bitmap[i >> 3] as number) >> (i & 7)) & 1) === 1);
+            for (let i = 0; i < sectors; ) {
+              const present = bit(i);
+              let j = i + 1;
+              while (j < sectors && bit(j) === present) j++;
+              const at = offset + i * logicalSectorSize;
+              const bytes = Math.min(j * logicalSectorSize, length) - i * logicalSectorSize;
+              yield* add(present ? { kind: 'stored', offset: at, length: bytes, fileOffset: fileOffset + i * logicalSectorSize } : { kind: 'backing', offset: at, length: bytes });
+              i = j;
+            }
+            continue;
+          }
+          default:
+            throw new ImageCorruptError(`${name}: VHDX block ${block} has the undefined block state ${state}`);
+        }
+      }
+      if (run) yield run;
+    }
+
     /** qemu's check is its BAT entry check, which open() has already passed. */
     async function check(): Promise<CheckReport> {
       return { corruptions: 0, leaks: 0, checkErrors: 0, messages: [], fields: {} };
@@ -313,7 +456,8 @@ export const vhdxDriver: FormatDriver = {
       format: 'vhdx',
       virtualSize,
       map,
-      info: (): FormatInfo => ({ clusterSize: blockSize, dirty: false }),
+      ...(parent ? { parent, layerMap: layers } : {}),
+      info: (): FormatInfo => ({ clusterSize: blockSize, dirty: false, identity }),
       check,
       close: async () => {},
     };
