@@ -4,6 +4,7 @@ import { mkdtemp, open, readFile, rm, statfs } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { DEFAULT_LIMITS, decompressTo, detectWrapper, WRAPPER_PROBE_BYTES } from '../engine/index.js';
+import { parseImageOpts, parseObjects, type Secrets } from './image-opts.js';
 import { FileSource, InvalidArgumentError, openImage, parseFormat, type DiskImage, type FormatId, type SnapshotSelector } from '../engine/index.js';
 
 export function declaredFormat(value: string | undefined): FormatId | 'auto' {
@@ -35,6 +36,10 @@ export interface ImageOpenOptions {
   metadataOnly?: boolean;
   /** `--disk`: an OVA's disk or a tar bundle's top member. */
   disk?: string;
+  /** The key itself (an `--object secret` named by `--image-opts`). */
+  passphrase?: Uint8Array;
+  /** The name info shows for the image (default: the path). */
+  displayName?: string;
 }
 
 /** The passphrase file's bytes, exactly (never echoed, never copied anywhere). */
@@ -48,9 +53,9 @@ async function readPassphrase(file: string): Promise<Uint8Array> {
 
 /** Opens FILE, runs fn, closes image and file whatever happens. */
 export async function withImage<T>(file: string, options: ImageOpenOptions, fn: (image: DiskImage, source: FileSource) => Promise<T>): Promise<T> {
-  const passphrase = options.passphraseFile !== undefined ? await readPassphrase(options.passphraseFile) : undefined;
+  const passphrase = options.passphrase ?? (options.passphraseFile !== undefined ? await readPassphrase(options.passphraseFile) : undefined);
   const unwrapped = await unwrap(file, options.signal);
-  const source = await FileSource.open(unwrapped.path, file).catch(async (err: unknown) => {
+  const source = await FileSource.open(unwrapped.path, options.displayName ?? file).catch(async (err: unknown) => {
     await unwrapped.cleanup();
     throw err;
   });
@@ -107,6 +112,29 @@ async function unwrap(file: string, signal?: AbortSignal): Promise<{ path: strin
     await cleanup();
     throw err;
   }
+}
+
+/**
+ * An image operand with the options that say how to open it: `-f` (or the
+ * format option named `formatKey`), `--passphrase-file`, `--disk`, and
+ * `--object`/`--image-opts` (then the operand is qemu's option string).
+ */
+export async function sourceOf(
+  args: { get(key: string): string | undefined; all(key: string): string[]; has(key: string): boolean },
+  operand: string,
+  formatKey = 'format',
+  secrets?: Secrets,
+): Promise<{ path: string; options: ImageOpenOptions }> {
+  const known = secrets ?? (await parseObjects(args.all('object')));
+  const extra = passphraseFile(args);
+  if (!args.has('image-opts')) return { path: operand, options: { format: declaredFormat(args.get(formatKey)), ...extra } };
+  if (args.get(formatKey) !== undefined) throw new InvalidArgumentError('--image-opts and --format are mutually exclusive');
+  const spec = parseImageOpts(operand, known);
+  if (spec.passphrase && extra.passphraseFile !== undefined) throw new InvalidArgumentError('--passphrase-file and encrypt.key-secret both give a key; give one');
+  return {
+    path: spec.path,
+    options: { format: spec.format, ...extra, ...(spec.passphrase ? { passphrase: spec.passphrase } : {}), displayName: spec.displayName },
+  };
 }
 
 /** The `--passphrase-file` (and `--disk`) of parsed arguments, as withImage options. */

@@ -2,7 +2,8 @@
 import { checkImage } from '../../engine/index.js';
 import { type CommandSpec, DISK_OPTION, FORCE_SHARE_OPTION, FORMAT_OPTION, OUTPUT_OPTION, outputOf, parseOrHelp, PASSPHRASE_OPTION } from '../args.js';
 import { formatHumanCheck } from '../human.js';
-import { declaredFormat, passphraseFile, withImage } from '../image.js';
+import { IMAGE_OPTS_OPTION, OBJECT_OPTION } from '../image-opts.js';
+import { sourceOf, withImage } from '../image.js';
 
 export const spec: CommandSpec = {
   name: 'check',
@@ -10,7 +11,7 @@ export const spec: CommandSpec = {
   summary: "Check an image's metadata. Exit status as qemu-img check: 0 clean, 1 check error, 2 corruptions, 3 leaks, 63 no checks for the format.",
   minOperands: 1,
   maxOperands: 1,
-  options: [FORMAT_OPTION, OUTPUT_OPTION, PASSPHRASE_OPTION, DISK_OPTION, FORCE_SHARE_OPTION],
+  options: [FORMAT_OPTION, OUTPUT_OPTION, PASSPHRASE_OPTION, DISK_OPTION, FORCE_SHARE_OPTION, OBJECT_OPTION, IMAGE_OPTS_OPTION],
 };
 
 export async function run(argv: string[], out: (s: string) => void): Promise<number> {
@@ -18,10 +19,11 @@ export async function run(argv: string[], out: (s: string) => void): Promise<num
   if (!args) return 0;
   const file = args.operands[0] as string;
   const output = outputOf(args.get('output'));
-  return withImage(file, { format: declaredFormat(args.get('format')), ...passphraseFile(args) }, async (image) => {
+  const opened = await sourceOf(args, file);
+  return withImage(opened.path, opened.options, async (image) => {
     if (!image.check) {
       const msg = `This image format (${image.format}) does not support checks`;
-      out(output === 'json' ? JSON.stringify({ filename: file, format: image.format, 'check-errors': 0, supported: false, message: msg }, null, 4) : msg);
+      out(output === 'json' ? JSON.stringify({ filename: opened.options.displayName ?? file, format: image.format, 'check-errors': 0, supported: false, message: msg }, null, 4) : msg);
       return 63;
     }
     const report = await checkImage(image);
@@ -29,7 +31,7 @@ export async function run(argv: string[], out: (s: string) => void): Promise<num
       out(
         JSON.stringify(
           {
-            filename: file,
+            filename: opened.options.displayName ?? file,
             format: image.format,
             'check-errors': report.checkErrors,
             ...(report.corruptions ? { corruptions: report.corruptions } : {}),

@@ -2,10 +2,21 @@
  * `diskconv convert`: qemu-img convert -O raw, with qemu-img's flags and their
  * meaning, written through the never-destroy destination rules (destination.ts).
  */
-import { convertToRaw, InvalidArgumentError, type Extent, type ExtentSink } from '../../engine/index.js';
+import { convertToRaw, InvalidArgumentError, readExtents, type DiskImage, type Extent, type ExtentSink, type MapEntry, type RandomAccessSource } from '../../engine/index.js';
+import { sleep } from '../../engine/ranged-source.js';
 import { type CommandSpec, DISK_OPTION, FORCE_SHARE_OPTION, FORMAT_OPTION, parseOrHelp, PASSPHRASE_OPTION, UsageError } from '../args.js';
+import {
+  accumulateOptions,
+  hasHelpOption,
+  parseRawCreateOptions,
+  preallocationOf,
+  RAW_OPTIONS_HELP_NO_FILE,
+  RAW_OPTIONS_HELP_WITH_FILE,
+  type Preallocation,
+} from '../create-options.js';
 import { CACHE_MODES, DestinationSink, refuseSameFile, type CacheMode } from '../destination.js';
-import { dataBytesOf, declaredFormat, parseSnapshot, passphraseFile, withImage } from '../image.js';
+import { IMAGE_OPTS_OPTION, OBJECT_OPTION, parseImageOpts, parseObjects } from '../image-opts.js';
+import { dataBytesOf, parseSnapshot, sourceOf, withImage } from '../image.js';
 import { ProgressPrinter } from '../progress.js';
 import { parseSize } from '../size.js';
 
@@ -13,7 +24,7 @@ export const spec: CommandSpec = {
   name: 'convert',
   operands: 'SRC DST',
   summary: 'Convert SRC to a raw image at DST, byte-identical to qemu-img convert -O raw.',
-  minOperands: 2,
+  minOperands: 0,
   maxOperands: 2,
   options: [
     FORMAT_OPTION,
@@ -31,7 +42,18 @@ export const spec: CommandSpec = {
     { key: 'coroutines', short: 'm', value: 'N', help: 'parallel requests, 1-16: reads in flight (default 4)' },
     { key: 'out-of-order', short: 'W', help: 'allow out-of-order writes (accepted; writes are in order, the output is the same)' },
     FORCE_SHARE_OPTION,
-    { key: 'copy-offload', short: 'C', help: 'copy offloading (accepted; the output is the same)' },
+    { key: 'copy-offload', short: 'C', help: 'copy offloading (accepted; the output is the same); not with -c, -S or --salvage' },
+    { key: 'options', short: 'o', value: 'OPTIONS', repeatable: true, help: 'raw output options: preallocation=off|falloc|full (falloc and full: fully allocated), nocow=on|off, extent_size_hint=SIZE (accepted, no effect), size (ignored, as qemu-img); -o help lists them' },
+    { key: 'rate-limit', short: 'r', value: 'RATE', help: 'write at most RATE bytes per second (k, M, G suffixes; 0 = no limit)' },
+    { key: 'compress', short: 'c', help: "compressed output: refused, as qemu-img refuses it for raw ('Compression not supported for this file format')" },
+    { key: 'backing', short: 'B', value: 'BACKING', help: 'backing file of the output: refused for raw, as qemu-img (with -n accepted and ignored, as qemu-img; never opened)' },
+    { key: 'backing-format', short: 'F', value: 'FMT', help: 'format of -B: refused for raw, as qemu-img' },
+    { key: 'bitmaps', long: 'bitmaps', help: "copy persistent bitmaps: refused, as qemu-img ('Format driver 'raw' does not support bitmaps')" },
+    { key: 'skip-broken-bitmaps', long: 'skip-broken-bitmaps', help: 'with --bitmaps: refused with it' },
+    { key: 'salvage', long: 'salvage', help: 'continue past unreadable source ranges, writing zeros there (a warning for each, unless -q)' },
+    { key: 'target-image-opts', long: 'target-image-opts', help: 'DST is an option string driver=raw,file.filename=PATH (needs -n)' },
+    OBJECT_OPTION,
+    IMAGE_OPTS_OPTION,
   ],
   notes: [
     'DST is never destroyed: the source itself is refused (SAME_FILE, also through links); a block or',
@@ -88,15 +110,137 @@ function cacheMode(value: string | undefined, what: string): CacheMode | undefin
   throw new UsageError(`Invalid ${what}cache option: ${value}`);
 }
 
+/** qemu's cvtnum for -r: a size (k, M, G... suffixes), 0 = no limit. */
+function rateLimit(text: string | undefined): number {
+  if (text === undefined) return 0;
+  try {
+    return parseSize(text, 'rate limit');
+  } catch (err) {
+    // Beyond 2^53 bytes per second is no limit at all.
+    if (err instanceof UsageError && err.message.includes('larger than diskconv handles')) return 0;
+    throw new InvalidArgumentError((err as Error).message);
+  }
+}
+
+/** Sleeps after each write so that the bytes written stay within `rate` per second since the start (qemu's -r). */
+class ThrottledSink implements ExtentSink {
+  private written = 0;
+  private readonly start = Date.now();
+  constructor(
+    private readonly inner: ExtentSink,
+    private readonly rate: number,
+    private readonly countZeros: boolean,
+    private readonly signal: AbortSignal,
+  ) {}
+  async write(extent: Extent): Promise<void> {
+    await this.inner.write(extent);
+    if (extent.kind !== 'data' && !this.countZeros) return;
+    this.written += extent.length;
+    const due = this.start + (1000 * this.written) / this.rate;
+    const wait = due - Date.now();
+    if (wait > 0) await sleep(wait, this.signal);
+  }
+  finish(virtualSize: number): Promise<void> {
+    return this.inner.finish(virtualSize);
+  }
+  abort(): Promise<void> {
+    return this.inner.abort();
+  }
+}
+
+/** Errors of reading the source that --salvage turns into zeros: a data error, or the file failing underneath. */
+const salvageable = (err: unknown): boolean => {
+  const code = (err as { code?: unknown }).code;
+  return code === 'IMAGE_CORRUPT' || code === 'SOURCE_UNAVAILABLE';
+};
+
+/** The image with the map entries in `bad` read as zeros. */
+function withZeros(image: DiskImage, bad: ReadonlyArray<readonly [number, number]>): DiskImage {
+  return {
+    format: image.format,
+    virtualSize: image.virtualSize,
+    info: () => image.info(),
+    close: async () => {},
+    async *map(signal?: AbortSignal): AsyncIterable<MapEntry> {
+      for await (const e of image.map(signal)) {
+        yield bad.some(([from, to]) => from === e.offset && to === e.offset + e.length) ? { kind: 'zero', offset: e.offset, length: e.length, status: 'zeroed' } : e;
+      }
+    },
+  };
+}
+
+/**
+ * --salvage, as qemu-img's: a range that cannot be read is written as zeros
+ * with a warning per 512-byte sector (unless -q), and the conversion goes on.
+ * On a read error the map entry that fails alone is found (each data entry
+ * from the failing point is read by itself), marked, and reading resumes where
+ * it stopped; what was written stays written. An error in the metadata itself
+ * (the map cannot go on) still ends the conversion, as does any output error.
+ */
+async function convertSalvaging(image: DiskImage, source: RandomAccessSource, sink: ExtentSink, options: { signal: AbortSignal; readConcurrency?: number; warn?: (s: string) => void }): Promise<void> {
+  const bad: Array<readonly [number, number]> = [];
+  let at = 0;
+  try {
+    for (;;) {
+      try {
+        for await (const extent of readExtents(withZeros(image, bad), source, { signal: options.signal, start: at, ...(options.readConcurrency ? { readConcurrency: options.readConcurrency } : {}) })) {
+          options.signal.throwIfAborted();
+          await sink.write(extent);
+          at = extent.offset + extent.length;
+        }
+        break;
+      } catch (err) {
+        if (!salvageable(err) || options.signal.aborted) throw err;
+        let found: readonly [number, number] | undefined;
+        for await (const e of withZeros(image, bad).map(options.signal)) {
+          if (e.offset + e.length <= at || e.kind === 'zero') continue;
+          try {
+            for await (const _ of readExtents(image, source, { signal: options.signal, start: Math.max(at, e.offset), end: e.offset + e.length, readConcurrency: 1 })) void _;
+          } catch (inner) {
+            if (!salvageable(inner)) throw inner;
+            found = [e.offset, e.offset + e.length];
+            const reason = `${(inner as { code: string }).code}: ${(inner as Error).message}`;
+            for (let s = Math.max(at, e.offset); s < e.offset + e.length; s += 512) options.warn?.(`diskconv: warning: error while reading offset ${s}: ${reason}\n`);
+            break;
+          }
+        }
+        if (!found) throw err;
+        bad.push(found);
+      }
+    }
+    await sink.finish(image.virtualSize);
+  } catch (err) {
+    await sink.abort().catch(() => {});
+    throw err;
+  }
+}
+
 export async function run(argv: string[], out: (s: string) => void): Promise<number> {
   const args = parseOrHelp(spec, argv, out);
   if (!args) return 0;
-  const [src, dst] = args.operands as [string, string];
   const target = args.get('target') ?? 'raw';
   if (target !== 'raw') throw new InvalidArgumentError(`output format '${target}' is not supported; only -O raw`);
+  // The checks qemu-img makes before it opens anything, in its order and words.
+  const optionList = accumulateOptions(args.all('options'));
+  const rate = rateLimit(args.get('rate-limit'));
   const noCreate = args.has('no-create');
   const targetIsZero = args.has('target-is-zero');
+  const copyOffload = args.has('copy-offload');
+  const salvage = args.has('salvage');
+  if (args.has('skip-broken-bitmaps') && !args.has('bitmaps')) throw new InvalidArgumentError('Use of --skip-broken-bitmaps requires --bitmaps');
+  if (args.has('compress') && copyOffload) throw new InvalidArgumentError('Cannot enable copy offloading when -c is used');
+  if (args.has('sparse') && copyOffload) throw new InvalidArgumentError('Cannot enable copy offloading when -S is used');
+  if (copyOffload && salvage) throw new InvalidArgumentError('Cannot use copy offloading in salvaging mode');
+  if (args.has('target-image-opts') && !noCreate) throw new InvalidArgumentError('--target-image-opts requires use of -n flag');
+  if (noCreate && optionList !== undefined) throw new InvalidArgumentError('-o has no effect when skipping image creation');
   if (targetIsZero && !noCreate) throw new UsageError('--target-is-zero requires use of -n flag');
+  if (optionList !== undefined && hasHelpOption(optionList)) {
+    // qemu-img: with a target filename the file protocol's options join the list.
+    out(args.operands.length >= 2 ? RAW_OPTIONS_HELP_WITH_FILE : RAW_OPTIONS_HELP_NO_FILE);
+    return 0;
+  }
+  if (args.operands.length < 2) throw new UsageError(args.operands.length === 0 ? 'Must specify image file name' : 'expecting SRC DST');
+  const [srcOperand, dstOperand] = args.operands as [string, string];
   let sparseBlock = 4096;
   const sparse = args.get('sparse');
   if (sparse !== undefined) {
@@ -118,7 +262,17 @@ export async function run(argv: string[], out: (s: string) => void): Promise<num
     readConcurrency = n;
   }
   const snap = args.get('snapshot');
-  const progress = args.has('progress') && !args.has('quiet') ? new ProgressPrinter((s) => process.stdout.write(s)) : undefined;
+  const quiet = args.has('quiet');
+  const progress = args.has('progress') && !quiet ? new ProgressPrinter((s) => process.stdout.write(s)) : undefined;
+  const secrets = await parseObjects(args.all('object'));
+  const opened = await sourceOf(args, srcOperand, 'format', secrets);
+  const src = opened.path;
+  let dst = dstOperand;
+  if (args.has('target-image-opts')) {
+    const t = parseImageOpts(dstOperand, secrets);
+    if (t.format !== 'raw') throw new InvalidArgumentError(`--target-image-opts: diskconv writes raw targets only; give driver=raw (not '${dstOperand}')`);
+    dst = t.path;
+  }
 
   // Refused before the source is even parsed: nothing about the image can make SRC = DST safe.
   await refuseSameFile(src, dst);
@@ -126,7 +280,22 @@ export async function run(argv: string[], out: (s: string) => void): Promise<num
   const onSignal = (sig: NodeJS.Signals): void => abort.abort(new InvalidArgumentError(`interrupted by ${sig}`));
   process.once('SIGINT', onSignal).once('SIGTERM', onSignal).once('SIGHUP', onSignal);
   try {
-    return await withImage(src, { format: declaredFormat(args.get('format')), ...passphraseFile(args), ...(snap ? { snapshot: parseSnapshot(snap) } : {}), signal: abort.signal }, async (image, source) => {
+    return await withImage(src, { ...opened.options, ...(snap ? { snapshot: parseSnapshot(snap) } : {}), signal: abort.signal }, async (image, source) => {
+      // What qemu-img checks once the source is open, before it creates the target.
+      let preallocation: Preallocation = 'off';
+      if (!noCreate) {
+        const opts = optionList !== undefined ? parseRawCreateOptions(optionList) : {};
+        if (args.has('backing')) throw new InvalidArgumentError("Backing file not supported for file format 'raw'");
+        if (args.has('backing-format')) throw new InvalidArgumentError("Backing file format not supported for file format 'raw'");
+        if (args.has('compress')) throw new InvalidArgumentError('Compression not supported for this file format');
+        preallocation = preallocationOf(opts, `${dst}: error while converting raw: `);
+      } else {
+        // With -n qemu-img never creates the target, so -B names nothing it opens (nor do we).
+        if (targetIsZero && args.has('backing')) throw new InvalidArgumentError('Cannot use --target-is-zero when the destination image has a backing file');
+        if (args.has('compress')) throw new InvalidArgumentError('Compression not supported for this file format');
+      }
+      // qemu-img refuses this once it has made the target; nothing is made here.
+      if (args.has('bitmaps')) throw new InvalidArgumentError("Format driver 'raw' does not support bitmaps");
       const data = await dataBytesOf(image, abort.signal);
       const sink = await DestinationSink.open({
         path: dst,
@@ -135,14 +304,18 @@ export async function run(argv: string[], out: (s: string) => void): Promise<num
         allocatedBytes: data,
         noCreate,
         targetIsZero,
-        sparseBlock,
+        // falloc and full: the whole file allocated, whatever -S says (progress still counts as -S says).
+        sparseBlock: preallocation === 'off' ? sparseBlock : 0,
         ...(cache ? { cache } : {}),
       });
       const total = sparseBlock === 0 ? image.virtualSize : data;
       progress?.start();
       const piece = progress ? Math.max(64 * 1024, Math.floor(total / 400)) : Number.MAX_SAFE_INTEGER;
-      const counted = new CountingSink(sink, sparseBlock === 0, piece, (done) => progress?.update(total === 0 ? 100 : (100 * done) / total));
-      await convertToRaw(image, source, counted, { signal: abort.signal, ...(readConcurrency ? { readConcurrency } : {}) });
+      const throttled = rate > 0 ? new ThrottledSink(sink, rate, sparseBlock === 0, abort.signal) : sink;
+      const counted = new CountingSink(throttled, sparseBlock === 0, piece, (done) => progress?.update(total === 0 ? 100 : (100 * done) / total));
+      const read = { signal: abort.signal, ...(readConcurrency ? { readConcurrency } : {}) };
+      if (salvage) await convertSalvaging(image, source, counted, { ...read, ...(quiet ? {} : { warn: (s: string) => process.stderr.write(s) }) });
+      else await convertToRaw(image, source, counted, read);
       progress?.end();
       return 0;
     });

@@ -2,7 +2,19 @@
 import { UnsupportedFormatError } from '../../engine/index.js';
 import { type CommandSpec, parseOrHelp, UsageError } from '../args.js';
 import { DestinationSink } from '../destination.js';
+import { accumulateOptions, hasHelpOption, parseRawCreateOptions, preallocationOf, RAW_OPTIONS_HELP_WITH_FILE, type RawCreateOptions } from '../create-options.js';
 import { parseSize, SIZE_HINT } from '../size.js';
+
+/** The text of the last `key=` in an option list, as qemu-img prints it back (`nocow=yes`); a bare key is on, `noKEY` off. */
+function lastValue(list: string, key: string): string {
+  let value = 'on';
+  for (const kv of list.split(',')) {
+    if (kv === key) value = 'on';
+    else if (kv === `no${key}`) value = 'off';
+    else if (kv.startsWith(`${key}=`)) value = kv.slice(key.length + 1);
+  }
+  return value;
+}
 
 export const spec: CommandSpec = {
   name: 'create',
@@ -12,7 +24,7 @@ export const spec: CommandSpec = {
   maxOperands: 2,
   options: [
     { key: 'format', short: 'f', value: 'raw', help: 'image format; only raw' },
-    { key: 'options', short: 'o', value: 'OPTIONS', repeatable: true, help: 'size=SIZE, preallocation=off|full' },
+    { key: 'options', short: 'o', value: 'OPTIONS', repeatable: true, help: 'size=SIZE, preallocation=off|falloc|full, nocow=on|off, extent_size_hint=SIZE (accepted, no effect); help lists them' },
     { key: 'quiet', short: 'q', help: "quiet: no 'Formatting' line" },
   ],
   notes: 'An existing FILE is replaced only once the new one is complete (written beside it, then renamed); a block device is only checked to be large enough.',
@@ -24,39 +36,47 @@ export async function run(argv: string[], out: (s: string) => void): Promise<num
   const format = args.get('format') ?? 'raw';
   if (format !== 'raw') throw new UnsupportedFormatError(`creating '${format}' images is not supported; only -f raw`);
   const [file, sizeText] = args.operands as [string, string | undefined];
-  const opts = new Map<string, string>();
-  for (const group of args.all('options')) {
-    for (const kv of group.split(',')) {
-      if (kv === '') continue;
-      const eq = kv.indexOf('=');
-      const key = eq < 0 ? kv : kv.slice(0, eq);
-      if (key !== 'size' && key !== 'preallocation') throw new UsageError(`${file}: Invalid parameter '${key}'`);
-      opts.set(key, eq < 0 ? '' : kv.slice(eq + 1));
+  let opts: RawCreateOptions = {};
+  const list = accumulateOptions(args.all('options'));
+  if (list !== undefined && hasHelpOption(list)) {
+    out(RAW_OPTIONS_HELP_WITH_FILE);
+    return 0;
+  }
+  if (list !== undefined) opts = parseRawCreateOptions(list, `${file}: `);
+  if (opts.size !== undefined && sizeText !== undefined) throw new UsageError(`${file}: The image size must be specified only once`);
+  let size: number;
+  if (sizeText === undefined) {
+    if (opts.size === undefined) throw new UsageError(`${file}: Image creation needs a size parameter`);
+    size = opts.size;
+  } else {
+    try {
+      size = parseSize(sizeText, 'image size');
+    } catch (err) {
+      if (err instanceof UsageError && !err.message.includes('Must be')) throw new UsageError(`Invalid image size specified. ${SIZE_HINT}`);
+      throw err;
     }
   }
-  if (opts.has('size') && sizeText !== undefined) throw new UsageError(`${file}: The image size must be specified only once`);
-  const text = sizeText ?? opts.get('size');
-  if (text === undefined) throw new UsageError(`${file}: Image creation needs a size parameter`);
-  let size: number;
-  try {
-    size = parseSize(text, 'image size');
-  } catch (err) {
-    if (err instanceof UsageError && !err.message.includes('Must be')) throw new UsageError(`Invalid image size specified. ${SIZE_HINT}`);
-    throw err;
-  }
-  const prealloc = opts.get('preallocation') ?? 'off';
-  if (prealloc !== 'off' && prealloc !== 'full') throw new UsageError(`${file}: invalid parameter value: ${prealloc} (diskconv supports preallocation=off and full)`);
-  if (!args.has('quiet')) out(`Formatting '${file}', fmt=raw size=${size}${opts.has('preallocation') ? ` preallocation=${prealloc}` : ''}`);
+  // The line lists the options given, in qemu's order (size, nocow, preallocation, extent_size_hint), before the file driver checks them.
+  const given = list ?? '';
+  const shown = [
+    `size=${size}`,
+    ...(opts.nocow !== undefined ? [`nocow=${lastValue(given, 'nocow')}`] : []),
+    ...(opts.preallocation !== undefined ? [`preallocation=${opts.preallocation}`] : []),
+    ...(opts.extentSizeHint !== undefined ? [`extent_size_hint=${opts.extentSizeHint}`] : []),
+  ];
+  if (!args.has('quiet')) out(`Formatting '${file}', fmt=raw ${shown.join(' ')}`);
+  const prealloc = preallocationOf(opts, `${file}: `);
+  const full = prealloc !== 'off';
   // qemu rounds a raw image up to whole 512-byte sectors.
   const fileSize = Math.ceil(size / 512) * 512;
-  const sink = await DestinationSink.open({ path: file, virtualSize: fileSize, allocatedBytes: prealloc === 'full' ? fileSize : 0, sparseBlock: prealloc === 'full' ? 0 : 4096 });
+  const sink = await DestinationSink.open({ path: file, virtualSize: fileSize, allocatedBytes: full ? fileSize : 0, sparseBlock: full ? 0 : 4096 });
   if (sink.kind === 'block-device' || sink.kind === 'char-device') {
     // qemu-img create on a device only checks its size; nothing is written.
     await sink.abort();
     return 0;
   }
   try {
-    if (prealloc === 'full' && fileSize > 0) await sink.write({ kind: 'zero', offset: 0, length: fileSize });
+    if (full && fileSize > 0) await sink.write({ kind: 'zero', offset: 0, length: fileSize });
     await sink.finish(fileSize);
   } catch (err) {
     await sink.abort();

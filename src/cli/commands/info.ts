@@ -2,7 +2,8 @@
 import { imageInfo, UnsafeImageError } from '../../engine/index.js';
 import { type CommandSpec, DISK_OPTION, FORCE_SHARE_OPTION, FORMAT_OPTION, OUTPUT_OPTION, outputOf, parseOrHelp, PASSPHRASE_OPTION } from '../args.js';
 import { formatHumanInfo, formatJsonInfo, qemuJson, qemuOrder } from '../human.js';
-import { declaredFormat, passphraseFile, withImage } from '../image.js';
+import { IMAGE_OPTS_OPTION, OBJECT_OPTION } from '../image-opts.js';
+import { sourceOf, withImage } from '../image.js';
 
 export const spec: CommandSpec = {
   name: 'info',
@@ -17,6 +18,8 @@ export const spec: CommandSpec = {
     PASSPHRASE_OPTION,
     DISK_OPTION,
     FORCE_SHARE_OPTION,
+    OBJECT_OPTION,
+    IMAGE_OPTS_OPTION,
   ],
 };
 
@@ -26,7 +29,8 @@ export async function run(argv: string[], out: (s: string) => void): Promise<num
   const file = args.operands[0] as string;
   const output = outputOf(args.get('output'));
   // Metadata only: an image with a backing file shows it; nothing it names is opened.
-  const info = await withImage(file, { format: declaredFormat(args.get('format')), metadataOnly: true, ...passphraseFile(args) }, (img, src) => imageInfo(img, src));
+  const opened = await sourceOf(args, file);
+  const info = await withImage(opened.path, { ...opened.options, metadataOnly: true }, (img, src) => imageInfo(img, src));
   const chain = args.has('backing-chain');
   if (chain && info['backing-filename'] !== undefined) {
     throw new UnsafeImageError(

@@ -5,7 +5,8 @@
  */
 import { blockStatus, UnsupportedFeatureError, type BlockStatus } from '../../engine/index.js';
 import { type CommandSpec, FORCE_SHARE_OPTION, FORMAT_OPTION, OUTPUT_OPTION, outputOf, parseOrHelp, PASSPHRASE_OPTION, UsageError, type Output } from '../args.js';
-import { declaredFormat, passphraseFile, withImage } from '../image.js';
+import { IMAGE_OPTS_OPTION, OBJECT_OPTION } from '../image-opts.js';
+import { sourceOf, withImage } from '../image.js';
 import { parseSize, SIZE_HINT } from '../size.js';
 
 export const spec: CommandSpec = {
@@ -21,6 +22,8 @@ export const spec: CommandSpec = {
     { key: 'max-length', long: 'max-length', value: 'LEN', help: 'map at most LEN bytes' },
     PASSPHRASE_OPTION,
     FORCE_SHARE_OPTION,
+    OBJECT_OPTION,
+    IMAGE_OPTS_OPTION,
   ],
   notes: [
     'JSON: start, length, depth, present, zero, data and, where the bytes lie in FILE, offset. depth is',
@@ -67,7 +70,8 @@ export async function run(argv: string[], out: (s: string) => void): Promise<num
   const output: Output = outputOf(outputText);
   const startOffset = sizeOption(args.get('start-offset'), 'start offset') ?? 0;
   const maxLength = sizeOption(args.get('max-length'), 'max length');
-  return withImage(file, { format: declaredFormat(args.get('format')), ...passphraseFile(args) }, async (image, source) => {
+  const opened = await sourceOf(args, file);
+  return withImage(opened.path, opened.options, async (image, source) => {
     if (image.archive) {
       // qemu-img maps an archive as a raw file; offsets into its members would be neither that nor a disk file's.
       throw new UnsupportedFeatureError(`${file} is an ${image.archive.kind === 'ova' ? 'OVA' : 'tar bundle'}: map shows one disk file's layout; extract the disk and map it`);
@@ -77,7 +81,7 @@ export async function run(argv: string[], out: (s: string) => void): Promise<num
     const dump = (e: Entry, next: Entry | undefined): void => {
       if (output === 'human') {
         if (e.data && e.offset === undefined) throw new UnsupportedFeatureError('File contains external, encrypted or compressed clusters.');
-        if (e.data && !e.zero) out(`${hex16(e.start)}${hex16(e.length)}${hex16(e.offset ?? 0)}${e.offset !== undefined ? file : ''}`);
+        if (e.data && !e.zero) out(`${hex16(e.start)}${hex16(e.length)}${hex16(e.offset ?? 0)}${e.offset !== undefined ? opened.path : ''}`);
         // As qemu: human output ignores the difference between zero kinds, so they coalesce.
         if (next && (!next.data || next.zero)) {
           next.data = false;

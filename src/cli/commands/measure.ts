@@ -1,7 +1,8 @@
 /** `diskconv measure -O raw`: the size a raw output needs, as qemu-img measure prints it. */
 import { InvalidArgumentError } from '../../engine/index.js';
 import { type CommandSpec, FORCE_SHARE_OPTION, FORMAT_OPTION, OUTPUT_OPTION, outputOf, parseOrHelp, UsageError } from '../args.js';
-import { declaredFormat, parseSnapshot, withImage } from '../image.js';
+import { IMAGE_OPTS_OPTION, OBJECT_OPTION } from '../image-opts.js';
+import { parseSnapshot, sourceOf, withImage } from '../image.js';
 import { parseSize, SIZE_HINT } from '../size.js';
 
 export const spec: CommandSpec = {
@@ -17,6 +18,8 @@ export const spec: CommandSpec = {
     { key: 'snapshot', short: 'l', value: 'SNAPSHOT', help: 'measure an internal snapshot' },
     OUTPUT_OPTION,
     FORCE_SHARE_OPTION,
+    OBJECT_OPTION,
+    IMAGE_OPTS_OPTION,
   ],
 };
 
@@ -40,7 +43,8 @@ export async function run(argv: string[], out: (s: string) => void): Promise<num
     }
   } else {
     const snap = args.get('snapshot');
-    virtualSize = await withImage(file as string, { format: declaredFormat(args.get('format')), ...(snap ? { snapshot: parseSnapshot(snap) } : {}) }, async (image) => image.virtualSize);
+    const opened = await sourceOf(args, file as string);
+    virtualSize = await withImage(opened.path, { ...opened.options, ...(snap ? { snapshot: parseSnapshot(snap) } : {}) }, async (image) => image.virtualSize);
   }
   // A raw image is as large as its virtual size, in whole 512-byte sectors, sparse or not.
   const required = Math.ceil(virtualSize / 512) * 512;
