@@ -4,7 +4,7 @@
  * the snapshot table (bdrv_snapshot_dump), the "Format specific information"
  * block (dump_qobject), and JSON in the order qemu's QDict iterates its keys.
  */
-import type { CheckReport } from '../engine/types.js';
+import type { CheckReport, QemuSnapshotJson } from '../engine/types.js';
 import type { QemuInfoJson } from '../engine/index.js';
 
 const SUFFIXES = ['', 'Ki', 'Mi', 'Gi', 'Ti', 'Pi', 'Ei'];
@@ -164,6 +164,19 @@ function vmClock(sec: number, nsec: number): string {
   return `${two(Number(secs / 3600n))}:${two(Number((secs / 60n) % 60n))}:${two(Number(secs % 60n))}.${String(ms).padStart(3, '0')}`;
 }
 
+/** `Snapshot list:` and its table, as qemu's dump_snapshots / bdrv_snapshot_dump print it (info and snapshot -l). */
+export function snapshotTable(snapshots: readonly QemuSnapshotJson[]): string[] {
+  const lines = ['Snapshot list:'];
+  lines.push(`${'ID'.padEnd(10)}${'TAG'.padEnd(17)}${'VM SIZE'.padStart(8)}${'DATE'.padStart(20)}${'VM CLOCK'.padStart(13)}${'ICOUNT'.padStart(11)}`);
+  for (const s of snapshots) {
+    const icount = s.icount === undefined ? '' : String(s.icount);
+    lines.push(
+      `${String(s.id).padEnd(9)} ${String(s.name).padEnd(16)} ${humanSize(Number(s['vm-state-size'])).padStart(8)}${localDate(Number(s['date-sec'])).padStart(20)}${vmClock(Number(s['vm-clock-sec']), Number(s['vm-clock-nsec'])).padStart(13)}${icount.padStart(11)}`,
+    );
+  }
+  return lines;
+}
+
 /** `qemu-img info`'s human report, byte for byte. */
 export function formatHumanInfo(info: QemuInfoJson): string {
   const lines = [
@@ -181,16 +194,7 @@ export function formatHumanInfo(info: QemuInfoJson): string {
     lines.push(`backing file: ${backing}${full === undefined ? ' (cannot determine actual path)' : full !== backing ? ` (actual path: ${full})` : ''}`);
     if (info['backing-filename-format'] !== undefined) lines.push(`backing file format: ${info['backing-filename-format']}`);
   }
-  if (info.snapshots?.length) {
-    lines.push('Snapshot list:');
-    lines.push(`${'ID'.padEnd(10)}${'TAG'.padEnd(17)}${'VM SIZE'.padStart(8)}${'DATE'.padStart(20)}${'VM CLOCK'.padStart(13)}${'ICOUNT'.padStart(11)}`);
-    for (const s of info.snapshots as Array<Record<string, number | string | undefined>>) {
-      const icount = s.icount === undefined ? '' : String(s.icount);
-      lines.push(
-        `${String(s.id).padEnd(9)} ${String(s.name).padEnd(16)} ${humanSize(Number(s['vm-state-size'])).padStart(8)}${localDate(Number(s['date-sec'])).padStart(20)}${vmClock(Number(s['vm-clock-sec']), Number(s['vm-clock-nsec'])).padStart(13)}${icount.padStart(11)}`,
-      );
-    }
-  }
+  if (info.snapshots?.length) lines.push(...snapshotTable(info.snapshots as QemuSnapshotJson[]));
   const fs = info['format-specific'];
   if (fs) {
     lines.push('Format specific information:');

@@ -103,7 +103,8 @@ export function parseImageOpts(operand: string, secrets: Secrets): ImageSpec {
   const couldNot = (why: string): never => fail(`Could not open '${operand}': ${why}`);
   for (const key of fields.keys()) {
     if (['driver', 'file.filename', 'file.driver', 'encrypt.key-secret'].includes(key)) continue;
-    if (key === 'filename' && driver === 'file') continue;
+    // qemu takes `filename` for any driver; only the file driver reads it as the path (a format then lacks its "file").
+    if (key === 'filename') continue;
     couldNot(driver === undefined ? `Cannot find device='${key}' nor node-name='${key}'` : `Block format '${driver}' does not support the option '${key}'`);
   }
   const fileDriver = fields.get('file.driver');

@@ -17,6 +17,7 @@ const COMMANDS: Record<string, () => Promise<CommandModule>> = {
   measure: () => import('./commands/measure.js'),
   map: () => import('./commands/map.js'),
   compare: () => import('./commands/compare.js'),
+  snapshot: () => import('./commands/snapshot.js'),
 };
 
 const SERVICE = ['serve', 'worker', 'up'] as const;

@@ -9,7 +9,9 @@ import { blockStatus, ImageCorruptError, qemuStatusSpan, readExtents, type Block
 import { type CommandSpec, FORCE_SHARE_OPTION, parseOrHelp, UsageError } from '../args.js';
 import { CACHE_MODES } from '../destination.js';
 import { withExitStatus } from '../errors.js';
-import { declaredFormat, withImage } from '../image.js';
+import { IMAGE_OPTS_OPTION, OBJECT_OPTION, parseObjects } from '../image-opts.js';
+import { sourceOf, withImage } from '../image.js';
+import { ProgressPrinter } from '../progress.js';
 
 export const spec: CommandSpec = {
   name: 'compare',
@@ -23,7 +25,10 @@ export const spec: CommandSpec = {
     { key: 'strict', short: 's', help: 'strict: images of different sizes, or whose allocation differs, are a mismatch' },
     { key: 'quiet', short: 'q', help: 'quiet: print nothing; the exit status tells' },
     { key: 'src-cache', short: 'T', value: 'CACHE', help: 'source cache mode (accepted; the images are only read)' },
+    { key: 'progress', short: 'p', help: 'show progress on stdout, as qemu-img prints it' },
     FORCE_SHARE_OPTION,
+    OBJECT_OPTION,
+    IMAGE_OPTS_OPTION,
   ],
   notes: [
     'By default images of different sizes compare equal when the larger one holds only zeros past the',
@@ -109,6 +114,21 @@ class StatusCursor {
   }
 }
 
+/** qemu-img's IO_BUF_SIZE: compare reads at most this much at a time. */
+const IO_BUF_SIZE = 2 * 2 ** 20;
+
+/** Where qemu-img compare's chunk from `offset` ends: the shortest driver answer, capped at IO_BUF_SIZE unless all read as zeros. */
+function qemuChunkEnd(offset: number, ...sides: Array<[DiskImage, BlockStatus]>): number {
+  let end = Infinity;
+  for (const [image, status] of sides) {
+    end = Math.min(end, status.offset + status.length);
+    const span = qemuStatusSpan(image, status);
+    if (span !== undefined) end = Math.min(end, (Math.floor(offset / span) + 1) * span);
+  }
+  if (!sides.every(([, st]) => st.zero)) end = Math.min(end, offset + IO_BUF_SIZE);
+  return end;
+}
+
 const sameStatus = (x: BlockStatus, y: BlockStatus): boolean =>
   x.data === y.data && x.zero === y.zero && x.present === y.present && (x.hostOffset === undefined) === (y.hostOffset === undefined);
 
@@ -117,7 +137,7 @@ interface Side {
   source: RandomAccessSource;
 }
 
-async function compareImages(a: Side, b: Side, strict: boolean, say: (s: string) => void): Promise<number> {
+async function compareImages(a: Side, b: Side, strict: boolean, say: (s: string) => void, progress?: ProgressPrinter): Promise<number> {
   const sizeA = a.image.virtualSize;
   const sizeB = b.image.virtualSize;
   if (strict && sizeA !== sizeB) {
@@ -125,7 +145,7 @@ async function compareImages(a: Side, b: Side, strict: boolean, say: (s: string)
     return 1;
   }
   const extents = [a, b].map((s) => new Cursor(readExtents(s.image, s.source)[Symbol.asyncIterator]()));
-  const statuses = strict ? [a, b].map((s) => new StatusCursor(s.image, blockStatus(s.image, s.source)[Symbol.asyncIterator]())) : [];
+  const statuses = strict || progress ? [a, b].map((s) => new StatusCursor(s.image, blockStatus(s.image, s.source)[Symbol.asyncIterator]())) : [];
   const [ea, eb] = extents as [Cursor<Extent>, Cursor<Extent>];
   const mismatch = (at: number): number => {
     say(`Content mismatch at offset ${Math.floor(at / SECTOR) * SECTOR}!`);
@@ -133,8 +153,17 @@ async function compareImages(a: Side, b: Side, strict: boolean, say: (s: string)
   };
   try {
     const common = Math.min(sizeA, sizeB);
+    // -p moves as qemu-img's does: one step per chunk qemu would compare (both drivers' answers, at most
+    // IO_BUF_SIZE where data is read), whatever steps our own extents take inside it.
+    let chunkEnd = 0;
+    const total = Math.max(sizeA, sizeB);
     for (let offset = 0; offset < common; ) {
       let end = common;
+      if (progress && offset >= chunkEnd) {
+        const [sa, sb] = (await Promise.all(statuses.map((c) => c.at(offset)))) as [Awaited<ReturnType<StatusCursor['at']>>, Awaited<ReturnType<StatusCursor['at']>>];
+        chunkEnd = Math.min(common, qemuChunkEnd(offset, [a.image, sa.status], [b.image, sb.status]));
+      }
+      if (progress) end = Math.min(end, chunkEnd);
       if (strict) {
         const [sa, sb] = (await Promise.all(statuses.map((c) => c.at(offset)))) as [Awaited<ReturnType<StatusCursor['at']>>, Awaited<ReturnType<StatusCursor['at']>>];
         // qemu compares the whole status word: its flags and whether this answer reaches the end of the image.
@@ -153,17 +182,23 @@ async function compareImages(a: Side, b: Side, strict: boolean, say: (s: string)
       const diff = firstDifference(x, y, offset, end);
       if (diff >= 0) return mismatch(diff);
       offset = end;
+      if (offset === chunkEnd) progress?.update((100 * offset) / total);
     }
     if (sizeA !== sizeB) {
       say('Warning: Image size mismatch!');
       const over = sizeA > sizeB ? ea : eb;
       const size = Math.max(sizeA, sizeB);
+      const overSide = sizeA > sizeB ? a : b;
+      const overStatus = statuses[sizeA > sizeB ? 0 : 1];
       for (let offset = common; offset < size; ) {
         const x = await over.at(offset);
-        const end = Math.min(size, x.offset + x.length);
+        let end = Math.min(size, x.offset + x.length);
+        if (progress && overStatus && offset >= chunkEnd) chunkEnd = Math.min(size, qemuChunkEnd(offset, [overSide.image, (await overStatus.at(offset)).status]));
+        if (progress) end = Math.min(end, chunkEnd);
         const diff = firstDifference(x, undefined, offset, end);
         if (diff >= 0) return mismatch(diff);
         offset = end;
+        if (offset === chunkEnd) progress?.update((100 * offset) / size);
       }
     }
     say('Images are identical.');
@@ -180,10 +215,11 @@ export async function run(argv: string[], out: (s: string) => void): Promise<num
   // qemu-img compare exits 2 on a bad cache mode or format, as on any image it cannot open.
   if (cache !== undefined && !(CACHE_MODES as readonly string[]).includes(cache)) throw withExitStatus(new UsageError(`Invalid source cache option: ${cache}`, 'compare'), 2);
   const [fileA, fileB] = args.operands as [string, string];
-  let formatA, formatB;
+  let openA, openB;
   try {
-    formatA = declaredFormat(args.get('format'));
-    formatB = declaredFormat(args.get('format2'));
+    const secrets = await parseObjects(args.all('object'));
+    openA = await sourceOf(args, fileA, 'format', secrets);
+    openB = await sourceOf(args, fileB, 'format2', secrets);
   } catch (err) {
     throw withExitStatus(err, 2);
   }
@@ -191,20 +227,25 @@ export async function run(argv: string[], out: (s: string) => void): Promise<num
   const say = (s: string): void => {
     if (!quiet) out(s);
   };
+  // qemu-img compare -p: the line from 0 once both images are open (minimum step 2 points), and its newline at the end whatever happens.
+  const progress = args.has('progress') && !quiet ? new ProgressPrinter((s) => process.stdout.write(s), 2) : undefined;
   // 2 until both images are open and readable (qemu-img's "Could not open"), 4 once reading fails.
   let opened = false;
   try {
-    return await withImage(fileA, { format: formatA }, (imageA, sourceA) => {
+    return await withImage(openA.path, openA.options, (imageA, sourceA) => {
       imageA.readable?.();
-      return withImage(fileB, { format: formatB }, (imageB, sourceB) => {
+      return withImage(openB.path, openB.options, (imageB, sourceB) => {
         imageB.readable?.();
         opened = true;
-        return compareImages({ image: imageA, source: sourceA }, { image: imageB, source: sourceB }, args.has('strict'), say);
+        progress?.start();
+        return compareImages({ image: imageA, source: sourceA }, { image: imageB, source: sourceB }, args.has('strict'), say, progress);
       });
     });
   } catch (err) {
     const code = (err as { code?: unknown }).code;
     const cannotOpen = !opened || code === 'UNSUPPORTED_FEATURE' || code === 'UNSAFE_IMAGE';
     throw withExitStatus(err, cannotOpen ? 2 : 4);
+  } finally {
+    progress?.close();
   }
 }

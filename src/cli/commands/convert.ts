@@ -77,6 +77,8 @@ class CountingSink implements ExtentSink {
     private readonly countZeros: boolean,
     private readonly piece: number,
     private readonly onData: (done: number) => void,
+    /** --salvage: ranges written as zeros because they could not be read; they count as the data they were. */
+    private readonly salvaged: ReadonlyArray<readonly [number, number]> = [],
   ) {}
   async write(extent: Extent): Promise<void> {
     const counted = extent.kind === 'data' || this.countZeros;
@@ -94,6 +96,13 @@ class CountingSink implements ExtentSink {
     if (extent.kind === 'data' || this.countZeros) {
       this.done += extent.length;
       this.onData(this.done);
+    } else if (this.salvaged.length > 0) {
+      const end = extent.offset + extent.length;
+      const lost = this.salvaged.reduce((sum, [from, to]) => sum + Math.max(0, Math.min(to, end) - Math.max(from, extent.offset)), 0);
+      if (lost > 0) {
+        this.done += lost;
+        this.onData(this.done);
+      }
     }
   }
   finish(virtualSize: number): Promise<void> {
@@ -177,8 +186,13 @@ function withZeros(image: DiskImage, bad: ReadonlyArray<readonly [number, number
  * it stopped; what was written stays written. An error in the metadata itself
  * (the map cannot go on) still ends the conversion, as does any output error.
  */
-async function convertSalvaging(image: DiskImage, source: RandomAccessSource, sink: ExtentSink, options: { signal: AbortSignal; readConcurrency?: number; warn?: (s: string) => void }): Promise<void> {
-  const bad: Array<readonly [number, number]> = [];
+async function convertSalvaging(
+  image: DiskImage,
+  source: RandomAccessSource,
+  sink: ExtentSink,
+  bad: Array<readonly [number, number]>,
+  options: { signal: AbortSignal; readConcurrency?: number; warn?: (s: string) => void },
+): Promise<void> {
   let at = 0;
   try {
     for (;;) {
@@ -312,9 +326,10 @@ export async function run(argv: string[], out: (s: string) => void): Promise<num
       progress?.start();
       const piece = progress ? Math.max(64 * 1024, Math.floor(total / 400)) : Number.MAX_SAFE_INTEGER;
       const throttled = rate > 0 ? new ThrottledSink(sink, rate, sparseBlock === 0, abort.signal) : sink;
-      const counted = new CountingSink(throttled, sparseBlock === 0, piece, (done) => progress?.update(total === 0 ? 100 : (100 * done) / total));
+      const bad: Array<readonly [number, number]> = [];
+      const counted = new CountingSink(throttled, sparseBlock === 0, piece, (done) => progress?.update(total === 0 ? 100 : (100 * done) / total), bad);
       const read = { signal: abort.signal, ...(readConcurrency ? { readConcurrency } : {}) };
-      if (salvage) await convertSalvaging(image, source, counted, { ...read, ...(quiet ? {} : { warn: (s: string) => process.stderr.write(s) }) });
+      if (salvage) await convertSalvaging(image, source, counted, bad, { ...read, ...(quiet ? {} : { warn: (s: string) => process.stderr.write(s) }) });
       else await convertToRaw(image, source, counted, read);
       progress?.end();
       return 0;
