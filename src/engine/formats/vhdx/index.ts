@@ -257,7 +257,16 @@ export const vhdxDriver: FormatDriver = {
       const locatorItem = items.get('parentLocator');
       if (!locatorItem) throw new ImageCorruptError(`${name}: VHDX file parameters say it has a parent, but there is no parent locator`);
       if (locatorItem.length > MAX_LOCATOR_BYTES) throw new ImageCorruptError(`${name}: VHDX parent locator of ${locatorItem.length} bytes (at most ${MAX_LOCATOR_BYTES})`);
-      const locator = parseParentLocator(await readItem('parentLocator', locatorItem.length), name);
+      let locator: Map<string, string>;
+      try {
+        locator = parseParentLocator(await readItem('parentLocator', locatorItem.length), name);
+      } catch (err) {
+        // Alone, a differencing image is refused as such, whatever its locator holds.
+        if (options.backingSupplied) throw err;
+        throw new UnsafeImageError(
+          `${name}: differencing VHDX (its parent locator is unreadable: ${(err as Error).message}): its blocks not present here are a parent's, which is never opened; qemu-img refuses a differencing VHDX`,
+        );
+      }
       const names: ParentLink['names'] = [];
       for (const key of ['relative_path', 'volume_path', 'absolute_win32_path']) {
         const value = locator.get(key);
