@@ -21,18 +21,10 @@ import { openStores, type Stores } from '../../src/store/index.js';
 import { makeTempDir } from '../helpers/qemu.js';
 import { startRedis, uniqueQueueName, type TestRedis } from '../helpers/redis.js';
 import { waitFor } from '../helpers/service.js';
+import { canMountTmpfs } from '../helpers/tmpfs.js';
 
 const TOKEN = 'token-failures-0123456789';
 
-function canMountTmpfs(): boolean {
-  if (process.getuid?.() !== 0) return false;
-  try {
-    execFileSync('mount', ['--version'], { stdio: 'ignore' });
-    return true;
-  } catch {
-    return false;
-  }
-}
 
 /** Sends raw bytes on a new connection; resolves with everything the server sent once it closes. */
 function rawExchange(port: number, bytes: string | Buffer, timeoutMs = 10_000): Promise<{ data: string; closedByServer: boolean }> {

@@ -9,8 +9,7 @@
  * Bad options are refused at creation, before a byte is sent.
  */
 import { execFile } from 'node:child_process';
-import { createHash, createHmac, timingSafeEqual } from 'node:crypto';
-import { createServer, type Server } from 'node:http';
+import { createHash } from 'node:crypto';
 import { readdir, readFile, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { gzipSync } from 'node:zlib';
@@ -20,6 +19,7 @@ import { cephAvailable, cephCli, removeRbdImages, useCeph, type CephEnv } from '
 import { glanceApi, haveGlance, useGlance, type TestGlance } from '../helpers/glance.js';
 import { makeTempDir, mixedContent, qemuImg, qemuRawSha256, sha256File, writeRaw } from '../helpers/qemu.js';
 import { ServiceHarness, waitFor, type JobJson } from '../helpers/service.js';
+import { startReceiver } from '../helpers/webhook-receiver.js';
 import { tusCreate, tusHead, tusPatch, tusUpload, TusRefused } from '../helpers/tus.js';
 
 const TOKEN = 'tus-options-token-0123456789abcdef';
@@ -38,39 +38,7 @@ async function filesUnder(dir: string): Promise<string[]> {
   return entries.filter((e) => e.isFile()).map((e) => join(e.parentPath ?? (e as unknown as { path: string }).path, e.name));
 }
 
-interface Delivery {
-  body: string;
-  verified: boolean;
-}
 
-async function startReceiver(): Promise<{ url: string; deliveries: Delivery[]; close(): Promise<void> }> {
-  const deliveries: Delivery[] = [];
-  const server: Server = createServer((req, res) => {
-    const chunks: Buffer[] = [];
-    req.on('data', (c: Buffer) => chunks.push(c));
-    req.on('end', () => {
-      const body = Buffer.concat(chunks);
-      const timestamp = String(req.headers['x-diskconv-timestamp'] ?? '');
-      const given = Buffer.from(String(req.headers['x-diskconv-signature'] ?? ''));
-      const expected = Buffer.from(`sha256=${createHmac('sha256', SECRET).update(`${timestamp}.`).update(body).digest('hex')}`);
-      const verified = given.length === expected.length && timingSafeEqual(given, expected);
-      deliveries.push({ body: body.toString(), verified });
-      res.writeHead(verified ? 200 : 401).end();
-    });
-  });
-  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
-  const address = server.address();
-  const port = typeof address === 'object' && address ? address.port : 0;
-  return {
-    url: `http://127.0.0.1:${port}/hook`,
-    deliveries,
-    close: () =>
-      new Promise((resolve) => {
-        server.closeAllConnections();
-        server.close(() => resolve());
-      }),
-  };
-}
 
 type RichJob = JobJson & { output: (JobJson['output'] & Record<string, unknown>) | null; expected_sha256?: string; destination?: unknown; glance?: unknown };
 
@@ -206,7 +174,7 @@ describe('tus uploads carry the job options', () => {
   });
 
   it('callback_url: the finished job is POSTed, signed', async () => {
-    const receiver = await startReceiver();
+    const receiver = await startReceiver(SECRET);
     try {
       const { jobId } = await tusUpload(svc.apiUrl, TOKEN, qcow2, { callback_url: receiver.url });
       const job = await waitFor('the callback', async () => {

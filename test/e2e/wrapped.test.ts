@@ -18,6 +18,7 @@ import { makeTempDir, mixedContent, qemuImg, qemuRawSha256, sha256File } from '.
 import { curl, ServiceHarness, waitFor, type JobJson } from '../helpers/service.js';
 import { tusUpload, TusRefused } from '../helpers/tus.js';
 import { startFileServer, type FileServer } from './http-files.js';
+import { canMountTmpfs } from '../helpers/tmpfs.js';
 
 const exec = promisify(execFile);
 const TOKEN = 'wrapped-token-0123456789abcdef';
@@ -211,15 +212,6 @@ describe('compressed wrappers through the service', () => {
   });
 });
 
-function canMountTmpfs(): boolean {
-  if (process.getuid?.() !== 0) return false;
-  try {
-    execFileSync('mount', ['--version'], { stdio: 'ignore' });
-    return true;
-  } catch {
-    return false;
-  }
-}
 
 describe('unwrapping an upload into a store short of space', () => {
   it.skipIf(!canMountTmpfs() && process.env.CI !== 'true')('answers 507 INSUFFICIENT_SPACE (not LIMIT_EXCEEDED) when the inner image passes the free space, leaving nothing staged', async () => {

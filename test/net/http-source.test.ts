@@ -17,6 +17,7 @@ import { HttpRangeSource } from '../../src/net/range-source.js';
 import { DEFAULT_URL_POLICY, type UrlPolicy } from '../../src/net/url-policy.js';
 import { makeTempDir, mixedContent, qemuImg, qemuRawSha256, sha256File } from '../helpers/qemu.js';
 import { fileHandler, redirect, routes, startBlackhole, startServer, type TestServer } from './servers.js';
+import { canMountTmpfs } from '../helpers/tmpfs.js';
 
 const execFileP = promisify(execFile);
 let dir: string;
@@ -665,15 +666,6 @@ describe('compressed wrappers', () => {
   });
 });
 
-function canMountTmpfs(): boolean {
-  if (process.getuid?.() !== 0) return false;
-  try {
-    execFileSyncNode('mount', ['--version'], { stdio: 'ignore' });
-    return true;
-  } catch {
-    return false;
-  }
-}
 
 describe('free space while unwrapping', () => {
   it.skipIf(!canMountTmpfs() && process.env.CI !== 'true')('a wrapper that decompresses past the free space is INSUFFICIENT_SPACE (retried), not the image\'s fault; nothing stays', async () => {

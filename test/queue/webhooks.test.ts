@@ -2,49 +2,17 @@
  * Completion webhooks with real processes (API, worker, redis-server) and real
  * receivers on 127.0.0.1 that verify the signature the way the README shows.
  */
-import { createHmac, timingSafeEqual } from 'node:crypto';
-import { createServer, type IncomingHttpHeaders, type Server } from 'node:http';
 import { join } from 'node:path';
 import { readFile } from 'node:fs/promises';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { freePort } from '../../src/cli/redis-server.js';
 import { makeTempDir, qemuImg, qemuRawSha256, writeRaw } from '../helpers/qemu.js';
 import { ServiceHarness, waitFor, type JobJson } from '../helpers/service.js';
+import { startReceiver, type Delivery } from '../helpers/webhook-receiver.js';
 
 const SECRET = 'webhook-secret-0123456789abcdef0123456789';
 
-interface Delivery {
-  headers: IncomingHttpHeaders;
-  body: string;
-  verified: boolean;
-}
 
-/** A receiver that checks X-Diskconv-Signature and answers with the next status in `statuses` (then 200). */
-async function startReceiver(statuses: number[] = []): Promise<{ url: string; deliveries: Delivery[]; close(): Promise<void> }> {
-  const deliveries: Delivery[] = [];
-  const server: Server = createServer((req, res) => {
-    const chunks: Buffer[] = [];
-    req.on('data', (c: Buffer) => chunks.push(c));
-    req.on('end', () => {
-      const body = Buffer.concat(chunks);
-      const timestamp = String(req.headers['x-diskconv-timestamp'] ?? '');
-      const given = Buffer.from(String(req.headers['x-diskconv-signature'] ?? ''));
-      const expected = Buffer.from(`sha256=${createHmac('sha256', SECRET).update(`${timestamp}.`).update(body).digest('hex')}`);
-      const fresh = Math.abs(Date.now() / 1000 - Number(timestamp)) < 300;
-      const verified = fresh && given.length === expected.length && timingSafeEqual(given, expected);
-      deliveries.push({ headers: req.headers, body: body.toString(), verified });
-      res.writeHead(verified ? (statuses.shift() ?? 200) : 401).end();
-    });
-  });
-  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
-  const address = server.address();
-  const port = typeof address === 'object' && address ? address.port : 0;
-  return {
-    url: `http://127.0.0.1:${port}/hook`,
-    deliveries,
-    close: () => new Promise((resolve) => { server.closeAllConnections(); server.close(() => resolve()); }),
-  };
-}
 
 describe('completion webhooks', () => {
   let dir: string;
@@ -90,7 +58,7 @@ describe('completion webhooks', () => {
     }, 30_000);
 
   it('POSTs the finished job, signed, to a receiver that verifies the signature', async () => {
-    const receiver = await startReceiver();
+    const receiver = await startReceiver(SECRET);
     try {
       const res = await create(receiver.url);
       expect(res.status).toBe(202);
@@ -115,7 +83,7 @@ describe('completion webhooks', () => {
   });
 
   it('retries a failing receiver with backoff and records each attempt', async () => {
-    const receiver = await startReceiver([500, 503]);
+    const receiver = await startReceiver(SECRET, [500, 503]);
     try {
       const created = (await (await create(receiver.url)).json()) as JobJson;
       const job = await callbackSettled(created.id);
@@ -159,7 +127,7 @@ describe('completion webhooks', () => {
   });
 
   it('checks the address again at delivery (a worker whose rules refuse it)', async () => {
-    const receiver = await startReceiver();
+    const receiver = await startReceiver(SECRET);
     try {
       // Replace the worker with one whose allow list no longer covers 127.0.0.1.
       const worker = svc.processes.find((p) => p.name.startsWith('worker'));
