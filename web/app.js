@@ -159,6 +159,7 @@ async function start() {
     }),
   );
   $('target-field').hidden = targets.length < 2;
+  showRbdImage();
   $('glance-fields').hidden = !state.service.glance;
   await refresh();
 }
@@ -180,6 +181,29 @@ dropZone.addEventListener('drop', (e) => {
   }
 });
 
+/** The selected output target (the store when the service offers no other). */
+function selectedTarget() {
+  const id = $('target-field').hidden ? 'store' : $('target').value;
+  return ((state.service && state.service.targets) || []).find((t) => t.id === id);
+}
+
+/** The image name field belongs to an RBD target only. */
+function showRbdImage() {
+  const target = selectedTarget();
+  $('rbd-image-field').hidden = !(target && target.kind === 'rbd');
+}
+$('target').addEventListener('change', showRbdImage);
+
+/**
+ * Idempotency-Key of the job the form describes: made when the form is sent and
+ * kept until the form changes or a job is created, so a double click or a retry
+ * after a lost answer makes one job (the service answers a repeat with the same job).
+ */
+let idempotencyKey = '';
+const forgetIdempotencyKey = () => (idempotencyKey = '');
+$('image-form').addEventListener('input', forgetIdempotencyKey);
+$('image-form').addEventListener('change', forgetIdempotencyKey);
+
 /** What the form asks for, or a ProblemError for the person to fix. */
 function readForm() {
   const file = $('file').files[0];
@@ -188,8 +212,13 @@ function readForm() {
   if (file && url) throw new ProblemError({ code: 'VALIDATION_FAILED', detail: 'choose a file or give a URL, not both' });
   if (!file && !url) throw new ProblemError({ code: 'VALIDATION_FAILED', detail: 'choose a file or give a URL' });
   if (sha && !/^[0-9a-fA-F]{64}$/.test(sha)) throw new ProblemError({ code: 'VALIDATION_FAILED', detail: 'the expected sha256 must be 64 hex digits' });
-  const id = $('target-field').hidden ? 'store' : $('target').value;
-  const target = ((state.service && state.service.targets) || []).find((t) => t.id === id);
+  const target = selectedTarget();
+  const rbdImage = target && target.kind === 'rbd' ? $('rbd-image').value.trim() : '';
+  if (rbdImage && !/^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$/.test(rbdImage)) {
+    throw new ProblemError({ code: 'VALIDATION_FAILED', detail: 'the RBD image name may have letters, digits, dots, dashes and underscores, and may not start with a dot or a dash' });
+  }
+  // Read from the field when sent, never kept anywhere else (not in sessionStorage, not in a URL).
+  const passphrase = $('passphrase').value;
   let glance;
   if (!$('glance-fields').hidden && $('glance-publish').checked) {
     glance = {};
@@ -197,15 +226,15 @@ function readForm() {
     if (name) glance.name = name;
     if ($('glance-visibility').value) glance.visibility = $('glance-visibility').value;
   }
-  return { file, url, sha, format: $('source-format').value, target, glance };
+  return { file, url, sha, format: $('source-format').value, target, rbdImage, passphrase, glance };
 }
 
 /** POSTs with XMLHttpRequest, whose upload events give real progress while a file is sent. */
-function send(method, path, body, contentType, onProgress) {
+function send(method, path, body, contentType, onProgress, extra = {}) {
   return new Promise((resolve, reject) => {
     const xhr = new XMLHttpRequest();
     xhr.open(method, path);
-    for (const [k, v] of Object.entries(headers(contentType ? { 'content-type': contentType } : {}))) xhr.setRequestHeader(k, v);
+    for (const [k, v] of Object.entries(headers({ ...extra, ...(contentType ? { 'content-type': contentType } : {}) }))) xhr.setRequestHeader(k, v);
     xhr.responseType = 'json';
     if (onProgress) xhr.upload.addEventListener('progress', (e) => e.lengthComputable && onProgress(e.loaded, e.total));
     xhr.addEventListener('load', () => resolve({ status: xhr.status, body: xhr.response }));
@@ -215,7 +244,7 @@ function send(method, path, body, contentType, onProgress) {
   });
 }
 
-function buildBody({ file, url, sha, format, target, glance }) {
+function buildBody({ file, url, sha, format, target, rbdImage, passphrase, glance }) {
   const rbd = target && target.kind === 'rbd' ? target.pool : undefined;
   if (file) {
     const fd = new FormData();
@@ -225,15 +254,18 @@ function buildBody({ file, url, sha, format, target, glance }) {
     if (rbd) {
       fd.append('output_target', 'rbd');
       fd.append('rbd_pool', rbd);
+      if (rbdImage) fd.append('rbd_image', rbdImage);
     }
     if (glance) fd.append('glance', JSON.stringify(glance));
+    if (passphrase) fd.append('passphrase', passphrase);
     fd.append('file', file, file.name);
     return { body: fd, contentType: undefined };
   }
   const json = { source: { url }, source_format: format };
   if (sha) json.expected_sha256 = sha.toLowerCase();
-  if (rbd) json.output = { target: 'rbd', pool: rbd };
+  if (rbd) json.output = { target: 'rbd', pool: rbd, ...(rbdImage ? { image: rbdImage } : {}) };
   if (glance) json.glance = glance;
+  if (passphrase) json.passphrase = passphrase;
   return { body: JSON.stringify(json), contentType: 'application/json' };
 }
 
@@ -254,13 +286,16 @@ async function submit(path) {
     return undefined;
   }
   const { body, contentType } = buildBody(input);
+  const creating = path === '/v1/jobs';
+  // getRandomValues, not randomUUID: the page may be served over plain http (not a secure context).
+  if (creating && !idempotencyKey) idempotencyKey = [...crypto.getRandomValues(new Uint8Array(16))].map((b) => b.toString(16).padStart(2, '0')).join('');
   $('convert').disabled = true;
   $('inspect').disabled = true;
   $('upload').hidden = !input.file;
   $('upload-progress').value = 0;
   setStatus(input.file ? 'Uploading…' : 'Sending…');
   try {
-    const res = await send('POST', path, body, contentType, input.file ? uploadProgress : undefined);
+    const res = await send('POST', path, body, contentType, input.file ? uploadProgress : undefined, creating ? { 'idempotency-key': idempotencyKey } : {});
     if (res.status === 401) {
       askForToken('That token was not accepted. Check it and try again.');
       return undefined;
@@ -285,7 +320,9 @@ $('image-form').addEventListener('submit', async (e) => {
   const job = await submit('/v1/jobs');
   if (!job) return;
   setStatus(`Job created for ${jobName(job)}; it is ${job.state}.`);
-  $('image-form').reset(); // the upload bar stays, at 100%, until the next submission
+  $('image-form').reset(); // the upload bar stays, at 100%, until the next submission; the passphrase goes
+  forgetIdempotencyKey();
+  showRbdImage();
   state.jobs.set(job.id, job);
   render();
   watch(job.id);
@@ -502,7 +539,9 @@ function renderJob(job) {
   const g = job.output && job.output.glance;
   if (g) {
     rows.push(['Glance image', g.image_id]);
-    rows.push(['Glance status', `${g.status} (${g.method === 'location' ? 'registered in place' : 'uploaded'})`]);
+    // A publishing that failed never says "uploaded": the image id is the one the service asked Glance for.
+    const stopped = job.state === 'failed' && job.error && String(job.error.code).startsWith('GLANCE_') && g.status !== 'active';
+    rows.push(['Glance status', stopped ? `not published (stopped while ${g.status})` : `${g.status} (${g.method === 'location' ? 'registered in place' : 'uploaded'})`]);
   }
   for (const [k, v] of rows) {
     const dt = document.createElement('dt');
@@ -524,7 +563,9 @@ function renderJob(job) {
 
   const actions = document.createElement('div');
   actions.className = 'job-actions';
-  if (job.state === 'succeeded' && !(job.output && job.output.target === 'rbd')) {
+  // A job whose publishing into Glance failed still has its converted image here (the service serves it).
+  const downloadable = job.state === 'succeeded' || (job.state === 'failed' && job.error && String(job.error.code).startsWith('GLANCE_'));
+  if (downloadable && job.output && job.output.href && job.output.target !== 'rbd') {
     const a = document.createElement('a');
     a.textContent = `Download ${jobName(job).split('/').pop()}.raw`;
     a.href = `/v1/jobs/${job.id}/output`;

@@ -113,6 +113,38 @@ describe.skipIf(!hasChromium || !cephAvailable || !haveGlance)('the page: RBD po
     await page.context().close();
   });
 
+  it('names the RBD image as typed into the form: the field shows for an RBD target only, and the image gets that name', async () => {
+    const page = await openPage();
+    const nameField = page.getByLabel('Name of the RBD image (optional)');
+    expect(await nameField.isVisible()).toBe(false); // the store is chosen
+    await page.getByLabel('Output target').selectOption({ label: 'Ceph RBD pool rbd' });
+    await nameField.waitFor();
+    // A name Ceph would take as an option is refused by the page before anything is sent.
+    await nameField.fill('-bad');
+    await page.getByLabel('Image file').setInputFiles(join(dir, 'disk.qcow2'));
+    await page.getByRole('button', { name: 'Convert' }).click();
+    await page.getByRole('alert').filter({ hasText: 'VALIDATION_FAILED' }).waitFor();
+    const name = `page-named-${process.pid}`;
+    rbdImages.push(name);
+    await nameField.fill(name);
+    await page.screenshot({ path: join(SHOTS, 'rbd-image-name.png'), fullPage: true });
+    await page.getByRole('button', { name: 'Convert' }).click();
+    await page.getByRole('status').filter({ hasText: 'Job created for disk.qcow2' }).waitFor();
+    const created = await onlyJob();
+    const item = page.locator(`#job-${created.id}`);
+    await item.getByLabel('State: succeeded').waitFor({ timeout: 120_000 });
+    expect((await item.textContent()) ?? '').toContain(`Ceph RBD rbd/${name}@snap`);
+    const done = await svc.waitForFinal(created.id, { token: TOKEN });
+    expect(done.output?.sha256).toBe(rawSha);
+    const out = join(dir, 'named.raw');
+    await cephCli(ceph, 'rbd', ['export', '--no-progress', `rbd/${name}@snap`, out]);
+    expect(await sha256File(out)).toBe(rawSha);
+    // Back to the store: the field goes, and nothing of it is sent.
+    await page.getByLabel('Output target').selectOption({ label: 'This service (download)' });
+    expect(await nameField.isVisible()).toBe(false);
+    await page.context().close();
+  });
+
   it('publishes into Glance with the name and visibility given, and shows output.glance with md5 and sha512', async () => {
     const page = await openPage();
     const name = `diskconv-page-${process.pid}`;

@@ -26,13 +26,16 @@ export function parseRange(header: string | undefined, size: number): ByteRange 
   return { start, end };
 }
 
+/** A job that converted: succeeded, or failed only in publishing into Glance (its output kept). */
+export function outputServable(rec: { state: string; error?: { code: string } | null | undefined }): boolean {
+  return rec.state === 'succeeded' || (rec.state === 'failed' && rec.error?.code.startsWith('GLANCE_') === true);
+}
+
 export async function outputRoutes(app: FastifyInstance, ctx: ApiContext): Promise<void> {
   const serve = async (request: FastifyRequest, reply: FastifyReply, withBody: boolean): Promise<FastifyReply> => {
     const rec = await findJob(ctx, request);
     if (rec.destination) throw new ApiError('OUTPUT_ELSEWHERE', `the job writes to ${rec.destination.target} ${rec.destination.pool}/${rec.destination.image}; it is not served here`);
-    // A job that converted but could not publish into Glance failed with its output kept.
-    const converted = rec.state === 'succeeded' || (rec.state === 'failed' && rec.error?.code.startsWith('GLANCE_'));
-    if (!converted || !rec.output) throw new ApiError('JOB_NOT_READY', `the job is ${rec.state}; its output exists once it has succeeded`);
+    if (!outputServable(rec) || !rec.output) throw new ApiError('JOB_NOT_READY', `the job is ${rec.state}; its output exists once it has succeeded`);
     const obj = await ctx.stores.output.stat(rec.id);
     if (!obj) throw new ApiError('NOT_FOUND', 'the output is no longer stored');
     const etag = `"${rec.output.sha256}"`;

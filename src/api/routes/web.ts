@@ -12,6 +12,7 @@ import type { ApiContext } from '../context.js';
 import { ApiError } from '../errors.js';
 import type { LinkSigner } from '../signed-links.js';
 import { findJob } from './jobs.js';
+import { outputServable } from './output.js';
 
 /** web/ sits at the package root, next to dist/ and src/. */
 export const WEB_ROOT = fileURLToPath(new URL('../../../web/', import.meta.url));
@@ -81,7 +82,8 @@ export async function webRoutes(app: FastifyInstance, ctx: ApiContext, links: Li
 
   app.post('/v1/jobs/:id/output/link', { config: readLimit }, async (request) => {
     const rec = await findJob(ctx, request);
-    if (rec.state !== 'succeeded') throw new ApiError('JOB_NOT_READY', `the job is ${rec.state}; its output exists once it has succeeded`);
+    // The same jobs GET .../output serves (a Glance failure keeps the converted image).
+    if (!outputServable(rec)) throw new ApiError('JOB_NOT_READY', `the job is ${rec.state}; its output exists once it has succeeded`);
     const link = links.sign(rec.id, rec.tenant);
     return { href: link.href, expires_at: new Date(link.expiresAt).toISOString() };
   });
