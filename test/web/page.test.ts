@@ -11,7 +11,7 @@ import { chromium, type Browser, type Page } from 'playwright-core';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { startFileServer, type FileServer } from '../e2e/http-files.js';
 import { makeTempDir, qemuImg, qemuRawSha256, sha256File, writeRaw } from '../helpers/qemu.js';
-import { ServiceHarness } from '../helpers/service.js';
+import { ServiceHarness, waitFor } from '../helpers/service.js';
 
 const CHROMIUM = '/usr/bin/chromium';
 const TOKEN = 'web-page-token-0123456789abcdef';
@@ -108,7 +108,8 @@ describe.skipIf(!hasChromium)('the web page in chromium', () => {
     await job(page, 'disk.qcow2').waitFor();
     // The upload went through XHR with progress events; its bar ends full.
     const upload = page.getByRole('progressbar', { name: 'Upload progress' });
-    await page.waitForFunction("document.getElementById('upload-progress')?.value === 100");
+    // Polled from here, not by page.waitForFunction: a string predicate is eval'd in the page, which its CSP forbids.
+    await waitFor('the upload bar to be full', async () => (await upload.getAttribute('value')) === '100');
     expect(await upload.getAttribute('value')).toBe('100');
     await page.screenshot({ path: join(SHOTS, 'converting.png'), fullPage: true });
     await waitForState(page, 'disk.qcow2', 'succeeded');
@@ -120,7 +121,7 @@ describe.skipIf(!hasChromium)('the web page in chromium', () => {
     expect(text).toContain(expected);
 
     const link = item.getByRole('link', { name: 'Download disk.qcow2.raw' });
-    await page.waitForFunction("[...document.querySelectorAll('a[download]')].some((a) => a.getAttribute('href')?.includes('sig='))");
+    await waitFor('the signed download link', async () => (await link.getAttribute('href'))?.includes('sig='));
     const href = (await link.getAttribute('href')) ?? '';
     expect(href).toMatch(/^\/v1\/jobs\/[\w-]{22}\/output\?expires=\d+&sig=[\w-]+$/);
     await page.screenshot({ path: join(SHOTS, 'succeeded.png'), fullPage: true });
@@ -139,7 +140,7 @@ describe.skipIf(!hasChromium)('the web page in chromium', () => {
     await page.getByLabel('Image file').setInputFiles(join(dir, 'slow.qcow2'));
     await page.getByRole('button', { name: 'Convert' }).click();
     await waitForState(page, 'slow.qcow2', 'running');
-    await page.waitForFunction("/converting/.test(document.querySelector('li .progress-text')?.textContent ?? '')");
+    await waitFor('the conversion to be under way', async () => /converting/.test((await page.locator('li .progress-text').first().textContent()) ?? ''));
     await page.screenshot({ path: join(SHOTS, 'running.png'), fullPage: true });
     await job(page, 'slow.qcow2').getByRole('button', { name: 'Cancel slow.qcow2' }).click();
     await waitForState(page, 'slow.qcow2', 'cancelled', 10_000);
