@@ -6,6 +6,7 @@
  */
 import type { CheckReport, QemuSnapshotJson } from '../engine/types.js';
 import type { QemuInfoJson } from '../engine/index.js';
+import { printf2 } from './progress.js';
 
 const SUFFIXES = ['', 'Ki', 'Mi', 'Gi', 'Ti', 'Pi', 'Ei'];
 
@@ -203,13 +204,25 @@ export function formatHumanInfo(info: QemuInfoJson): string {
   return lines.join('\n');
 }
 
+/**
+ * qemu-img check's summary (dump_human_image_check), byte for byte; the
+ * findings themselves go to stderr, as qemu's drivers print them there.
+ */
 export function formatHumanCheck(report: CheckReport): string {
-  const lines = [...report.messages];
+  const lines: string[] = [];
   if (report.corruptions === 0 && report.leaks === 0 && report.checkErrors === 0) lines.push('No errors were found on the image.');
   else {
-    if (report.corruptions) lines.push(`${report.corruptions} errors were found on the image.`);
-    if (report.leaks) lines.push(`${report.leaks} leaked clusters were found on the image.`);
+    if (report.corruptions) lines.push('', `${report.corruptions} errors were found on the image.`, 'Data may be corrupted, or further writes to the image may corrupt it.');
+    if (report.leaks) lines.push('', `${report.leaks} leaked clusters were found on the image.`, 'This means waste of disk space, but no harm to data.');
+    if (report.checkErrors) lines.push('', `${report.checkErrors} internal errors have occurred during the check.`);
   }
-  for (const [k, v] of Object.entries(report.fields)) lines.push(`${k}: ${v}`);
+  const f = report.fields;
+  const total = f['total-clusters'] ?? 0;
+  const allocated = f['allocated-clusters'] ?? 0;
+  if (total !== 0 && allocated !== 0) {
+    const pct = (x: number): string => printf2((x * 100) / allocated);
+    lines.push(`${allocated}/${total} = ${printf2((allocated * 100) / total)}% allocated, ${pct(f['fragmented-clusters'] ?? 0)}% fragmented, ${pct(f['compressed-clusters'] ?? 0)}% compressed clusters`);
+  }
+  if (f['image-end-offset']) lines.push(`Image end offset: ${f['image-end-offset']}`);
   return lines.join('\n');
 }

@@ -471,3 +471,57 @@ describe('help', () => {
     expect((await runDiskconv(['--help'])).stdout).toMatch(/^ {2}snapshot FILE/m);
   });
 });
+
+describe('check: qemu-img check\'s human report', () => {
+  /** Sets the refcount of host cluster `cluster` (16-bit refcounts, first refcount block). */
+  async function setRefcount(path: string, cluster: number, value: number): Promise<void> {
+    const buf = await readFile(path);
+    const refblock = Number(buf.readBigUInt64BE(Number(buf.readBigUInt64BE(48))));
+    const f = await open(path, 'r+');
+    const v = Buffer.alloc(2);
+    v.writeUInt16BE(value);
+    await f.write(v, 0, 2, refblock + 2 * cluster);
+    await f.close();
+  }
+  let leak: string;
+  let damaged: string;
+  beforeAll(async () => {
+    leak = at('check-leak.qcow2');
+    damaged = at('check-damaged.qcow2');
+    await copyFile(plain, leak);
+    await copyFile(plain, damaged);
+    await setRefcount(leak, 0, 5); // the header cluster's refcount 1 -> 5: a leak
+    await setRefcount(damaged, 5, 0); // a data cluster's refcount 1 -> 0: corruptions
+  });
+
+  it.each([['a clean image', () => plain], ['a compressed image', () => corrupt], ['a leak', () => leak], ['corruptions', () => damaged], ['an encrypted image (key given)', () => `driver=qcow2,file.filename=${luks},encrypt.key-secret=s0`]])(
+    '%s: stdout, stderr and exit status as qemu-img, with and without -q',
+    async (_what, image) => {
+      const keyed = image().startsWith('driver=') ? ['--object', 'secret,id=s0,data=hunter2', '--image-opts'] : [];
+      for (const quiet of [[], ['-q']]) {
+        const args = ['check', ...quiet, ...keyed, image()];
+        const q = await qemu(args);
+        const r = await runDiskconv(args);
+        expect(r.code).toBe(q.code);
+        expect(r.stdout).toBe(q.stdout);
+        expect(r.stderr).toBe(q.stderr);
+      }
+    },
+  );
+
+  it('a format without checks: exit 63 and qemu-img\'s message on stderr, nothing on stdout', async () => {
+    const q = await qemu(['check', at('base.raw')]);
+    const r = await runDiskconv(['check', at('base.raw')]);
+    expect([q.code, r.code]).toEqual([63, 63]);
+    expect(r.stdout).toBe(q.stdout);
+    expect(r.stderr).toContain(qemuMessage(q.stderr));
+  });
+
+  it('-r would repair (write) the image: refused, the image left as it was', async () => {
+    const before = await sha256File(leak);
+    const r = await runDiskconv(['check', '-r', 'leaks', leak]);
+    expect(r.code).toBe(1);
+    expect(r.stderr).toMatch(/never changes an image/);
+    expect(await sha256File(leak)).toBe(before);
+  });
+});

@@ -1291,7 +1291,7 @@ class Qcow2Checker {
         const refcount = await refcountOf(Math.floor(offset / this.cs));
         if (refcount === undefined) continue;
         if ((refcount === 1) !== ((ehi & 0x80000000) !== 0)) {
-          this.corruption(`ERROR OFLAG_COPIED data cluster: l2_entry=${hex(ehi >>> 0)}${(elo >>> 0).toString(16).padStart(8, '0')} refcount=${refcount}`);
+          this.corruption(`ERROR OFLAG_COPIED data cluster: l2_entry=${((BigInt(ehi >>> 0) << 32n) | BigInt(elo >>> 0)).toString(16)} refcount=${refcount}`);
         }
       }
     }
