@@ -201,6 +201,39 @@ describe.skipIf(!cephAvailable)('tus uploads into S3 (Ceph RGW)', () => {
     expect(job.output?.sha256).toBe(rawSha);
   });
 
+  it('concurrent PATCHes for one upload through both APIs (the shared Redis lock) leave exact bytes and the right sha256', async () => {
+    const bytes = seededBytes(18 * MiB + 7 * 512, 9);
+    const created = await tusCreate(svc.apiUrl, TOKEN, bytes.length, { filename: 'raced.raw', source_format: 'raw' });
+    expect(created.status).toBe(201);
+    const path = created.headers.get('location') as string;
+    const chunk = 3 * MiB;
+    // Each client sends the chunk at the offset HEAD reports, through its own API, until the upload is complete.
+    const sender = async (base: string): Promise<number> => {
+      let writes = 0;
+      for (let round = 0; round < 200; round++) {
+        const head = await tusHead(`${base}${path}`, TOKEN);
+        if (head.status !== 200) throw new Error(`HEAD ${head.status}`);
+        const offset = Number(head.headers.get('upload-offset'));
+        if (offset >= bytes.length) return writes;
+        const res = await tusPatch(`${base}${path}`, TOKEN, offset, bytes.subarray(offset, Math.min(bytes.length, offset + chunk)));
+        if (res.status === 204) writes++;
+        else if (![409, 400, 500].includes(res.status)) throw new Error(`PATCH ${res.status} ${await res.text()}`);
+      }
+      throw new Error('the upload did not complete in 200 rounds');
+    };
+    const [w1, w2] = await Promise.all([sender(svc.apiUrl), sender(secondApi)]);
+    expect(w1 + w2).toBeGreaterThanOrEqual(Math.ceil(bytes.length / chunk));
+    const head = await tusHead(`${svc.apiUrl}${path}`, TOKEN);
+    const jobId = (head.headers.get('diskconv-job') as string).split('/').pop() as string;
+    const job = await svc.waitForFinal(jobId, { token: TOKEN });
+    expect(job.state, JSON.stringify(job.error)).toBe('succeeded');
+    expect(job.source.size).toBe(bytes.length);
+    const sha = createHash('sha256').update(bytes).digest('hex');
+    expect(job.source.sha256).toBe(sha);
+    expect(job.output?.sha256).toBe(sha);
+    expect(await uploadsInProgress(client, bucket, PREFIX)).toEqual([]);
+  });
+
   it('an unfinished upload expires: its multipart upload is aborted and its tail removed', async () => {
     // Last: its own API with UPLOAD_TTL_SECONDS=2 on the same Redis and bucket.
     const port = await freePort();
