@@ -214,6 +214,7 @@ const schema = z.object({
   WEBHOOK_TIMEOUT_MS: int(100, 600_000, 10_000),
   UPLOAD_TTL_SECONDS: int(1, 30 * 86400, 86400),
   UPLOAD_IDLE_TIMEOUT_MS: int(100, 3_600_000, 60_000),
+  STREAM_UPLOADS: bool(true),
   INSPECT_MAX_BYTES: bytes(65536, '256M'),
   INSPECT_STAGING_CONCURRENCY: int(1, 64, 2),
   RBD_POOLS: list.refine((pools) => pools.every((p) => /^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$/.test(p)), { message: 'expected pool names separated by commas' }),
@@ -305,6 +306,8 @@ export interface Config {
   uploads: { ttlSeconds: number };
   /** An upload whose body sends nothing for this long is dropped (its staging file removed). */
   uploadIdleTimeoutMs: number;
+  /** Uploads start converting while their bytes arrive (src/api/streaming-upload.ts). */
+  streamUploads: boolean;
   /** POST /v1/inspect by URL: most bytes one inspection may fetch (by ranges) or stage on the API host, and inspections staging at once. */
   inspect: { maxBytes: number; stagingConcurrency: number };
   rbd: { pools: string[]; commandTimeoutMs: number };
@@ -426,6 +429,7 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): Config {
     },
     uploads: { ttlSeconds: e.UPLOAD_TTL_SECONDS },
     uploadIdleTimeoutMs: e.UPLOAD_IDLE_TIMEOUT_MS,
+    streamUploads: e.STREAM_UPLOADS,
     inspect: { maxBytes: e.INSPECT_MAX_BYTES, stagingConcurrency: e.INSPECT_STAGING_CONCURRENCY },
     rbd: { pools: e.RBD_POOLS, commandTimeoutMs: e.RBD_COMMAND_TIMEOUT_MS },
     outputHashes: [...new Set(e.OUTPUT_HASHES.map((n) => n.toLowerCase() as HashAlgorithm))].filter((n) => n !== 'sha256'),

@@ -11,6 +11,7 @@ import rateLimit from '@fastify/rate-limit';
 import Fastify, { type FastifyBaseLogger, type FastifyInstance, type FastifyPluginAsync } from 'fastify';
 import type { Config } from '../config.js';
 import { Leases } from '../queue/leases.js';
+import { UploadMarks } from '../queue/upload-stream.js';
 import { urlPolicy } from '../queue/url-import.js';
 import { createAuthenticator } from './auth.js';
 import type { ApiContext, AppDeps } from './context.js';
@@ -39,6 +40,7 @@ export function diskconvApp(config: Config, deps: AppDeps): FastifyPluginAsync {
     await mkdir(scratchDir, { recursive: true, mode: 0o750 });
     const ctx: ApiContext = { ...deps, config, policy: urlPolicy(config), scratchDir,
       leases: new Leases(deps.redis, config.queueName),
+      uploadMarks: new UploadMarks(deps.redis, config.queueName),
       idempotency: new IdempotencyKeys(deps.redis, config.queueName, config.idempotency.ttlSeconds),
     };
 

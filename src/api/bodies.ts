@@ -236,7 +236,7 @@ export async function receiveBody(request: FastifyRequest, key: string, deps: Bo
  * descriptor and a staging file forever. Destroying the request fails the body's
  * pipeline, whose writer then removes the staging file.
  */
-function watchIdle(request: FastifyRequest, ms: number | undefined): () => void {
+export function watchIdle(request: FastifyRequest, ms: number | undefined): () => void {
   // fastify.inject's simulated requests have no socket to time out.
   if (!ms || typeof request.raw.setTimeout !== 'function') return () => {};
   const onTimeout = (): void => {
@@ -251,7 +251,7 @@ function watchIdle(request: FastifyRequest, ms: number | undefined): () => void 
   };
 }
 
-async function checkDeclaredLength(request: FastifyRequest, overhead: number, deps: BodyDeps): Promise<void> {
+export async function checkDeclaredLength(request: FastifyRequest, overhead: number, deps: BodyDeps): Promise<void> {
   const header = request.headers['content-length'];
   if (header === undefined) return; // chunked: the limit is enforced while streaming
   const length = Number(header);
@@ -334,7 +334,7 @@ async function receiveMultipart(request: FastifyRequest, key: string, deps: Body
   }
 }
 
-async function verifyChecksum(stored: { sha256: string }, options: JobOptions, key: string, deps: BodyDeps): Promise<void> {
+export async function verifyChecksum(stored: { sha256: string }, options: JobOptions, key: string, deps: BodyDeps): Promise<void> {
   if (options.expected_sha256 && options.expected_sha256 !== stored.sha256) {
     await deps.staging.delete(key).catch(() => {});
     throw new ApiError('CHECKSUM_MISMATCH', `the upload's sha256 is ${stored.sha256}, expected ${options.expected_sha256}`);
@@ -403,7 +403,7 @@ async function unwrapBound(deps: BodyDeps): Promise<{ maxBytes: number; limitNam
 }
 
 /** Errors from streams and busboy carry no code; name them. */
-function asBodyError(err: unknown): unknown {
+export function asBodyError(err: unknown): unknown {
   if (err instanceof z.ZodError || isDiskconvError(err)) return err;
   const e = err as { code?: unknown; message?: unknown };
   // The store's filesystem filled up while the body streamed in (a chunked upload declares no length to check first).

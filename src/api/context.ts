@@ -5,6 +5,7 @@ import type { ConversionQueue } from '../queue/queue.js';
 import type { JobRecords } from '../queue/records.js';
 import type { UrlPolicyShape } from '../queue/url-import.js';
 import type { Leases } from '../queue/leases.js';
+import type { UploadMarks } from '../queue/upload-stream.js';
 import type { IdempotencyKeys } from './idempotency.js';
 import type { Stores } from '../store/index.js';
 
@@ -21,6 +22,8 @@ export interface ApiContext extends AppDeps {
   policy: UrlPolicyShape;
   /** Leases that keep the sweeps off an upload or inspection in progress. */
   leases: Leases;
+  /** How an upload converted while it arrives is going (src/queue/upload-stream.ts). */
+  uploadMarks: UploadMarks;
   /** Idempotency-Key of POST /v1/jobs, per tenant, in Redis. */
   idempotency: IdempotencyKeys;
   /** Local scratch space of this API process (URL inspection staged whole). */

@@ -70,9 +70,11 @@ export interface ProbeResult {
  */
 export async function detectFormat(source: RandomAccessSource, declared?: FormatId, signal?: AbortSignal): Promise<ProbeResult> {
   const head = await source.read(0, Math.min(PROBE_BYTES, source.size), signal);
-  const tail = source.size >= 512 ? await source.read(source.size - 512, 512, signal) : undefined;
   const matched = DRIVERS.filter((d) => d.id !== 'raw' && d.probe(head, source.size));
   const [first] = matched;
+  // The tail only when no header matched: a source still arriving (an upload converted as it
+  // comes, src/queue/upload-stream.ts) would wait for its last bytes before anything else.
+  const tail = !first && source.size >= 512 ? await source.read(source.size - 512, 512, signal) : undefined;
   if (first) {
     // Only signatures in the head count: a footer-style signature (a fixed VHD's
     // conectix, dmg's koly) can be the last guest sector of a converted disk, and

@@ -32,6 +32,8 @@ import type { Reservation, SpaceReservations } from './space.js';
 import type { ConvertJobData } from './queue.js';
 import type { GlanceOutput, JobError, JobOutput, JobProgress, JobRecord, JobRecords } from './records.js';
 import { ThrottledSource } from './throttle.js';
+import { GrowingFileSource, openUploadSource, type UploadMarks } from './upload-stream.js';
+import type { Leases } from './leases.js';
 
 const digests = (r: ConvertResult): { sha512?: string; md5?: string } => ({ ...(r.sha512 ? { sha512: r.sha512 } : {}), ...(r.md5 ? { md5: r.md5 } : {}) });
 
@@ -48,6 +50,8 @@ export interface ProcessorDeps {
   scratchDir: string;
   /** Shared reservations of the store's free space (space.ts); without it, each job checks alone. */
   space?: SpaceReservations;
+  /** Uploads converted while they arrive (upload-stream.ts); without it, every upload is read once committed. */
+  uploads?: { marks: UploadMarks; leases: Pick<Leases, 'held'> };
 }
 
 export type ProcessResult = { outcome: 'succeeded' | 'cancelled' | 'skipped' };
@@ -245,7 +249,7 @@ export function createProcessor(deps: ProcessorDeps) {
           ),
         );
       } else {
-        source = await staging.open(id, displayName);
+        source = deps.uploads ? await openUploadSource(staging, { ...deps.uploads, id }, displayName) : await staging.open(id, displayName);
       }
       const readSource = config.worker.readBytesPerSecond > 0 ? new ThrottledSource(source, config.worker.readBytesPerSecond) : source;
 
@@ -260,9 +264,11 @@ export function createProcessor(deps: ProcessorDeps) {
         ...(passphrase !== undefined ? { passphrase: Buffer.from(passphrase, 'utf8') } : {}),
         ...(rec.disk !== undefined ? { disk: rec.disk } : {}),
       });
-      const info = { ...(await imageInfo(image, readSource)), filename: displayName };
-      const allocation = await estimateAllocation(image, readSource, signal);
+      let info = { ...(await imageInfo(image, readSource)), filename: displayName };
       const free = rec.destination ? undefined : await output.freeBytes();
+      // While the upload still arrives, walking the whole map would wait for its last table: the virtual size bounds it.
+      const arriving = source instanceof GrowingFileSource && !source.complete && (free === undefined || image.virtualSize + FREE_SPACE_RESERVE <= free);
+      const allocation = arriving ? { dataBytes: image.virtualSize, zeroBytes: 0 } : await estimateAllocation(image, readSource, signal);
       if (free !== undefined && allocation.dataBytes + FREE_SPACE_RESERVE > free) {
         throw new InsufficientSpaceError(`the output needs up to ${allocation.dataBytes} bytes; the store has ${free} bytes free`);
       }
@@ -293,6 +299,13 @@ export function createProcessor(deps: ProcessorDeps) {
       });
       await progress.flush();
       if (signal.aborted) throw signal.reason;
+      if (source instanceof GrowingFileSource) {
+        // Read while it arrived: succeed only once the upload is whole (and hashed); its info has its actual size now.
+        const arrived = await source.completion(signal);
+        info = { ...(await imageInfo(image, readSource)), filename: displayName };
+        const now = (await records.get(id))?.source ?? rec.source;
+        await mustOwn(await records.update(id, ['running'], { source: { ...now, size: arrived.size, sha256: arrived.sha256, info: info as unknown as Record<string, unknown> } }, { owner }));
+      }
       // Only the attempt that still owns the job publishes: a superseded one must not clobber.
       await mustOwn(await records.update(id, ['running'], { progress: { phase: 'committing', bytes_done: total, bytes_total: total, percent: 100 } }, { owner }));
       const stored = await writer.commit();

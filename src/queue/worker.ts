@@ -11,6 +11,7 @@ import type { Config } from '../config.js';
 import type { Stores } from '../store/index.js';
 import { CancelWatcher } from './cancel.js';
 import { Leases } from './leases.js';
+import { UploadMarks } from './upload-stream.js';
 import { createProcessor, failIfUnfinished, type ProcessResult } from './processor.js';
 import { bullConnection, ConversionQueue, type ConvertJobData } from './queue.js';
 import { JobRecords } from './records.js';
@@ -34,7 +35,8 @@ export async function startWorker(config: Config, deps: { stores: Stores; logger
   await mkdir(scratchDir, { recursive: true, mode: 0o750 });
 
   const space = new SpaceReservations(redis, spaceKey(config), Math.max(60_000, 3 * config.worker.lockDurationMs));
-  const processor = createProcessor({ config, records, stores, cancels, logger, scratchDir, space });
+  const uploads = { marks: new UploadMarks(redis, config.queueName), leases: new Leases(redis, config.queueName) };
+  const processor = createProcessor({ config, records, stores, cancels, logger, scratchDir, space, uploads });
   const worker = new Worker<ConvertJobData, ProcessResult>(config.queueName, processor, {
     connection: bullConnection(redisUrl),
     concurrency: config.workerConcurrency,

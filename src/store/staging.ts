@@ -14,12 +14,19 @@ export interface StagedWrite {
   commit(): Promise<ObjectStat>;
   /** Removes everything written so far. Safe to call at any point, and twice. */
   abort(): Promise<void>;
+  /** Names this write for followPath (stores whose uncommitted writes can be read while they grow). */
+  readonly followToken?: string;
 }
 
 export interface InputStaging {
   /** 'file' or 's3', for logs and /readyz. */
   readonly kind: string;
   create(key: string): Promise<StagedWrite>;
+  /**
+   * Where another process can read the uncommitted write `token` (StagedWrite.followToken) while
+   * it grows; absent when the store cannot (S3: a multipart part is unreadable until the upload completes).
+   */
+  followPath?(key: string, token: string): string | undefined;
   /** Random access to a committed object; throws StoreObjectMissingError when absent. */
   open(key: string, name?: string): Promise<RandomAccessSource>;
   stat(key: string): Promise<ObjectStat | undefined>;

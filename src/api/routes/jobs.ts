@@ -9,6 +9,7 @@ import type { ApiContext } from '../context.js';
 import { ApiError, QUEUE_RETRY_AFTER_SECONDS } from '../errors.js';
 import { idempotencyKeyOf, requestFingerprint, type Claim } from '../idempotency.js';
 import { jobPath, presentJob } from '../present.js';
+import { canStream, receiveStreaming } from '../streaming-upload.js';
 
 /** 128 random bits, URL-safe: unguessable, and safe as a store key. */
 export function newJobId(): string {
@@ -41,6 +42,7 @@ export async function jobRoutes(app: FastifyInstance, ctx: ApiContext): Promise<
     // Until the record exists, the lease is what keeps the sweeps off the upload.
     const lease = await ctx.leases.hold(id);
     try {
+      if (canStream(ctx, request, idempotencyKey)) return await receiveStreaming(ctx, request, reply, id);
       return await createJob(request, reply, id, idempotencyKey);
     } finally {
       await lease.release();

@@ -1,6 +1,7 @@
 /** Input staging in a local directory (one host, or a filesystem every host mounts). */
 import { createWriteStream } from 'node:fs';
 import { rm } from 'node:fs/promises';
+import { basename, dirname, join } from 'node:path';
 import { FileSource, type RandomAccessSource } from '../../engine/index.js';
 import { StoreError, StoreObjectMissingError } from '../common.js';
 import { ObjectStoreBase } from '../objects.js';
@@ -24,6 +25,7 @@ export class FileStaging extends ObjectStoreBase<FileObjects> implements InputSt
     });
     return {
       stream,
+      followToken: basename(temp),
       commit: async () => {
         if (!stream.writableFinished) throw new StoreError(`commit of input ${key} before the stream finished`);
         return this.objects.publish(temp, key);
@@ -33,6 +35,13 @@ export class FileStaging extends ObjectStoreBase<FileObjects> implements InputSt
         await rm(temp, { force: true });
       },
     };
+  }
+
+  /** The uncommitted write's path, when `token` is one of this key's (never a path a client chose). */
+  followPath(key: string, token: string): string | undefined {
+    const prefix = `input.${key}.`;
+    if (!token.startsWith(prefix) || !/^[0-9a-f]{12}$/.test(token.slice(prefix.length))) return undefined;
+    return join(dirname(this.objects.tempPath(key)), token);
   }
 
   async open(key: string, name = `input ${key}`): Promise<RandomAccessSource> {

@@ -1,0 +1,255 @@
+/**
+ * Conversion that overlaps the upload: the API creates the job when an upload
+ * starts (not when it ends) and says in Redis how the upload goes; a worker,
+ * possibly another process on another host of the same filesystem, reads the
+ * staging file while it grows.
+ *
+ *   <prefix>upstream:<id>   JSON mark, with a TTL:
+ *     {state:'receiving', token, size}          bytes arriving into the staging write `token`
+ *     {state:'received', token, size, sha256}   every byte written (not yet durable)
+ *     {state:'committed', size, sha256}         the staged copy is committed: open it as any upload
+ *     {state:'failed', code, message}           the upload failed: the job fails with this error
+ *
+ * A read of bytes that have not arrived waits (polling the file's size) until
+ * they have, or until the upload ends. It never waits longer than the upload
+ * itself: an upload that sends nothing for UPLOAD_IDLE_TIMEOUT_MS is failed by
+ * the API, and an API that dies stops renewing the upload's lease, which the
+ * reader checks. Bytes past the size the client declared are never waited for:
+ * the source's size is that declared size, and the engine bounds every read by it.
+ */
+import { open, type FileHandle } from 'node:fs/promises';
+import type { Redis } from 'ioredis';
+import { AbortedError, DiskconvError, ImageCorruptError, SourceUnavailableError, throwIfAborted, type RandomAccessSource } from '../engine/index.js';
+import type { InputStaging } from '../store/index.js';
+import type { Leases } from './leases.js';
+
+export type UploadMark =
+  | { state: 'receiving'; token: string; size: number }
+  | { state: 'received'; token: string; size: number; sha256: string }
+  | { state: 'committed'; size: number; sha256: string }
+  | { state: 'failed'; code: string; message: string };
+
+/** How long a mark outlives its upload (longer than any job waits in the queue). */
+const MARK_TTL_SECONDS = 7 * 86400;
+
+export class UploadMarks {
+  private readonly prefix: string;
+  constructor(
+    private readonly redis: Redis,
+    queueName: string,
+  ) {
+    this.prefix = `diskconv:${queueName}:upstream:`;
+  }
+
+  async set(id: string, mark: UploadMark): Promise<void> {
+    await this.redis.set(this.prefix + id, JSON.stringify(mark), 'EX', MARK_TTL_SECONDS);
+  }
+
+  async get(id: string): Promise<UploadMark | undefined> {
+    const raw = await this.redis.get(this.prefix + id);
+    if (raw === null) return undefined;
+    try {
+      return JSON.parse(raw) as UploadMark;
+    } catch {
+      return undefined;
+    }
+  }
+}
+
+/** The upload a job was converting from failed (or stopped): deterministic, a retry cannot get the bytes either. */
+export class UploadFailedError extends DiskconvError {
+  readonly deterministic = true;
+  constructor(
+    readonly code: string,
+    message: string,
+  ) {
+    super(message);
+  }
+}
+
+/** How often the file's size is looked at while a read waits. */
+const SIZE_POLL_MS = 10;
+/** How often Redis is asked how the upload goes while a read waits. */
+const MARK_POLL_MS = 100;
+
+export interface GrowingSourceDeps {
+  marks: UploadMarks;
+  leases: Pick<Leases, 'held'>;
+  id: string;
+}
+
+/**
+ * A staging file still being written by the API, read by the engine as any
+ * source: reads wait for their bytes; the upload's failure fails them.
+ */
+export class GrowingFileSource implements RandomAccessSource {
+  private available = 0;
+  private final: { size: number; sha256: string } | undefined;
+  private failure: Error | undefined;
+  private lastMarkCheck = 0;
+  private markCheck: Promise<void> | undefined;
+  private closed = false;
+  /** Reads that had to wait for bytes (for the tests and the logs). */
+  waits = 0;
+
+  private constructor(
+    private readonly handle: FileHandle,
+    readonly size: number,
+    readonly name: string,
+    private readonly deps: GrowingSourceDeps,
+  ) {}
+
+  static async open(path: string, size: number, name: string, deps: GrowingSourceDeps): Promise<GrowingFileSource> {
+    const handle = await open(path, 'r');
+    const source = new GrowingFileSource(handle, size, name, deps);
+    source.available = (await handle.stat()).size;
+    return source;
+  }
+
+  /** Whether every byte has arrived (the upload's sha256 is known). */
+  get complete(): { size: number; sha256: string } | undefined {
+    return this.final;
+  }
+
+  /** Asks Redis (at most every MARK_POLL_MS, one question at a time) how the upload goes. */
+  private checkMark(): Promise<void> {
+    if (this.markCheck) return this.markCheck;
+    if (Date.now() - this.lastMarkCheck < MARK_POLL_MS) return Promise.resolve();
+    this.lastMarkCheck = Date.now();
+    this.markCheck = (async () => {
+      const mark = await this.deps.marks.get(this.deps.id);
+      if (mark?.state === 'failed') {
+        this.failure = new UploadFailedError(mark.code, `the upload failed while it was converted: ${mark.message}`);
+      } else if (mark?.state === 'received' || mark?.state === 'committed') {
+        const size = (await this.handle.stat()).size;
+        if (mark.size !== this.size || size < this.size) {
+          this.failure = new SourceUnavailableError(`${this.name}: the upload ended with ${mark.size} bytes (${size} staged), ${this.size} declared`);
+        } else {
+          this.available = size;
+          this.final = { size: mark.size, sha256: mark.sha256 };
+        }
+      } else if (mark === undefined || mark.state === 'receiving') {
+        // No mark, or still receiving while nobody holds the upload: the API process went away.
+        if (mark === undefined || !(await this.deps.leases.held(this.deps.id))) {
+          const again = await this.deps.marks.get(this.deps.id);
+          if (again === undefined || again.state === 'receiving') {
+            this.failure = new UploadFailedError('INCOMPLETE_BODY', 'the upload stopped before its last byte: the API process receiving it went away');
+          }
+        }
+      }
+    })()
+      .catch((err: unknown) => {
+        // Redis briefly away: asked again at the next check.
+        void err;
+      })
+      .finally(() => {
+        this.markCheck = undefined;
+      });
+    return this.markCheck;
+  }
+
+  /** Waits until bytes [0, end) are in the file, or the upload fails. */
+  private async arrive(end: number, signal?: AbortSignal): Promise<void> {
+    if (end <= this.available) return;
+    this.waits++;
+    for (;;) {
+      throwIfAborted(signal);
+      if (this.closed) throw new SourceUnavailableError(`${this.name}: read after close`);
+      if (this.failure) throw this.failure;
+      this.available = Math.max(this.available, (await this.handle.stat()).size);
+      if (end <= this.available) return;
+      if (this.final) throw new ImageCorruptError(`${this.name}: a read up to byte ${end} lies past the uploaded ${this.final.size} bytes`);
+      await this.checkMark();
+      if (this.failure || this.final) continue;
+      await pause(SIZE_POLL_MS, signal);
+    }
+  }
+
+  /** Waits until the upload has delivered every byte (its sha256 known), or fails. */
+  async completion(signal?: AbortSignal): Promise<{ size: number; sha256: string }> {
+    for (;;) {
+      if (this.final) return this.final;
+      if (this.failure) throw this.failure;
+      throwIfAborted(signal);
+      await this.checkMark();
+      if (this.final || this.failure) continue;
+      await pause(MARK_POLL_MS / 2, signal);
+    }
+  }
+
+  async read(offset: number, length: number, signal?: AbortSignal): Promise<Uint8Array> {
+    const end = Math.min(this.size, offset + length);
+    const buf = Buffer.allocUnsafe(Math.max(0, end - offset));
+    const done = await this.readInto(buf, offset, signal);
+    return done === buf.length ? buf : buf.subarray(0, done);
+  }
+
+  async readInto(target: Uint8Array, offset: number, signal?: AbortSignal): Promise<number> {
+    throwIfAborted(signal);
+    const want = Math.max(0, Math.min(target.length, this.size - offset));
+    if (want === 0) return 0;
+    await this.arrive(offset + want, signal);
+    let done = 0;
+    while (done < want) {
+      const { bytesRead } = await this.handle.read(target, done, want - done, offset + done);
+      if (bytesRead === 0) break;
+      done += bytesRead;
+    }
+    return done;
+  }
+
+  /** The staged file's allocation once complete (qemu's actual-size); unknown while it grows. */
+  async allocatedSize(): Promise<number | undefined> {
+    if (!this.final) return undefined;
+    return (await this.handle.stat()).blocks * 512;
+  }
+
+  async close(): Promise<void> {
+    if (this.closed) return;
+    this.closed = true;
+    await this.handle.close();
+  }
+}
+
+function pause(ms: number, signal?: AbortSignal): Promise<void> {
+  return new Promise((resolve, reject) => {
+    if (signal?.aborted) return reject(new AbortedError());
+    const onAbort = (): void => {
+      clearTimeout(timer);
+      reject(new AbortedError());
+    };
+    const timer = setTimeout(() => {
+      signal?.removeEventListener('abort', onAbort);
+      resolve();
+    }, ms);
+    signal?.addEventListener('abort', onAbort, { once: true });
+  });
+}
+
+/**
+ * An upload job's source: the committed staged copy, or, while the API still
+ * receives it, the growing staging file. The mark decides; a staging write that
+ * was committed between the two looks is opened committed.
+ */
+export async function openUploadSource(
+  staging: InputStaging,
+  deps: GrowingSourceDeps,
+  displayName: string,
+): Promise<RandomAccessSource> {
+  const mark = await deps.marks.get(deps.id);
+  if (mark?.state === 'failed') throw new UploadFailedError(mark.code, `the upload failed: ${mark.message}`);
+  if (mark?.state === 'receiving' || mark?.state === 'received') {
+    const path = staging.followPath?.(deps.id, mark.token);
+    if (path !== undefined) {
+      try {
+        return await GrowingFileSource.open(path, mark.size, displayName, deps);
+      } catch (err) {
+        if ((err as NodeJS.ErrnoException).code !== 'ENOENT') throw new SourceUnavailableError(`cannot follow the upload: ${(err as Error).message}`, { cause: err });
+        const now = await deps.marks.get(deps.id);
+        if (now?.state === 'failed') throw new UploadFailedError(now.code, `the upload failed: ${now.message}`);
+        // Renamed into place meanwhile: the committed object below.
+      }
+    }
+  }
+  return staging.open(deps.id, displayName);
+}

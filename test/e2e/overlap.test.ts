@@ -1,0 +1,208 @@
+/**
+ * Conversion that overlaps the upload (src/api/streaming-upload.ts,
+ * src/queue/upload-stream.ts), end to end with real parts: redis-server, the
+ * API and a worker as separate processes, an HTTP client on 127.0.0.1 that sends
+ * the image in chunks and holds back the rest until the test has seen what it
+ * wants to see (no timing assertions: the upload waits for the job's progress).
+ */
+import { createHash } from 'node:crypto';
+import { readdir, readFile, writeFile } from 'node:fs/promises';
+import { request as httpRequest, type ClientRequest } from 'node:http';
+import { join } from 'node:path';
+import { setTimeout as sleep } from 'node:timers/promises';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { makeTempDir, qemuImg, qemuRawSha256, sha256File, writeRaw } from '../helpers/qemu.js';
+import { curl, ServiceHarness, waitFor, type JobJson } from '../helpers/service.js';
+
+const TOKEN = 'overlap-token-0123456789abcdef';
+const CHUNK = 256 * 1024;
+
+/** An upload the test paces: `send(upTo)` writes the body up to that byte, `end()` finishes, `abort()` drops the connection. */
+interface PacedUpload {
+  send(upTo: number): Promise<void>;
+  end(): Promise<{ status: number; body: string }>;
+  abort(): void;
+  response: Promise<{ status: number; body: string }>;
+}
+
+function pacedUpload(url: string, body: Buffer, declaredLength = body.length): PacedUpload {
+  let sent = 0;
+  const req: ClientRequest = httpRequest(url, {
+    method: 'POST',
+    headers: { authorization: `Bearer ${TOKEN}`, 'content-type': 'application/octet-stream', 'content-length': String(declaredLength) },
+  });
+  const response = new Promise<{ status: number; body: string }>((resolve, reject) => {
+    req.on('response', (res) => {
+      let text = '';
+      res.on('data', (c: Buffer) => (text += c.toString()));
+      res.on('end', () => resolve({ status: res.statusCode ?? 0, body: text }));
+      res.on('error', reject);
+    });
+    req.on('error', reject);
+  });
+  response.catch(() => {});
+  return {
+    response,
+    async send(upTo) {
+      while (sent < Math.min(upTo, body.length)) {
+        const end = Math.min(upTo, sent + CHUNK);
+        const ok = req.write(body.subarray(sent, end));
+        sent = end;
+        if (!ok) await new Promise((r) => req.once('drain', r));
+        await sleep(2);
+      }
+    },
+    async end() {
+      await this.send(body.length);
+      req.end();
+      return response;
+    },
+    abort() {
+      req.destroy();
+    },
+  };
+}
+
+describe('conversion while the upload arrives', () => {
+  let dir: string;
+  let cleanup: () => Promise<void>;
+  let svc: ServiceHarness;
+  const images: Record<string, { path: string; sha256: string }> = {};
+
+  const auth = { token: TOKEN };
+
+  /** The one running or queued job of this tenant, once it shows up. */
+  async function theJob(): Promise<JobJson> {
+    return waitFor('the job to be listed', async () => {
+      const res = await svc.request('/v1/jobs?limit=100', auth);
+      const { jobs } = (await res.json()) as { jobs: JobJson[] };
+      return jobs.find((j) => j.state === 'queued' || j.state === 'running');
+    });
+  }
+
+  async function outputSha256(job: JobJson): Promise<string> {
+    const out = join(dir, `out-${job.id}.raw`);
+    await curl(['-H', `Authorization: Bearer ${TOKEN}`, '-o', out, `${svc.apiUrl}${job.output?.href}`]);
+    return sha256File(out);
+  }
+
+  async function leftovers(id: string): Promise<string[]> {
+    const tmp = await readdir(join(svc.dataDir, 'store', 'tmp')).catch(() => [] as string[]);
+    const input = await readdir(join(svc.dataDir, 'store', 'input')).catch(() => [] as string[]);
+    return [...tmp.filter((n) => n.includes(id)), ...input.filter((n) => n === id)];
+  }
+
+  beforeAll(async () => {
+    ({ dir, cleanup } = await makeTempDir('diskconv-overlap-'));
+    const base = join(dir, 'base.raw');
+    await writeRaw(base, 40 * 2 ** 20, 5);
+    for (const [name, format, opts] of [
+      ['disk.qcow2', 'qcow2', []],
+      ['disk.vdi', 'vdi', []],
+      ['disk-stream.vmdk', 'vmdk', ['-o', 'subformat=streamOptimized']],
+    ] as const) {
+      const path = join(dir, name);
+      await qemuImg('convert', '-f', 'raw', '-O', format, ...opts, base, path);
+      images[name] = { path, sha256: await qemuRawSha256(path, dir) };
+    }
+    // Hostile: a qcow2 cut at 60 %, sent as if whole: its tables point past every byte that will arrive.
+    const whole = await readFile(images['disk.qcow2']!.path);
+    await writeFile(join(dir, 'cut.qcow2'), whole.subarray(0, Math.floor(whole.length * 0.6)));
+    svc = await ServiceHarness.create('overlap', { API_TOKENS: TOKEN, MAX_UPLOAD_BYTES: '256M', UPLOAD_IDLE_TIMEOUT_MS: '3000', JOB_ATTEMPTS: '2' });
+    await svc.startApi();
+    await svc.startWorker();
+  }, 120_000);
+
+  afterAll(async () => {
+    await svc?.close();
+    await cleanup?.();
+  });
+
+  for (const name of ['disk.qcow2', 'disk.vdi'] as const) {
+    it(`${name}: the job converts before the upload's last byte is sent; output identical to qemu-img`, async () => {
+      const image = images[name]!;
+      const body = await readFile(image.path);
+      const upload = pacedUpload(`${svc.apiUrl}/v1/jobs?filename=${name}`, body);
+      await upload.send(Math.floor(body.length * 0.7));
+      const listed = await theJob();
+      // Hold back the last 30 % until the worker has converted some of what arrived.
+      const converting = await svc.waitForJob(listed.id, (j) => j.progress.phase === 'converting' && j.progress.bytes_done > 0, { ...auth, timeoutMs: 60_000 });
+      expect(converting.state).toBe('running');
+      expect(converting.source.sha256).toBeUndefined(); // not all bytes are in yet
+      const answer = await upload.end();
+      expect(answer.status).toBe(202);
+      const created = JSON.parse(answer.body) as JobJson;
+      expect(created.id).toBe(listed.id);
+      expect(created.source.sha256).toBe(createHash('sha256').update(body).digest('hex'));
+      const done = await svc.waitForFinal(listed.id, auth);
+      expect(done.state, JSON.stringify(done.error)).toBe('succeeded');
+      expect(done.source.sha256).toBe(created.source.sha256);
+      expect(done.source.size).toBe(body.length);
+      expect(await outputSha256(done)).toBe(image.sha256);
+      await waitFor('the staged input to go', async () => (await leftovers(listed.id)).length === 0);
+    }, 120_000);
+  }
+
+  it('streamOptimized vmdk (grain directory in the footer) waits for its footer and converts identically', async () => {
+    const image = images['disk-stream.vmdk']!;
+    const body = await readFile(image.path);
+    const upload = pacedUpload(`${svc.apiUrl}/v1/jobs`, body);
+    const answer = await upload.end();
+    expect(answer.status).toBe(202);
+    const id = (JSON.parse(answer.body) as JobJson).id;
+    const done = await svc.waitForFinal(id, auth);
+    expect(done.state, JSON.stringify(done.error)).toBe('succeeded');
+    expect(await outputSha256(done)).toBe(image.sha256);
+  }, 120_000);
+
+  it('an upload dropped mid-way fails its converting job clearly, leaves nothing staged, and does not hang', async () => {
+    const body = await readFile(images['disk.qcow2']!.path);
+    const upload = pacedUpload(`${svc.apiUrl}/v1/jobs`, body);
+    await upload.send(Math.floor(body.length * 0.5));
+    const listed = await theJob();
+    await svc.waitForJob(listed.id, (j) => j.progress.phase === 'converting', auth);
+    upload.abort();
+    const done = await svc.waitForFinal(listed.id, auth);
+    expect(done.state).toBe('failed');
+    expect(done.error?.code).toBe('INCOMPLETE_BODY');
+    expect(done.output).toBeNull();
+    await waitFor('the partial upload to go', async () => (await leftovers(listed.id)).length === 0);
+  }, 120_000);
+
+  it('a client that stalls with bytes still owed: the upload times out and the waiting job fails with it', async () => {
+    const body = await readFile(images['disk.qcow2']!.path);
+    const upload = pacedUpload(`${svc.apiUrl}/v1/jobs`, body);
+    await upload.send(Math.floor(body.length * 0.4));
+    const listed = await theJob();
+    // Sends nothing more: the worker's reads wait for bytes that never come, bounded by UPLOAD_IDLE_TIMEOUT_MS.
+    const done = await svc.waitForFinal(listed.id, auth);
+    expect(done.state).toBe('failed');
+    expect(done.error?.code).toBe('UPLOAD_TIMEOUT');
+    upload.abort();
+  }, 120_000);
+
+  it('a hostile image whose tables point past everything that will arrive fails as corrupt', async () => {
+    const body = await readFile(join(dir, 'cut.qcow2'));
+    const upload = pacedUpload(`${svc.apiUrl}/v1/jobs`, body);
+    const answer = await upload.end();
+    expect(answer.status).toBe(202);
+    const id = (JSON.parse(answer.body) as JobJson).id;
+    const done = await svc.waitForFinal(id, auth);
+    expect(done.state).toBe('failed');
+    expect(done.error?.code).toBe('IMAGE_CORRUPT');
+    expect(done.error?.message).not.toContain(svc.dataDir);
+  }, 120_000);
+
+  it('a body that declares more bytes than it sends: the tables wait for them, the short body fails the job', async () => {
+    const body = await readFile(join(dir, 'cut.qcow2'));
+    const whole = (await readFile(images['disk.qcow2']!.path)).length;
+    const upload = pacedUpload(`${svc.apiUrl}/v1/jobs`, body, whole);
+    await upload.send(body.length);
+    const listed = await theJob();
+    await svc.waitForJob(listed.id, (j) => j.progress.phase === 'converting', auth);
+    upload.abort(); // the last 40 % never comes
+    const done = await svc.waitForFinal(listed.id, auth);
+    expect(done.state).toBe('failed');
+    expect(done.error?.code).toBe('INCOMPLETE_BODY');
+  }, 120_000);
+});
