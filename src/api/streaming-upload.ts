@@ -75,11 +75,22 @@ async function stream(ctx: ApiContext, request: FastifyRequest, reply: FastifyRe
   const body = request.body as Readable | undefined;
   if (!body || typeof body.pipe !== 'function') throw new ApiError('EMPTY_BODY', 'the body is empty');
   const iterator = (body as AsyncIterable<Buffer>)[Symbol.asyncIterator]();
-  const { head, headBytes, ended } = await readHead(iterator).catch((err: unknown) => Promise.reject(asBodyError(err)));
-  if (headBytes === 0) throw new ApiError('EMPTY_BODY', 'the upload is empty');
+  // The staging write exists from the start, as on the staged path (a stalled body is seen, and swept, the same way).
+  const writer = await ctx.stores.staging.create(id);
+  let head: Buffer[];
+  let ended: boolean;
+  try {
+    const read = await readHead(iterator);
+    if (read.headBytes === 0) throw new ApiError('EMPTY_BODY', 'the upload is empty');
+    ({ head, ended } = read);
+  } catch (err) {
+    await writer.abort().catch(() => {});
+    throw asBodyError(err);
+  }
 
   const wrapped = detectWrapper(Buffer.concat(head).subarray(0, WRAPPER_PROBE_BYTES)) !== undefined;
   if (wrapped) {
+    await writer.abort();
     // A compressed wrapper is decompressed into staging, its size unknown until the end: staged path.
     const stored = await streamToStore(Readable.from(replay(head, iterator, ended)), id, deps);
     await verifyChecksum(stored, options, id, deps);
@@ -88,7 +99,6 @@ async function stream(ctx: ApiContext, request: FastifyRequest, reply: FastifyRe
     return reply.code(202).header('location', jobPath(id)).send(presentJob(record));
   }
 
-  const writer = await ctx.stores.staging.create(id);
   const token = writer.followToken;
   if (token === undefined) {
     await writer.abort();
@@ -97,12 +107,22 @@ async function stream(ctx: ApiContext, request: FastifyRequest, reply: FastifyRe
   const hash = createHash('sha256');
   let size = 0;
   let jobExists = false;
-  /** The upload failed after the job was made: the job fails with the upload's error, and its worker stops reading. */
+  /**
+   * The upload failed after the job was made; its worker stops reading. A client that hears the
+   * refusal (a wrong checksum, a body longer than declared, a store failure) gets no job, as on the
+   * staged path; a job whose client went away (dropped, timed out) stays, failed with the reason.
+   */
   const failJob = async (error: JobError): Promise<void> => {
     await ctx.uploadMarks.set(id, { state: 'failed', ...error }).catch(() => {});
     if (!jobExists) return;
-    await ctx.records.transition(id, 'failed', ['queued', 'running'], { error, last_error: undefined, attempt_id: undefined }).catch(() => {});
     await ctx.queue.removeWaiting(id).catch(() => {});
+    if (error.code === 'INCOMPLETE_BODY' || error.code === 'UPLOAD_TIMEOUT') {
+      await ctx.records.transition(id, 'failed', ['queued', 'running'], { error, last_error: undefined, attempt_id: undefined }).catch(() => {});
+    } else {
+      const rec = await ctx.records.get(id).catch(() => undefined);
+      if (rec) await ctx.records.remove(rec).catch(() => {});
+      await ctx.stores.staging.delete(id).catch(() => {});
+    }
   };
   try {
     await ctx.uploadMarks.set(id, { state: 'receiving', token, size: declared });
@@ -133,6 +153,9 @@ async function stream(ctx: ApiContext, request: FastifyRequest, reply: FastifyRe
 
   const sha256 = hash.digest('hex');
   await ctx.uploadMarks.set(id, { state: 'received', token, size, sha256 });
+  // A job no worker has started yet shows its sha256 now; a running one is told by the mark (the worker records it).
+  const queued = await ctx.records.get(id).catch(() => undefined);
+  if (queued?.state === 'queued') await ctx.records.update(id, ['queued'], { source: { ...queued.source, size, sha256 } }).catch(() => {});
   if (options.expected_sha256 && options.expected_sha256 !== sha256) {
     const message = `the upload's sha256 is ${sha256}, expected ${options.expected_sha256}`;
     await writer.abort().catch(() => {});

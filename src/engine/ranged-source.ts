@@ -8,6 +8,9 @@
  *   most `maxRequestBytes`, at most `concurrency` in flight for the whole source;
  * - a large read starts a read-ahead of the same length after it (when
  *   `readAhead`), which the next sequential read picks up;
+ * - a large read overlapping a large fetch in flight or just done (a
+ *   read-ahead, or another reader's) takes those bytes from it: a reader with
+ *   several reads in flight never has one range fetched twice;
  * - a failed request is retried when the subclass calls the failure transient.
  * It knows nothing of HTTP or S3.
  */
@@ -97,19 +100,6 @@ export class Limiter {
   }
 }
 
-/** A signal that fires when any given one does; listeners are removed by dispose (long-lived signals stay clean). */
-function linkSignals(...signals: Array<AbortSignal | undefined>): { signal: AbortSignal | undefined; dispose: () => void } {
-  const present = signals.filter((s): s is AbortSignal => s !== undefined);
-  if (present.length <= 1) return { signal: present[0], dispose: () => {} };
-  const controller = new AbortController();
-  const onAbort = (): void => controller.abort();
-  for (const s of present) {
-    if (s.aborted) controller.abort();
-    s.addEventListener('abort', onAbort, { once: true });
-  }
-  return { signal: controller.signal, dispose: () => present.forEach((s) => s.removeEventListener('abort', onAbort)) };
-}
-
 /** Waits for `promise`, or rejects with AbortedError when `signal` fires first (the work itself goes on, shared). */
 function raceAbort<T>(promise: Promise<T>, signal: AbortSignal | undefined): Promise<T> {
   if (!signal) return promise;
@@ -151,8 +141,8 @@ export abstract class RangedSource implements RandomAccessSource {
   private readonly limiter: Limiter;
   /** Aborted by close(), and by the owner's signal when one was given. */
   private readonly lifetime = new AbortController();
-  /** One read-ahead at a time: the bytes right after the last large read. */
-  private ahead: { offset: number; end: number; data: Promise<Buffer> } | undefined;
+  /** The last few large fetches (in flight or done, the read-ahead among them), newest last. */
+  private recent: Array<{ offset: number; end: number; data: Promise<Buffer>; ahead: boolean }> = [];
   protected closed = false;
   /** Bytes asked for so far, against maxFetchBytes. */
   private asked = 0;
@@ -192,32 +182,56 @@ export abstract class RangedSource implements RandomAccessSource {
     }
     const end = Math.min(this.size, offset + length);
     if (end <= offset) return new Uint8Array(0);
-    if (end - offset < this.tuning.blockBytes) return this.readCached(offset, end, signal);
+    if (end - offset < this.tuning.blockBytes) {
+      // Inside a large fetch (a read-ahead of the data around it): from there, not as a block fetched again.
+      const within = this.recent.find((r) => r.offset <= offset && end <= r.end);
+      if (!within) return this.readCached(offset, end, signal);
+      const data = await raceAbort(within.data, signal);
+      return data.subarray(offset - within.offset, end - within.offset);
+    }
 
-    let out: Buffer;
-    const ahead = this.ahead;
-    if (ahead && ahead.offset === offset && ahead.end >= end) {
-      this.ahead = undefined;
-      this.stats.readAheadHits++;
-      const data = await raceAbort(ahead.data, signal);
-      out = data.length === end - offset ? data : data.subarray(0, end - offset);
-    } else {
-      if (ahead && !(ahead.offset < end && offset < ahead.end)) this.ahead = undefined; // not sequential: drop it
-      const linked = linkSignals(signal, this.lifetime.signal);
-      try {
-        out = await this.fetchSplit(offset, end, linked.signal as AbortSignal);
-      } finally {
-        linked.dispose();
+    const parts: Array<Promise<Buffer>> = [];
+    for (let pos = offset; pos < end; ) {
+      const hit = this.recent.find((r) => r.offset <= pos && pos < r.end);
+      if (hit) {
+        if (hit.ahead) {
+          hit.ahead = false;
+          this.stats.readAheadHits++;
+        }
+        const from = pos - hit.offset;
+        const to = Math.min(end, hit.end) - hit.offset;
+        parts.push(hit.data.then((d) => (from === 0 && to === d.length ? d : d.subarray(from, to))));
+        pos = Math.min(end, hit.end);
+      } else {
+        // Up to where a fetch already covers the rest.
+        const next = this.recent.reduce((m, r) => (r.offset > pos && r.offset < m ? r.offset : m), end);
+        parts.push(this.remember(pos, next, false));
+        pos = next;
       }
     }
-    // Read ahead the same length, in the background (its failure surfaces only if it is used).
-    const nextEnd = Math.min(this.size, end + (end - offset));
-    if (this.tuning.readAhead && nextEnd > end && !this.ahead && !this.closed) {
-      const data = this.fetchSplit(end, nextEnd, this.lifetime.signal);
-      data.catch(() => {});
-      this.ahead = { offset: end, end: nextEnd, data };
+    // Read ahead the same length, in the background (its failure surfaces only if it is used), from where nothing covers it.
+    let aheadStart = end;
+    const aheadEnd = Math.min(this.size, end + (end - offset));
+    for (let covering = this.recent.find((r) => r.offset <= aheadStart && aheadStart < r.end); covering; covering = this.recent.find((r) => r.offset <= aheadStart && aheadStart < r.end)) {
+      aheadStart = covering.end;
     }
-    return out;
+    if (this.tuning.readAhead && aheadEnd > aheadStart && !this.closed) this.remember(aheadStart, aheadEnd, true);
+    const buffers = await raceAbort(Promise.all(parts), signal);
+    return buffers.length === 1 ? (buffers[0] as Buffer) : Buffer.concat(buffers);
+  }
+
+  /** Fetches [offset, end) for whoever reads it (under the source's lifetime, not one reader's signal), kept among the recent. */
+  private remember(offset: number, end: number, ahead: boolean): Promise<Buffer> {
+    const data = this.fetchSplit(offset, end, this.lifetime.signal);
+    const entry = { offset, end, data, ahead };
+    this.recent.push(entry);
+    data.catch(() => {
+      const i = this.recent.indexOf(entry);
+      if (i >= 0) this.recent.splice(i, 1);
+    });
+    // A few more than can be in flight: enough for a reader's window of reads, bounded memory.
+    while (this.recent.length > this.tuning.concurrency + 2) this.recent.shift();
+    return data;
   }
 
   private async fetchSplit(offset: number, end: number, signal: AbortSignal): Promise<Buffer> {
@@ -292,7 +306,7 @@ export abstract class RangedSource implements RandomAccessSource {
     this.closed = true;
     this.lifetime.abort();
     this.cache.clear();
-    this.ahead = undefined;
+    this.recent = [];
     await this.release();
   }
 }

@@ -91,8 +91,9 @@ describe('job events (SSE) across API processes', () => {
 
   it('resumes after Last-Event-ID with exactly the events that followed it', async () => {
     const job = await createJob();
-    // Read until the job runs, then drop the connection.
-    const first = await readSse(`${urlB}/v1/jobs/${job.id}/events`, auth(TOKEN_A), (e) => e.event === 'progress' && data(e).phase === 'converting');
+    // Read until the job runs (an event with an id: the stream's opening snapshot has none, and an upload
+    // converted while it arrives is already converting when it opens), then drop the connection.
+    const first = await readSse(`${urlB}/v1/jobs/${job.id}/events`, auth(TOKEN_A), (e) => e.id !== undefined && e.event === 'progress' && data(e).phase === 'converting');
     const last = first.events.at(-1) as SseEvent;
     const rest = await readSse(`${svc.apiUrl}/v1/jobs/${job.id}/events`, { ...auth(TOKEN_A), 'last-event-id': last.id as string });
     expect(rest.events.length).toBeGreaterThan(0);
