@@ -197,6 +197,7 @@ export abstract class RangedSource implements RandomAccessSource {
         if (hit.ahead) {
           hit.ahead = false;
           this.stats.readAheadHits++;
+          void hit.data.then(() => this.forget(hit), () => {});
         }
         const from = pos - hit.offset;
         const to = Math.min(end, hit.end) - hit.offset;
@@ -225,10 +226,13 @@ export abstract class RangedSource implements RandomAccessSource {
     const data = this.fetchSplit(offset, end, this.lifetime.signal);
     const entry = { offset, end, data, ahead };
     this.recent.push(entry);
-    data.catch(() => {
-      const i = this.recent.indexOf(entry);
-      if (i >= 0) this.recent.splice(i, 1);
-    });
+    // Kept while in flight (for readers overlapping it); once done, only a read-ahead nobody has used yet stays.
+    data.then(
+      () => {
+        if (!entry.ahead) this.forget(entry);
+      },
+      () => this.forget(entry),
+    );
     // A few more than can be in flight: enough for a reader's window of reads, bounded memory.
     while (this.recent.length > this.tuning.concurrency + 2) this.recent.shift();
     return data;
@@ -300,6 +304,11 @@ export abstract class RangedSource implements RandomAccessSource {
         await sleep(this.tuning.retryDelayMs * 2 ** (attempt - 1), signal);
       }
     }
+  }
+
+  private forget(entry: { offset: number; end: number; data: Promise<Buffer>; ahead: boolean }): void {
+    const i = this.recent.indexOf(entry);
+    if (i >= 0) this.recent.splice(i, 1);
   }
 
   async close(): Promise<void> {
