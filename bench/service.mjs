@@ -1,0 +1,290 @@
+#!/usr/bin/env node
+// The service's figures (issue 8), after the engine's (bench/run.mjs): redis-server, `diskconv serve` and
+// `diskconv worker` as separate processes on 127.0.0.1, a 4 GiB-virtual qcow2 (about 27 % data, made by
+// qemu-img from a deterministic sparse raw file):
+//  1. upload with curl (`-T FILE -X POST`, application/octet-stream) at BENCH_SERVICE_RATE bytes/s
+//     (100 MB/s by default; `curl --limit-rate`) and unthrottled: seconds from the start of the upload
+//     to the job's `succeeded`, and from the last byte's arrival (the staging file reaching the image's size)
+//     to `succeeded`; against the staged path at the same rate (the transfer, then `qemu-img convert -O raw`).
+//  2. status polling while a conversion runs: `wrk -c 50 -t 2 -d BENCH_SERVICE_WRK_SECONDS --latency` on
+//     GET /v1/jobs/{id} during a throttled upload whose job converts as the bytes arrive: requests/s, p50/p99.
+// Settings (flags win): --size / BENCH_SERVICE_SIZE (default BENCH_SIZE or 4G), --rate / BENCH_SERVICE_RATE,
+// --wrk-seconds / BENCH_SERVICE_WRK_SECONDS (8), --budget / BENCH_SERVICE_BUDGET (seconds, 240; the cases
+// left when it is used up are skipped and say so), BENCH_SERVICE=off skips this part.
+// Writes bench/results/service-latest.{md,json}.
+import { execFileSync, spawn } from 'node:child_process';
+import { createCipheriv } from 'node:crypto';
+import { closeSync, mkdirSync, mkdtempSync, openSync, readdirSync, rmSync, statSync, writeFileSync, writeSync } from 'node:fs';
+import { createServer } from 'node:net';
+import { cpus, tmpdir, totalmem } from 'node:os';
+import { dirname, join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+
+const args = new Map();
+for (let i = 2; i < process.argv.length; i += 2) args.set(process.argv[i].replace(/^--/, ''), process.argv[i + 1]);
+const setting = (name, env, fallback) => args.get(name) ?? process.env[env] ?? fallback;
+if (setting('service', 'BENCH_SERVICE', 'on') === 'off') {
+  console.log('service bench: skipped (BENCH_SERVICE=off)');
+  process.exit(0);
+}
+const parseSize = (s) => {
+  const m = /^(\d+(?:\.\d+)?)([KMGT]?)i?B?$/i.exec(s);
+  if (!m) throw new Error(`bad size ${s}`);
+  return Math.round(Number(m[1]) * 1024 ** ' KMGT'.indexOf((m[2] || ' ').toUpperCase()));
+};
+const virtualSize = parseSize(setting('size', 'BENCH_SERVICE_SIZE', process.env.BENCH_SIZE ?? '4G'));
+const rate = Number(setting('rate', 'BENCH_SERVICE_RATE', 100_000_000));
+const wrkSeconds = Number(setting('wrk-seconds', 'BENCH_SERVICE_WRK_SECONDS', 8));
+const budget = Number(setting('budget', 'BENCH_SERVICE_BUDGET', 240));
+const started = Date.now();
+const elapsed = () => (Date.now() - started) / 1000;
+const here = dirname(fileURLToPath(import.meta.url));
+const CLI = join(here, '..', 'dist', 'cli.js');
+const dir = mkdtempSync(join(tmpdir(), 'diskconv-bench-service-'));
+const TOKEN = 'bench-service-token-0123456789abcdef';
+const MiB = 2 ** 20;
+const loadavg = () => execFileSync('cat', ['/proc/loadavg']).toString().split(' ').slice(0, 3).join(' ');
+const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+
+async function freePort() {
+  return new Promise((resolve, reject) => {
+    const s = createServer();
+    s.once('error', reject);
+    s.listen(0, '127.0.0.1', () => {
+      const { port } = s.address();
+      s.close(() => resolve(port));
+    });
+  });
+}
+
+// ---------------------------------------------------------------------------
+// The image: 1 MiB runs of incompressible data every ~3.7 MiB, some 64 KiB runs between; the rest holes.
+function makeImage() {
+  const raw = join(dir, 'base.raw');
+  const fd = openSync(raw, 'w');
+  const cipher = createCipheriv('aes-128-ctr', Buffer.alloc(16, 9), Buffer.alloc(16));
+  const zeros = Buffer.alloc(MiB);
+  let data = 0;
+  for (let at = 0, i = 0; at + MiB <= virtualSize; at += 3.7 * MiB - ((3.7 * MiB) % 4096), i++) {
+    writeSync(fd, cipher.update(zeros), 0, MiB, at);
+    data += MiB;
+    if (i % 3 === 0 && at + 2 * MiB + 65536 <= virtualSize) {
+      writeSync(fd, cipher.update(zeros.subarray(0, 65536)), 0, 65536, at + 2 * MiB + 4096);
+      data += 65536;
+    }
+  }
+  closeSync(fd);
+  execFileSync('truncate', ['-s', String(virtualSize), raw]);
+  const qcow2 = join(dir, 'disk.qcow2');
+  execFileSync('qemu-img', ['convert', '-f', 'raw', '-O', 'qcow2', raw, qcow2]);
+  rmSync(raw);
+  return { path: qcow2, size: statSync(qcow2).size, data };
+}
+
+// ---------------------------------------------------------------------------
+// The service.
+const children = [];
+function start(name, cmd, argv, env) {
+  const child = spawn(cmd, argv, { env: { PATH: process.env.PATH, HOME: process.env.HOME ?? '/tmp', ...env }, stdio: ['ignore', 'pipe', 'pipe'] });
+  let log = '';
+  const keep = (c) => {
+    if (log.length < 1 << 20) log += c.toString();
+  };
+  child.stdout.on('data', keep);
+  child.stderr.on('data', keep);
+  children.push(child);
+  return { child, log: () => log, name };
+}
+async function stopAll() {
+  await Promise.all(
+    children.map(
+      (c) =>
+        new Promise((resolve) => {
+          if (c.exitCode !== null || c.signalCode !== null) return resolve();
+          const timer = setTimeout(() => c.kill('SIGKILL'), 10_000);
+          c.once('exit', () => {
+            clearTimeout(timer);
+            resolve();
+          });
+          c.kill('SIGTERM');
+        }),
+    ),
+  );
+}
+
+async function startService() {
+  const redisPort = await freePort();
+  const apiPort = await freePort();
+  const dataDir = join(dir, 'data');
+  mkdirSync(join(dir, 'redis'), { recursive: true });
+  start('redis', 'redis-server', ['--port', String(redisPort), '--bind', '127.0.0.1', '--save', '', '--appendonly', 'no', '--dir', join(dir, 'redis')], {});
+  const env = {
+    REDIS_URL: `redis://127.0.0.1:${redisPort}`,
+    DATA_DIR: dataDir,
+    HOST: '127.0.0.1',
+    PORT: String(apiPort),
+    API_TOKENS: TOKEN,
+    LOG_LEVEL: 'warn',
+    MAX_UPLOAD_BYTES: String(virtualSize * 2),
+    QUEUE_NAME: `bench-${process.pid}`,
+    // The polling figure is the route's, not the rate limiter's answer.
+    RATE_LIMIT_READS: '100000000',
+    PROGRESS_INTERVAL_MS: '250',
+  };
+  for (let i = 0; i < 100; i++) {
+    try {
+      if (execFileSync('redis-cli', ['-p', String(redisPort), 'ping']).toString().trim() === 'PONG') break;
+    } catch {
+      await sleep(50);
+    }
+  }
+  const api = start('api', process.execPath, [CLI, 'serve'], env);
+  const worker = start('worker', process.execPath, [CLI, 'worker'], env);
+  const url = `http://127.0.0.1:${apiPort}`;
+  for (let i = 0; ; i++) {
+    const ok = await fetch(`${url}/readyz`).then((r) => r.status === 200, () => false);
+    if (ok && worker.log().includes('worker ready')) break;
+    if (i > 300) throw new Error(`the service did not start:\n${api.log()}\n${worker.log()}`);
+    await sleep(100);
+  }
+  return { url, dataDir };
+}
+
+const auth = { authorization: `Bearer ${TOKEN}` };
+async function getJob(url, id) {
+  return (await fetch(`${url}/v1/jobs/${id}`, { headers: auth })).json();
+}
+async function findJob(url) {
+  for (;;) {
+    const { jobs } = await (await fetch(`${url}/v1/jobs?limit=100`, { headers: auth })).json();
+    const live = jobs.find((j) => j.state === 'queued' || j.state === 'running');
+    if (live) return live.id;
+    await sleep(10);
+  }
+}
+
+/** curl -T image -X POST; returns when the job succeeded, with the moments that matter. */
+async function upload(svc, image, limit) {
+  const t0 = Date.now();
+  const curlArgs = ['-sS', '-o', join(dir, 'answer.json'), '-w', '%{http_code}', '-X', 'POST', '-H', `Authorization: Bearer ${TOKEN}`, '-H', 'Content-Type: application/octet-stream', '-T', image.path];
+  if (limit) curlArgs.push('--limit-rate', String(limit));
+  curlArgs.push(`${svc.url}/v1/jobs?filename=disk.qcow2`);
+  const curl = spawn('curl', curlArgs, { stdio: ['ignore', 'pipe', 'pipe'] });
+  let status = '';
+  curl.stdout.on('data', (c) => (status += c));
+  const curlDone = new Promise((resolve) => curl.once('exit', () => resolve(Date.now())));
+  const id = await findJob(svc.url);
+  // The last byte's arrival: the staging write reaches the image's size.
+  const tmp = join(svc.dataDir, 'store', 'tmp');
+  let lastByte;
+  const watch = (async () => {
+    while (lastByte === undefined) {
+      const name = readdirSync(tmp).find((n) => n.startsWith(`input.${id}.`));
+      const size = name ? statSync(join(tmp, name), { throwIfNoEntry: false })?.size : undefined;
+      if (size === image.size || (name === undefined && statSync(join(svc.dataDir, 'store', 'input', id), { throwIfNoEntry: false }))) lastByte = Date.now();
+      else await sleep(5);
+    }
+  })();
+  let job;
+  for (;;) {
+    job = await getJob(svc.url, id);
+    if (['succeeded', 'failed', 'cancelled'].includes(job.state)) break;
+    await sleep(10);
+  }
+  const done = Date.now();
+  await watch.catch(() => {});
+  const curlEnd = await curlDone;
+  if (job.state !== 'succeeded') throw new Error(`the job ended ${job.state}: ${JSON.stringify(job.error)}`);
+  return { total: (done - t0) / 1000, afterLastByte: ((done - (lastByte ?? done)) / 1000), transfer: ((lastByte ?? curlEnd) - t0) / 1000, curlStatus: status, id };
+}
+
+function qemuConvertSeconds(image) {
+  const out = join(dir, 'qemu.raw');
+  rmSync(out, { force: true });
+  execFileSync('sync');
+  const t = Date.now();
+  execFileSync('qemu-img', ['convert', '-O', 'raw', image.path, out]);
+  const s = (Date.now() - t) / 1000;
+  rmSync(out, { force: true });
+  return s;
+}
+
+function wrk(url, id) {
+  const out = execFileSync('wrk', ['-c', '50', '-t', '2', '-d', `${wrkSeconds}s`, '--latency', '-H', `Authorization: Bearer ${TOKEN}`, `${url}/v1/jobs/${id}`], { maxBuffer: 1 << 20 }).toString();
+  const num = (re) => Number(re.exec(out)?.[1] ?? NaN);
+  const ms = (re) => {
+    const m = re.exec(out);
+    if (!m) return NaN;
+    const v = Number(m[1]);
+    return m[2] === 'us' ? v / 1000 : m[2] === 's' ? v * 1000 : v;
+  };
+  return {
+    rps: num(/Requests\/sec:\s+([\d.]+)/),
+    p50: ms(/\s50%\s+([\d.]+)(us|ms|s)/),
+    p99: ms(/\s99%\s+([\d.]+)(us|ms|s)/),
+    non2xx: num(/Non-2xx or 3xx responses:\s+(\d+)/) || 0,
+    raw: out,
+  };
+}
+
+// ---------------------------------------------------------------------------
+const results = { date: new Date().toISOString(), virtualSize, rate, wrkSeconds, budget, machine: { cpus: cpus().length, model: cpus()[0]?.model, memGiB: Math.round(totalmem() / 2 ** 30), node: process.version }, loadBefore: loadavg(), cases: {} };
+const lines = [];
+try {
+  const image = makeImage();
+  results.image = { fileBytes: image.size, dataBytes: image.data };
+  console.log(`service bench: qcow2 of ${virtualSize / 2 ** 30} GiB virtual, ${(image.size / MiB).toFixed(0)} MiB file (${elapsed().toFixed(0)} s)`);
+  const svc = await startService();
+  const left = () => budget <= 0 || elapsed() < budget;
+
+  const qemu = qemuConvertSeconds(image);
+  results.cases.qemuConvert = qemu;
+
+  if (left()) {
+    const r = await upload(svc, image, rate);
+    results.cases.throttled = r;
+    lines.push(`| curl upload at ${(rate / 1e6).toFixed(0)} MB/s | ${r.transfer.toFixed(2)} | ${r.total.toFixed(2)} | ${r.afterLastByte.toFixed(2)} | ${(r.transfer + qemu).toFixed(2)} (${r.transfer.toFixed(2)} + ${qemu.toFixed(2)}) |`);
+    console.log(lines.at(-1));
+  } else lines.push('| throttled upload | skipped: budget used | | | |');
+
+  if (left()) {
+    const r = await upload(svc, image, 0);
+    results.cases.unthrottled = r;
+    lines.push(`| curl upload, no limit | ${r.transfer.toFixed(2)} | ${r.total.toFixed(2)} | ${r.afterLastByte.toFixed(2)} | ${(r.transfer + qemu).toFixed(2)} (${r.transfer.toFixed(2)} + ${qemu.toFixed(2)}) |`);
+    console.log(lines.at(-1));
+  } else lines.push('| unthrottled upload | skipped: budget used | | | |');
+
+  if (left()) {
+    // A job that converts for the whole measurement: a throttled upload, converted as it arrives.
+    const slow = Math.max(1, Math.floor(image.size / (wrkSeconds + 6)));
+    const running = upload(svc, image, slow);
+    const id = await findJob(svc.url);
+    while ((await getJob(svc.url, id)).progress.phase !== 'converting') await sleep(20);
+    const w = wrk(svc.url, id);
+    const phaseAfter = (await getJob(svc.url, id)).state;
+    await running;
+    results.cases.polling = { ...w, stateWhenDone: phaseAfter };
+    lines.push('');
+    lines.push(`Status polling while the job converts (wrk -c 50 -t 2 -d ${wrkSeconds}s, GET /v1/jobs/{id}): **${w.rps.toFixed(0)} req/s**, p50 ${w.p50.toFixed(2)} ms, p99 ${w.p99.toFixed(2)} ms, non-2xx ${w.non2xx}; the job was \`${phaseAfter}\` when wrk ended.`);
+    console.log(lines.at(-1));
+  } else lines.push('Status polling: skipped (budget used).');
+} finally {
+  await stopAll();
+  rmSync(dir, { recursive: true, force: true });
+}
+results.loadAfter = loadavg();
+results.seconds = Math.round(elapsed());
+const md = [
+  `# Service figures (${results.date.slice(0, 10)}, load ${results.loadBefore} -> ${results.loadAfter}, ${results.seconds} s)`,
+  '',
+  `${results.machine.cpus} × ${results.machine.model}, ${results.machine.memGiB} GiB, Node ${results.machine.node}; qcow2 of ${virtualSize / 2 ** 30} GiB virtual, ${(results.image?.fileBytes / MiB).toFixed(0)} MiB file; \`qemu-img convert -O raw\` of it: ${results.cases.qemuConvert?.toFixed(2)} s.`,
+  '',
+  '| case | transfer s (start to last byte in) | diskconv: start to succeeded s | diskconv: last byte to succeeded s | staged then qemu-img s (transfer + convert) |',
+  '|---|---|---|---|---|',
+  ...lines,
+  '',
+].join('\n');
+mkdirSync(join(here, 'results'), { recursive: true });
+writeFileSync(join(here, 'results', 'service-latest.json'), JSON.stringify(results, (k, v) => (k === 'raw' ? undefined : v), 2) + '\n');
+writeFileSync(join(here, 'results', 'service-latest.md'), md);
+console.log(md);
