@@ -1,17 +1,19 @@
 #!/usr/bin/env node
-// Builds diskconv's optional native helper (native/seek: SEEK_DATA/SEEK_HOLE) with node-gyp.
+// Builds diskconv's optional native helper (native/seek: SEEK_DATA/SEEK_HOLE, batched writes) with node-gyp.
 // Run by `npm ci`/`npm install` (the package's install script) and `npm run build`. It is optional:
 // when it cannot build (no compiler, no Node headers), diskconv reads and scans sparse raw files
 // instead, so a failure here prints why and exits 0.
 import { spawnSync } from 'node:child_process';
-import { existsSync } from 'node:fs';
+import { existsSync, readdirSync, statSync } from 'node:fs';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 
 const here = dirname(fileURLToPath(import.meta.url));
 const dir = join(here, 'seek');
 const built = join(dir, 'build', 'Release', 'seek.node');
-if (process.argv.includes('--if-missing') && existsSync(built)) process.exit(0);
+// --if-missing (npm run build): rebuild only when the helper is missing or older than its sources.
+const sourcesTime = () => Math.max(...readdirSync(dir).filter((f) => /\.(c|gyp)$/.test(f)).map((f) => statSync(join(dir, f)).mtimeMs));
+if (process.argv.includes('--if-missing') && existsSync(built) && statSync(built).mtimeMs >= sourcesTime()) process.exit(0);
 if (process.platform !== 'linux') {
   console.log(`native/seek: not built on ${process.platform} (SEEK_DATA/SEEK_HOLE helper is Linux-only); sparse raw files are read and scanned`);
   process.exit(0);
@@ -26,7 +28,7 @@ const prefix = join(dirname(process.execPath), '..');
 const nodedir = process.env.npm_config_nodedir || (existsSync(join(prefix, 'include', 'node', 'node_api.h')) ? prefix : undefined);
 const res = spawnSync(cmd, [...args, 'rebuild', '--loglevel=warn', ...(nodedir ? [`--nodedir=${nodedir}`] : [])], { cwd: dir, stdio: ['ignore', 'pipe', 'pipe'], encoding: 'utf8' });
 if (res.status === 0 && existsSync(built)) {
-  console.log('native/seek: built (SEEK_DATA/SEEK_HOLE for sparse raw sources)');
+  console.log('native/seek: built (SEEK_DATA/SEEK_HOLE for sparse raw sources, batched writes)');
 } else {
   const why = (res.error?.message ?? `${res.stderr ?? ''}${res.stdout ?? ''}`).trim().split('\n').slice(-5).join('\n  ');
   console.log(`native/seek: not built; sparse raw files will be read and scanned instead.\n  ${why}`);

@@ -2,7 +2,7 @@
   "targets": [
     {
       "target_name": "seek",
-      "sources": ["seek.c"],
+      "sources": ["seek.c", "write.c"],
       "cflags": ["-O2", "-Wall", "-Wextra"],
       "defines": ["NAPI_VERSION=8"]
     }

@@ -1,5 +1,6 @@
 /*
- * diskconv's optional native helper: where a file's data lies.
+ * diskconv's optional native helper: where a file's data lies (this file), and
+ * writing a batch of extents in one threadpool trip (write.c).
  *
  * Node has no lseek, so it cannot ask the filesystem for SEEK_DATA/SEEK_HOLE
  * (as qemu-img and cp --sparse do); without this the raw driver reads whole
@@ -73,10 +74,14 @@ static napi_value data_extents(napi_env env, napi_callback_info info) {
   return result;
 }
 
+napi_value write_extents(napi_env env, napi_callback_info info); /* write.c */
+
 static napi_value init(napi_env env, napi_value exports) {
   napi_value fn;
   if (napi_create_function(env, "dataExtents", NAPI_AUTO_LENGTH, data_extents, NULL, &fn) != napi_ok) return NULL;
   if (napi_set_named_property(env, exports, "dataExtents", fn) != napi_ok) return NULL;
+  if (napi_create_function(env, "writeExtents", NAPI_AUTO_LENGTH, write_extents, NULL, &fn) != napi_ok) return NULL;
+  if (napi_set_named_property(env, exports, "writeExtents", fn) != napi_ok) return NULL;
   return exports;
 }
 

@@ -190,6 +190,14 @@ export class DestinationSink implements ExtentSink {
     }
   }
 
+  async writeBatch(extents: readonly Extent[]): Promise<void> {
+    try {
+      await this.inner.writeBatch(extents);
+    } catch (err) {
+      throw destinationError(this.path, `writing at offset ${extents[0]?.offset ?? 0}`, err);
+    }
+  }
+
   async finish(virtualSize: number): Promise<void> {
     try {
       await this.inner.finish(virtualSize);

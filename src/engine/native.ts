@@ -2,12 +2,21 @@ import { createRequire } from 'node:module';
 
 /**
  * diskconv's optional native helper (native/seek, built by node-gyp at
- * `npm ci` and `npm run build`): SEEK_DATA/SEEK_HOLE, which Node lacks. Where
- * it did not build or cannot load, callers fall back to reading.
+ * `npm ci` and `npm run build`): SEEK_DATA/SEEK_HOLE, which Node lacks, and
+ * batched writes (native/seek/write.c). Where it did not build or cannot load,
+ * callers fall back to reading holes and to fs/promises writes.
  */
 export interface SeekHelper {
   /** Data ranges of [offset, end) as [start0, end0, start1, end1, ...], at most `max` ranges; throws (code ENOTSUP) where the filesystem cannot tell. */
   dataExtents(fd: number, offset: number, end: number, max: number): number[];
+  /**
+   * Writes `views[i]` at `positions[i]` for every i, in one trip to the libuv
+   * threadpool; with `block` > 0, blocks of `block` bytes (aligned to the file
+   * offset) that are all zero are skipped. Resolves with the bytes written;
+   * rejects with an fs-style error (.code ENOSPC, EIO, ...). The views must not
+   * change until it settles. Absent from a helper built before it existed.
+   */
+  writeExtents?(fd: number, views: Uint8Array[], positions: number[], block: number): Promise<number>;
 }
 
 let helper: SeekHelper | null | undefined;
@@ -22,4 +31,10 @@ export function seekHelper(): SeekHelper | null {
     helper = null;
   }
   return helper;
+}
+
+/** The batched writer of the native helper, or null where it is not available. */
+export function nativeWriter(): NonNullable<SeekHelper['writeExtents']> | null {
+  const h = seekHelper();
+  return h && typeof h.writeExtents === 'function' ? h.writeExtents.bind(h) : null;
 }

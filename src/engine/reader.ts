@@ -2,6 +2,7 @@ import { alignedBuffer, isShared } from './aligned.js';
 import { decode, decodesOffThread } from './decompress.js';
 import { decryptEntry, encryptedBytes, encryptedFileRange } from './crypto/reader-step.js';
 import { ImageCorruptError, throwIfAborted } from './errors.js';
+import { mapFileRanges } from './formats/raw.js';
 import type { RandomAccessSource } from './source.js';
 import type { DiskImage, Extent, MapEntry } from './types.js';
 
@@ -57,6 +58,16 @@ interface LoadedBatch {
  * by (prefetchBatches + 2) × 2 × batchBytes.
  */
 export async function* readExtents(image: DiskImage, source: RandomAccessSource, options: ReadOptions = {}): AsyncGenerator<Extent> {
+  for await (const batch of readExtentBatches(image, source, options)) yield* batch;
+}
+
+/**
+ * The same extents as readExtents, a batch at a time (one coalesced read's
+ * worth, up to `batchBytes` of guest data): for consumers that hand many
+ * extents to the kernel at once (RawFileSink.writeBatch). A batch's bytes are
+ * valid until the next batch is requested.
+ */
+export async function* readExtentBatches(image: DiskImage, source: RandomAccessSource, options: ReadOptions = {}): AsyncGenerator<Extent[]> {
   const batchBytes = options.batchBytes ?? DEFAULTS.batchBytes;
   const maxReadBytes = options.maxReadBytes ?? DEFAULTS.maxReadBytes;
   const readConcurrency = options.readConcurrency ?? DEFAULTS.readConcurrency;
@@ -67,7 +78,7 @@ export async function* readExtents(image: DiskImage, source: RandomAccessSource,
   const rangeStart = options.start ?? 0;
   const rangeEnd = options.end ?? image.virtualSize;
 
-  const iterator = clip(splitLarge(image.map(signal), maxReadBytes), rangeStart, rangeEnd)[Symbol.asyncIterator]();
+  const iterator = clip(splitLarge(overFileHoles(image.map(signal), source, signal), maxReadBytes), rangeStart, rangeEnd)[Symbol.asyncIterator]();
   let exhausted = false;
   let carried: MapEntry | undefined; // pulled from the map but left for the next batch
   let expectedOffset = rangeStart;
@@ -211,7 +222,7 @@ export async function* readExtents(image: DiskImage, source: RandomAccessSource,
       const loaded = await (ahead.shift() as Promise<LoadedBatch | null>);
       if (!loaded) break;
       ahead.push(fetchNext());
-      yield* mergeAdjacent(loaded.extents);
+      yield [...mergeAdjacent(loaded.extents)];
       // The consumer asked for more, so it is done with this batch's bytes.
       if (loaded.buffer && loaded.buffer.length === arenaBytes) (isShared(loaded.buffer) ? freeSharedArenas : freeArenas).push(loaded.buffer);
       if (loaded.decoded) freeDecodedArenas.push(loaded.decoded);
@@ -277,6 +288,25 @@ function fileRange(entry: ReadEntry, fileSize: number): [start: number, end: num
   // first byte must exist.
   const end = Math.min(fileSize, entry.fileOffset + entry.readLength);
   return [entry.fileOffset, Math.max(end, entry.fileOffset + 1), entry.fileOffset + 1];
+}
+
+/**
+ * Preallocated data (a static VDI) where the file has holes under it reads as
+ * zeros: those parts become zero entries, found with SEEK_DATA/SEEK_HOLE as
+ * qemu finds them, and are never read. Where the source cannot tell, entries pass unchanged.
+ */
+async function* overFileHoles(entries: AsyncIterable<MapEntry>, source: RandomAccessSource, signal: AbortSignal | undefined): AsyncGenerator<MapEntry> {
+  for await (const e of entries) {
+    if (e.kind !== 'stored' || !e.preallocated || !source.dataRanges) {
+      yield e;
+      continue;
+    }
+    const delta = e.offset - e.fileOffset;
+    for await (const part of mapFileRanges(source, e.fileOffset + e.length, signal, e.fileOffset)) {
+      if (part.kind === 'zero') yield { kind: 'zero', offset: part.offset + delta, length: part.length, status: 'hole', fileOffset: part.offset };
+      else if (part.kind === 'stored') yield { ...e, offset: part.offset + delta, length: part.length, fileOffset: part.fileOffset };
+    }
+  }
 }
 
 /** Splits stored entries larger than maxBytes so a single read stays bounded. */

@@ -1,0 +1,136 @@
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { join } from 'node:path';
+import { open, readFile, stat } from 'node:fs/promises';
+import { makeTempDir, qemuImg, seededBytes, sha256File } from '../helpers/qemu.js';
+import { RawFileSink, type Extent } from '../../src/engine/index.js';
+import { nativeWriter } from '../../src/engine/native.js';
+import { convertToRaw } from '../../src/engine/convert.js';
+import { openImage } from '../../src/engine/index.js';
+import { FileSource } from '../../src/engine/source.js';
+
+const KiB = 1024;
+const MiB = 2 ** 20;
+
+/**
+ * Extents as the reader hands them over: data with zero blocks inside at
+ * aligned and unaligned places, data starting and ending off a 4 KiB boundary,
+ * zero extents between, all in one shared buffer (views into it, as the
+ * reader's arenas are).
+ */
+function extents(): { list: Extent[]; size: number } {
+  const arena = Buffer.alloc(6 * MiB);
+  seededBytes(arena.length, 7).copy(arena);
+  arena.fill(0, 64 * KiB, 128 * KiB); // whole 4 KiB blocks of zeros inside data
+  arena.fill(0, 200 * KiB + 100, 212 * KiB + 50); // zeros that cover whole blocks only in part
+  arena.fill(0, 1 * MiB, 3 * MiB); // a long run of zeros
+  arena.fill(0, 5 * MiB - 10, 5 * MiB + 4 * KiB); // zeros across a boundary between two extents
+  const list: Extent[] = [];
+  let at = 0;
+  const data = (offset: number, length: number, from: number): void => {
+    list.push({ kind: 'data', offset, length, data: arena.subarray(from, from + length) });
+    at = offset + length;
+  };
+  const zero = (length: number): void => {
+    list.push({ kind: 'zero', offset: at, length });
+    at += length;
+  };
+  data(0, 3 * MiB, 0);
+  zero(1 * MiB + 512);
+  data(at, 1 * MiB + 1000, 3 * MiB); // starts 512 bytes into a block
+  data(at, 1 * MiB - 1000 + 4 * KiB, 4 * MiB + 1000); // touches the previous one
+  zero(8 * KiB);
+  data(at, 3000, 5 * MiB + 200 * KiB); // smaller than a block
+  zero(2 * MiB);
+  return { list, size: at };
+}
+
+async function writeWith(path: string, how: 'native-batch' | 'js-batch' | 'per-extent', sparseBlock = 4096): Promise<void> {
+  const sink = await RawFileSink.create(path, { sparseBlock, nativeWrites: how === 'native-batch' });
+  const { list, size } = extents();
+  if (how === 'per-extent') for (const e of list) await sink.write(e);
+  else {
+    // Two batches, cut in the middle, as the reader's batches come.
+    await sink.writeBatch(list.slice(0, 3));
+    await sink.writeBatch(list.slice(3));
+  }
+  await sink.finish(size);
+}
+
+let dir: string;
+let cleanup: () => Promise<void>;
+beforeAll(async () => ({ dir, cleanup } = await makeTempDir()));
+afterAll(async () => cleanup());
+
+describe('RawFileSink.writeBatch', () => {
+  for (const sparseBlock of [4096, 512, 65536, 0]) {
+    it(`writes the same bytes and allocates the same blocks natively, in JavaScript and extent by extent (-S ${sparseBlock})`, async () => {
+      const [a, b, c] = ['native-batch', 'js-batch', 'per-extent'].map((how) => join(dir, `${how}-${sparseBlock}.raw`)) as [string, string, string];
+      await writeWith(a, 'native-batch', sparseBlock);
+      await writeWith(b, 'js-batch', sparseBlock);
+      await writeWith(c, 'per-extent', sparseBlock);
+      const bytes = await readFile(c);
+      expect((await readFile(a)).equals(bytes)).toBe(true);
+      expect((await readFile(b)).equals(bytes)).toBe(true);
+      // The expected content, independently: every data extent's bytes at its offset, zeros elsewhere.
+      const { list, size } = extents();
+      const expected = Buffer.alloc(size);
+      for (const e of list) if (e.kind === 'data') expected.set(e.data, e.offset);
+      expect(bytes.equals(expected)).toBe(true);
+      const blocks = await Promise.all([a, b, c].map(async (p) => (await stat(p)).blocks));
+      expect(blocks[0]).toBe(blocks[2]);
+      expect(blocks[1]).toBe(blocks[2]);
+      if (sparseBlock === 4096) expect(blocks[2] as number).toBeLessThan(size / 512 / 2); // the zero runs stayed holes
+      if (sparseBlock === 0) expect(blocks[2] as number).toBeGreaterThanOrEqual(size / 512); // -S 0: every byte written
+    });
+  }
+
+  it.skipIf(!nativeWriter())('the native writer reports a failing write with its errno code, as fs does', async () => {
+    const path = join(dir, 'readonly.raw');
+    await (await open(path, 'w')).close();
+    const handle = await open(path, 'r'); // not writable: pwrite fails with EBADF
+    const sink = RawFileSink.fromHandle(handle, path, { sparseBlock: 4096 });
+    const err = (await sink.writeBatch([{ kind: 'data', offset: 0, length: 4096, data: Buffer.alloc(4096, 1) }]).catch((e: unknown) => e)) as NodeJS.ErrnoException;
+    expect(err).toBeInstanceOf(Error);
+    expect(err.code).toBe('EBADF');
+    expect(err.syscall).toBe('pwrite');
+    await sink.abort();
+  });
+
+  it.skipIf(!nativeWriter())('the native writer refuses arguments that are not views and integer positions', () => {
+    const write = nativeWriter() as NonNullable<ReturnType<typeof nativeWriter>>;
+    expect(() => write(1, [Buffer.alloc(1)], [], 4096)).toThrow(TypeError);
+    expect(() => write(1, ['x' as unknown as Uint8Array], [0], 4096)).toThrow(TypeError);
+    expect(() => write(1, [Buffer.alloc(1)], [-1], 4096)).toThrow(TypeError);
+    expect(() => write(1, [Buffer.alloc(1)], [0.5], 4096)).toThrow(TypeError);
+    expect(() => write(-1, [], [], 4096)).toThrow(TypeError);
+  });
+
+  it('convertToRaw through writeBatch converts a fragmented qcow2 and a static VDI byte-identical to qemu-img, allocating no more', async () => {
+    const raw = join(dir, 'frag.raw');
+    const fh = await open(raw, 'w');
+    // Runs of data, zeros written as data, and holes, at 4 KiB starts that are not cluster-aligned.
+    for (let i = 0, at = 0; i < 200; i++) {
+      const length = (1 + (i % 15)) * 4 * KiB;
+      await fh.write(i % 7 === 3 ? Buffer.alloc(length) : seededBytes(length, i + 1), 0, length, at);
+      at += length + ((i * 13) % 9) * 4 * KiB;
+    }
+    await fh.truncate(16 * MiB);
+    await fh.close();
+    for (const [name, opts] of [['frag.qcow2', ['-O', 'qcow2']], ['frag.vdi', ['-O', 'vdi', '-o', 'static=on']]] as const) {
+      const img = join(dir, name);
+      await qemuImg('convert', ...opts, raw, img);
+      const ref = join(dir, `${name}.qemu.raw`);
+      await qemuImg('convert', '-O', 'raw', img, ref);
+      const out = join(dir, `${name}.ours.raw`);
+      const source = await FileSource.open(img);
+      try {
+        const image = await openImage(source, {});
+        await convertToRaw(image, source, await RawFileSink.create(out), { batchBytes: 256 * KiB });
+      } finally {
+        await source.close();
+      }
+      expect(await sha256File(out)).toBe(await sha256File(ref));
+      expect((await stat(out)).blocks).toBeLessThanOrEqual((await stat(ref)).blocks);
+    }
+  });
+});
