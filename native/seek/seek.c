@@ -1,6 +1,6 @@
 /*
  * diskconv's optional native helper: where a file's data lies (this file), and
- * writing a batch of extents in one threadpool trip (write.c).
+ * reading and writing batches of extents in one threadpool trip each (io.c).
  *
  * Node has no lseek, so it cannot ask the filesystem for SEEK_DATA/SEEK_HOLE
  * (as qemu-img and cp --sparse do); without this the raw driver reads whole
@@ -74,7 +74,8 @@ static napi_value data_extents(napi_env env, napi_callback_info info) {
   return result;
 }
 
-napi_value write_extents(napi_env env, napi_callback_info info); /* write.c */
+napi_value write_extents(napi_env env, napi_callback_info info); /* io.c */
+napi_value read_extents(napi_env env, napi_callback_info info);  /* io.c */
 
 static napi_value init(napi_env env, napi_value exports) {
   napi_value fn;
@@ -82,6 +83,8 @@ static napi_value init(napi_env env, napi_value exports) {
   if (napi_set_named_property(env, exports, "dataExtents", fn) != napi_ok) return NULL;
   if (napi_create_function(env, "writeExtents", NAPI_AUTO_LENGTH, write_extents, NULL, &fn) != napi_ok) return NULL;
   if (napi_set_named_property(env, exports, "writeExtents", fn) != napi_ok) return NULL;
+  if (napi_create_function(env, "readExtents", NAPI_AUTO_LENGTH, read_extents, NULL, &fn) != napi_ok) return NULL;
+  if (napi_set_named_property(env, exports, "readExtents", fn) != napi_ok) return NULL;
   return exports;
 }
 

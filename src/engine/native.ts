@@ -3,7 +3,7 @@ import { createRequire } from 'node:module';
 /**
  * diskconv's optional native helper (native/seek, built by node-gyp at
  * `npm ci` and `npm run build`): SEEK_DATA/SEEK_HOLE, which Node lacks, and
- * batched writes (native/seek/write.c). Where it did not build or cannot load,
+ * batched writes (native/seek/io.c). Where it did not build or cannot load,
  * callers fall back to reading holes and to fs/promises writes.
  */
 export interface SeekHelper {
@@ -17,6 +17,11 @@ export interface SeekHelper {
    * change until it settles. Absent from a helper built before it existed.
    */
   writeExtents?(fd: number, views: Uint8Array[], positions: number[], block: number): Promise<number>;
+  /**
+   * Fills `views[i]` from `positions[i]` for every i in one threadpool trip;
+   * resolves with the bytes read into each (fewer only at the end of the file).
+   */
+  readExtents?(fd: number, views: Uint8Array[], positions: number[]): Promise<number[]>;
 }
 
 let helper: SeekHelper | null | undefined;
@@ -31,6 +36,12 @@ export function seekHelper(): SeekHelper | null {
     helper = null;
   }
   return helper;
+}
+
+/** The batched reader of the native helper, or null where it is not available. */
+export function nativeReader(): NonNullable<SeekHelper['readExtents']> | null {
+  const h = seekHelper();
+  return h && typeof h.readExtents === 'function' ? h.readExtents.bind(h) : null;
 }
 
 /** The batched writer of the native helper, or null where it is not available. */

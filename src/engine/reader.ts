@@ -180,6 +180,30 @@ export async function* readExtentBatches(image: DiskImage, source: RandomAccessS
       if (gi < 0) results[i] = Promise.resolve({ kind: 'zero', offset: entry.offset, length: entry.length });
       else (byGroup[gi] as number[]).push(i);
     });
+    // Verbatim data only (no decoding to start as each read lands): every read of the batch in one call.
+    const many = source.readIntoMany && !compressed && decoded === undefined && batch.groups.length > 1 ? source.readIntoMany.bind(source) : undefined;
+    if (many) {
+      const targets: Uint8Array[] = [];
+      const offsets: number[] = [];
+      for (const group of batch.groups) {
+        // Stored data only here, so end = mustEnd: the same check and words as the one-read-at-a-time path below.
+        if (group.mustEnd > source.size) {
+          throw new ImageCorruptError(
+            `data at file offset ${group.start}..${group.mustEnd} lies beyond the end of the file (${source.size} bytes); the image is truncated or corrupt`,
+          );
+        }
+        targets.push((buffer as Buffer).subarray(group.at, group.at + (group.end - group.start)));
+        offsets.push(group.start);
+      }
+      const got = await many(targets, offsets, signal);
+      batch.groups.forEach((group, gi) => {
+        const want = group.end - group.start;
+        if (got[gi] !== want) throw new ImageCorruptError(`image data: short read at offset ${group.start} (${got[gi] ?? 0} of ${want} bytes)`);
+        const bytes = targets[gi] as Uint8Array;
+        for (const i of byGroup[gi] as number[]) results[i] = decodeEntry(batch.entries[i] as ReadEntry, group, bytes, undefined);
+      });
+      return { extents: await Promise.all(results), buffer, decoded };
+    }
     await mapLimited(batch.groups, readConcurrency, async (group, gi) => {
         if (group.mustEnd > source.size) {
           throw new ImageCorruptError(

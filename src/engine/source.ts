@@ -1,6 +1,6 @@
 import { open, type FileHandle } from 'node:fs/promises';
 import { AbortedError, ImageCorruptError, SourceUnavailableError } from './errors.js';
-import { seekHelper } from './native.js';
+import { nativeReader, seekHelper } from './native.js';
 
 /**
  * Random-access bytes: a local file, an HTTP resource read with range requests,
@@ -21,6 +21,12 @@ export interface RandomAccessSource {
    * and returns the bytes read; lets the reader recycle its buffers.
    */
   readInto?(target: Uint8Array, offset: number, signal?: AbortSignal): Promise<number>;
+  /**
+   * Optional: fills `targets[i]` from `offsets[i]` for every i (each stopping only
+   * at the end of the source) and returns the bytes read into each: many reads at
+   * the cost of one (a local file through the native helper).
+   */
+  readIntoMany?(targets: Uint8Array[], offsets: number[], signal?: AbortSignal): Promise<number[]>;
   /** Bytes the source occupies on its storage (qemu's actual-size), when known. */
   allocatedSize?(): Promise<number | undefined>;
   /**
@@ -62,12 +68,25 @@ export async function readExact(
 
 /** A local file opened read-only. */
 export class FileSource implements RandomAccessSource {
+  /** Present where the native helper loaded: a batch of reads in one threadpool trip. */
+  readonly readIntoMany?: (targets: Uint8Array[], offsets: number[], signal?: AbortSignal) => Promise<number[]>;
+
   private constructor(
     private readonly handle: FileHandle,
     readonly size: number,
     readonly name: string,
     private readonly blocks: number,
-  ) {}
+  ) {
+    const native = nativeReader();
+    if (native) {
+      this.readIntoMany = async (targets, offsets, signal) => {
+        if (signal?.aborted) throw new AbortedError();
+        // Never past the end of the file (as readInto): the views are trimmed, the counts say so.
+        const views = targets.map((t, i) => t.subarray(0, Math.max(0, Math.min(t.length, this.size - (offsets[i] as number)))));
+        return native(this.handle.fd, views, offsets);
+      };
+    }
+  }
 
   static async open(path: string, name = path): Promise<FileSource> {
     let handle: FileHandle;

@@ -1,6 +1,6 @@
 /*
- * diskconv's optional native helper, part two: writing a batch of extents in
- * one trip to the libuv threadpool.
+ * diskconv's optional native helper, part two: reading and writing a batch of
+ * extents in one trip to the libuv threadpool.
  *
  * Through fs/promises every extent costs its own round trip (main thread ->
  * threadpool -> main thread), and before it a JavaScript scan for zero blocks
@@ -19,7 +19,14 @@
  *
  * The views must stay unchanged until the promise settles (the caller awaits
  * it before recycling its buffers); a reference to the array keeps them alive.
- * Only the descriptor the caller opened is written.
+ *
+ *   readExtents(fd, views, positions) -> Promise<number[]>
+ *     fills views[i] from positions[i] (pread, stopping early only at the end
+ *     of the file) for every i; resolves with the bytes read into each. Errors
+ *     as above, .syscall "pread". The reader's batch of coalesced reads goes
+ *     in one trip instead of one per read.
+ *
+ * Only the descriptor the caller opened is read or written.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -48,6 +55,8 @@ typedef struct {
   segment_t *segs;
   int err;
   int64_t written;
+  int reading;
+  int64_t *got; /* reading: bytes read into each segment */
 } job_t;
 
 static const char *errno_name(int err) {
@@ -115,9 +124,31 @@ static int write_all(int fd, const uint8_t *p, size_t n, int64_t pos, int64_t *w
   return 0;
 }
 
+static void execute_read(job_t *job) {
+  for (size_t i = 0; i < job->count; i++) {
+    const segment_t *s = &job->segs[i];
+    size_t done = 0;
+    while (done < s->len) {
+      ssize_t r = pread(job->fd, (void *)(s->ptr + done), s->len - done, (off_t)(s->pos + (int64_t)done));
+      if (r < 0) {
+        if (errno == EINTR) continue;
+        job->err = errno;
+        return;
+      }
+      if (r == 0) break; /* end of file: the caller reports the short read */
+      done += (size_t)r;
+    }
+    job->got[i] = (int64_t)done;
+  }
+}
+
 static void execute(napi_env env, void *data) {
   (void)env;
   job_t *job = data;
+  if (job->reading) {
+    execute_read(job);
+    return;
+  }
   for (size_t i = 0; i < job->count && job->err == 0; i++) {
     const segment_t *s = &job->segs[i];
     if (job->block <= 0) {
@@ -150,17 +181,27 @@ static void complete(napi_env env, napi_status status, void *data) {
   if (status != napi_ok && job->err == 0) job->err = ECANCELED;
   if (job->err == 0) {
     napi_value result;
-    napi_create_int64(env, job->written, &result);
+    if (job->reading) {
+      napi_create_array_with_length(env, job->count, &result);
+      for (size_t i = 0; i < job->count; i++) {
+        napi_value n;
+        napi_create_int64(env, job->got[i], &n);
+        napi_set_element(env, result, (uint32_t)i, n);
+      }
+    } else {
+      napi_create_int64(env, job->written, &result);
+    }
     napi_resolve_deferred(env, job->deferred, result);
   } else {
     napi_value msg, code, err, syscall, errnum;
     const char *name = job->err == ECANCELED ? "ECANCELED" : errno_name(job->err);
     char text[256];
-    snprintf(text, sizeof text, "%s: %s, pwrite", name, strerror(job->err));
+    const char *call = job->reading ? "pread" : "pwrite";
+    snprintf(text, sizeof text, "%s: %s, %s", name, strerror(job->err), call);
     napi_create_string_utf8(env, text, NAPI_AUTO_LENGTH, &msg);
     napi_create_string_utf8(env, name, NAPI_AUTO_LENGTH, &code);
     napi_create_error(env, code, msg, &err);
-    napi_create_string_utf8(env, "pwrite", NAPI_AUTO_LENGTH, &syscall);
+    napi_create_string_utf8(env, call, NAPI_AUTO_LENGTH, &syscall);
     napi_set_named_property(env, err, "syscall", syscall);
     napi_create_int32(env, -job->err, &errnum);
     napi_set_named_property(env, err, "errno", errnum);
@@ -169,6 +210,7 @@ static void complete(napi_env env, napi_status status, void *data) {
   napi_delete_reference(env, job->keep);
   napi_delete_async_work(env, job->work);
   free(job->segs);
+  free(job->got);
   free(job);
 }
 
@@ -177,25 +219,31 @@ static napi_value fail(napi_env env, const char *message) {
   return NULL;
 }
 
-napi_value write_extents(napi_env env, napi_callback_info info) {
+static napi_value start(napi_env env, napi_callback_info info, int reading) {
   size_t argc = 4;
   napi_value argv[4];
-  if (napi_get_cb_info(env, info, &argc, argv, NULL, NULL) != napi_ok || argc != 4) return fail(env, "writeExtents(fd, views, positions, block)");
+  size_t want = reading ? 3 : 4;
+  if (napi_get_cb_info(env, info, &argc, argv, NULL, NULL) != napi_ok || argc != want)
+    return fail(env, reading ? "readExtents(fd, views, positions)" : "writeExtents(fd, views, positions, block)");
   int32_t fd;
-  int64_t block;
+  int64_t block = 0;
   uint32_t count, npos;
   bool is_array;
-  if (napi_get_value_int32(env, argv[0], &fd) != napi_ok || fd < 0) return fail(env, "writeExtents: fd must be a descriptor");
-  if (napi_get_value_int64(env, argv[3], &block) != napi_ok || block < 0 || block > (1 << 30)) return fail(env, "writeExtents: block must be 0..2^30");
-  if (napi_is_array(env, argv[1], &is_array) != napi_ok || !is_array || napi_get_array_length(env, argv[1], &count) != napi_ok) return fail(env, "writeExtents: views must be an array");
-  if (napi_is_array(env, argv[2], &is_array) != napi_ok || !is_array || napi_get_array_length(env, argv[2], &npos) != napi_ok || npos != count) return fail(env, "writeExtents: positions must be an array as long as views");
-  if (count > MAX_SEGMENTS) return fail(env, "writeExtents: too many views");
+  if (napi_get_value_int32(env, argv[0], &fd) != napi_ok || fd < 0) return fail(env, "writeExtents/readExtents: fd must be a descriptor");
+  if (!reading && (napi_get_value_int64(env, argv[3], &block) != napi_ok || block < 0 || block > (1 << 30))) return fail(env, "writeExtents: block must be 0..2^30");
+  if (napi_is_array(env, argv[1], &is_array) != napi_ok || !is_array || napi_get_array_length(env, argv[1], &count) != napi_ok) return fail(env, "writeExtents/readExtents: views must be an array");
+  if (napi_is_array(env, argv[2], &is_array) != napi_ok || !is_array || napi_get_array_length(env, argv[2], &npos) != napi_ok || npos != count) return fail(env, "writeExtents/readExtents: positions must be an array as long as views");
+  if (count > MAX_SEGMENTS) return fail(env, "writeExtents/readExtents: too many views");
   job_t *job = calloc(1, sizeof *job);
-  if (!job) return fail(env, "writeExtents: out of memory");
+  if (!job) return fail(env, "writeExtents/readExtents: out of memory");
+  job->reading = reading;
   job->segs = count ? calloc(count, sizeof *job->segs) : NULL;
-  if (count && !job->segs) {
+  job->got = reading && count ? calloc(count, sizeof *job->got) : NULL;
+  if (count && (!job->segs || (reading && !job->got))) {
+    free(job->segs);
+    free(job->got);
     free(job);
-    return fail(env, "writeExtents: out of memory");
+    return fail(env, "writeExtents/readExtents: out of memory");
   }
   job->fd = fd;
   job->block = block;
@@ -212,8 +260,9 @@ napi_value write_extents(napi_env env, napi_callback_info info) {
         napi_get_element(env, argv[2], i, &posv) != napi_ok || napi_get_value_double(env, posv, &pos) != napi_ok || !(pos >= 0) ||
         pos > 9007199254740991.0 || pos != (double)(int64_t)pos) {
       free(job->segs);
+      free(job->got);
       free(job);
-      return fail(env, "writeExtents: each view must be a Uint8Array and each position a non-negative integer");
+      return fail(env, "writeExtents/readExtents: each view must be a Uint8Array and each position a non-negative integer");
     }
     job->segs[i].ptr = ptr;
     job->segs[i].len = length;
@@ -221,11 +270,15 @@ napi_value write_extents(napi_env env, napi_callback_info info) {
   }
   napi_value promise, name;
   if (napi_create_reference(env, argv[1], 1, &job->keep) != napi_ok || napi_create_promise(env, &job->deferred, &promise) != napi_ok ||
-      napi_create_string_utf8(env, "diskconv.writeExtents", NAPI_AUTO_LENGTH, &name) != napi_ok ||
+      napi_create_string_utf8(env, reading ? "diskconv.readExtents" : "diskconv.writeExtents", NAPI_AUTO_LENGTH, &name) != napi_ok ||
       napi_create_async_work(env, NULL, name, execute, complete, job, &job->work) != napi_ok || napi_queue_async_work(env, job->work) != napi_ok) {
     free(job->segs);
+    free(job->got);
     free(job);
-    return fail(env, "writeExtents: could not queue the write");
+    return fail(env, "writeExtents/readExtents: could not queue the work");
   }
   return promise;
 }
+
+napi_value write_extents(napi_env env, napi_callback_info info) { return start(env, info, 0); }
+napi_value read_extents(napi_env env, napi_callback_info info) { return start(env, info, 1); }
