@@ -3,7 +3,7 @@ import { join } from 'node:path';
 import { open, readFile, stat } from 'node:fs/promises';
 import { makeTempDir, qemuImg, seededBytes, sha256File } from '../helpers/qemu.js';
 import { RawFileSink, type Extent } from '../../src/engine/index.js';
-import { nativeWriter } from '../../src/engine/native.js';
+import { nativeReader, nativeWriter } from '../../src/engine/native.js';
 import { convertToRaw } from '../../src/engine/convert.js';
 import { openImage } from '../../src/engine/index.js';
 import { FileSource } from '../../src/engine/source.js';
@@ -131,6 +131,53 @@ describe('RawFileSink.writeBatch', () => {
       }
       expect(await sha256File(out)).toBe(await sha256File(ref));
       expect((await stat(out)).blocks).toBeLessThanOrEqual((await stat(ref)).blocks);
+    }
+  });
+});
+
+describe('FileSource.readIntoMany', () => {
+  it.skipIf(!nativeReader())('fills every view from its offset in one call, short only at the end of the file', async () => {
+    const path = join(dir, 'many.bin');
+    const bytes = seededBytes(3 * MiB + 777, 11);
+    await (await open(path, 'w')).writeFile(bytes);
+    const source = await FileSource.open(path);
+    try {
+      const many = source.readIntoMany as NonNullable<FileSource['readIntoMany']>;
+      const offsets = [0, 4096, 2 * MiB + 3, 3 * MiB, 3 * MiB + 700, bytes.length];
+      const targets = [4096, 1 * MiB, 5000, 777, 200, 10].map((n) => Buffer.alloc(n, 0xee));
+      const got = await many(targets, offsets);
+      expect(got).toEqual([4096, 1 * MiB, 5000, 777, 77, 0]);
+      targets.forEach((t, i) => {
+        const at = offsets[i] as number;
+        const n = got[i] as number;
+        expect(t.subarray(0, n).equals(bytes.subarray(at, at + n))).toBe(true);
+        expect(t.subarray(n).every((b) => b === 0xee)).toBe(true); // nothing written past what the file holds
+      });
+      // The same through readInto, one at a time.
+      for (const [i, at] of offsets.entries()) {
+        const t = Buffer.alloc(targets[i]?.length ?? 0);
+        expect(await source.readInto(t, at)).toBe(got[i]);
+      }
+    } finally {
+      await source.close();
+    }
+  });
+
+  it('a qcow2 whose data clusters lie past the end of the file is IMAGE_CORRUPT, batched reads or not', async () => {
+    const raw = join(dir, 'trunc.raw');
+    await (await open(raw, 'w')).writeFile(seededBytes(4 * MiB, 5));
+    const img = join(dir, 'trunc.qcow2');
+    await qemuImg('convert', '-O', 'qcow2', raw, img);
+    const full = (await stat(img)).size;
+    const { truncate } = await import('node:fs/promises');
+    await truncate(img, full - 3 * 65536);
+    const source = await FileSource.open(img);
+    try {
+      const image = await openImage(source, {});
+      const err = (await convertToRaw(image, source, await RawFileSink.create(join(dir, 'trunc.out'), { removeOnAbort: true })).catch((e: unknown) => e)) as { code?: string };
+      expect(err.code).toBe('IMAGE_CORRUPT');
+    } finally {
+      await source.close();
     }
   });
 });
