@@ -108,9 +108,20 @@ static int all_zero(const uint8_t *p, size_t n) {
   return 1;
 }
 
+/*
+ * Longest single pwrite. Measured on the 4 GiB qcow2 bench image (Linux 6.18
+ * ext4, 2-core VM): writes of up to 8 MiB cost 2.4 s of system time (median of
+ * 4), writes cut at 256 KiB 0.7 s, at 128 KiB 0.68, at 64 KiB 0.74, at 32 KiB
+ * 0.84. A large write makes the page cache allocate large folios, which come
+ * from the free 2 MiB blocks the VM has handed back to its host, so each page
+ * is faulted in again at the host inside the copy (copy_folio_from_iter_atomic,
+ * 69 % of the samples). qemu-img writes about 200 KiB at a time.
+ */
+#define WRITE_PIECE (256 * 1024)
+
 static int write_all(int fd, const uint8_t *p, size_t n, int64_t pos, int64_t *written) {
   while (n > 0) {
-    ssize_t w = pwrite(fd, p, n, (off_t)pos);
+    ssize_t w = pwrite(fd, p, n < WRITE_PIECE ? n : WRITE_PIECE, (off_t)pos);
     if (w < 0) {
       if (errno == EINTR) continue;
       return errno;
