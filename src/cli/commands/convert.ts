@@ -111,7 +111,8 @@ class CountingSink implements ExtentSink {
    */
   async writeBatch(extents: readonly Extent[]): Promise<void> {
     const inner = this.inner;
-    if (!inner.writeBatch) {
+    // --salvage counts lost ranges extent by extent (write() above): rare, so no batching there.
+    if (!inner.writeBatch || this.salvaged.length > 0) {
       for (const extent of extents) await this.write(extent);
       return;
     }
