@@ -115,7 +115,8 @@ describe('worker (in-process, real Redis and BullMQ)', () => {
     const rec = await r.final(id);
     expect(rec).toMatchObject({ state: 'failed', attempts: 1, error: { code: 'LIMIT_EXCEEDED' } });
     expect(await r.stores.output.stat(id)).toBeUndefined();
-    expect(await r.stores.staging.stat(id)).toBeUndefined();
+    // The record says failed first (only the attempt that owns the job may clean up); its input goes right after.
+    await waitFor('the failed job\'s staged input removed', async () => (await r.stores.staging.stat(id)) === undefined, 10_000);
     expect(await readdir(join(r.config.dataDir, 'store', 'tmp'))).toEqual([]);
   });
 
