@@ -178,8 +178,24 @@ export class LayeredImage extends ComposedImage {
     return this.top.info();
   }
 
-  async check(): Promise<CheckReport> {
-    throw new UnsupportedFeatureError('check of an image with its backing chain from a bundle is not supported; check each member on its own');
+  /**
+   * Every layer is checked (qemu-img check looks at the top image only; a bundle has
+   * no qemu equivalent): counts are summed, each finding names its member, and the
+   * top's fields (image end offset, clusters) are kept.
+   */
+  async check(signal?: AbortSignal): Promise<CheckReport> {
+    // Each finding is prefixed with its member's source name (`archive/member`).
+    const named = (r: CheckReport, source: string): string[] => r.messages.map((m) => (m.startsWith(`${source}: `) ? m : `${source}: ${m}`));
+    const top = await this.top.check(signal);
+    const below = this.backing.check ? await this.backing.check(signal) : undefined;
+    if (!below) return { ...top, messages: named(top, this.top.member.name) };
+    return {
+      corruptions: top.corruptions + below.corruptions,
+      leaks: top.leaks + below.leaks,
+      checkErrors: top.checkErrors + below.checkErrors,
+      messages: [...named(top, this.top.member.name), ...(this.backing instanceof MemberImage ? named(below, this.backing.member.name) : below.messages)],
+      fields: top.fields,
+    };
   }
 
   async close(): Promise<void> {

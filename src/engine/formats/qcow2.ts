@@ -666,6 +666,8 @@ class Qcow2Image implements DiskImage {
     private readonly encryption?: Encryption,
     /** Set only when opened metadataOnly: the data depends on this file, and is refused. */
     private readonly backing?: Backing,
+    /** The caller (a bundle) supplies the backing file: the metadata check needs nothing of it. */
+    private readonly backingSupplied = false,
   ) {
     this.l2EntrySize = header.extendedL2 ? 16 : 8;
     this.l2Entries = header.clusterSize / this.l2EntrySize;
@@ -891,7 +893,7 @@ class Qcow2Image implements DiskImage {
   }
 
   async check(signal?: AbortSignal): Promise<CheckReport> {
-    this.readable();
+    if (!this.backingSupplied) this.readable();
     const bitmaps = this.bitmaps && this.bitmapsExt ? { directory: this.bitmapsExt, bitmaps: this.bitmaps } : undefined;
     return new Qcow2Checker(this.source, this.header, this.virtualSize, this.snapshots, this.snapshotTableSize, bitmaps, signal, this.encryption?.region).run();
   }
@@ -1355,7 +1357,7 @@ export const qcow2Driver: FormatDriver = {
     }
 
     const encryption = await openEncryption(source, header, cryptoExt, options);
-    const image = new Qcow2Image(source, header, virtualSize, l1, l1Size, snapshots, tableSize, bitmaps, bitmapsExt, limits, encryption, backing);
+    const image = new Qcow2Image(source, header, virtualSize, l1, l1Size, snapshots, tableSize, bitmaps, bitmapsExt, limits, encryption, backing, options.backingSupplied === true);
     return image;
   },
 };

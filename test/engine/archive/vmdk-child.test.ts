@@ -8,7 +8,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { join } from 'node:path';
 import { readFile, writeFile } from 'node:fs/promises';
 import { makeTempDir, qemuImg, qemuIo, run, sha256File } from '../../helpers/qemu.js';
-import { BufferSource, FileSource, imageInfo, openImage } from '../../../src/engine/index.js';
+import { BufferSource, FileSource, checkImage, imageInfo, openImage } from '../../../src/engine/index.js';
 import { fileSha256, makeTar, outcomeOf } from './helpers.js';
 
 const MiB = 2 ** 20;
@@ -80,6 +80,37 @@ describe('VMDK child disks in a bundle', () => {
       await source.close();
     }
   });
+
+  it('check of a bundle checks every layer, each finding naming its member', async () => {
+    const checked = async (file: string): Promise<Awaited<ReturnType<typeof checkImage>>> => {
+      const source = await FileSource.open(file);
+      try {
+        const image = await openImage(source, {});
+        try {
+          return await checkImage(image);
+        } finally {
+          await image.close();
+        }
+      } finally {
+        await source.close();
+      }
+    };
+    const good = await checked(await tar('check.tar', ['top.vmdk', 'mid.vmdk', 'base.vmdk']));
+    expect(good).toMatchObject({ corruptions: 0, leaks: 0, checkErrors: 0, messages: [] });
+    // The base's first grain table entry pointed past the end of its file: convert would fail, check names it.
+    await run('mkdir', ['-p', path('bad')]);
+    for (const f of ['top.vmdk', 'mid.vmdk', 'base.vmdk']) await run('cp', [path(f), path(`bad/${f}`)]);
+    const base = await readFile(path('bad/base.vmdk'));
+    const gd = Number(base.readBigUInt64LE(56)) * 512;
+    const gt = base.readUInt32LE(gd) * 512;
+    base.writeUInt32LE(0x7ffffff0, gt);
+    await writeFile(path('bad/base.vmdk'), base);
+    const bad = await checked(await tar('bad.tar', ['bad/top.vmdk', 'bad/mid.vmdk', 'bad/base.vmdk']));
+    expect(bad.corruptions, bad.messages.join("\n")).toBeGreaterThan(0);
+    expect(bad.messages.join('\n')).toMatch(/bad\.tar\/bad\/base\.vmdk: ERROR: grain for guest offset 0 .*after the end of the file/m);
+    const cli = await run('node', ['dist/cli.js', 'check', path('check.tar')]);
+    expect(cli.stdout).toMatch(/No errors were found on the image/);
+  }, 60_000);
 
   it('alone, missing its parent, with a changed parent or a parent out of the archive: typed refusals', async () => {
     const alone = await readFile(path('top.vmdk'));
