@@ -128,7 +128,7 @@ async function startService() {
     MAX_UPLOAD_BYTES: String(virtualSize * 2),
     QUEUE_NAME: `bench-${process.pid}`,
     // The polling figure is the route's, not the rate limiter's answer.
-    RATE_LIMIT_READS: '100000000',
+    RATE_LIMIT_READS: '1000000',
     PROGRESS_INTERVAL_MS: '250',
   };
   for (let i = 0; i < 100; i++) {
@@ -139,7 +139,7 @@ async function startService() {
     }
   }
   const api = start('api', process.execPath, [CLI, 'serve'], env);
-  const worker = start('worker', process.execPath, [CLI, 'worker'], env);
+  const worker = start('worker', process.execPath, [CLI, 'worker'], { ...env, LOG_LEVEL: 'info' });
   const url = `http://127.0.0.1:${apiPort}`;
   for (let i = 0; ; i++) {
     const ok = await fetch(`${url}/readyz`).then((r) => r.status === 200, () => false);
