@@ -19,7 +19,8 @@
  */
 import { open, type FileHandle } from 'node:fs/promises';
 import type { Redis } from 'ioredis';
-import { AbortedError, DiskconvError, ImageCorruptError, SourceUnavailableError, throwIfAborted, type RandomAccessSource } from '../engine/index.js';
+import { DiskconvError, ImageCorruptError, SourceUnavailableError, throwIfAborted, type RandomAccessSource } from '../engine/index.js';
+import { sleep } from '../engine/ranged-source.js';
 import type { InputStaging } from '../store/index.js';
 import type { Leases } from './leases.js';
 
@@ -161,7 +162,7 @@ export class GrowingFileSource implements RandomAccessSource {
       if (this.final) throw new ImageCorruptError(`${this.name}: a read up to byte ${end} lies past the uploaded ${this.final.size} bytes`);
       await this.checkMark();
       if (this.failure || this.final) continue;
-      await pause(SIZE_POLL_MS, signal);
+      await sleep(SIZE_POLL_MS, signal);
     }
   }
 
@@ -173,7 +174,7 @@ export class GrowingFileSource implements RandomAccessSource {
       throwIfAborted(signal);
       await this.checkMark();
       if (this.final || this.failure) continue;
-      await pause(MARK_POLL_MS / 2, signal);
+      await sleep(MARK_POLL_MS / 2, signal);
     }
   }
 
@@ -211,20 +212,6 @@ export class GrowingFileSource implements RandomAccessSource {
   }
 }
 
-function pause(ms: number, signal?: AbortSignal): Promise<void> {
-  return new Promise((resolve, reject) => {
-    if (signal?.aborted) return reject(new AbortedError());
-    const onAbort = (): void => {
-      clearTimeout(timer);
-      reject(new AbortedError());
-    };
-    const timer = setTimeout(() => {
-      signal?.removeEventListener('abort', onAbort);
-      resolve();
-    }, ms);
-    signal?.addEventListener('abort', onAbort, { once: true });
-  });
-}
 
 /**
  * An upload job's source: the committed staged copy, or, while the API still
