@@ -3,7 +3,8 @@
  * (multipart) upload, so the API host needs no large disk and any worker on
  * any host reads it back with ranged GETs.
  */
-import type { Readable } from 'node:stream';
+import { once } from 'node:events';
+import { Writable, type Readable } from 'node:stream';
 import type { S3Client } from '@aws-sdk/client-s3';
 import type { RandomAccessSource } from '../../engine/index.js';
 import { StoreError, StoreObjectMissingError } from '../common.js';
@@ -25,10 +26,24 @@ export class S3Staging extends ObjectStoreBase<S3Objects> implements InputStagin
   async create(key: string): Promise<StagedWrite> {
     // Parts of 8 MiB, two in flight: an upload holds at most ~24 MiB of the API's memory.
     const write = this.objects.write(key, { queueSize: 2 });
+    // The writer's stream ends before commit; the upload's body only at commit. Ending the body would let
+    // lib-storage send an input smaller than a part as one PutObject at once, visible before its commit.
+    const body = write.stream;
+    const stream = new Writable({
+      highWaterMark: 1 << 20,
+      write(chunk: Buffer, _encoding, done) {
+        if (body.write(chunk)) return done();
+        Promise.race([once(body, 'drain'), write.failed]).then(() => done(), done);
+      },
+      final(done) {
+        done();
+      },
+    });
     return {
-      stream: write.stream,
+      stream,
       commit: async () => {
-        if (!write.stream.writableFinished) throw new StoreError(`commit of input ${key} before the stream finished`);
+        if (!stream.writableFinished) throw new StoreError(`commit of input ${key} before the stream finished`);
+        body.end();
         const head = await write.done();
         return { key, size: head.size, modifiedAt: head.modifiedAt };
       },
