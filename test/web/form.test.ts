@@ -9,20 +9,18 @@
  */
 import { execFile } from 'node:child_process';
 import { createHash } from 'node:crypto';
-import { existsSync } from 'node:fs';
 import { mkdir, readFile, writeFile } from 'node:fs/promises';
 import { join, resolve } from 'node:path';
-import { chromium, type Browser, type Page, type Request } from 'playwright-core';
+import type { Browser, Page, Request } from 'playwright-core';
+import { hasChromium, launchChromium } from '../helpers/chromium.js';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { freePort } from '../../src/cli/redis-server.js';
 import { makeTempDir, mixedContent, qemuImg, qemuRawSha256, sha256File, writeRaw } from '../helpers/qemu.js';
 import { ServiceHarness, waitFor, type JobJson } from '../helpers/service.js';
 
-const CHROMIUM = '/usr/bin/chromium';
 const TOKEN = 'web-form-token-0123456789abcdef0';
 const PASSPHRASE = 'page secret \u00e9 7f3c';
 const SHOTS = resolve('test-results/web');
-const hasChromium = existsSync(CHROMIUM);
 
 function runAllowingFailure(cmd: string, args: string[]): Promise<{ code: number; stderr: string }> {
   return new Promise((done) => {
@@ -66,10 +64,7 @@ describe.skipIf(!hasChromium)('the page: passphrase, Idempotency-Key, Glance err
     });
     await svc.startApi();
     await svc.startWorker();
-    browser = await chromium.launch({
-      executablePath: CHROMIUM,
-      args: ['--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run', '--disable-background-networking', '--disable-component-update', '--disable-sync'],
-    });
+    browser = await launchChromium();
   });
   afterAll(async () => {
     await browser?.close();

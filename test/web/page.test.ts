@@ -4,19 +4,17 @@
  * separate processes. Elements are found by role and label, as a person using a
  * screen reader would find them. Screenshots go to test-results/web/.
  */
-import { existsSync } from 'node:fs';
 import { mkdir } from 'node:fs/promises';
 import { join, resolve } from 'node:path';
-import { chromium, type Browser, type Page } from 'playwright-core';
+import type { Browser, Page } from 'playwright-core';
+import { hasChromium, launchChromium } from '../helpers/chromium.js';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { startFileServer, type FileServer } from '../e2e/http-files.js';
 import { makeTempDir, qemuImg, qemuRawSha256, sha256File, writeRaw } from '../helpers/qemu.js';
 import { ServiceHarness, waitFor } from '../helpers/service.js';
 
-const CHROMIUM = '/usr/bin/chromium';
 const TOKEN = 'web-page-token-0123456789abcdef';
 const SHOTS = resolve('test-results/web');
-const hasChromium = existsSync(CHROMIUM);
 
 describe.skipIf(!hasChromium)('the web page in chromium', () => {
   let dir: string;
@@ -46,10 +44,7 @@ describe.skipIf(!hasChromium)('the web page in chromium', () => {
     });
     await svc.startApi();
     await svc.startWorker();
-    browser = await chromium.launch({
-      executablePath: CHROMIUM,
-      args: ['--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run', '--disable-background-networking', '--disable-component-update', '--disable-sync'],
-    });
+    browser = await launchChromium();
   });
   afterAll(async () => {
     await browser?.close();

@@ -8,20 +8,18 @@
  * the test Glance's project may publish public images). Screenshots go to test-results/web/.
  */
 import { createHash } from 'node:crypto';
-import { existsSync } from 'node:fs';
 import { mkdir, readFile } from 'node:fs/promises';
 import { join, resolve } from 'node:path';
-import { chromium, type Browser, type Page } from 'playwright-core';
+import type { Browser, Page } from 'playwright-core';
+import { hasChromium, launchChromium } from '../helpers/chromium.js';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { cephAvailable, cephCli, removeRbdImages, useCeph, type CephEnv } from '../helpers/ceph.js';
 import { glanceApi, haveGlance, useGlance, type TestGlance } from '../helpers/glance.js';
 import { makeTempDir, qemuImg, qemuRawSha256, sha256File, writeRaw } from '../helpers/qemu.js';
 import { ServiceHarness, waitFor, type JobJson } from '../helpers/service.js';
 
-const CHROMIUM = '/usr/bin/chromium';
 const TOKEN = 'web-targets-token-0123456789abcdef';
 const SHOTS = resolve('test-results/web');
-const hasChromium = existsSync(CHROMIUM);
 
 describe.skipIf(!hasChromium || !cephAvailable || !haveGlance)('the page: RBD pools and Glance fields', () => {
   let dir: string;
@@ -58,10 +56,7 @@ describe.skipIf(!hasChromium || !cephAvailable || !haveGlance)('the page: RBD po
     });
     await svc.startApi();
     await svc.startWorker();
-    browser = await chromium.launch({
-      executablePath: CHROMIUM,
-      args: ['--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run', '--disable-background-networking', '--disable-component-update', '--disable-sync'],
-    });
+    browser = await launchChromium();
   });
   afterAll(async () => {
     await browser?.close();
