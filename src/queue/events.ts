@@ -23,7 +23,7 @@ export interface StoredJobEvent {
 /** Entries kept per job; a reader that falls further behind gets the current state instead. */
 export const EVENTS_KEPT = 500;
 /** A stream outlives a forgotten record by at most this long. */
-const EVENTS_TTL_MS = 7 * 86400 * 1000;
+export const EVENTS_TTL_MS = 7 * 86400 * 1000;
 
 export const eventsKey = (prefix: string, id: string): string => `${prefix}events:${id}`;
 export const eventsChannel = (prefix: string): string => `${prefix}events`;

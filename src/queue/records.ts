@@ -17,7 +17,7 @@
 import { createHash } from 'node:crypto';
 import type { Redis } from 'ioredis';
 import { DiskconvError } from '../engine/errors.js';
-import { appendJobEvent, eventsKey } from './events.js';
+import { appendJobEvent, eventsChannel, eventsKey, EVENTS_KEPT, EVENTS_TTL_MS } from './events.js';
 
 export const JOB_STATES = ['queued', 'running', 'succeeded', 'failed', 'cancelled'] as const;
 export type JobState = (typeof JOB_STATES)[number];
@@ -183,8 +183,13 @@ function decode(hash: Record<string, string>): JobRecord | undefined {
 
 /**
  * Moves a job to ARGV[1] when its state is one of ARGV[2] (",a,b,") and, when
- * ARGV[6] is not empty, the attempt that owns it is ARGV[6]; sets fields.
- * Returns {moved, previous state}.
+ * ARGV[6] is not empty, the attempt that owns it is ARGV[6]; sets fields (from ARGV[8]).
+ * Appends the job's events in the same step (KEYS[6], published on ARGV[7]): a
+ * `progress` entry when progress was written, then a `state` entry when the state
+ * moved, so no reader ever sees a record ahead of its events (an event stream that
+ * found a cancelled record before its terminal progress entry ended without it).
+ * A job that finished with a callback_url is due for delivery (KEYS[7]).
+ * Returns {moved, previous state, terminal progress}.
  */
 const TRANSITION = `
 local cur = redis.call('HGET', KEYS[1], 'state')
@@ -196,7 +201,9 @@ if cur ~= ARGV[1] then
   redis.call('HINCRBY', KEYS[2], 'state:' .. ARGV[1], 1)
 end
 redis.call('HSET', KEYS[1], 'state', ARGV[1], 'updated_at', ARGV[3])
-for i = 7, #ARGV, 2 do
+local written = ''
+for i = 8, #ARGV, 2 do
+  if ARGV[i] == 'progress' then written = ARGV[i + 1] end
   if ARGV[i + 1] == '' then redis.call('HDEL', KEYS[1], ARGV[i]) else redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
 end
 -- failed or cancelled: progress.phase says so, and ended_in keeps the phase the job was in
@@ -212,6 +219,24 @@ if (ARGV[1] == 'failed' or ARGV[1] == 'cancelled') and cur ~= ARGV[1] then
       redis.call('HSET', KEYS[1], 'progress', terminal)
     end
   end
+end
+local progress = terminal
+if progress == '' then progress = written end
+local appended = false
+if progress ~= '' then
+  redis.call('XADD', KEYS[6], 'MAXLEN', '~', '${EVENTS_KEPT}', '*', 'e', '{"type":"progress","progress":' .. progress .. '}')
+  appended = true
+end
+if cur ~= ARGV[1] then
+  redis.call('XADD', KEYS[6], 'MAXLEN', '~', '${EVENTS_KEPT}', '*', 'e', '{"type":"state","state":"' .. ARGV[1] .. '","previous":"' .. cur .. '"}')
+  appended = true
+end
+if appended then
+  redis.call('PEXPIRE', KEYS[6], '${EVENTS_TTL_MS}')
+  redis.call('PUBLISH', ARGV[7], ARGV[5])
+end
+if ARGV[4] == '1' and cur ~= ARGV[1] and redis.call('HEXISTS', KEYS[1], 'callback_url') == 1 then
+  redis.call('ZADD', KEYS[7], 'NX', ARGV[3], ARGV[5])
 end
 if ARGV[4] == '1' then
   redis.call('HSET', KEYS[1], 'finished_at', ARGV[3])
@@ -321,23 +346,23 @@ export class JobRecords {
     const now = Date.now();
     const result = (await this.redis.eval(
       TRANSITION,
-      5,
+      7,
       this.key(id),
       this.statsKey,
       this.finishedKey,
       this.unfinishedKey,
       this.passphraseKey(id),
+      eventsKey(this.prefix, id),
+      this.webhooksDueKey,
       state,
       `,${from.join(',')},`,
       String(now),
       isFinal(state) ? '1' : '0',
       id,
       options.owner ?? '',
+      eventsChannel(this.prefix),
       ...encodeFields(fields),
     )) as [number, string, string?];
-    // The record's progress as the script rewrote it for a failed or cancelled job: its last progress event.
-    const terminal = result[2] ? { progress: JSON.parse(result[2]) as JobProgress } : {};
-    if (result[0] === 1) await this.afterTransition(id, state, (result[1] || undefined) as JobState | undefined, { ...fields, ...terminal });
     return { moved: result[0] === 1, previous: (result[1] || undefined) as JobState | undefined };
   }
 
@@ -446,26 +471,6 @@ export class JobRecords {
   /** zset: ids of finished jobs whose callback is due, by due time (webhooks.ts). */
   get webhooksDueKey(): string {
     return `${this.prefix}webhooks:due`;
-  }
-
-  /**
-   * After every change: a `state` event when the state moved, a `progress` event when progress
-   * was written (events.ts), and a finished job with a callback_url scheduled for delivery.
-   * Failures here never undo the change; a missed event is repaired by the reader's poll.
-   */
-  private async afterTransition(id: string, state: JobState, previous: JobState | undefined, fields: Partial<Record<string, FieldValue>>): Promise<void> {
-    try {
-      // Progress first: a terminal state is the last event of a job.
-      if (fields.progress !== undefined && typeof fields.progress === 'object') {
-        await appendJobEvent(this.redis, this.prefix, id, { type: 'progress', progress: fields.progress as JobProgress });
-      }
-      if (previous !== state) await appendJobEvent(this.redis, this.prefix, id, { type: 'state', state, ...(previous ? { previous } : {}) });
-      if (previous !== state && isFinal(state) && (await this.redis.hexists(this.key(id), 'callback_url')) === 1) {
-        await this.redis.zadd(this.webhooksDueKey, 'NX', Date.now(), id);
-      }
-    } catch {
-      // Redis hiccup: the record is right; readers poll it.
-    }
   }
 
   /** Records a callback's delivery state, only while the record exists. */

@@ -92,6 +92,48 @@ describe('JobRecords (real Redis)', () => {
     expect((await records.get('term-s'))?.progress).toEqual({ phase: 'done', bytes_done: 1, bytes_total: 1, percent: 100 });
   });
 
+  it('a record and its events change in one step: no reader sees a cancelled job before its terminal events', async () => {
+    // Another process (an API serving GET /events) reads the record and the stream while jobs end.
+    // Before this was one script, the events followed the record by a round trip, and an event stream
+    // that found the cancelled record first ended without the terminal progress event.
+    const reader = new Redis(redis.url);
+    const ids = Array.from({ length: 150 }, (_, i) => `atomic-${i}`);
+    for (const [i, id] of ids.entries()) await records.create(record(id, 't1', 5000 + i));
+    let stop = false;
+    let checks = 0;
+    let current = ids[0] as string; // the job being ended, watched closely
+    const ahead = new Set<string>();
+    const watch = (async () => {
+      while (!stop) {
+        {
+          const id = current;
+          const [[, state], [, last]] = (await reader.multi().hget(records.key(id), 'state').xrevrange(`${records.keyPrefix}events:${id}`, '+', '-', 'COUNT', 2).exec()) as [
+            [null, string | null],
+            [null, Array<[string, string[]]>],
+          ];
+          checks++;
+          if (state !== 'cancelled') continue;
+          const events = last.map(([, f]) => JSON.parse(f[1] as string) as { type: string; state?: string; progress?: { phase: string } });
+          const [newest, before] = events;
+          if (newest?.state !== 'cancelled' || before?.progress?.phase !== 'cancelled') ahead.add(id);
+        }
+      }
+    })();
+    try {
+      for (const id of ids) {
+        current = id;
+        await records.transition(id, 'running', ['queued']);
+        await records.transition(id, 'cancelled', ['queued', 'running']);
+      }
+    } finally {
+      stop = true;
+      await watch;
+      reader.disconnect();
+    }
+    expect(checks).toBeGreaterThan(ids.length);
+    expect([...ahead]).toEqual([]);
+  });
+
   it('updates fields only while in the given states, and deletes fields set to undefined', async () => {
     await records.create(record('cccc', 't1', 3000));
     expect(await records.update('cccc', ['running'], { attempts: 5 })).toBe(false);
