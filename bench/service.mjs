@@ -5,12 +5,13 @@
 //  1. upload with curl (`-T FILE -X POST`, application/octet-stream) at BENCH_SERVICE_RATE bytes/s
 //     (100 MB/s by default; `curl --limit-rate`) and unthrottled: seconds from the start of the upload
 //     to the job's `succeeded`, and from the last byte's arrival (the staging file reaching the image's size)
-//     to `succeeded`; against the staged path at the same rate (the transfer, then `qemu-img convert -O raw`).
+//     to `succeeded` (the worker's `converted` log line says where its time went); against the staged path at the same rate (the transfer, then `qemu-img convert -O raw`).
 //  2. status polling while a conversion runs: `wrk -c 50 -t 2 -d BENCH_SERVICE_WRK_SECONDS --latency` on
 //     GET /v1/jobs/{id} during a throttled upload whose job converts as the bytes arrive: requests/s, p50/p99.
 // Settings (flags win): --size / BENCH_SERVICE_SIZE (default BENCH_SIZE or 4G), --rate / BENCH_SERVICE_RATE,
 // --wrk-seconds / BENCH_SERVICE_WRK_SECONDS (8), --budget / BENCH_SERVICE_BUDGET (seconds, 240; the cases
-// left when it is used up are skipped and say so), BENCH_SERVICE=off skips this part.
+// left when it is used up are skipped and say so), --cases / BENCH_SERVICE_CASES (comma-separated, default
+// `throttled,unthrottled,polling`), BENCH_SERVICE=off skips this part.
 // Writes bench/results/service-latest.{md,json}.
 import { execFileSync, spawn } from 'node:child_process';
 import { createCipheriv } from 'node:crypto';
@@ -36,6 +37,7 @@ const virtualSize = parseSize(setting('size', 'BENCH_SERVICE_SIZE', process.env.
 const rate = Number(setting('rate', 'BENCH_SERVICE_RATE', 100_000_000));
 const wrkSeconds = Number(setting('wrk-seconds', 'BENCH_SERVICE_WRK_SECONDS', 8));
 const budget = Number(setting('budget', 'BENCH_SERVICE_BUDGET', 240));
+const cases = new Set(setting('cases', 'BENCH_SERVICE_CASES', 'throttled,unthrottled,polling').split(','));
 const started = Date.now();
 const elapsed = () => (Date.now() - started) / 1000;
 const here = dirname(fileURLToPath(import.meta.url));
@@ -147,7 +149,22 @@ async function startService() {
     if (i > 300) throw new Error(`the service did not start:\n${api.log()}\n${worker.log()}`);
     await sleep(100);
   }
-  return { url, dataDir };
+  return { url, dataDir, worker };
+}
+
+/** The worker's own account of where a job's time went (its `converted` log line). */
+async function workerTimings(svc, id) {
+  // Logged just after the record says succeeded.
+  for (let i = 0; i < 100; i++) {
+    for (const line of svc.worker.log().split('\n')) {
+      if (!line.includes(id) || !line.includes('"converted"')) continue;
+      try {
+        return JSON.parse(line).timings;
+      } catch {}
+    }
+    await sleep(20);
+  }
+  return undefined;
 }
 
 const auth = { authorization: `Bearer ${TOKEN}` };
@@ -195,7 +212,7 @@ async function upload(svc, image, limit) {
   await watch.catch(() => {});
   const curlEnd = await curlDone;
   if (job.state !== 'succeeded') throw new Error(`the job ended ${job.state}: ${JSON.stringify(job.error)}`);
-  return { total: (done - t0) / 1000, afterLastByte: ((done - (lastByte ?? done)) / 1000), transfer: ((lastByte ?? curlEnd) - t0) / 1000, curlStatus: status, id };
+  return { total: (done - t0) / 1000, afterLastByte: ((done - (lastByte ?? done)) / 1000), transfer: ((lastByte ?? curlEnd) - t0) / 1000, curlStatus: status, id, worker: await workerTimings(svc, id) };
 }
 
 function qemuConvertSeconds(image) {
@@ -230,6 +247,7 @@ function wrk(url, id) {
 // ---------------------------------------------------------------------------
 const results = { date: new Date().toISOString(), virtualSize, rate, wrkSeconds, budget, machine: { cpus: cpus().length, model: cpus()[0]?.model, memGiB: Math.round(totalmem() / 2 ** 30), node: process.version }, loadBefore: loadavg(), cases: {} };
 const lines = [];
+const notes = [];
 try {
   const image = makeImage();
   results.image = { fileBytes: image.size, dataBytes: image.data };
@@ -240,21 +258,25 @@ try {
   const qemu = qemuConvertSeconds(image);
   results.cases.qemuConvert = qemu;
 
-  if (left()) {
+  if (!cases.has('throttled')) lines.push('| throttled upload | not asked for (BENCH_SERVICE_CASES) | | | |');
+  else if (left()) {
     const r = await upload(svc, image, rate);
     results.cases.throttled = r;
+    if (r.worker) notes.push(`The worker's own account of the throttled job (ms): open and probe ${r.worker.open}, convert ${r.worker.convert}, then waiting for the upload's end ${r.worker.upload_end}, commit (fsync, rename) ${r.worker.commit}, record ${r.worker.record}.`);
     lines.push(`| curl upload at ${(rate / 1e6).toFixed(0)} MB/s | ${r.transfer.toFixed(2)} | ${r.total.toFixed(2)} | ${r.afterLastByte.toFixed(2)} | ${(r.transfer + qemu).toFixed(2)} (${r.transfer.toFixed(2)} + ${qemu.toFixed(2)}) |`);
     console.log(lines.at(-1));
   } else lines.push('| throttled upload | skipped: budget used | | | |');
 
-  if (left()) {
+  if (!cases.has('unthrottled')) lines.push('| unthrottled upload | not asked for (BENCH_SERVICE_CASES) | | | |');
+  else if (left()) {
     const r = await upload(svc, image, 0);
     results.cases.unthrottled = r;
     lines.push(`| curl upload, no limit | ${r.transfer.toFixed(2)} | ${r.total.toFixed(2)} | ${r.afterLastByte.toFixed(2)} | ${(r.transfer + qemu).toFixed(2)} (${r.transfer.toFixed(2)} + ${qemu.toFixed(2)}) |`);
     console.log(lines.at(-1));
   } else lines.push('| unthrottled upload | skipped: budget used | | | |');
 
-  if (left()) {
+  if (!cases.has('polling')) lines.push('Status polling: not asked for (BENCH_SERVICE_CASES).');
+  else if (left()) {
     // A job that converts for the whole measurement: a throttled upload, converted as it arrives.
     const slow = Math.max(1, Math.floor(image.size / (wrkSeconds + 6)));
     const running = upload(svc, image, slow);
@@ -283,6 +305,7 @@ const md = [
   '|---|---|---|---|---|',
   ...lines,
   '',
+  ...notes.flatMap((n) => [n, '']),
 ].join('\n');
 mkdirSync(join(here, 'results'), { recursive: true });
 writeFileSync(join(here, 'results', 'service-latest.json'), JSON.stringify(results, (k, v) => (k === 'raw' ? undefined : v), 2) + '\n');

@@ -290,6 +290,7 @@ export function createProcessor(deps: ProcessorDeps) {
       progress.report({ phase: 'converting', bytes_done: 0, bytes_total: total, percent: 0 }, true);
       // An RBD target is created at the virtual size (a clash fails here, before a byte is written).
       writer = rec.destination ? await destinations.create(rec.destination, image.virtualSize, id) : await output.create(id, image.virtualSize);
+      const tConvert = Date.now();
       const result = await convertToRaw(image, readSource, writer, {
         signal,
         sha256: true,
@@ -299,6 +300,7 @@ export function createProcessor(deps: ProcessorDeps) {
       });
       await progress.flush();
       if (signal.aborted) throw signal.reason;
+      const tConverted = Date.now();
       if (source instanceof GrowingFileSource) {
         // Read while it arrived: succeed only once the upload is whole (and hashed); its info has its actual size now.
         const arrived = await source.completion(signal);
@@ -308,7 +310,9 @@ export function createProcessor(deps: ProcessorDeps) {
       }
       // Only the attempt that still owns the job publishes: a superseded one must not clobber.
       await mustOwn(await records.update(id, ['running'], { progress: { phase: 'committing', bytes_done: total, bytes_total: total, percent: 100 } }, { owner }));
+      const tArrived = Date.now();
       const stored = await writer.commit();
+      const tCommitted = Date.now();
       writer = undefined;
       committed = true;
       if ('target' in stored) published = stored;
@@ -375,7 +379,17 @@ export function createProcessor(deps: ProcessorDeps) {
       }
       await staging.delete(id).catch((err: unknown) => log.warn({ err }, 'could not remove the staged input; the sweeper will'));
       await records.recordConversion(result.virtualSize, seconds).catch(() => {});
-      log.info({ virtual_size: result.virtualSize, data_bytes: result.dataBytes, seconds }, 'converted');
+      const ms = (a: number, b: number): number => b - a;
+      log.info(
+        {
+          virtual_size: result.virtualSize,
+          data_bytes: result.dataBytes,
+          seconds,
+          // Where the time went (ms): open and probe, the conversion, waiting for the upload's end, the commit, the record.
+          timings: { open: ms(t0, tConvert), convert: ms(tConvert, tConverted), upload_end: ms(tConverted, tArrived), commit: ms(tArrived, tCommitted), record: ms(tCommitted, Date.now()) },
+        },
+        'converted',
+      );
       return { outcome: 'succeeded' };
     } catch (err) {
       // This attempt's own partial output only; never another attempt's.

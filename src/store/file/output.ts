@@ -6,6 +6,7 @@ import { StoreError, type ByteRange } from '../common.js';
 import { ObjectStoreBase } from '../objects.js';
 import type { OutputStore, OutputWriter } from '../output.js';
 import { asStoreError, FileObjects } from './objects.js';
+import { WriteBehind } from './write-behind.js';
 
 export class FileOutputStore extends ObjectStoreBase<FileObjects> implements OutputStore {
   readonly kind = 'file';
@@ -18,14 +19,40 @@ export class FileOutputStore extends ObjectStoreBase<FileObjects> implements Out
   async create(key: string, size: number): Promise<OutputWriter> {
     const temp = this.objects.tempPath(key);
     let sink: RawFileSink;
+    let behind: WriteBehind;
     try {
       sink = await RawFileSink.create(temp, { removeOnAbort: true });
+      behind = await WriteBehind.open(temp);
     } catch (err) {
+      await rm(temp, { force: true }).catch(() => {});
       throw asStoreError(err, `create output ${key}`);
     }
     let finished = false;
+    // Data bytes handed to the sink: the write-behind flush follows them.
+    let written = 0;
+    const count = (extent: Extent): void => {
+      if (extent.kind === 'data') written += extent.length;
+    };
     return {
-      write: (extent: Extent) => sink.write(extent).catch((err: unknown) => Promise.reject(asStoreError(err, `write of output ${key}`))),
+      write: async (extent: Extent) => {
+        try {
+          await sink.write(extent);
+        } catch (err) {
+          throw asStoreError(err, `write of output ${key}`);
+        }
+        count(extent);
+        behind.written(written);
+      },
+      // The engine's batched path (the native helper writes a batch in one call) where it loaded.
+      writeBatch: async (extents: readonly Extent[]) => {
+        try {
+          await sink.writeBatch(extents);
+        } catch (err) {
+          throw asStoreError(err, `write of output ${key}`);
+        }
+        for (const extent of extents) count(extent);
+        behind.written(written);
+      },
       finish: async (virtualSize: number) => {
         if (virtualSize !== size) throw new StoreError(`output ${key} was created for ${size} bytes, finished at ${virtualSize}`);
         try {
@@ -36,11 +63,18 @@ export class FileOutputStore extends ObjectStoreBase<FileObjects> implements Out
         finished = true;
       },
       abort: async () => {
+        await behind.abort();
         await sink.abort();
         await rm(temp, { force: true });
       },
       commit: async () => {
         if (!finished) throw new StoreError(`commit of output ${key} before finish`);
+        try {
+          await behind.finish();
+        } catch (err) {
+          await rm(temp, { force: true });
+          throw asStoreError(err, `commit of output ${key}`);
+        }
         return this.objects.publish(temp, key);
       },
     };

@@ -7,6 +7,10 @@ import { StoreError, StoreObjectMissingError } from '../common.js';
 import { ObjectStoreBase } from '../objects.js';
 import type { InputStaging, StagedWrite } from '../staging.js';
 import { asStoreError, FileObjects } from './objects.js';
+import { WriteBehind } from './write-behind.js';
+
+/** How often the write-behind flush looks at how far the upload has come. */
+const WRITE_BEHIND_POLL_MS = 50;
 
 export class FileStaging extends ObjectStoreBase<FileObjects> implements InputStaging {
   readonly kind = 'file';
@@ -23,15 +27,36 @@ export class FileStaging extends ObjectStoreBase<FileObjects> implements InputSt
       stream.once('open', () => resolve());
       stream.once('error', (err) => reject(asStoreError(err, `create input ${key}`)));
     });
+    let behind: WriteBehind;
+    try {
+      behind = await WriteBehind.open(temp);
+    } catch (err) {
+      stream.destroy();
+      await rm(temp, { force: true }).catch(() => {});
+      throw asStoreError(err, `create input ${key}`);
+    }
+    // The upload's bytes reach the disk as they arrive, so its commit does not wait for all of them.
+    const poll = setInterval(() => behind.written(stream.bytesWritten), WRITE_BEHIND_POLL_MS);
+    poll.unref();
+    stream.once('close', () => clearInterval(poll));
     return {
       stream,
       followToken: basename(temp),
       commit: async () => {
         if (!stream.writableFinished) throw new StoreError(`commit of input ${key} before the stream finished`);
+        clearInterval(poll);
+        try {
+          await behind.finish();
+        } catch (err) {
+          await rm(temp, { force: true });
+          throw asStoreError(err, `commit of input ${key}`);
+        }
         return this.objects.publish(temp, key);
       },
       abort: async () => {
+        clearInterval(poll);
         stream.destroy();
+        await behind.abort();
         await rm(temp, { force: true });
       },
     };
