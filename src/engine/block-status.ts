@@ -64,8 +64,9 @@ export function qemuStatusSpan(image: DiskImage, status: BlockStatus): number | 
 const QEMU_HAS_BACKING: ReadonlySet<FormatId> = new Set(['qcow2', 'vmdk']);
 
 /** Guest-ordered, contiguous statuses covering [0, virtualSize). Throws the image's readable() error (a backing file). */
-export async function* blockStatus(image: DiskImage, source: RandomAccessSource, signal?: AbortSignal): AsyncGenerator<BlockStatus> {
+export async function* blockStatus(image: DiskImage, opened: RandomAccessSource, signal?: AbortSignal): AsyncGenerator<BlockStatus> {
   image.readable?.();
+  const source = image.readsFrom ?? opened; // an archive with staged members (archive/joined-source.ts)
   if (image.format === 'vhdx') {
     if (image.virtualSize > 0) yield { offset: 0, length: image.virtualSize, data: true, zero: false, present: true };
     return;

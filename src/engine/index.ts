@@ -36,6 +36,8 @@ export interface OpenImageOptions {
   metadataOnly?: boolean;
   /** An OVA's disk (1-based index, diskId or file name) or a bundle's top member; see src/engine/archive/. */
   disk?: string;
+  /** Where an archive's compressed members are staged (default TMPDIR); see src/engine/archive/stage.ts. */
+  scratchDir?: string;
 }
 
 export function parseFormat(value: string): FormatId | 'auto' {
@@ -59,7 +61,7 @@ export async function openImage(source: RandomAccessSource, options: OpenImageOp
     if (isTar(head) || isZip(head)) {
       const other = DRIVERS.find((d) => d.id !== 'raw' && d.probe(head, source.size));
       if (other) throw new UnsafeImageError(`${source.name}: ambiguous image: an archive header that also carries a ${other.id} signature`);
-      return openArchive(source, { ...common, ...(declared ? { format: declared } : {}), ...(options.disk !== undefined ? { disk: options.disk } : {}) });
+      return openArchive(source, { ...common, ...(declared ? { format: declared } : {}), ...(options.disk !== undefined ? { disk: options.disk } : {}), ...(options.scratchDir !== undefined ? { scratchDir: options.scratchDir } : {}) });
     }
   }
   if (options.disk !== undefined) throw new InvalidArgumentError(`${source.name}: a disk was chosen (${options.disk}), but the input is not an OVA or a tar bundle`);

@@ -67,7 +67,9 @@ export async function* readExtents(image: DiskImage, source: RandomAccessSource,
  * extents to the kernel at once (RawFileSink.writeBatch). A batch's bytes are
  * valid until the next batch is requested.
  */
-export async function* readExtentBatches(image: DiskImage, source: RandomAccessSource, options: ReadOptions = {}): AsyncGenerator<Extent[]> {
+export async function* readExtentBatches(image: DiskImage, opened: RandomAccessSource, options: ReadOptions = {}): AsyncGenerator<Extent[]> {
+  // An archive with staged members maps into a source of its own (archive/joined-source.ts).
+  const source = image.readsFrom ?? opened;
   const batchBytes = options.batchBytes ?? DEFAULTS.batchBytes;
   const maxReadBytes = options.maxReadBytes ?? DEFAULTS.maxReadBytes;
   const readConcurrency = options.readConcurrency ?? DEFAULTS.readConcurrency;

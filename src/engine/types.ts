@@ -174,6 +174,12 @@ export interface DiskImage {
   readonly parent?: ParentLink;
   /** Set on images read out of an archive: which members, which disk. */
   readonly archive?: ArchiveInfo;
+  /**
+   * Set when the map's file offsets point into another source than the one the
+   * image was opened from: an archive with members staged or joined beside it
+   * (src/engine/archive/joined-source.ts). Readers read data from it instead.
+   */
+  readonly readsFrom?: RandomAccessSource;
   /** Metadata consistency check; absent where the format has nothing to check beyond open(). */
   check?(signal?: AbortSignal): Promise<CheckReport>;
   close(): Promise<void>;

@@ -28,7 +28,8 @@ export interface Allocation {
  * size of the raw output, and refuses references past the end of the file before
  * any output is written.
  */
-export async function estimateAllocation(image: DiskImage, source: RandomAccessSource, signal?: AbortSignal): Promise<Allocation> {
+export async function estimateAllocation(image: DiskImage, opened: RandomAccessSource, signal?: AbortSignal): Promise<Allocation> {
+  const source = image.readsFrom ?? opened; // an archive with staged members maps into a source of its own
   let dataBytes = 0;
   let zeroBytes = 0;
   let entries = 0;

@@ -263,6 +263,7 @@ export function createProcessor(deps: ProcessorDeps) {
         signal,
         ...(passphrase !== undefined ? { passphrase: Buffer.from(passphrase, 'utf8') } : {}),
         ...(rec.disk !== undefined ? { disk: rec.disk } : {}),
+        scratchDir: deps.scratchDir, // an archive's deflated or gzip'd members are staged there
       });
       let info = { ...(await imageInfo(image, readSource)), filename: displayName };
       const free = rec.destination ? undefined : await output.freeBytes();

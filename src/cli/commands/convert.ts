@@ -205,6 +205,7 @@ function withZeros(image: DiskImage, bad: ReadonlyArray<readonly [number, number
     format: image.format,
     virtualSize: image.virtualSize,
     info: () => image.info(),
+    ...(image.readsFrom ? { readsFrom: image.readsFrom } : {}),
     close: async () => {},
     async *map(signal?: AbortSignal): AsyncIterable<MapEntry> {
       for await (const e of image.map(signal)) {

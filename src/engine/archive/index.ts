@@ -19,8 +19,10 @@ import type { ArchiveInfo, DiskImage, FormatId, OpenOptions, ParentLink } from '
 import { FORMAT_IDS } from '../types.js';
 import { openSparseExtent, readVmdkDescriptorFile } from '../formats/vmdk.js';
 import { ConcatImage, LayeredImage, MemberImage, type ConcatPart } from './compose.js';
+import { JoinedSource } from './joined-source.js';
 import { MemberSource } from './member-source.js';
-import { parseOvf } from './ovf.js';
+import { Scratch } from './stage.js';
+import { parseOvf, type OvfFile } from './ovf.js';
 import { indexTar, isTar, normalizeMemberName, shown, type TarIndex, type TarMember } from './tar.js';
 
 import { indexZip, isZip } from './zip.js';
@@ -37,10 +39,19 @@ export interface ArchiveOpenOptions extends OpenOptions {
   disk?: string;
   /** The declared format of the disk inside (the top image). */
   format?: FormatId;
+  /** Where compressed members (deflated zip members, gzip'd OVF files) are staged; default TMPDIR. */
+  scratchDir?: string;
 }
 
 interface Context {
-  archive: RandomAccessSource;
+  /**
+   * The archive, and after it whatever members need beside it (staged deflated or
+   * gzip'd members, chunked OVF files joined): every member has one place in it.
+   */
+  archive: JoinedSource;
+  scratch: Scratch;
+  /** Staged members by name, in `archive` coordinates. */
+  staged: Map<string, TarMember>;
   index: TarIndex;
   options: ArchiveOpenOptions;
   limits: Limits;
@@ -49,14 +60,54 @@ interface Context {
   kind: 'tar' | 'zip';
 }
 
-/** Opens the disk an archive holds; the caller closes the image, then the archive source. */
+/**
+ * Opens the disk an archive holds; the caller closes the image, then the archive source.
+ * When a member had to be staged or joined, the image's map points into a JoinedSource
+ * of the archive and those (`readsFrom`), which the image's close() closes and removes.
+ */
 export async function openArchive(archive: RandomAccessSource, options: ArchiveOpenOptions): Promise<DiskImage> {
   const { limits, signal } = options;
   const head = await archive.read(0, Math.min(64, archive.size), signal);
   const kind = isZip(head) ? 'zip' : 'tar';
   const index = kind === 'zip' ? await indexZip(archive, limits, signal) : await indexTar(archive, limits, signal);
   if (index.members.length === 0) throw new ImageCorruptError(`${archive.name}: the ${kind} archive holds no file`);
-  const ctx: Context = { archive, index, options, limits, used: [], kind };
+  const space = new JoinedSource(archive.name, archive);
+  const scratch = new Scratch(options.scratchDir);
+  const release = async (): Promise<void> => {
+    try {
+      await space.close();
+    } finally {
+      await scratch.remove();
+    }
+  };
+  const ctx: Context = { archive: space, scratch, staged: new Map(), index, options, limits, used: [], kind };
+  let image: DiskImage;
+  try {
+    image = await openArchiveImage(ctx);
+  } catch (err) {
+    await release();
+    throw err;
+  }
+  if (!space.extended) {
+    await release();
+    return image;
+  }
+  const closeImage = image.close.bind(image);
+  Object.assign(image, {
+    readsFrom: space,
+    close: async (): Promise<void> => {
+      try {
+        await closeImage();
+      } finally {
+        await release();
+      }
+    },
+  });
+  return image;
+}
+
+async function openArchiveImage(ctx: Context): Promise<DiskImage> {
+  const { archive, index } = ctx;
   const ovfs = index.members.filter((m) => /\.ovf$/i.test(m.name));
   if (ovfs.length > 1) {
     throw new UnsafeImageError(`${archive.name}: the archive holds ${ovfs.length} OVF descriptors (${ovfs.map((m) => `"${shown(m.name)}"`).join(', ')}); an OVA has exactly one`);
@@ -66,8 +117,34 @@ export async function openArchive(archive: RandomAccessSource, options: ArchiveO
   return openBundle(ctx);
 }
 
-function memberSource(ctx: Context, member: TarMember): MemberSource {
-  return new MemberSource(ctx.archive, member.offset, member.size, `${ctx.archive.name}/${member.name}`);
+/** A member's bytes as a source, staging it first when it is stored compressed. */
+async function memberSource(ctx: Context, member: TarMember): Promise<MemberSource> {
+  const m = await materialize(ctx, member);
+  return new MemberSource(ctx.archive, m.offset, m.size, `${ctx.archive.name}/${member.name}`);
+}
+
+/**
+ * The member with its bytes in place in `ctx.archive`: itself when stored, else
+ * (a deflated zip member) inflated once into the scratch folder, its declared size
+ * and CRC-32 checked (stage.ts), and joined after the archive.
+ */
+async function materialize(ctx: Context, member: TarMember): Promise<TarMember> {
+  if (!member.packed) return member;
+  const done = ctx.staged.get(member.name);
+  if (done) return done;
+  const file = await ctx.scratch.stage({
+    source: ctx.archive,
+    offset: member.offset,
+    length: member.packed.compressedSize,
+    codec: 'deflate-raw',
+    expect: { size: member.size, crc32: member.packed.crc32 },
+    what: `${ctx.archive.name}/${member.name}`,
+    maxVirtualSize: ctx.limits.maxVirtualSize,
+    ...(ctx.options.signal ? { signal: ctx.options.signal } : {}),
+  });
+  const staged: TarMember = { name: member.name, offset: ctx.archive.append(file, { owned: true }), size: member.size };
+  ctx.staged.set(member.name, staged);
+  return staged;
 }
 
 function dirOf(name: string): string {
@@ -93,7 +170,8 @@ function resolveReference(ctx: Context, from: TarMember, ref: string, what: stri
 /** Reads a small text member whole (OVF, manifest), bounded. */
 async function memberText(ctx: Context, member: TarMember, what: string): Promise<string> {
   enforceLimit('maxArchiveTextBytes', member.size, ctx.limits, `${ctx.archive.name}/${member.name}: ${what}`);
-  const bytes = await readExact(ctx.archive, member.offset, member.size, `${ctx.archive.name}/${member.name}`, ctx.options.signal);
+  const m = await materialize(ctx, member);
+  const bytes = await readExact(ctx.archive, m.offset, m.size, `${ctx.archive.name}/${member.name}`, ctx.options.signal);
   return Buffer.from(bytes).toString('utf8');
 }
 
@@ -106,17 +184,14 @@ async function openOva(ctx: Context, ovfMember: TarMember): Promise<DiskImage> {
   const ovf = parseOvf(await memberText(ctx, ovfMember, 'OVF descriptor'), where);
   const manifest = await verifyManifest(ctx, ovfMember);
 
-  const filesById = new Map<string, { href: string; size?: number; member: TarMember; compression?: string; chunkSize?: number }>();
+  const filesById = new Map<string, OvaFile>();
   const hrefs = new Set<string>();
   for (const file of ovf.files) {
     if (filesById.has(file.id)) throw new ImageCorruptError(`${where}: two References/File elements with ovf:id "${shown(file.id)}"`);
-    const member = resolveReference(ctx, ovfMember, file.href, 'file reference');
-    if (hrefs.has(member.name)) throw new UnsafeImageError(`${where}: the OVF names the file "${shown(member.name)}" twice; which disk it is would be ambiguous`);
-    hrefs.add(member.name);
-    if (file.size !== undefined && file.size !== member.size) {
-      throw new ImageCorruptError(`${where}: the OVF gives "${shown(file.href)}" ${file.size} bytes, the archive member has ${member.size}`);
-    }
-    filesById.set(file.id, { ...file, member });
+    const found = ovaFile(ctx, ovfMember, file);
+    if (hrefs.has(found.name)) throw new UnsafeImageError(`${where}: the OVF names the file "${shown(found.name)}" twice; which disk it is would be ambiguous`);
+    hrefs.add(found.name);
+    filesById.set(file.id, found);
   }
   const fileRefs = new Set<string>();
   const disks = ovf.disks.map((disk, i) => {
@@ -135,7 +210,7 @@ async function openOva(ctx: Context, ovfMember: TarMember): Promise<DiskImage> {
   if (wanted !== undefined) {
     chosen = /^[0-9]+$/.test(wanted)
       ? disks[Number(wanted) - 1]
-      : disks.find((d) => d.disk.diskId === wanted || d.file?.member.name === wanted || d.file?.href === wanted);
+      : disks.find((d) => d.disk.diskId === wanted || d.file?.name === wanted || d.file?.href === wanted);
     if (!chosen) {
       throw new InvalidArgumentError(
         `${name}: no disk "${shown(wanted)}" in the OVF; it names ${disks.map((d) => `${d.index} (${shown(d.disk.diskId)}${d.file ? `, ${shown(d.file.href)}` : ''})`).join(', ')}`,
@@ -144,22 +219,18 @@ async function openOva(ctx: Context, ovfMember: TarMember): Promise<DiskImage> {
   }
   if (!chosen) throw new ImageCorruptError(`${where}: no disk`);
   if (!chosen.file) throw new UnsupportedFeatureError(`${where}: disk ${chosen.index} ("${shown(chosen.disk.diskId)}") has no file (an empty disk of the appliance); there is nothing to convert`);
-  if (chosen.file.compression !== undefined && chosen.file.compression !== 'identity') {
-    throw new UnsupportedFeatureError(`${where}: the file of disk ${chosen.index} is stored with ovf:compression="${shown(chosen.file.compression)}", which is not supported`);
-  }
-  if (chosen.file.chunkSize !== undefined) throw new UnsupportedFeatureError(`${where}: the file of disk ${chosen.index} is split in chunks (ovf:chunkSize), which is not supported`);
   if (chosen.disk.format !== undefined && /compressed/i.test(chosen.disk.format) && !/streamOptimized/i.test(chosen.disk.format)) {
     // e.g. VMware's "compressed" (gzip) disk format URI: refused by name rather than read as raw.
     throw new UnsupportedFeatureError(`${where}: disk format "${shown(chosen.disk.format)}" is not supported`);
   }
 
-  const image = await openChain(ctx, chosen.file.member, ctx.options.format, []);
+  const image = await openChain(ctx, await ovaDiskMember(ctx, chosen.file), ctx.options.format, []);
   const info: ArchiveInfo = {
     kind: 'ova',
     disks: disks.map((d) => ({
       index: d.index,
       'disk-id': d.disk.diskId,
-      ...(d.file ? { file: d.file.member.name, size: d.file.member.size } : {}),
+      ...(d.file ? { file: d.file.name, size: d.file.storedSize } : {}),
       ...(d.disk.capacity !== undefined ? { capacity: d.disk.capacity } : {}),
       ...(d.disk.format !== undefined ? { format: d.disk.format } : {}),
     })),
@@ -169,6 +240,101 @@ async function openOva(ctx: Context, ovfMember: TarMember): Promise<DiskImage> {
   };
   (image as { archive?: ArchiveInfo }).archive = info;
   return image;
+}
+
+/** A References/File of an OVF, found in the archive: one member, or its chunks. */
+interface OvaFile {
+  href: string;
+  /** The file's name as a member name (relative to the OVF's folder). */
+  name: string;
+  /** The member holding it, or its chunks (`name.000000000`, ...) in order. */
+  parts: TarMember[];
+  /** Bytes as stored: the member's size, or the sum of its chunks. */
+  storedSize: number;
+  compression: 'gzip' | undefined;
+  chunked: boolean;
+}
+
+/** A chunk's suffix: nine decimal digits, from 0 (VMware ovftool's `disk1.vmdk.000000000`). */
+const CHUNK_SUFFIX = /\.([0-9]{9})$/;
+
+/**
+ * Finds an OVF file in the archive. `ovf:chunkSize` (DSP0243 5.2) splits the file
+ * into members named `href.000000000`, `href.000000001`, ..., each chunkSize bytes
+ * but the last; `ovf:compression="gzip"` means the (joined) bytes are a gzip
+ * stream; `ovf:size` is the size as stored (compressed, all chunks), checked here.
+ */
+function ovaFile(ctx: Context, ovfMember: TarMember, file: OvfFile): OvaFile {
+  const where = `${ctx.archive.name}/${ovfMember.name}`;
+  let compression: 'gzip' | undefined;
+  if (file.compression !== undefined && file.compression !== 'identity') {
+    if (file.compression !== 'gzip') {
+      throw new UnsupportedFeatureError(`${where}: the file "${shown(file.href)}" is stored with ovf:compression="${shown(file.compression)}"; only gzip and identity are defined`);
+    }
+    compression = 'gzip';
+  }
+  let parts: TarMember[];
+  let name: string;
+  if (file.chunkSize === undefined) {
+    const member = resolveReference(ctx, ovfMember, file.href, 'file reference');
+    parts = [member];
+    name = member.name;
+  } else {
+    const chunkSize = file.chunkSize;
+    if (chunkSize <= 0) throw new ImageCorruptError(`${where}: the file "${shown(file.href)}" has ovf:chunkSize="${chunkSize}"`);
+    const first = resolveReference(ctx, ovfMember, `${file.href}.000000000`, 'file reference (first chunk)');
+    name = first.name.slice(0, -'.000000000'.length);
+    parts = [];
+    for (let k = 0; ; k++) {
+      const chunk = ctx.index.byName.get(`${name}.${String(k).padStart(9, '0')}`);
+      if (!chunk) break;
+      parts.push(chunk);
+    }
+    for (const m of ctx.index.members) {
+      const suffix = m.name.startsWith(`${name}.`) ? CHUNK_SUFFIX.exec(m.name) : null;
+      if (suffix && m.name.length === name.length + 10 && Number(suffix[1]) >= parts.length) {
+        throw new ImageCorruptError(`${where}: chunk "${shown(m.name)}" of "${shown(file.href)}" follows a missing chunk ${parts.length}`);
+      }
+    }
+    parts.forEach((chunk, k) => {
+      const last = k === parts.length - 1;
+      if (last ? chunk.size === 0 || chunk.size > chunkSize : chunk.size !== chunkSize) {
+        throw new ImageCorruptError(`${where}: chunk "${shown(chunk.name)}" has ${chunk.size} bytes; with ovf:chunkSize="${chunkSize}" every chunk but the last has exactly that many, the last 1 to that many`);
+      }
+    });
+  }
+  const storedSize = parts.reduce((sum, p) => sum + p.size, 0);
+  if (file.size !== undefined && file.size !== storedSize) {
+    throw new ImageCorruptError(`${where}: the OVF gives "${shown(file.href)}" ${file.size} bytes, the archive ${parts.length > 1 || file.chunkSize !== undefined ? `has ${storedSize} in ${parts.length} chunks` : `member has ${storedSize}`}`);
+  }
+  return { href: file.href, name, parts, storedSize, compression, chunked: file.chunkSize !== undefined };
+}
+
+/**
+ * The disk file of an OVF as one member of `ctx.archive`: the member itself, or its
+ * chunks joined (read in place, no copy), and a gzip'd file decompressed into the
+ * scratch folder (bounded, stage.ts) and joined after the archive.
+ */
+async function ovaDiskMember(ctx: Context, file: OvaFile): Promise<TarMember> {
+  const parts = await Promise.all(file.parts.map((p) => materialize(ctx, p)));
+  let stored: TarMember;
+  if (!file.chunked) stored = parts[0] as TarMember;
+  else {
+    const joined = new JoinedSource(`${ctx.archive.name}/${file.name}`);
+    for (const p of parts) joined.append(new MemberSource(ctx.archive, p.offset, p.size, `${ctx.archive.name}/${p.name}`), { owned: false, align: 1 });
+    stored = { name: file.name, offset: ctx.archive.append(joined, { owned: false }), size: joined.size };
+  }
+  if (file.compression !== 'gzip') return stored;
+  const staged = await ctx.scratch.stage({
+    source: ctx.archive,
+    offset: stored.offset,
+    length: stored.size,
+    codec: 'gzip',
+    what: `${ctx.archive.name}/${file.name}`,
+    maxVirtualSize: ctx.limits.maxVirtualSize,
+    ...(ctx.options.signal ? { signal: ctx.options.signal } : {}),
+  });
+  return { name: file.name, offset: ctx.archive.append(staged, { owned: true }), size: staged.size };
 }
 
 /**
@@ -210,8 +376,9 @@ async function verifyManifest(ctx: Context, ovfMember: TarMember): Promise<'veri
 
 const DIGEST_CHUNK = 4 * 2 ** 20;
 
-async function digestOf(ctx: Context, member: TarMember, alg: string): Promise<string> {
+async function digestOf(ctx: Context, packed: TarMember, alg: string): Promise<string> {
   const hash = createHash(alg);
+  const member = await materialize(ctx, packed);
   for (let done = 0; done < member.size; ) {
     throwIfAborted(ctx.options.signal);
     const length = Math.min(DIGEST_CHUNK, member.size - done);
@@ -226,7 +393,7 @@ async function digestOf(ctx: Context, member: TarMember, alg: string): Promise<s
 
 /** What a member names (backing file, extent files), without opening anything it names. */
 async function referencesOf(ctx: Context, member: TarMember): Promise<{ format: FormatId; refs: string[] } | undefined> {
-  const source = memberSource(ctx, member);
+  const source = await memberSource(ctx, member);
   let format: FormatId;
   try {
     ({ format } = await detectFormat(source, undefined, ctx.options.signal));
@@ -315,7 +482,7 @@ async function openChain(ctx: Context, member: TarMember, declared: FormatId | u
     throw new LimitExceededError('maxChainDepth', chain.length + 1, ctx.limits.maxChainDepth, `${where}: images in the backing chain`);
   }
   const { options, limits } = ctx;
-  const source = memberSource(ctx, member);
+  const source = await memberSource(ctx, member);
   const { format, driver } = await detectFormat(source, declared, options.signal);
   ctx.used.push(member.name);
   const open: OpenOptions = {
@@ -436,12 +603,12 @@ async function openSplitVmdk(ctx: Context, member: TarMember, descriptor: NonNul
         parts.push({ length });
         continue;
       }
-      const file = resolveReference(ctx, member, extent.fileName as string, `extent file (line ${extent.lineNumber})`);
+      const file = await materialize(ctx, resolveReference(ctx, member, extent.fileName as string, `extent file (line ${extent.lineNumber})`));
       if (file.name === member.name) throw new UnsafeImageError(`${where}: extent line ${extent.lineNumber} names the descriptor itself`);
       if (names.has(file.name)) throw new UnsafeImageError(`${where}: the extent file "${shown(file.name)}" is named twice`);
       names.add(file.name);
       ctx.used.push(file.name);
-      const source = memberSource(ctx, file);
+      const source = await memberSource(ctx, file);
       if (extent.type === 'FLAT') {
         if (extent.fileOffset + length > file.size) {
           throw new ImageCorruptError(`${where}: FLAT extent line ${extent.lineNumber} needs ${extent.fileOffset + length} bytes of "${shown(file.name)}", which has ${file.size}`);

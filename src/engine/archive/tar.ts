@@ -22,6 +22,12 @@ export interface TarMember {
   /** Where the member's bytes start in the archive (a multiple of 512). */
   offset: number;
   size: number;
+  /**
+   * A zip member stored compressed: `offset` is where its compressed bytes start
+   * in the archive, `size` its declared uncompressed size. Read only once staged
+   * (archive/index.ts), never through a window of the archive.
+   */
+  packed?: { method: 'deflate'; compressedSize: number; crc32: number };
 }
 
 export interface TarIndex {

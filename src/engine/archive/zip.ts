@@ -1,13 +1,15 @@
 /**
- * Zip archives (PKWARE APPNOTE 6.3, with ZIP64) read as an index of stored
- * members, for bundles and OVAs uploaded as zip. Like tar members, stored zip
- * members are verbatim bytes, read in place; deflated members would need
- * extracting and are refused by name (store them: `zip -0`).
+ * Zip archives (PKWARE APPNOTE 6.3, with ZIP64) read as an index of members,
+ * for bundles and OVAs uploaded as zip. Like tar members, stored zip members
+ * are verbatim bytes, read in place; deflated members (method 8) are indexed
+ * with their compressed range, declared size and CRC-32, and inflated into a
+ * bounded scratch file when used (stage.ts), their sizes and CRC checked.
  *
  * Hostile rules, each a typed error: the central directory and every member
  * must lie inside the archive and before the directory, local and central
  * headers must agree (name, sizes), members may not overlap (the overlapping
  * zip bomb), a stored member's compressed and uncompressed sizes must be equal,
+ * compression methods other than stored and deflate are refused,
  * names follow tar's rules (no absolute paths, `..`, duplicates), symbolic
  * links, encryption and multi-disk archives are refused.
  */
@@ -82,6 +84,7 @@ export async function indexZip(source: RandomAccessSource, limits: Limits, signa
     const madeBy = cv.getUint16(p + 4, true) >> 8;
     const flags = cv.getUint16(p + 8, true);
     const method = cv.getUint16(p + 10, true);
+    const crc = cv.getUint32(p + 16, true);
     let csize = cv.getUint32(p + 20, true);
     let usize = cv.getUint32(p + 24, true);
     const nameLength = cv.getUint16(p + 28, true);
@@ -121,9 +124,8 @@ export async function indexZip(source: RandomAccessSource, limits: Limits, signa
     seen.add(member);
     if (rawName.endsWith('/')) continue; // a directory
     if (flags & 0x1) throw new UnsupportedFeatureError(`${what}: encrypted zip members are not supported`);
-    if (method === 8) throw new UnsupportedFeatureError(`${what}: the member is deflated; disks are read in place, so store them uncompressed (zip -0)`);
-    if (method !== 0) throw new UnsupportedFeatureError(`${what}: zip compression method ${method} is not supported (only stored members are read)`);
-    if (csize !== usize) throw new ImageCorruptError(`${what}: a stored member whose sizes disagree (${csize} stored, ${usize} uncompressed)`);
+    if (method !== 0 && method !== 8) throw new UnsupportedFeatureError(`${what}: zip compression method ${method} is not supported (only stored and deflated members are read)`);
+    if (method === 0 && csize !== usize) throw new ImageCorruptError(`${what}: a stored member whose sizes disagree (${csize} stored, ${usize} uncompressed)`);
     const lh = view(await readExact(source, local, 30, `${what}: local header`, signal));
     if (lh.getUint32(0, true) !== LOCAL) throw new ImageCorruptError(`${what}: no local header at offset ${local}`);
     const localNameLength = lh.getUint16(26, true);
@@ -132,21 +134,27 @@ export async function indexZip(source: RandomAccessSource, limits: Limits, signa
     if (!Buffer.from(localName).equals(Buffer.from(rawNameBytes))) throw new ImageCorruptError(`${what}: the local header names another file`);
     const localFlags = lh.getUint16(6, true);
     const localSize = lh.getUint32(18, true);
+    const localUsize = lh.getUint32(22, true);
+    if (lh.getUint16(8, true) !== method) throw new ImageCorruptError(`${what}: the local header gives compression method ${lh.getUint16(8, true)}, the central directory ${method}`);
     // Sizes may be deferred to a data descriptor (flag 3) or to ZIP64 (all ones); otherwise they must agree.
     if (!(localFlags & 0x8) && localSize !== 0xffffffff && localSize !== csize) {
       throw new ImageCorruptError(`${what}: the local header gives ${localSize} bytes, the central directory ${csize}`);
     }
+    if (!(localFlags & 0x8) && localUsize !== 0xffffffff && localUsize !== usize) {
+      throw new ImageCorruptError(`${what}: the local header gives ${localUsize} uncompressed bytes, the central directory ${usize}`);
+    }
     if (dataOffset + csize > cdOffset) throw new ImageCorruptError(`${what}: member of ${csize} bytes runs past the start of the central directory`);
-    const entry: TarMember = { name: member, offset: dataOffset, size: csize };
+    const entry: TarMember = method === 8 ? { name: member, offset: dataOffset, size: usize, packed: { method: 'deflate', compressedSize: csize, crc32: crc } } : { name: member, offset: dataOffset, size: csize };
     members.push(entry);
     byName.set(member, entry);
   }
   // Overlapping members (one byte range served as several files) are refused.
+  const span = (m: TarMember): number => m.packed?.compressedSize ?? m.size;
   const sorted = [...members].sort((a, b) => a.offset - b.offset);
   for (let i = 1; i < sorted.length; i++) {
     const prev = sorted[i - 1] as TarMember;
     const cur = sorted[i] as TarMember;
-    if (cur.offset < prev.offset + prev.size) throw new UnsafeImageError(`${name}: zip members "${shown(prev.name)}" and "${shown(cur.name)}" overlap`);
+    if (cur.offset < prev.offset + span(prev)) throw new UnsafeImageError(`${name}: zip members "${shown(prev.name)}" and "${shown(cur.name)}" overlap`);
   }
   return { members, byName };
 }

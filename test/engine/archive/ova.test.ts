@@ -5,7 +5,8 @@
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { createHash } from 'node:crypto';
 import { join } from 'node:path';
-import { readFile, writeFile } from 'node:fs/promises';
+import { mkdir, readFile, readdir, writeFile } from 'node:fs/promises';
+import { gzipSync } from 'node:zlib';
 import { makeTempDir, mixedContent, qemuImg, run, sha256File } from '../../helpers/qemu.js';
 import { BufferSource, FileSource, imageInfo, openImage } from '../../../src/engine/index.js';
 import { fileSha256, imageSha256, makeTar, outcomeOf } from './helpers.js';
@@ -133,8 +134,9 @@ describe('OVA', () => {
       ['a URL href', ovf([{ id: 'd1', href: 'http://127.0.0.1/disk.vmdk' }]), 'UNSAFE_IMAGE', /URL/],
       ['a missing member', ovf([{ id: 'd1', href: 'nothere.vmdk' }]), 'UNSAFE_IMAGE', /nothere\.vmdk.*not a member/],
       ['a size that lies', ovf([{ id: 'd1', href: 'app-disk1.vmdk', size: 12345 }]), 'IMAGE_CORRUPT', /12345 bytes/],
-      ['a gzip-compressed file', ovf([{ id: 'd1', href: 'app-disk1.vmdk', extra: ' ovf:compression="gzip"' }]), 'UNSUPPORTED_FEATURE', /compression/],
-      ['a chunked file', ovf([{ id: 'd1', href: 'app-disk1.vmdk', extra: ' ovf:chunkSize="1000"' }]), 'UNSUPPORTED_FEATURE', /chunk/],
+      ['ovf:compression="gzip" on a file that is not gzip', ovf([{ id: 'd1', href: 'app-disk1.vmdk', extra: ' ovf:compression="gzip"' }]), 'IMAGE_CORRUPT', /gzip stream is truncated or corrupt/],
+      ['a compression OVF does not define', ovf([{ id: 'd1', href: 'app-disk1.vmdk', extra: ' ovf:compression="bzip2"' }]), 'UNSUPPORTED_FEATURE', /compression="bzip2"/],
+      ['ovf:chunkSize without chunk members', ovf([{ id: 'd1', href: 'app-disk1.vmdk', extra: ' ovf:chunkSize="1000"' }]), 'UNSAFE_IMAGE', /app-disk1\.vmdk\.000000000.*not a member/],
       ['no disk', ovf([]), 'IMAGE_CORRUPT', /names no disk/],
       ['unbalanced XML', ovf(one).replace('</References>', ''), 'IMAGE_CORRUPT', /closes/],
       ['not XML', 'hello', 'IMAGE_CORRUPT', /no root element/],
@@ -151,4 +153,87 @@ describe('OVA', () => {
     const big = await outcomeOf(withOvf(ovf(one) + ' '.repeat(4096)), { limits: { maxArchiveTextBytes: 2048 } });
     expect(big.code).toBe('LIMIT_EXCEEDED');
   });
+});
+
+describe('OVA files stored with ovf:compression="gzip" and ovf:chunkSize', () => {
+  const ovaOf = (text: string, members: Array<[string, Uint8Array]>): Buffer => makeTar([{ name: 'app.ovf', data: Buffer.from(text) }, ...members.map(([name, data]) => ({ name, data }))]);
+  /** `data` cut in chunks of `size` bytes named NAME.000000000, NAME.000000001, ... (VMware ovftool's naming). */
+  const chunks = (name: string, data: Uint8Array, size: number): Array<[string, Uint8Array]> => {
+    const out: Array<[string, Uint8Array]> = [];
+    for (let k = 0; k * size < data.length; k++) out.push([`${name}.${String(k).padStart(9, '0')}`, data.subarray(k * size, (k + 1) * size)]);
+    return out;
+  };
+
+  it('gzip, chunks, and gzip then chunks convert equal to qemu-img on the disk in place; the scratch folder is emptied', async () => {
+    const scratchDir = path('ova-scratch');
+    await mkdir(scratchDir);
+    // gzip(1), as ovftool compresses: the reference is qemu-img on the uncompressed disk.
+    await run('sh', ['-c', `gzip -c "${path('app-disk2.qcow2')}" > "${path('disk2.gz')}" && gzip -c "${path('app-disk1.vmdk')}" > "${path('disk1.gz')}"`]);
+    const gz2 = await readFile(path('disk2.gz'));
+    const gz1 = await readFile(path('disk1.gz'));
+    const gzipped = ovaOf(
+      ovf([
+        { id: 'vmdisk1', href: 'app-disk1.vmdk', size: gz1.length, extra: ' ovf:compression="gzip"' },
+        { id: 'vmdisk2', href: 'app-disk2.qcow2', size: gz2.length, extra: ' ovf:compression="gzip"' },
+      ]),
+      [
+        ['app-disk1.vmdk', gz1],
+        ['app-disk2.qcow2', gz2],
+      ],
+    );
+    await writeFile(path('gzip.ova'), gzipped);
+    expect((await fileSha256(path('gzip.ova'), { scratchDir })).sha256).toBe(ref1);
+    expect((await fileSha256(path('gzip.ova'), { scratchDir, disk: '2' })).sha256).toBe(ref2);
+    expect(await readdir(scratchDir)).toEqual([]);
+
+    // Chunks of 10 MiB made by split(1), read in place (no scratch copy), with a manifest of the chunks.
+    await run('sh', ['-c', `cd "${dir}" && cp app-disk2.qcow2 c2.qcow2 && split -b 10M -d -a 9 c2.qcow2 app-disk2.qcow2.`]);
+    const parts = (await readdir(dir)).filter((n) => /^app-disk2\.qcow2\.[0-9]{9}$/.test(n)).sort();
+    expect(parts.length).toBeGreaterThan(2);
+    const chunkBytes = await Promise.all(parts.map((n) => readFile(path(n))));
+    const chunkOvf = ovf([{ id: 'vmdisk1', href: 'app-disk2.qcow2', size: disk2.length, extra: ` ovf:chunkSize="${10 * MiB}"` }]);
+    const sha1 = (b: Uint8Array): string => createHash('sha1').update(b).digest('hex');
+    const mf = [`SHA1(app.ovf)= ${sha1(Buffer.from(chunkOvf))}`, ...parts.map((n, i) => `SHA1(${n})= ${sha1(chunkBytes[i] as Buffer)}`)].join('\n');
+    const chunked = makeTar([{ name: 'app.ovf', data: Buffer.from(chunkOvf) }, { name: 'app.mf', data: Buffer.from(mf) }, ...parts.map((n, i) => ({ name: n, data: chunkBytes[i] as Buffer }))]);
+    await writeFile(path('chunked.ova'), chunked);
+    expect((await fileSha256(path('chunked.ova'), { scratchDir })).sha256).toBe(ref2);
+    const source = await FileSource.open(path('chunked.ova'));
+    const image = await openImage(source, { metadataOnly: true });
+    const info = await imageInfo(image, source);
+    expect(info.archive).toMatchObject({ kind: 'ova', manifest: 'verified', members: ['app-disk2.qcow2'] });
+    expect(info.archive?.disks?.[0]).toMatchObject({ file: 'app-disk2.qcow2', size: disk2.length });
+    expect(info['virtual-size']).toBe(32 * MiB);
+    await image.close();
+    await source.close();
+
+    // gzip first, then chunks of 1 MiB, as ovftool does with both.
+    const both = ovaOf(ovf([{ id: 'vmdisk1', href: 'app-disk1.vmdk', size: gz1.length, extra: ` ovf:compression="gzip" ovf:chunkSize="${MiB}"` }]), chunks('app-disk1.vmdk', gz1, MiB));
+    expect(chunks('app-disk1.vmdk', gz1, MiB).length).toBeGreaterThan(1);
+    expect((await imageSha256(new BufferSource(both, 'both.ova'), { scratchDir })).sha256).toBe(ref1);
+    expect(await readdir(scratchDir)).toEqual([]);
+  }, 120_000);
+
+  it('missing or mis-sized chunks, sizes that lie, cut gzip streams and gzip bombs are typed errors; scratch emptied', async () => {
+    const scratchDir = path('ova-scratch2');
+    await mkdir(scratchDir);
+    const gz1 = await readFile(path('disk1.gz'));
+    const cs = 256 * 1024;
+    const all = chunks('app-disk1.vmdk', gz1, cs);
+    const chunkOvf = (size?: number): string => ovf([{ id: 'd1', href: 'app-disk1.vmdk', ...(size !== undefined ? { size } : {}), extra: ` ovf:compression="gzip" ovf:chunkSize="${cs}"` }]);
+    expect((await outcomeOf(ovaOf(chunkOvf(gz1.length), all), { scratchDir })).code).toBe('ok');
+    const bomb = gzipSync(Buffer.alloc(64 * MiB));
+    const cases: Array<[string, Buffer, string, RegExp, Record<string, unknown>?]> = [
+      ['a missing middle chunk', ovaOf(chunkOvf(), [...all.slice(0, 1), ...all.slice(2)]), 'IMAGE_CORRUPT', /follows a missing chunk 1/],
+      ['a chunk shorter than chunkSize', ovaOf(chunkOvf(), [all[0] as [string, Uint8Array], [all[1]?.[0] as string, (all[1]?.[1] as Uint8Array).subarray(1)], ...all.slice(2)]), 'IMAGE_CORRUPT', /chunk "app-disk1\.vmdk\.000000001" has/],
+      ['an ovf:size that is not the chunks\' sum', ovaOf(chunkOvf(gz1.length + 1), all), 'IMAGE_CORRUPT', /in \d+ chunks/],
+      ['a cut gzip stream', ovaOf(ovf([{ id: 'd1', href: 'app-disk1.vmdk', extra: ' ovf:compression="gzip"' }]), [['app-disk1.vmdk', gz1.subarray(0, gz1.length - 1000)]]), 'IMAGE_CORRUPT', /gzip stream is truncated or corrupt/],
+      ['a gzip bomb past maxVirtualSize', ovaOf(ovf([{ id: 'd1', href: 'disk.raw', extra: ' ovf:compression="gzip"' }]), [['disk.raw', bomb]]), 'LIMIT_EXCEEDED', /maxVirtualSize/, { limits: { maxVirtualSize: 16 * MiB } }],
+    ];
+    for (const [what, bytes, code, message, options] of cases) {
+      const r = await outcomeOf(bytes, { scratchDir, ...options });
+      expect(r.code, what).toBe(code);
+      expect(r.message, what).toMatch(message);
+      expect(await readdir(scratchDir), what).toEqual([]);
+    }
+  }, 120_000);
 });

@@ -161,8 +161,9 @@ const tar = async (name: string, files: string[]): Promise<string> => {
   await run('tar', ['-cf', path(name), '-C', dir, ...files]);
   return path(name);
 };
-const zip = async (name: string, files: string[]): Promise<string> => {
-  await run('sh', ['-c', `cd "${dir}" && zip -q -0 ${name} ${files.join(' ')}`]);
+/** zip (stored, or deflated: Info-ZIP's default) NAME FILES... in the fixture folder. */
+const zip = async (name: string, files: string[], deflate = false): Promise<string> => {
+  await run('sh', ['-c', `cd "${dir}" && zip -q ${deflate ? '' : '-0'} ${name} ${files.join(' ')}`]);
   return path(name);
 };
 
@@ -204,11 +205,12 @@ beforeAll(async () => {
 afterAll(async () => cleanup());
 
 describe('differencing VHD with its parent in a bundle', () => {
-  it('flattens as qemu-img flattens the same sectors over the same parent (tar and zip, either order)', async () => {
+  it('flattens as qemu-img flattens the same sectors over the same parent (tar, zip stored and deflated, either order)', async () => {
     for (const bundle of [
       await tar('pair.tar', ['child.vhd', 'parent.vhd']),
       await tar('pair2.tar', ['parent.vhd', 'child.vhd']),
       await zip('pair.zip', ['child.vhd', 'parent.vhd']),
+      await zip('pair-deflated.zip', ['parent.vhd', 'child.vhd'], true),
     ]) {
       const got = await fileSha256(bundle);
       expect(got.format, bundle).toBe('vpc');
