@@ -7,7 +7,7 @@
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { execFile, execFileSync } from 'node:child_process';
 import { join } from 'node:path';
-import { readFile, writeFile } from 'node:fs/promises';
+import { mkdir, readFile, readdir, writeFile } from 'node:fs/promises';
 import { makeTempDir, mixedContent, qemuImg, qemuIo, run, sha256File } from '../helpers/qemu.js';
 import { CLI, runDiskconv } from '../helpers/cli.js';
 
@@ -25,9 +25,9 @@ const strace = ((): boolean => {
   }
 })();
 
-function traced(log: string, args: string[]): Promise<void> {
+function traced(log: string, args: string[], env: Record<string, string> = {}): Promise<void> {
   return new Promise((resolve) => {
-    execFile('strace', ['-f', '-e', 'trace=%file', '-o', log, process.execPath, CLI, ...args], { timeout: 60_000 }, () => resolve());
+    execFile('strace', ['-f', '-e', 'trace=%file', '-o', log, process.execPath, CLI, ...args], { timeout: 60_000, env: { ...process.env, ...env } }, () => resolve());
   });
 }
 
@@ -58,6 +58,14 @@ beforeAll(async () => {
   await qemuImg('create', '-q', '-f', 'qcow2', '-b', 'canary-base.qcow2', '-F', 'qcow2', path('top.qcow2'));
   await qemuIo('-c', 'write -P 0x32 1M 1M', path('top.qcow2'));
   await run('tar', ['-cf', path('chain.tar'), '-C', dir, 'top.qcow2', 'canary-base.qcow2']);
+  // The same chain with deflated zip members, and the OVA with its first disk gzip'd and its second in chunks:
+  // what is staged goes to TMPDIR under names of our own, never a member's name.
+  await run('sh', ['-c', `cd "${dir}" && zip -q chain.zip top.qcow2 canary-base.qcow2`]);
+  await mkdir(path('packed'));
+  await run('sh', ['-c', `cd "${dir}" && gzip -c canary-disk1.vmdk > packed/canary-disk1.vmdk && split -b 1M -d -a 9 canary-disk2.vmdk packed/canary-disk2.vmdk.`]);
+  await writeFile(path('packed/app.ovf'), OVF.replace('ovf:href="canary-disk1.vmdk"', 'ovf:href="canary-disk1.vmdk" ovf:compression="gzip"').replace('ovf:href="canary-disk2.vmdk"', `ovf:href="canary-disk2.vmdk" ovf:chunkSize="${MiB}"`));
+  const chunks = (await readdir(path('packed'))).filter((n) => n.startsWith('canary-disk2.vmdk.')).sort();
+  await run('tar', ['-cf', path('packed.ova'), '-C', path('packed'), 'app.ovf', 'canary-disk1.vmdk', ...chunks]);
 }, 120_000);
 afterAll(async () => cleanup());
 
@@ -111,6 +119,25 @@ describe('diskconv on archives', () => {
       const calls = await readFile(log, 'latin1');
       expect(calls, archive).toContain(path(archive));
       expect(calls, `${archive} ${args[0]}: a member's name was opened on the host`).not.toContain('canary');
+    }
+    // Deflated zip members and gzip'd or chunked OVF files: staged only into TMPDIR's scratch folder, removed after.
+    const tmp = path('tmp');
+    await mkdir(tmp);
+    for (const [archive, args] of [
+      ['chain.zip', ['convert', '-O', 'raw']],
+      ['chain.zip', ['info']],
+      ['packed.ova', ['convert', '-O', 'raw']],
+      ['packed.ova', ['convert', '--disk', '2', '-O', 'raw']],
+      ['packed.ova', ['info']],
+    ] as const) {
+      const log = path(`${archive}.${args.join('')}.strace`);
+      const out = path(`${archive}.${args.length}.raw`);
+      await traced(log, [...args, path(archive), ...(args[0] === 'convert' ? [out] : [])], { TMPDIR: tmp });
+      const calls = await readFile(log, 'latin1');
+      expect(calls, archive).toContain(path(archive));
+      if (archive === 'chain.zip' || args.length === 3) expect(calls, `${archive} ${args.join(' ')}: staged in TMPDIR`).toContain(`${tmp}/diskconv-archive-`);
+      expect(calls, `${archive} ${args.join(' ')}: a member's name was opened on the host`).not.toContain('canary');
+      expect(await readdir(tmp), `${archive} ${args.join(' ')}: scratch removed`).toEqual([]);
     }
     // Absolute and climbing backing names that exist on the host: refused, and never looked up.
     for (const backing of [path('canary-base.qcow2'), '../canary-base.qcow2']) {

@@ -5,7 +5,7 @@
  * curl). Each output equals qemu-img's conversion of the disk extracted with
  * tar; the `disk` option chooses; a hostile archive fails with its code.
  */
-import { mkdir, writeFile } from 'node:fs/promises';
+import { mkdir, readFile, readdir, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { makeTempDir, mixedContent, qemuImg, qemuIo, qemuRawSha256, run } from '../helpers/qemu.js';
@@ -54,6 +54,25 @@ describe('OVA and bundles through the service', () => {
     await qemuImg('create', '-q', '-f', 'qcow2', '-b', 'base.qcow2', '-F', 'qcow2', path('top.qcow2'));
     await qemuIo('-c', 'write -P 0x42 2M 2M', path('top.qcow2'));
     await run('tar', ['-cf', path('chain.tar'), '-C', dir, 'top.qcow2', 'base.qcow2']);
+    // The same chain in a zip with deflated members (Info-ZIP's default), and the OVA's disks gzip'd
+    // (ovf:compression="gzip") and cut in 1 MiB chunks (ovf:chunkSize, VMware's disk.vmdk.000000000, ...).
+    await run('sh', ['-c', `cd "${dir}" && zip -q chain.zip top.qcow2 base.qcow2`]);
+    await mkdir(path('gz'));
+    await run('sh', ['-c', `cd "${dir}" && gzip -c boot.vmdk > gz/boot.vmdk && cp data.vmdk gz/data.vmdk && cd gz && split -b 1M -d -a 9 data.vmdk data.vmdk. && rm data.vmdk`]);
+    await writeFile(path('gz/app.ovf'), ovf('boot.vmdk').replace('ovf:href="boot.vmdk"', 'ovf:href="boot.vmdk" ovf:compression="gzip"').replace('ovf:href="data.vmdk"', `ovf:href="data.vmdk" ovf:chunkSize="${MiB}"`));
+    const chunkNames = (await readdir(path('gz'))).filter((n) => n.startsWith('data.vmdk.')).sort();
+    await run('tar', ['-cf', path('packed.ova'), '-C', path('gz'), 'app.ovf', 'boot.vmdk', ...chunkNames]);
+    // A deflate bomb: 64 MiB of zeros whose zip entry says 1 MiB.
+    await run('python3', ['-c', `
+import zipfile
+with zipfile.ZipFile(${JSON.stringify(path('bomb.zip'))}, 'w', zipfile.ZIP_DEFLATED) as z:
+    z.writestr('disk.raw', bytes(64 * 1024 * 1024))
+`]);
+    const bomb = await readFile(path('bomb.zip'));
+    const cdAt = bomb.indexOf(Buffer.from('PK\x01\x02', 'latin1'));
+    bomb.writeUInt32LE(MiB, 22);
+    bomb.writeUInt32LE(MiB, cdAt + 24);
+    await writeFile(path('bomb.zip'), bomb);
     // The references: qemu-img on the disks extracted from the archives.
     await mkdir(path('x'));
     await run('tar', ['-xf', path('app.ova'), '-C', path('x')]);
@@ -93,6 +112,30 @@ describe('OVA and bundles through the service', () => {
     }
     expect((jobs[1]?.created as Record<string, unknown>).disk).toBe('2');
   }, 180_000);
+
+  it('a zip with deflated members and an OVA with gzip and chunked disks convert by upload and by URL import; scratch emptied; a deflate bomb fails IMAGE_CORRUPT once', async () => {
+    const jobs = [
+      { what: 'zip upload', want: ref.chain, created: await post(['-F', `file=@${path('chain.zip')}`, `${svc.apiUrl}/v1/jobs`]) },
+      { what: 'gzip OVA upload', want: ref.boot, created: await post(['--data-binary', `@${path('packed.ova')}`, '-H', 'Content-Type: application/octet-stream', `${svc.apiUrl}/v1/jobs`]) },
+      { what: 'chunked OVA upload', want: ref.data, created: await post(['-F', 'disk=data', '-F', `file=@${path('packed.ova')}`, `${svc.apiUrl}/v1/jobs`]) },
+      { what: 'zip URL import', want: ref.chain, created: await post(['-H', 'Content-Type: application/json', '-d', JSON.stringify({ source: { url: `${files.url}/range/chain.zip` } }), `${svc.apiUrl}/v1/jobs`]) },
+      { what: 'gzip OVA URL import', want: ref.boot, created: await post(['-H', 'Content-Type: application/json', '-d', JSON.stringify({ source: { url: `${files.url}/range/packed.ova` } }), `${svc.apiUrl}/v1/jobs`]) },
+      { what: 'chunked OVA URL import', want: ref.data, created: await post(['-H', 'Content-Type: application/json', '-d', JSON.stringify({ source: { url: `${files.url}/range/packed.ova` }, disk: '2' }), `${svc.apiUrl}/v1/jobs`]) },
+    ];
+    for (const { what, want, created } of jobs) {
+      expect(created.state, `${what}: ${JSON.stringify(created)}`).toBe('queued');
+      const done = await svc.waitForFinal(created.id, { token: TOKEN });
+      expect(done.state, `${what}: ${JSON.stringify(done.error)}`).toBe('succeeded');
+      expect(done.output?.sha256, what).toBe(want);
+    }
+    const bomb = await svc.waitForFinal((await post(['-F', `file=@${path('bomb.zip')}`, `${svc.apiUrl}/v1/jobs`])).id, { token: TOKEN });
+    expect(bomb.state).toBe('failed');
+    expect(bomb.error?.code).toBe('IMAGE_CORRUPT');
+    expect(bomb.error?.message).toMatch(/more than the 1048576 bytes its zip entry declares/);
+    expect(bomb.attempts).toBe(1);
+    // Every staged member was removed with its job: nothing of ours is left in the worker's scratch folder.
+    expect((await readdir(join(svc.dataDir, 'work'))).filter((n) => n.startsWith('diskconv-archive-'))).toEqual([]);
+  }, 240_000);
 
   it('a URL import of an OVA reads its disk by range requests', async () => {
     const created = await post(['-H', 'Content-Type: application/json', '-d', JSON.stringify({ source: { url: `${files.url}/range/app.ova` }, disk: 'boot' }), `${svc.apiUrl}/v1/jobs`]);
