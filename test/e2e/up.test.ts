@@ -4,10 +4,11 @@
  * all of it on SIGTERM. Default configuration otherwise: URL import to loopback
  * is refused.
  */
+import { readFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { Redis } from 'ioredis';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { freePort } from '../../src/cli/redis-server.js';
+import { freePort, startPrivateRedis } from '../../src/cli/redis-server.js';
 import { makeTempDir, qemuImg, qemuIo, qemuRawSha256 } from '../helpers/qemu.js';
 import { curl, spawnDiskconv, waitFor, type JobJson, type ServiceProcess } from '../helpers/service.js';
 
@@ -65,5 +66,39 @@ describe('diskconv up', () => {
     client.on('error', () => {});
     await expect(client.connect()).rejects.toThrow();
     client.disconnect();
+  });
+
+  it('killed (SIGKILL), it takes its redis-server with it; a server left on its data folder is stopped before the next one starts', async () => {
+    const data = join(dir, 'killed');
+    const pidFile = join(data, 'redis', 'redis.pid');
+    const alive = (pid: number): boolean => {
+      try {
+        process.kill(pid, 0);
+        return true;
+      } catch {
+        return false;
+      }
+    };
+    const first = spawnDiskconv('up-killed', 'up', { DATA_DIR: data, PORT: '0', QUEUE_NAME: 'up-killed' });
+    await waitFor('the URL line', async () => /diskconv is up/.test(first.output()) || undefined, 20_000);
+    const pid = Number(await readFile(pidFile, 'utf8'));
+    expect(alive(pid)).toBe(true);
+    await first.stop('SIGKILL');
+    await waitFor('the orphaned redis-server to end', async () => !alive(pid) || undefined, 15_000);
+
+    // One that outlived its parent anyway (started by hand here, as a killed up without setpriv leaves it):
+    // the next up on that folder stops it (it is ours: same folder, its pid file) instead of sharing the AOF.
+    const stray = await startPrivateRedis(join(data, 'redis'));
+    const next = spawnDiskconv('up-next', 'up', { DATA_DIR: data, PORT: '0', QUEUE_NAME: 'up-killed' });
+    try {
+      await waitFor('the URL line', async () => /diskconv is up/.test(next.output()) || undefined, 30_000);
+      expect(stray.process.exitCode ?? stray.process.signalCode).not.toBeNull();
+      const nextPid = Number(await readFile(pidFile, 'utf8'));
+      expect(nextPid).not.toBe(stray.process.pid);
+      expect(alive(nextPid)).toBe(true);
+    } finally {
+      expect(await next.stop('SIGTERM')).toBe(0);
+      await stray.stop();
+    }
   });
 });
