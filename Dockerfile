@@ -4,8 +4,9 @@
 # --- build: compile TypeScript, then keep only production dependencies
 # Node 24 LTS (Node 20 reached its end of life in April 2026); Debian, whose ceph-common gives workers `rbd`.
 FROM node:24-bookworm-slim AS build
-# node-gyp builds native/ (SEEK_DATA/SEEK_HOLE); zstd-napi is optional (Node 24 decodes zstd with node:zlib).
-RUN apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends python3 make g++ \
+# node-gyp builds native/ (SEEK_DATA/SEEK_HOLE; native/codec: clusters decoded with libdeflate and libzstd);
+# zstd-napi is optional (Node 24 decodes zstd with node:zlib).
+RUN apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends python3 make g++ libdeflate-dev libzstd-dev \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /app
 COPY package.json package-lock.json ./
@@ -18,7 +19,8 @@ RUN npm run build && npm prune --omit=dev && find dist -name '*.map' -delete && 
 # --- runtime: node, the compiled code, production node_modules; no compiler, no tests
 FROM node:24-bookworm-slim
 # rbd (ceph-common) for RBD targets and zero-copy Glance publishing; the workers read CEPH_CONF/CEPH_ARGS.
-RUN apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends ceph-common ca-certificates \
+# libdeflate0 and libzstd1: the libraries native/codec links.
+RUN apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends ceph-common ca-certificates libdeflate0 libzstd1 \
  && rm -rf /var/lib/apt/lists/*
 ENV NODE_ENV=production \
     HOST=0.0.0.0 \

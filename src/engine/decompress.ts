@@ -9,8 +9,10 @@ import { CodecDataError } from './codec-error.js';
 import { ImageCorruptError, UnsupportedFeatureError } from './errors.js';
 import type { Codec } from './types.js';
 import { decodeZstdCluster, ZstdUnavailableError } from './zstd.js';
+import { nativeDecoder } from './native-decoder.js';
 
 export { decodeZstdCluster, zstdBackend } from './zstd.js';
+export { setNativeDecoding } from './native-decoder.js';
 
 const inflateAsync = promisify(inflate);
 const inflateRawAsync = promisify(inflateRaw);
@@ -37,6 +39,19 @@ const inflateRawAsync = promisify(inflateRaw);
  */
 export async function decode(codec: Codec, input: Uint8Array, decodedLength: number, where: string, target?: Uint8Array): Promise<Uint8Array> {
   try {
+    const native = nativeDecoder();
+    if (native) {
+      checkArguments(input, decodedLength);
+      const out = target && target.length >= decodedLength ? target.subarray(0, decodedLength) : Buffer.allocUnsafeSlow(decodedLength);
+      const produced = await native.decode(codec, input, out);
+      if (produced !== null) {
+        stats.offThread++;
+        return out.subarray(0, produced);
+      }
+      // Declined (damaged data, a stream past its cluster...): decoded here, which gives qemu's answer and words.
+      stats.inline++;
+      return decodeClusterSync(codec, input, decodedLength, (bytes) => (bytes <= out.length ? out.subarray(0, bytes) : Buffer.allocUnsafeSlow(bytes)));
+    }
     if (codec !== 'zstd' && !reusableInflateWorks()) return await decodeDeflateAsync(codec, input, decodedLength);
     // Off this thread where input and room for the output are shared memory (no copies).
     const pool = target && isShared(input) && isShared(target) ? decoderPool() : null;
@@ -67,10 +82,7 @@ export function decoderStats(): { offThread: number; inline: number } {
  * worker can run). Throws CodecDataError for damaged data; decode() adds where.
  */
 function decodeClusterSync(codec: Codec, input: Uint8Array, decodedLength: number, alloc: (bytes: number) => Uint8Array): Uint8Array {
-  // The native handles abort the process on anything else; a caller's mistake is a TypeError.
-  if (!(input instanceof Uint8Array) || !Number.isSafeInteger(decodedLength) || decodedLength <= 0) {
-    throw new TypeError(`decode: input must be a Uint8Array and decodedLength a positive integer (got ${decodedLength})`);
-  }
+  checkArguments(input, decodedLength);
   switch (codec) {
     case 'zstd':
       return decodeZstdCluster(input, decodedLength, alloc(decodedLength));
@@ -78,6 +90,13 @@ function decodeClusterSync(codec: Codec, input: Uint8Array, decodedLength: numbe
       return inflateClusterSync(input, decodedLength, alloc(decodedLength));
     case 'vmdk-grain':
       return inflateGrainSync(input, decodedLength, alloc(decodedLength));
+  }
+}
+
+/** The native handles abort the process on anything else; a caller's mistake is a TypeError. */
+function checkArguments(input: Uint8Array, decodedLength: number): void {
+  if (!(input instanceof Uint8Array) || !Number.isSafeInteger(decodedLength) || decodedLength <= 0 || decodedLength > 2 ** 30) {
+    throw new TypeError(`decode: input must be a Uint8Array and decodedLength a positive integer up to 1 GiB (got ${decodedLength})`);
   }
 }
 
@@ -316,7 +335,7 @@ function decoderPool(): DecodePool | null {
 
 /** Whether compressed clusters decode on worker threads (the reader then gives them shared memory). */
 export function decodesOffThread(): boolean {
-  return decoderPool() !== null;
+  return nativeDecoder() !== null || decoderPool() !== null;
 }
 
 function isDecoderWorkerData(data: unknown): boolean {

@@ -71,23 +71,28 @@ const CASES: Array<[name: string, args: string[]]> = [
   ['vmdk streamOptimized', ['-O', 'vmdk', '-o', 'subformat=streamOptimized']],
 ];
 
-describe('compressed clusters decode on worker threads (built engine)', () => {
+// Each case runs with the native decoder (native/codec on the libuv threadpool, where it built) and
+// without it (the worker threads of decode-pool.ts, its fallback), in this process; the CLI as it comes.
+for (const native of [true, false]) describe(`compressed clusters decode off the main thread (built engine, ${native ? 'native decoder where built' : 'worker threads'})`, () => {
+  beforeAll(() => decompress.setNativeDecoding(native));
+  afterAll(() => decompress.setNativeDecoding(true));
+
   it('the built engine has decoder threads on this machine', () => {
     expect(decompress.decodesOffThread()).toBe(true);
   });
 
   for (const [name, args] of CASES) {
     it(`${name}: identical to qemu-img, every cluster decoded off the main thread; the CLI too`, async () => {
-      const image = join(dir, `${name.replace(/\W+/g, '-')}.img`);
+      const image = join(dir, `${native ? 'n' : 'w'}-${name.replace(/\W+/g, '-')}.img`);
       await qemuImg('convert', '-f', 'raw', ...args, rawPath, image);
-      const ref = join(dir, `${name.replace(/\W+/g, '-')}.ref.raw`);
+      const ref = join(dir, `${native ? 'n' : 'w'}-${name.replace(/\W+/g, '-')}.ref.raw`);
       await qemuImg('convert', '-O', 'raw', image, ref);
       expect(await sha256File(ref)).toBe(rawSha);
-      const got = await convertBuilt(image, join(dir, `${name.replace(/\W+/g, '-')}.out.raw`));
+      const got = await convertBuilt(image, join(dir, `${native ? 'n' : 'w'}-${name.replace(/\W+/g, '-')}.out.raw`));
       expect(got.sha).toBe(rawSha);
       expect(got.offThread).toBeGreaterThan(0);
       expect(got.inline).toBe(0);
-      const cliOut = join(dir, `${name.replace(/\W+/g, '-')}.cli.raw`);
+      const cliOut = join(dir, `${native ? 'n' : 'w'}-${name.replace(/\W+/g, '-')}.cli.raw`);
       const res = await runDiskconv(['convert', '-O', 'raw', image, cliOut]);
       expect(res.stderr).toBe('');
       expect(res.code).toBe(0);
@@ -98,7 +103,7 @@ describe('compressed clusters decode on worker threads (built engine)', () => {
 
   it('damaged compressed clusters are refused as qemu-img refuses them (IMAGE_CORRUPT), from a worker thread', async () => {
     for (const codec of ['zlib', 'zstd']) {
-      const image = join(dir, `damaged-${codec}.qcow2`);
+      const image = join(dir, `${native ? 'n' : 'w'}-damaged-${codec}.qcow2`);
       await qemuImg('convert', '-f', 'raw', '-O', 'qcow2', '-c', '-o', `compression_type=${codec}`, rawPath, image);
       const img = new ImageBytes(await readFile(image));
       const layout = qcow2Layout(img);
@@ -108,18 +113,19 @@ describe('compressed clusters decode on worker threads (built engine)', () => {
       const { offset } = qcow2CompressedEntry(img.getUint(entry, 8, 'be'), layout.clusterBits);
       img.buf.fill(0xff, offset, offset + 512);
       await writeFile(image, img.buf);
-      await expect(qemuImg('convert', '-O', 'raw', image, join(dir, `damaged-${codec}.ref.raw`))).rejects.toThrow();
+      await expect(qemuImg('convert', '-O', 'raw', image, join(dir, `${native ? 'n' : 'w'}-damaged-${codec}.ref.raw`))).rejects.toThrow();
       const before = decompress.decoderStats();
-      const err = await convertBuilt(image, join(dir, `damaged-${codec}.out.raw`)).then(() => undefined, (e: unknown) => e);
+      const err = await convertBuilt(image, join(dir, `${native ? 'n' : 'w'}-damaged-${codec}.out.raw`)).then(() => undefined, (e: unknown) => e);
       expect(err, codec).toMatchObject({ code: 'IMAGE_CORRUPT', message: expect.stringContaining(`file offset ${offset}`) });
       expect(decompress.decoderStats().offThread, codec).toBeGreaterThan(before.offThread);
-      const res = await runDiskconv(['convert', '-O', 'raw', image, join(dir, `damaged-${codec}.cli.raw`)]);
+      const res = await runDiskconv(['convert', '-O', 'raw', image, join(dir, `${native ? 'n' : 'w'}-damaged-${codec}.cli.raw`)]);
       expect(res.code, codec).not.toBe(0);
       expect(res.stderr, codec).toMatch(/^diskconv: IMAGE_CORRUPT: /);
     }
   });
 
-  it('peak RSS stays bounded while 96 MiB of compressed clusters decode on the threads', async () => {
+  // The CLI takes the native decoder where it built: once is enough.
+  if (native) it('peak RSS stays bounded while 96 MiB of compressed clusters decode on the threads', async () => {
     const big = join(dir, 'big.raw');
     const disk = Buffer.alloc(128 * MiB);
     for (let i = 0; i < 12; i++) mixedContent(8 * MiB, 20 + i).copy(disk, i * 10 * MiB);

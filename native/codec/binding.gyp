@@ -1,0 +1,11 @@
+{
+  "targets": [
+    {
+      "target_name": "codec",
+      "sources": ["codec.c"],
+      "cflags": ["-O2", "-Wall", "-Wextra"],
+      "defines": ["NAPI_VERSION=8"],
+      "libraries": ["-ldeflate", "-lzstd"]
+    }
+  ]
+}
