@@ -6,8 +6,10 @@
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { join } from 'node:path';
 import { readFile, writeFile } from 'node:fs/promises';
+import { execFile } from 'node:child_process';
 import { makeTempDir, qemuImg, qemuIo, run, sha256File } from '../../helpers/qemu.js';
-import { BufferSource, FileSource, openImage, imageInfo } from '../../../src/engine/index.js';
+import { runDiskconv } from '../../helpers/cli.js';
+import { BufferSource, FileSource, checkImage, openImage, imageInfo } from '../../../src/engine/index.js';
 import { fileSha256, makeTar, outcomeOf } from './helpers.js';
 
 const MiB = 2 ** 20;
@@ -80,6 +82,50 @@ describe('split VMDK bundles', () => {
     expect(r.code).toBe('UNSAFE_IMAGE');
     expect(r.message).toMatch(/split-s002\.vmdk.*not a member/);
   }, 60_000);
+
+  it('check of a split VMDK checks every extent as qemu-img check does: clean alike, a grain past the end of an extent found', async () => {
+    /** qemu-img check, which exits non-zero on findings: its code and output. */
+    const qemuCheck = (file: string): Promise<{ code: number; stdout: string; stderr: string }> =>
+      new Promise((resolve) => {
+        execFile('qemu-img', ['check', file], (err, stdout, stderr) => resolve({ code: err ? Number((err as { code?: unknown }).code) : 0, stdout, stderr }));
+      });
+    // The three-extent bundle of the first test (a ZERO extent among them): clean, in qemu-img's words.
+    const clean = await runDiskconv(['check', path('split.tar')]);
+    const ref = await qemuCheck(path('split.vmdk'));
+    expect(ref.code).toBe(0);
+    expect(clean.code).toBe(0);
+    expect(clean.stdout).toBe(ref.stdout);
+    expect(clean.stderr).toBe('');
+
+    // The second extent's first grain table entry pointing past the end of its file.
+    await run('mkdir', ['-p', path('badsplit')]);
+    for (const f of ['split.vmdk', 'split-s001.vmdk', 'split-s002.vmdk']) await run('cp', [path(f), path(`badsplit/${f}`)]);
+    const extent = await readFile(path('badsplit/split-s002.vmdk'));
+    const gd = Number(extent.readBigUInt64LE(56)) * 512;
+    const gt = extent.readUInt32LE(gd) * 512;
+    expect(extent.readUInt32LE(gt), 'the first grain of the second extent is allocated (written at 2047M-2049M)').not.toBe(0);
+    extent.writeUInt32LE(0x7ffffff0, gt);
+    await writeFile(path('badsplit/split-s002.vmdk'), extent);
+    const qemuBad = await qemuCheck(path('badsplit/split.vmdk'));
+    expect(qemuBad.code).toBe(1);
+    expect(qemuBad.stderr).toMatch(/ERROR: cluster offset for sector 4194304 points after EOF/);
+    const bad = await runDiskconv(['check', await tar('badsplit.tar', ['badsplit/split.vmdk', 'badsplit/split-s001.vmdk', 'badsplit/split-s002.vmdk'])]);
+    expect(bad.code).toBe(qemuBad.code);
+    expect(bad.stderr).toMatch(/badsplit\.tar\/badsplit\/split-s002\.vmdk \(extent at guest offset 2147483648\): ERROR: grain for guest offset 0 .*points after the end of the file/);
+    const source = await FileSource.open(path('badsplit.tar'));
+    try {
+      const image = await openImage(source);
+      try {
+        const report = await checkImage(image);
+        expect(report.corruptions).toBe(1);
+        expect(report.messages).toHaveLength(1);
+      } finally {
+        await image.close();
+      }
+    } finally {
+      await source.close();
+    }
+  }, 120_000);
 
   it('extent names that are paths out of the archive are refused', async () => {
     const descriptor = (extent: string): Buffer =>
