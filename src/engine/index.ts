@@ -22,6 +22,7 @@ export { detectWrapper, decompressTo, WRAPPER_FORMATS, WRAPPER_PROBE_BYTES, type
 export { sniffWrapper, unwrapStream, type SniffedStream, type UnwrapResult } from './wrappers/stream.js';
 export { RangedSource, Limiter, DEFAULT_RANGED_TUNING, type RangedSourceTuning, type RangedSourceStats } from './ranged-source.js';
 export { Pacer } from './pace.js';
+export { StreamLayoutMismatchError, type ArrivingSource } from './formats/vmdk-markers.js';
 export { convertToRaw, RawFileSink, isAllZero, hashZeros, HASH_ALGORITHMS, type HashAlgorithm, type RawFileSinkOptions, type ExtentSink, type ConvertOptions, type ConvertResult, type Progress } from './convert.js';
 
 export interface OpenImageOptions {

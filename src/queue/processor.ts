@@ -16,6 +16,7 @@ import {
   InsufficientSpaceError,
   isDiskconvError,
   openImage,
+  StreamLayoutMismatchError,
   type ConvertResult,
   type DiskImage,
   type FormatId,
@@ -257,14 +258,16 @@ export function createProcessor(deps: ProcessorDeps) {
       progress.report({ phase: 'probing', bytes_done: 0, bytes_total: null, percent: null }, true);
       const declared = rec.source_format === 'auto' ? 'auto' : (rec.source_format as FormatId);
       const passphrase = await records.getPassphrase(id);
-      image = await openImage(readSource, {
-        format: declared,
-        limits: { maxVirtualSize: config.maxVirtualSize },
-        signal,
-        ...(passphrase !== undefined ? { passphrase: Buffer.from(passphrase, 'utf8') } : {}),
-        ...(rec.disk !== undefined ? { disk: rec.disk } : {}),
-        scratchDir: deps.scratchDir, // an archive's deflated or gzip'd members are staged there
-      });
+      const open = (): Promise<DiskImage> =>
+        openImage(readSource, {
+          format: declared,
+          limits: { maxVirtualSize: config.maxVirtualSize },
+          signal,
+          ...(passphrase !== undefined ? { passphrase: Buffer.from(passphrase, 'utf8') } : {}),
+          ...(rec.disk !== undefined ? { disk: rec.disk } : {}),
+          scratchDir: deps.scratchDir, // an archive's deflated or gzip'd members are staged there
+        });
+      image = await open();
       let info = { ...(await imageInfo(image, readSource)), filename: displayName };
       const free = rec.destination ? undefined : await output.freeBytes();
       // While the upload still arrives, walking the whole map would wait for its last table: the virtual size bounds it.
@@ -290,15 +293,33 @@ export function createProcessor(deps: ProcessorDeps) {
       const total = image.virtualSize;
       progress.report({ phase: 'converting', bytes_done: 0, bytes_total: total, percent: 0 }, true);
       // An RBD target is created at the virtual size (a clash fails here, before a byte is written).
-      writer = rec.destination ? await destinations.create(rec.destination, image.virtualSize, id) : await output.create(id, image.virtualSize);
+      let active: OutputWriter | DestinationWriter;
+      const convertOnce = async (from: DiskImage): Promise<ConvertResult> => {
+        active = rec.destination ? await destinations.create(rec.destination, from.virtualSize, id) : await output.create(id, from.virtualSize);
+        writer = active;
+        return convertToRaw(from, readSource, active, {
+          signal,
+          sha256: true,
+          hashes: [...config.outputHashes, ...(rec.glance ? GLANCE_HASHES : [])],
+          progressIntervalMs: config.worker.progressIntervalMs,
+          onProgress: (p) => progress.report({ phase: 'converting', bytes_done: p.bytesDone, bytes_total: p.bytesTotal, percent: percent(p.bytesDone, p.bytesTotal) }),
+        });
+      };
       const tConvert = Date.now();
-      const result = await convertToRaw(image, readSource, writer, {
-        signal,
-        sha256: true,
-        hashes: [...config.outputHashes, ...(rec.glance ? GLANCE_HASHES : [])],
-        progressIntervalMs: config.worker.progressIntervalMs,
-        onProgress: (p) => progress.report({ phase: 'converting', bytes_done: p.bytesDone, bytes_total: p.bytesTotal, percent: percent(p.bytesDone, p.bytesTotal) }),
-      });
+      let result: ConvertResult;
+      try {
+        result = await convertOnce(image);
+      } catch (err) {
+        if (!(err instanceof StreamLayoutMismatchError)) throw err;
+        // A streamOptimized vmdk walked by its markers while it arrived disagrees with its grain directory:
+        // its partial output is gone (convertToRaw aborted the writer); convert again the ordinary way, now that every byte is in.
+        log.warn({ reason: err.message }, 'the grain markers disagree with the grain directory; converting again from the directory');
+        writer = undefined;
+        if (source instanceof GrowingFileSource) await source.completion(signal);
+        await image.close().catch(() => {});
+        image = await open();
+        result = await convertOnce(image);
+      }
       await progress.flush();
       if (signal.aborted) throw signal.reason;
       const tConverted = Date.now();
@@ -312,7 +333,7 @@ export function createProcessor(deps: ProcessorDeps) {
       // Only the attempt that still owns the job publishes: a superseded one must not clobber.
       await mustOwn(await records.update(id, ['running'], { progress: { phase: 'committing', bytes_done: total, bytes_total: total, percent: 100 } }, { owner }));
       const tArrived = Date.now();
-      const stored = await writer.commit();
+      const stored = await active!.commit();
       const tCommitted = Date.now();
       writer = undefined;
       committed = true;

@@ -107,6 +107,11 @@ export class GrowingFileSource implements RandomAccessSource {
     return source;
   }
 
+  /** Bytes still arriving (the engine's vmdk-markers.ts walks a streamOptimized image's markers then). */
+  get arriving(): boolean {
+    return this.final === undefined;
+  }
+
   /** Whether every byte has arrived (the upload's sha256 is known). */
   get complete(): { size: number; sha256: string } | undefined {
     return this.final;

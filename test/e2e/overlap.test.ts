@@ -11,7 +11,8 @@ import { request as httpRequest, type ClientRequest } from 'node:http';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { makeTempDir, qemuImg, qemuRawSha256, sha256File, writeRaw } from '../helpers/qemu.js';
+import { makeTempDir, mixedContent, qemuImg, qemuRawSha256, sha256File, writeRaw } from '../helpers/qemu.js';
+import { buildStream } from '../helpers/vmware-stream.js';
 import { curl, ServiceHarness, waitFor, type JobJson } from '../helpers/service.js';
 
 const TOKEN = 'overlap-token-0123456789abcdef';
@@ -105,6 +106,19 @@ describe('conversion while the upload arrives', () => {
       await qemuImg('convert', '-f', 'raw', '-O', format, ...opts, base, path);
       images[name] = { path, sha256: await qemuRawSha256(path, dir) };
     }
+    // streamOptimized as VMware writes it (grain directory and tables in the footer): converted by walking its grain
+    // markers; and one whose grain 31 marker names the LBA of grain 32 (a zero grain, absent from the stream):
+    // qemu follows the grain directory, so the walk must notice and convert again from the directory.
+    const content = mixedContent(12 * 2 ** 20, 8);
+    content.fill(0, 2 * 2 ** 20, 4 * 2 ** 20 + 8192);
+    for (const [name, bytes] of [
+      ['vmware-stream.vmdk', buildStream(content, 'vmware-stream.vmdk')],
+      ['moved-marker.vmdk', buildStream(content, 'moved-marker.vmdk', { editGrain: (g, m) => (g === 31 ? (m.writeBigUInt64LE(32n * 128n, 0), m) : m) })],
+    ] as const) {
+      const path = join(dir, name);
+      await writeFile(path, bytes);
+      images[name] = { path, sha256: await qemuRawSha256(path, dir) };
+    }
     // Hostile: a qcow2 cut at 60 %, sent as if whole: its tables point past every byte that will arrive.
     const whole = await readFile(images['disk.qcow2']!.path);
     await writeFile(join(dir, 'cut.qcow2'), whole.subarray(0, Math.floor(whole.length * 0.6)));
@@ -118,7 +132,7 @@ describe('conversion while the upload arrives', () => {
     await cleanup?.();
   });
 
-  for (const name of ['disk.qcow2', 'disk.vdi'] as const) {
+  for (const name of ['disk.qcow2', 'disk.vdi', 'vmware-stream.vmdk'] as const) {
     it(`${name}: the job converts before the upload's last byte is sent; output identical to qemu-img`, async () => {
       const image = images[name]!;
       const body = await readFile(image.path);
@@ -143,7 +157,7 @@ describe('conversion while the upload arrives', () => {
     }, 120_000);
   }
 
-  it('streamOptimized vmdk (grain directory in the footer) waits for its footer and converts identically', async () => {
+  it('streamOptimized vmdk as qemu-img writes it (grain directory at the start, tables filled in at close) converts identically', async () => {
     const image = images['disk-stream.vmdk']!;
     const body = await readFile(image.path);
     const upload = pacedUpload(`${svc.apiUrl}/v1/jobs`, body);
@@ -153,6 +167,22 @@ describe('conversion while the upload arrives', () => {
     const done = await svc.waitForFinal(id, auth);
     expect(done.state, JSON.stringify(done.error)).toBe('succeeded');
     expect(await outputSha256(done)).toBe(image.sha256);
+  }, 120_000);
+
+  it('a streamOptimized vmdk whose markers disagree with its grain directory is converted again from the directory, identically to qemu-img', async () => {
+    const image = images['moved-marker.vmdk']!;
+    const body = await readFile(image.path);
+    const upload = pacedUpload(`${svc.apiUrl}/v1/jobs`, body);
+    const answer = await upload.end();
+    expect(answer.status).toBe(202);
+    const id = (JSON.parse(answer.body) as JobJson).id;
+    const done = await svc.waitForFinal(id, auth);
+    expect(done.state, JSON.stringify(done.error)).toBe('succeeded');
+    expect(done.attempts).toBe(1); // converted again within the same attempt, not retried
+    expect(await outputSha256(done)).toBe(image.sha256);
+    // qemu reads grain 31 where the directory says, whatever its marker claims.
+    expect(image.sha256).toBe(images['vmware-stream.vmdk']!.sha256);
+    expect(svc.logs()).toContain('the grain markers disagree with the grain directory');
   }, 120_000);
 
   it('an upload dropped mid-way fails its converting job clearly, leaves nothing staged, and does not hang', async () => {

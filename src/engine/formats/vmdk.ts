@@ -13,6 +13,7 @@ import { enforceLimit, toSafeNumber, type Limits } from '../limits.js';
 import { Pacer } from '../pace.js';
 import { readExact, type RandomAccessSource } from '../source.js';
 import type { CheckReport, DiskImage, FormatDriver, FormatInfo, LayerEntry, MapEntry, OpenOptions, ParentLink } from '../types.js';
+import { isArriving, walkMarkers, type MarkerWalkLayout } from './vmdk-markers.js';
 
 const SECTOR = 512;
 const SPARSE_MAGIC = 0x4b444d56; // "KDMV"
@@ -169,7 +170,7 @@ export function openSparseExtent(source: RandomAccessSource, limits: Limits, sig
  * parentFileNameHint itself; the image then names it in info() and serves
  * layerMap(), while map() still refuses it.
  */
-async function openSparse(source: RandomAccessSource, limits: Limits, signal: AbortSignal | undefined, asExtent = false, layered = false): Promise<DiskImage> {
+async function openSparse(source: RandomAccessSource, limits: Limits, signal: AbortSignal | undefined, asExtent = false, layered = false, directoryOnly = false): Promise<DiskImage> {
   const name = source.name;
   const first = await readExact(source, 0, SECTOR, `${name}: VMDK sparse header`, signal);
   let header = parseSparseHeader(first, `${name}: sparse header`);
@@ -184,7 +185,10 @@ async function openSparse(source: RandomAccessSource, limits: Limits, signal: Ab
     return refuseDescriptorFile(name, parseDescriptor(decodeText(text)), 'has a zero-capacity sparse header with a descriptor', true);
   }
 
-  if (header.gdOffset === GD_AT_END) header = await readFooter(source, header, signal);
+  // A compressed streamOptimized image still arriving is walked by its grain markers (vmdk-markers.ts), checked against its directory at the end.
+  const walk =
+    !directoryOnly && !asExtent && !layered && header.gdOffset === GD_AT_END && isArriving(source) && header.compressAlgorithm === COMPRESSION_DEFLATE && (header.flags & FLAG_MARKERS) !== 0;
+  if (header.gdOffset === GD_AT_END && !walk) header = await readFooter(source, header, signal);
 
   if (header.compressAlgorithm !== COMPRESSION_NONE && header.compressAlgorithm !== COMPRESSION_DEFLATE) {
     throw new UnsupportedFeatureError(`${name}: unknown grain compression algorithm ${header.compressAlgorithm} (only 1, deflate, is defined)`);
@@ -230,7 +234,7 @@ async function openSparse(source: RandomAccessSource, limits: Limits, signal: Ab
   }
 
   let grainDirectory: Uint32Array = new Uint32Array(0);
-  if (grainDirectoryEntries > 0) {
+  if (grainDirectoryEntries > 0 && !walk) {
     if (header.gdOffset === 0n) throw new ImageCorruptError(`${name}: grain directory offset is 0`);
     const gdOffset = sectorsToBytes(header.gdOffset, 'grain directory offset');
     const gdBytes = await readExact(source, gdOffset, grainDirectoryEntries * 4, `${name}: grain directory (${grainDirectoryEntries} entries)`, signal);
@@ -255,6 +259,7 @@ async function openSparse(source: RandomAccessSource, limits: Limits, signal: Ab
     cid,
     parentCid,
     ...(parentHint !== undefined ? { parentHint } : {}),
+    ...(walk ? { walk: { firstMarker: Number(header.overHead) * SECTOR, openDirectory: () => openSparse(source, limits, signal, false, false, true) } } : {}),
   });
 }
 
@@ -484,6 +489,8 @@ interface SparseLayout {
   parentCid: number;
   /** A child disk's parent (only when opened layered): unallocated grains are the parent's. */
   parentHint?: string;
+  /** Mapped by walking the grain markers while the bytes arrive (no directory read yet). */
+  walk?: Pick<MarkerWalkLayout, 'firstMarker' | 'openDirectory'>;
 }
 
 class VmdkSparseImage implements DiskImage {
@@ -569,6 +576,11 @@ class VmdkSparseImage implements DiskImage {
   }
 
   private async *entries(signal: AbortSignal | undefined, layered: boolean): AsyncGenerator<LayerEntry> {
+    const { walk } = this.layout;
+    if (walk) {
+      yield* walkMarkers(this.source, { ...walk, virtualSize: this.virtualSize, grainBytes: this.layout.grainBytes }, signal);
+      return;
+    }
     const { grainBytes, gtes, grainDirectory, compressed } = this.layout;
     const size = this.source.size;
     const virtualSize = this.virtualSize;
