@@ -123,16 +123,26 @@ describe('VMDK child disks in a bundle', () => {
     expect(missing.message).toMatch(/"mid\.vmdk" is not a member/);
 
     // The parent rewritten after the child was made: its CID changes, and qemu refuses the child's reads.
+    // qemu writes CIDs with "%x", unpadded: a CID below 0x10000000 has fewer than 8 digits, so the CID line is
+    // found as a whole line (a search for 8 digits once matched "parentCID=ffffffff" instead, 1 run in 16).
+    // The new CID and the copy's name keep their lengths, so no byte of the images moves.
     await run('cp', [path('mid.vmdk'), path('mid-changed.vmdk')]);
-    await run('cp', [path('base.vmdk'), path('base-copy.vmdk')]);
-    const changed = await readFile(path('base-copy.vmdk'), 'latin1');
-    const cid = /CID=([0-9a-f]{8})/.exec(changed)?.[1] as string;
-    await writeFile(path('base-copy.vmdk'), changed.replace(`CID=${cid}`, 'CID=0badc0de'), 'latin1');
+    await run('cp', [path('base.vmdk'), path('bcpy.vmdk')]);
+    const changed = await readFile(path('bcpy.vmdk'), 'latin1');
+    const cid = /^CID=([0-9a-f]{1,8})$/m.exec(changed)?.[1];
+    expect(cid, 'the parent has a CID line').toBeDefined();
+    const old = cid as string;
+    const other = old.slice(0, -1) + ((parseInt(old.slice(-1), 16) + 1) % 16).toString(16);
+    const rewritten = changed.replace(`\nCID=${old}\n`, `\nCID=${other}\n`);
+    expect(rewritten.length).toBe(changed.length);
+    expect(/^parentCID=ffffffff$/m.test(rewritten), 'the parent is still no child').toBe(true);
+    await writeFile(path('bcpy.vmdk'), rewritten, 'latin1');
     const text = await readFile(path('mid-changed.vmdk'), 'latin1');
-    await writeFile(path('mid-changed.vmdk'), text.replace('parentFileNameHint="base.vmdk"', 'parentFileNameHint="base-copy.vmdk"'), 'latin1');
-    const bad = await outcomeOf(await readFile(await tar('changed.tar', ['mid-changed.vmdk', 'base-copy.vmdk'])));
+    expect(/^parentCID=([0-9a-f]{1,8})$/m.exec(text)?.[1], "the child's parentCID is the parent's CID").toBe(old);
+    await writeFile(path('mid-changed.vmdk'), text.replace('parentFileNameHint="base.vmdk"', 'parentFileNameHint="bcpy.vmdk"'), 'latin1');
+    const bad = await outcomeOf(await readFile(await tar('changed.tar', ['mid-changed.vmdk', 'bcpy.vmdk'])));
     expect(bad.code).toBe('UNSAFE_IMAGE');
-    expect(bad.message).toMatch(/not this image's parent.*parentCID.*0badc0de/);
+    expect(bad.message).toMatch(new RegExp(`not this image's parent: the child's parentCID is ${old.padStart(8, '0')} but the parent's CID is ${other.padStart(8, '0')}`));
 
     // Hints that are host paths or climb out: refused, never opened.
     for (const [hint, pattern] of [
