@@ -33,8 +33,12 @@ export interface DestinationRequest {
   /** The source's path: refused as a destination. */
   sourcePath?: string;
   virtualSize: number;
-  /** Upper bound of the bytes a new file allocates: checked against the free space before writing. */
-  allocatedBytes: number;
+  /**
+   * Upper bound of the bytes a new file allocates: checked against the free space before writing.
+   * A function is called only when the free space is below what the file could hold at most
+   * (its virtual size), so a conversion with room to spare never walks the image's map twice.
+   */
+  allocatedBytes: number | (() => Promise<number>);
   /** `-n`: the destination exists and is written in place, never created or resized. */
   noCreate?: boolean;
   /** `--target-is-zero` (with `-n`): the destination reads as zeros, so zeros need not be written. */
@@ -91,13 +95,17 @@ async function openExisting(path: string, flags: number): Promise<FileHandle> {
   }
 }
 
-async function checkFreeSpace(dir: string, needed: number, shown: string): Promise<void> {
+async function checkFreeSpace(dir: string, needed: number | (() => Promise<number>), most: number, shown: string): Promise<void> {
   let free: number;
   try {
     const fs = await statfs(dir);
     free = fs.bavail * fs.bsize;
   } catch (err) {
     throw destinationError(dir, 'cannot read free space', err);
+  }
+  if (typeof needed === 'function') {
+    if (most <= free) return;
+    needed = await needed();
   }
   if (needed > free) throw new InsufficientSpaceError(`${shown}: the output needs up to ${needed} bytes; ${dir} has ${free} bytes free`);
 }
@@ -156,7 +164,7 @@ export class DestinationSink implements ExtentSink {
     const dirSt = await statOrUndefined(dir, true);
     if (!dirSt) throw new DestinationUnwritableError(`${path}: the directory ${dir} does not exist`);
     if (!dirSt.isDirectory()) throw new DestinationUnwritableError(`${path}: ${dir} is not a directory`);
-    await checkFreeSpace(dir, req.sparseBlock === 0 ? req.virtualSize : req.allocatedBytes, path);
+    await checkFreeSpace(dir, req.sparseBlock === 0 ? req.virtualSize : req.allocatedBytes, req.virtualSize, path);
     const tempPath = join(dir, `.${basename(target)}.diskconv-${randomBytes(4).toString('hex')}`);
     let handle: FileHandle;
     try {

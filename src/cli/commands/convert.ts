@@ -347,19 +347,23 @@ export async function run(argv: string[], out: (s: string) => void): Promise<num
       }
       // qemu-img refuses this once it has made the target; nothing is made here.
       if (args.has('bitmaps')) throw new InvalidArgumentError("Format driver 'raw' does not support bitmaps");
-      const data = await dataBytesOf(image, abort.signal);
+      // The data bytes cost a walk of the whole map before the conversion's own: taken only for
+      // -p (its total) or when the free space might not hold the output (DestinationSink asks then).
+      let data: number | undefined;
+      const dataBytes = async (): Promise<number> => (data ??= await dataBytesOf(image, abort.signal));
+      if (progress) await dataBytes();
       const sink = await DestinationSink.open({
         path: dst,
         sourcePath: src,
         virtualSize: image.virtualSize,
-        allocatedBytes: data,
+        allocatedBytes: dataBytes,
         noCreate,
         targetIsZero,
         // falloc and full: the whole file allocated, whatever -S says (progress still counts as -S says).
         sparseBlock: preallocation === 'off' ? sparseBlock : 0,
         ...(cache ? { cache } : {}),
       });
-      const total = sparseBlock === 0 ? image.virtualSize : data;
+      const total = sparseBlock === 0 ? image.virtualSize : (data ?? 0);
       progress?.start();
       const piece = progress ? Math.max(64 * 1024, Math.floor(total / 400)) : Number.MAX_SAFE_INTEGER;
       const throttled = rate > 0 ? new ThrottledSink(sink, rate, sparseBlock === 0, abort.signal) : sink;
