@@ -68,7 +68,7 @@ function clipEntry<E extends LayerEntry>(e: E, start: number, end: number): E | 
 }
 
 /** Moves every entry by `delta` guest bytes. */
-function moveEntry(e: MapEntry, delta: number): MapEntry {
+function moveEntry<E extends LayerEntry>(e: E, delta: number): E {
   return { ...e, offset: e.offset + delta };
 }
 
@@ -125,7 +125,8 @@ export class LayeredImage extends ComposedImage {
   readonly format: FormatId;
   readonly virtualSize: number;
   constructor(
-    readonly top: MemberImage,
+    /** The child: one member's image, or a split VMDK child (its descriptor file names the parent). */
+    readonly top: MemberImage | ConcatImage,
     readonly backing: DiskImage,
   ) {
     super();
@@ -186,14 +187,16 @@ export class LayeredImage extends ComposedImage {
   async check(signal?: AbortSignal): Promise<CheckReport> {
     // Each finding is prefixed with its member's source name (`archive/member`).
     const named = (r: CheckReport, source: string): string[] => r.messages.map((m) => (m.startsWith(`${source}: `) ? m : `${source}: ${m}`));
+    // A split VMDK's findings already name their extent members.
+    const topMessages = (r: CheckReport): string[] => (this.top instanceof MemberImage ? named(r, this.top.member.name) : r.messages);
     const top = await this.top.check(signal);
     const below = this.backing.check ? await this.backing.check(signal) : undefined;
-    if (!below) return { ...top, messages: named(top, this.top.member.name) };
+    if (!below) return { ...top, messages: topMessages(top) };
     return {
       corruptions: top.corruptions + below.corruptions,
       leaks: top.leaks + below.leaks,
       checkErrors: top.checkErrors + below.checkErrors,
-      messages: [...named(top, this.top.member.name), ...(this.backing instanceof MemberImage ? named(below, this.backing.member.name) : below.messages)],
+      messages: [...topMessages(top), ...(this.backing instanceof MemberImage ? named(below, this.backing.member.name) : below.messages)],
       fields: top.fields,
     };
   }
@@ -226,7 +229,16 @@ export class ConcatImage extends ComposedImage {
     this.virtualSize = parts.reduce((sum, p) => sum + p.length, 0);
   }
 
-  async *map(signal?: AbortSignal): AsyncGenerator<MapEntry> {
+  map(signal?: AbortSignal): AsyncGenerator<MapEntry> {
+    return this.entries(signal, false) as AsyncGenerator<MapEntry>;
+  }
+
+  /** For a split child: its extents' never-written grains as 'backing' (LayeredImage fills them from the parent). */
+  layerMap(signal?: AbortSignal): AsyncGenerator<LayerEntry> {
+    return this.entries(signal, true);
+  }
+
+  private async *entries(signal: AbortSignal | undefined, layered: boolean): AsyncGenerator<LayerEntry> {
     let base = 0;
     for (const part of this.parts) {
       throwIfAborted(signal);
@@ -237,7 +249,9 @@ export class ConcatImage extends ComposedImage {
       } else {
         // The descriptor's extent size rules: the extent's own disk is cut or padded to it.
         let pos = 0;
-        for await (const entry of part.image.map(signal)) {
+        const image = part.image;
+        const entries: AsyncIterable<LayerEntry> = layered && image instanceof MemberImage ? image.layerMap(signal) : image.map(signal);
+        for await (const entry of entries) {
           const piece = clipEntry(entry, 0, part.length);
           if (!piece) break;
           yield moveEntry(piece, base);

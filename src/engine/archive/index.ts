@@ -17,7 +17,7 @@ import { detectFormat, driverFor } from '../probe.js';
 import { readExact, type RandomAccessSource } from '../source.js';
 import type { ArchiveInfo, DiskImage, FormatId, OpenOptions, ParentLink } from '../types.js';
 import { FORMAT_IDS } from '../types.js';
-import { openSparseExtent, readVmdkDescriptorFile } from '../formats/vmdk.js';
+import { openSparseExtent, readVmdkDescriptorFile, vmdkParentLink } from '../formats/vmdk.js';
 import { ConcatImage, LayeredImage, MemberImage, type ConcatPart } from './compose.js';
 import { JoinedSource } from './joined-source.js';
 import { MemberSource } from './member-source.js';
@@ -401,9 +401,14 @@ async function referencesOf(ctx: Context, member: TarMember): Promise<{ format: 
     return undefined; // not an image we read; it can only be named by one
   }
   if (format === 'vmdk') {
-    const descriptor = await readVmdkDescriptorFile(source, ctx.limits, ctx.options.signal).catch(() => null);
+    const descriptor = await readVmdkDescriptorFile(source, ctx.limits, ctx.options.signal, { allowParent: true }).catch(() => null);
     if (descriptor === null) return { format, refs: [] };
-    if (descriptor) return { format, refs: descriptor.extents.flatMap((e) => (e.fileName !== undefined ? [resolveQuietly(ctx, member, e.fileName)] : [])) };
+    if (descriptor) {
+      const refs = descriptor.extents.flatMap((e) => (e.fileName !== undefined ? [resolveQuietly(ctx, member, e.fileName)] : []));
+      // A split child's parent is named by it too, so it is not another top.
+      if (descriptor.parentHint !== undefined) refs.push(resolveQuietly(ctx, member, descriptor.parentHint));
+      return { format, refs };
+    }
   }
   if (LAYERED_FORMATS.has(format)) {
     const image = await driverFor(format)
@@ -494,34 +499,50 @@ async function openChain(ctx: Context, member: TarMember, declared: FormatId | u
   if (chain.length === 0 && options.snapshot) open.snapshot = options.snapshot;
 
   if (format === 'vmdk') {
-    const descriptor = await readVmdkDescriptorFile(source, limits, options.signal);
-    if (descriptor) return openSplitVmdk(ctx, member, descriptor);
+    const descriptor = await readVmdkDescriptorFile(source, limits, options.signal, { allowParent: true });
+    if (descriptor) {
+      const split = await openSplitVmdk(ctx, member, descriptor);
+      if (descriptor.parentHint === undefined) return split;
+      // A split child (twoGbMaxExtentSparse made with -b): its extents over the parent the descriptor names.
+      try {
+        return await layerOver(ctx, member, split, vmdkParentLink(descriptor.parentHint, descriptor.parentCid), chain);
+      } catch (err) {
+        await split.close();
+        throw err;
+      }
+    }
   }
   if (LAYERED_FORMATS.has(format)) {
     const image = await driver.open(source, { ...open, backingSupplied: true });
     try {
       const link = parentLinkOf(image);
       if (!link) return new MemberImage(image, source);
-      const parentMember = resolveParent(ctx, member, link);
-      if (link.format !== undefined && !(FORMAT_IDS as readonly string[]).includes(link.format)) {
-        throw new UnsupportedFeatureError(`${where}: backing file format "${shown(link.format)}" is not supported`);
-      }
-      const { passphrase: _unused, ...rest } = options;
-      const backing = await openChain({ ...ctx, options: rest }, parentMember, link.format, [...chain, member.name]);
-      try {
-        const mismatch = link.mismatch(backing);
-        if (mismatch !== undefined) throw new UnsafeImageError(`${where}: "${shown(parentMember.name)}" is not this image's parent: ${mismatch}`);
-      } catch (err) {
-        await backing.close();
-        throw err;
-      }
-      return new LayeredImage(new MemberImage(image, source), backing);
+      return await layerOver(ctx, member, new MemberImage(image, source), link, chain);
     } catch (err) {
       await image.close();
       throw err;
     }
   }
   return new MemberImage(await driver.open(source, open), source);
+}
+
+/** The child `top` (member `member`) over the parent its link names, found among the members and checked against the link. */
+async function layerOver(ctx: Context, member: TarMember, top: MemberImage | ConcatImage, link: ParentLink, chain: string[]): Promise<DiskImage> {
+  const where = `${ctx.archive.name}/${member.name}`;
+  const parentMember = resolveParent(ctx, member, link);
+  if (link.format !== undefined && !(FORMAT_IDS as readonly string[]).includes(link.format)) {
+    throw new UnsupportedFeatureError(`${where}: backing file format "${shown(link.format)}" is not supported`);
+  }
+  const { passphrase: _unused, ...rest } = ctx.options;
+  const backing = await openChain({ ...ctx, options: rest }, parentMember, link.format, [...chain, member.name]);
+  try {
+    const mismatch = link.mismatch(backing);
+    if (mismatch !== undefined) throw new UnsafeImageError(`${where}: "${shown(parentMember.name)}" is not this image's parent: ${mismatch}`);
+  } catch (err) {
+    await backing.close();
+    throw err;
+  }
+  return new LayeredImage(top, backing);
 }
 
 /** Formats whose images may name a parent the bundle supplies. */
@@ -591,7 +612,7 @@ function locatorCandidates(raw: string): string[] {
   return out;
 }
 
-async function openSplitVmdk(ctx: Context, member: TarMember, descriptor: NonNullable<Awaited<ReturnType<typeof readVmdkDescriptorFile>>>): Promise<DiskImage> {
+async function openSplitVmdk(ctx: Context, member: TarMember, descriptor: NonNullable<Awaited<ReturnType<typeof readVmdkDescriptorFile>>>): Promise<ConcatImage> {
   const where = `${ctx.archive.name}/${member.name}`;
   const parts: ConcatPart[] = [];
   const extentsInfo: Array<Record<string, unknown>> = [];
@@ -616,7 +637,8 @@ async function openSplitVmdk(ctx: Context, member: TarMember, descriptor: NonNul
         parts.push({ length, storedAt: file.offset + extent.fileOffset, name: file.name });
         extentsInfo.push({ 'virtual-size': length, filename: source.name, format: 'FLAT' });
       } else {
-        const image = new MemberImage(await openSparseExtent(source, ctx.limits, ctx.options.signal), source);
+        const ofChild = descriptor.parentHint !== undefined;
+        const image = new MemberImage(await openSparseExtent(source, ctx.limits, ctx.options.signal, { ofChild }), source);
         parts.push({ length, image, name: file.name });
         const cluster = image.info().clusterSize;
         extentsInfo.push({ 'virtual-size': length, filename: source.name, ...(cluster !== undefined ? { 'cluster-size': cluster } : {}), format: 'SPARSE' });
@@ -630,9 +652,10 @@ async function openSplitVmdk(ctx: Context, member: TarMember, descriptor: NonNul
   return new ConcatImage('vmdk', parts, {
     ...(firstSparse !== undefined ? { clusterSize: firstSparse } : {}),
     dirty: false,
+    ...(descriptor.parentHint !== undefined ? { backingFilename: descriptor.parentHint } : {}),
     formatSpecific: {
       type: 'vmdk',
-      data: { cid: descriptor.cid, 'parent-cid': 0xffffffff, 'create-type': descriptor.createType, extents: extentsInfo },
+      data: { cid: descriptor.cid, 'parent-cid': descriptor.parentCid, 'create-type': descriptor.createType, extents: extentsInfo },
     },
   });
 }

@@ -161,8 +161,8 @@ function looksLikeDescriptorFile(head: Uint8Array): boolean {
  * file that qemu writes without an embedded descriptor, since the descriptor file
  * is the disk's. Used by src/engine/archive/ for members of the same bundle.
  */
-export function openSparseExtent(source: RandomAccessSource, limits: Limits, signal?: AbortSignal): Promise<DiskImage> {
-  return openSparse(source, limits, signal, true);
+export function openSparseExtent(source: RandomAccessSource, limits: Limits, signal?: AbortSignal, options: { ofChild?: boolean } = {}): Promise<DiskImage> {
+  return openSparse(source, limits, signal, true, false, false, options.ofChild === true);
 }
 
 /**
@@ -170,7 +170,16 @@ export function openSparseExtent(source: RandomAccessSource, limits: Limits, sig
  * parentFileNameHint itself; the image then names it in info() and serves
  * layerMap(), while map() still refuses it.
  */
-async function openSparse(source: RandomAccessSource, limits: Limits, signal: AbortSignal | undefined, asExtent = false, layered = false, directoryOnly = false): Promise<DiskImage> {
+async function openSparse(
+  source: RandomAccessSource,
+  limits: Limits,
+  signal: AbortSignal | undefined,
+  asExtent = false,
+  layered = false,
+  directoryOnly = false,
+  /** An extent of a split child disk (its descriptor file names the parent): never-written grains are the parent's. */
+  extentOfChild = false,
+): Promise<DiskImage> {
   const name = source.name;
   const first = await readExact(source, 0, SECTOR, `${name}: VMDK sparse header`, signal);
   let header = parseSparseHeader(first, `${name}: sparse header`);
@@ -259,6 +268,7 @@ async function openSparse(source: RandomAccessSource, limits: Limits, signal: Ab
     cid,
     parentCid,
     ...(parentHint !== undefined ? { parentHint } : {}),
+    ...(extentOfChild ? { extentOfChild: true } : {}),
     ...(walk ? { walk: { firstMarker: Number(header.overHead) * SECTOR, openDirectory: () => openSparse(source, limits, signal, false, false, true) } } : {}),
   });
 }
@@ -489,6 +499,8 @@ interface SparseLayout {
   parentCid: number;
   /** A child disk's parent (only when opened layered): unallocated grains are the parent's. */
   parentHint?: string;
+  /** An extent of a split child disk: its layerMap() gives never-written grains as 'backing'. */
+  extentOfChild?: boolean;
   /** Mapped by walking the grain markers while the bytes arrive (no directory read yet). */
   walk?: Pick<MarkerWalkLayout, 'firstMarker' | 'openDirectory'>;
 }
@@ -546,17 +558,7 @@ class VmdkSparseImage implements DiskImage {
   get parent(): ParentLink | undefined {
     const { parentHint, parentCid } = this.layout;
     if (parentHint === undefined) return undefined;
-    return {
-      names: [{ name: parentHint, how: 'path', from: 'parentFileNameHint' }],
-      // qemu opens a VMDK's parent as a VMDK (and refuses to create one over anything else).
-      format: 'vmdk',
-      // qemu reads a parent's grains only when the parent is a VMDK whose CID is the child's parentCID (vmdk_is_cid_valid).
-      mismatch: (image: DiskImage): string | undefined => {
-        if (image.format !== 'vmdk') return `the parent is a ${image.format} image; qemu reads a VMDK child's parent only when it is a VMDK whose CID matches`;
-        const cid = image.info().formatSpecific?.data.cid;
-        return cid === parentCid ? undefined : `the child's parentCID is ${parentCid.toString(16).padStart(8, '0')} but the parent's CID is ${typeof cid === 'number' ? cid.toString(16).padStart(8, '0') : 'unknown'}; the parent was changed after the child was made (qemu-img refuses to read it too)`;
-      },
-    };
+    return vmdkParentLink(parentHint, parentCid);
   }
 
   readable(): void {
@@ -572,7 +574,7 @@ class VmdkSparseImage implements DiskImage {
 
   /** Never-written grains as 'backing' (the parent's data), for a bundle that holds the parent. */
   layerMap(signal?: AbortSignal): AsyncGenerator<LayerEntry> {
-    return this.entries(signal, this.layout.parentHint !== undefined);
+    return this.entries(signal, this.layout.parentHint !== undefined || this.layout.extentOfChild === true);
   }
 
   private async *entries(signal: AbortSignal | undefined, layered: boolean): AsyncGenerator<LayerEntry> {
@@ -797,6 +799,21 @@ function sectorsToBytes(sectors: bigint, what: string): number {
   return toSafeNumber(sectors * BigInt(SECTOR), what);
 }
 
+/** How a VMDK child (monolithic, or a split descriptor file) names its parent. */
+export function vmdkParentLink(parentHint: string, parentCid: number): ParentLink {
+  return {
+    names: [{ name: parentHint, how: 'path', from: 'parentFileNameHint' }],
+    // qemu opens a VMDK's parent as a VMDK (and refuses to create one over anything else).
+    format: 'vmdk',
+    // qemu reads a parent's grains only when the parent is a VMDK whose CID is the child's parentCID (vmdk_is_cid_valid).
+    mismatch: (image: DiskImage): string | undefined => {
+      if (image.format !== 'vmdk') return `the parent is a ${image.format} image; qemu reads a VMDK child's parent only when it is a VMDK whose CID matches`;
+      const cid = image.info().formatSpecific?.data.cid;
+      return cid === parentCid ? undefined : `the child's parentCID is ${parentCid.toString(16).padStart(8, '0')} but the parent's CID is ${typeof cid === 'number' ? cid.toString(16).padStart(8, '0') : 'unknown'}; the parent was changed after the child was made (qemu-img refuses to read it too)`;
+    },
+  };
+}
+
 /** One extent line of a descriptor file, for a bundle that holds the file it names. */
 export interface VmdkExtentRef {
   lineNumber: number;
@@ -811,6 +828,10 @@ export interface VmdkExtentRef {
 export interface VmdkDescriptorFile {
   createType: string;
   cid: number;
+  /** 0xffffffff unless a child. */
+  parentCid: number;
+  /** A child's parentFileNameHint (only with `allowParent`). */
+  parentHint?: string;
   extents: VmdkExtentRef[];
 }
 
@@ -823,7 +844,13 @@ const BUNDLE_CREATE_TYPES = new Set(['monolithicFlat', 'twoGbMaxExtentSparse', '
  * named is opened: the caller (src/engine/archive/) resolves the names against
  * the members of its bundle, and only those.
  */
-export async function readVmdkDescriptorFile(source: RandomAccessSource, limits: Limits, signal?: AbortSignal): Promise<VmdkDescriptorFile | undefined> {
+export async function readVmdkDescriptorFile(
+  source: RandomAccessSource,
+  limits: Limits,
+  signal?: AbortSignal,
+  /** A split child disk is read only from a bundle holding its parent, which the caller resolves among its members. */
+  { allowParent = false }: { allowParent?: boolean } = {},
+): Promise<VmdkDescriptorFile | undefined> {
   const name = source.name;
   const head = await readExact(source, 0, Math.min(4, source.size), `${name}: VMDK magic`, signal);
   if (head.length === 4 && (readU32BE(head, 0) === SPARSE_MAGIC || readU32BE(head, 0) === VMFS_SPARSE_MAGIC)) return undefined;
@@ -839,14 +866,16 @@ export async function readVmdkDescriptorFile(source: RandomAccessSource, limits:
   if (!BUNDLE_CREATE_TYPES.has(createType)) {
     throw new UnsupportedFeatureError(`${where}: createType "${createType}" is not supported (monolithicFlat, twoGbMaxExtentSparse and twoGbMaxExtentFlat descriptors are read with their extents)`);
   }
-  if (descriptor.values.has('parentFileNameHint') || descriptor.text.includes('parentFileNameHint')) {
+  const parentHint = parentFileNameHint(descriptor.text, where);
+  if (parentHint !== undefined && !allowParent) {
     throw new UnsafeImageError(`${where} names a parent disk (parentFileNameHint); differencing (child) VMDKs are refused`);
   }
   const cidText = descriptor.values.get('CID');
   const parentText = descriptor.values.get('parentCID');
   if (cidText === undefined) throw new ImageCorruptError(`${where} has no CID`);
-  if (parentText !== undefined && parseCid(parentText, `${where}: parentCID`) !== 0xffffffff) {
-    throw new UnsafeImageError(`${where}: parentCID=${parentText} marks a differencing (child) disk whose data depends on a parent file; it is refused`);
+  const parentCid = parentText !== undefined ? parseCid(parentText, `${where}: parentCID`) : 0xffffffff;
+  if (parentCid !== 0xffffffff && parentHint === undefined) {
+    throw new UnsafeImageError(`${where}: parentCID=${parentText ?? ''} marks a differencing (child) disk whose data depends on a parent file${allowParent ? ', but it names none' : ''}; it is refused`);
   }
   const cid = parseCid(cidText, `${where}: CID`);
   if (descriptor.extents.length === 0) throw new ImageCorruptError(`${where} has no extent line`);
@@ -870,5 +899,5 @@ export async function readVmdkDescriptorFile(source: RandomAccessSource, limits:
     };
   });
   enforceLimit('maxVirtualSize', total * BigInt(SECTOR), limits, `${where}: VMDK capacity`);
-  return { createType, cid, extents };
+  return { createType, cid, parentCid, ...(parentHint !== undefined ? { parentHint } : {}), extents };
 }

@@ -176,4 +176,74 @@ describe('VMDK child disks in a bundle', () => {
     expect(image).toBeInstanceOf(Error);
     expect(String((image as Error).message)).toMatch(/loops.*a\.vmdk.*b\.vmdk.*a\.vmdk/);
   });
+
+  it('a split child (twoGbMaxExtentSparse made with -b) over a monolithic or a split parent, data across 2 GiB: equals qemu-img; check, info, refusals', async () => {
+    const size = `${2048 + 16}M`;
+    // Parents: monolithicSparse and twoGbMaxExtentSparse, data on both sides of the 2 GiB extent boundary.
+    await qemuImg('create', '-q', '-f', 'vmdk', path('bigbase.vmdk'), size);
+    await qemuIo('-f', 'vmdk', '-c', 'write -P 0x51 0 4M', '-c', 'write -P 0x52 2046M 4M', '-c', 'write -P 0x53 2060M 1M', path('bigbase.vmdk'));
+    await qemuImg('create', '-q', '-f', 'vmdk', '-o', 'subformat=twoGbMaxExtentSparse', path('splitbase.vmdk'), size);
+    await qemuIo('-f', 'vmdk', '-c', 'write -P 0x61 0 3M', '-c', 'write -P 0x62 2047M 2M', path('splitbase.vmdk'));
+    for (const [child, parent, parentFiles] of [
+      ['schild.vmdk', 'bigbase.vmdk', ['bigbase.vmdk']],
+      ['sschild.vmdk', 'splitbase.vmdk', ['splitbase.vmdk', 'splitbase-s001.vmdk', 'splitbase-s002.vmdk']],
+    ] as const) {
+      await qemuImg('create', '-q', '-f', 'vmdk', '-o', 'subformat=twoGbMaxExtentSparse', '-b', parent, '-F', 'vmdk', path(child));
+      await qemuIo('-f', 'vmdk', '-c', 'write -P 0x71 1M 1M', '-c', 'write -P 0x72 2047M 64k', '-c', 'write -z 2048M 512k', path(child));
+      const text = await readFile(path(child), 'latin1');
+      expect(text).toMatch(new RegExp(`parentFileNameHint="${parent.replace('.', '\\.')}"`));
+      expect(text).toMatch(/createType="twoGbMaxExtentSparse"/);
+      const base = child.replace('.vmdk', '');
+      const files = [child, `${base}-s001.vmdk`, `${base}-s002.vmdk`, ...parentFiles];
+      const ref = await reference(child);
+      for (const bundle of [await tar(`${base}.tar`, files), await tar(`${base}-rev.tar`, [...files].reverse())]) {
+        const got = await fileSha256(bundle);
+        expect(got.format, bundle).toBe('vmdk');
+        expect(got.virtualSize).toBe((2048 + 16) * MiB);
+        expect(got.sha256, bundle).toBe(ref);
+      }
+      await run('sh', ['-c', `cd "${dir}" && zip -q ${base}.zip ${files.join(' ')}`]);
+      expect((await fileSha256(path(`${base}.zip`))).sha256, `${base}.zip (deflated)`).toBe(ref);
+      expect((await fileSha256(path(`${base}.tar`), { disk: child })).sha256).toBe(ref);
+      // qemu-img on the child's descriptor alone is not the disk: the parent shows through.
+      expect(ref).not.toBe(await reference(parent));
+
+      const source = await FileSource.open(path(`${base}.tar`));
+      try {
+        const image = await openImage(source);
+        try {
+          const info = await imageInfo(image, source);
+          expect(info['backing-filename']).toBe(parent);
+          expect(info.archive?.members.slice(0, 3)).toEqual(files.slice(0, 3));
+          expect(info.archive?.members).toContain(parentFiles[0]);
+          expect(await checkImage(image)).toMatchObject({ corruptions: 0, leaks: 0, checkErrors: 0, messages: [] });
+        } finally {
+          await image.close();
+        }
+      } finally {
+        await source.close();
+      }
+    }
+    // Alone (without its parent), a split child is refused naming the parent; with a parent whose CID changed, too.
+    const alone = await outcomeOf(await readFile(await tar('schild-alone.tar', ['schild.vmdk', 'schild-s001.vmdk', 'schild-s002.vmdk'])));
+    expect(alone.code).toBe('UNSAFE_IMAGE');
+    expect(alone.message).toMatch(/"bigbase\.vmdk" is not a member/);
+    const parentText = await readFile(path('bigbase.vmdk'), 'latin1');
+    const old = /^CID=([0-9a-f]{1,8})$/m.exec(parentText)?.[1] as string;
+    const other = old.slice(0, -1) + ((parseInt(old.slice(-1), 16) + 1) % 16).toString(16);
+    await run('mkdir', ['-p', path('cidchanged')]);
+    for (const f of ['schild.vmdk', 'schild-s001.vmdk', 'schild-s002.vmdk']) await run('cp', [path(f), path(`cidchanged/${f}`)]);
+    await writeFile(path('cidchanged/bigbase.vmdk'), parentText.replace(`\nCID=${old}\n`, `\nCID=${other}\n`), 'latin1');
+    const changed = await outcomeOf(await readFile(await tar('cidchanged.tar', ['cidchanged/schild.vmdk', 'cidchanged/schild-s001.vmdk', 'cidchanged/schild-s002.vmdk', 'cidchanged/bigbase.vmdk'])));
+    expect(changed.code).toBe('UNSAFE_IMAGE');
+    expect(changed.message).toMatch(new RegExp(`not this image's parent: the child's parentCID is ${old.padStart(8, '0')} but the parent's CID is ${other.padStart(8, '0')}`));
+    // A hint out of the archive: refused, never opened.
+    const t = await readFile(path('schild.vmdk'), 'latin1');
+    await run('mkdir', ['-p', path('abs')]);
+    for (const f of ['schild-s001.vmdk', 'schild-s002.vmdk', 'bigbase.vmdk']) await run('cp', [path(f), path(`abs/${f}`)]);
+    await writeFile(path('abs/schild.vmdk'), t.replace('parentFileNameHint="bigbase.vmdk"', `parentFileNameHint="${path('bigbase.vmdk')}"`), 'latin1');
+    const abs = await outcomeOf(await readFile(await tar('abs.tar', ['abs/schild.vmdk', 'abs/schild-s001.vmdk', 'abs/schild-s002.vmdk', 'abs/bigbase.vmdk'])), { disk: 'abs/schild.vmdk' });
+    expect(abs.code).toBe('UNSAFE_IMAGE');
+    expect(abs.message).toMatch(/absolute path/);
+  }, 240_000);
 });
