@@ -149,6 +149,11 @@ export class IdempotencyKeys {
     }
   }
 
+  /** Whether the key has an entry (pending or created) for this tenant: such a request takes the staged path. */
+  async has(tenant: string, key: string): Promise<boolean> {
+    return (await this.redis.exists(this.redisKey(tenant, key))) === 1;
+  }
+
   private claimOf(redisKey: string, pending: string, jobId: string, fingerprint: string): Claim {
     const created = JSON.stringify({ job: jobId, fp: fingerprint, state: 'created' } satisfies IdempotencyEntry);
     return {

@@ -7,10 +7,15 @@
  * the job never needs the client again.
  *
  * Used when it can be: an octet-stream body with a Content-Length (the source's
- * size), no Idempotency-Key (a replay must not meet a job whose upload failed
- * under it), a store whose uncommitted writes another process can read (a local
+ * size), a store whose uncommitted writes another process can read (a local
  * or shared directory; S3 parts are unreadable until the multipart upload
- * completes), and STREAM_UPLOADS on. Anything else takes the staged path
+ * completes), and STREAM_UPLOADS on. With an Idempotency-Key that has no entry
+ * yet (routes/jobs.ts sends the others to the staged path), the key is claimed
+ * once the last byte is in and its sha256 known, the fingerprint being the same
+ * as on the staged path; an upload that fails before then leaves no job at all
+ * (the retry makes a new one, as on the staged path), and a concurrent request
+ * that claimed the key first wins: this request's job is removed and the
+ * winner's job answered as a replay. Anything else takes the staged path
  * (bodies.ts): returns undefined before it has read a byte, or, for a wrapped
  * body, stages it through the ordinary path with the bytes it already read.
  */
@@ -19,16 +24,17 @@ import { Readable } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
 import type { FastifyReply, FastifyRequest } from 'fastify';
 import { detectWrapper, isDiskconvError, WRAPPER_PROBE_BYTES } from '../engine/index.js';
-import type { JobError } from '../queue/records.js';
-import { asBodyError, checkDeclaredLength, readOptionFields, streamToStore, verifyChecksum, watchIdle, mediaType, type BodyDeps } from './bodies.js';
+import type { JobError, JobRecord } from '../queue/records.js';
+import { asBodyError, checkDeclaredLength, readOptionFields, streamToStore, verifyChecksum, watchIdle, mediaType, type BodyDeps, type Received } from './bodies.js';
 import type { ApiContext } from './context.js';
 import { ApiError, QUEUE_RETRY_AFTER_SECONDS } from './errors.js';
 import { checkJobOptions, newJobRecord, submitJob } from './job-record.js';
+import { requestFingerprint, type Claim } from './idempotency.js';
 import { jobPath, presentJob } from './present.js';
 
 /** Whether this request can take the streaming path (nothing of the body read yet). */
-export function canStream(ctx: ApiContext, request: FastifyRequest, idempotencyKey: string | undefined): boolean {
-  if (!ctx.config.streamUploads || idempotencyKey !== undefined) return false;
+export function canStream(ctx: ApiContext, request: FastifyRequest): boolean {
+  if (!ctx.config.streamUploads) return false;
   if (mediaType(request) !== 'application/octet-stream' || !ctx.stores.staging.followPath) return false;
   const length = Number(request.headers['content-length']);
   return Number.isSafeInteger(length) && length > 0 && request.headers['transfer-encoding'] === undefined;
@@ -57,17 +63,31 @@ async function* replay(head: Buffer[], rest: AsyncIterator<Buffer>, ended: boole
   }
 }
 
-export async function receiveStreaming(ctx: ApiContext, request: FastifyRequest, reply: FastifyReply, id: string): Promise<FastifyReply> {
+export async function receiveStreaming(ctx: ApiContext, request: FastifyRequest, reply: FastifyReply, id: string, idempotencyKey?: string): Promise<FastifyReply> {
   const deps: BodyDeps = { config: ctx.config, staging: ctx.stores.staging, destinations: ctx.stores.destinations, policy: ctx.policy };
   const stopWatching = watchIdle(request, ctx.config.uploadIdleTimeoutMs);
   try {
-    return await stream(ctx, request, reply, id, deps);
+    return await stream(ctx, request, reply, id, deps, idempotencyKey);
   } finally {
     stopWatching();
   }
 }
 
-async function stream(ctx: ApiContext, request: FastifyRequest, reply: FastifyReply, id: string, deps: BodyDeps): Promise<FastifyReply> {
+/** Claims the Idempotency-Key for job `id` now that the request is known whole; `existing` names the job a concurrent request made. */
+async function claimKey(ctx: ApiContext, request: FastifyRequest, key: string, received: Received, id: string): Promise<{ claim: Claim } | { existing: JobRecord }> {
+  const claimed = await ctx.idempotency.claim(request.tenant, key, requestFingerprint(received, id), id, async (job) => (await ctx.records.getForTenant(job, request.tenant)) !== undefined);
+  if (claimed.kind === 'claimed') return { claim: claimed.claim };
+  const existing = await ctx.records.getForTenant(claimed.job, request.tenant);
+  if (!existing) throw new ApiError('IDEMPOTENCY_KEY_IN_USE', 'the job of this Idempotency-Key is being removed; retry shortly', { 'retry-after': '1' });
+  return { existing };
+}
+
+function replayed(request: FastifyRequest, reply: FastifyReply, existing: JobRecord): FastifyReply {
+  request.log.info({ job: existing.id }, 'idempotent replay');
+  return reply.code(200).header('location', jobPath(existing.id)).header('idempotent-replayed', 'true').send(presentJob(existing));
+}
+
+async function stream(ctx: ApiContext, request: FastifyRequest, reply: FastifyReply, id: string, deps: BodyDeps, idempotencyKey: string | undefined): Promise<FastifyReply> {
   const { options, filename } = readOptionFields((request.query ?? {}) as Record<string, string>, id, deps, { passphrase: false, filename: true });
   const callback = await checkJobOptions(ctx, options);
   await checkDeclaredLength(request, 0, deps);
@@ -94,8 +114,25 @@ async function stream(ctx: ApiContext, request: FastifyRequest, reply: FastifyRe
     // A compressed wrapper is decompressed into staging, its size unknown until the end: staged path.
     const stored = await streamToStore(Readable.from(replay(head, iterator, ended)), id, deps);
     await verifyChecksum(stored, options, id, deps);
-    const record = newJobRecord(id, request.tenant, { kind: 'upload', key: id, ...stored, ...(filename ? { filename } : {}) }, options, callback);
-    await submit(ctx, request, record);
+    const source = { kind: 'upload' as const, key: id, ...stored, ...(filename ? { filename } : {}) };
+    let claim: Claim | undefined;
+    if (idempotencyKey !== undefined) {
+      const got = await claimKey(ctx, request, idempotencyKey, { source, options }, id).catch(async (err: unknown) => {
+        await ctx.stores.staging.delete(id).catch(() => {});
+        throw err;
+      });
+      if ('existing' in got) {
+        await ctx.stores.staging.delete(id).catch(() => {});
+        return replayed(request, reply, got.existing);
+      }
+      claim = got.claim;
+    }
+    const record = newJobRecord(id, request.tenant, source, options, callback);
+    await submit(ctx, request, record).catch(async (err: unknown) => {
+      await claim?.release().catch(() => {});
+      throw err;
+    });
+    await claim?.created().catch((err: unknown) => request.log.warn({ err }, 'could not record the Idempotency-Key'));
     return reply.code(202).header('location', jobPath(id)).send(presentJob(record));
   }
 
@@ -116,12 +153,16 @@ async function stream(ctx: ApiContext, request: FastifyRequest, reply: FastifyRe
     await ctx.uploadMarks.set(id, { state: 'failed', ...error }).catch(() => {});
     if (!jobExists) return;
     await ctx.queue.removeWaiting(id).catch(() => {});
-    if (error.code === 'INCOMPLETE_BODY' || error.code === 'UPLOAD_TIMEOUT') {
+    // With an Idempotency-Key the client retries with it: a failed job would stand in the retry's way, so none is left.
+    if (idempotencyKey === undefined && (error.code === 'INCOMPLETE_BODY' || error.code === 'UPLOAD_TIMEOUT')) {
       await ctx.records.transition(id, 'failed', ['queued', 'running'], { error, last_error: undefined, attempt_id: undefined }).catch(() => {});
     } else {
       const rec = await ctx.records.get(id).catch(() => undefined);
       if (rec) await ctx.records.remove(rec).catch(() => {});
+      await ctx.records.publishCancel(id).catch(() => {});
       await ctx.stores.staging.delete(id).catch(() => {});
+      // A worker that finished before the refusal was heard: its output goes with the job.
+      await ctx.stores.output.delete(id).catch(() => {});
     }
   };
   try {
@@ -161,6 +202,27 @@ async function stream(ctx: ApiContext, request: FastifyRequest, reply: FastifyRe
     await writer.abort().catch(() => {});
     await failJob({ code: 'CHECKSUM_MISMATCH', message });
     throw new ApiError('CHECKSUM_MISMATCH', message);
+  }
+  let claim: Claim | undefined;
+  if (idempotencyKey !== undefined) {
+    let got: { claim: Claim } | { existing: JobRecord };
+    try {
+      got = await claimKey(ctx, request, idempotencyKey, { source: { kind: 'upload', key: id, size, sha256, ...(filename ? { filename } : {}) }, options }, id);
+    } catch (err) {
+      // Another body under this key, or one still being created: this request's job goes.
+      await writer.abort().catch(() => {});
+      const refusal = isDiskconvError(err) ? { code: err.code, message: err.message } : { code: 'QUEUE_UNAVAILABLE', message: 'the Idempotency-Key could not be checked' };
+      await failJob(refusal);
+      throw err;
+    }
+    if ('existing' in got) {
+      // A concurrent request with this key and this body made its job first: that one stands, this one goes.
+      await writer.abort().catch(() => {});
+      await failJob({ code: 'IDEMPOTENT_REPLAY', message: 'a concurrent request with the same Idempotency-Key made the job' });
+      return replayed(request, reply, got.existing);
+    }
+    claim = got.claim;
+    await claim.created().catch((err: unknown) => request.log.warn({ err }, 'could not record the Idempotency-Key'));
   }
   // The staged copy, for a retry that must not need the client: unless the job is over already.
   const finished = async (): Promise<boolean> => {

@@ -21,22 +21,22 @@ const CHUNK = 256 * 1024;
 /** An upload the test paces: `send(upTo)` writes the body up to that byte, `end()` finishes, `abort()` drops the connection. */
 interface PacedUpload {
   send(upTo: number): Promise<void>;
-  end(): Promise<{ status: number; body: string }>;
+  end(): Promise<{ status: number; body: string; headers: Record<string, string | string[] | undefined> }>;
   abort(): void;
-  response: Promise<{ status: number; body: string }>;
+  response: Promise<{ status: number; body: string; headers: Record<string, string | string[] | undefined> }>;
 }
 
-function pacedUpload(url: string, body: Buffer, declaredLength = body.length): PacedUpload {
+function pacedUpload(url: string, body: Buffer, declaredLength = body.length, headers: Record<string, string> = {}): PacedUpload {
   let sent = 0;
   const req: ClientRequest = httpRequest(url, {
     method: 'POST',
-    headers: { authorization: `Bearer ${TOKEN}`, 'content-type': 'application/octet-stream', 'content-length': String(declaredLength) },
+    headers: { authorization: `Bearer ${TOKEN}`, 'content-type': 'application/octet-stream', 'content-length': String(declaredLength), ...headers },
   });
-  const response = new Promise<{ status: number; body: string }>((resolve, reject) => {
+  const response = new Promise<{ status: number; body: string; headers: Record<string, string | string[] | undefined> }>((resolve, reject) => {
     req.on('response', (res) => {
       let text = '';
       res.on('data', (c: Buffer) => (text += c.toString()));
-      res.on('end', () => resolve({ status: res.statusCode ?? 0, body: text }));
+      res.on('end', () => resolve({ status: res.statusCode ?? 0, body: text, headers: res.headers }));
       res.on('error', reject);
     });
     req.on('error', reject);
@@ -109,7 +109,8 @@ describe('conversion while the upload arrives', () => {
     // streamOptimized as VMware writes it (grain directory and tables in the footer): converted by walking its grain
     // markers; and one whose grain 31 marker names the LBA of grain 32 (a zero grain, absent from the stream):
     // qemu follows the grain directory, so the walk must notice and convert again from the directory.
-    const content = mixedContent(12 * 2 ** 20, 8);
+    // Large enough that the reader's first batches (8 MiB of guest data each) lie well inside the first 70 % sent.
+    const content = mixedContent(48 * 2 ** 20, 8);
     content.fill(0, 2 * 2 ** 20, 4 * 2 ** 20 + 8192);
     for (const [name, bytes] of [
       ['vmware-stream.vmdk', buildStream(content, 'vmware-stream.vmdk')],
@@ -183,6 +184,50 @@ describe('conversion while the upload arrives', () => {
     // qemu reads grain 31 where the directory says, whatever its marker claims.
     expect(image.sha256).toBe(images['vmware-stream.vmdk']!.sha256);
     expect(svc.logs()).toContain('the grain markers disagree with the grain directory');
+  }, 120_000);
+
+  it('an upload with an Idempotency-Key converts while it arrives; the same key and body again replays that job and makes none', async () => {
+    const image = images['disk.qcow2']!;
+    const body = await readFile(image.path);
+    const key = { 'idempotency-key': `overlap-${Date.now()}-a` };
+    const upload = pacedUpload(`${svc.apiUrl}/v1/jobs?filename=disk.qcow2`, body, body.length, key);
+    await upload.send(Math.floor(body.length * 0.7));
+    const listed = await theJob();
+    await svc.waitForJob(listed.id, (j) => j.progress.phase === 'converting' && j.progress.bytes_done > 0, { ...auth, timeoutMs: 60_000 });
+    const answer = await upload.end();
+    expect(answer.status).toBe(202);
+    expect((JSON.parse(answer.body) as JobJson).id).toBe(listed.id);
+    const done = await svc.waitForFinal(listed.id, auth);
+    expect(done.state, JSON.stringify(done.error)).toBe('succeeded');
+    const count = async (): Promise<number> => ((await (await svc.request('/v1/jobs?limit=100', auth)).json()) as { jobs: JobJson[] }).jobs.length;
+    const before = await count();
+    // The retry (the answer was lost, say) sends the same body with the same key: that job, not a second one.
+    const again = await pacedUpload(`${svc.apiUrl}/v1/jobs?filename=disk.qcow2`, body, body.length, key).end();
+    expect(again.status).toBe(200);
+    expect(again.headers['idempotent-replayed']).toBe('true');
+    expect((JSON.parse(again.body) as JobJson).id).toBe(listed.id);
+    expect(await count()).toBe(before);
+    expect(await outputSha256(done)).toBe(image.sha256);
+  }, 120_000);
+
+  it('an upload with an Idempotency-Key dropped mid-way leaves no job; the retry with the key makes a new one', async () => {
+    const image = images['disk.qcow2']!;
+    const body = await readFile(image.path);
+    const key = { 'idempotency-key': `overlap-${Date.now()}-b` };
+    const upload = pacedUpload(`${svc.apiUrl}/v1/jobs`, body, body.length, key);
+    await upload.send(Math.floor(body.length * 0.5));
+    const listed = await theJob();
+    await svc.waitForJob(listed.id, (j) => j.progress.phase === 'converting', auth);
+    upload.abort();
+    await waitFor('the dropped upload\'s job to go', async () => (await svc.request(`/v1/jobs/${listed.id}`, auth)).status === 404);
+    await waitFor('its partial upload to go', async () => (await leftovers(listed.id)).length === 0);
+    const retry = await pacedUpload(`${svc.apiUrl}/v1/jobs`, body, body.length, key).end();
+    expect(retry.status).toBe(202);
+    const id = (JSON.parse(retry.body) as JobJson).id;
+    expect(id).not.toBe(listed.id);
+    const done = await svc.waitForFinal(id, auth);
+    expect(done.state, JSON.stringify(done.error)).toBe('succeeded');
+    expect(await outputSha256(done)).toBe(image.sha256);
   }, 120_000);
 
   it('an upload dropped mid-way fails its converting job clearly, leaves nothing staged, and does not hang', async () => {

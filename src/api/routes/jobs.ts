@@ -42,7 +42,10 @@ export async function jobRoutes(app: FastifyInstance, ctx: ApiContext): Promise<
     // Until the record exists, the lease is what keeps the sweeps off the upload.
     const lease = await ctx.leases.hold(id);
     try {
-      if (canStream(ctx, request, idempotencyKey)) return await receiveStreaming(ctx, request, reply, id);
+      // A key already in use (a retry of a request that got this far, or a concurrent one) takes the staged path, which compares the bodies.
+      if (canStream(ctx, request) && (idempotencyKey === undefined || !(await ctx.idempotency.has(request.tenant, idempotencyKey)))) {
+        return await receiveStreaming(ctx, request, reply, id, idempotencyKey);
+      }
       return await createJob(request, reply, id, idempotencyKey);
     } finally {
       await lease.release();
