@@ -35,6 +35,7 @@ const G = {
   metadata: '06a27c8b90479a4bb8fe575f050f886e',
   fileParameters: '3767a1ca36fa434db3b633f0aa44e76b',
   parentLocator: '2d5fd3a80bb34d45abf7d3d84834ab0c',
+  logicalSectorSize: '1dbf41816fa90947ba47f233a8faab5f',
 };
 
 function regions(b: Buffer): Map<string, { offset: number; length: number }> {
@@ -64,11 +65,49 @@ interface Diff {
   zero?: number[];
   /** Leave the sector bitmap block out (a hostile variant). */
   noBitmap?: boolean;
+  /**
+   * 4096: the child's logical sectors are 4 KiB (its LogicalSectorSize item set so; the
+   * sector bitmap then has a bit per 4 KiB and a chunk is 2^23 * 4096 / block size blocks,
+   * so its entry moves to BAT index 32768 for 1 MiB blocks). `partial` runs count 4 KiB sectors.
+   */
+  logical?: 512 | 4096;
+}
+
+/** Sectors per block and payload blocks per sector bitmap block for a logical sector size. */
+function geometry(logical: number): { sector: number; spb: number; chunkRatio: number } {
+  return { sector: logical, spb: BLOCK / logical, chunkRatio: (2 ** 23 * logical) / BLOCK };
+}
+
+/** Where the metadata item `guid` of a VHDX lies in the file, or undefined. */
+function metadataItem(b: Buffer, guid: string): number | undefined {
+  const meta = regions(b).get(G.metadata);
+  if (!meta) return undefined;
+  for (let i = 0; i < b.readUInt16LE(meta.offset + 10); i++) {
+    const at = meta.offset + 32 + 32 * i;
+    if (b.subarray(at, at + 16).toString('hex') === guid) return meta.offset + b.readUInt32LE(at + 16);
+  }
+  return undefined;
+}
+
+/** A copy of a qemu-made VHDX with 4 KiB logical sectors: the same bytes, which qemu reads (as its 512-byte twin) for the reference. */
+async function with4kSectors(from: string, to: string): Promise<string> {
+  const b = await readFile(from);
+  const at = metadataItem(b, G.logicalSectorSize);
+  if (at === undefined) throw new Error('no LogicalSectorSize item');
+  b.writeUInt32LE(4096, at);
+  await writeFile(to, b);
+  return to;
 }
 
 /** A differencing VHDX from a dynamic one qemu-img made, naming `parentFile` (parent_linkage defaults to its DataWriteGuid). */
 async function makeDifferencing(dynamicFile: string, parentFile: string, out: string, d: Diff): Promise<string> {
   let b = await readFile(dynamicFile);
+  const { spb: SPB, chunkRatio: CHUNK_RATIO } = geometry(d.logical ?? SECTOR);
+  if (d.logical === 4096) {
+    const at = metadataItem(b, G.logicalSectorSize);
+    if (at === undefined) throw new Error('no LogicalSectorSize item');
+    b.writeUInt32LE(4096, at);
+  }
   const parentGuid = dataWriteGuid(await readFile(parentFile));
   const r = regions(b);
   const meta = r.get(G.metadata);
@@ -123,6 +162,7 @@ async function dynamicVhdx(name: string, writes: Write[]): Promise<string> {
 /** The qcow2 overlay over `backing` holding exactly the child's sectors (see makeDifferencing). */
 async function overlay(name: string, backing: string, fmt: string, writes: Write[], d: Diff): Promise<string> {
   await qemuImg('create', '-q', '-f', 'qcow2', '-b', backing, '-F', fmt, path(name), String(SIZE));
+  const { sector: SECTOR, spb: SPB } = geometry(d.logical ?? 512);
   const sectors = SIZE / SECTOR;
   const present = new Uint8Array(sectors);
   for (const [, o, l] of writes) for (let blk = Math.floor(o / BLOCK); blk * BLOCK < o + l; blk++) present.fill(1, blk * SPB, (blk + 1) * SPB);
@@ -254,5 +294,44 @@ describe('differencing VHDX with its parent in a bundle', () => {
     const bad = await outcomeOf(makeTar([{ name: 'child.vhdx', data: bytes }, { name: 'parent.vhdx', data: await readFile(path('parent.vhdx')) }]), { disk: 'child.vhdx' });
     expect(bad.code).toBe('IMAGE_CORRUPT');
     expect(bad.message).toMatch(/parent locator: key 0.*outside the item/);
+  }, 120_000);
+
+  it('4 KiB logical sectors: the sector bitmap counts 4 KiB sectors and its entry follows 32768 blocks; equals qemu-img on the same sectors', async () => {
+    const { spb } = geometry(4096); // 256 sectors of 4 KiB per 1 MiB block
+    // The parent: the qemu-made parent with 4 KiB logical sectors (the same bytes; qemu reads its 512-byte twin).
+    const parent4k = await with4kSectors(path('parent.vhdx'), path('parent4k.vhdx'));
+    const writes: Write[] = [
+      [0x31, 0, MiB], // block 0, FULLY_PRESENT
+      [0x32, 2 * MiB, MiB], // block 2, made PARTIALLY_PRESENT
+      [0x33, 4 * MiB + 8 * KiB, 8 * KiB], // block 4, made PARTIALLY_PRESENT: two 4 KiB sectors of the child's
+    ];
+    const diff: Diff = {
+      locator: { relative_path: '.\\parent4k.vhdx' },
+      partial: new Map([
+        [2, [[0, 1], [17, 3], [spb - 1, 1]]], // single 4 KiB sectors and a run left to the parent
+        [4, [[0, 2], [4, spb - 4]]], // all but sectors 2-3 (the child's 0x33) the parent's
+      ]),
+      zero: [6],
+      logical: 4096,
+    };
+    const child = await makeDifferencing(await dynamicVhdx('child4k.dyn.vhdx', writes), parent4k, path('child4k.vhdx'), diff);
+    const ref4k = await qemuSha(await overlay('ref4k.qcow2', 'parent.vhdx', 'vhdx', writes, diff));
+    // The sector bitmap entry sits at BAT index 32768 (2^23 * 4096 / 1 MiB), not 4096.
+    const b = await readFile(child);
+    const bat = regions(b).get(G.bat) as { offset: number };
+    expect(Number(b.readBigUInt64LE(bat.offset + 8 * geometry(4096).chunkRatio) & 7n)).toBe(6);
+    expect(Number(b.readBigUInt64LE(bat.offset + 8 * geometry(512).chunkRatio) & 7n)).toBe(0);
+    for (const bundle of [await tar('pair4k.tar', ['child4k.vhdx', 'parent4k.vhdx']), await zip('pair4k.zip', ['parent4k.vhdx', 'child4k.vhdx'])]) {
+      const got = await fileSha256(bundle);
+      expect(got.format, bundle).toBe('vhdx');
+      expect(got.virtualSize).toBe(SIZE);
+      expect(got.sha256, bundle).toBe(ref4k);
+    }
+    // The same file claiming 512-byte sectors: its chunk would end at block 4096, where no sector bitmap entry is.
+    const as512 = Buffer.from(b);
+    as512.writeUInt32LE(512, metadataItem(as512, G.logicalSectorSize) as number);
+    const r = await outcomeOf(makeTar([{ name: 'child4k.vhdx', data: as512 }, { name: 'parent4k.vhdx', data: await readFile(parent4k) }]), { disk: 'child4k.vhdx' });
+    expect(r.code).toBe('IMAGE_CORRUPT');
+    expect(r.message).toMatch(/PARTIALLY_PRESENT.*sector bitmap block.*not present/);
   }, 120_000);
 });
