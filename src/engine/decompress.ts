@@ -25,33 +25,48 @@ const inflateRawAsync = promisify(inflateRaw);
  * output may be written to (the result is then a view of it), so a caller can
  * recycle output memory and find consecutive clusters side by side.
  *
- * Clusters decode on a pool of worker threads, one per core, reading their
- * input from the reader's shared read arena and writing their output into its
- * shared decoded arena in place (no copies, no garbage); the main thread
- * meanwhile reads and writes. Without shared memory or a worker script (under
- * a TypeScript loader) they decode here, with one reused native zlib context
- * (ReusableInflater) and libzstd (zstd.ts).
+ * Clusters decode on libuv's threadpool through the native decoder
+ * (native-decoder.ts) where it built; what it declines (damaged data, a stream
+ * past its cluster) decodes here, which gives qemu's answer and words.
+ * Without it they decode on a pool of worker threads, one per core, reading
+ * their input from the reader's shared read arena and writing their output
+ * into its shared decoded arena in place (no copies, no garbage); the main
+ * thread meanwhile reads and writes. Without shared memory or a worker script
+ * (under a TypeScript loader) they decode here, with one reused native zlib
+ * context (ReusableInflater) and libzstd (zstd.ts).
  *
  * Only a codec's verdict on the data is IMAGE_CORRUPT. Anything else thrown
  * here (a TypeError, a decoder worker that died) is our bug or the host's
  * trouble: it propagates as it is, so the CLI and the service report it as an
  * internal error with its stack and the queue retries it.
+ *
+ * Kept small (the native path inline, the rest in functions of their own): it
+ * runs once per cluster and V8 inlines it into the reader's hot loop.
  */
-export async function decode(codec: Codec, input: Uint8Array, decodedLength: number, where: string, target?: Uint8Array): Promise<Uint8Array> {
+export function decode(codec: Codec, input: Uint8Array, decodedLength: number, where: string, target?: Uint8Array): Promise<Uint8Array> {
+  const native = nativeDecoder();
+  if (native === null || !validArguments(input, decodedLength)) return decodeElsewhere(codec, input, decodedLength, where, target);
+  const out = target !== undefined && target.length >= decodedLength ? target.subarray(0, decodedLength) : Buffer.allocUnsafeSlow(decodedLength);
+  return native.decode(codec, input, out).then((produced) => {
+    if (produced < 0) return decodeDeclined(codec, input, decodedLength, where, out);
+    stats.offThread++;
+    return out.subarray(0, produced);
+  });
+}
+
+/** A cluster the native decoder declined (damaged data, a stream past its cluster...): decoded here, which gives qemu's answer and words. */
+function decodeDeclined(codec: Codec, input: Uint8Array, decodedLength: number, where: string, out: Uint8Array): Uint8Array {
+  stats.inline++;
   try {
-    const native = nativeDecoder();
-    if (native) {
-      checkArguments(input, decodedLength);
-      const out = target && target.length >= decodedLength ? target.subarray(0, decodedLength) : Buffer.allocUnsafeSlow(decodedLength);
-      const produced = await native.decode(codec, input, out);
-      if (produced !== null) {
-        stats.offThread++;
-        return out.subarray(0, produced);
-      }
-      // Declined (damaged data, a stream past its cluster...): decoded here, which gives qemu's answer and words.
-      stats.inline++;
-      return decodeClusterSync(codec, input, decodedLength, (bytes) => (bytes <= out.length ? out.subarray(0, bytes) : Buffer.allocUnsafeSlow(bytes)));
-    }
+    return decodeClusterSync(codec, input, decodedLength, (bytes) => (bytes <= out.length ? out.subarray(0, bytes) : Buffer.allocUnsafeSlow(bytes)));
+  } catch (err) {
+    throw blame(err, where);
+  }
+}
+
+/** Without the native decoder: on the worker threads, or here. */
+async function decodeElsewhere(codec: Codec, input: Uint8Array, decodedLength: number, where: string, target?: Uint8Array): Promise<Uint8Array> {
+  try {
     if (codec !== 'zstd' && !reusableInflateWorks()) return await decodeDeflateAsync(codec, input, decodedLength);
     // Off this thread where input and room for the output are shared memory (no copies).
     const pool = target && isShared(input) && isShared(target) ? decoderPool() : null;
@@ -64,10 +79,15 @@ export async function decode(codec: Codec, input: Uint8Array, decodedLength: num
     const alloc = (bytes: number): Uint8Array => (target && target.length >= bytes ? target.subarray(0, bytes) : Buffer.allocUnsafeSlow(bytes));
     return decodeClusterSync(codec, input, decodedLength, alloc);
   } catch (err) {
-    if (err instanceof CodecDataError) throw new ImageCorruptError(`cannot decompress ${where}: ${err.message}`, { cause: err });
-    if (err instanceof ZstdUnavailableError) throw new UnsupportedFeatureError(err.message, { cause: err });
-    throw err;
+    throw blame(err, where);
   }
+}
+
+/** Only a codec's verdict on the data is the image's fault (IMAGE_CORRUPT); a missing libzstd is the host's. */
+function blame(err: unknown, where: string): unknown {
+  if (err instanceof CodecDataError) return new ImageCorruptError(`cannot decompress ${where}: ${err.message}`, { cause: err });
+  if (err instanceof ZstdUnavailableError) return new UnsupportedFeatureError(err.message, { cause: err });
+  return err;
 }
 
 const stats = { offThread: 0, inline: 0 };
@@ -93,9 +113,14 @@ function decodeClusterSync(codec: Codec, input: Uint8Array, decodedLength: numbe
   }
 }
 
-/** The native handles abort the process on anything else; a caller's mistake is a TypeError. */
+/** What the native handles take; anything else would abort the process. */
+function validArguments(input: Uint8Array, decodedLength: number): boolean {
+  return input instanceof Uint8Array && Number.isSafeInteger(decodedLength) && decodedLength > 0 && decodedLength <= 2 ** 30;
+}
+
+/** A caller's mistake is a TypeError. */
 function checkArguments(input: Uint8Array, decodedLength: number): void {
-  if (!(input instanceof Uint8Array) || !Number.isSafeInteger(decodedLength) || decodedLength <= 0 || decodedLength > 2 ** 30) {
+  if (!validArguments(input, decodedLength)) {
     throw new TypeError(`decode: input must be a Uint8Array and decodedLength a positive integer up to 1 GiB (got ${decodedLength})`);
   }
 }

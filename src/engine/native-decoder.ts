@@ -9,7 +9,7 @@ import type { Codec } from './types.js';
  * per batch, with libdeflate (deflate) and the system's libzstd (zstd). It
  * only vouches for clean decodes; every cluster it declines (damaged data, a
  * stream that runs on past its cluster, a zstd window over 2 MiB) comes back
- * as null and the caller decodes it with its own decoder, which gives qemu's
+ * as -1 and the caller decodes it with its own decoder, which gives qemu's
  * answer and the error message. Where it did not build, decompress.ts decodes
  * on worker threads as before.
  */
@@ -56,8 +56,8 @@ class NativeDecoder {
 
   constructor(private readonly native: CodecHelper) {}
 
-  /** Decodes into `output`; resolves with the bytes decoded, or null where the helper declines. */
-  decode(codec: Codec, input: Uint8Array, output: Uint8Array): Promise<number | null> {
+  /** Decodes into `output`; resolves with the bytes decoded, or -1 where the helper declines. */
+  decode(codec: Codec, input: Uint8Array, output: Uint8Array): Promise<number> {
     return new Promise<number>((resolve, reject) => {
       const id = CODEC_IDS[codec];
       let queue = this.queues.get(id);
@@ -67,7 +67,7 @@ class NativeDecoder {
         this.scheduled = true;
         queueMicrotask(() => this.dispatch());
       }
-    }).then((produced) => (produced >= 0 ? produced : null));
+    });
   }
 
   private dispatch(): void {
