@@ -79,17 +79,18 @@ export class JoinedSource implements RandomAccessSource {
     if (signal?.aborted) throw new AbortedError();
     const want = Math.max(0, Math.min(target.length, this.end - offset));
     let done = 0;
-    for (let i = this.find(offset); done < want; i++) {
+    for (let i = this.find(offset); done < want; ) {
       const pos = offset + done;
       const s = this.segments[i];
       if (!s) break;
       if (pos < s.at) {
-        // Padding between segments.
+        // Padding before segment i; then segment i itself.
         const gap = Math.min(want - done, s.at - pos);
         target.fill(0, done, done + gap);
         done += gap;
         continue;
       }
+      i++;
       const take = Math.min(want - done, s.at + s.source.size - pos);
       const window = target.subarray(done, done + take);
       let got: number;
