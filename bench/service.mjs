@@ -11,11 +11,12 @@
 // Settings (flags win): --size / BENCH_SERVICE_SIZE (default BENCH_SIZE or 4G), --rate / BENCH_SERVICE_RATE,
 // --wrk-seconds / BENCH_SERVICE_WRK_SECONDS (8), --budget / BENCH_SERVICE_BUDGET (seconds, 240; the cases
 // left when it is used up are skipped and say so), --cases / BENCH_SERVICE_CASES (comma-separated, default
-// `throttled,unthrottled,polling`), BENCH_SERVICE=off skips this part.
+// `throttled,unthrottled,tus,polling`; tus: POST /v1/uploads, one PATCH with curl at the rate: not overlapped, the
+// job is made when the last byte is in), BENCH_SERVICE=off skips this part.
 // Writes bench/results/service-latest.{md,json}.
 import { execFileSync, spawn } from 'node:child_process';
 import { createCipheriv } from 'node:crypto';
-import { closeSync, mkdirSync, mkdtempSync, openSync, readdirSync, rmSync, statSync, writeFileSync, writeSync } from 'node:fs';
+import { closeSync, mkdirSync, mkdtempSync, openSync, readdirSync, readFileSync, rmSync, statSync, writeFileSync, writeSync } from 'node:fs';
 import { createServer } from 'node:net';
 import { cpus, tmpdir, totalmem } from 'node:os';
 import { dirname, join } from 'node:path';
@@ -37,7 +38,7 @@ const virtualSize = parseSize(setting('size', 'BENCH_SERVICE_SIZE', process.env.
 const rate = Number(setting('rate', 'BENCH_SERVICE_RATE', 100_000_000));
 const wrkSeconds = Number(setting('wrk-seconds', 'BENCH_SERVICE_WRK_SECONDS', 8));
 const budget = Number(setting('budget', 'BENCH_SERVICE_BUDGET', 240));
-const cases = new Set(setting('cases', 'BENCH_SERVICE_CASES', 'throttled,unthrottled,polling').split(','));
+const cases = new Set(setting('cases', 'BENCH_SERVICE_CASES', 'throttled,unthrottled,tus,polling').split(','));
 const started = Date.now();
 const elapsed = () => (Date.now() - started) / 1000;
 const here = dirname(fileURLToPath(import.meta.url));
@@ -215,6 +216,46 @@ async function upload(svc, image, limit) {
   return { total: (done - t0) / 1000, afterLastByte: ((done - (lastByte ?? done)) / 1000), transfer: ((lastByte ?? curlEnd) - t0) / 1000, curlStatus: status, id, worker: await workerTimings(svc, id) };
 }
 
+/** A tus upload (POST /v1/uploads, then one PATCH with curl at `limit`); the job exists once the last byte is in. */
+async function tusUpload(svc, image, limit) {
+  const t0 = Date.now();
+  const created = await fetch(`${svc.url}/v1/uploads`, {
+    method: 'POST',
+    headers: { ...auth, 'tus-resumable': '1.0.0', 'upload-length': String(image.size), 'upload-metadata': `filename ${Buffer.from('disk.qcow2').toString('base64')}` },
+  });
+  if (created.status !== 201) throw new Error(`tus creation answered ${created.status}: ${await created.text()}`);
+  const location = new URL(created.headers.get('location'), svc.url).href;
+  const uploadId = location.split('/').pop();
+  const headersFile = join(dir, 'tus-headers.txt');
+  const curlArgs = ['-sS', '-o', '/dev/null', '-D', headersFile, '-X', 'PATCH', '-H', `Authorization: Bearer ${TOKEN}`, '-H', 'Tus-Resumable: 1.0.0', '-H', 'Upload-Offset: 0', '-H', 'Content-Type: application/offset+octet-stream', '-T', image.path];
+  if (limit) curlArgs.push('--limit-rate', String(limit));
+  curlArgs.push(location);
+  const curl = spawn('curl', curlArgs, { stdio: ['ignore', 'ignore', 'pipe'] });
+  const curlDone = new Promise((resolve) => curl.once('exit', () => resolve(Date.now())));
+  // The last byte's arrival: tus's file reaches the image's size.
+  const tusFile = join(svc.dataDir, 'uploads', uploadId);
+  let lastByte;
+  while (lastByte === undefined) {
+    const size = statSync(tusFile, { throwIfNoEntry: false })?.size;
+    if (size === image.size) lastByte = Date.now();
+    else if (size === undefined && Date.now() - t0 > 5000 && (await Promise.race([curlDone, sleep(5).then(() => undefined)]))) break;
+    else await sleep(5);
+  }
+  await curlDone;
+  const id = /diskconv-job: \/v1\/jobs\/([A-Za-z0-9_-]+)/i.exec(readFileSync(headersFile, 'utf8'))?.[1];
+  if (!id) throw new Error(`the last PATCH named no job:\n${readFileSync(headersFile, 'utf8')}`);
+  const jobCreated = Date.now();
+  let job;
+  for (;;) {
+    job = await getJob(svc.url, id);
+    if (['succeeded', 'failed', 'cancelled'].includes(job.state)) break;
+    await sleep(10);
+  }
+  const done = Date.now();
+  if (job.state !== 'succeeded') throw new Error(`the tus job ended ${job.state}: ${JSON.stringify(job.error)}`);
+  return { total: (done - t0) / 1000, afterLastByte: (done - (lastByte ?? done)) / 1000, transfer: ((lastByte ?? jobCreated) - t0) / 1000, jobAfterLastByte: (jobCreated - (lastByte ?? jobCreated)) / 1000, id, worker: await workerTimings(svc, id) };
+}
+
 function qemuConvertSeconds(image) {
   const out = join(dir, 'qemu.raw');
   rmSync(out, { force: true });
@@ -274,6 +315,14 @@ try {
     lines.push(`| curl upload, no limit | ${r.transfer.toFixed(2)} | ${r.total.toFixed(2)} | ${r.afterLastByte.toFixed(2)} | ${(r.transfer + qemu).toFixed(2)} (${r.transfer.toFixed(2)} + ${qemu.toFixed(2)}) |`);
     console.log(lines.at(-1));
   } else lines.push('| unthrottled upload | skipped: budget used | | | |');
+
+  if (!cases.has('tus')) lines.push('| tus upload | not asked for (BENCH_SERVICE_CASES) | | | |');
+  else if (left()) {
+    const r = await tusUpload(svc, image, rate);
+    results.cases.tus = r;
+    lines.push(`| tus upload (one PATCH) at ${(rate / 1e6).toFixed(0)} MB/s: staged whole, then converted | ${r.transfer.toFixed(2)} | ${r.total.toFixed(2)} | ${r.afterLastByte.toFixed(2)} (job made ${r.jobAfterLastByte.toFixed(2)} s after it) | ${(r.transfer + qemu).toFixed(2)} (${r.transfer.toFixed(2)} + ${qemu.toFixed(2)}) |`);
+    console.log(lines.at(-1));
+  } else lines.push('| tus upload | skipped: budget used | | | |');
 
   if (!cases.has('polling')) lines.push('Status polling: not asked for (BENCH_SERVICE_CASES).');
   else if (left()) {
