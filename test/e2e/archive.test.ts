@@ -105,7 +105,9 @@ with zipfile.ZipFile(${JSON.stringify(path('bomb.zip'))}, 'w', zipfile.ZIP_DEFLA
       { want: ref.chain, created: await post(['-F', `file=@${path('chain.tar')}`, `${svc.apiUrl}/v1/jobs`]) },
     ];
     for (const [i, { want, created }] of jobs.entries()) {
-      expect(created.state, JSON.stringify(created)).toBe('queued');
+      // An octet-stream body with a Content-Length starts its job at its first bytes (test/e2e/overlap.test.ts),
+      // so by the answer the worker may have taken it: created, not failed; the outcome is checked below.
+      expect(['queued', 'running', 'succeeded'], JSON.stringify(created)).toContain(created.state);
       const done = await svc.waitForFinal(created.id, { token: TOKEN });
       expect(done.state, `${i}: ${JSON.stringify(done.error)}`).toBe('succeeded');
       expect(done.output?.sha256, String(i)).toBe(want);
@@ -123,7 +125,7 @@ with zipfile.ZipFile(${JSON.stringify(path('bomb.zip'))}, 'w', zipfile.ZIP_DEFLA
       { what: 'chunked OVA URL import', want: ref.data, created: await post(['-H', 'Content-Type: application/json', '-d', JSON.stringify({ source: { url: `${files.url}/range/packed.ova` }, disk: '2' }), `${svc.apiUrl}/v1/jobs`]) },
     ];
     for (const { what, want, created } of jobs) {
-      expect(created.state, `${what}: ${JSON.stringify(created)}`).toBe('queued');
+      expect(['queued', 'running', 'succeeded'], `${what}: ${JSON.stringify(created)}`).toContain(created.state);
       const done = await svc.waitForFinal(created.id, { token: TOKEN });
       expect(done.state, `${what}: ${JSON.stringify(done.error)}`).toBe('succeeded');
       expect(done.output?.sha256, what).toBe(want);

@@ -189,8 +189,11 @@ async function openOva(ctx: Context, ovfMember: TarMember): Promise<DiskImage> {
   for (const file of ovf.files) {
     if (filesById.has(file.id)) throw new ImageCorruptError(`${where}: two References/File elements with ovf:id "${shown(file.id)}"`);
     const found = ovaFile(ctx, ovfMember, file);
-    if (hrefs.has(found.name)) throw new UnsafeImageError(`${where}: the OVF names the file "${shown(found.name)}" twice; which disk it is would be ambiguous`);
-    hrefs.add(found.name);
+    // Also a chunk named as a file of its own, or two files whose chunks are one member: the same bytes twice.
+    for (const n of new Set([found.name, ...found.parts.map((p) => p.name)])) {
+      if (hrefs.has(n)) throw new UnsafeImageError(`${where}: the OVF names the file "${shown(n)}" twice; which disk it is would be ambiguous`);
+      hrefs.add(n);
+    }
     filesById.set(file.id, found);
   }
   const fileRefs = new Set<string>();

@@ -223,6 +223,7 @@ describe('OVA files stored with ovf:compression="gzip" and ovf:chunkSize', () =>
     expect((await outcomeOf(ovaOf(chunkOvf(gz1.length), all), { scratchDir })).code).toBe('ok');
     const bomb = gzipSync(Buffer.alloc(64 * MiB));
     const cases: Array<[string, Buffer, string, RegExp, Record<string, unknown>?]> = [
+      ['a chunk also named as a file', ovaOf(ovf([{ id: 'd1', href: 'app-disk1.vmdk', extra: ` ovf:compression="gzip" ovf:chunkSize="${cs}"` }, { id: 'd2', href: 'app-disk1.vmdk.000000001' }]), all), 'UNSAFE_IMAGE', /names the file "app-disk1\.vmdk\.000000001" twice/],
       ['a missing middle chunk', ovaOf(chunkOvf(), [...all.slice(0, 1), ...all.slice(2)]), 'IMAGE_CORRUPT', /follows a missing chunk 1/],
       ['a chunk shorter than chunkSize', ovaOf(chunkOvf(), [all[0] as [string, Uint8Array], [all[1]?.[0] as string, (all[1]?.[1] as Uint8Array).subarray(1)], ...all.slice(2)]), 'IMAGE_CORRUPT', /chunk "app-disk1\.vmdk\.000000001" has/],
       ['an ovf:size that is not the chunks\' sum', ovaOf(chunkOvf(gz1.length + 1), all), 'IMAGE_CORRUPT', /in \d+ chunks/],
