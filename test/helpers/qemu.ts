@@ -5,7 +5,7 @@
 import { execFile } from 'node:child_process';
 import { createHash, randomBytes } from 'node:crypto';
 import { createReadStream } from 'node:fs';
-import { mkdtemp, rm, writeFile } from 'node:fs/promises';
+import { mkdtemp, open, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
@@ -18,6 +18,24 @@ export async function run(cmd: string, args: string[]): Promise<{ stdout: string
 
 export const qemuImg = (...args: string[]) => run('qemu-img', args);
 export const qemuIo = (...args: string[]) => run('qemu-io', args);
+
+/**
+ * Flushes fixture files to disk so their allocation is final: ext4 allocates delayed blocks (and the
+ * extent-tree block they may need) at writeback, so `actual-size` read before and after it differs by a
+ * block, and two tools stat-ing a fresh fixture a moment apart can disagree (seen once in CI, 4096 bytes).
+ */
+export async function settle(paths: string[]): Promise<void> {
+  await Promise.all(
+    paths.map(async (p) => {
+      const fh = await open(p, 'r+');
+      try {
+        await fh.datasync();
+      } finally {
+        await fh.close();
+      }
+    }),
+  );
+}
 
 export async function makeTempDir(prefix = 'diskconv-test-'): Promise<{ dir: string; cleanup: () => Promise<void> }> {
   const dir = await mkdtemp(join(tmpdir(), prefix));

@@ -7,7 +7,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { execFile } from 'node:child_process';
 import { join } from 'node:path';
 import { open, readFile, stat, truncate, writeFile } from 'node:fs/promises';
-import { makeTempDir, mixedContent, pickInfo, qemuImg, qemuInfo, qemuIo, qemuRawSha256, sha256File } from '../../helpers/qemu.js';
+import { makeTempDir, mixedContent, pickInfo, qemuImg, qemuInfo, qemuIo, qemuRawSha256, settle, sha256File } from '../../helpers/qemu.js';
 import { runDiskconv } from '../../helpers/cli.js';
 import { BufferSource, FileSource, convertToRaw, openImage, readExtents, type MapEntry } from '../../../src/engine/index.js';
 import { CountingSink } from '../../fuzz/counting-sink.js';
@@ -200,6 +200,7 @@ async function mapLimited<T>(items: T[], limit: number, fn: (item: T) => Promise
 beforeAll(async () => {
   ({ dir, cleanup } = await makeTempDir('diskconv-qcow2-'));
   await mapLimited(FIXTURES, 4, (f) => f.build(imagePath(f.name)));
+  await settle(FIXTURES.map((f) => imagePath(f.name)));
 });
 afterAll(async () => cleanup());
 

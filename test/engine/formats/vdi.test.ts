@@ -1,7 +1,7 @@
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { join } from 'node:path';
 import { readFile, writeFile } from 'node:fs/promises';
-import { makeTempDir, mixedContent, pickInfo, qemuImg, qemuInfo, qemuIo, qemuRawSha256, run, sha256File } from '../../helpers/qemu.js';
+import { makeTempDir, mixedContent, pickInfo, qemuImg, qemuInfo, qemuIo, qemuRawSha256, run, settle, sha256File } from '../../helpers/qemu.js';
 import { runDiskconv } from '../../helpers/cli.js';
 import { BufferSource, isDiskconvError, openImage, readExtents, type DiskImage, type MapEntry } from '../../../src/engine/index.js';
 import { vdiDriver } from '../../../src/engine/formats/vdi.js';
@@ -126,6 +126,7 @@ beforeAll(async () => {
   fixtures['a discarded block map entry'] = await patched(scattered, 'discarded.vdi', (b) => {
     b.writeUInt32LE(0xfffffffe, u32(b, H.offsetBmap) + 4 * 4);
   });
+  await settle(Object.values(fixtures));
 });
 afterAll(async () => cleanup());
 
