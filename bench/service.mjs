@@ -172,6 +172,14 @@ const auth = { authorization: `Bearer ${TOKEN}` };
 async function getJob(url, id) {
   return (await fetch(`${url}/v1/jobs/${id}`, { headers: auth })).json();
 }
+/** The job once it has ended, polled every 10 ms so the moment it ends is measured closely. */
+async function finalJob(url, id) {
+  for (;;) {
+    const job = await getJob(url, id);
+    if (['succeeded', 'failed', 'cancelled'].includes(job.state)) return job;
+    await sleep(10);
+  }
+}
 async function findJob(url) {
   for (;;) {
     const { jobs } = await (await fetch(`${url}/v1/jobs?limit=100`, { headers: auth })).json();
@@ -203,12 +211,7 @@ async function upload(svc, image, limit) {
       else await sleep(5);
     }
   })();
-  let job;
-  for (;;) {
-    job = await getJob(svc.url, id);
-    if (['succeeded', 'failed', 'cancelled'].includes(job.state)) break;
-    await sleep(10);
-  }
+  const job = await finalJob(svc.url, id);
   const done = Date.now();
   await watch.catch(() => {});
   const curlEnd = await curlDone;
@@ -245,12 +248,7 @@ async function tusUpload(svc, image, limit) {
   const id = /diskconv-job: \/v1\/jobs\/([A-Za-z0-9_-]+)/i.exec(readFileSync(headersFile, 'utf8'))?.[1];
   if (!id) throw new Error(`the last PATCH named no job:\n${readFileSync(headersFile, 'utf8')}`);
   const jobCreated = Date.now();
-  let job;
-  for (;;) {
-    job = await getJob(svc.url, id);
-    if (['succeeded', 'failed', 'cancelled'].includes(job.state)) break;
-    await sleep(10);
-  }
+  const job = await finalJob(svc.url, id);
   const done = Date.now();
   if (job.state !== 'succeeded') throw new Error(`the tus job ended ${job.state}: ${JSON.stringify(job.error)}`);
   return { total: (done - t0) / 1000, afterLastByte: (done - (lastByte ?? done)) / 1000, transfer: ((lastByte ?? jobCreated) - t0) / 1000, jobAfterLastByte: (jobCreated - (lastByte ?? jobCreated)) / 1000, id, worker: await workerTimings(svc, id) };

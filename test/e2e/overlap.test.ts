@@ -158,27 +158,23 @@ describe('conversion while the upload arrives', () => {
     }, 120_000);
   }
 
+  /** Uploads a fixture at the paced rate; the job as it ended, which must be a success. */
+  async function convertedPaced(image: { path: string }): Promise<JobJson> {
+    const answer = await pacedUpload(`${svc.apiUrl}/v1/jobs`, await readFile(image.path)).end();
+    expect(answer.status).toBe(202);
+    const done = await svc.waitForFinal((JSON.parse(answer.body) as JobJson).id, auth);
+    expect(done.state, JSON.stringify(done.error)).toBe('succeeded');
+    return done;
+  }
+
   it('streamOptimized vmdk as qemu-img writes it (grain directory at the start, tables filled in at close) converts identically', async () => {
     const image = images['disk-stream.vmdk']!;
-    const body = await readFile(image.path);
-    const upload = pacedUpload(`${svc.apiUrl}/v1/jobs`, body);
-    const answer = await upload.end();
-    expect(answer.status).toBe(202);
-    const id = (JSON.parse(answer.body) as JobJson).id;
-    const done = await svc.waitForFinal(id, auth);
-    expect(done.state, JSON.stringify(done.error)).toBe('succeeded');
-    expect(await outputSha256(done)).toBe(image.sha256);
+    expect(await outputSha256(await convertedPaced(image))).toBe(image.sha256);
   }, 120_000);
 
   it('a streamOptimized vmdk whose markers disagree with its grain directory is converted again from the directory, identically to qemu-img', async () => {
     const image = images['moved-marker.vmdk']!;
-    const body = await readFile(image.path);
-    const upload = pacedUpload(`${svc.apiUrl}/v1/jobs`, body);
-    const answer = await upload.end();
-    expect(answer.status).toBe(202);
-    const id = (JSON.parse(answer.body) as JobJson).id;
-    const done = await svc.waitForFinal(id, auth);
-    expect(done.state, JSON.stringify(done.error)).toBe('succeeded');
+    const done = await convertedPaced(image);
     expect(done.attempts).toBe(1); // converted again within the same attempt, not retried
     expect(await outputSha256(done)).toBe(image.sha256);
     // qemu reads grain 31 where the directory says, whatever its marker claims.
