@@ -1,5 +1,5 @@
-import { createRequire } from 'node:module';
 import { availableParallelism } from 'node:os';
+import { loadAddon } from './native.js';
 import type { Codec } from './types.js';
 
 /**
@@ -23,14 +23,7 @@ const CODEC_IDS: Record<Codec, number> = { deflate: 0, 'vmdk-grain': 1, zstd: 2 
 let helper: CodecHelper | null | undefined;
 
 function codecHelper(): CodecHelper | null {
-  if (helper !== undefined) return helper;
-  try {
-    // From src/engine or dist/engine alike: two levels below the package root.
-    const loaded = createRequire(import.meta.url)('../../native/codec/build/Release/codec.node') as Partial<CodecHelper>;
-    helper = typeof loaded.decodeMany === 'function' ? (loaded as CodecHelper) : null;
-  } catch {
-    helper = null;
-  }
+  if (helper === undefined) helper = loadAddon<CodecHelper>('codec', 'decodeMany');
   return helper;
 }
 

@@ -26,15 +26,19 @@ export interface SeekHelper {
 
 let helper: SeekHelper | null | undefined;
 
-export function seekHelper(): SeekHelper | null {
-  if (helper !== undefined) return helper;
+/** Loads the addon native/NAME, or null where it was not built or lacks `entry` (the JavaScript paths stand in). */
+export function loadAddon<T>(name: string, entry: keyof T & string): T | null {
   try {
     // From src/engine or dist/engine alike: two levels below the package root.
-    const loaded = createRequire(import.meta.url)('../../native/seek/build/Release/seek.node') as Partial<SeekHelper>;
-    helper = typeof loaded.dataExtents === 'function' ? (loaded as SeekHelper) : null;
+    const loaded = createRequire(import.meta.url)(`../../native/${name}/build/Release/${name}.node`) as Partial<T>;
+    return typeof loaded[entry] === 'function' ? (loaded as T) : null;
   } catch {
-    helper = null;
+    return null;
   }
+}
+
+export function seekHelper(): SeekHelper | null {
+  if (helper === undefined) helper = loadAddon<SeekHelper>('seek', 'dataExtents');
   return helper;
 }
 
