@@ -192,6 +192,21 @@ describe.skipIf(!cephAvailable)('RBD destinations', () => {
     await retry.finish(1 << 20);
     await retry.commit();
     expect(await exportSha(`rbd/${n}@snap`)).toBe(sha(2));
+    // The next attempt died between `snap create` and `snap protect` (what CI once hit after a worker SIGKILL).
+    await cli('snap', 'unprotect', `rbd/${n}@snap`);
+    const afterUnprotected = await rbd.create({ target: 'rbd', pool: 'rbd', image: n }, 1 << 20, owner);
+    await afterUnprotected.write(oneMiB(3));
+    await afterUnprotected.finish(1 << 20);
+    await afterUnprotected.commit();
+    expect(await exportSha(`rbd/${n}@snap`)).toBe(sha(3));
+    // Died between the rename and `snap create`: no snapshot at all.
+    await cli('snap', 'unprotect', `rbd/${n}@snap`);
+    await cli('snap', 'rm', '--no-progress', `rbd/${n}@snap`);
+    const afterRenamed = await rbd.create({ target: 'rbd', pool: 'rbd', image: n }, 1 << 20, owner);
+    await afterRenamed.write(oneMiB(2));
+    await afterRenamed.finish(1 << 20);
+    await afterRenamed.commit();
+    expect(await exportSha(`rbd/${n}@snap`)).toBe(sha(2));
     // Someone cloned it meanwhile (it looked finished): the retry refuses and leaves image and clone alone.
     const clone = name('unrecorded-clone');
     await cli('clone', `rbd/${n}@snap`, `rbd/${clone}`);

@@ -116,13 +116,18 @@ export class RbdDestinations implements Destinations {
     if (meta.has(HANDED_OVER_KEY)) {
       throw new DestinationExistsError(`RBD image ${spec} was written by an earlier attempt of this job and registered in Glance; it was left untouched`);
     }
-    const snaps = JSON.parse(await this.rbd(['snap', 'ls', '--format', 'json', spec])) as Array<{ name: string }>;
+    const snaps = JSON.parse(await this.rbd(['snap', 'ls', '--format', 'json', spec])) as Array<{ name: string; protected?: string }>;
     if (snaps.some((s) => s.name !== SNAPSHOT)) throw new DestinationExistsError(`RBD image ${spec} has snapshots this service did not make; it was left untouched`);
-    if (snaps.length > 0) {
-      // Protected and maybe already cloned by someone who saw it: unprotect refuses while clones exist, and then it stays.
-      const unprotect = await runTool('rbd', ['snap', 'unprotect', `${spec}@${SNAPSHOT}`], { timeoutMs: this.settings.commandTimeoutMs });
-      if (unprotect.code !== 0 && !/not protected/.test(unprotect.stderr)) {
-        throw new DestinationExistsError(`RBD image ${spec} was written by an earlier attempt of this job and is in use (${lastLines(unprotect.stderr) || 'unprotect failed'}); it was left untouched`);
+    const snapshot = snaps[0];
+    if (snapshot) {
+      // The attempt may have died between `snap create` and `snap protect`; unprotecting an unprotected snapshot is an
+      // error (EINVAL, "snap is already unprotected"), so ask first. Protected and maybe cloned by someone who saw it:
+      // unprotect refuses while clones exist, and then it stays.
+      if (snapshot.protected !== 'false') {
+        const unprotect = await runTool('rbd', ['snap', 'unprotect', `${spec}@${SNAPSHOT}`], { timeoutMs: this.settings.commandTimeoutMs });
+        if (unprotect.code !== 0) {
+          throw new DestinationExistsError(`RBD image ${spec} was written by an earlier attempt of this job and is in use (${lastLines(unprotect.stderr) || 'unprotect failed'}); it was left untouched`);
+        }
       }
       await this.rbd(['snap', 'rm', '--no-progress', `${spec}@${SNAPSHOT}`]).catch((err: unknown) => {
         throw asDestinationError(err, `removing the earlier attempt's snapshot of ${spec}`);
