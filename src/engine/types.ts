@@ -115,6 +115,8 @@ export interface FormatInfo {
    * VHDX header's data write GUID, as lowercase hex; a VMDK's CID is in formatSpecific.
    */
   identity?: string;
+  /** A VHDX's logical sector size (not printed): a differencing child must have its parent's. */
+  logicalSectorSize?: number;
 }
 
 /**

@@ -16,7 +16,8 @@
  * (UNSAFE_IMAGE naming the parent locator's paths); opened with `backingSupplied` (a
  * bundle holding the parent, src/engine/archive/) they name the parent by the
  * locator's relative_path, volume_path and absolute_win32_path, are verified by
- * parent_linkage (or parent_linkage2) against the parent's DataWriteGuid, and map as
+ * parent_linkage (or parent_linkage2) against the parent's DataWriteGuid and by their
+ * logical sector size (a child has its parent's: the sector bitmap counts its sectors), and map as
  * the specification reads them: NOT_PRESENT and UNDEFINED blocks, and the sectors of
  * a PARTIALLY_PRESENT block whose bit (least significant first) in the sector bitmap
  * is clear, are the parent's; ZERO and UNMAPPED blocks read as zeros.
@@ -288,8 +289,15 @@ export const vhdxDriver: FormatDriver = {
         format: 'vhdx',
         mismatch: (image: DiskImage): string | undefined => {
           if (image.format !== 'vhdx') return `the parent is a ${image.format} image, and a differencing VHDX's parent is a VHDX`;
-          const got = image.info().identity;
-          return got !== undefined && linkages.includes(got) ? undefined : `the child's parent_linkage is {${linkages[0]}}, the parent's DataWriteGuid is {${got ?? 'unknown'}}`;
+          const { identity: got, logicalSectorSize: parentSectors } = image.info();
+          if (got === undefined || !linkages.includes(got)) return `the child's parent_linkage is {${linkages[0]}}, the parent's DataWriteGuid is {${got ?? 'unknown'}}`;
+          // The sector bitmap has a bit per logical sector, the parent's sectors fill the clear ones:
+          // a child has its parent's logical sector size (Hyper-V's New-VHD -Differencing takes none, it
+          // inherits it). qemu 7.2 reads no differencing VHDX, so there is no qemu behaviour to match.
+          if (parentSectors !== logicalSectorSize) {
+            return `the child's logical sector size is ${logicalSectorSize} bytes, the parent's ${parentSectors ?? 'unknown'}; a differencing VHDX has its parent's logical sector size`;
+          }
+          return undefined;
         },
       };
     }
@@ -466,7 +474,7 @@ export const vhdxDriver: FormatDriver = {
       virtualSize,
       map,
       ...(parent ? { parent, layerMap: layers } : {}),
-      info: (): FormatInfo => ({ clusterSize: blockSize, dirty: false, identity }),
+      info: (): FormatInfo => ({ clusterSize: blockSize, dirty: false, identity, logicalSectorSize }),
       check,
       close: async () => {},
     };
