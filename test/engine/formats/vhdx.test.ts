@@ -496,6 +496,6 @@ describe('vhdx: map', () => {
     const first = entries[0] as MapEntry & { fileOffset: number };
     expect(first).toMatchObject({ kind: 'stored', offset: 0, fileOffset: batEntry(bytes, 0).offset });
     expect(entries.find((e) => e.offset === 2 * MiB)).toMatchObject({ kind: 'zero', length: 2 * MiB });
-    expect(image.info()).toEqual({ clusterSize: MiB, dirty: false, identity: expect.stringMatching(/^[0-9a-f-]{36}$/) });
+    expect(image.info()).toEqual({ clusterSize: MiB, dirty: false, identity: expect.stringMatching(/^[0-9a-f-]{36}$/), logicalSectorSize: 512 });
   });
 });
