@@ -153,3 +153,47 @@ describe('diskconv on archives', () => {
     }
   }, 120_000);
 });
+
+describe('info of a VMDK child in a bundle equals qemu-img info of the child in place', () => {
+  // qemu-img info prints "backing file format: vmdk" for every VMDK child (vmdk_parent_open names the
+  // format with the parentFileNameHint), split (twoGbMaxExtentSparse) or monolithic, parent present or not.
+  // The bundle's own names are mapped to the files in place: the tar's path for the child's, the tar's
+  // folder for its members' (extent filenames); disk size and the archive listing have no qemu equivalent.
+  const cases = [
+    { name: 'split', child: 'vc-split.vmdk', files: ['vc-split.vmdk', 'vc-split-s001.vmdk', 'vc-base.vmdk'], opts: ['-o', 'subformat=twoGbMaxExtentSparse'] },
+    { name: 'monolithic', child: 'vc-mono.vmdk', files: ['vc-mono.vmdk', 'vc-base.vmdk'], opts: [] },
+  ] as const;
+  beforeAll(async () => {
+    await qemuImg('create', '-q', '-f', 'vmdk', path('vc-base.vmdk'), '64M');
+    await qemuIo('-f', 'vmdk', '-c', 'write -P 0x61 0 1M', path('vc-base.vmdk'));
+    for (const c of cases) {
+      await qemuImg('create', '-q', '-f', 'vmdk', ...c.opts, '-b', 'vc-base.vmdk', '-F', 'vmdk', path(c.child));
+      await qemuIo('-f', 'vmdk', '-c', 'write -P 0x62 2M 1M', path(c.child));
+      await run('tar', ['-cf', path(`${c.child}.tar`), '-C', dir, ...c.files]);
+    }
+  }, 60_000);
+  const inPlace = (text: string, c: (typeof cases)[number]): string => text.replaceAll(`${path(`${c.child}.tar`)}/`, `${dir}/`).replaceAll(path(`${c.child}.tar`), path(c.child));
+
+  it.each(cases)('$name child, human output', async (c) => {
+    const ours = await runDiskconv(['info', path(`${c.child}.tar`)]);
+    expect(ours.stderr).toBe('');
+    const theirs = await qemuImg('info', path(c.child));
+    const drop = (t: string): string => t.split('\n').filter((l) => !l.startsWith('disk size: ')).join('\n');
+    expect(theirs.stdout).toMatch(/^backing file format: vmdk$/m);
+    expect(drop(inPlace(ours.stdout, c))).toBe(drop(theirs.stdout));
+  });
+
+  it.each(cases)('$name child, --output=json: the same keys in the same order', async (c) => {
+    const ours = await runDiskconv(['info', '--output=json', path(`${c.child}.tar`)]);
+    expect(ours.stderr).toBe('');
+    const theirs = await qemuImg('info', '--output=json', path(c.child));
+    const drop = (t: string): unknown => {
+      const o = JSON.parse(t) as Record<string, unknown>;
+      delete o['actual-size'];
+      delete o.archive;
+      return o;
+    };
+    expect((JSON.parse(theirs.stdout) as Record<string, unknown>)['backing-filename-format']).toBe('vmdk');
+    expect(JSON.stringify(drop(inPlace(ours.stdout, c)), null, 1)).toBe(JSON.stringify(drop(theirs.stdout), null, 1));
+  });
+});

@@ -655,7 +655,8 @@ async function openSplitVmdk(ctx: Context, member: TarMember, descriptor: NonNul
   return new ConcatImage('vmdk', parts, {
     ...(firstSparse !== undefined ? { clusterSize: firstSparse } : {}),
     dirty: false,
-    ...(descriptor.parentHint !== undefined ? { backingFilename: descriptor.parentHint } : {}),
+    // As qemu-img info: a VMDK child's backing file format is "vmdk" (vmdk_parent_open).
+    ...(descriptor.parentHint !== undefined ? { backingFilename: descriptor.parentHint, backingFilenameFormat: 'vmdk' } : {}),
     formatSpecific: {
       type: 'vmdk',
       data: { cid: descriptor.cid, 'parent-cid': descriptor.parentCid, 'create-type': descriptor.createType, extents: extentsInfo },

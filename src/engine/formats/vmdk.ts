@@ -533,7 +533,8 @@ class VmdkSparseImage implements DiskImage {
     return {
       clusterSize: grainBytes,
       dirty: false,
-      ...(parentHint !== undefined ? { backingFilename: parentHint } : {}),
+      // qemu's vmdk_parent_open names the backing format "vmdk" with the parent's name: info prints both.
+      ...(parentHint !== undefined ? { backingFilename: parentHint, backingFilenameFormat: 'vmdk' } : {}),
       formatSpecific: {
         type: 'vmdk',
         data: {
