@@ -8,6 +8,7 @@
  */
 import { createHash } from 'node:crypto';
 import type { Readable } from 'node:stream';
+import type { Multipart, MultipartFile, MultipartValue } from '@fastify/multipart';
 import type { FastifyRequest } from 'fastify';
 import { z } from 'zod';
 import type { Config } from '../config.js';
@@ -190,7 +191,7 @@ export function readOptionFields(
 }
 
 /** Room for multipart boundaries and headers around the file. */
-const MULTIPART_OVERHEAD = 1 << 20;
+export const MULTIPART_OVERHEAD = 1 << 20;
 /** Space kept free in the store beyond an upload's declared length. */
 const FREE_SPACE_RESERVE = 64 * 2 ** 20;
 
@@ -294,29 +295,46 @@ async function receiveOctetStream(request: FastifyRequest, key: string, deps: Bo
 }
 
 async function receiveMultipart(request: FastifyRequest, key: string, deps: BodyDeps): Promise<Received> {
-  const fields: Record<string, string> = {};
+  return receiveParts(request.parts()[Symbol.asyncIterator](), {}, key, deps);
+}
+
+/**
+ * The rest of a multipart body: `parts` from where the caller stopped, the `fields` it
+ * read so far, and (streaming-multipart.ts) a file part it took already, whose bytes
+ * `file` gives from the start. Stages the file, reads the fields; nothing stays staged
+ * on a failure.
+ */
+export async function receiveParts(
+  parts: AsyncIterator<Multipart>,
+  fields: Record<string, string>,
+  key: string,
+  deps: BodyDeps,
+  taken?: { part: MultipartFile; file: Readable },
+): Promise<Received> {
   let stored: StoredUpload | undefined;
   let filename: string | undefined;
+  const storeFile = async (part: MultipartFile, file: Readable): Promise<void> => {
+    filename = sanitizeFilename(part.filename);
+    stored = await streamToStore(file, key, deps);
+    if ((part.file as Readable & { truncated?: boolean }).truncated) {
+      throw new ApiError('PAYLOAD_TOO_LARGE', `the file is larger than MAX_UPLOAD_BYTES (${deps.config.maxUploadBytes})`);
+    }
+  };
   try {
-    for await (const part of request.parts()) {
+    if (taken) await storeFile(taken.part, taken.file);
+    for (;;) {
+      const next = await parts.next();
+      if (next.done) break;
+      const part = next.value;
       if (part.type === 'file') {
         if (part.fieldname !== 'file' || stored) {
           part.file.resume();
           throw new ApiError('TOO_MANY_FILES', `unexpected file part '${part.fieldname.slice(0, 64)}'; send one part named 'file'`);
         }
-        filename = sanitizeFilename(part.filename);
-        // Fields sent before the file: a refused destination stops the upload before it is stored.
-        if ('output_target' in fields || 'rbd_pool' in fields) {
-          const early = uploadOptions.pick({ output_target: true, rbd_pool: true, rbd_image: true }).safeParse(fields);
-          if (early.success) destinationOf({ target: early.data.output_target, pool: early.data.rbd_pool, image: early.data.rbd_image }, key, deps);
-        }
-        stored = await streamToStore(part.file, key, deps);
-        if ((part.file as Readable & { truncated?: boolean }).truncated) {
-          throw new ApiError('PAYLOAD_TOO_LARGE', `the file is larger than MAX_UPLOAD_BYTES (${deps.config.maxUploadBytes})`);
-        }
+        checkEarlyDestination(fields, key, deps);
+        await storeFile(part, part.file);
       } else {
-        if (part.fieldname in fields) throw new ApiError('VALIDATION_FAILED', `field '${part.fieldname.slice(0, 64)}' appears twice`);
-        fields[part.fieldname] = typeof part.value === 'string' ? part.value : String(part.value);
+        addField(fields, part);
       }
     }
   } catch (err) {
@@ -331,6 +349,20 @@ async function receiveMultipart(request: FastifyRequest, key: string, deps: Body
   } catch (err) {
     await deps.staging.delete(key).catch(() => {});
     throw err;
+  }
+}
+
+/** A multipart field into `fields`; twice is an error. */
+export function addField(fields: Record<string, string>, part: MultipartValue): void {
+  if (part.fieldname in fields) throw new ApiError('VALIDATION_FAILED', `field '${part.fieldname.slice(0, 64)}' appears twice`);
+  fields[part.fieldname] = typeof part.value === 'string' ? part.value : String(part.value);
+}
+
+/** Fields sent before the file: a refused destination stops the upload before it is stored. */
+export function checkEarlyDestination(fields: Record<string, string>, key: string, deps: Pick<BodyDeps, 'destinations'>): void {
+  if ('output_target' in fields || 'rbd_pool' in fields) {
+    const early = uploadOptions.pick({ output_target: true, rbd_pool: true, rbd_image: true }).safeParse(fields);
+    if (early.success) destinationOf({ target: early.data.output_target, pool: early.data.rbd_pool, image: early.data.rbd_image }, key, deps);
   }
 }
 

@@ -85,6 +85,12 @@ export class ApiError extends DiskconvError {
   }
 }
 
+/** Our code for a fastify core or @fastify/multipart error, when it is one (a job failed by it says the same as the answer). */
+export function fastifyErrorCode(err: unknown): ApiErrorCode | undefined {
+  const code = (err as { code?: unknown } | undefined)?.code;
+  return typeof code === 'string' ? FASTIFY_CODES[code] : undefined;
+}
+
 /** fastify core and @fastify/multipart codes -> ours. */
 const FASTIFY_CODES: Record<string, ApiErrorCode> = {
   FST_ERR_CTP_INVALID_MEDIA_TYPE: 'UNSUPPORTED_MEDIA_TYPE',

@@ -25,9 +25,10 @@ import { pipeline } from 'node:stream/promises';
 import type { FastifyReply, FastifyRequest } from 'fastify';
 import { detectWrapper, isDiskconvError, WRAPPER_PROBE_BYTES } from '../engine/index.js';
 import type { JobError, JobRecord } from '../queue/records.js';
-import { asBodyError, checkDeclaredLength, readOptionFields, streamToStore, verifyChecksum, watchIdle, mediaType, type BodyDeps, type Received } from './bodies.js';
+import type { StagedWrite } from '../store/index.js';
+import { asBodyError, checkDeclaredLength, readOptionFields, streamToStore, verifyChecksum, watchIdle, mediaType, type BodyDeps, type JobOptions, type Received } from './bodies.js';
 import type { ApiContext } from './context.js';
-import { ApiError, QUEUE_RETRY_AFTER_SECONDS } from './errors.js';
+import { ApiError, fastifyErrorCode, QUEUE_RETRY_AFTER_SECONDS } from './errors.js';
 import { checkJobOptions, newJobRecord, submitJob } from './job-record.js';
 import { requestFingerprint, type Claim } from './idempotency.js';
 import { jobPath, presentJob } from './present.js';
@@ -141,9 +142,47 @@ async function stream(ctx: ApiContext, request: FastifyRequest, reply: FastifyRe
     await writer.abort();
     throw new Error('the staging store offers no token to follow its write');
   }
+  const done = await overlap(ctx, request, reply, { id, options, ...(filename ? { filename } : {}), callback, declared, writer, token, chunks: replay(head, iterator, ended), ...(idempotencyKey !== undefined ? { idempotencyKey } : {}) });
+  if ('restage' in done) throw new Error('an exact length never restages');
+  return done;
+}
+
+/** What overlap() needs: the job's options, the staging write the file goes to, the file's bytes. */
+export interface OverlapPlan {
+  id: string;
+  options: JobOptions;
+  filename?: string;
+  passphrase?: string;
+  callback: Pick<JobRecord, 'callback_url' | 'callback'>;
+  /** The source's size: the body's Content-Length, or (predicted) what a multipart body's file part will be. */
+  declared: number;
+  writer: StagedWrite;
+  token: string;
+  /** The file's bytes, from the first. */
+  chunks: AsyncIterable<Buffer>;
+  idempotencyKey?: string;
+  /**
+   * `declared` is a prediction (streaming-multipart.ts): a file that ends elsewhere is no error, and `rest()`
+   * reads what follows it, true when nothing does. Either way off, the answer is `restage` instead of a reply.
+   */
+  predicted?: { rest(): Promise<boolean> };
+}
+
+/** A predicted upload that turned out otherwise: its staged bytes (`path`), for a job of their own; `retire()` removes the overlapped job and its write. */
+export interface Restage {
+  restage: { size: number; sha256: string; path: string; retire(): Promise<void> };
+}
+
+/**
+ * The job made at once, converting while `chunks` go to the staging write; the staged copy committed at the
+ * end. Answers 202 (or a replay), or hands a mispredicted upload back as `restage`.
+ */
+export async function overlap(ctx: ApiContext, request: FastifyRequest, reply: FastifyReply, plan: OverlapPlan): Promise<FastifyReply | Restage> {
+  const { id, options, filename, callback, declared, writer, token, idempotencyKey, predicted } = plan;
   const hash = createHash('sha256');
   let size = 0;
   let jobExists = false;
+  let whole = true;
   /**
    * The upload failed after the job was made; its worker stops reading. A client that hears the
    * refusal (a wrong checksum, a body longer than declared, a store failure) gets no job, as on the
@@ -169,30 +208,46 @@ async function stream(ctx: ApiContext, request: FastifyRequest, reply: FastifyRe
     await ctx.uploadMarks.set(id, { state: 'receiving', token, size: declared });
     const record = newJobRecord(id, request.tenant, { kind: 'upload', key: id, size: declared, sha256: '', ...(filename ? { filename } : {}) }, options, callback);
     delete record.source.sha256; // known once the last byte is in
-    await submit(ctx, request, record);
+    await submit(ctx, request, record, plan.passphrase);
     jobExists = true;
     request.log.info({ job: id, kind: 'upload', size: declared, streaming: true }, 'job created; converting while the upload arrives');
 
     async function* counted(): AsyncGenerator<Buffer> {
-      for await (const chunk of replay(head, iterator, ended)) {
+      for await (const chunk of plan.chunks) {
         size += chunk.length;
-        if (size > declared) throw new ApiError('VALIDATION_FAILED', `the body is longer than its Content-Length (${declared})`);
+        if (size > declared && !predicted) throw new ApiError('VALIDATION_FAILED', `the body is longer than its Content-Length (${declared})`);
         hash.update(chunk);
         yield chunk;
       }
-      if (size < declared) throw new ApiError('INCOMPLETE_BODY', `the body ended after ${size} of the ${declared} bytes its Content-Length declared`);
+      if (size < declared && !predicted) throw new ApiError('INCOMPLETE_BODY', `the body ended after ${size} of the ${declared} bytes its Content-Length declared`);
     }
     await pipeline(counted(), writer.stream);
+    if (predicted) whole = (await predicted.rest()) && size === declared;
   } catch (err) {
     await writer.abort().catch(() => {});
     const failure = asBodyError(err);
-    const error: JobError = isDiskconvError(failure) ? { code: failure.code, message: failure.message } : { code: 'INCOMPLETE_BODY', message: 'the upload failed before its last byte' };
+    const fastify = fastifyErrorCode(failure);
+    const error: JobError = isDiskconvError(failure)
+      ? { code: failure.code, message: failure.message }
+      : fastify !== undefined
+        ? { code: fastify, message: (failure as Error).message.replace(/^FST_[A-Z_]+:\s*/, '') }
+        : { code: 'INCOMPLETE_BODY', message: 'the upload failed before its last byte' };
     await failJob(error);
     request.log.info({ job: id, code: error.code, bytes: size }, 'streaming upload failed; its job fails with it');
     throw failure;
   }
 
   const sha256 = hash.digest('hex');
+  if (!whole) {
+    const path = ctx.stores.staging.followPath?.(id, token);
+    if (path === undefined) throw new Error('the staging store offers no path to its write');
+    const retire = async (): Promise<void> => {
+      await writer.abort().catch(() => {});
+      await failJob({ code: 'UPLOAD_RESTAGED', message: 'the request held more than the file its job was made for; converted as a new job from the staged copy' });
+    };
+    request.log.info({ job: id, bytes: size, predicted: declared }, 'the multipart body was not as predicted; its overlapped job goes, the staged copy makes the job');
+    return { restage: { size, sha256, path, retire } };
+  }
   await ctx.uploadMarks.set(id, { state: 'received', token, size, sha256 });
   // A job no worker has started yet shows its sha256 now; a running one is told by the mark (the worker records it).
   const queued = await ctx.records.get(id).catch(() => undefined);
@@ -252,9 +307,9 @@ async function stream(ctx: ApiContext, request: FastifyRequest, reply: FastifyRe
   return reply.code(202).header('location', jobPath(id)).send(shown ? presentJob(shown) : { id });
 }
 
-async function submit(ctx: ApiContext, request: FastifyRequest, record: Parameters<typeof submitJob>[1]): Promise<void> {
+async function submit(ctx: ApiContext, request: FastifyRequest, record: Parameters<typeof submitJob>[1], passphrase?: string): Promise<void> {
   try {
-    await submitJob(ctx, record);
+    await submitJob(ctx, record, passphrase);
   } catch (err) {
     request.log.error({ err }, 'enqueue failed');
     throw new ApiError('QUEUE_UNAVAILABLE', undefined, { 'retry-after': String(QUEUE_RETRY_AFTER_SECONDS) });

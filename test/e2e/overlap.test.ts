@@ -64,6 +64,17 @@ function pacedUpload(url: string, body: Buffer, declaredLength = body.length, he
   };
 }
 
+/** A multipart/form-data body serialized by the platform's own FormData (as a browser's would be), fields in the order given. */
+async function formBody(parts: Array<[string, string] | ['file', Buffer, string]>): Promise<{ body: Buffer; headers: Record<string, string> }> {
+  const fd = new FormData();
+  for (const p of parts) {
+    if (p.length === 3) fd.append(p[0], new Blob([p[1]]), p[2]);
+    else fd.append(p[0], p[1]);
+  }
+  const res = new Response(fd);
+  return { body: Buffer.from(await res.arrayBuffer()), headers: { 'content-type': res.headers.get('content-type') ?? '' } };
+}
+
 describe('conversion while the upload arrives', () => {
   let dir: string;
   let cleanup: () => Promise<void>;
@@ -230,6 +241,70 @@ describe('conversion while the upload arrives', () => {
     const body = await readFile(images['disk.qcow2']!.path);
     const upload = pacedUpload(`${svc.apiUrl}/v1/jobs`, body);
     await upload.send(Math.floor(body.length * 0.5));
+    const listed = await theJob();
+    await svc.waitForJob(listed.id, (j) => j.progress.phase === 'converting', auth);
+    upload.abort();
+    const done = await svc.waitForFinal(listed.id, auth);
+    expect(done.state).toBe('failed');
+    expect(done.error?.code).toBe('INCOMPLETE_BODY');
+    expect(done.output).toBeNull();
+    await waitFor('the partial upload to go', async () => (await leftovers(listed.id)).length === 0);
+  }, 120_000);
+
+  for (const name of ['disk.qcow2', 'vmware-stream.vmdk'] as const) {
+    it(`multipart/form-data as the page sends it (fields, then the file; Idempotency-Key): ${name} converts before the last byte is sent; identical`, async () => {
+      const image = images[name]!;
+      const file = await readFile(image.path);
+      const form = await formBody([['source_format', 'auto'], ['file', file, name]]);
+      const upload = pacedUpload(`${svc.apiUrl}/v1/jobs`, form.body, form.body.length, { ...form.headers, 'idempotency-key': `overlap-mp-${name}-${Date.now()}` });
+      await upload.send(Math.floor(form.body.length * 0.7));
+      const listed = await theJob();
+      expect(listed.source.size).toBe(file.length); // the file part's size, predicted from the body's length
+      const converting = await svc.waitForJob(listed.id, (j) => j.progress.phase === 'converting' && j.progress.bytes_done > 0, { ...auth, timeoutMs: 60_000 });
+      expect(converting.state).toBe('running');
+      expect(converting.source.sha256).toBeUndefined();
+      const answer = await upload.end();
+      expect(answer.status, answer.body).toBe(202);
+      const created = JSON.parse(answer.body) as JobJson;
+      expect(created.id).toBe(listed.id);
+      expect(created.source.sha256).toBe(createHash('sha256').update(file).digest('hex'));
+      expect(created.source.filename).toBe(name);
+      const done = await svc.waitForFinal(listed.id, auth);
+      expect(done.state, JSON.stringify(done.error)).toBe('succeeded');
+      expect(done.source.size).toBe(file.length);
+      expect(await outputSha256(done)).toBe(image.sha256);
+      await waitFor('the staged input to go', async () => (await leftovers(listed.id)).length === 0);
+    }, 120_000);
+  }
+
+  it('multipart with a field after the file: the job made as the file started goes, the whole request becomes the job (its staged copy, its options)', async () => {
+    const image = images['disk.qcow2']!;
+    const file = await readFile(image.path);
+    const form = await formBody([['file', file, 'late.qcow2'], ['source_format', 'qcow2']]);
+    const upload = pacedUpload(`${svc.apiUrl}/v1/jobs`, form.body, form.body.length, form.headers);
+    await upload.send(Math.floor(form.body.length * 0.7));
+    const early = await theJob();
+    expect(early.source_format).toBe('auto'); // made before the field after the file was sent
+    const answer = await upload.end();
+    expect(answer.status, answer.body).toBe(202);
+    const created = JSON.parse(answer.body) as JobJson;
+    expect(created.id).not.toBe(early.id);
+    expect(created.source_format).toBe('qcow2');
+    expect(created.source.size).toBe(file.length);
+    expect(created.source.sha256).toBe(createHash('sha256').update(file).digest('hex'));
+    await waitFor('the early job to go', async () => (await svc.request(`/v1/jobs/${early.id}`, auth)).status === 404);
+    const done = await svc.waitForFinal(created.id, auth);
+    expect(done.state, JSON.stringify(done.error)).toBe('succeeded');
+    expect(await outputSha256(done)).toBe(image.sha256);
+    await waitFor('both staged inputs to go', async () => (await leftovers(early.id)).length === 0 && (await leftovers(created.id)).length === 0);
+    expect(svc.logs()).toContain('multipart upload restaged');
+  }, 120_000);
+
+  it('a multipart upload dropped mid-file fails its converting job as an octet-stream one does (INCOMPLETE_BODY), nothing staged', async () => {
+    const file = await readFile(images['disk.qcow2']!.path);
+    const form = await formBody([['source_format', 'qcow2'], ['file', file, 'drop.qcow2']]);
+    const upload = pacedUpload(`${svc.apiUrl}/v1/jobs`, form.body, form.body.length, form.headers);
+    await upload.send(Math.floor(form.body.length * 0.5));
     const listed = await theJob();
     await svc.waitForJob(listed.id, (j) => j.progress.phase === 'converting', auth);
     upload.abort();

@@ -1,20 +1,17 @@
 /** POST/GET/DELETE /v1/jobs: create, list, read and cancel conversion jobs. */
-import { randomBytes } from 'node:crypto';
 import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
 import { z } from 'zod';
 import { isFinal, JOB_STATES, type JobRecord } from '../../queue/records.js';
-import { checkJobOptions, newJobRecord, submitJob } from '../job-record.js';
+import { createFromReceived, newJobId } from '../create-job.js';
 import { receiveBody } from '../bodies.js';
 import type { ApiContext } from '../context.js';
-import { ApiError, QUEUE_RETRY_AFTER_SECONDS } from '../errors.js';
-import { idempotencyKeyOf, requestFingerprint, type Claim } from '../idempotency.js';
-import { jobPath, presentJob } from '../present.js';
+import { ApiError } from '../errors.js';
+import { idempotencyKeyOf } from '../idempotency.js';
+import { presentJob } from '../present.js';
+import { canStreamMultipart, receiveStreamingMultipart } from '../streaming-multipart.js';
 import { canStream, receiveStreaming } from '../streaming-upload.js';
 
-/** 128 random bits, URL-safe: unguessable, and safe as a store key. */
-export function newJobId(): string {
-  return randomBytes(16).toString('base64url');
-}
+export { newJobId } from '../create-job.js';
 
 const JOB_ID = /^[A-Za-z0-9_-]{22}$/;
 
@@ -43,8 +40,9 @@ export async function jobRoutes(app: FastifyInstance, ctx: ApiContext): Promise<
     const lease = await ctx.leases.hold(id);
     try {
       // A key already in use (a retry of a request that got this far, or a concurrent one) takes the staged path, which compares the bodies.
-      if (canStream(ctx, request) && (idempotencyKey === undefined || !(await ctx.idempotency.has(request.tenant, idempotencyKey)))) {
-        return await receiveStreaming(ctx, request, reply, id, idempotencyKey);
+      const octets = canStream(ctx, request);
+      if ((octets || canStreamMultipart(ctx, request)) && (idempotencyKey === undefined || !(await ctx.idempotency.has(request.tenant, idempotencyKey)))) {
+        return await (octets ? receiveStreaming : receiveStreamingMultipart)(ctx, request, reply, id, idempotencyKey);
       }
       return await createJob(request, reply, id, idempotencyKey);
     } finally {
@@ -54,43 +52,7 @@ export async function jobRoutes(app: FastifyInstance, ctx: ApiContext): Promise<
 
   const createJob = async (request: FastifyRequest, reply: FastifyReply, id: string, idempotencyKey: string | undefined): Promise<FastifyReply> => {
     const received = await receiveBody(request, id, { config: ctx.config, staging: ctx.stores.staging, destinations: ctx.stores.destinations, policy: ctx.policy });
-    const callback = await checkJobOptions(ctx, received.options).catch(async (err: unknown) => {
-      if (received.source.kind === 'upload') await ctx.stores.staging.delete(id).catch(() => {});
-      throw err;
-    });
-    // Idempotency-Key: claimed once the request is known to be acceptable, just before the job exists.
-    let claim: Claim | undefined;
-    if (idempotencyKey !== undefined) {
-      const fingerprint = requestFingerprint(received, id);
-      const claimed = await ctx.idempotency
-        .claim(request.tenant, idempotencyKey, fingerprint, id, async (job) => (await ctx.records.getForTenant(job, request.tenant)) !== undefined)
-        .catch(async (err: unknown) => {
-          await ctx.stores.staging.delete(id).catch(() => {});
-          throw err;
-        });
-      if (claimed.kind === 'existing') {
-        // The same request again: its job as it is now, not a second one; this upload goes.
-        await ctx.stores.staging.delete(id).catch(() => {});
-        const existing = await ctx.records.getForTenant(claimed.job, request.tenant);
-        if (!existing) throw new ApiError('IDEMPOTENCY_KEY_IN_USE', 'the job of this Idempotency-Key is being removed; retry shortly', { 'retry-after': '1' });
-        request.log.info({ job: existing.id }, 'idempotent replay');
-        return reply.code(200).header('location', jobPath(existing.id)).header('idempotent-replayed', 'true').send(presentJob(existing));
-      }
-      claim = claimed.claim;
-    }
-    const src = received.source;
-    const record = newJobRecord(id, request.tenant, src, received.options, callback);
-    try {
-      await submitJob(ctx, record, received.passphrase);
-    } catch (err) {
-      await claim?.release().catch(() => {});
-      request.log.error({ err }, 'enqueue failed');
-      throw new ApiError('QUEUE_UNAVAILABLE', undefined, { 'retry-after': String(QUEUE_RETRY_AFTER_SECONDS) });
-    }
-    // The job exists: a failure to remember its key only costs the retry its replay (the pending TTL runs out).
-    await claim?.created().catch((err: unknown) => request.log.warn({ err }, 'could not record the Idempotency-Key'));
-    request.log.info({ job: id, kind: src.kind, size: src.kind === 'upload' ? src.size : undefined }, 'job created');
-    return reply.code(202).header('location', jobPath(id)).send(presentJob(record));
+    return createFromReceived(ctx, request, reply, id, received, idempotencyKey);
   };
 
   const readLimit = { rateLimit: { max: ctx.config.rateLimit.reads, timeWindow: ctx.config.rateLimit.windowSeconds * 1000 } };
