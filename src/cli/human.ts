@@ -121,6 +121,34 @@ export function formatJsonInfo(info: QemuInfoJson): string {
   return qemuJson(qemuOrder(info));
 }
 
+/** The members of qemu's ImageCheck (qapi/block-core.json) in their declared order: the order qemu inserts them. */
+const IMAGE_CHECK_KEYS = [
+  'image-end-offset',
+  'corruptions',
+  'leaks',
+  'corruptions-fixed',
+  'leaks-fixed',
+  'total-clusters',
+  'allocated-clusters',
+  'fragmented-clusters',
+  'compressed-clusters',
+] as const;
+
+/**
+ * `qemu-img check --output=json`'s text, byte for byte: the ImageCheck object (an
+ * optional member only when non-zero, as qemu-img's collect_image_check sets them)
+ * in qemu's QDict order. Only qemu's keys: the findings go to stderr.
+ */
+export function formatJsonCheck(filename: string, format: string, report: CheckReport): string {
+  const counts: Record<string, number | undefined> = { ...report.fields, corruptions: report.corruptions, leaks: report.leaks };
+  const json: Record<string, unknown> = { filename, format, 'check-errors': report.checkErrors };
+  for (const key of IMAGE_CHECK_KEYS) {
+    const value = counts[key];
+    if (value) json[key] = value;
+  }
+  return qemuJson(qemuOrder(json));
+}
+
 /** dump_qobject: dicts as `key: value` with dashes as spaces, lists as `[i]:`, four spaces per level. */
 function dumpQobject(indent: number, value: unknown, lines: string[], prefix: string): void {
   const pad = ' '.repeat(indent * 4);

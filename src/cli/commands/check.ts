@@ -3,7 +3,7 @@ import { checkImage, InvalidArgumentError, UnsupportedFeatureError } from '../..
 import { CACHE_MODES } from '../destination.js';
 import { withExitStatus } from '../errors.js';
 import { type CommandSpec, DISK_OPTION, FORCE_SHARE_OPTION, FORMAT_OPTION, OUTPUT_OPTION, outputOf, parseOrHelp, PASSPHRASE_OPTION, UsageError } from '../args.js';
-import { formatHumanCheck } from '../human.js';
+import { formatHumanCheck, formatJsonCheck } from '../human.js';
 import { IMAGE_OPTS_OPTION, OBJECT_OPTION } from '../image-opts.js';
 import { sourceOf, withImage } from '../image.js';
 
@@ -46,26 +46,10 @@ export async function run(argv: string[], out: (s: string) => void): Promise<num
     // qemu-img: an error on stderr (nothing on stdout, JSON or not), exit 63.
     if (!image.check) throw withExitStatus(new UnsupportedFeatureError(`This image format does not support checks (${image.format})`), 63);
     const report = await checkImage(image);
-    if (output === 'json') {
-      out(
-        JSON.stringify(
-          {
-            filename: opened.options.displayName ?? file,
-            format: image.format,
-            'check-errors': report.checkErrors,
-            ...(report.corruptions ? { corruptions: report.corruptions } : {}),
-            ...(report.leaks ? { leaks: report.leaks } : {}),
-            ...report.fields,
-            ...(report.messages.length ? { messages: report.messages } : {}),
-          },
-          null,
-          4,
-        ),
-      );
-    } else {
-      for (const m of report.messages) process.stderr.write(`${m}\n`);
-      if (!quiet) out(formatHumanCheck(report));
-    }
+    // As qemu-img, human or JSON: the drivers' findings on stderr, the report on stdout (JSON: qemu's keys in its order).
+    for (const m of report.messages) process.stderr.write(`${m}\n`);
+    if (output === 'json') out(formatJsonCheck(opened.options.displayName ?? file, image.format, report));
+    else if (!quiet) out(formatHumanCheck(report));
     if (report.checkErrors > 0) return 1;
     if (report.corruptions > 0) return 2;
     if (report.leaks > 0) return 3;
