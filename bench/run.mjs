@@ -12,9 +12,17 @@
 // --flushed (default on), also the flushed pair: qemu-img -t writeback against
 // diskconv's own flush (-t writeback, when this build has it).
 //
-// Usage: npm run bench -- [--size 4G] [--rounds 5] [--flushed-rounds 3] [--budget 450]
+// Before the timed rounds of each pass, --warmup rounds (default 1) run every mode once, untimed in the
+// medians (kept in the JSON as warmupRuns): without them the third tool of the first round was always
+// the first to meet the memory that the previous format's deleted files had freed and this VM had
+// since handed to its host (free page reporting), and paid for the host to fault it in again
+// (diskconv, third in round 1, showed 5-7 s of system time there against 1-3 s in its other rounds,
+// bench/results/2026-12-01-session4.json); after a warm-up every timed run reuses the memory its own
+// previous output freed just before, as every later round always did.
+//
+// Usage: npm run bench -- [--size 4G] [--rounds 5] [--flushed-rounds 3] [--budget 450] [--warmup 1]
 //                         [--only qcow2,vdi-static] [--keep DIR] [--flushed on|off] [--json FILE] [--md FILE]
-// The same settings from the environment: BENCH_SIZE, BENCH_ROUNDS, BENCH_FLUSHED_ROUNDS, BENCH_BUDGET,
+// The same settings from the environment: BENCH_SIZE, BENCH_ROUNDS, BENCH_FLUSHED_ROUNDS, BENCH_BUDGET, BENCH_WARMUP,
 // BENCH_ONLY, BENCH_FLUSHED (flags win). --budget (seconds, 0 = none) bounds the whole run: each source
 // format gets an equal share of what is left, and its rounds stop early (never below 3, or --rounds
 // if smaller) when its share is used; the rounds actually run are in the table.
@@ -41,9 +49,10 @@ const flushedRounds = Number(setting('flushed-rounds', 'BENCH_FLUSHED_ROUNDS', M
 const budgetSeconds = Number(setting('budget', 'BENCH_BUDGET', 450));
 const only = setting('only', 'BENCH_ONLY', undefined)?.split(',');
 const flushed = setting('flushed', 'BENCH_FLUSHED', 'on') !== 'off';
+const warmup = Number(setting('warmup', 'BENCH_WARMUP', 1));
 const started = Date.now();
 const elapsed = () => (Date.now() - started) / 1000;
-if (![rounds, flushedRounds, budgetSeconds].every((n) => Number.isInteger(n) && n >= 0) || rounds < 1) throw new Error('rounds must be >= 1, flushed-rounds and budget >= 0 (integers)');
+if (![rounds, flushedRounds, budgetSeconds, warmup].every((n) => Number.isInteger(n) && n >= 0) || rounds < 1) throw new Error('rounds must be >= 1, flushed-rounds, warmup and budget >= 0 (integers)');
 const here = dirname(fileURLToPath(import.meta.url));
 const CLI = join(here, '..', 'dist', 'cli.js');
 const jsonOut = args.get('json') ?? join(here, 'results', 'latest.json');
@@ -296,23 +305,25 @@ for (const [caseIndex, [name, opts]] of CASES.entries()) {
   for (const pass of flushed && flushedRounds > 0 ? [false, true] : [false]) {
     const modes = Object.keys(MODES).filter((m) => !pass || m !== 'diskconv' || hasFlush);
     const runs = Object.fromEntries(modes.map((m) => [m, []]));
+    const warmups = {};
     const outputs = {};
     const wanted = pass ? flushedRounds : rounds;
     // The unflushed pass may use the share less what the flushed pass will need (about as long per round, plus flushing).
     const passEnd = caseStarted + (pass || !flushed || flushedRounds === 0 ? share : share * (rounds / (rounds + 1.5 * flushedRounds)));
     const loadBefore = loadAverage();
-    let r = 0;
+    let r = -warmup;
     for (; r < wanted; r++) {
       if (r >= Math.min(3, wanted) && elapsed() > passEnd) break;
       for (let i = 0; i < modes.length; i++) {
-        const mode = modes[(i + r) % modes.length]; // rotate who goes first
+        const mode = modes[(((i + r) % modes.length) + modes.length) % modes.length]; // rotate who goes first
         const out = join(dir, `${name}.${mode.replace(/\W+/g, '_')}.raw`);
         rmSync(out, { force: true });
         execFileSync('sync');
         const [cmd, argv] = MODES[mode](image, fmt, out, pass);
         const res = await timed(cmd, argv);
         res.allocated = allocated(out);
-        runs[mode].push(res);
+        if (r < 0) (warmups[mode] ??= []).push(res);
+        else runs[mode].push(res);
         outputs[mode] = out;
       }
     }
@@ -336,6 +347,7 @@ for (const [caseIndex, [name, opts]] of CASES.entries()) {
         // Each tool's last output against qemu-img's default of the same pass.
         identical: mode === 'qemu-img' ? true : identical(reference, outputs[mode]),
         runs: xs,
+        warmupRuns: warmups[mode] ?? [],
       };
     }
     for (const out of Object.values(outputs)) rmSync(out, { force: true });
@@ -358,7 +370,7 @@ const fmtS = (x) => (x === undefined ? '–' : x.toFixed(2));
 const ratio = (a, b) => (a && b ? (a.wall / b.wall).toFixed(2) : '–');
 const GiB = (b) => (b / 2 ** 30).toFixed(2);
 const lines = [];
-lines.push(`${virtualSize / 2 ** 30} GiB virtual, ${(dataBytes / 2 ** 20).toFixed(0)} MiB data; median of up to ${rounds} rounds (rotating order, outputs deleted and sync before each run, warm cache); whole run ${(elapsed() / 60).toFixed(1)} min.`);
+lines.push(`${virtualSize / 2 ** 30} GiB virtual, ${(dataBytes / 2 ** 20).toFixed(0)} MiB data; median of up to ${rounds} rounds after ${warmup} untimed warm-up round(s) (rotating order, outputs deleted and sync before each run, warm cache); whole run ${(elapsed() / 60).toFixed(1)} min.`);
 lines.push(`Machine: ${machine.cpus} × ${machine.cpuModel}, ${machine.memGiB} GiB RAM, ${machine.filesystem}, Linux ${machine.kernel}, Node ${machine.node}, ${machine.qemuImg}; load average at start ${machine.loadAverageAtStart}.`);
 lines.push('Ratios are diskconv / qemu-img wall time: below 1.00 diskconv is faster. "best" is the ratio of the fastest rounds (min wall; min CPU in the cpu column), steadier than the median where the system time of single runs jumps (page-cache pages the host must fault in again).');
 lines.push('');
@@ -389,7 +401,7 @@ const md = lines.join('\n') + '\n';
 console.log('\n' + md);
 mkdirSync(dirname(jsonOut), { recursive: true });
 mkdirSync(dirname(mdOut), { recursive: true });
-writeFileSync(jsonOut, JSON.stringify({ date: new Date().toISOString(), virtualSize, dataBytes, rounds, flushedRounds, budgetSeconds, seconds: Math.round(elapsed()), loadAverageAtEnd: readFileSync('/proc/loadavg', 'utf8').split(' ').slice(0, 3).join(' '), machine, results }, null, 2) + '\n');
+writeFileSync(jsonOut, JSON.stringify({ date: new Date().toISOString(), virtualSize, dataBytes, rounds, warmup, flushedRounds, budgetSeconds, seconds: Math.round(elapsed()), loadAverageAtEnd: readFileSync('/proc/loadavg', 'utf8').split(' ').slice(0, 3).join(' '), machine, results }, null, 2) + '\n');
 writeFileSync(mdOut, md);
 console.log(`wrote ${mdOut} and ${jsonOut}`);
 if (!args.get('keep')) rmSync(dir, { recursive: true, force: true });
