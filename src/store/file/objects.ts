@@ -41,11 +41,15 @@ export class FileObjects implements ObjectSet {
     return join(this.root, 'tmp', `${this.kind}.${key}.${randomBytes(6).toString('hex')}`);
   }
 
-  /** fsync the written temp file, rename it into place, then make the rename itself durable. */
-  async publish(temp: string, key: string): Promise<ObjectStat> {
+  /**
+   * fsync the written temp file, rename it into place, then make the rename itself durable. `synced`: the caller
+   * fsynced the file already (WriteBehind.finish, through a descriptor opened before the first write, so it also
+   * sees any write error): a second fsync through a new descriptor would only cost time.
+   */
+  async publish(temp: string, key: string, options: { synced?: boolean } = {}): Promise<ObjectStat> {
     const final = this.path(key);
     try {
-      await fsyncFile(temp);
+      if (!options.synced) await fsyncFile(temp);
       await rename(temp, final);
       await fsyncDir(join(this.root, this.kind));
       const st = await stat(final);

@@ -75,7 +75,7 @@ export class FileOutputStore extends ObjectStoreBase<FileObjects> implements Out
           await rm(temp, { force: true });
           throw asStoreError(err, `commit of output ${key}`);
         }
-        return this.objects.publish(temp, key);
+        return this.objects.publish(temp, key, { synced: true });
       },
     };
   }

@@ -52,7 +52,7 @@ export class FileStaging extends ObjectStoreBase<FileObjects> implements InputSt
           await rm(temp, { force: true });
           throw asStoreError(err, `commit of input ${key}`);
         }
-        return this.objects.publish(temp, key);
+        return this.objects.publish(temp, key, { synced: true });
       },
       abort: async () => {
         clearInterval(poll);

@@ -51,14 +51,17 @@ export class WriteBehind {
       });
   }
 
-  /** Waits for the flush in flight, flushes the rest, closes; throws a background flush's failure. */
+  /**
+   * Waits for the flush in flight, then fsyncs (data and metadata: the commit needs no fsync of its own after it,
+   * objects.ts publish `synced`), closes; throws a background flush's failure.
+   */
   async finish(): Promise<void> {
     if (this.closed) return;
     this.closed = true;
     try {
       await this.inFlight;
       if (this.failure !== undefined) throw this.failure;
-      await this.handle.datasync();
+      await this.handle.sync();
     } finally {
       await this.handle.close().catch(() => {});
     }
