@@ -8,7 +8,7 @@ import { mkdir } from 'node:fs/promises';
 import { join } from 'node:path';
 import multipart from '@fastify/multipart';
 import rateLimit from '@fastify/rate-limit';
-import Fastify, { type FastifyBaseLogger, type FastifyInstance, type FastifyPluginAsync } from 'fastify';
+import Fastify, { type FastifyBaseLogger, type FastifyInstance, type FastifyPluginAsync, type FastifyRequest } from 'fastify';
 import type { Config } from '../config.js';
 import { Leases } from '../queue/leases.js';
 import { UploadMarks } from '../queue/upload-stream.js';
@@ -59,18 +59,36 @@ export function diskconvApp(config: Config, deps: AppDeps): FastifyPluginAsync {
     // A refused token is answered only after the rate limit (a route-level onRequest
     // hook, so after this one) has counted the request against the caller's address:
     // guessing tokens costs rate limit like anything else.
-    app.addHook('onRequest', async (request) => {
-      const route = request.routeOptions.url;
-      if (route === undefined || (route !== '/v1' && !route.startsWith('/v1/'))) return;
+    // Callback hooks, not async ones: every status poll passes here, and a promise per hook is a cost it need not pay.
+    const check = (request: FastifyRequest): void => {
       try {
-        if (await links.authenticate(request)) return;
         authenticate(request);
       } catch (err) {
         authFailures.set(request, err);
       }
+    };
+    app.addHook('onRequest', (request, _reply, done) => {
+      const route = request.routeOptions.url;
+      if (route === undefined || (route !== '/v1' && !route.startsWith('/v1/'))) return done();
+      if (!links.offered(request)) {
+        check(request);
+        return done();
+      }
+      links.authenticate(request).then(
+        (ok) => {
+          if (!ok) check(request);
+          done();
+        },
+        (err: unknown) => {
+          authFailures.set(request, err);
+          done();
+        },
+      );
     });
-    app.addHook('preParsing', async (request) => {
-      if (authFailures.has(request)) throw authFailures.get(request);
+    app.addHook('preParsing', (request, _reply, payload, done) => {
+      const failure = authFailures.get(request);
+      if (failure !== undefined) done(failure as Error);
+      else done(null, payload);
     });
 
     // Images arrive as a stream the route handler reads into the store.

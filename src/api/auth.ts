@@ -20,6 +20,8 @@ const digest = (s: string): Buffer => createHash('sha256').update(s).digest();
 
 export function createAuthenticator(tokens: readonly string[]): (request: FastifyRequest) => void {
   const digests = tokens.map(digest);
+  // The tenant of each configured token, worked out once (a status poll would hash the token a second time per request).
+  const tenants = new Map(tokens.map((t) => [digest(t).toString('hex'), tenantOf(t)]));
   return (request) => {
     if (digests.length === 0) {
       request.tenant = tenantOf(undefined);
@@ -32,6 +34,6 @@ export function createAuthenticator(tokens: readonly string[]): (request: Fastif
     let match = false;
     for (const d of digests) match = timingSafeEqual(d, presented) || match;
     if (!match) throw new ApiError('UNAUTHORIZED', 'invalid bearer token', { 'www-authenticate': 'Bearer realm="diskconv", error="invalid_token"' });
-    request.tenant = tenantOf(m[1] as string);
+    request.tenant = tenants.get(presented.toString('hex')) ?? tenantOf(m[1] as string);
   };
 }

@@ -14,6 +14,8 @@ export interface LinkSigner {
   sign(id: string, tenant: string, now?: number): { href: string; expiresAt: number };
   /** For a request carrying `expires` and `sig`: sets request.tenant and returns true, or throws 401. False when the query has no signature. */
   authenticate(request: FastifyRequest): Promise<boolean>;
+  /** Whether the request offers a signed link at all (what `authenticate` looks at first, synchronously). */
+  offered(request: FastifyRequest): boolean;
 }
 
 const OUTPUT_ROUTE = '/v1/jobs/:id/output';
@@ -29,10 +31,14 @@ export function createLinkSigner(options: { secret: string | undefined; ttlSecon
       const sig = mac(id, tenant, expires).toString('base64url');
       return { href: `/v1/jobs/${id}/output?expires=${expires}&sig=${sig}`, expiresAt: expires * 1000 };
     },
-    async authenticate(request) {
+    offered(request) {
       if (request.routeOptions.url !== OUTPUT_ROUTE || (request.method !== 'GET' && request.method !== 'HEAD')) return false;
       const q = (request.query ?? {}) as Record<string, unknown>;
-      if (q.sig === undefined && q.expires === undefined) return false;
+      return q.sig !== undefined || q.expires !== undefined;
+    },
+    async authenticate(request) {
+      if (!this.offered(request)) return false;
+      const q = (request.query ?? {}) as Record<string, unknown>;
       const refuse = (why: string): never => {
         throw new ApiError('UNAUTHORIZED', `the download link is ${why}; ask for a new one`, { 'www-authenticate': 'Bearer realm="diskconv"' });
       };

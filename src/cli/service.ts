@@ -27,7 +27,8 @@ interface Stoppable {
 async function startApi(config: Config, redisUrl: string, stores: Stores, logger: Logger): Promise<{ url: string; stoppable: Stoppable }> {
   // Fail fast: with Redis down a request is answered 503 QUEUE_UNAVAILABLE at once,
   // not after ioredis has queued and retried its commands for many seconds.
-  const redis = new Redis(redisUrl, { maxRetriesPerRequest: 1, enableOfflineQueue: false, connectTimeout: 3000 });
+  // Auto-pipelining: the commands of concurrent requests (a GET's rate-limit script and record read) go out in one write per tick.
+  const redis = new Redis(redisUrl, { maxRetriesPerRequest: 1, enableOfflineQueue: false, connectTimeout: 3000, enableAutoPipelining: true });
   redis.on('error', (err) => logger.warn({ err: err.message }, 'redis connection error'));
   const records = new JobRecords(redis, config.queueName);
   const queue = new ConversionQueue(redisUrl, config, { failFast: true });

@@ -48,12 +48,16 @@ export function outputTargets(ctx: Pick<ApiContext, 'config'>): OutputTarget[] {
 }
 
 export async function webRoutes(app: FastifyInstance, ctx: ApiContext, links: LinkSigner): Promise<void> {
-  app.addHook('onSend', async (_request, reply, payload) => {
-    reply.header('x-content-type-options', 'nosniff');
-    reply.header('content-security-policy', CONTENT_SECURITY_POLICY);
-    reply.header('x-frame-options', 'DENY');
-    reply.header('referrer-policy', 'no-referrer');
-    return payload;
+  const securityHeaders = {
+    'x-content-type-options': 'nosniff',
+    'content-security-policy': CONTENT_SECURITY_POLICY,
+    'x-frame-options': 'DENY',
+    'referrer-policy': 'no-referrer',
+  };
+  // A callback hook: it runs for every response, status polls included.
+  app.addHook('onSend', (_request, reply, payload, done) => {
+    reply.headers(securityHeaders);
+    done(null, payload);
   });
 
   await app.register(fastifyStatic, {
