@@ -18,7 +18,7 @@ import { constants } from 'node:fs';
 import { lstat, open, readFile, realpath, rename, stat, statfs, unlink, chmod, chown, type FileHandle } from 'node:fs/promises';
 import type { Stats } from 'node:fs';
 import { basename, dirname, join } from 'node:path';
-import { InsufficientSpaceError, RawFileSink, type Extent, type ExtentSink } from '../engine/index.js';
+import { InsufficientSpaceError, RawFileSink, type DirectTarget, type Extent, type ExtentSink } from '../engine/index.js';
 import { destinationError, DestinationUnwritableError, SameFileError } from './errors.js';
 
 /** qemu-img's cache modes (`-t`). Only when the data is flushed differs here: `unsafe` never, the others at the end. */
@@ -196,6 +196,12 @@ export class DestinationSink implements ExtentSink {
     } catch (err) {
       throw destinationError(this.path, `writing at offset ${extent.offset}`, err);
     }
+  }
+
+  /** The file's own, for compressed clusters written by the decoding threads; their write errors read as this sink's. */
+  directTarget(): DirectTarget | undefined {
+    const target = this.inner.directTarget();
+    return target && { ...target, writeError: (err, offset) => destinationError(this.path, `writing at offset ${offset}`, err) };
   }
 
   async writeBatch(extents: readonly Extent[]): Promise<void> {

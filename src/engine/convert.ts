@@ -4,6 +4,7 @@ import { throwIfAborted } from './errors.js';
 import { Pacer } from './pace.js';
 import { nativeWriter } from './native.js';
 import { readExtentBatches, type ReadOptions } from './reader.js';
+import type { DirectTarget } from './decompress.js';
 import type { RandomAccessSource } from './source.js';
 import type { DiskImage, Extent } from './types.js';
 
@@ -21,6 +22,13 @@ export interface ExtentSink {
    * convertToRaw uses it when present; a sink without it gets write() per extent.
    */
   writeBatch?(extents: readonly Extent[]): Promise<void>;
+  /**
+   * Optional: a local file the reader may write compressed clusters to itself,
+   * from the threads that decode them (ReadOptions.directWrite); the sink then
+   * also gets `written` extents, whose bytes are already there, and skips them.
+   * convertToRaw asks only when it hashes nothing.
+   */
+  directTarget?(): DirectTarget | undefined;
   /** Called once after the last extent; the output must then be exactly virtualSize bytes. */
   finish(virtualSize: number): Promise<void>;
   /** Called on failure or cancellation; removes partial output where the sink can. */
@@ -112,8 +120,10 @@ export async function convertToRaw(image: DiskImage, source: RandomAccessSource,
     }
   };
   const batched = typeof sink.writeBatch === 'function';
+  // Hashes need every byte here; otherwise compressed clusters may go to the file from the decoding threads.
+  const direct = batched && hashes.length === 0 ? sink.directTarget?.() : undefined;
   try {
-    for await (const batch of readExtentBatches(image, source, options)) {
+    for await (const batch of readExtentBatches(image, source, direct ? { ...options, directWrite: direct } : options)) {
       for (const extent of batch) {
         throwIfAborted(options.signal);
         for (const { hash } of hashes) {
@@ -213,7 +223,13 @@ export class RawFileSink implements ExtentSink {
     return new RawFileSink(handle, path, options);
   }
 
+  /** Compressed clusters may be written straight here by the decoding threads (with the native writer, at guest offsets). */
+  directTarget(): DirectTarget | undefined {
+    return this.writer && !this.sequential ? { fd: this.handle.fd, block: this.sparseBlock } : undefined;
+  }
+
   async write(extent: Extent): Promise<void> {
+    if (extent.kind === 'data' && extent.written) return;
     if (extent.kind === 'zero') {
       if (this.sparseBlock > 0) return;
       if (this.stagedBytes > 0) await this.flushStaged();
@@ -245,7 +261,7 @@ export class RawFileSink implements ExtentSink {
     const views: Uint8Array[] = [];
     const positions: number[] = [];
     for (const extent of extents) {
-      if (extent.kind !== 'data' || extent.length === 0) continue;
+      if (extent.kind !== 'data' || extent.length === 0 || extent.written) continue;
       views.push(extent.data.length === extent.length ? extent.data : extent.data.subarray(0, extent.length));
       positions.push(extent.offset);
     }

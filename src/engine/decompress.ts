@@ -9,10 +9,10 @@ import { CodecDataError } from './codec-error.js';
 import { ImageCorruptError, UnsupportedFeatureError } from './errors.js';
 import type { Codec } from './types.js';
 import { decodeZstdCluster, ZstdUnavailableError } from './zstd.js';
-import { nativeDecoder } from './native-decoder.js';
+import { nativeDecoder, type DirectTarget } from './native-decoder.js';
 
 export { decodeZstdCluster, zstdBackend } from './zstd.js';
-export { setNativeDecoding } from './native-decoder.js';
+export { setNativeDecoding, type DirectTarget } from './native-decoder.js';
 
 const inflateAsync = promisify(inflate);
 const inflateRawAsync = promisify(inflateRaw);
@@ -51,6 +51,29 @@ export function decode(codec: Codec, input: Uint8Array, decodedLength: number, w
     if (produced < 0) return decodeDeclined(codec, input, decodedLength, where, out);
     stats.offThread++;
     return out.subarray(0, produced);
+  });
+}
+
+/** Whether decodeToFile can write clusters straight from the decoding thread (the native decoder with decodeWrite). */
+export function writesDirect(): boolean {
+  return nativeDecoder()?.writesDirect === true;
+}
+
+/**
+ * Decodes one compressed cluster and writes its bytes [skip, skip + length) at
+ * `position` of `target` from the thread that decoded it (native-decoder.ts),
+ * without the bytes coming back to JavaScript. Resolves true when written;
+ * false where the native decoder declines or is not there (nothing written:
+ * the caller decodes the cluster with decode(), which gives qemu's answer and
+ * words, and writes it itself). A failed write rejects with the fs error.
+ */
+export function decodeToFile(codec: Codec, input: Uint8Array, decodedLength: number, target: DirectTarget, position: number, skip: number, length: number): Promise<boolean> {
+  const native = nativeDecoder();
+  if (native === null || !native.writesDirect || !validArguments(input, decodedLength) || !(skip >= 0 && length > 0 && skip + length <= decodedLength)) return Promise.resolve(false);
+  return native.decodeToFile(codec, input, decodedLength, target, position, skip, length).then((produced) => {
+    if (produced < 0) return false;
+    stats.offThread++;
+    return true;
   });
 }
 

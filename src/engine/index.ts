@@ -24,6 +24,7 @@ export { RangedSource, Limiter, DEFAULT_RANGED_TUNING, type RangedSourceTuning, 
 export { Pacer } from './pace.js';
 export { StreamLayoutMismatchError, type ArrivingSource } from './formats/vmdk-markers.js';
 export { convertToRaw, RawFileSink, isAllZero, hashZeros, HASH_ALGORITHMS, type HashAlgorithm, type RawFileSinkOptions, type ExtentSink, type ConvertOptions, type ConvertResult, type Progress } from './convert.js';
+export type { DirectTarget } from './native-decoder.js';
 
 export interface OpenImageOptions {
   /** Declared format; 'auto' or undefined probes. A declared format that disagrees with the bytes is refused. */

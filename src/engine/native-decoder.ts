@@ -16,6 +16,22 @@ import type { Codec } from './types.js';
 interface CodecHelper {
   /** Resolves with the bytes decoded into each output, or -1 where the helper declines. */
   decodeMany(codec: number, inputs: Uint8Array[], outputs: Uint8Array[]): Promise<Int32Array>;
+  /**
+   * Decodes each input and writes its bytes [skip, skip + length) at `position` of `fd`
+   * (meta: [position, skip, length, decodedLength] per input; zero blocks of `block` skipped)
+   * from the decoding thread. Resolves with the bytes decoded (and written), or -1 where
+   * the helper declines (nothing written); rejects with an fs-style error when a write fails.
+   * Absent from a helper built before it existed.
+   */
+  decodeWrite?(codec: number, inputs: Uint8Array[], meta: Float64Array, fd: number, block: number): Promise<Int32Array>;
+}
+
+/** Where decodeToFile writes: the output's descriptor and its sparse block (0: every byte). */
+export interface DirectTarget {
+  fd: number;
+  block: number;
+  /** What a failed write becomes (the sink's own words for it); the fs error as it is without this. */
+  writeError?: (err: unknown, offset: number) => unknown;
 }
 
 const CODEC_IDS: Record<Codec, number> = { deflate: 0, 'vmdk-grain': 1, zstd: 2 };
@@ -34,6 +50,19 @@ interface Job {
   reject: (err: Error) => void;
 }
 
+interface DirectJob {
+  input: Uint8Array;
+  position: number;
+  skip: number;
+  length: number;
+  decodedLength: number;
+  resolve: (produced: number) => void;
+  reject: (err: Error) => void;
+}
+
+/** A direct call's share of decoded bytes: small enough that writes start while the rest of a group decodes. */
+const DIRECT_PART_BYTES = 2 ** 20;
+
 /** Calls per group of jobs gathered in one turn: one per core, so every core decodes. */
 const SPLIT = Math.max(1, availableParallelism());
 /** Below this many decoded bytes a group is not split (a call costs a threadpool round trip). */
@@ -45,9 +74,39 @@ const SPLIT_MIN_BYTES = 512 * 1024;
  */
 class NativeDecoder {
   private readonly queues = new Map<number, Job[]>();
+  private readonly directQueues = new Map<string, { id: number; target: DirectTarget; jobs: DirectJob[] }>();
   private scheduled = false;
 
   constructor(private readonly native: CodecHelper) {}
+
+  /** Whether decodeToFile is there (a helper built before it existed has only decodeMany). */
+  get writesDirect(): boolean {
+    return typeof this.native.decodeWrite === 'function';
+  }
+
+  /**
+   * Decodes `input` (a cluster of `decodedLength` bytes) and writes its bytes
+   * [skip, skip + length) at `position` of the target, from the thread that
+   * decoded it. Resolves with the bytes decoded, or -1 where the helper declines
+   * (nothing written: the caller decodes it itself); rejects when the write fails.
+   */
+  decodeToFile(codec: Codec, input: Uint8Array, decodedLength: number, target: DirectTarget, position: number, skip: number, length: number): Promise<number> {
+    return new Promise<number>((resolve, reject) => {
+      const id = CODEC_IDS[codec];
+      const key = `${id}:${target.fd}:${target.block}`;
+      let queue = this.directQueues.get(key);
+      if (!queue) this.directQueues.set(key, (queue = { id, target, jobs: [] }));
+      queue.jobs.push({ input, position, skip, length, decodedLength, resolve, reject });
+      this.schedule();
+    });
+  }
+
+  private schedule(): void {
+    if (!this.scheduled) {
+      this.scheduled = true;
+      queueMicrotask(() => this.dispatch());
+    }
+  }
 
   /** Decodes into `output`; resolves with the bytes decoded, or -1 where the helper declines. */
   decode(codec: Codec, input: Uint8Array, output: Uint8Array): Promise<number> {
@@ -56,15 +115,19 @@ class NativeDecoder {
       let queue = this.queues.get(id);
       if (!queue) this.queues.set(id, (queue = []));
       queue.push({ input, output, resolve, reject });
-      if (!this.scheduled) {
-        this.scheduled = true;
-        queueMicrotask(() => this.dispatch());
-      }
+      this.schedule();
     });
   }
 
   private dispatch(): void {
     this.scheduled = false;
+    for (const [key, { id, target, jobs }] of this.directQueues) {
+      this.directQueues.delete(key);
+      const bytes = jobs.reduce((n, j) => n + j.length, 0);
+      const parts = bytes < SPLIT_MIN_BYTES ? 1 : Math.min(jobs.length, Math.max(SPLIT, Math.ceil(bytes / DIRECT_PART_BYTES)));
+      const per = Math.ceil(jobs.length / parts);
+      for (let at = 0; at < jobs.length; at += per) this.sendDirect(id, target, jobs.slice(at, at + per));
+    }
     for (const [id, jobs] of this.queues) {
       this.queues.delete(id);
       const bytes = jobs.reduce((n, j) => n + j.output.length, 0);
@@ -81,6 +144,33 @@ class NativeDecoder {
         id,
         jobs.map((j) => j.input),
         jobs.map((j) => j.output),
+      );
+    } catch (err) {
+      for (const job of jobs) job.reject(err as Error);
+      return;
+    }
+    pending.then(
+      (results) => jobs.forEach((job, i) => job.resolve(results[i] ?? -1)),
+      (err: Error) => jobs.forEach((job) => job.reject(err)),
+    );
+  }
+
+  private sendDirect(id: number, target: DirectTarget, jobs: DirectJob[]): void {
+    const meta = new Float64Array(jobs.length * 4);
+    jobs.forEach((j, i) => {
+      meta[4 * i] = j.position;
+      meta[4 * i + 1] = j.skip;
+      meta[4 * i + 2] = j.length;
+      meta[4 * i + 3] = j.decodedLength;
+    });
+    let pending: Promise<Int32Array>;
+    try {
+      pending = (this.native.decodeWrite as NonNullable<CodecHelper['decodeWrite']>)(
+        id,
+        jobs.map((j) => j.input),
+        meta,
+        target.fd,
+        target.block,
       );
     } catch (err) {
       for (const job of jobs) job.reject(err as Error);

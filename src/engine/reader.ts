@@ -1,5 +1,5 @@
 import { alignedBuffer, isShared } from './aligned.js';
-import { decode, decodesOffThread } from './decompress.js';
+import { decode, decodesOffThread, decodeToFile, writesDirect, type DirectTarget } from './decompress.js';
 import { decryptEntry, encryptedBytes, encryptedFileRange } from './crypto/reader-step.js';
 import { ImageCorruptError, throwIfAborted } from './errors.js';
 import { mapFileRanges } from './formats/raw.js';
@@ -19,11 +19,20 @@ export interface ReadOptions {
   /** Optional guest range; defaults to the whole disk. */
   start?: number;
   end?: number;
+  /**
+   * Compressed clusters are written straight to this file at their guest offset
+   * by the thread that decoded them (decompress.ts decodeToFile) and come out as
+   * `written` extents with no bytes; the ones it declines come out as ordinary
+   * data. For a local raw file sink that asked for it (RawFileSink.directTarget).
+   */
+  directWrite?: DirectTarget;
 }
 
 const DEFAULTS = { batchBytes: 8 * 2 ** 20, maxReadBytes: 4 * 2 ** 20, readConcurrency: 4, prefetchBatches: 2 };
 
 type ReadEntry = Exclude<MapEntry, { kind: 'zero' }>;
+/** The `data` of a written extent (ReadOptions.directWrite). */
+const NO_BYTES = new Uint8Array(0);
 interface ReadGroup {
   start: number;
   end: number;
@@ -79,6 +88,7 @@ export async function* readExtentBatches(image: DiskImage, opened: RandomAccessS
   const { signal } = options;
   const rangeStart = options.start ?? 0;
   const rangeEnd = options.end ?? image.virtualSize;
+  const direct = options.directWrite !== undefined && writesDirect() ? options.directWrite : undefined;
 
   const iterator = clip(splitLarge(bridgeFileHoles(overFileHoles(image.map(signal), source, signal), source.size), maxReadBytes), rangeStart, rangeEnd)[Symbol.asyncIterator]();
   let exhausted = false;
@@ -166,6 +176,22 @@ export async function* readExtentBatches(image: DiskImage, opened: RandomAccessS
     return { kind: 'data', offset: entry.offset, length: entry.length, data: decoded.subarray(entry.decodedOffset, entry.decodedOffset + entry.length) };
   };
 
+  /** A compressed cluster written to `direct` by the decoding thread; where that declines, decoded here as any other. */
+  const decodeDirect = async (entry: Extract<ReadEntry, { kind: 'compressed' }>, group: ReadGroup, bytes: Uint8Array, target: DirectTarget): Promise<Extent> => {
+    const rel = entry.fileOffset - group.start;
+    const input = bytes.subarray(rel, Math.min(bytes.length, rel + entry.readLength));
+    let written: boolean;
+    try {
+      written = await decodeToFile(entry.codec, input, entry.decodedLength, target, entry.offset, entry.decodedOffset, entry.length);
+    } catch (err) {
+      throw target.writeError ? target.writeError(err, entry.offset) : err;
+    }
+    if (written) {
+      return { kind: 'data', offset: entry.offset, length: entry.length, data: NO_BYTES, written: true };
+    }
+    return decodeEntry(entry, group, bytes, undefined);
+  };
+
   const load = async (batch: Batch): Promise<LoadedBatch> => {
     throwIfAborted(signal);
     // Page-aligned (aligned.ts): the kernel's copies into them run several times faster.
@@ -173,7 +199,8 @@ export async function* readExtentBatches(image: DiskImage, opened: RandomAccessS
     const compressed = batch.entries.some((e) => e.kind === 'compressed');
     const shared = { shared: compressed && decodesOffThread() };
     const buffer = batch.readBytes === 0 ? undefined : batch.readBytes <= arenaBytes && !shared.shared ? (freeArenas.pop() ?? alignedBuffer(arenaBytes)) : batch.readBytes <= arenaBytes ? (freeSharedArenas.pop() ?? alignedBuffer(arenaBytes, shared)) : alignedBuffer(batch.readBytes, shared);
-    const decoded = compressed || batch.entries.some((e) => e.kind === 'stored' && e.cipher) ? (freeDecodedArenas.pop() ?? alignedBuffer(decodedArenaBytes, { shared: decodesOffThread() })) : undefined;
+    // Written directly, compressed clusters need no room for their output here.
+    const decoded = (compressed && !direct) || batch.entries.some((e) => e.kind === 'stored' && e.cipher) ? (freeDecodedArenas.pop() ?? alignedBuffer(decodedArenaBytes, { shared: decodesOffThread() })) : undefined;
     let decodedUsed = 0;
     const results: Array<Promise<Extent>> = new Array(batch.entries.length);
     const byGroup: number[][] = batch.groups.map(() => []);
@@ -217,6 +244,12 @@ export async function* readExtentBatches(image: DiskImage, opened: RandomAccessS
         // Decode this group's clusters now, while the next reads are in flight.
         for (const i of byGroup[gi] as number[]) {
           const entry = batch.entries[i] as ReadEntry;
+          if (direct && entry.kind === 'compressed') {
+            const p = decodeDirect(entry, group, bytes, direct);
+            p.catch(() => {}); // surfaced by Promise.all below
+            results[i] = p;
+            continue;
+          }
           let target: Uint8Array | undefined;
           const outBytes = entry.kind === 'compressed' ? entry.decodedLength : entry.cipher ? encryptedBytes(entry, entry.cipher) : 0;
           if (outBytes > 0 && decoded && decodedUsed + outBytes <= decoded.length) {
@@ -269,9 +302,15 @@ export async function* readExtentBatches(image: DiskImage, opened: RandomAccessS
 function* mergeAdjacent(extents: Extent[]): Generator<Extent> {
   let pending: Extent | undefined;
   for (const extent of extents) {
+    if (pending?.kind === 'data' && extent.kind === 'data' && pending.written && extent.written && pending.offset + pending.length === extent.offset) {
+      pending = { ...pending, length: pending.length + extent.length };
+      continue;
+    }
     if (
       pending?.kind === 'data' &&
       extent.kind === 'data' &&
+      !pending.written &&
+      !extent.written &&
       pending.offset + pending.length === extent.offset &&
       pending.data.buffer === extent.data.buffer &&
       pending.data.byteOffset + pending.data.length === extent.data.byteOffset

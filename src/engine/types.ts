@@ -85,7 +85,18 @@ export interface ArchiveInfo {
 
 /** What converters and writers consume: guest-ordered, contiguous, covering [0, virtualSize). */
 export type Extent =
-  | { kind: 'data'; offset: number; length: number; data: Uint8Array }
+  | {
+      kind: 'data';
+      offset: number;
+      length: number;
+      data: Uint8Array;
+      /**
+       * The bytes are already in the output (ReadOptions.directWrite: compressed
+       * clusters written by the thread that decoded them); `data` is then empty.
+       * Only a sink that asked for direct writes ever sees this.
+       */
+      written?: true;
+    }
   | { kind: 'zero'; offset: number; length: number };
 
 /** Snapshot as `qemu-img info --output=json` prints it. */

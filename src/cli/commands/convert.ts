@@ -2,7 +2,7 @@
  * `diskconv convert`: qemu-img convert -O raw, with qemu-img's flags and their
  * meaning, written through the never-destroy destination rules (destination.ts).
  */
-import { convertToRaw, InvalidArgumentError, readExtents, type DiskImage, type Extent, type ExtentSink, type MapEntry, type RandomAccessSource } from '../../engine/index.js';
+import { convertToRaw, InvalidArgumentError, readExtents, type DirectTarget, type DiskImage, type Extent, type ExtentSink, type MapEntry, type RandomAccessSource } from '../../engine/index.js';
 import { sleep } from '../../engine/ranged-source.js';
 import { type CommandSpec, DISK_OPTION, FORCE_SHARE_OPTION, FORMAT_OPTION, parseOrHelp, PASSPHRASE_OPTION, UsageError } from '../args.js';
 import {
@@ -80,8 +80,20 @@ class CountingSink implements ExtentSink {
     /** --salvage: ranges written as zeros because they could not be read; they count as the data they were. */
     private readonly salvaged: ReadonlyArray<readonly [number, number]> = [],
   ) {}
+  /** Forwarded (no --salvage, which counts extent by extent): compressed clusters may reach the file from the decoding threads. */
+  directTarget(): DirectTarget | undefined {
+    return this.salvaged.length === 0 ? this.inner.directTarget?.() : undefined;
+  }
   async write(extent: Extent): Promise<void> {
     const counted = extent.kind === 'data' || this.countZeros;
+    if (extent.kind === 'data' && extent.written) {
+      // Already in the file (directTarget): only counted, in pieces as the others.
+      for (let at = 0; at < extent.length; at += this.piece) {
+        this.done += Math.min(this.piece, extent.length - at);
+        this.onData(this.done);
+      }
+      return;
+    }
     if (counted && extent.length > this.piece) {
       for (let at = 0; at < extent.length; at += this.piece) {
         const length = Math.min(this.piece, extent.length - at);
