@@ -26,6 +26,6 @@ export interface ApiContext extends AppDeps {
   uploadMarks: UploadMarks;
   /** Idempotency-Key of POST /v1/jobs, per tenant, in Redis. */
   idempotency: IdempotencyKeys;
-  /** Local scratch space of this API process (URL inspection staged whole). */
+  /** Local scratch space of this API process, DATA_DIR/work (URL inspection staged whole, an archive's compressed members). */
   scratchDir: string;
 }

@@ -40,6 +40,11 @@ export interface OpenImageOptions {
   disk?: string;
   /** Where an archive's compressed members are staged (default TMPDIR); see src/engine/archive/stage.ts. */
   scratchDir?: string;
+  /**
+   * Who the scratch folder belongs to (a job id, an inspection key): its name starts with
+   * `OWNER.archive-`, so the service's sweep of DATA_DIR/work leaves it alone while that owner runs.
+   */
+  scratchOwner?: string;
 }
 
 export function parseFormat(value: string): FormatId | 'auto' {
@@ -63,7 +68,7 @@ export async function openImage(source: RandomAccessSource, options: OpenImageOp
     if (isTar(head) || isZip(head)) {
       const other = DRIVERS.find((d) => d.id !== 'raw' && d.probe(head, source.size));
       if (other) throw new UnsafeImageError(`${source.name}: ambiguous image: an archive header that also carries a ${other.id} signature`);
-      return openArchive(source, { ...common, ...(declared ? { format: declared } : {}), ...(options.disk !== undefined ? { disk: options.disk } : {}), ...(options.scratchDir !== undefined ? { scratchDir: options.scratchDir } : {}) });
+      return openArchive(source, { ...common, ...(declared ? { format: declared } : {}), ...(options.disk !== undefined ? { disk: options.disk } : {}), ...(options.scratchDir !== undefined ? { scratchDir: options.scratchDir } : {}), ...(options.scratchOwner !== undefined ? { scratchOwner: options.scratchOwner } : {}) });
     }
   }
   if (options.disk !== undefined) throw new InvalidArgumentError(`${source.name}: a disk was chosen (${options.disk}), but the input is not an OVA or a tar bundle`);

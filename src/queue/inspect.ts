@@ -69,7 +69,7 @@ export interface Inspection {
  */
 export async function inspectSource(
   source: RandomAccessSource,
-  options: { format?: FormatId | 'auto'; maxVirtualSize: number; signal?: AbortSignal; displayName: string; passphrase?: Uint8Array },
+  options: { format?: FormatId | 'auto'; maxVirtualSize: number; signal?: AbortSignal; displayName: string; passphrase?: Uint8Array; scratchDir?: string; scratchOwner?: string },
 ): Promise<Inspection> {
   let image: DiskImage | undefined;
   try {
@@ -78,6 +78,8 @@ export async function inspectSource(
       limits: { maxVirtualSize: options.maxVirtualSize },
       ...(options.signal ? { signal: options.signal } : {}),
       ...(options.passphrase ? { passphrase: options.passphrase } : {}),
+      ...(options.scratchDir !== undefined ? { scratchDir: options.scratchDir } : {}),
+      ...(options.scratchOwner !== undefined ? { scratchOwner: options.scratchOwner } : {}),
     });
     const info = { ...(await imageInfo(image, source)), filename: options.displayName };
     const allocation = await estimateAllocation(image, source, options.signal);

@@ -266,6 +266,7 @@ export function createProcessor(deps: ProcessorDeps) {
           ...(passphrase !== undefined ? { passphrase: Buffer.from(passphrase, 'utf8') } : {}),
           ...(rec.disk !== undefined ? { disk: rec.disk } : {}),
           scratchDir: deps.scratchDir, // an archive's deflated or gzip'd members are staged there
+          scratchOwner: id, // named after the job, so the scratch sweep leaves it alone while the job runs
         });
       image = await open();
       let info = { ...(await imageInfo(image, readSource)), filename: displayName };

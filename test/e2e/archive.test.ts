@@ -5,6 +5,7 @@
  * curl). Each output equals qemu-img's conversion of the disk extracted with
  * tar; the `disk` option chooses; a hostile archive fails with its code.
  */
+import { watch } from 'node:fs';
 import { mkdir, readFile, readdir, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -87,7 +88,9 @@ with zipfile.ZipFile(${JSON.stringify(path('bomb.zip'))}, 'w', zipfile.ZIP_DEFLA
       ...files.importEnv,
       JOB_ATTEMPTS: '2',
     });
-    await svc.startApi();
+    // The API's own TMPDIR, watched by the inspect test: nothing of an inspection is staged there.
+    await mkdir(path('api-tmp'));
+    await svc.startApi({ TMPDIR: path('api-tmp') });
     await svc.startWorker();
   }, 120_000);
 
@@ -136,7 +139,7 @@ with zipfile.ZipFile(${JSON.stringify(path('bomb.zip'))}, 'w', zipfile.ZIP_DEFLA
     expect(bomb.error?.message).toMatch(/more than the 1048576 bytes its zip entry declares/);
     expect(bomb.attempts).toBe(1);
     // Every staged member was removed with its job: nothing of ours is left in the worker's scratch folder.
-    expect((await readdir(join(svc.dataDir, 'work'))).filter((n) => n.startsWith('diskconv-archive-'))).toEqual([]);
+    expect((await readdir(join(svc.dataDir, 'work'))).filter((n) => n.includes('archive-'))).toEqual([]);
   }, 240_000);
 
   it('a URL import of an OVA reads its disk by range requests', async () => {
@@ -158,5 +161,28 @@ with zipfile.ZipFile(${JSON.stringify(path('bomb.zip'))}, 'w', zipfile.ZIP_DEFLA
     const inspected = await post(['-F', `file=@${path('app.ova')}`, `${svc.apiUrl}/v1/inspect`]);
     expect(inspected, JSON.stringify(inspected)).toMatchObject({ safe: true, format: 'vmdk' });
     expect(JSON.stringify(inspected)).toContain('"disk-id":"data"');
+  }, 120_000);
+
+  it('inspect of a zip with deflated members and of a gzip OVA stages them in DATA_DIR/work under its key, never in TMPDIR, and removes them', async () => {
+    const work = join(svc.dataDir, 'work');
+    const seen = { work: [] as string[], tmp: [] as string[] };
+    const watchers = [
+      watch(work, (_e, name) => void (name && seen.work.push(String(name)))),
+      watch(path('api-tmp'), (_e, name) => void (name && seen.tmp.push(String(name)))),
+    ];
+    try {
+      const zip = await post(['-F', `file=@${path('chain.zip')}`, `${svc.apiUrl}/v1/inspect`]);
+      expect(zip, JSON.stringify(zip)).toMatchObject({ safe: true, format: 'qcow2' });
+      const ova = await post(['--data-binary', `@${path('packed.ova')}`, '-H', 'Content-Type: application/octet-stream', `${svc.apiUrl}/v1/inspect`]);
+      expect(ova, JSON.stringify(ova)).toMatchObject({ safe: true, format: 'vmdk' });
+      await new Promise((r) => setTimeout(r, 200)); // let the last watch events arrive
+    } finally {
+      for (const w of watchers) w.close();
+    }
+    // Two scratch folders, each named after its inspection (inspect-<key>.archive-XXXXXX): the sweep's owner key.
+    expect(new Set(seen.work.filter((n) => /^inspect-[\w-]+\.archive-\w+$/.test(n))).size, seen.work.join(' ')).toBe(2);
+    expect(seen.tmp, 'staged in the API process TMPDIR').toEqual([]);
+    expect((await readdir(work)).filter((n) => n.includes('archive-'))).toEqual([]);
+    expect(await readdir(path('api-tmp'))).toEqual([]);
   }, 120_000);
 });

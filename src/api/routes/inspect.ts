@@ -76,6 +76,10 @@ export async function inspectRoutes(app: FastifyInstance, ctx: ApiContext): Prom
         signal: controller.signal,
         displayName,
         ...(passphrase ? { passphrase } : {}),
+        // An archive's compressed members are staged in DATA_DIR/work as the worker's are (its free-space
+        // bound, and removed on close), under this inspection's key, which the lease keeps off the sweep.
+        scratchDir: ctx.scratchDir,
+        scratchOwner: key,
       });
       return { source: summary, ...inspection };
     } finally {

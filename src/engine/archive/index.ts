@@ -41,6 +41,8 @@ export interface ArchiveOpenOptions extends OpenOptions {
   format?: FormatId;
   /** Where compressed members (deflated zip members, gzip'd OVF files) are staged; default TMPDIR. */
   scratchDir?: string;
+  /** Names the scratch folder `OWNER.archive-XXXXXX` (default `diskconv-archive-XXXXXX`). */
+  scratchOwner?: string;
 }
 
 interface Context {
@@ -72,7 +74,7 @@ export async function openArchive(archive: RandomAccessSource, options: ArchiveO
   const index = kind === 'zip' ? await indexZip(archive, limits, signal) : await indexTar(archive, limits, signal);
   if (index.members.length === 0) throw new ImageCorruptError(`${archive.name}: the ${kind} archive holds no file`);
   const space = new JoinedSource(archive.name, archive);
-  const scratch = new Scratch(options.scratchDir);
+  const scratch = new Scratch(options.scratchDir, options.scratchOwner !== undefined ? `${options.scratchOwner}.archive-` : undefined);
   const release = async (): Promise<void> => {
     try {
       await space.close();

@@ -46,7 +46,10 @@ export interface StageRequest {
 export class Scratch {
   private dir: string | undefined;
   private count = 0;
-  constructor(private readonly parent: string = tmpdir()) {}
+  constructor(
+    private readonly parent: string = tmpdir(),
+    private readonly prefix = 'diskconv-archive-',
+  ) {}
 
   /** Decompresses the request into a new scratch file and opens it. */
   async stage(req: StageRequest): Promise<FileSource> {
@@ -58,7 +61,7 @@ export class Scratch {
         throw new ImageCorruptError(`${what}: declares ${size} uncompressed bytes from ${req.length} compressed, more than deflate can produce (a zip entry whose sizes lie)`);
       }
     }
-    this.dir ??= await mkdtemp(join(this.parent, 'diskconv-archive-'));
+    this.dir ??= await mkdtemp(join(this.parent, this.prefix));
     const path = join(this.dir, `member-${this.count++}`);
     const fs = await statfs(this.dir);
     const free = Math.max(0, fs.bavail * fs.bsize - SCRATCH_RESERVE);
