@@ -256,7 +256,8 @@ describe('conversion while the upload arrives', () => {
       const image = images[name]!;
       const file = await readFile(image.path);
       const form = await formBody([['source_format', 'auto'], ['file', file, name]]);
-      const upload = pacedUpload(`${svc.apiUrl}/v1/jobs`, form.body, form.body.length, { ...form.headers, 'idempotency-key': `overlap-mp-${name}-${Date.now()}` });
+      const key = { 'idempotency-key': `overlap-mp-${name}-${Date.now()}` };
+      const upload = pacedUpload(`${svc.apiUrl}/v1/jobs`, form.body, form.body.length, { ...form.headers, ...key });
       await upload.send(Math.floor(form.body.length * 0.7));
       const listed = await theJob();
       expect(listed.source.size).toBe(file.length); // the file part's size, predicted from the body's length
@@ -274,6 +275,11 @@ describe('conversion while the upload arrives', () => {
       expect(done.source.size).toBe(file.length);
       expect(await outputSha256(done)).toBe(image.sha256);
       await waitFor('the staged input to go', async () => (await leftovers(listed.id)).length === 0);
+      // The page sends the same form with the same key again (its answer was lost): that job, no second one.
+      const again = await pacedUpload(`${svc.apiUrl}/v1/jobs`, form.body, form.body.length, { ...form.headers, ...key }).end();
+      expect(again.status, again.body).toBe(200);
+      expect(again.headers['idempotent-replayed']).toBe('true');
+      expect((JSON.parse(again.body) as JobJson).id).toBe(listed.id);
     }, 120_000);
   }
 
