@@ -223,6 +223,21 @@ describe('output-side failures name the path', () => {
     expect((await stat(dst)).size).toBe(20 * 2 ** 20);
   });
 
+  it.skipIf(!canMount)('ENOSPC in a write of the decoding threads (a compressed qcow2, -n onto a full tmpfs) is INSUFFICIENT_SPACE naming the path', async () => {
+    // Compressed clusters go to the file from the threads that decode them (native/codec decodeWrite) where it built;
+    // their write errors must read as the sink's own.
+    const compressed = join(dir, 'disk-c.qcow2');
+    await qemuImg('convert', '-f', 'qcow2', '-O', 'qcow2', '-c', image, compressed);
+    const small = await tmpfs('small-c', 'size=4m');
+    const dst = join(small, 'sparse.raw');
+    await writeFile(dst, '');
+    await truncate(dst, 20 * 2 ** 20);
+    const r = await runDiskconv(['convert', '-n', '-O', 'raw', compressed, dst]);
+    expect(r.stderr).toMatch(/^diskconv: INSUFFICIENT_SPACE: .*sparse\.raw/);
+    expect(r.code).toBe(1);
+    expect((await stat(dst)).size).toBe(20 * 2 ** 20);
+  });
+
   it.skipIf(!canMount)('a read-only directory is DESTINATION_UNWRITABLE naming the path, not INTERNAL_ERROR', async () => {
     const ro = await tmpfs('ro', 'ro,size=64m');
     const dst = join(ro, 'out.raw');
