@@ -225,6 +225,17 @@ export function createProcessor(deps: ProcessorDeps) {
     /** The Glance image this job recorded as its own (publishing), for a cancel to delete. */
     let glanceNow: GlanceOutput | undefined = rec.output?.glance;
     let reservation: Reservation | undefined;
+    /** Closes the image and its source and removes this attempt's download (once; again in `finally` is a no-op). */
+    const releaseSource = async (): Promise<void> => {
+      const [img, src, url] = [image, source, opened];
+      image = undefined;
+      source = undefined;
+      opened = undefined;
+      await img?.close().catch(() => {});
+      await (url ? url.close() : src?.close())?.catch(() => {});
+      await rm(stagingPath, { force: true }).catch(() => {});
+    };
+    let sourceName: string | undefined;
     const t0 = Date.now();
     try {
       // Nothing of a previous attempt is removed here: a live one (whose lock lapsed)
@@ -252,6 +263,7 @@ export function createProcessor(deps: ProcessorDeps) {
       } else {
         source = deps.uploads ? await openUploadSource(staging, { ...deps.uploads, id }, displayName) : await staging.open(id, displayName);
       }
+      sourceName = source.name;
       const readSource = config.worker.readBytesPerSecond > 0 ? new ThrottledSource(source, config.worker.readBytesPerSecond) : source;
 
       await progress.flush();
@@ -338,6 +350,8 @@ export function createProcessor(deps: ProcessorDeps) {
       const tCommitted = Date.now();
       writer = undefined;
       committed = true;
+      // The source is not read again: free it (and this attempt's download) before the job is seen to end.
+      await releaseSource();
       if ('target' in stored) published = stored;
       let jobOutput: JobOutput = {
         format: 'raw',
@@ -441,7 +455,7 @@ export function createProcessor(deps: ProcessorDeps) {
         log.info('handed back on shutdown');
         throw new WaitingError();
       }
-      const error = describeError(err, source?.name, displayName);
+      const error = describeError(err, sourceName ?? source?.name, displayName);
       const deterministic = isDiskconvError(err) && err.deterministic;
       const attempts = job.opts.attempts ?? 1;
       const lastAttempt = deterministic || job.attemptsMade + 1 >= attempts;
@@ -474,9 +488,7 @@ export function createProcessor(deps: ProcessorDeps) {
       await reservation?.release();
       cancels.untrack(id);
       await progress.flush();
-      await image?.close().catch(() => {});
-      await (opened ? opened.close() : source?.close())?.catch(() => {});
-      await rm(stagingPath, { force: true }).catch(() => {});
+      await releaseSource();
     }
   };
 }
