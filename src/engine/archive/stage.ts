@@ -2,8 +2,9 @@
  * Staging a compressed archive member (a deflated zip member, a gzip'd OVF
  * file) into a scratch file, so the image inside is read at random as usual.
  *
- * Bounded on every side: the decompressed size by `maxVirtualSize` and by the
- * free space of the scratch folder (less a reserve), a zip member's by its own
+ * Bounded on every side: the decompressed size by `maxVirtualSize`, the data
+ * written (zero blocks stay holes, so not the size) by the free space of the
+ * scratch folder less a reserve, read again as it fills, a zip member's size by its own
  * declared size (more bytes, or fewer, is a size that lies: IMAGE_CORRUPT, and
  * so is a CRC-32 that differs), a declared size no deflate stream can reach
  * from its compressed size refused before a byte is inflated. A truncated or
@@ -27,6 +28,8 @@ const DEFLATE_MAX_RATIO = 1032;
 const READ_CHUNK = 2 ** 20;
 const SPARSE_BLOCK = 64 * 1024;
 const ZEROS = Buffer.alloc(SPARSE_BLOCK);
+/** Free space is read again after this many bytes of data written. */
+const SPACE_RECHECK = 64 * 2 ** 20;
 
 export interface StageRequest {
   /** The compressed bytes: a range of `source`. */
@@ -49,6 +52,8 @@ export class Scratch {
   constructor(
     private readonly parent: string = tmpdir(),
     private readonly prefix = 'diskconv-archive-',
+    /** Bytes left free in the scratch filesystem (SCRATCH_RESERVE unless told). */
+    private readonly reserve = SCRATCH_RESERVE,
   ) {}
 
   /** Decompresses the request into a new scratch file and opens it. */
@@ -63,13 +68,21 @@ export class Scratch {
     }
     this.dir ??= await mkdtemp(join(this.parent, this.prefix));
     const path = join(this.dir, `member-${this.count++}`);
+    // The bound is the space the file takes: zero blocks are left as holes (writeSparse), so a
+    // member's size is not what it needs (a 20 GiB disk of 1 GiB data needs 1 GiB). Counted as
+    // the data blocks written, each rounded up to the filesystem's block; the free space is
+    // read again every SPACE_RECHECK bytes, so other writers to the same filesystem count too.
+    // The size itself stays bounded by maxVirtualSize (a bomb of zeros writes nothing but stops there).
+    const { reserve } = this;
     const fs = await statfs(this.dir);
-    const free = Math.max(0, fs.bavail * fs.bsize - SCRATCH_RESERVE);
-    if (req.expect && req.expect.size > free) {
-      throw new InsufficientSpaceError(`${what}: needs ${req.expect.size} bytes of scratch space to be read, ${free} are free in ${this.parent} (less a ${SCRATCH_RESERVE}-byte reserve)`);
-    }
+    const blockSize = Math.max(512, fs.bsize);
+    const free = Math.max(0, fs.bavail * fs.bsize - reserve);
+    const noSpace = (have: number): InsufficientSpaceError =>
+      new InsufficientSpaceError(`${what}: its data needs more than the ${have} bytes free for scratch space in ${this.parent} (less a ${reserve}-byte reserve)`);
     const handle = await open(path, 'wx', 0o600);
     let size = 0;
+    let allocated = 0;
+    let recheckAt = SPACE_RECHECK;
     let crc = 0;
     try {
       const decoder: Transform = req.codec === 'gzip' ? zlib.createGunzip({ chunkSize: 256 * 1024 }) : zlib.createInflateRaw({ chunkSize: 256 * 1024 });
@@ -91,10 +104,14 @@ export class Scratch {
             throw new ImageCorruptError(`${what}: inflates to more than the ${req.expect.size} bytes its zip entry declares (a zip entry whose sizes lie, or a deflate bomb)`);
           }
           if (next > req.maxVirtualSize) throw new LimitExceededError('maxVirtualSize', next, req.maxVirtualSize, `${what}: decompressed size`);
-          if (next > free) throw new InsufficientSpaceError(`${what}: decompresses to more than the ${free} bytes free for scratch space in ${this.parent}`);
           if (req.expect) crc = crc32(chunk, crc);
-          await writeSparse(handle, chunk, size);
+          allocated += await writeSparse(handle, chunk, size, blockSize, free - allocated, () => noSpace(free));
           size = next;
+          if (allocated >= recheckAt) {
+            recheckAt = allocated + SPACE_RECHECK;
+            const now = await statfs(this.dir as string);
+            if (now.bavail * now.bsize < reserve) throw noSpace(free);
+          }
         }
       };
       await pipeline(Readable.from(rangeChunks(req.source, req.offset, req.length, req.signal)), decoder, writeOut, ...(req.signal ? [{ signal: req.signal }] : [])).catch((err: unknown) => {
@@ -137,13 +154,24 @@ async function* rangeChunks(source: RandomAccessSource, offset: number, length: 
   }
 }
 
-/** Writes `chunk` at `at`, leaving 64 KiB blocks of zeros as holes. */
-async function writeSparse(handle: Awaited<ReturnType<typeof open>>, chunk: Buffer, at: number): Promise<void> {
+/**
+ * Writes `chunk` at `at`, leaving 64 KiB blocks of zeros as holes; returns the bytes of
+ * filesystem blocks it wrote (each piece rounded up to `blockSize`: an upper bound of what it
+ * allocates). A piece that would take more than `budget` is not written: `refuse()` is thrown.
+ */
+async function writeSparse(handle: Awaited<ReturnType<typeof open>>, chunk: Buffer, at: number, blockSize: number, budget: number, refuse: () => Error): Promise<number> {
   let p = 0;
+  let allocated = 0;
   while (p < chunk.length) {
     const blockEnd = Math.min(chunk.length, p + SPARSE_BLOCK - ((at + p) % SPARSE_BLOCK));
     const piece = chunk.subarray(p, blockEnd);
     if (!piece.equals(ZEROS.subarray(0, piece.length))) {
+      // Pieces start on 64 KiB boundaries or run on from the previous chunk's piece of the same block.
+      const first = Math.floor((at + p) / blockSize);
+      const last = Math.floor((at + blockEnd - 1) / blockSize);
+      const cost = (last - first + 1) * blockSize;
+      if (allocated + cost > budget) throw refuse();
+      allocated += cost;
       for (let w = 0; w < piece.length; ) {
         const { bytesWritten } = await handle.write(piece, w, piece.length - w, at + p + w);
         w += bytesWritten;
@@ -151,6 +179,7 @@ async function writeSparse(handle: Awaited<ReturnType<typeof open>>, chunk: Buff
     }
     p = blockEnd;
   }
+  return allocated;
 }
 
 function asCorrupt(err: unknown, what: string, codec: StageRequest['codec']): unknown {
