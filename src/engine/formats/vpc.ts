@@ -31,6 +31,7 @@ import { ascii } from '../bytes.js';
 import { enforceLimit, toSafeNumber } from '../limits.js';
 import { readExact, type RandomAccessSource } from '../source.js';
 import { mapFileRanges } from './raw.js';
+import { layerRuns } from '../layer-runs.js';
 import type { DiskImage, FormatDriver, FormatInfo, LayerEntry, MapEntry, OpenOptions, ParentLink } from '../types.js';
 
 const FOOTER_BYTES = 512;
@@ -283,22 +284,14 @@ export const vpcDriver: FormatDriver = {
 
     /** A differencing disk's map: sectors whose bitmap bit is clear, and unallocated blocks, are the parent's. */
     async function* layers(mapSignal?: AbortSignal): AsyncGenerator<LayerEntry> {
-      let run: LayerEntry | undefined;
-      const add = function* (entry: LayerEntry): Generator<LayerEntry> {
-        if (run && run.kind === entry.kind && run.offset + run.length === entry.offset && (run.kind !== 'stored' || (entry.kind === 'stored' && run.fileOffset + run.length === entry.fileOffset))) {
-          run.length += entry.length;
-          return;
-        }
-        if (run) yield run;
-        run = entry;
-      };
+      const runs = layerRuns();
       for (let block = 0; block < blocksInDisk; block++) {
         throwIfAborted(mapSignal ?? signal);
         const offset = block * blockSize;
         const length = Math.min(blockSize, virtualSize - offset);
         const entry = block < maxTableEntries ? bat.getUint32(block * 4) : UNALLOCATED;
         if (entry === UNALLOCATED) {
-          yield* add({ kind: 'backing', offset, length });
+          yield* runs.add({ kind: 'backing', offset, length });
           continue;
         }
         const sectors = length / SECTOR;
@@ -311,11 +304,11 @@ export const vpcDriver: FormatDriver = {
           while (e < sectors && ((((bitmap[e >> 3] as number) >> (7 - (e & 7))) & 1) === 1) === present) e++;
           const at = offset + s * SECTOR;
           const bytes = (e - s) * SECTOR;
-          yield* add(present ? { kind: 'stored', offset: at, length: bytes, fileOffset: data + s * SECTOR } : { kind: 'backing', offset: at, length: bytes });
+          yield* runs.add(present ? { kind: 'stored', offset: at, length: bytes, fileOffset: data + s * SECTOR } : { kind: 'backing', offset: at, length: bytes });
           s = e;
         }
       }
-      if (run) yield run;
+      yield* runs.end();
     }
 
     async function* map(mapSignal?: AbortSignal): AsyncGenerator<MapEntry> {

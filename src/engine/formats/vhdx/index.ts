@@ -65,6 +65,7 @@ import {
   signatureAt,
 } from './layout.js';
 import { scanLog } from './log.js';
+import { layerRuns } from '../../layer-runs.js';
 
 const hex = (n: number): string => `0x${n.toString(16)}`;
 const u32 = (b: Uint8Array, off: number): number => new DataView(b.buffer, b.byteOffset, b.byteLength).getUint32(off, true);
@@ -409,15 +410,7 @@ export const vhdxDriver: FormatDriver = {
     const sectorsPerBlock = blockSize / logicalSectorSize;
     /** A differencing image's map: what is not present here is 'backing' (the parent's). */
     async function* layers(mapSignal?: AbortSignal): AsyncGenerator<LayerEntry> {
-      let run: LayerEntry | undefined;
-      const add = function* (e: LayerEntry): Generator<LayerEntry> {
-        if (run && run.kind === e.kind && run.offset + run.length === e.offset && (run.kind !== 'stored' || (e.kind === 'stored' && run.fileOffset + run.length === e.fileOffset))) {
-          run.length += e.length;
-          return;
-        }
-        if (run) yield run;
-        run = e;
-      };
+      const runs = layerRuns();
       for (let block = 0; block < dataBlocks; block++) {
         if (block % BAT_CHUNK_ENTRIES === 0) throwIfAborted(mapSignal ?? signal);
         const offset = block * blockSize;
@@ -426,15 +419,15 @@ export const vhdxDriver: FormatDriver = {
         switch (state) {
           case STATE.NOT_PRESENT:
           case STATE.UNDEFINED:
-            yield* add({ kind: 'backing', offset, length });
+            yield* runs.add({ kind: 'backing', offset, length });
             continue;
           case STATE.ZERO:
           case STATE.UNMAPPED:
           case STATE.UNMAPPED_V095:
-            yield* add({ kind: 'zero', offset, length });
+            yield* runs.add({ kind: 'zero', offset, length });
             continue;
           case STATE.FULLY_PRESENT:
-            yield* add({ kind: 'stored', offset, length, fileOffset });
+            yield* runs.add({ kind: 'stored', offset, length, fileOffset });
             continue;
           case STATE.PARTIALLY_PRESENT: {
             const chunk = Math.floor(block / chunkRatio);
@@ -452,7 +445,7 @@ export const vhdxDriver: FormatDriver = {
               while (j < sectors && bit(j) === present) j++;
               const at = offset + i * logicalSectorSize;
               const bytes = Math.min(j * logicalSectorSize, length) - i * logicalSectorSize;
-              yield* add(present ? { kind: 'stored', offset: at, length: bytes, fileOffset: fileOffset + i * logicalSectorSize } : { kind: 'backing', offset: at, length: bytes });
+              yield* runs.add(present ? { kind: 'stored', offset: at, length: bytes, fileOffset: fileOffset + i * logicalSectorSize } : { kind: 'backing', offset: at, length: bytes });
               i = j;
             }
             continue;
@@ -461,7 +454,7 @@ export const vhdxDriver: FormatDriver = {
             throw new ImageCorruptError(`${name}: VHDX block ${block} has the undefined block state ${state}`);
         }
       }
-      if (run) yield run;
+      yield* runs.end();
     }
 
     /** qemu's check is its BAT entry check, which open() has already passed. */
