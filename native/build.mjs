@@ -26,7 +26,12 @@ function build({ name, what, without }) {
   const dir = join(here, name);
   const built = join(dir, 'build', 'Release', `${name}.node`);
   // --if-missing (npm run build): rebuild only when the helper is missing or older than its sources.
-  const sourcesTime = () => Math.max(...readdirSync(dir).filter((f) => /\.(c|gyp)$/.test(f)).map((f) => statSync(join(dir, f)).mtimeMs));
+  const common = join(here, 'common'); // headers both helpers include
+  const sourcesTime = () =>
+    Math.max(
+      ...readdirSync(dir).filter((f) => /\.(c|h|gyp)$/.test(f)).map((f) => statSync(join(dir, f)).mtimeMs),
+      ...readdirSync(common).filter((f) => f.endsWith('.h')).map((f) => statSync(join(common, f)).mtimeMs),
+    );
   if (process.argv.includes('--if-missing') && existsSync(built) && statSync(built).mtimeMs >= sourcesTime()) return;
   // npm puts its own node-gyp at npm_config_node_gyp inside scripts; otherwise try npm's copy beside this node, then PATH.
   const candidates = [process.env.npm_config_node_gyp, join(dirname(process.execPath), '..', 'lib', 'node_modules', 'npm', 'node_modules', 'node-gyp', 'bin', 'node-gyp.js')].filter(

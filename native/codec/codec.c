@@ -67,12 +67,12 @@
 #include <unistd.h>
 #include <zstd.h>
 
+#include "fs-io.h"
+
 #define MAX_JOBS (1 << 16)
 #define MAX_ZSTD_WINDOW_LOG 21
 /* Largest cluster decodeWrite decodes into its per-thread buffer (qcow2 clusters are at most 2 MiB). */
 #define MAX_DIRECT_CLUSTER (4u << 20)
-/* Longest single pwrite (native/seek/io.c says why: large writes make the page cache fault large folios in). */
-#define WRITE_PIECE (256 * 1024)
 
 enum { CODEC_QCOW2_DEFLATE = 0, CODEC_VMDK_GRAIN = 1, CODEC_QCOW2_ZSTD = 2 };
 
@@ -153,54 +153,16 @@ static int32_t decode_one(int codec, const item_t *it) {
   }
 }
 
-static int write_all(int fd, const uint8_t *p, size_t n, int64_t pos) {
-  while (n > 0) {
-    ssize_t w = pwrite(fd, p, n < WRITE_PIECE ? n : WRITE_PIECE, (off_t)pos);
-    if (w < 0) {
-      if (errno == EINTR) continue;
-      return errno;
-    }
-    if (w == 0) return EIO; /* a regular file never accepts nothing; refuse rather than spin */
-    p += w;
-    n -= (size_t)w;
-    pos += w;
-  }
-  return 0;
-}
-
-/* True when n bytes at p are all zero (p is 8-byte aligned here: a page-aligned buffer, block-aligned offsets or not). */
-static int all_zero(const uint8_t *p, size_t n) {
-  while (n > 0 && ((uintptr_t)p & 7) != 0) {
-    if (*p) return 0;
-    p++;
-    n--;
-  }
-  const uint64_t *w = (const uint64_t *)p;
-  while (n >= 64) {
-    if ((w[0] | w[1] | w[2] | w[3] | w[4] | w[5] | w[6] | w[7]) != 0) return 0;
-    w += 8;
-    n -= 64;
-  }
-  while (n >= 8) {
-    if (*w) return 0;
-    w++;
-    n -= 8;
-  }
-  for (p = (const uint8_t *)w; n > 0; p++, n--)
-    if (*p) return 0;
-  return 1;
-}
-
 /* Writes the non-zero blocks of p[0, n) (blocks of `block` bytes aligned to the file offset) at pos; every byte when block is 0. */
 static int write_non_zero(int fd, const uint8_t *p, size_t n, int64_t pos, int64_t block) {
-  if (block <= 0) return write_all(fd, p, n, pos);
+  if (block <= 0) return write_all(fd, p, n, pos, NULL);
   size_t run = (size_t)-1, at = 0;
   while (at < n) {
     size_t next = at + (size_t)(block - (pos + (int64_t)at) % block);
     if (next > n) next = n;
     if (all_zero(p + at, next - at)) {
       if (run != (size_t)-1) {
-        int err = write_all(fd, p + run, at - run, pos + (int64_t)run);
+        int err = write_all(fd, p + run, at - run, pos + (int64_t)run, NULL);
         if (err) return err;
         run = (size_t)-1;
       }
@@ -209,7 +171,7 @@ static int write_non_zero(int fd, const uint8_t *p, size_t n, int64_t pos, int64
     }
     at = next;
   }
-  return run == (size_t)-1 ? 0 : write_all(fd, p + run, n - run, pos + (int64_t)run);
+  return run == (size_t)-1 ? 0 : write_all(fd, p + run, n - run, pos + (int64_t)run, NULL);
 }
 
 static void execute_direct(job_t *job) {
@@ -258,42 +220,9 @@ static void release(napi_env env, job_t *job) {
   free(job);
 }
 
-static const char *errno_name(int err) {
-  switch (err) {
-    case ENOSPC: return "ENOSPC";
-    case EDQUOT: return "EDQUOT";
-    case EIO: return "EIO";
-    case EFBIG: return "EFBIG";
-    case EBADF: return "EBADF";
-    case EINVAL: return "EINVAL";
-    case EROFS: return "EROFS";
-    case EPERM: return "EPERM";
-    case EACCES: return "EACCES";
-    case EAGAIN: return "EAGAIN";
-    case ENXIO: return "ENXIO";
-    case EPIPE: return "EPIPE";
-    case ENOMEM: return "ENOMEM";
-    case EOVERFLOW: return "EOVERFLOW";
-    case ESPIPE: return "ESPIPE";
-    case EISDIR: return "EISDIR";
-    default: return "EUNKNOWN";
-  }
-}
-
 /* A failed pwrite of decodeWrite, as Node's fs errors look (.code, .errno, .syscall). */
 static void reject_errno(napi_env env, job_t *job) {
-  napi_value msg, code, err, syscall, errnum;
-  char text[256];
-  const char *name = errno_name(job->err);
-  snprintf(text, sizeof text, "%s: %s, pwrite", name, strerror(job->err));
-  napi_create_string_utf8(env, text, NAPI_AUTO_LENGTH, &msg);
-  napi_create_string_utf8(env, name, NAPI_AUTO_LENGTH, &code);
-  napi_create_error(env, code, msg, &err);
-  napi_create_string_utf8(env, "pwrite", NAPI_AUTO_LENGTH, &syscall);
-  napi_set_named_property(env, err, "syscall", syscall);
-  napi_create_int32(env, -job->err, &errnum);
-  napi_set_named_property(env, err, "errno", errnum);
-  napi_reject_deferred(env, job->deferred, err);
+  napi_reject_deferred(env, job->deferred, fs_error(env, job->err, "pwrite"));
 }
 
 static void complete(napi_env env, napi_status status, void *data) {

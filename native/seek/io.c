@@ -37,6 +37,8 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "fs-io.h"
+
 #define MAX_SEGMENTS (1 << 20)
 
 typedef struct {
@@ -58,82 +60,6 @@ typedef struct {
   int reading;
   int64_t *got; /* reading: bytes read into each segment */
 } job_t;
-
-static const char *errno_name(int err) {
-  switch (err) {
-    case ENOSPC: return "ENOSPC";
-    case EDQUOT: return "EDQUOT";
-    case EIO: return "EIO";
-    case EFBIG: return "EFBIG";
-    case EBADF: return "EBADF";
-    case EINVAL: return "EINVAL";
-    case EROFS: return "EROFS";
-    case EPERM: return "EPERM";
-    case EACCES: return "EACCES";
-    case EAGAIN: return "EAGAIN";
-    case ENXIO: return "ENXIO";
-    case EPIPE: return "EPIPE";
-    case ENOMEM: return "ENOMEM";
-    case EOVERFLOW: return "EOVERFLOW";
-    case ESPIPE: return "ESPIPE";
-    case EISDIR: return "EISDIR";
-    default: return "EUNKNOWN";
-  }
-}
-
-/* True when n bytes at p are all zero: 8-byte words, 64 bytes per step. */
-static int all_zero(const uint8_t *p, size_t n) {
-  while (n > 0 && ((uintptr_t)p & 7) != 0) {
-    if (*p) return 0;
-    p++;
-    n--;
-  }
-  const uint64_t *w = (const uint64_t *)p;
-  while (n >= 64) {
-    if ((w[0] | w[1] | w[2] | w[3] | w[4] | w[5] | w[6] | w[7]) != 0) return 0;
-    w += 8;
-    n -= 64;
-  }
-  while (n >= 8) {
-    if (*w) return 0;
-    w++;
-    n -= 8;
-  }
-  p = (const uint8_t *)w;
-  while (n > 0) {
-    if (*p) return 0;
-    p++;
-    n--;
-  }
-  return 1;
-}
-
-/*
- * Longest single pwrite. Measured on the 4 GiB qcow2 bench image (Linux 6.18
- * ext4, 2-core VM): writes of up to 8 MiB cost 2.4 s of system time (median of
- * 4), writes cut at 256 KiB 0.7 s, at 128 KiB 0.68, at 64 KiB 0.74, at 32 KiB
- * 0.84. A large write makes the page cache allocate large folios, which come
- * from the free 2 MiB blocks the VM has handed back to its host, so each page
- * is faulted in again at the host inside the copy (copy_folio_from_iter_atomic,
- * 69 % of the samples). qemu-img writes about 200 KiB at a time.
- */
-#define WRITE_PIECE (256 * 1024)
-
-static int write_all(int fd, const uint8_t *p, size_t n, int64_t pos, int64_t *written) {
-  while (n > 0) {
-    ssize_t w = pwrite(fd, p, n < WRITE_PIECE ? n : WRITE_PIECE, (off_t)pos);
-    if (w < 0) {
-      if (errno == EINTR) continue;
-      return errno;
-    }
-    if (w == 0) return EIO; /* a regular file never accepts nothing; refuse rather than spin */
-    p += w;
-    n -= (size_t)w;
-    pos += w;
-    *written += w;
-  }
-  return 0;
-}
 
 static void execute_read(job_t *job) {
   for (size_t i = 0; i < job->count; i++) {
@@ -204,19 +130,7 @@ static void complete(napi_env env, napi_status status, void *data) {
     }
     napi_resolve_deferred(env, job->deferred, result);
   } else {
-    napi_value msg, code, err, syscall, errnum;
-    const char *name = job->err == ECANCELED ? "ECANCELED" : errno_name(job->err);
-    char text[256];
-    const char *call = job->reading ? "pread" : "pwrite";
-    snprintf(text, sizeof text, "%s: %s, %s", name, strerror(job->err), call);
-    napi_create_string_utf8(env, text, NAPI_AUTO_LENGTH, &msg);
-    napi_create_string_utf8(env, name, NAPI_AUTO_LENGTH, &code);
-    napi_create_error(env, code, msg, &err);
-    napi_create_string_utf8(env, call, NAPI_AUTO_LENGTH, &syscall);
-    napi_set_named_property(env, err, "syscall", syscall);
-    napi_create_int32(env, -job->err, &errnum);
-    napi_set_named_property(env, err, "errno", errnum);
-    napi_reject_deferred(env, job->deferred, err);
+    napi_reject_deferred(env, job->deferred, fs_error(env, job->err, job->reading ? "pread" : "pwrite"));
   }
   napi_delete_reference(env, job->keep);
   napi_delete_async_work(env, job->work);
