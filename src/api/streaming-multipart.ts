@@ -46,7 +46,7 @@ import type { ApiContext } from './context.js';
 import { createFromReceived, newJobId } from './create-job.js';
 import { ApiError } from './errors.js';
 import { checkJobOptions } from './job-record.js';
-import { overlap } from './streaming-upload.js';
+import { overlap, readHead, replay } from './streaming-upload.js';
 
 /** The boundary of a multipart/form-data Content-Type (RFC 2046: 1-70 characters, maybe quoted). */
 export function boundaryOf(contentType: string | undefined): string | undefined {
@@ -92,29 +92,6 @@ export class BodyPrefix {
     }
     const headersEnd = buf.indexOf('\r\n\r\n', at + delimiter.length - 2, 'latin1');
     return headersEnd < 0 ? undefined : headersEnd + 4;
-  }
-}
-
-/** Reads the first chunks of the file until there are enough to tell a wrapper (or the file ends). */
-async function readHead(file: AsyncIterator<Buffer>): Promise<{ head: Buffer[]; bytes: number; ended: boolean }> {
-  const head: Buffer[] = [];
-  let bytes = 0;
-  while (bytes < WRAPPER_PROBE_BYTES) {
-    const next = await file.next();
-    if (next.done) return { head, bytes, ended: true };
-    head.push(next.value);
-    bytes += next.value.length;
-  }
-  return { head, bytes, ended: false };
-}
-
-async function* replay(head: Buffer[], rest: AsyncIterator<Buffer>, ended: boolean): AsyncGenerator<Buffer> {
-  yield* head;
-  if (ended) return;
-  for (;;) {
-    const next = await rest.next();
-    if (next.done) return;
-    yield next.value;
   }
 }
 
@@ -176,7 +153,7 @@ async function stream(ctx: ApiContext, request: FastifyRequest, reply: FastifyRe
   const callback = await checkJobOptions(ctx, options);
   const filename = sanitizeFilename(part.filename);
   const file = (part.file as AsyncIterable<Buffer>)[Symbol.asyncIterator]();
-  let head: { head: Buffer[]; bytes: number; ended: boolean };
+  let head: Awaited<ReturnType<typeof readHead>>;
   try {
     head = await readHead(file);
   } catch (err) {

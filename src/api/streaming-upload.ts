@@ -41,8 +41,8 @@ export function canStream(ctx: ApiContext, request: FastifyRequest): boolean {
   return Number.isSafeInteger(length) && length > 0 && request.headers['transfer-encoding'] === undefined;
 }
 
-/** Reads the first chunks of the body until there are enough to tell a wrapper (or the body ends). */
-async function readHead(body: AsyncIterator<Buffer>): Promise<{ head: Buffer[]; headBytes: number; ended: boolean }> {
+/** Reads the first chunks of a body (or a multipart file) until there are enough to tell a wrapper, or it ends. */
+export async function readHead(body: AsyncIterator<Buffer>): Promise<{ head: Buffer[]; headBytes: number; ended: boolean }> {
   const head: Buffer[] = [];
   let headBytes = 0;
   while (headBytes < WRAPPER_PROBE_BYTES) {
@@ -54,7 +54,8 @@ async function readHead(body: AsyncIterator<Buffer>): Promise<{ head: Buffer[]; 
   return { head, headBytes, ended: false };
 }
 
-async function* replay(head: Buffer[], rest: AsyncIterator<Buffer>, ended: boolean): AsyncGenerator<Buffer> {
+/** The chunks readHead took, then the rest. */
+export async function* replay(head: Buffer[], rest: AsyncIterator<Buffer>, ended: boolean): AsyncGenerator<Buffer> {
   yield* head;
   if (ended) return;
   for (;;) {
