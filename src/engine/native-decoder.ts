@@ -138,20 +138,12 @@ class NativeDecoder {
   }
 
   private send(id: number, jobs: Job[]): void {
-    let pending: Promise<Int32Array>;
-    try {
-      pending = this.native.decodeMany(
+    settle(jobs, () =>
+      this.native.decodeMany(
         id,
         jobs.map((j) => j.input),
         jobs.map((j) => j.output),
-      );
-    } catch (err) {
-      for (const job of jobs) job.reject(err as Error);
-      return;
-    }
-    pending.then(
-      (results) => jobs.forEach((job, i) => job.resolve(results[i] ?? -1)),
-      (err: Error) => jobs.forEach((job) => job.reject(err)),
+      ),
     );
   }
 
@@ -163,24 +155,31 @@ class NativeDecoder {
       meta[4 * i + 2] = j.length;
       meta[4 * i + 3] = j.decodedLength;
     });
-    let pending: Promise<Int32Array>;
-    try {
-      pending = (this.native.decodeWrite as NonNullable<CodecHelper['decodeWrite']>)(
+    settle(jobs, () =>
+      (this.native.decodeWrite as NonNullable<CodecHelper['decodeWrite']>)(
         id,
         jobs.map((j) => j.input),
         meta,
         target.fd,
         target.block,
-      );
-    } catch (err) {
-      for (const job of jobs) job.reject(err as Error);
-      return;
-    }
-    pending.then(
-      (results) => jobs.forEach((job, i) => job.resolve(results[i] ?? -1)),
-      (err: Error) => jobs.forEach((job) => job.reject(err)),
+      ),
     );
   }
+}
+
+/** Starts one native call for a batch and settles each job with its own result (or everyone with the call's error). */
+function settle(jobs: ReadonlyArray<{ resolve(result: number): void; reject(err: Error): void }>, start: () => Promise<Int32Array>): void {
+  let pending: Promise<Int32Array>;
+  try {
+    pending = start();
+  } catch (err) {
+    for (const job of jobs) job.reject(err as Error);
+    return;
+  }
+  pending.then(
+    (results) => jobs.forEach((job, i) => job.resolve(results[i] ?? -1)),
+    (err: Error) => jobs.forEach((job) => job.reject(err)),
+  );
 }
 
 let decoder: NativeDecoder | null | undefined;
