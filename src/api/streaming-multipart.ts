@@ -211,7 +211,7 @@ async function stream(ctx: ApiContext, request: FastifyRequest, reply: FastifyRe
         },
       },
     });
-    if (!('restage' in done)) return done;
+    if (!('restage' in done)) return done.sent;
     // Not as predicted: the staged bytes become the job the whole request describes, under a new id.
     const { size, sha256, retire } = done.restage;
     const newId = newJobId();

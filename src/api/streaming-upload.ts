@@ -145,7 +145,7 @@ async function stream(ctx: ApiContext, request: FastifyRequest, reply: FastifyRe
   }
   const done = await overlap(ctx, request, reply, { id, options, ...(filename ? { filename } : {}), callback, declared, writer, token, chunks: replay(head, iterator, ended), ...(idempotencyKey !== undefined ? { idempotencyKey } : {}) });
   if ('restage' in done) throw new Error('an exact length never restages');
-  return done;
+  return done.sent;
 }
 
 /** What overlap() needs: the job's options, the staging write the file goes to, the file's bytes. */
@@ -175,10 +175,18 @@ export interface Restage {
 }
 
 /**
+ * A reply overlap() sent, wrapped: a FastifyReply is a thenable (it settles, with undefined, once the response is
+ * out), so an async function returning it bare resolves to undefined instead of the reply.
+ */
+export interface Sent {
+  sent: FastifyReply;
+}
+
+/**
  * The job made at once, converting while `chunks` go to the staging write; the staged copy committed at the
  * end. Answers 202 (or a replay), or hands a mispredicted upload back as `restage`.
  */
-export async function overlap(ctx: ApiContext, request: FastifyRequest, reply: FastifyReply, plan: OverlapPlan): Promise<FastifyReply | Restage> {
+export async function overlap(ctx: ApiContext, request: FastifyRequest, reply: FastifyReply, plan: OverlapPlan): Promise<Sent | Restage> {
   const { id, options, filename, callback, declared, writer, token, idempotencyKey, predicted } = plan;
   const hash = createHash('sha256');
   let size = 0;
@@ -275,7 +283,7 @@ export async function overlap(ctx: ApiContext, request: FastifyRequest, reply: F
       // A concurrent request with this key and this body made its job first: that one stands, this one goes.
       await writer.abort().catch(() => {});
       await failJob({ code: 'IDEMPOTENT_REPLAY', message: 'a concurrent request with the same Idempotency-Key made the job' });
-      return replayed(request, reply, got.existing);
+      return { sent: replayed(request, reply, got.existing) };
     }
     claim = got.claim;
     await claim.created().catch((err: unknown) => request.log.warn({ err }, 'could not record the Idempotency-Key'));
@@ -305,7 +313,7 @@ export async function overlap(ctx: ApiContext, request: FastifyRequest, reply: F
   }
   const now = (await ctx.records.get(id)) ?? undefined;
   const shown = now ? { ...now, source: { ...now.source, size, sha256 } } : undefined;
-  return reply.code(202).header('location', jobPath(id)).send(shown ? presentJob(shown) : { id });
+  return { sent: reply.code(202).header('location', jobPath(id)).send(shown ? presentJob(shown) : { id }) };
 }
 
 async function submit(ctx: ApiContext, request: FastifyRequest, record: Parameters<typeof submitJob>[1], passphrase?: string): Promise<void> {
