@@ -381,16 +381,21 @@ export async function uploadRoutes(app: FastifyInstance, ctx: ApiContext): Promi
   const handle = async (request: FastifyRequest, reply: FastifyReply): Promise<FastifyReply> => {
     const { upload_id: uploadId } = (request.params ?? {}) as { upload_id?: string };
     // A completed upload is a job now: HEAD says so; a repeated final PATCH is answered as done.
-    const completed = async (): Promise<FastifyReply | undefined> => {
-      if (!uploadId || (request.method !== 'HEAD' && request.method !== 'PATCH')) return undefined;
+    // True once it has answered. (Not the reply itself: a FastifyReply is a thenable that settles with undefined, so an
+    // async function returning it would come back undefined and the request would be answered twice.)
+    const completed = async (): Promise<boolean> => {
+      if (!uploadId || (request.method !== 'HEAD' && request.method !== 'PATCH')) return false;
       const raw = await ctx.redis.get(claimKey(uploadId));
-      if (!raw) return undefined;
+      if (!raw) return false;
       const claim = JSON.parse(raw) as Claim;
       const rec = await ctx.records.get(claim.job);
       // Claimed but no record yet: its job is being made; tus still has the upload and answers.
-      if (!rec) return undefined;
-      if (rec.tenant !== request.tenant) return reply.code(404).header('tus-resumable', '1.0.0').header('cache-control', 'no-store').send();
-      return reply
+      if (!rec) return false;
+      if (rec.tenant !== request.tenant) {
+        reply.code(404).header('tus-resumable', '1.0.0').header('cache-control', 'no-store').send();
+        return true;
+      }
+      reply
         .code(request.method === 'HEAD' ? 200 : 204)
         .header('tus-resumable', '1.0.0')
         .header('upload-offset', String(claim.size))
@@ -398,9 +403,9 @@ export async function uploadRoutes(app: FastifyInstance, ctx: ApiContext): Promi
         .header('cache-control', 'no-store')
         .header('diskconv-job', jobPath(claim.job))
         .send();
+      return true;
     };
-    const done = await completed();
-    if (done) return done;
+    if (await completed()) return reply;
     let body: Readable | undefined;
     let cleanup: (() => Promise<void>) | undefined;
     let mismatched: (() => boolean) | undefined;
@@ -435,8 +440,7 @@ export async function uploadRoutes(app: FastifyInstance, ctx: ApiContext): Promi
       }
       // Completed (and its tus copy removed, or half removed: tus says 410) by another request meanwhile.
       if (response.status === 404 || response.status === 410) {
-        const late = await completed();
-        if (late) return late;
+        if (await completed()) return reply;
       }
       reply.code(response.status);
       response.headers.forEach((value, key) => {
