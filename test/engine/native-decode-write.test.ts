@@ -6,7 +6,6 @@
  * is never written; a failed write is the fs error. And a whole conversion
  * through the direct path gives qemu-img's bytes.
  */
-import { execFileSync } from 'node:child_process';
 import { existsSync, readFileSync, statSync, writeFileSync } from 'node:fs';
 import { open } from 'node:fs/promises';
 import { join } from 'node:path';
@@ -17,21 +16,9 @@ import { convertToRaw, FileSource, openImage, RawFileSink } from '../../src/engi
 import { readExtentBatches } from '../../src/engine/reader.js';
 import type { Codec } from '../../src/engine/types.js';
 import { makeTempDir, mixedContent, qemuImg, qemuRawSha256, seededBytes, sha256File } from '../helpers/qemu.js';
+import { zstdFrame, zstdTool } from '../helpers/zstd.js';
 
 const built = existsSync(join(import.meta.dirname, '..', '..', 'native', 'codec', 'build', 'Release', 'codec.node'));
-
-const zstdTool = ((): boolean => {
-  try {
-    execFileSync('zstd', ['--version']);
-    return true;
-  } catch {
-    return false;
-  }
-})();
-
-function zstdFrame(data: Uint8Array, args: string[] = ['-3']): Uint8Array {
-  return execFileSync('zstd', ['-q', '-c', ...args], { input: data, maxBuffer: 1 << 26 });
-}
 
 function grain(stream: Uint8Array, size = stream.length): Uint8Array {
   const head = Buffer.alloc(12);

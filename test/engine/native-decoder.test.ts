@@ -6,7 +6,6 @@
  * or the same refusal with the same words, for clean clusters and damaged ones
  * alike, for every codec.
  */
-import { execFileSync } from 'node:child_process';
 import { existsSync } from 'node:fs';
 import { join } from 'node:path';
 import { deflateRawSync, deflateSync, constants as zc } from 'node:zlib';
@@ -14,6 +13,7 @@ import { afterEach, describe, expect, it } from 'vitest';
 import { decode, decoderStats, setNativeDecoding } from '../../src/engine/decompress.js';
 import type { Codec } from '../../src/engine/types.js';
 import { mixedContent, seededBytes } from '../helpers/qemu.js';
+import { zstdFrame, zstdTool } from '../helpers/zstd.js';
 
 const built = existsSync(join(import.meta.dirname, '..', '..', 'native', 'codec', 'build', 'Release', 'codec.node'));
 
@@ -37,19 +37,6 @@ function grain(stream: Uint8Array, size = stream.length): Uint8Array {
   const head = Buffer.alloc(12);
   head.writeUInt32LE(size, 8);
   return Buffer.concat([head, stream]);
-}
-
-const zstdTool = ((): boolean => {
-  try {
-    execFileSync('zstd', ['--version']);
-    return true;
-  } catch {
-    return false;
-  }
-})();
-
-function zstdFrame(data: Uint8Array, args: string[] = ['-3']): Uint8Array {
-  return execFileSync('zstd', ['-q', '-c', ...args], { input: data, maxBuffer: 1 << 26 });
 }
 
 function damaged(bytes: Uint8Array, seed: number): Uint8Array[] {
