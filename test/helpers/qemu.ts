@@ -37,6 +37,21 @@ export async function settle(paths: string[]): Promise<void> {
   );
 }
 
+/** A file's data and hole ranges as the filesystem reports them (SEEK_DATA/SEEK_HOLE, through qemu-img map). */
+export async function fileAllocation(file: string): Promise<{ start: number; length: number; data: boolean; zero: boolean }[]> {
+  const { stdout } = await qemuImg('map', '--output=json', '-f', 'raw', file);
+  return (JSON.parse(stdout) as { start: number; length: number; data: boolean; zero: boolean }[]).map(({ start, length, data, zero }) => ({ start, length, data, zero }));
+}
+
+/**
+ * The bytes of a file's data ranges. What a sparse output allocates for its data: st_blocks also counts
+ * ext4's extent-tree blocks, which vary by a block with how the writes were placed on disk, not with what
+ * was written (a fragmented output once had 13232 blocks where qemu-img's identical ranges had 13224).
+ */
+export async function dataBytes(file: string): Promise<number> {
+  return (await fileAllocation(file)).reduce((sum, r) => sum + (r.data ? r.length : 0), 0);
+}
+
 export async function makeTempDir(prefix = 'diskconv-test-'): Promise<{ dir: string; cleanup: () => Promise<void> }> {
   const dir = await mkdtemp(join(tmpdir(), prefix));
   return { dir, cleanup: () => rm(dir, { recursive: true, force: true }) };
