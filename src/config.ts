@@ -215,6 +215,7 @@ const schema = z.object({
   UPLOAD_TTL_SECONDS: int(1, 30 * 86400, 86400),
   UPLOAD_IDLE_TIMEOUT_MS: int(100, 3_600_000, 60_000),
   STREAM_UPLOADS: bool(true),
+  TUS_OVERLAP_IDLE_MS: int(100, 3_600_000, 5000),
   INSPECT_MAX_BYTES: bytes(65536, '256M'),
   INSPECT_STAGING_CONCURRENCY: int(1, 64, 2),
   RBD_POOLS: list.refine((pools) => pools.every((p) => /^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$/.test(p)), { message: 'expected pool names separated by commas' }),
@@ -308,6 +309,8 @@ export interface Config {
   uploadIdleTimeoutMs: number;
   /** Uploads start converting while their bytes arrive (src/api/streaming-upload.ts). */
   streamUploads: boolean;
+  /** A worker converting a tus upload as it arrives gives its slot back after this long without a new byte (src/queue/upload-stream.ts). */
+  tusOverlapIdleMs: number;
   /** POST /v1/inspect by URL: most bytes one inspection may fetch (by ranges) or stage on the API host, and inspections staging at once. */
   inspect: { maxBytes: number; stagingConcurrency: number };
   rbd: { pools: string[]; commandTimeoutMs: number };
@@ -430,6 +433,7 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): Config {
     uploads: { ttlSeconds: e.UPLOAD_TTL_SECONDS },
     uploadIdleTimeoutMs: e.UPLOAD_IDLE_TIMEOUT_MS,
     streamUploads: e.STREAM_UPLOADS,
+    tusOverlapIdleMs: e.TUS_OVERLAP_IDLE_MS,
     inspect: { maxBytes: e.INSPECT_MAX_BYTES, stagingConcurrency: e.INSPECT_STAGING_CONCURRENCY },
     rbd: { pools: e.RBD_POOLS, commandTimeoutMs: e.RBD_COMMAND_TIMEOUT_MS },
     outputHashes: [...new Set(e.OUTPUT_HASHES.map((n) => n.toLowerCase() as HashAlgorithm))].filter((n) => n !== 'sha256'),

@@ -11,7 +11,7 @@ import type { Stores } from '../store/index.js';
 
 export interface AppDeps {
   records: JobRecords;
-  queue: Pick<ConversionQueue, 'enqueue' | 'removeWaiting' | 'depth'>;
+  queue: Pick<ConversionQueue, 'enqueue' | 'removeWaiting' | 'depth'> & Partial<Pick<ConversionQueue, 'promote'>>;
   stores: Stores;
   /** For readiness and the shared rate-limit counters. */
   redis: Redis;

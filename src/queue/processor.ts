@@ -33,7 +33,7 @@ import type { Reservation, SpaceReservations } from './space.js';
 import type { ConvertJobData } from './queue.js';
 import type { GlanceOutput, JobError, JobOutput, JobProgress, JobRecord, JobRecords } from './records.js';
 import { ThrottledSource } from './throttle.js';
-import { GrowingFileSource, openUploadSource, type UploadMarks } from './upload-stream.js';
+import { committedUpload, GrowingFileSource, openUploadSource, parkUntilResumed, UploadPausedError, type UploadMarks } from './upload-stream.js';
 import type { Leases } from './leases.js';
 
 const digests = (r: ConvertResult): { sha512?: string; md5?: string } => ({ ...(r.sha512 ? { sha512: r.sha512 } : {}), ...(r.md5 ? { md5: r.md5 } : {}) });
@@ -342,6 +342,11 @@ export function createProcessor(deps: ProcessorDeps) {
         info = { ...(await imageInfo(image, readSource)), filename: displayName };
         const now = (await records.get(id))?.source ?? rec.source;
         await mustOwn(await records.update(id, ['running'], { source: { ...now, size: arrived.size, sha256: arrived.sha256, info: info as unknown as Record<string, unknown> } }, { owner }));
+      } else if (deps.uploads && rec.source.kind === 'upload' && !rec.source.sha256) {
+        // A resumable upload's job parked while it arrived and ran again from the committed copy: its sha256 is in the mark.
+        const arrived = await committedUpload(deps.uploads.marks, id);
+        const now = (await records.get(id))?.source ?? rec.source;
+        if (arrived && !now.sha256) await mustOwn(await records.update(id, ['running'], { source: { ...now, size: arrived.size, sha256: arrived.sha256 } }, { owner }));
       }
       // Only the attempt that still owns the job publishes: a superseded one must not clobber.
       await mustOwn(await records.update(id, ['running'], { progress: { phase: 'committing', bytes_done: total, bytes_total: total, percent: 100 } }, { owner }));
@@ -454,6 +459,10 @@ export function createProcessor(deps: ProcessorDeps) {
         await job.moveToWait(token);
         log.info('handed back on shutdown');
         throw new WaitingError();
+      }
+      if (err instanceof UploadPausedError && token && deps.uploads) {
+        log.info('the resumable upload paused; the job waits queued for it, the worker slot is free');
+        await parkUntilResumed(err, { job, token, records, owner, marks: deps.uploads.marks, id });
       }
       const error = describeError(err, sourceName ?? source?.name, displayName);
       const deterministic = isDiskconvError(err) && err.deterministic;

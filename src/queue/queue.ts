@@ -77,6 +77,16 @@ export class ConversionQueue {
     }
   }
 
+  /** Runs a delayed job now (a parked upload job whose upload resumed or completed: upload-stream.ts); false when it was not delayed. */
+  async promote(id: string): Promise<boolean> {
+    const job = await this.queue.getJob(id);
+    if (!job || (await job.getState()) !== 'delayed') return false;
+    return job.promote().then(
+      () => true,
+      () => false, // taken meanwhile (promoted by its worker, or removed)
+    );
+  }
+
   /** BullMQ's state of a job; undefined when BullMQ has no such job (never added, or already forgotten). */
   async stateOf(id: string): Promise<string | undefined> {
     const job = await this.queue.getJob(id);

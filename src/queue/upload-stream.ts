@@ -18,14 +18,28 @@
  * the source's size is that declared size, and the engine bounds every read by it.
  */
 import { open, type FileHandle } from 'node:fs/promises';
+import { DelayedError, type Job } from 'bullmq';
 import type { Redis } from 'ioredis';
 import { DiskconvError, ImageCorruptError, SourceUnavailableError, throwIfAborted, type RandomAccessSource } from '../engine/index.js';
 import { sleep } from '../engine/ranged-source.js';
 import type { InputStaging } from '../store/index.js';
 import type { Leases } from './leases.js';
+import type { JobRecords } from './records.js';
+
+/**
+ * A resumable (tus) upload's terms for the worker that follows it: a client may stop and resume hours later, so
+ * a worker converts along only while bytes keep coming. `idleMs`: no new byte for this long and the worker gives
+ * its slot back (the job waits, queued, until the upload resumes or completes); `expires`: when the unfinished
+ * upload is removed (ms since the epoch). `patch` counts the PATCHes begun, so a parked job sees a resume.
+ */
+export interface ResumableTerms {
+  idleMs: number;
+  expires: number;
+  patch: number;
+}
 
 export type UploadMark =
-  | { state: 'receiving'; token: string; size: number }
+  | { state: 'receiving'; token: string; size: number; resumable?: ResumableTerms }
   | { state: 'received'; token: string; size: number; sha256: string }
   | { state: 'committed'; size: number; sha256: string }
   | { state: 'failed'; code: string; message: string };
@@ -46,6 +60,10 @@ export class UploadMarks {
     await this.redis.set(this.prefix + id, JSON.stringify(mark), 'EX', MARK_TTL_SECONDS);
   }
 
+  async delete(id: string): Promise<void> {
+    await this.redis.del(this.prefix + id);
+  }
+
   async get(id: string): Promise<UploadMark | undefined> {
     const raw = await this.redis.get(this.prefix + id);
     if (raw === null) return undefined;
@@ -63,6 +81,22 @@ export class UploadFailedError extends DiskconvError {
   constructor(
     readonly code: string,
     message: string,
+  ) {
+    super(message);
+  }
+}
+
+/**
+ * A resumable upload sent nothing for its idle bound while the worker waited for bytes: the attempt gives its
+ * slot back (parkUntilResumed) instead of failing. Never the job's error: the processor parks the job with it.
+ */
+export class UploadPausedError extends DiskconvError {
+  readonly code = 'UPLOAD_PAUSED' as const;
+  readonly deterministic = false;
+  constructor(
+    message: string,
+    /** The mark's PATCH count when the worker last looked: a later one means the upload resumed meanwhile. */
+    readonly seenPatch: number,
   ) {
     super(message);
   }
@@ -90,6 +124,8 @@ export class GrowingFileSource implements RandomAccessSource {
   private lastMarkCheck = 0;
   private markCheck: Promise<void> | undefined;
   private closed = false;
+  /** When the file last grew (or the source opened): a resumable upload idle past its bound parks the job. */
+  private lastGrowth = Date.now();
   /** Reads that had to wait for bytes (for the tests and the logs). */
   waits = 0;
 
@@ -98,13 +134,31 @@ export class GrowingFileSource implements RandomAccessSource {
     readonly size: number,
     readonly name: string,
     private readonly deps: GrowingSourceDeps,
+    private resumable: ResumableTerms | undefined,
   ) {}
 
-  static async open(path: string, size: number, name: string, deps: GrowingSourceDeps): Promise<GrowingFileSource> {
+  static async open(path: string, size: number, name: string, deps: GrowingSourceDeps, resumable?: ResumableTerms): Promise<GrowingFileSource> {
     const handle = await open(path, 'r');
-    const source = new GrowingFileSource(handle, size, name, deps);
+    const source = new GrowingFileSource(handle, size, name, deps, resumable);
     source.available = (await handle.stat()).size;
     return source;
+  }
+
+  /** A resumable upload that sent nothing for its idle bound: the attempt gives the worker slot back. */
+  private checkIdle(): void {
+    const terms = this.resumable;
+    if (!terms || this.final || this.failure) return;
+    if (Date.now() - this.lastGrowth < terms.idleMs) return;
+    this.failure = new UploadPausedError(`${this.name}: the resumable upload sent nothing for ${terms.idleMs} ms; the job waits for it to resume`, terms.patch);
+  }
+
+  /** The file's size now; notes growth. */
+  private async grow(): Promise<void> {
+    const size = (await this.handle.stat()).size;
+    if (size > this.available) {
+      this.available = size;
+      this.lastGrowth = Date.now();
+    }
   }
 
   /** Bytes still arriving (the engine's vmdk-markers.ts walks a streamOptimized image's markers then). */
@@ -134,6 +188,9 @@ export class GrowingFileSource implements RandomAccessSource {
           this.available = size;
           this.final = { size: mark.size, sha256: mark.sha256 };
         }
+      } else if (mark?.state === 'receiving' && mark.resumable) {
+        // A resumable upload is never failed for its client or its API going away: idle too long, the job parks (checkIdle).
+        this.resumable = mark.resumable;
       } else if (mark === undefined || mark.state === 'receiving') {
         // No mark, or still receiving while nobody holds the upload: the API process went away.
         if (mark === undefined || !(await this.deps.leases.held(this.deps.id))) {
@@ -162,10 +219,11 @@ export class GrowingFileSource implements RandomAccessSource {
       throwIfAborted(signal);
       if (this.closed) throw new SourceUnavailableError(`${this.name}: read after close`);
       if (this.failure) throw this.failure;
-      this.available = Math.max(this.available, (await this.handle.stat()).size);
+      await this.grow();
       if (end <= this.available) return;
       if (this.final) throw new ImageCorruptError(`${this.name}: a read up to byte ${end} lies past the uploaded ${this.final.size} bytes`);
       await this.checkMark();
+      this.checkIdle();
       if (this.failure || this.final) continue;
       await sleep(SIZE_POLL_MS, signal);
     }
@@ -178,6 +236,8 @@ export class GrowingFileSource implements RandomAccessSource {
       if (this.failure) throw this.failure;
       throwIfAborted(signal);
       await this.checkMark();
+      if (this.resumable) await this.grow();
+      this.checkIdle();
       if (this.final || this.failure) continue;
       await sleep(MARK_POLL_MS / 2, signal);
     }
@@ -230,11 +290,14 @@ export async function openUploadSource(
 ): Promise<RandomAccessSource> {
   const mark = await deps.marks.get(deps.id);
   if (mark?.state === 'failed') throw new UploadFailedError(mark.code, `the upload failed: ${mark.message}`);
+  if (mark?.state === 'receiving' && mark.resumable && mark.resumable.expires <= Date.now()) {
+    throw new UploadFailedError('UPLOAD_EXPIRED', 'the resumable upload was not finished before it expired (UPLOAD_TTL_SECONDS)');
+  }
   if (mark?.state === 'receiving' || mark?.state === 'received') {
     const path = staging.followPath?.(deps.id, mark.token);
     if (path !== undefined) {
       try {
-        return await GrowingFileSource.open(path, mark.size, displayName, deps);
+        return await GrowingFileSource.open(path, mark.size, displayName, deps, mark.state === 'receiving' ? mark.resumable : undefined);
       } catch (err) {
         if ((err as NodeJS.ErrnoException).code !== 'ENOENT') throw new SourceUnavailableError(`cannot follow the upload: ${(err as Error).message}`, { cause: err });
         const now = await deps.marks.get(deps.id);
@@ -244,4 +307,39 @@ export async function openUploadSource(
     }
   }
   return staging.open(deps.id, displayName);
+}
+
+/** What parkUntilResumed needs of BullMQ's job and of the records. */
+export interface ParkDeps {
+  job: Pick<Job, 'moveToDelayed' | 'promote'>;
+  token: string;
+  records: Pick<JobRecords, 'transition'>;
+  owner: string;
+  marks: UploadMarks;
+  id: string;
+}
+
+/**
+ * A resumable upload paused (UploadPausedError): the job goes back to `queued`, delayed in BullMQ until the
+ * upload would expire, and this worker's slot is free. The API promotes it when a PATCH begins or the upload
+ * completes (routes/uploads.ts); after the move, the mark is read again, so a resume that came in between (whose
+ * promote found the job still active) is not missed. A job left delayed past the expiry fails `UPLOAD_EXPIRED`
+ * (openUploadSource). Throws BullMQ's DelayedError, which costs no attempt.
+ */
+export async function parkUntilResumed(err: UploadPausedError, deps: ParkDeps): Promise<never> {
+  const { job, token, records, owner, marks, id } = deps;
+  const mark = await marks.get(id);
+  const expires = mark?.state === 'receiving' && mark.resumable ? mark.resumable.expires : Date.now();
+  await records.transition(id, 'queued', ['running'], { progress: { phase: 'queued', bytes_done: 0, bytes_total: null, percent: null }, attempt_id: undefined }, { owner });
+  await job.moveToDelayed(Math.max(Date.now() + 1000, expires + 1000), token);
+  const now = await marks.get(id);
+  const resumed = now === undefined || now.state !== 'receiving' || (now.resumable?.patch ?? 0) !== err.seenPatch;
+  if (resumed) await job.promote().catch(() => {});
+  throw new DelayedError();
+}
+
+/** The size and sha256 of an upload whose staged copy is committed (its mark says so); undefined otherwise. */
+export async function committedUpload(marks: UploadMarks, id: string): Promise<{ size: number; sha256: string } | undefined> {
+  const mark = await marks.get(id).catch(() => undefined);
+  return mark?.state === 'committed' ? { size: mark.size, sha256: mark.sha256 } : undefined;
 }

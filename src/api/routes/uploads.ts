@@ -29,9 +29,9 @@
  * into the bucket it is hashed on its way and the store commits it only when the
  * digest matched (checksumScope), so nothing is spooled.
  */
-import { createHash, randomBytes } from 'node:crypto';
+import { createHash, randomBytes, type Hash } from 'node:crypto';
 import { createReadStream, createWriteStream } from 'node:fs';
-import { mkdir, open, rm } from 'node:fs/promises';
+import { mkdir, open, rm, stat } from 'node:fs/promises';
 import { join } from 'node:path';
 import { Readable, Transform } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
@@ -82,31 +82,66 @@ function optionFieldsOf(meta: Record<string, string | null>): Record<string, str
   return fields;
 }
 
+/** What the routes learn of each PATCH as tus writes it (the sha256 on the way, the overlap's start and resumes). */
+interface WriteHooks {
+  /** Before a PATCH's first byte is written at `offset`. Never throws. */
+  before(id: string, offset: number): Promise<void>;
+  /** A chunk on its way to the file at `at`. */
+  chunk(id: string, at: number, chunk: Buffer): void;
+  /** The PATCH ended: the file's new end, or undefined when the write failed. Never throws. */
+  after(id: string, end: number | undefined): Promise<void>;
+}
+
 /**
  * tus's file store, with each PATCH's bytes flushed to disk while they arrive (write-behind, one fdatasync per
- * 32 MiB in the background), so the fsync when the finished upload is linked into staging has little left to do.
+ * 32 MiB in the background), so the fsync when the finished upload is linked into staging has little left to do;
+ * and each chunk shown to the routes (WriteHooks) on its way.
  */
 class FlushingFileStore extends FileStore {
+  hooks: WriteHooks | undefined;
+
   override async write(readable: Readable, id: string, offset: number): Promise<number> {
+    const hooks = this.hooks;
+    await hooks?.before(id, offset);
     const behind = await WriteBehind.open(join(this.directory, id)).catch(() => undefined);
-    if (!behind) return super.write(readable, id, offset);
     let seen = 0;
     const counted = new Transform({
       transform(chunk: Buffer, _enc, done) {
+        hooks?.chunk(id, offset + seen, chunk);
         seen += chunk.length;
-        behind.written(seen);
+        behind?.written(seen);
         done(null, chunk);
       },
     });
     // pipeline destroys `counted` with the body's error, so tus's own pipeline fails as it would without us.
     pipelineCallback(readable, counted, () => {});
+    let end: number | undefined;
     try {
-      return await super.write(counted, id, offset);
+      end = await super.write(counted, id, offset);
+      return end;
     } finally {
-      await behind.abort();
+      await behind?.abort();
+      await hooks?.after(id, end);
     }
   }
 }
+
+/** The sha256 of an upload's bytes from its first, hashed as its PATCHes arrive in this process. */
+interface RunningHash {
+  hash: Hash;
+  /** Bytes hashed (the upload's offset when in step). */
+  at: number;
+  touched: number;
+}
+
+/** A tus upload converted while it arrives: its job, and the token of the staging link its worker follows. */
+interface Overlap {
+  job: string;
+  token?: string;
+}
+
+/** Uploads smaller than this are staged whole: a worker following them gains nothing. */
+const OVERLAP_MIN_BYTES = 2 ** 20;
 
 interface Claim {
   job: string;
@@ -132,6 +167,206 @@ export async function uploadRoutes(app: FastifyInstance, ctx: ApiContext): Promi
   const tenants = new WeakMap<Request, string>();
   const log = app.log;
   const bodyDeps = { config: ctx.config, staging, destinations: ctx.stores.destinations, policy: ctx.policy };
+
+  // ---- Conversion while the PATCHes arrive (file store): see the README's "tus uploads convert as they arrive".
+  const fileStaging = staging instanceof FileStaging ? staging : undefined;
+  const overlapOn = ctx.config.streamUploads && fileStaging !== undefined && datastore instanceof FlushingFileStore;
+  const overlapKey = (uploadId: string): string => `${prefix}upload-overlap:${uploadId}`;
+  const overlapTtl = ctx.config.uploads.ttlSeconds + ctx.config.retention.resultTtlSeconds;
+  const hashes = new Map<string, RunningHash>();
+  /** Overlaps being started by a PATCH of this process (the upload's completion waits for its start). */
+  const starting = new Map<string, Promise<void>>();
+  const getOverlap = async (uploadId: string): Promise<Overlap | undefined> => {
+    const raw = await ctx.redis.get(overlapKey(uploadId));
+    return raw ? (JSON.parse(raw) as Overlap) : undefined;
+  };
+
+  /**
+   * The first bytes of an upload show a plain image: its job is made now, and a worker converts while the rest
+   * arrives, reading tus's file through a hard link in staging's uncommitted writes (the worker's side is
+   * src/queue/upload-stream.ts, the same as for a POST /v1/jobs body). Anything that goes wrong here leaves the
+   * upload on the staged path: its job is made at completion, as before. Never throws.
+   */
+  const startOverlap = async (uploadId: string, head: Buffer): Promise<void> => {
+    if (!fileStaging) return;
+    let upload: Upload;
+    try {
+      upload = await datastore.getUpload(uploadId);
+    } catch {
+      return;
+    }
+    const size = upload.size;
+    const meta = upload.metadata ?? {};
+    const id = meta.job;
+    if (size === undefined || size < OVERLAP_MIN_BYTES || !id || detectWrapper(head) !== undefined) return;
+    if ((await ctx.redis.set(overlapKey(uploadId), JSON.stringify({ job: id } satisfies Overlap), 'EX', overlapTtl, 'NX').catch(() => null)) !== 'OK') return;
+    let token: string | undefined;
+    let marked = false;
+    try {
+      token = await fileStaging.linkUncommitted(id, join(directory, uploadId));
+      if (token === undefined) throw new Error('tus uploads and staging lie on different filesystems');
+      const fields = readOptionFields(optionFieldsOf(meta), id, ctx.stores, { passphrase: false, filename: true });
+      const callback = await checkJobOptions(ctx, fields.options);
+      const created = Date.parse(upload.creation_date ?? '');
+      const expires = (Number.isFinite(created) ? created : Date.now()) + ttlMs;
+      // The link is the job's until the upload completes or expires: the sweeps leave it alone meanwhile.
+      await ctx.leases.reserve(id, Math.max(1000, expires - Date.now() + 60_000));
+      await ctx.redis.set(overlapKey(uploadId), JSON.stringify({ job: id, token } satisfies Overlap), 'EX', overlapTtl);
+      await ctx.uploadMarks.set(id, { state: 'receiving', token, size, resumable: { idleMs: ctx.config.tusOverlapIdleMs, expires, patch: 1 } });
+      marked = true;
+      const passphrase = await ctx.records.getPassphrase(id);
+      const record = newJobRecord(id, meta.tenant ?? '', { kind: 'upload', key: id, size, sha256: '', ...(fields.filename ? { filename: fields.filename } : {}) }, fields.options, callback);
+      delete record.source.sha256; // known once the last byte is in
+      try {
+        await submitJob(ctx, record, passphrase);
+      } catch (err) {
+        if (passphrase !== undefined) await ctx.records.putPassphrase(id, passphrase, ctx.config.uploads.ttlSeconds + 3600).catch(() => {});
+        throw err;
+      }
+      log.info({ job: id, upload: uploadId, size, streaming: true }, 'job created; converting while the tus upload arrives');
+    } catch (err) {
+      log.warn({ err, upload: uploadId, job: id }, 'could not convert the tus upload as it arrives; it is staged whole instead');
+      if (marked) await ctx.uploadMarks.delete(id).catch(() => {});
+      if (token !== undefined) await fileStaging.dropUncommitted(id, token).catch(() => {});
+      await ctx.redis.del(overlapKey(uploadId)).catch(() => {});
+    }
+  };
+
+  if (datastore instanceof FlushingFileStore) {
+    datastore.hooks = {
+      // A PATCH of an overlapped upload begins: the worker is told (a parked job runs again), the link restored if swept.
+      before: async (uploadId, offset) => {
+        if (!overlapOn || offset === 0) return;
+        try {
+          await starting.get(uploadId);
+          const overlap = await getOverlap(uploadId);
+          if (!overlap?.token || !fileStaging) return;
+          const mark = await ctx.uploadMarks.get(overlap.job);
+          if (mark?.state !== 'receiving' || !mark.resumable) return;
+          let token = mark.token;
+          const path = fileStaging.followPath(overlap.job, token);
+          if (path === undefined || !(await stat(path).catch(() => undefined))) {
+            token = (await fileStaging.linkUncommitted(overlap.job, join(directory, uploadId))) ?? token;
+            await ctx.redis.set(overlapKey(uploadId), JSON.stringify({ job: overlap.job, token } satisfies Overlap), 'EX', overlapTtl);
+          }
+          await ctx.uploadMarks.set(overlap.job, { ...mark, token, resumable: { ...mark.resumable, patch: mark.resumable.patch + 1 } });
+          await ctx.queue.promote?.(overlap.job);
+        } catch (err) {
+          log.warn({ err, upload: uploadId }, 'could not tell the worker that a tus upload resumed; it converts once the upload completes');
+        }
+      },
+      chunk: (uploadId, at, chunk) => {
+        let running = hashes.get(uploadId);
+        if (at === 0) {
+          running = { hash: createHash('sha256'), at: 0, touched: Date.now() };
+          hashes.set(uploadId, running);
+          if (overlapOn && chunk.length >= WRAPPER_PROBE_BYTES && !starting.has(uploadId)) {
+            const started = startOverlap(uploadId, Buffer.from(chunk.subarray(0, WRAPPER_PROBE_BYTES))).finally(() => starting.delete(uploadId));
+            starting.set(uploadId, started);
+          }
+        }
+        if (!running) return;
+        if (running.at !== at) {
+          hashes.delete(uploadId); // out of step (a PATCH that failed half-written): read back at completion
+          return;
+        }
+        running.hash.update(chunk);
+        running.at += chunk.length;
+        running.touched = Date.now();
+      },
+      after: async (uploadId, end) => {
+        const running = hashes.get(uploadId);
+        if (!running) return;
+        // A failed write may have left fewer bytes in the file than were hashed: keep the hash only when in step.
+        const at = end ?? (await stat(join(directory, uploadId)).then((st) => st.size, () => -1));
+        if (at !== running.at) hashes.delete(uploadId);
+      },
+    };
+  }
+
+  /** The sha256 of a finished upload's file: hashed as it arrived when this process saw every byte, else one read. */
+  const sha256OfFile = async (uploadId: string, size: number): Promise<string> => {
+    const running = hashes.get(uploadId);
+    // A copy: the completion may fail and be retried with the last PATCH.
+    if (running && running.at === size) return running.hash.copy().digest('hex');
+    const started = Date.now();
+    const hash = createHash('sha256');
+    let read = 0;
+    for await (const chunk of createReadStream(join(directory, uploadId), { highWaterMark: 1 << 20 }) as AsyncIterable<Buffer>) {
+      read += chunk.length;
+      hash.update(chunk);
+    }
+    if (read !== size) throw new Error(`the finished upload's file holds ${read} bytes, ${size} expected`);
+    log.info({ upload: uploadId, bytes: read, ms: Date.now() - started }, 'sha256 of a tus upload read back from its file');
+    return hash.digest('hex');
+  };
+
+  /** The job of an overlapped upload ended by its client or refused: it fails (or goes), its staging link with it. */
+  const endOverlapJob = async (id: string, error: { code: string; message: string }, remove: boolean): Promise<void> => {
+    await ctx.uploadMarks.set(id, { state: 'failed', ...error }).catch(() => {});
+    await ctx.queue.removeWaiting(id).catch(() => {});
+    if (remove) {
+      const rec = await ctx.records.get(id).catch(() => undefined);
+      if (rec) await ctx.records.remove(rec).catch(() => {});
+      await ctx.records.publishCancel(id).catch(() => {});
+      await ctx.stores.output.delete(id).catch(() => {});
+    } else {
+      await ctx.records.transition(id, 'failed', ['queued', 'running'], { error, last_error: undefined, attempt_id: undefined }).catch(() => {});
+    }
+    await ctx.stores.staging.delete(id).catch(() => {});
+  };
+
+  /**
+   * The last byte of an overlapped upload is in: its staged copy is committed (fsync, hard link: no copy, and no
+   * read when this process hashed every byte on the way), the worker told (the mark), a parked job run again.
+   * The tus file keeps its own name until this succeeded, so a failure here is retried with the last PATCH.
+   */
+  const finishOverlapped = async (upload: Upload, overlap: Overlap & { token: string }): Promise<{ headers: Record<string, string> }> => {
+    const id = overlap.job;
+    const size = upload.size ?? upload.offset;
+    const claimed = await ctx.redis.set(claimKey(upload.id), JSON.stringify({ job: id, size } satisfies Claim), 'EX', ctx.config.retention.resultTtlSeconds, 'NX');
+    if (claimed !== 'OK') {
+      const existing = JSON.parse((await ctx.redis.get(claimKey(upload.id))) ?? '{}') as Partial<Claim>;
+      return { headers: { 'Diskconv-Job': jobPath(existing.job ?? id) } };
+    }
+    try {
+      const lease = await ctx.leases.hold(id);
+      try {
+        const sha256 = await sha256OfFile(upload.id, size);
+        const fields = readOptionFields(optionFieldsOf(upload.metadata ?? {}), id, ctx.stores, { passphrase: false, filename: true });
+        const expected = fields.options.expected_sha256;
+        if (expected && expected !== sha256) {
+          const message = `the upload's sha256 is ${sha256}, expected ${expected}`;
+          await endOverlapJob(id, { code: 'CHECKSUM_MISMATCH', message }, true);
+          await ctx.records.deletePassphrase(id).catch(() => {});
+          await ctx.redis.del(claimKey(upload.id), overlapKey(upload.id));
+          await datastore.remove(upload.id).catch(() => {});
+          hashes.delete(upload.id);
+          throw refusal('CHECKSUM_MISMATCH', message);
+        }
+        if (!fileStaging || !(await fileStaging.adopt(id, join(directory, upload.id)))) throw new Error('the finished upload could not be linked into staging');
+        await ctx.uploadMarks.set(id, { state: 'committed', size, sha256 });
+        const rec = await ctx.records.get(id);
+        if (rec?.state === 'queued') await ctx.records.update(id, ['queued'], { source: { ...rec.source, size, sha256 } }).catch(() => {});
+        // The job ended while the bytes arrived (a corrupt image, a cancel): its input goes with it.
+        if (!rec || rec.state === 'succeeded' || rec.state === 'failed' || rec.state === 'cancelled') await ctx.stores.staging.delete(id).catch(() => {});
+        await ctx.queue.promote?.(id);
+        await fileStaging.dropUncommitted(id, overlap.token).catch(() => {});
+        log.info({ job: id, upload: upload.id, size }, 'tus upload complete; its job converted along');
+      } finally {
+        await lease.release();
+      }
+    } catch (err) {
+      if (typeof err === 'object' && err !== null && 'status_code' in err) throw err;
+      await ctx.redis.del(claimKey(upload.id)).catch(() => {});
+      log.error({ err, upload: upload.id }, 'could not commit a finished tus upload');
+      throw refusal(isDiskconvError(err) && err.code === 'INSUFFICIENT_SPACE' ? 'INSUFFICIENT_SPACE' : 'QUEUE_UNAVAILABLE', 'the upload is complete but its job could not be committed; retry the last PATCH');
+    }
+    hashes.delete(upload.id);
+    await ctx.redis.del(overlapKey(upload.id)).catch(() => {});
+    await datastore.remove(upload.id).catch(() => {});
+    return { headers: { 'Diskconv-Job': jobPath(id) } };
+  };
 
   /**
    * The completed upload as the job's staged input. File store: streamed into
@@ -182,19 +417,19 @@ export async function uploadRoutes(app: FastifyInstance, ctx: ApiContext): Promi
       await handle.close();
     }
     if (head.length === 0 || detectWrapper(head)) return undefined;
-    const hash = createHash('sha256');
-    let size = 0;
-    for await (const chunk of createReadStream(path, { highWaterMark: 1 << 20 }) as AsyncIterable<Buffer>) {
-      size += chunk.length;
-      hash.update(chunk);
-    }
+    const size = (await stat(path)).size;
     if (size !== (upload.size ?? size)) return undefined;
+    // Hashed as the PATCHes arrived when this process saw them all; else one read.
+    const sha256 = await sha256OfFile(upload.id, size);
     const adopted = await staging.adopt(id, path);
     if (!adopted) return undefined;
-    return { size, sha256: hash.digest('hex') };
+    return { size, sha256 };
   };
 
   const finish = async (req: Request, upload: Upload): Promise<{ headers: Record<string, string> }> => {
+    await starting.get(upload.id);
+    const overlap = overlapOn ? await getOverlap(upload.id) : undefined;
+    if (overlap?.token) return finishOverlapped(upload, { ...overlap, token: overlap.token });
     const tenant = tenants.get(req) ?? '';
     const meta = upload.metadata ?? {};
     const id = meta.job ?? newJobId();
@@ -246,6 +481,7 @@ export async function uploadRoutes(app: FastifyInstance, ctx: ApiContext): Promi
           throw err;
         }
         log.info({ job: id, upload: upload.id, size }, 'job created from a tus upload');
+        hashes.delete(upload.id);
       } finally {
         await lease.release();
       }
@@ -308,6 +544,7 @@ export async function uploadRoutes(app: FastifyInstance, ctx: ApiContext): Promi
   // Unfinished uploads go after UPLOAD_TTL_SECONDS (every API process sweeps; removals are idempotent).
   const sweep = setInterval(() => {
     tus.cleanUpExpiredUploads().catch((err: unknown) => log.warn({ err }, 'tus expiry sweep failed'));
+    for (const [uploadId, running] of hashes) if (Date.now() - running.touched > ttlMs) hashes.delete(uploadId);
   }, Math.min(60_000, ttlMs));
   sweep.unref();
   app.addHook('onClose', async () => clearInterval(sweep));
@@ -441,6 +678,19 @@ export async function uploadRoutes(app: FastifyInstance, ctx: ApiContext): Promi
       // Completed (and its tus copy removed, or half removed: tus says 410) by another request meanwhile.
       if (response.status === 404 || response.status === 410) {
         if (await completed()) return reply;
+      }
+      if (overlapOn && uploadId && (request.method === 'PATCH' || request.method === 'HEAD' || request.method === 'DELETE') && response.status < 300) {
+        await starting.get(uploadId);
+        const overlap = await getOverlap(uploadId).catch(() => undefined);
+        if (overlap && request.method === 'DELETE') {
+          // Terminated by its client: the job converting along fails with it (its staging link goes; tus removed its file).
+          await endOverlapJob(overlap.job, { code: 'UPLOAD_TERMINATED', message: 'the client terminated the upload (tus DELETE) before its last byte' }, false);
+          await ctx.redis.del(overlapKey(uploadId)).catch(() => {});
+          hashes.delete(uploadId);
+        } else if (overlap?.token && !response.headers.has('diskconv-job')) {
+          // Converting already: the job is named from the PATCH that made it on.
+          reply.header('diskconv-job', jobPath(overlap.job));
+        }
       }
       reply.code(response.status);
       response.headers.forEach((value, key) => {

@@ -101,6 +101,30 @@ export class FileStaging extends ObjectStoreBase<FileObjects> implements InputSt
     }
   }
 
+  /**
+   * Makes a file still being written elsewhere on the same filesystem (a tus upload as its PATCHes arrive) an
+   * uncommitted write of `key` by a hard link, for a worker to follow (followPath) while it grows; returns its
+   * token. Undefined across filesystems. The file keeps its own name; dropping the link (dropUncommitted, delete,
+   * the sweep of uncommitted writes) never touches it.
+   */
+  async linkUncommitted(key: string, path: string): Promise<string | undefined> {
+    const temp = this.objects.tempPath(key);
+    try {
+      await link(path, temp);
+    } catch (err) {
+      const code = (err as NodeJS.ErrnoException).code;
+      if (code === 'EXDEV' || code === 'EPERM') return undefined;
+      throw asStoreError(err, `link of input ${key}`);
+    }
+    return basename(temp);
+  }
+
+  /** Removes the uncommitted write `token` of `key` (only a name of ours: followPath checks it). */
+  async dropUncommitted(key: string, token: string): Promise<void> {
+    const path = this.followPath(key, token);
+    if (path !== undefined) await rm(path, { force: true });
+  }
+
   /** The uncommitted write's path, when `token` is one of this key's (never a path a client chose). */
   followPath(key: string, token: string): string | undefined {
     const prefix = `input.${key}.`;
