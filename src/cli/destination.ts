@@ -18,7 +18,10 @@ import { constants } from 'node:fs';
 import { lstat, open, readFile, realpath, rename, stat, statfs, unlink, chmod, chown, type FileHandle } from 'node:fs/promises';
 import type { Stats } from 'node:fs';
 import { basename, dirname, join } from 'node:path';
-import { InsufficientSpaceError, RawFileSink, type DirectTarget, type Extent, type ExtentSink } from '../engine/index.js';
+import { InsufficientSpaceError } from '../engine/errors.js';
+import { RawFileSink, type ExtentSink } from '../engine/convert.js';
+import type { DirectTarget } from '../engine/native-decoder.js';
+import type { Extent } from '../engine/types.js';
 import { destinationError, DestinationUnwritableError, SameFileError } from './errors.js';
 
 /** qemu-img's cache modes (`-t`). Only when the data is flushed differs here: `unsafe` never, the others at the end. */

@@ -5,7 +5,7 @@
  * block (dump_qobject), and JSON in the order qemu's QDict iterates its keys.
  */
 import type { CheckReport, QemuSnapshotJson } from '../engine/types.js';
-import type { QemuInfoJson } from '../engine/index.js';
+import type { QemuInfoJson } from '../engine/open.js';
 import { printf2 } from './progress.js';
 
 const SUFFIXES = ['', 'Ki', 'Mi', 'Gi', 'Ti', 'Pi', 'Ei'];

@@ -15,7 +15,9 @@
  * refuses an option its block driver does not know. Errors carry qemu's words.
  */
 import { readFile } from 'node:fs/promises';
-import { InvalidArgumentError, parseFormat, type FormatId } from '../engine/index.js';
+import { InvalidArgumentError } from '../engine/errors.js';
+import { parseFormat } from '../engine/open.js';
+import type { FormatId } from '../engine/types.js';
 import type { OptionSpec } from './args.js';
 import { optionPairs } from './qemu-opts.js';
 

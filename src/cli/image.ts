@@ -3,9 +3,13 @@ import { createReadStream, createWriteStream } from 'node:fs';
 import { mkdtemp, open, readFile, rm, statfs } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { DEFAULT_LIMITS, decompressTo, detectWrapper, WRAPPER_PROBE_BYTES } from '../engine/index.js';
+import { DEFAULT_LIMITS } from '../engine/limits.js';
+import { detectWrapper, WRAPPER_PROBE_BYTES } from '../engine/wrappers/detect.js';
 import { parseImageOpts, parseObjects, type Secrets } from './image-opts.js';
-import { FileSource, InvalidArgumentError, openImage, parseFormat, type DiskImage, type FormatId, type SnapshotSelector } from '../engine/index.js';
+import { FileSource } from '../engine/source.js';
+import { InvalidArgumentError } from '../engine/errors.js';
+import { openImage, parseFormat } from '../engine/open.js';
+import type { DiskImage, FormatId, SnapshotSelector } from '../engine/types.js';
 
 export function declaredFormat(value: string | undefined): FormatId | 'auto' {
   return value === undefined ? 'auto' : parseFormat(value);
@@ -102,6 +106,8 @@ async function unwrap(file: string, signal?: AbortSignal): Promise<{ path: strin
     const fs = await statfs(dir);
     const free = Math.max(0, fs.bavail * fs.bsize - SCRATCH_RESERVE);
     const byFree = free < DEFAULT_LIMITS.maxVirtualSize;
+    // Imported here: the decompressors (zlib, streams, child processes) are needed only for a wrapped input.
+    const { decompressTo } = await import('../engine/wrappers/index.js');
     await decompressTo(format, createReadStream(file), createWriteStream(path, { mode: 0o600 }), {
       maxBytes: byFree ? free : DEFAULT_LIMITS.maxVirtualSize,
       limitName: byFree ? 'free space in TMPDIR' : 'maxVirtualSize',

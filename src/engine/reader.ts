@@ -1,5 +1,5 @@
 import { alignedBuffer, isShared } from './aligned.js';
-import { decode, decodesOffThread, decodeToFile, writesDirect, type DirectTarget } from './decompress.js';
+import type { DirectTarget } from './decompress.js';
 import { decryptEntry, encryptedBytes, encryptedFileRange } from './crypto/reader-step.js';
 import { ImageCorruptError, throwIfAborted } from './errors.js';
 import { mapFileRanges } from './formats/raw.js';
@@ -27,6 +27,16 @@ export interface ReadOptions {
    */
   directWrite?: DirectTarget;
 }
+
+/**
+ * The decoders (decompress.ts: zlib, zstd, the decode pool's worker threads, the
+ * native decoder), imported the first time a batch holds a compressed cluster or
+ * an encrypted run: an uncompressed conversion never loads them, which is part of
+ * the CLI's start-up (measured in bench/results/2026-12-02-session6-uncompressed.md).
+ */
+type Decoders = typeof import('./decompress.js');
+let decoders: Promise<Decoders> | undefined;
+const loadDecoders = (): Promise<Decoders> => (decoders ??= import('./decompress.js'));
 
 const DEFAULTS = { batchBytes: 8 * 2 ** 20, maxReadBytes: 4 * 2 ** 20, readConcurrency: 4, prefetchBatches: 2 };
 
@@ -88,7 +98,9 @@ export async function* readExtentBatches(image: DiskImage, opened: RandomAccessS
   const { signal } = options;
   const rangeStart = options.start ?? 0;
   const rangeEnd = options.end ?? image.virtualSize;
-  const direct = options.directWrite !== undefined && writesDirect() ? options.directWrite : undefined;
+  // Whether compressed clusters go straight to options.directWrite: known once the decoders are loaded (load()).
+  let direct: DirectTarget | undefined;
+  let loadedDecoders: Decoders | undefined;
 
   const iterator = clip(splitLarge(bridgeFileHoles(overFileHoles(image.map(signal), source, signal), source.size), maxReadBytes), rangeStart, rangeEnd)[Symbol.asyncIterator]();
   let exhausted = false;
@@ -167,6 +179,7 @@ export async function* readExtentBatches(image: DiskImage, opened: RandomAccessS
       return { kind: 'data', offset: entry.offset, length: entry.length, data: bytes.subarray(rel, rel + entry.length) };
     }
     const input = bytes.subarray(rel, Math.min(bytes.length, rel + entry.readLength));
+    const { decode } = loadedDecoders ?? (await loadDecoders());
     const decoded = await decode(entry.codec, input, entry.decodedLength, `compressed data at file offset ${entry.fileOffset}`, target);
     if (decoded.length < entry.decodedOffset + entry.length) {
       throw new ImageCorruptError(
@@ -182,6 +195,7 @@ export async function* readExtentBatches(image: DiskImage, opened: RandomAccessS
     const input = bytes.subarray(rel, Math.min(bytes.length, rel + entry.readLength));
     let written: boolean;
     try {
+      const { decodeToFile } = loadedDecoders ?? (await loadDecoders());
       written = await decodeToFile(entry.codec, input, entry.decodedLength, target, entry.offset, entry.decodedOffset, entry.length);
     } catch (err) {
       throw target.writeError ? target.writeError(err, entry.offset) : err;
@@ -197,10 +211,14 @@ export async function* readExtentBatches(image: DiskImage, opened: RandomAccessS
     // Page-aligned (aligned.ts): the kernel's copies into them run several times faster.
     // Shared where decoder threads decode from and into them in place.
     const compressed = batch.entries.some((e) => e.kind === 'compressed');
-    const shared = { shared: compressed && decodesOffThread() };
+    const ciphered = batch.entries.some((e) => e.kind === 'stored' && e.cipher !== undefined);
+    const dec = compressed || ciphered ? (loadedDecoders ??= await loadDecoders()) : undefined;
+    if (dec && options.directWrite !== undefined && dec.writesDirect()) direct = options.directWrite;
+    const offThread = dec !== undefined && dec.decodesOffThread();
+    const shared = { shared: compressed && offThread };
     const buffer = batch.readBytes === 0 ? undefined : batch.readBytes <= arenaBytes && !shared.shared ? (freeArenas.pop() ?? alignedBuffer(arenaBytes)) : batch.readBytes <= arenaBytes ? (freeSharedArenas.pop() ?? alignedBuffer(arenaBytes, shared)) : alignedBuffer(batch.readBytes, shared);
     // Written directly, compressed clusters need no room for their output here.
-    const decoded = (compressed && !direct) || batch.entries.some((e) => e.kind === 'stored' && e.cipher) ? (freeDecodedArenas.pop() ?? alignedBuffer(decodedArenaBytes, { shared: decodesOffThread() })) : undefined;
+    const decoded = (compressed && !direct) || ciphered ? (freeDecodedArenas.pop() ?? alignedBuffer(decodedArenaBytes, { shared: offThread })) : undefined;
     let decodedUsed = 0;
     const results: Array<Promise<Extent>> = new Array(batch.entries.length);
     const byGroup: number[][] = batch.groups.map(() => []);

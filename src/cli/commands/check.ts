@@ -1,5 +1,6 @@
 /** `diskconv check`: qemu-img check's report and exit codes. */
-import { checkImage, InvalidArgumentError, UnsupportedFeatureError } from '../../engine/index.js';
+import { checkImage } from '../../engine/open.js';
+import { InvalidArgumentError, UnsupportedFeatureError } from '../../engine/errors.js';
 import { CACHE_MODES } from '../destination.js';
 import { withExitStatus } from '../errors.js';
 import { type CommandSpec, DISK_OPTION, FORCE_SHARE_OPTION, FORMAT_OPTION, OUTPUT_OPTION, outputOf, parseOrHelp, PASSPHRASE_OPTION, UsageError } from '../args.js';

@@ -5,7 +5,11 @@
  * Exit status: 0 identical, 1 different (or a usage error), 2 an image cannot be
  * opened, 4 an image cannot be read.
  */
-import { blockStatus, ImageCorruptError, qemuStatusSpan, readExtents, type BlockStatus, type DiskImage, type Extent, type RandomAccessSource } from '../../engine/index.js';
+import { blockStatus, qemuStatusSpan, type BlockStatus } from '../../engine/block-status.js';
+import { ImageCorruptError } from '../../engine/errors.js';
+import { readExtents } from '../../engine/reader.js';
+import type { DiskImage, Extent } from '../../engine/types.js';
+import type { RandomAccessSource } from '../../engine/source.js';
 import { type CommandSpec, FORCE_SHARE_OPTION, parseOrHelp, UsageError } from '../args.js';
 import { CACHE_MODES } from '../destination.js';
 import { withExitStatus } from '../errors.js';

@@ -2,7 +2,12 @@
  * `diskconv convert`: qemu-img convert -O raw, with qemu-img's flags and their
  * meaning, written through the never-destroy destination rules (destination.ts).
  */
-import { convertToRaw, InvalidArgumentError, readExtents, type DirectTarget, type DiskImage, type Extent, type ExtentSink, type MapEntry, type RandomAccessSource } from '../../engine/index.js';
+import { convertToRaw, type ExtentSink } from '../../engine/convert.js';
+import { InvalidArgumentError } from '../../engine/errors.js';
+import { readExtents } from '../../engine/reader.js';
+import type { DirectTarget } from '../../engine/native-decoder.js';
+import type { DiskImage, Extent, MapEntry } from '../../engine/types.js';
+import type { RandomAccessSource } from '../../engine/source.js';
 import { sleep } from '../../engine/ranged-source.js';
 import { type CommandSpec, DISK_OPTION, FORCE_SHARE_OPTION, FORMAT_OPTION, parseOrHelp, PASSPHRASE_OPTION, UsageError } from '../args.js';
 import {

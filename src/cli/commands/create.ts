@@ -1,5 +1,5 @@
 /** `diskconv create -f raw FILE SIZE`: a sparse raw file (or a check that a device is large enough), as qemu-img create. */
-import { UnsupportedFormatError } from '../../engine/index.js';
+import { UnsupportedFormatError } from '../../engine/errors.js';
 import { type CommandSpec, parseOrHelp, UsageError } from '../args.js';
 import { DestinationSink } from '../destination.js';
 import { accumulateOptions, hasHelpOption, parseRawCreateOptions, preallocationOf, RAW_OPTIONS_HELP_WITH_FILE, type RawCreateOptions } from '../create-options.js';

@@ -1,5 +1,6 @@
 /** `diskconv info`: qemu-img info, human or JSON. */
-import { imageInfo, UnsafeImageError } from '../../engine/index.js';
+import { imageInfo } from '../../engine/open.js';
+import { UnsafeImageError } from '../../engine/errors.js';
 import { type CommandSpec, DISK_OPTION, FORCE_SHARE_OPTION, FORMAT_OPTION, OUTPUT_OPTION, outputOf, parseOrHelp, PASSPHRASE_OPTION } from '../args.js';
 import { formatHumanInfo, formatJsonInfo, qemuJson, qemuOrder } from '../human.js';
 import { IMAGE_OPTS_OPTION, OBJECT_OPTION } from '../image-opts.js';

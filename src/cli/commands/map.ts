@@ -3,7 +3,8 @@
  * output where the status can be told from the image (engine/block-status.ts):
  * the same entries, merged where qemu merges them, the same fields and spacing.
  */
-import { blockStatus, UnsupportedFeatureError, type BlockStatus } from '../../engine/index.js';
+import { blockStatus, type BlockStatus } from '../../engine/block-status.js';
+import { UnsupportedFeatureError } from '../../engine/errors.js';
 import { type CommandSpec, FORCE_SHARE_OPTION, FORMAT_OPTION, OUTPUT_OPTION, outputOf, parseOrHelp, PASSPHRASE_OPTION, UsageError, type Output } from '../args.js';
 import { IMAGE_OPTS_OPTION, OBJECT_OPTION } from '../image-opts.js';
 import { sourceOf, withImage } from '../image.js';

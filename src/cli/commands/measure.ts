@@ -1,5 +1,5 @@
 /** `diskconv measure -O raw`: the size a raw output needs, as qemu-img measure prints it. */
-import { InvalidArgumentError } from '../../engine/index.js';
+import { InvalidArgumentError } from '../../engine/errors.js';
 import { type CommandSpec, FORCE_SHARE_OPTION, FORMAT_OPTION, OUTPUT_OPTION, outputOf, parseOrHelp, UsageError } from '../args.js';
 import { IMAGE_OPTS_OPTION, OBJECT_OPTION } from '../image-opts.js';
 import { parseSnapshot, sourceOf, withImage } from '../image.js';

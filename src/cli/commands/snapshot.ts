@@ -4,7 +4,7 @@
  * any or a format without snapshots. Reads metadata only. `-a`, `-c` and `-d`
  * change the image, which diskconv never does: they are refused.
  */
-import { InvalidArgumentError } from '../../engine/index.js';
+import { InvalidArgumentError } from '../../engine/errors.js';
 import { type CommandSpec, FORCE_SHARE_OPTION, FORMAT_OPTION, parseOrHelp, UsageError } from '../args.js';
 import { snapshotTable } from '../human.js';
 import { IMAGE_OPTS_OPTION, OBJECT_OPTION } from '../image-opts.js';
