@@ -779,7 +779,9 @@ class Qcow2Image implements DiskImage {
         return;
       }
       if (run) ready.push(run);
-      run = { kind: 'zero', offset, length, ...(status !== 'unallocated' ? { status } : {}), ...(fileOffset !== undefined ? { fileOffset } : {}) };
+      // Literals, not spreads: each of the four has one object shape (primed in reader.ts), so the walk stays optimized.
+      if (status === 'unallocated') run = fileOffset === undefined ? { kind: 'zero', offset, length } : { kind: 'zero', offset, length, fileOffset };
+      else run = fileOffset === undefined ? { kind: 'zero', offset, length, status } : { kind: 'zero', offset, length, status, fileOffset };
     };
     const addUnallocated = (offset: number, length: number, fileOffset?: number): void => {
       if (!layered) return addZero(offset, length, 'unallocated', fileOffset);
