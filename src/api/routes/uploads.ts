@@ -138,6 +138,8 @@ interface RunningHash {
 interface Overlap {
   job: string;
   token?: string;
+  /** Set once the job exists: an overlap whose start died before that is undone at completion, and staged whole. */
+  created?: boolean;
 }
 
 /** Uploads smaller than this are staged whole: a worker following them gains nothing. */
@@ -223,6 +225,7 @@ export async function uploadRoutes(app: FastifyInstance, ctx: ApiContext): Promi
         if (passphrase !== undefined) await ctx.records.putPassphrase(id, passphrase, ctx.config.uploads.ttlSeconds + 3600).catch(() => {});
         throw err;
       }
+      await ctx.redis.set(overlapKey(uploadId), JSON.stringify({ job: id, token, created: true } satisfies Overlap), 'EX', overlapTtl);
       log.info({ job: id, upload: uploadId, size, streaming: true }, 'job created; converting while the tus upload arrives');
     } catch (err) {
       log.warn({ err, upload: uploadId, job: id }, 'could not convert the tus upload as it arrives; it is staged whole instead');
@@ -240,14 +243,14 @@ export async function uploadRoutes(app: FastifyInstance, ctx: ApiContext): Promi
         try {
           await starting.get(uploadId);
           const overlap = await getOverlap(uploadId);
-          if (!overlap?.token || !fileStaging) return;
+          if (!overlap?.token || !overlap.created || !fileStaging) return;
           const mark = await ctx.uploadMarks.get(overlap.job);
           if (mark?.state !== 'receiving' || !mark.resumable) return;
           let token = mark.token;
           const path = fileStaging.followPath(overlap.job, token);
           if (path === undefined || !(await stat(path).catch(() => undefined))) {
             token = (await fileStaging.linkUncommitted(overlap.job, join(directory, uploadId))) ?? token;
-            await ctx.redis.set(overlapKey(uploadId), JSON.stringify({ job: overlap.job, token } satisfies Overlap), 'EX', overlapTtl);
+            await ctx.redis.set(overlapKey(uploadId), JSON.stringify({ ...overlap, token } satisfies Overlap), 'EX', overlapTtl);
           }
           await ctx.uploadMarks.set(overlap.job, { ...mark, token, resumable: { ...mark.resumable, patch: mark.resumable.patch + 1 } });
           await ctx.queue.promote?.(overlap.job);
@@ -429,7 +432,13 @@ export async function uploadRoutes(app: FastifyInstance, ctx: ApiContext): Promi
   const finish = async (req: Request, upload: Upload): Promise<{ headers: Record<string, string> }> => {
     await starting.get(upload.id);
     const overlap = overlapOn ? await getOverlap(upload.id) : undefined;
-    if (overlap?.token) return finishOverlapped(upload, { ...overlap, token: overlap.token });
+    if (overlap?.token && overlap.created) return finishOverlapped(upload, { ...overlap, token: overlap.token });
+    if (overlap) {
+      // Its start died before the job existed (the API process went away): undone, and staged whole below.
+      await ctx.uploadMarks.delete(overlap.job);
+      if (overlap.token !== undefined) await fileStaging?.dropUncommitted(overlap.job, overlap.token);
+      await ctx.redis.del(overlapKey(upload.id));
+    }
     const tenant = tenants.get(req) ?? '';
     const meta = upload.metadata ?? {};
     const id = meta.job ?? newJobId();
@@ -687,7 +696,7 @@ export async function uploadRoutes(app: FastifyInstance, ctx: ApiContext): Promi
           await endOverlapJob(overlap.job, { code: 'UPLOAD_TERMINATED', message: 'the client terminated the upload (tus DELETE) before its last byte' }, false);
           await ctx.redis.del(overlapKey(uploadId)).catch(() => {});
           hashes.delete(uploadId);
-        } else if (overlap?.token && !response.headers.has('diskconv-job')) {
+        } else if (overlap?.created && !response.headers.has('diskconv-job')) {
           // Converting already: the job is named from the PATCH that made it on.
           reply.header('diskconv-job', jobPath(overlap.job));
         }
