@@ -8,6 +8,7 @@
  */
 import { createHash } from 'node:crypto';
 import { readdir, readFile } from 'node:fs/promises';
+import { request as httpRequest } from 'node:http';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { makeTempDir, qemuImg, qemuRawSha256, writeRaw } from '../helpers/qemu.js';
@@ -147,5 +148,40 @@ describe('tus uploads convert while their PATCHes arrive', () => {
     expect(job.error?.code).toBe('UPLOAD_TERMINATED');
     await waitFor('staging to be empty', async () => (await readdir(join(svc.dataDir, 'store', 'tmp'))).filter((n) => n.includes(id)).length === 0, 10_000);
     expect(await readdir(join(svc.dataDir, 'uploads'))).not.toContain(url.split('/').pop());
+  }, 120_000);
+
+  // Last: it kills the worker.
+  it('a worker killed while it follows, and a PATCH cut off mid-body: nothing is lost, the job converts once the upload completes', async () => {
+    const url = await create(svc.apiUrl, image.length);
+    const part = Math.floor(image.length / 3);
+    const id = jobOf(await patch(url, image.subarray(0, part), 0));
+    await svc.waitForJob(id, (j) => j.state === 'running' && j.progress.phase === 'converting', { token: TOKEN });
+    const worker = svc.processes.find((p) => p.name.startsWith('worker'));
+    expect(worker).toBeDefined();
+    await worker?.stop('SIGKILL');
+    await svc.startWorker();
+    // A PATCH whose connection drops after a few MiB: tus keeps what arrived.
+    await new Promise<void>((resolve) => {
+      const req = httpRequest(url, { method: 'PATCH', headers: tusHeaders({ 'upload-offset': String(part), 'content-type': 'application/offset+octet-stream', 'content-length': String(image.length - part) }) });
+      req.on('error', () => resolve());
+      req.write(image.subarray(part, part + 3 * MiB), () => setTimeout(() => {
+        req.destroy();
+        resolve();
+      }, 300));
+    });
+    // Resumed from the offset the server has (asked again if the cut-off PATCH was still landing bytes: 409).
+    await waitFor('the resume to be taken', async () => {
+      const head = await fetch(url, { method: 'HEAD', headers: tusHeaders() });
+      const at = Number(head.headers.get('upload-offset'));
+      if (head.status !== 200 || at < part || at >= image.length) return undefined;
+      const res = await fetch(url, { method: 'PATCH', headers: tusHeaders({ 'upload-offset': String(at), 'content-type': 'application/offset+octet-stream' }), body: image.subarray(at) });
+      if (res.status === 409) return undefined;
+      expect(res.status, await res.text()).toBe(204);
+      return true;
+    }, 60_000, 200);
+    const job = await svc.waitForFinal(id, { token: TOKEN });
+    expect(job.state, JSON.stringify(job.error)).toBe('succeeded');
+    expect(job.output?.sha256).toBe(rawSha);
+    expect(job.source.sha256).toBe(imageSha);
   }, 120_000);
 });
