@@ -12,12 +12,20 @@
 // --wrk-seconds / BENCH_SERVICE_WRK_SECONDS (8), --budget / BENCH_SERVICE_BUDGET (seconds, 240; the cases
 // left when it is used up are skipped and say so), --cases / BENCH_SERVICE_CASES (comma-separated, default
 // `throttled,multipart,unthrottled,tus,polling`; multipart: `curl -F` at the rate, as the web page sends; tus: POST /v1/uploads, one PATCH with curl at the rate: not overlapped, the
-// job is made when the last byte is in), BENCH_SERVICE=off skips this part.
+// job is made when the last byte is in; url-range, url-plain: URL imports, below), BENCH_SERVICE=off skips this part.
+//  3. URL imports (`url-range`, `url-plain`): a loopback HTTP server in this process sends the image at
+//     BENCH_SERVICE_RATE bytes/s (one token bucket for all its answers): `url-range` with Accept-Ranges and an
+//     ETag (the worker reads by range requests), `url-plain` without either (the worker downloads it whole and
+//     converts the growing download). Transfer is from the POST to the last byte the server sent; the baseline
+//     is the whole file at the rate, then `qemu-img convert`.
+//  Every case also reports the worker's peak RSS (VmHWM of /proc/PID/status, reset through clear_refs before
+//  the case where the kernel allows it). BENCH_SERVICE_CLI: another dist/cli.js to measure (A/B rounds).
 // Writes bench/results/service-latest.{md,json}.
 import { execFileSync, spawn } from 'node:child_process';
 import { createCipheriv } from 'node:crypto';
-import { closeSync, mkdirSync, mkdtempSync, openSync, readdirSync, readFileSync, rmSync, statSync, writeFileSync, writeSync } from 'node:fs';
+import { closeSync, mkdirSync, mkdtempSync, openSync, readdirSync, readFileSync, readSync, rmSync, statSync, writeFileSync, writeSync } from 'node:fs';
 import { createServer } from 'node:net';
+import { createServer as createHttpServer } from 'node:http';
 import { cpus, tmpdir, totalmem } from 'node:os';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -38,11 +46,11 @@ const virtualSize = parseSize(setting('size', 'BENCH_SERVICE_SIZE', process.env.
 const rate = Number(setting('rate', 'BENCH_SERVICE_RATE', 100_000_000));
 const wrkSeconds = Number(setting('wrk-seconds', 'BENCH_SERVICE_WRK_SECONDS', 8));
 const budget = Number(setting('budget', 'BENCH_SERVICE_BUDGET', 240));
-const cases = new Set(setting('cases', 'BENCH_SERVICE_CASES', 'throttled,multipart,unthrottled,tus,polling').split(','));
+const cases = new Set(setting('cases', 'BENCH_SERVICE_CASES', 'throttled,multipart,unthrottled,tus,url-range,url-plain,polling').split(','));
 const started = Date.now();
 const elapsed = () => (Date.now() - started) / 1000;
 const here = dirname(fileURLToPath(import.meta.url));
-const CLI = join(here, '..', 'dist', 'cli.js');
+const CLI = process.env.BENCH_SERVICE_CLI ?? join(here, '..', 'dist', 'cli.js');
 const dir = mkdtempSync(join(tmpdir(), 'diskconv-bench-service-'));
 const TOKEN = 'bench-service-token-0123456789abcdef';
 const MiB = 2 ** 20;
@@ -115,7 +123,7 @@ async function stopAll() {
   );
 }
 
-async function startService() {
+async function startService(urlServer) {
   const redisPort = await freePort();
   const apiPort = await freePort();
   const dataDir = join(dir, 'data');
@@ -135,6 +143,9 @@ async function startService() {
     PROGRESS_INTERVAL_MS: '250',
     // BENCH_SERVICE_STREAM_UPLOADS=false: every upload staged whole first (the tus case then measures the staged path).
     ...(process.env.BENCH_SERVICE_STREAM_UPLOADS ? { STREAM_UPLOADS: process.env.BENCH_SERVICE_STREAM_UPLOADS } : {}),
+    // The URL-import cases' loopback server.
+    URL_IMPORT_ALLOW: '127.0.0.1',
+    URL_IMPORT_PORTS: `80,443,${urlServer.port}`,
   };
   for (let i = 0; i < 100; i++) {
     try {
@@ -153,6 +164,138 @@ async function startService() {
     await sleep(100);
   }
   return { url, dataDir, worker };
+}
+
+// ---------------------------------------------------------------------------
+// Worker peak RSS: VmHWM, reset before a case by writing 5 to /proc/PID/clear_refs (Linux; root or owner).
+function resetPeak(svc) {
+  try {
+    writeFileSync(`/proc/${svc.worker.child.pid}/clear_refs`, '5');
+    return true;
+  } catch {
+    return false;
+  }
+}
+function peakMiB(svc) {
+  try {
+    const status = readFileSync(`/proc/${svc.worker.child.pid}/status`, 'utf8');
+    const kib = (name) => Number(new RegExp(`${name}:\\s+(\\d+) kB`).exec(status)?.[1] ?? NaN);
+    return { hwm: kib('VmHWM') / 1024, rss: kib('VmRSS') / 1024 };
+  } catch {
+    return { hwm: NaN, rss: NaN };
+  }
+}
+const peaks = [];
+/** Runs one case with the worker's peak RSS measured around it. */
+async function withPeak(svc, label, fn) {
+  const reset = resetPeak(svc);
+  const r = await fn();
+  const { hwm } = peakMiB(svc);
+  r.workerPeakRssMiB = hwm;
+  peaks.push(`${label} ${hwm.toFixed(0)}${reset ? '' : ' (since start: clear_refs refused)'}`);
+  return r;
+}
+
+// ---------------------------------------------------------------------------
+// The URL-import server: /range/disk.qcow2 (Accept-Ranges, ETag: read by ranges), /plain/disk.qcow2 (neither:
+// downloaded whole). Every answer draws from one token bucket of `rate` bytes/s; `last` is when the last byte of
+// any answer went out, `sent` what went out in all.
+function startUrlServer(image) {
+  const state = { last: 0, sent: 0, requests: 0, allowance: 0, at: Date.now() };
+  const CHUNK = 256 * 1024;
+  const take = async (n) => {
+    if (!rate) return;
+    for (;;) {
+      const now = Date.now();
+      state.allowance = Math.min(rate / 10, state.allowance + ((now - state.at) * rate) / 1000);
+      state.at = now;
+      if (state.allowance >= n) {
+        state.allowance -= n;
+        return;
+      }
+      await sleep(Math.max(1, Math.ceil(((n - state.allowance) * 1000) / rate)));
+    }
+  };
+  const fd = openSync(image.path, 'r');
+  const server = createHttpServer((req, res) => {
+    state.requests++;
+    const ranged = req.url === '/range/disk.qcow2';
+    if (!ranged && req.url !== '/plain/disk.qcow2') return res.writeHead(404).end();
+    let start = 0;
+    let end = image.size; // exclusive
+    const headers = { 'content-type': 'application/octet-stream' };
+    if (ranged) Object.assign(headers, { 'accept-ranges': 'bytes', etag: '"bench-v1"' });
+    const m = ranged ? /^bytes=(\d+)-(\d*)$/.exec(req.headers.range ?? '') : null;
+    const ifRange = req.headers['if-range'];
+    let status = 200;
+    if (m && (ifRange === undefined || ifRange === '"bench-v1"')) {
+      start = Number(m[1]);
+      end = m[2] ? Math.min(image.size, Number(m[2]) + 1) : image.size;
+      if (start >= image.size) return res.writeHead(416, { 'content-range': `bytes */${image.size}` }).end();
+      status = 206;
+      headers['content-range'] = `bytes ${start}-${end - 1}/${image.size}`;
+    }
+    headers['content-length'] = String(end - start);
+    res.writeHead(status, headers);
+    let closed = false;
+    res.on('close', () => (closed = true));
+    void (async () => {
+      for (let at = start; at < end && !closed; ) {
+        const n = Math.min(CHUNK, end - at);
+        await take(n);
+        const buf = Buffer.allocUnsafe(n);
+        readSync(fd, buf, 0, n, at);
+        at += n;
+        state.sent += n;
+        if (!res.write(buf) && !closed) {
+          await new Promise((r) => {
+            const go = () => {
+              res.off('drain', go);
+              res.off('close', go);
+              r();
+            };
+            res.on('drain', go);
+            res.on('close', go);
+          });
+        }
+      }
+      if (!closed) res.end(() => (state.last = Date.now()));
+    })();
+  });
+  return new Promise((resolve) => {
+    server.listen(0, '127.0.0.1', () =>
+      resolve({
+        port: server.address().port,
+        state,
+        reset() {
+          Object.assign(state, { last: 0, sent: 0, requests: 0, allowance: 0, at: Date.now() });
+        },
+        close: () => new Promise((r) => {
+          server.closeAllConnections();
+          server.close(() => r());
+          closeSync(fd);
+        }),
+      }),
+    );
+  });
+}
+
+/** A URL import (POST /v1/jobs with {source:{url}}) from the paced server; returns when the job succeeded. */
+async function urlImport(svc, urlServer, mode) {
+  urlServer.reset();
+  const t0 = Date.now();
+  const res = await fetch(`${svc.url}/v1/jobs`, {
+    method: 'POST',
+    headers: { ...auth, 'content-type': 'application/json' },
+    body: JSON.stringify({ source: { url: `http://127.0.0.1:${urlServer.port}/${mode}/disk.qcow2` } }),
+  });
+  const created = await res.json();
+  if (res.status !== 202) throw new Error(`the URL import answered ${res.status}: ${JSON.stringify(created)}`);
+  const job = await finalJob(svc.url, created.id);
+  const done = Date.now();
+  if (job.state !== 'succeeded') throw new Error(`the URL import (${mode}) ended ${job.state}: ${JSON.stringify(job.error)}`);
+  const last = urlServer.state.last || done;
+  return { total: (done - t0) / 1000, afterLastByte: (done - last) / 1000, transfer: (last - t0) / 1000, sent: urlServer.state.sent, requests: urlServer.state.requests, mode: job.source?.mode, id: created.id, worker: await workerTimings(svc, created.id) };
 }
 
 /** The worker's own account of where a job's time went (its `converted` log line). */
@@ -292,11 +435,14 @@ function wrk(url, id) {
 const results = { date: new Date().toISOString(), virtualSize, rate, wrkSeconds, budget, machine: { cpus: cpus().length, model: cpus()[0]?.model, memGiB: Math.round(totalmem() / 2 ** 30), node: process.version }, loadBefore: loadavg(), cases: {} };
 const lines = [];
 const notes = [];
+const closers = [];
 try {
   const image = makeImage();
   results.image = { fileBytes: image.size, dataBytes: image.data };
   console.log(`service bench: qcow2 of ${virtualSize / 2 ** 30} GiB virtual, ${(image.size / MiB).toFixed(0)} MiB file (${elapsed().toFixed(0)} s)`);
-  const svc = await startService();
+  const urlServer = await startUrlServer(image);
+  closers.push(() => urlServer.close());
+  const svc = await startService(urlServer);
   const left = () => budget <= 0 || elapsed() < budget;
 
   const qemu = qemuConvertSeconds(image);
@@ -304,7 +450,7 @@ try {
 
   if (!cases.has('throttled')) lines.push('| throttled upload | not asked for (BENCH_SERVICE_CASES) | | | |');
   else if (left()) {
-    const r = await upload(svc, image, rate);
+    const r = await withPeak(svc, 'throttled', () => upload(svc, image, rate));
     results.cases.throttled = r;
     if (r.worker) notes.push(`The worker's own account of the throttled job (ms): open and probe ${r.worker.open}, convert ${r.worker.convert}, then waiting for the upload's end ${r.worker.upload_end}, commit (fsync, rename) ${r.worker.commit}, record ${r.worker.record}.`);
     lines.push(`| curl upload at ${(rate / 1e6).toFixed(0)} MB/s | ${r.transfer.toFixed(2)} | ${r.total.toFixed(2)} | ${r.afterLastByte.toFixed(2)} | ${(r.transfer + qemu).toFixed(2)} (${r.transfer.toFixed(2)} + ${qemu.toFixed(2)}) |`);
@@ -313,7 +459,7 @@ try {
 
   if (!cases.has('multipart')) lines.push('| multipart upload | not asked for (BENCH_SERVICE_CASES) | | | |');
   else if (left()) {
-    const r = await upload(svc, image, rate, { multipart: true });
+    const r = await withPeak(svc, 'multipart', () => upload(svc, image, rate, { multipart: true }));
     results.cases.multipart = r;
     lines.push(`| curl -F (multipart/form-data, as the page sends) at ${(rate / 1e6).toFixed(0)} MB/s | ${r.transfer.toFixed(2)} | ${r.total.toFixed(2)} | ${r.afterLastByte.toFixed(2)} | ${(r.transfer + qemu).toFixed(2)} (${r.transfer.toFixed(2)} + ${qemu.toFixed(2)}) |`);
     console.log(lines.at(-1));
@@ -321,7 +467,7 @@ try {
 
   if (!cases.has('unthrottled')) lines.push('| unthrottled upload | not asked for (BENCH_SERVICE_CASES) | | | |');
   else if (left()) {
-    const r = await upload(svc, image, 0);
+    const r = await withPeak(svc, 'unthrottled', () => upload(svc, image, 0));
     results.cases.unthrottled = r;
     lines.push(`| curl upload, no limit | ${r.transfer.toFixed(2)} | ${r.total.toFixed(2)} | ${r.afterLastByte.toFixed(2)} | ${(r.transfer + qemu).toFixed(2)} (${r.transfer.toFixed(2)} + ${qemu.toFixed(2)}) |`);
     console.log(lines.at(-1));
@@ -329,13 +475,27 @@ try {
 
   if (!cases.has('tus')) lines.push('| tus upload | not asked for (BENCH_SERVICE_CASES) | | | |');
   else if (left()) {
-    const r = await tusUpload(svc, image, rate);
+    const r = await withPeak(svc, 'tus', () => tusUpload(svc, image, rate));
     results.cases.tus = r;
     const how = process.env.BENCH_SERVICE_STREAM_UPLOADS === 'false' ? 'STREAM_UPLOADS=false: staged whole, then converted' : 'converted while the PATCH arrives';
     lines.push(`| tus upload (one PATCH) at ${(rate / 1e6).toFixed(0)} MB/s: ${how} | ${r.transfer.toFixed(2)} | ${r.total.toFixed(2)} | ${r.afterLastByte.toFixed(2)} (the final PATCH answered ${r.jobAfterLastByte.toFixed(2)} s after it) | ${(r.transfer + qemu).toFixed(2)} (${r.transfer.toFixed(2)} + ${qemu.toFixed(2)}) |`);
     if (r.worker) notes.push(`The worker's own account of the tus job (ms): open and probe ${r.worker.open}, convert ${r.worker.convert}, then waiting for the upload's end ${r.worker.upload_end}, commit ${r.worker.commit}, record ${r.worker.record}.`);
     console.log(lines.at(-1));
   } else lines.push('| tus upload | skipped: budget used | | | |');
+
+  for (const mode of ['range', 'plain']) {
+    const name = `url-${mode}`;
+    const label = mode === 'range' ? 'URL import, server with ranges and ETag (read by ranges)' : 'URL import, server without ranges (downloaded whole)';
+    if (!cases.has(name)) lines.push(`| ${label} | not asked for (BENCH_SERVICE_CASES) | | | |`);
+    else if (left()) {
+      const r = await withPeak(svc, name, () => urlImport(svc, urlServer, mode));
+      results.cases[name] = r;
+      const whole = rate ? image.size / rate : r.transfer;
+      lines.push(`| ${label} at ${(rate / 1e6).toFixed(0)} MB/s: ${(r.sent / MiB).toFixed(0)} MiB in ${r.requests} requests, mode ${r.mode} | ${r.transfer.toFixed(2)} | ${r.total.toFixed(2)} | ${r.afterLastByte.toFixed(2)} | ${(whole + qemu).toFixed(2)} (${whole.toFixed(2)} + ${qemu.toFixed(2)}) |`);
+      if (r.worker) notes.push(`The worker's account of the ${name} job (ms): open and probe ${r.worker.open}, convert ${r.worker.convert}, waiting for the source's end ${r.worker.upload_end}, commit ${r.worker.commit}, record ${r.worker.record}.`);
+      console.log(lines.at(-1));
+    } else lines.push(`| ${label} | skipped: budget used | | | |`);
+  }
 
   if (!cases.has('polling')) lines.push('Status polling: not asked for (BENCH_SERVICE_CASES).');
   else if (left()) {
@@ -353,9 +513,11 @@ try {
     console.log(lines.at(-1));
   } else lines.push('Status polling: skipped (budget used).');
 } finally {
+  for (const close of closers) await close().catch(() => {});
   await stopAll();
   rmSync(dir, { recursive: true, force: true });
 }
+results.workerPeaks = peaks;
 results.loadAfter = loadavg();
 results.seconds = Math.round(elapsed());
 const md = [
@@ -368,6 +530,7 @@ const md = [
   ...lines,
   '',
   ...notes.flatMap((n) => [n, '']),
+  ...(peaks.length ? [`Worker peak RSS while it converts (VmHWM, MiB; target <= 200): ${peaks.join(', ')}.`, ''] : []),
 ].join('\n');
 mkdirSync(join(here, 'results'), { recursive: true });
 writeFileSync(join(here, 'results', 'service-latest.json'), JSON.stringify(results, (k, v) => (k === 'raw' ? undefined : v), 2) + '\n');

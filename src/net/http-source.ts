@@ -33,7 +33,7 @@ import { DiskconvError, InsufficientSpaceError, InvalidArgumentError, LimitExcee
 import { DEFAULT_LIMITS } from '../engine/limits.js';
 import { FileSource, type RandomAccessSource } from '../engine/source.js';
 import { decompressTo, detectWrapper, WRAPPER_PROBE_BYTES, type WrapperFormat } from '../engine/wrappers/index.js';
-import { ChecksumMismatchError, SourceTooLargeError, UrlFetchError } from './errors.js';
+import { ChecksumMismatchError, SourceChangedError, SourceTooLargeError, UrlFetchError } from './errors.js';
 import { DEFAULT_RANGE_TUNING, HttpRangeSource, ifRangeOf, type RangeSourceTuning, type RemoteValidator } from './range-source.js';
 import {
   createAgents,
@@ -70,6 +70,22 @@ export interface UrlSourceOptions {
    * resolves to is called once the staged file is gone (a concurrency limit).
    */
   stagingSlot?: (signal: AbortSignal | undefined) => Promise<() => void>;
+  /**
+   * Convert while the download grows: for a plain body (no wrapper) of known
+   * length, staged because the server cannot be read by ranges, openUrlSource
+   * returns as soon as the first bytes are staged, with the source this function
+   * makes of the growing file (the worker's GrowingFileSource, which waits for
+   * bytes not yet written). The download goes on and is hashed as before; `feed`
+   * says how it goes: complete with its sha256 (after expectedSha256 is checked),
+   * or failed (a dropped connection that cannot be resumed, a file that changed,
+   * a checksum mismatch, an abort). close() stops it and removes the staged file.
+   */
+  follow?: (path: string, size: number, name: string, feed: DownloadFeed) => Promise<RandomAccessSource>;
+}
+
+/** How a followed download goes (UrlSourceOptions.follow). */
+export interface DownloadFeed {
+  state(): { state: 'arriving' } | { state: 'complete'; size: number; sha256: string } | { state: 'failed'; error: Error };
 }
 
 export interface OpenedUrlSource {
@@ -130,8 +146,11 @@ export async function openUrlSource(url: string, policy: UrlPolicy, options: Url
   if (expected !== undefined && !/^[0-9a-f]{64}$/.test(expected)) {
     throw new InvalidArgumentError(`expected sha256 '${options.expectedSha256}' is not 64 hex digits`);
   }
-  const { signal } = options;
-  throwIfAborted(signal);
+  throwIfAborted(options.signal);
+  // A followed download runs on after this returns: its close() stops it through this signal.
+  const closer = options.follow ? new AbortController() : undefined;
+  const signal = closer ? (options.signal ? AbortSignal.any([options.signal, closer.signal]) : closer.signal) : options.signal;
+  if (closer) options = { ...options, ...(signal ? { signal } : {}) };
   const tuning: RangeSourceTuning = { ...DEFAULT_RANGE_TUNING, ...options.rangeTuning };
   const checked = await checkUrl(url, policy);
   const agents = createAgents(tuning.concurrency);
@@ -163,7 +182,7 @@ export async function openUrlSource(url: string, policy: UrlPolicy, options: Url
           probe.discard();
         }
       } else if (probe.status === 200) {
-        return await stage(probe, policy, options, expected, agents);
+        return await stage(probe, policy, options, expected, agents, closer);
       } else if (probe.status === 416) {
         probe.discard(); // an empty resource: no range of it is satisfiable
       } else {
@@ -171,7 +190,7 @@ export async function openUrlSource(url: string, policy: UrlPolicy, options: Url
       }
     }
     const whole = await fetchFollowing(checked, policy, spec);
-    return await stage(whole, policy, options, expected, agents);
+    return await stage(whole, policy, options, expected, agents, closer);
   } catch (err) {
     destroyAgents(agents);
     throw err;
@@ -268,7 +287,14 @@ function unwrapSink(format: WrapperFormat, stagingPath: string, where: string, b
 }
 
 /** Streams a 200 response to the staging file, resuming dropped connections with range requests. */
-async function stage(first: Exchange, policy: UrlPolicy, options: UrlSourceOptions, expected: string | undefined, agents: Agents): Promise<OpenedUrlSource> {
+async function stage(
+  first: Exchange,
+  policy: UrlPolicy,
+  options: UrlSourceOptions,
+  expected: string | undefined,
+  agents: Agents,
+  closer?: AbortController,
+): Promise<OpenedUrlSource> {
   first.expectStatus([200]);
   const { signal, stagingPath } = options;
   const target = first.checked;
@@ -278,8 +304,38 @@ async function stage(first: Exchange, policy: UrlPolicy, options: UrlSourceOptio
   const limit = options.stagingLimit;
 
   let release: (() => void) | undefined;
+  const releaseOnce = (): void => {
+    const r = release;
+    release = undefined;
+    r?.();
+  };
   let sink: StageSink | undefined;
   let exchange: Exchange | undefined = first;
+  /** The followed download (options.follow): announced once its first bytes are staged. */
+  let following: { opened: OpenedUrlSource; feed: { now: ReturnType<DownloadFeed['state']> } } | undefined;
+  let announce: ((opened: OpenedUrlSource) => void) | undefined;
+  const announced = new Promise<OpenedUrlSource>((resolve) => (announce = resolve));
+  let downloaded: Promise<OpenedUrlSource> | undefined;
+  const startFollowing = async (follow: NonNullable<UrlSourceOptions['follow']>, size: number): Promise<void> => {
+    const feed: { now: ReturnType<DownloadFeed['state']> } = { now: { state: 'arriving' } };
+    const source = await follow(stagingPath, size, where, { state: () => feed.now });
+    const opened: OpenedUrlSource = {
+      source,
+      mode: 'staged',
+      finalUrl: target.url.href,
+      size,
+      close: async () => {
+        closer?.abort();
+        await downloaded?.catch(() => {});
+        await source.close().catch(() => {});
+        await rm(stagingPath, { force: true });
+        releaseOnce();
+      },
+    };
+    following = { opened, feed };
+    announce?.(opened);
+  };
+  downloaded = (async (): Promise<OpenedUrlSource> => {
   try {
     if (options.stagingSlot) release = await options.stagingSlot(signal);
     const free = await statfs(dirname(stagingPath)).then(
@@ -317,6 +373,8 @@ async function stage(first: Exchange, policy: UrlPolicy, options: UrlSourceOptio
         const head = pending.length === 1 ? (pending[0] as Buffer) : Buffer.concat(pending);
         wrapper = detectWrapper(head.subarray(0, WRAPPER_PROBE_BYTES));
         sink = wrapper ? unwrapSink(wrapper, stagingPath, where, unwrapBound, signal) : await plainSink(stagingPath, where);
+        // A plain body of known length: converted while it grows, where asked for.
+        if (!wrapper && options.follow && total !== undefined && total > 0 && !following) await startFollowing(options.follow, total);
       }
       if (pendingBytes === 0) return;
       const batch = pending;
@@ -351,6 +409,11 @@ async function stage(first: Exchange, policy: UrlPolicy, options: UrlSourceOptio
           total ??= range.total;
         } else {
           current.expectStatus([200]);
+          if (following && done > 0) {
+            // The bytes staged so far are being converted: they cannot be replaced by another version's.
+            current.discard();
+            throw new SourceChangedError(`${where}: resuming at byte ${done}, the server sent the whole file again (it changed, or ignored the range); the bytes converted so far may be of another version`);
+          }
           if (done > 0 || sink) {
             // The server sent the whole resource again (it changed, or ignored the range): start over.
             hash = createHash('sha256');
@@ -414,6 +477,10 @@ async function stage(first: Exchange, policy: UrlPolicy, options: UrlSourceOptio
 
     const sha256 = hash.digest('hex');
     if (expected !== undefined && sha256 !== expected) throw new ChecksumMismatchError(expected, sha256, where);
+    if (following) {
+      following.feed.now = { state: 'complete', size: done, sha256 };
+      return following.opened;
+    }
     const source = await FileSource.open(stagingPath, where);
     let released = false;
     return {
@@ -434,7 +501,17 @@ async function stage(first: Exchange, policy: UrlPolicy, options: UrlSourceOptio
     exchange?.discard();
     await sink?.abort().catch(() => {});
     await rm(stagingPath, { force: true });
-    release?.();
+    releaseOnce();
+    if (following) {
+      // Already handed out: the reader learns of the failure through the feed.
+      destroyAgents(agents);
+      following.feed.now = { state: 'failed', error: err instanceof Error ? err : new Error(String(err)) };
+    }
     throw err;
   }
+  })();
+  if (!options.follow) return downloaded;
+  // Handed out as the download goes on: a later failure reaches the reader through the feed, not here.
+  downloaded.catch(() => {});
+  return Promise.race([announced, downloaded]);
 }

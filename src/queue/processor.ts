@@ -23,7 +23,7 @@ import {
   type RandomAccessSource,
 } from '../engine/index.js';
 import { estimateAllocation, scrubMessage } from './inspect.js';
-import { displayUrl, openImportUrl, urlPolicy, type OpenedUrlSource } from './url-import.js';
+import { displayUrl, openImportUrlFollowing, urlPolicy, type OpenedUrlSource } from './url-import.js';
 import type { DestinationResult, DestinationWriter, OutputWriter, Stores } from '../store/index.js';
 import { GLANCE_HASHES, Publisher } from '../publish/publish.js';
 import { rbdExport } from '../publish/rbd-export.js';
@@ -244,13 +244,18 @@ export function createProcessor(deps: ProcessorDeps) {
 
       if (rec.source.kind === 'url' && rec.source.url) {
         progress.report({ phase: 'downloading', bytes_done: 0, bytes_total: null, percent: null }, true);
-        opened = await openImportUrl(rec.source.url, policy, {
+        // A download converted while it grows (url-import.ts) goes on after this returns: its progress is the conversion's then.
+        let downloading = true;
+        opened = await openImportUrlFollowing(rec.source.url, policy, {
           signal,
           stagingPath,
           ...(rec.expected_sha256 ? { expectedSha256: rec.expected_sha256 } : {}),
           maxUnwrappedBytes: config.maxVirtualSize,
-          onProgress: (done, total) => progress.report({ phase: 'downloading', bytes_done: done, bytes_total: total ?? null, percent: percent(done, total) }),
+          onProgress: (done, total) => {
+            if (downloading) progress.report({ phase: 'downloading', bytes_done: done, bytes_total: total ?? null, percent: percent(done, total) });
+          },
         });
+        downloading = false;
         source = opened.source;
         await mustOwn(
           await records.update(

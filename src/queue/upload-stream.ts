@@ -114,6 +114,15 @@ export interface GrowingSourceDeps {
 }
 
 /**
+ * How the bytes' arrival goes when it is not told through Redis: a download that
+ * runs in this process (a URL import from a server without ranges, src/net's
+ * `follow` option) says it here, synchronously.
+ */
+export interface ArrivalFeed {
+  state(): { state: 'arriving' } | { state: 'complete'; size: number; sha256: string } | { state: 'failed'; error: Error };
+}
+
+/**
  * A staging file still being written by the API, read by the engine as any
  * source: reads wait for their bytes; the upload's failure fails them.
  */
@@ -133,11 +142,11 @@ export class GrowingFileSource implements RandomAccessSource {
     private readonly handle: FileHandle,
     readonly size: number,
     readonly name: string,
-    private readonly deps: GrowingSourceDeps,
+    private readonly deps: GrowingSourceDeps | { feed: ArrivalFeed },
     private resumable: ResumableTerms | undefined,
   ) {}
 
-  static async open(path: string, size: number, name: string, deps: GrowingSourceDeps, resumable?: ResumableTerms): Promise<GrowingFileSource> {
+  static async open(path: string, size: number, name: string, deps: GrowingSourceDeps | { feed: ArrivalFeed }, resumable?: ResumableTerms): Promise<GrowingFileSource> {
     const handle = await open(path, 'r');
     const source = new GrowingFileSource(handle, size, name, deps, resumable);
     source.available = (await handle.stat()).size;
@@ -173,11 +182,13 @@ export class GrowingFileSource implements RandomAccessSource {
 
   /** Asks Redis (at most every MARK_POLL_MS, one question at a time) how the upload goes. */
   private checkMark(): Promise<void> {
+    if ('feed' in this.deps) return this.checkFeed(this.deps.feed);
     if (this.markCheck) return this.markCheck;
     if (Date.now() - this.lastMarkCheck < MARK_POLL_MS) return Promise.resolve();
     this.lastMarkCheck = Date.now();
+    const deps = this.deps;
     this.markCheck = (async () => {
-      const mark = await this.deps.marks.get(this.deps.id);
+      const mark = await deps.marks.get(deps.id);
       if (mark?.state === 'failed') {
         this.failure = new UploadFailedError(mark.code, `the upload failed while it was converted: ${mark.message}`);
       } else if (mark?.state === 'received' || mark?.state === 'committed') {
@@ -193,8 +204,8 @@ export class GrowingFileSource implements RandomAccessSource {
         this.resumable = mark.resumable;
       } else if (mark === undefined || mark.state === 'receiving') {
         // No mark, or still receiving while nobody holds the upload: the API process went away.
-        if (mark === undefined || !(await this.deps.leases.held(this.deps.id))) {
-          const again = await this.deps.marks.get(this.deps.id);
+        if (mark === undefined || !(await deps.leases.held(deps.id))) {
+          const again = await deps.marks.get(deps.id);
           if (again === undefined || again.state === 'receiving') {
             this.failure = new UploadFailedError('INCOMPLETE_BODY', 'the upload stopped before its last byte: the API process receiving it went away');
           }
@@ -209,6 +220,22 @@ export class GrowingFileSource implements RandomAccessSource {
         this.markCheck = undefined;
       });
     return this.markCheck;
+  }
+
+  /** The in-process download's state (no Redis, no throttle: it is a variable's read). */
+  private async checkFeed(feed: ArrivalFeed): Promise<void> {
+    const now = feed.state();
+    if (now.state === 'failed') {
+      this.failure = now.error;
+    } else if (now.state === 'complete') {
+      const size = (await this.handle.stat()).size;
+      if (now.size !== this.size || size < this.size) {
+        this.failure = new SourceUnavailableError(`${this.name}: the download ended with ${now.size} bytes (${size} staged), ${this.size} announced`);
+      } else {
+        this.available = size;
+        this.final = { size: now.size, sha256: now.sha256 };
+      }
+    }
   }
 
   /** Waits until bytes [0, end) are in the file, or the upload fails. */

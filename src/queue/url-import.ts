@@ -5,6 +5,7 @@
  */
 import type { Config } from '../config.js';
 import { checkUrl, openUrlSource, type OpenedUrlSource, type UrlPolicy, type UrlSourceOptions } from '../net/index.js';
+import { GrowingFileSource } from './upload-stream.js';
 
 export type { OpenedUrlSource } from '../net/index.js';
 export type UrlPolicyShape = UrlPolicy;
@@ -28,6 +29,16 @@ export async function checkImportUrl(url: string, policy: UrlPolicy): Promise<vo
 
 export function openImportUrl(url: string, policy: UrlPolicy, options: UrlSourceOptions): Promise<OpenedUrlSource> {
   return openUrlSource(url, policy, options);
+}
+
+/**
+ * The worker's import: a server that cannot be read by ranges is still downloaded
+ * whole (and hashed), but the conversion reads the download as it grows, through
+ * the same GrowingFileSource that follows an upload (a read of bytes not yet
+ * written waits for them; the download's failure fails it).
+ */
+export function openImportUrlFollowing(url: string, policy: UrlPolicy, options: UrlSourceOptions): Promise<OpenedUrlSource> {
+  return openUrlSource(url, policy, { ...options, follow: (path, size, name, feed) => GrowingFileSource.open(path, size, name, { feed }) });
 }
 
 /** A URL as shown in info and messages: no user-info, query or fragment (presigned URLs carry secrets there). */
