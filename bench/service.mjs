@@ -46,7 +46,7 @@ const virtualSize = parseSize(setting('size', 'BENCH_SERVICE_SIZE', process.env.
 const rate = Number(setting('rate', 'BENCH_SERVICE_RATE', 100_000_000));
 const wrkSeconds = Number(setting('wrk-seconds', 'BENCH_SERVICE_WRK_SECONDS', 8));
 const budget = Number(setting('budget', 'BENCH_SERVICE_BUDGET', 240));
-const cases = new Set(setting('cases', 'BENCH_SERVICE_CASES', 'throttled,multipart,unthrottled,tus,url-range,url-plain,polling').split(','));
+const cases = new Set(setting('cases', 'BENCH_SERVICE_CASES', 'throttled,multipart,unthrottled,tus,url-range,url-plain,polling,polling-url').split(','));
 const started = Date.now();
 const elapsed = () => (Date.now() - started) / 1000;
 const here = dirname(fileURLToPath(import.meta.url));
@@ -154,7 +154,9 @@ async function startService(urlServer) {
       await sleep(50);
     }
   }
-  const api = start('api', process.execPath, [CLI, 'serve'], env);
+  // BENCH_SERVICE_API_ARGS: node flags for the API process (e.g. `--cpu-prof --cpu-prof-dir=/tmp/prof`).
+  const apiArgs = (process.env.BENCH_SERVICE_API_ARGS ?? '').split(' ').filter(Boolean);
+  const api = start('api', process.execPath, [...apiArgs, CLI, 'serve'], env);
   const worker = start('worker', process.execPath, [CLI, 'worker'], { ...env, LOG_LEVEL: 'info' });
   const url = `http://127.0.0.1:${apiPort}`;
   for (let i = 0; ; i++) {
@@ -163,7 +165,7 @@ async function startService(urlServer) {
     if (i > 300) throw new Error(`the service did not start:\n${api.log()}\n${worker.log()}`);
     await sleep(100);
   }
-  return { url, dataDir, worker };
+  return { url, dataDir, worker, api };
 }
 
 // ---------------------------------------------------------------------------
@@ -201,19 +203,20 @@ async function withPeak(svc, label, fn) {
 // downloaded whole). Every answer draws from one token bucket of `rate` bytes/s; `last` is when the last byte of
 // any answer went out, `sent` what went out in all.
 function startUrlServer(image) {
-  const state = { last: 0, sent: 0, requests: 0, allowance: 0, at: Date.now() };
+  const state = { last: 0, sent: 0, requests: 0, allowance: 0, at: Date.now(), rate };
   const CHUNK = 256 * 1024;
   const take = async (n) => {
-    if (!rate) return;
     for (;;) {
+      const r = state.rate;
+      if (!r) return;
       const now = Date.now();
-      state.allowance = Math.min(rate / 10, state.allowance + ((now - state.at) * rate) / 1000);
+      state.allowance = Math.min(Math.max(r / 10, CHUNK), state.allowance + ((now - state.at) * r) / 1000);
       state.at = now;
       if (state.allowance >= n) {
         state.allowance -= n;
         return;
       }
-      await sleep(Math.max(1, Math.ceil(((n - state.allowance) * 1000) / rate)));
+      await sleep(Math.max(1, Math.ceil(((n - state.allowance) * 1000) / r)));
     }
   };
   const fd = openSync(image.path, 'r');
@@ -267,8 +270,8 @@ function startUrlServer(image) {
       resolve({
         port: server.address().port,
         state,
-        reset() {
-          Object.assign(state, { last: 0, sent: 0, requests: 0, allowance: 0, at: Date.now() });
+        reset(at = rate) {
+          Object.assign(state, { last: 0, sent: 0, requests: 0, allowance: 0, at: Date.now(), rate: at });
         },
         close: () => new Promise((r) => {
           server.closeAllConnections();
@@ -281,8 +284,8 @@ function startUrlServer(image) {
 }
 
 /** A URL import (POST /v1/jobs with {source:{url}}) from the paced server; returns when the job succeeded. */
-async function urlImport(svc, urlServer, mode) {
-  urlServer.reset();
+async function urlImport(svc, urlServer, mode, { pace = rate, onRunning } = {}) {
+  urlServer.reset(pace);
   const t0 = Date.now();
   const res = await fetch(`${svc.url}/v1/jobs`, {
     method: 'POST',
@@ -291,11 +294,12 @@ async function urlImport(svc, urlServer, mode) {
   });
   const created = await res.json();
   if (res.status !== 202) throw new Error(`the URL import answered ${res.status}: ${JSON.stringify(created)}`);
+  const during = onRunning ? await onRunning(created.id) : undefined;
   const job = await finalJob(svc.url, created.id);
   const done = Date.now();
   if (job.state !== 'succeeded') throw new Error(`the URL import (${mode}) ended ${job.state}: ${JSON.stringify(job.error)}`);
   const last = urlServer.state.last || done;
-  return { total: (done - t0) / 1000, afterLastByte: (done - last) / 1000, transfer: (last - t0) / 1000, sent: urlServer.state.sent, requests: urlServer.state.requests, mode: job.source?.mode, id: created.id, worker: await workerTimings(svc, created.id) };
+  return { total: (done - t0) / 1000, afterLastByte: (done - last) / 1000, transfer: (last - t0) / 1000, sent: urlServer.state.sent, requests: urlServer.state.requests, mode: job.source?.mode, id: created.id, worker: await workerTimings(svc, created.id), during };
 }
 
 /** The worker's own account of where a job's time went (its `converted` log line). */
@@ -413,6 +417,25 @@ function qemuConvertSeconds(image) {
   return s;
 }
 
+/** utime + stime of a process, seconds (/proc/PID/stat fields 14 and 15, in clock ticks of 100 Hz). */
+function cpuSeconds(pid) {
+  try {
+    const fields = readFileSync(`/proc/${pid}/stat`, 'utf8').split(') ')[1].split(' ');
+    return (Number(fields[11]) + Number(fields[12])) / 100;
+  } catch {
+    return NaN;
+  }
+}
+
+/** wrk on the job, with the API process's CPU per answered request. */
+function wrkWithCpu(svc, id) {
+  const before = cpuSeconds(svc.api.child.pid);
+  const w = wrk(svc.url, id);
+  const cpu = cpuSeconds(svc.api.child.pid) - before;
+  const requests = w.rps * wrkSeconds;
+  return { ...w, apiCpuSeconds: cpu, apiCpuMicrosPerRequest: (cpu * 1e6) / requests, load: loadavg() };
+}
+
 function wrk(url, id) {
   const out = execFileSync('wrk', ['-c', '50', '-t', '2', '-d', `${wrkSeconds}s`, '--latency', '-H', `Authorization: Bearer ${TOKEN}`, `${url}/v1/jobs/${id}`], { maxBuffer: 1 << 20 }).toString();
   const num = (re) => Number(re.exec(out)?.[1] ?? NaN);
@@ -504,14 +527,36 @@ try {
     const running = upload(svc, image, slow);
     const id = await findJob(svc.url);
     while ((await getJob(svc.url, id)).progress.phase !== 'converting') await sleep(20);
-    const w = wrk(svc.url, id);
+    const w = wrkWithCpu(svc, id);
     const phaseAfter = (await getJob(svc.url, id)).state;
     await running;
     results.cases.polling = { ...w, stateWhenDone: phaseAfter };
     lines.push('');
-    lines.push(`Status polling while the job converts (wrk -c 50 -t 2 -d ${wrkSeconds}s, GET /v1/jobs/{id}): **${w.rps.toFixed(0)} req/s**, p50 ${w.p50.toFixed(2)} ms, p99 ${w.p99.toFixed(2)} ms, non-2xx ${w.non2xx}; the job was \`${phaseAfter}\` when wrk ended.`);
+    lines.push(`Status polling while the job converts (wrk -c 50 -t 2 -d ${wrkSeconds}s, GET /v1/jobs/{id}): **${w.rps.toFixed(0)} req/s**, p50 ${w.p50.toFixed(2)} ms, p99 ${w.p99.toFixed(2)} ms, non-2xx ${w.non2xx}; the job was \`${phaseAfter}\` when wrk ended; API CPU ${w.apiCpuMicrosPerRequest.toFixed(0)} µs per request (the API also receives the upload, about ${(slow / 1e6).toFixed(0)} MB/s); load ${w.load}.`);
     console.log(lines.at(-1));
   } else lines.push('Status polling: skipped (budget used).');
+
+  // The same polling while the worker converts a URL import (from a server without ranges, paced so the job outlasts
+  // wrk): the API answers only the polls.
+  if (!cases.has('polling-url')) lines.push('Status polling during a URL import: not asked for (BENCH_SERVICE_CASES).');
+  else if (left()) {
+    const slow = Math.max(1, Math.floor(image.size / (wrkSeconds + 6)));
+    let phaseAfter;
+    const r = await urlImport(svc, urlServer, 'plain', {
+      pace: slow,
+      onRunning: async (id) => {
+        while ((await getJob(svc.url, id)).progress.phase !== 'converting') await sleep(20);
+        const w = wrkWithCpu(svc, id);
+        phaseAfter = (await getJob(svc.url, id)).state;
+        return w;
+      },
+    });
+    const w = r.during;
+    results.cases.pollingUrl = { ...w, stateWhenDone: phaseAfter };
+    lines.push('');
+    lines.push(`Status polling while the worker converts a URL import (wrk -c 50 -t 2 -d ${wrkSeconds}s): **${w.rps.toFixed(0)} req/s**, p50 ${w.p50.toFixed(2)} ms, p99 ${w.p99.toFixed(2)} ms, non-2xx ${w.non2xx}; the job was \`${phaseAfter}\` when wrk ended; API CPU ${w.apiCpuMicrosPerRequest.toFixed(0)} µs per request; load ${w.load}.`);
+    console.log(lines.at(-1));
+  } else lines.push('Status polling during a URL import: skipped (budget used).');
 } finally {
   for (const close of closers) await close().catch(() => {});
   await stopAll();

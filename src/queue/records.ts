@@ -173,10 +173,15 @@ function encodeFields(fields: Partial<Record<string, FieldValue>>): string[] {
   return out;
 }
 
-function decode(hash: Record<string, string>): JobRecord | undefined {
+function decode(hash: Record<string, string>, passThrough?: (field: string, json: string) => unknown): JobRecord | undefined {
   if (!hash.id || !hash.state) return undefined;
   const rec: Record<string, unknown> = { ...hash };
-  for (const f of JSON_FIELDS) if (hash[f] !== undefined) rec[f] = JSON.parse(hash[f]);
+  for (const f of JSON_FIELDS) {
+    const json = hash[f];
+    if (json === undefined) continue;
+    const kept = passThrough?.(f, json);
+    rec[f] = kept !== undefined ? kept : JSON.parse(json);
+  }
   for (const f of NUMBER_FIELDS) if (hash[f] !== undefined) rec[f] = Number(hash[f]);
   return rec as unknown as JobRecord;
 }
@@ -320,6 +325,17 @@ export class JobRecords {
 
   async get(id: string): Promise<JobRecord | undefined> {
     return decode(await this.redis.hgetall(this.key(id)));
+  }
+
+  /**
+   * getForTenant, with JSON fields left as their stored text where `passThrough`
+   * returns a stand-in for them (present.ts answers a status poll without parsing
+   * and re-serialising the record's JSON).
+   */
+  async getForTenantPassing(id: string, tenant: string, passThrough: (field: string, json: string) => unknown): Promise<JobRecord | undefined> {
+    const hash = await this.redis.hgetall(this.key(id));
+    if (hash.tenant !== tenant) return undefined;
+    return decode(hash, passThrough);
   }
 
   /** A tenant's own job, or undefined: another tenant's job looks exactly like a missing one. */

@@ -7,7 +7,7 @@ import { receiveBody } from '../bodies.js';
 import type { ApiContext } from '../context.js';
 import { ApiError } from '../errors.js';
 import { idempotencyKeyOf } from '../idempotency.js';
-import { presentJob } from '../present.js';
+import { passStored, presentJob, presentJobJson } from '../present.js';
 import { canStreamMultipart, receiveStreamingMultipart } from '../streaming-multipart.js';
 import { canStream, receiveStreaming } from '../streaming-upload.js';
 
@@ -63,7 +63,13 @@ export async function jobRoutes(app: FastifyInstance, ctx: ApiContext): Promise<
     return { jobs: page.jobs.map(presentJob), next_cursor: page.nextCursor };
   });
 
-  app.get('/v1/jobs/:id', { config: readLimit }, async (request) => presentJob(await findJob(ctx, request)));
+  // The status poll: the record's JSON fields go out as stored, not parsed and serialised again.
+  app.get('/v1/jobs/:id', { config: readLimit }, async (request, reply) => {
+    const { id } = request.params as { id: string };
+    const rec = JOB_ID.test(id) ? await ctx.records.getForTenantPassing(id, request.tenant, passStored) : undefined;
+    if (!rec) throw new ApiError('NOT_FOUND', 'no such job');
+    return reply.type('application/json; charset=utf-8').send(presentJobJson(rec));
+  });
 
   app.delete('/v1/jobs/:id', { config: readLimit }, async (request, reply) => {
     const rec = await findJob(ctx, request);
