@@ -1,16 +1,34 @@
 import { FormatMismatchError, UnsafeImageError, UnsupportedFormatError } from './errors.js';
 import { ascii } from './bytes.js';
 import type { RandomAccessSource } from './source.js';
-import type { FormatDriver, FormatId } from './types.js';
-import { qcow2Driver } from './formats/qcow2.js';
-import { vmdkDriver } from './formats/vmdk.js';
-import { vdiDriver } from './formats/vdi.js';
-import { isVhdFooter, vpcDriver } from './formats/vpc.js';
-import { vhdxDriver } from './formats/vhdx/index.js';
+import type { DiskImage, FormatDriver, FormatId, OpenOptions } from './types.js';
 import { rawDriver } from './formats/raw.js';
+import { isQcow2, isVdi, isVhdFooter, isVhdx, isVmdk, isVpc } from './formats/signatures.js';
+
+/**
+ * A driver whose module is imported when an image of its format is opened: the
+ * probe (formats/signatures.ts, the same function the driver's own probe is)
+ * needs none of it, so probing a qcow2 loads no vmdk, vdi, vpc or vhdx code.
+ */
+function lazyDriver(id: FormatId, probe: FormatDriver['probe'], load: () => Promise<FormatDriver>): FormatDriver {
+  let driver: Promise<FormatDriver> | undefined;
+  return {
+    id,
+    probe,
+    open: async (source: RandomAccessSource, options: OpenOptions): Promise<DiskImage> => (await (driver ??= load())).open(source, options),
+  };
+}
 
 /** Probe order matters: raw matches everything and comes last. */
-export const DRIVERS: readonly FormatDriver[] = [qcow2Driver, vmdkDriver, vdiDriver, vpcDriver, vhdxDriver, rawDriver];
+export const DRIVERS: readonly FormatDriver[] = [
+  lazyDriver('qcow2', isQcow2, async () => (await import('./formats/qcow2.js')).qcow2Driver),
+  lazyDriver('vmdk', isVmdk, async () => (await import('./formats/vmdk.js')).vmdkDriver),
+  lazyDriver('vdi', isVdi, async () => (await import('./formats/vdi.js')).vdiDriver),
+  lazyDriver('vpc', isVpc, async () => (await import('./formats/vpc.js')).vpcDriver),
+  lazyDriver('vhdx', isVhdx, async () => (await import('./formats/vhdx/index.js')).vhdxDriver),
+  rawDriver,
+];
+const vpcDriver = DRIVERS[3] as FormatDriver;
 
 /** Bytes read for probing: enough for the vdi signature at 0x40 and ISO 9660 descriptors up to 0x9006. */
 export const PROBE_BYTES = 64 * 1024;

@@ -17,6 +17,7 @@ import { LUKS_HEADER_BYTES, luksInfoJson, luksRegionEnd, parseLuksHeader, unlock
 import { AbortedError, ImageCorruptError, InvalidArgumentError, FormatMismatchError, UnsafeImageError, UnsupportedFeatureError } from '../errors.js';
 import { enforceLimit, toSafeNumber, type Limits } from '../limits.js';
 import { Pacer } from '../pace.js';
+import { isQcow2 } from './signatures.js';
 import { readExact, type RandomAccessSource } from '../source.js';
 import type {
   CheckReport,
@@ -1317,9 +1318,7 @@ async function readL1(source: RandomAccessSource, offset: number, entries: numbe
 
 export const qcow2Driver: FormatDriver = {
   id: 'qcow2',
-  probe(head: Uint8Array): boolean {
-    return head.length >= 4 && head[0] === 0x51 && head[1] === 0x46 && head[2] === 0x49 && head[3] === 0xfb;
-  },
+  probe: isQcow2,
   async open(source: RandomAccessSource, options: OpenOptions): Promise<DiskImage> {
     const { limits, signal } = options;
     const { header, bitmapsExt, cryptoExt, backing } = await readHeader(source, limits, signal, options.metadataOnly === true || options.backingSupplied === true);

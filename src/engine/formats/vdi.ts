@@ -8,6 +8,7 @@
 import { FormatMismatchError, ImageCorruptError, UnsafeImageError, UnsupportedFeatureError, throwIfAborted } from '../errors.js';
 import { enforceLimit, toSafeNumber, type Limits } from '../limits.js';
 import { readExact, type RandomAccessSource } from '../source.js';
+import { isVdi } from './signatures.js';
 import type { CheckReport, DiskImage, FormatDriver, FormatInfo, MapEntry, OpenOptions } from '../types.js';
 
 const SIGNATURE = 0xbeda107f;
@@ -179,11 +180,7 @@ async function* bmapChunks(
 
 export const vdiDriver: FormatDriver = {
   id: 'vdi',
-  probe(head: Uint8Array): boolean {
-    if (head.length < SIGNATURE_OFFSET + 4) return false;
-    const view = new DataView(head.buffer, head.byteOffset, head.byteLength);
-    return view.getUint32(SIGNATURE_OFFSET, true) === SIGNATURE;
-  },
+  probe: isVdi,
 
   async open(source: RandomAccessSource, options: OpenOptions): Promise<DiskImage> {
     // A header too short to hold the signature is not VDI at all; past that, a short header is a truncated image.

@@ -14,6 +14,7 @@ import { Pacer } from '../pace.js';
 import { readExact, type RandomAccessSource } from '../source.js';
 import type { CheckReport, DiskImage, FormatDriver, FormatInfo, LayerEntry, MapEntry, OpenOptions, ParentLink } from '../types.js';
 import { isArriving, walkMarkers, type MarkerWalkLayout } from './vmdk-markers.js';
+import { isVmdk, looksLikeDescriptorFile } from './signatures.js';
 
 const SECTOR = 512;
 const SPARSE_MAGIC = 0x4b444d56; // "KDMV"
@@ -100,13 +101,7 @@ interface Descriptor {
 
 export const vmdkDriver: FormatDriver = {
   id: 'vmdk',
-  probe(head: Uint8Array): boolean {
-    if (head.length >= 4) {
-      const magic = readU32BE(head, 0);
-      if (magic === SPARSE_MAGIC || magic === VMFS_SPARSE_MAGIC) return true;
-    }
-    return looksLikeDescriptorFile(head);
-  },
+  probe: isVmdk,
   async open(source: RandomAccessSource, options: OpenOptions): Promise<DiskImage> {
     const { limits, signal } = options;
     const head = await readExact(source, 0, Math.min(4, source.size), `${source.name}: VMDK magic`, signal);
@@ -120,41 +115,6 @@ export const vmdkDriver: FormatDriver = {
     return refuseDescriptorFile(source.name, parseDescriptor(decodeText(text)), 'is a VMDK descriptor file');
   },
 };
-
-/**
- * qemu's vmdk_probe for text descriptors: comment lines and blank lines, then
- * `version=1|2|3`. A file starting with VMware's "# Disk DescriptorFile" banner
- * is a descriptor too.
- */
-function looksLikeDescriptorFile(head: Uint8Array): boolean {
-  const banner = '# Disk DescriptorFile';
-  if (head.length >= banner.length && ascii(head, 0, banner.length) === banner) return true;
-  let p = 0;
-  const end = head.length;
-  while (p < end) {
-    const c = head[p];
-    if (c === 0x23 /* # */) {
-      while (p < end && head[p] !== 0x0a) p++;
-      p++;
-      continue;
-    }
-    if (c === 0x20 /* space */) {
-      while (p < end && head[p] === 0x20) p++;
-      if (p < end && head[p] === 0x0d) p++;
-      if (p === end || head[p] !== 0x0a) return false;
-      p++;
-      continue;
-    }
-    for (const version of ['1', '2', '3']) {
-      for (const eol of ['\n', '\r\n']) {
-        const line = `version=${version}${eol}`;
-        if (end - p >= line.length && ascii(head, p, line.length) === line) return true;
-      }
-    }
-    return false;
-  }
-  return false;
-}
 
 /**
  * Opens one hosted sparse extent of a split VMDK (twoGbMaxExtentSparse): a KDMV

@@ -32,6 +32,7 @@ import { enforceLimit, toSafeNumber } from '../limits.js';
 import { readExact, type RandomAccessSource } from '../source.js';
 import { mapFileRanges } from './raw.js';
 import { layerRuns } from '../layer-runs.js';
+import { isVhdFooter, isVpc } from './signatures.js';
 import type { DiskImage, FormatDriver, FormatInfo, LayerEntry, MapEntry, OpenOptions, ParentLink } from '../types.js';
 
 const FOOTER_BYTES = 512;
@@ -120,9 +121,7 @@ export function parseVhdFooter(bytes: Uint8Array, name: string): VhdFooter {
   return { diskType: view.getUint32(F.diskType), dataOffset: view.getBigUint64(F.dataOffset), creatorApp, currentSize, virtualSize: sectors * SECTOR };
 }
 
-export function isVhdFooter(bytes: Uint8Array | undefined): boolean {
-  return bytes !== undefined && ascii(bytes, 0, 8) === COOKIE;
-}
+export { isVhdFooter };
 
 const hexOf = (b: Uint8Array): string => Buffer.from(b).toString('hex');
 const shownName = (n: string): string => n.replace(/[\x00-\x1f\x7f]/g, '?').slice(0, 200);
@@ -158,9 +157,7 @@ async function readParentNames(source: RandomAccessSource, dyn: Uint8Array, sign
 
 export const vpcDriver: FormatDriver = {
   id: 'vpc',
-  probe(head: Uint8Array): boolean {
-    return ascii(head, 0, 8) === COOKIE;
-  },
+  probe: isVpc,
 
   async open(source: RandomAccessSource, options: OpenOptions): Promise<DiskImage> {
     const { limits, signal } = options;

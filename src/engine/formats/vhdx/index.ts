@@ -66,6 +66,7 @@ import {
 } from './layout.js';
 import { scanLog } from './log.js';
 import { layerRuns } from '../../layer-runs.js';
+import { isVhdx } from '../signatures.js';
 
 const hex = (n: number): string => `0x${n.toString(16)}`;
 const u32 = (b: Uint8Array, off: number): number => new DataView(b.buffer, b.byteOffset, b.byteLength).getUint32(off, true);
@@ -139,9 +140,7 @@ export function batIndex(block: number, chunkRatio: number): number {
 
 export const vhdxDriver: FormatDriver = {
   id: 'vhdx',
-  probe(head: Uint8Array): boolean {
-    return signatureAt(head, 0, FILE_SIGNATURE);
-  },
+  probe: isVhdx,
 
   async open(source: RandomAccessSource, options: OpenOptions): Promise<DiskImage> {
     const { limits, signal } = options;
