@@ -280,6 +280,20 @@ const machine = {
   kernel: execFileSync('uname', ['-r']).toString().trim(),
   filesystem: execFileSync('stat', ['-f', '-c', '%T', dir]).toString().trim(),
   loadAverageAtStart: execFileSync('cat', ['/proc/loadavg']).toString().split(' ').slice(0, 3).join(' '),
+  // Node's own start-up here, which every diskconv run pays before its first line of JavaScript: median wall of 5
+  // `node -e 0`. NODE_EXTRA_CA_CERTS makes Node 20 parse that whole CA bundle at start (0.07 s CPU, 0.1-0.3 s wall
+  // on the shared VM, bench/results/2026-12-02-session6-uncompressed.md); qemu-img does not read it.
+  nodeStartupSeconds: Number(
+    [0, 1, 2, 3, 4]
+      .map(() => {
+        const t0 = process.hrtime.bigint();
+        spawnSync(process.execPath, ['-e', '0']);
+        return Number(process.hrtime.bigint() - t0) / 1e9;
+      })
+      .sort((a, b) => a - b)[2]
+      .toFixed(3),
+  ),
+  nodeExtraCaCerts: process.env.NODE_EXTRA_CA_CERTS !== undefined && process.env.NODE_EXTRA_CA_CERTS !== '',
 };
 const hasFlush = flushed && diskconvHasFlush();
 console.log(`diskconv bench: ${virtualSize / 2 ** 30} GiB virtual, ${(dataBytes / 2 ** 20).toFixed(0)} MiB data (${((100 * dataBytes) / virtualSize).toFixed(0)} %), ${rounds} rounds; ${dir}`);
@@ -371,7 +385,7 @@ const ratio = (a, b) => (a && b ? (a.wall / b.wall).toFixed(2) : '–');
 const GiB = (b) => (b / 2 ** 30).toFixed(2);
 const lines = [];
 lines.push(`${virtualSize / 2 ** 30} GiB virtual, ${(dataBytes / 2 ** 20).toFixed(0)} MiB data; median of up to ${rounds} rounds after ${warmup} untimed warm-up round(s) (rotating order, outputs deleted and sync before each run, warm cache); whole run ${(elapsed() / 60).toFixed(1)} min.`);
-lines.push(`Machine: ${machine.cpus} × ${machine.cpuModel}, ${machine.memGiB} GiB RAM, ${machine.filesystem}, Linux ${machine.kernel}, Node ${machine.node}, ${machine.qemuImg}; load average at start ${machine.loadAverageAtStart}.`);
+lines.push(`Machine: ${machine.cpus} × ${machine.cpuModel}, ${machine.memGiB} GiB RAM, ${machine.filesystem}, Linux ${machine.kernel}, Node ${machine.node}, ${machine.qemuImg}; load average at start ${machine.loadAverageAtStart}. \`node -e 0\` takes ${machine.nodeStartupSeconds} s here (median of 5${machine.nodeExtraCaCerts ? '; NODE_EXTRA_CA_CERTS is set, which Node parses at every start' : ''}).`);
 lines.push('Ratios are diskconv / qemu-img wall time: below 1.00 diskconv is faster. "best" is the ratio of the fastest rounds (min wall; min CPU in the cpu column), steadier than the median where the system time of single runs jumps (page-cache pages the host must fault in again).');
 lines.push('');
 lines.push('| source | diskconv / qemu-img | diskconv / qemu-img -m 16 -W | best: / qemu-img, / -m 16 -W | qemu-img wall (cpu) | qemu-img -m 16 -W wall (cpu) | diskconv wall (cpu) | cpu ratio (best) | diskconv sys s per round | peak RSS MiB (qemu / -W / ours) | output allocated GiB (qemu / ours) | identical | rounds | load (1 min) |');
