@@ -28,7 +28,6 @@ export const DRIVERS: readonly FormatDriver[] = [
   lazyDriver('vhdx', isVhdx, async () => (await import('./formats/vhdx/index.js')).vhdxDriver),
   rawDriver,
 ];
-const vpcDriver = DRIVERS[3] as FormatDriver;
 
 /** Bytes read for probing: enough for the vdi signature at 0x40 and ISO 9660 descriptors up to 0x9006. */
 export const PROBE_BYTES = 64 * 1024;
@@ -111,7 +110,7 @@ export async function detectFormat(source: RandomAccessSource, declared?: Format
   const detected = first?.id ?? FOREIGN_SIGNATURES.find((f) => f.test(head, tail))?.name ?? 'raw';
   // A fixed VHD has its footer only at the end: qemu probes it as raw (so do we),
   // and reads it as a VHD when told so.
-  if (declared === 'vpc' && detected === 'raw' && isVhdFooter(tail)) return { format: 'vpc', driver: vpcDriver };
+  if (declared === 'vpc' && detected === 'raw' && isVhdFooter(tail)) return { format: 'vpc', driver: driverFor('vpc') };
   if (declared && declared !== detected) {
     throw new FormatMismatchError(`${source.name}: declared format ${declared} but the bytes are ${detected}`);
   }
