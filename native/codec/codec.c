@@ -52,6 +52,12 @@
  *     fails. The descriptor is dup()ed when the call is made, so the writes
  *     go to the file the caller opened even if it closes its descriptor while
  *     a call is still in flight (a conversion that failed elsewhere).
+ *     codec 3 (decodeWrite only) is no codec: the input holds the data itself
+ *     (a stored cluster of a compressed image), and its bytes [skip, skip +
+ *     length) are written as they are, with the same zero-block rule; the
+ *     result is `length` (decodedLength is then the input's length). So the
+ *     stored runs between compressed clusters are written by the threadpool
+ *     in parallel pieces too, instead of one sink write per batch after it.
  *
  * Each threadpool thread keeps one libdeflate decompressor and one ZSTD_DCtx.
  */
@@ -74,7 +80,8 @@
 /* Largest cluster decodeWrite decodes into its per-thread buffer (qcow2 clusters are at most 2 MiB). */
 #define MAX_DIRECT_CLUSTER (4u << 20)
 
-enum { CODEC_QCOW2_DEFLATE = 0, CODEC_VMDK_GRAIN = 1, CODEC_QCOW2_ZSTD = 2 };
+/* CODEC_VERBATIM (decodeWrite only): the input is the data, written as it is (stored clusters of a compressed image). */
+enum { CODEC_QCOW2_DEFLATE = 0, CODEC_VMDK_GRAIN = 1, CODEC_QCOW2_ZSTD = 2, CODEC_VERBATIM = 3 };
 
 typedef struct {
   const uint8_t *in;
@@ -179,6 +186,14 @@ static void execute_direct(job_t *job) {
     item_t it = job->items[i];
     job->result[i] = -1;
     if (job->err) continue; /* a write failed: the call rejects, nothing more is written */
+    if (job->codec == CODEC_VERBATIM) {
+      /* Nothing to decode: the input's bytes [skip, skip + length) go out as they are. */
+      if (it.skip + it.length > it.in_len) continue;
+      int err = write_non_zero(job->fd, it.in + it.skip, it.length, it.position, job->block);
+      if (err) job->err = err;
+      else job->result[i] = (int32_t)it.length;
+      continue;
+    }
     if (it.out_len > MAX_DIRECT_CLUSTER || it.skip + it.length > it.out_len) continue;
     if (direct_cap < it.out_len) {
       free(direct_buf);
@@ -316,7 +331,7 @@ static napi_value decode_write(napi_env env, napi_callback_info info) {
   napi_typedarray_type type;
   size_t meta_len;
   void *meta_ptr;
-  if (napi_get_value_int32(env, argv[0], &codec) != napi_ok || codec < 0 || codec > 2) return fail(env, NULL, "decodeWrite: codec must be 0, 1 or 2");
+  if (napi_get_value_int32(env, argv[0], &codec) != napi_ok || codec < 0 || codec > 3) return fail(env, NULL, "decodeWrite: codec must be 0, 1, 2 or 3");
   if (napi_is_array(env, argv[1], &is_array) != napi_ok || !is_array || napi_get_array_length(env, argv[1], &count) != napi_ok) return fail(env, NULL, "decodeWrite: inputs must be an array");
   if (count == 0 || count > MAX_JOBS) return fail(env, NULL, "decodeWrite: 1 to 65536 items");
   if (napi_is_typedarray(env, argv[2], &is_typed) != napi_ok || !is_typed || napi_get_typedarray_info(env, argv[2], &type, &meta_len, &meta_ptr, NULL, NULL) != napi_ok ||

@@ -77,6 +77,22 @@ export function decodeToFile(codec: Codec, input: Uint8Array, decodedLength: num
   });
 }
 
+/**
+ * Writes `input`'s bytes [skip, skip + length) at `position` of `target` from
+ * the threadpool, in parallel pieces, zero blocks left as holes as
+ * decodeToFile does: the stored runs of a compressed image, so they are not
+ * written by one sink call per batch after its clusters decoded. Resolves true
+ * when written, false where the native decoder (with decodeWrite) is not
+ * there (nothing written: the caller writes them its usual way). A failed
+ * write rejects with the fs error.
+ */
+export function writeToFile(input: Uint8Array, target: DirectTarget, position: number, skip: number, length: number): Promise<boolean> {
+  const native = nativeDecoder();
+  if (native === null || !native.writesDirect || !(input instanceof Uint8Array) || !(Number.isSafeInteger(skip) && Number.isSafeInteger(length) && skip >= 0 && length > 0 && skip + length <= input.length))
+    return Promise.resolve(false);
+  return native.writeToFile(input, target, position, skip, length).then(() => true);
+}
+
 /** A cluster the native decoder declined (damaged data, a stream past its cluster...): decoded here, which gives qemu's answer and words. */
 function decodeDeclined(codec: Codec, input: Uint8Array, decodedLength: number, where: string, out: Uint8Array): Uint8Array {
   stats.inline++;

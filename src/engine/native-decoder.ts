@@ -35,6 +35,8 @@ export interface DirectTarget {
 }
 
 const CODEC_IDS: Record<Codec, number> = { deflate: 0, 'vmdk-grain': 1, zstd: 2 };
+/** decodeWrite's "codec" for bytes that are written as they are (native/codec CODEC_VERBATIM). */
+const VERBATIM = 3;
 
 let helper: CodecHelper | null | undefined;
 
@@ -91,8 +93,31 @@ class NativeDecoder {
    * (nothing written: the caller decodes it itself); rejects when the write fails.
    */
   decodeToFile(codec: Codec, input: Uint8Array, decodedLength: number, target: DirectTarget, position: number, skip: number, length: number): Promise<number> {
+    return this.queueDirect(CODEC_IDS[codec], input, decodedLength, target, position, skip, length);
+  }
+
+  /**
+   * Writes `input`'s bytes [skip, skip + length) at `position` of the target from
+   * a threadpool thread, zero blocks skipped as decodeToFile does (no decoding:
+   * the stored runs of a compressed image). Resolves with `length`; rejects when the write fails.
+   */
+  writeToFile(input: Uint8Array, target: DirectTarget, position: number, skip: number, length: number): Promise<number> {
+    // In pieces of about DIRECT_PART_BYTES, cut at multiples of the sparse block (the zero-block
+    // test sees the same blocks as one write would), so a long run is written by every core.
+    const piece = target.block > 0 ? Math.max(1, Math.round(DIRECT_PART_BYTES / target.block)) * target.block : DIRECT_PART_BYTES;
+    const cut = position - (position % piece) + piece;
+    if (length <= piece || position + length <= cut) return this.queueDirect(VERBATIM, input, input.length, target, position, skip, length);
+    const parts: Array<Promise<number>> = [];
+    for (let at = 0, end = cut - position; at < length; ) {
+      parts.push(this.queueDirect(VERBATIM, input, input.length, target, position + at, skip + at, end - at));
+      at = end;
+      end = Math.min(length, end + piece);
+    }
+    return Promise.all(parts).then(() => length);
+  }
+
+  private queueDirect(id: number, input: Uint8Array, decodedLength: number, target: DirectTarget, position: number, skip: number, length: number): Promise<number> {
     return new Promise<number>((resolve, reject) => {
-      const id = CODEC_IDS[codec];
       const key = `${id}:${target.fd}:${target.block}`;
       let queue = this.directQueues.get(key);
       if (!queue) this.directQueues.set(key, (queue = { id, target, jobs: [] }));

@@ -233,6 +233,24 @@ export async function* readExtentBatches(image: DiskImage, opened: RandomAccessS
     return decodeEntry(entry, group, bytes, undefined);
   };
 
+  /**
+   * A stored run of a compressed image written to `direct` by threadpool threads, in parallel
+   * pieces (decompress.ts writeToFile), while the batch's clusters decode: otherwise the sink
+   * writes it on one thread once the whole batch has decoded. Declined: an ordinary data extent.
+   */
+  const writeDirect = async (entry: Extract<ReadEntry, { kind: 'stored' }>, group: ReadGroup, bytes: Uint8Array, target: DirectTarget): Promise<Extent> => {
+    let written: boolean;
+    try {
+      const { writeToFile } = loadedDecoders ?? (await loadDecoders());
+      written = await writeToFile(bytes, target, entry.offset, entry.fileOffset - group.start, entry.length);
+    } catch (err) {
+      throw target.writeError ? target.writeError(err, entry.offset) : err;
+    }
+    return written ? { kind: 'data', offset: entry.offset, length: entry.length, data: NO_BYTES, written: true } : decodeEntry(entry, group, bytes, undefined);
+  };
+  // Set once a batch held a compressed cluster: from then on stored runs go to `direct` too (writeDirect).
+  let compressedImage = false;
+
   const load = async (batch: Batch): Promise<LoadedBatch> => {
     throwIfAborted(signal);
     // Page-aligned (aligned.ts): the kernel's copies into them run several times faster.
@@ -243,6 +261,8 @@ export async function* readExtentBatches(image: DiskImage, opened: RandomAccessS
     if (dec && options.directWrite !== undefined && dec.writesDirect()) direct = options.directWrite;
     const offThread = dec !== undefined && dec.decodesOffThread();
     const shared = { shared: compressed && offThread };
+    compressedImage ||= compressed;
+    const storedDirect = compressedImage ? direct : undefined;
     const buffer = batch.readBytes === 0 ? undefined : batch.readBytes <= arenaBytes && !shared.shared ? (freeArenas.pop() ?? alignedBuffer(arenaBytes)) : batch.readBytes <= arenaBytes ? (freeSharedArenas.pop() ?? alignedBuffer(arenaBytes, shared)) : alignedBuffer(batch.readBytes, shared);
     // Written directly, compressed clusters need no room for their output here.
     const decoded = (compressed && !direct) || ciphered ? (freeDecodedArenas.pop() ?? alignedBuffer(decodedArenaBytes, { shared: offThread })) : undefined;
@@ -255,7 +275,7 @@ export async function* readExtentBatches(image: DiskImage, opened: RandomAccessS
       else (byGroup[gi] as number[]).push(i);
     });
     // Verbatim data only (no decoding to start as each read lands): every read of the batch in one call.
-    const many = source.readIntoMany && !compressed && decoded === undefined && batch.groups.length > 1 ? source.readIntoMany.bind(source) : undefined;
+    const many = source.readIntoMany && !compressed && storedDirect === undefined && decoded === undefined && batch.groups.length > 1 ? source.readIntoMany.bind(source) : undefined;
     if (many) {
       const targets: Uint8Array[] = [];
       const offsets: number[] = [];
@@ -291,6 +311,12 @@ export async function* readExtentBatches(image: DiskImage, opened: RandomAccessS
           const entry = batch.entries[i] as ReadEntry;
           if (direct && entry.kind === 'compressed') {
             const p = decodeDirect(entry, group, bytes, direct);
+            p.catch(() => {}); // surfaced by Promise.all below
+            results[i] = p;
+            continue;
+          }
+          if (storedDirect && entry.kind === 'stored' && !entry.cipher) {
+            const p = writeDirect(entry, group, bytes, storedDirect);
             p.catch(() => {}); // surfaced by Promise.all below
             results[i] = p;
             continue;

@@ -11,7 +11,7 @@ import { open } from 'node:fs/promises';
 import { join } from 'node:path';
 import { deflateRawSync, deflateSync } from 'node:zlib';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { decode, decodeToFile, setNativeDecoding, writesDirect } from '../../src/engine/decompress.js';
+import { decode, decodeToFile, setNativeDecoding, writesDirect, writeToFile } from '../../src/engine/decompress.js';
 import { convertToRaw, FileSource, openImage, RawFileSink } from '../../src/engine/index.js';
 import { readExtentBatches } from '../../src/engine/reader.js';
 import type { Codec } from '../../src/engine/types.js';
@@ -161,6 +161,60 @@ describe.skipIf(!built)('decodeToFile: the bytes decode() gives, or nothing', ()
   });
 });
 
+describe.skipIf(!built)('writeToFile: stored runs written by the threadpool, in pieces', () => {
+  it('writes [skip, skip + length) at the position, across piece cuts, zero blocks left as holes', async () => {
+    // 3.5 MiB with runs of zeros (some block-aligned, some not), taken from an offset into the input,
+    // written at a position that is not block-aligned: several 1 MiB pieces.
+    const length = 3.5 * 2 ** 20;
+    const skip = 777;
+    const input = Buffer.concat([seededBytes(skip, 51), mixedContent(length, 52), seededBytes(333, 53)]);
+    input.fill(0, skip + 2 ** 20 - 5000, skip + 2 ** 20 + 70000); // zeros across the first cut
+    input.fill(0, skip + 3 * 2 ** 20, skip + length); // a zero tail
+    const position = 5 * 4096 + 1234;
+    const path = join(dir, 'stored-run');
+    writeFileSync(path, '');
+    const handle = await open(path, 'r+');
+    try {
+      expect(await writeToFile(input, { fd: handle.fd, block: 4096 }, position, skip, length)).toBe(true);
+      await handle.truncate(position + length);
+      await handle.datasync();
+    } finally {
+      await handle.close();
+    }
+    const file = readFileSync(path);
+    expect(file.length).toBe(position + length);
+    expect(file.subarray(0, position).every((b) => b === 0)).toBe(true);
+    expect(file.subarray(position).equals(input.subarray(skip, skip + length)), 'the bytes').toBe(true);
+    // The zero tail (half a MiB, block-aligned inside) and the zeros across the cut stay holes.
+    expect(statSync(path).blocks * 512).toBeLessThanOrEqual(position + length - 2 ** 19 - 65536 + 4096);
+  });
+
+  it('refuses what is outside the input (nothing written) and a failed write is the fs error', async () => {
+    const input = mixedContent(8192, 54);
+    const path = join(dir, 'stored-outside');
+    writeFileSync(path, '');
+    const handle = await open(path, 'r+');
+    try {
+      expect(await writeToFile(input, { fd: handle.fd, block: 0 }, 0, 4096, 4097)).toBe(false);
+      expect(await writeToFile(input, { fd: handle.fd, block: 0 }, 0, 0, 0)).toBe(false);
+    } finally {
+      await handle.close();
+    }
+    expect(readFileSync(path).length).toBe(0);
+    const full = await open('/dev/full', 'w');
+    try {
+      const err = await writeToFile(Buffer.concat([input, input, input]), { fd: full.fd, block: 4096 }, 0, 0, 3 * 8192).then(
+        () => undefined,
+        (e: unknown) => e,
+      );
+      expect((err as { code?: string }).code).toBe('ENOSPC');
+      expect((err as { syscall?: string }).syscall).toBe('pwrite');
+    } finally {
+      await full.close();
+    }
+  });
+});
+
 describe.skipIf(!built)('conversions through the direct path give qemu-img bytes', () => {
   const images: Array<[string, string[]]> = [
     ['qcow2-zlib', ['-O', 'qcow2', '-c', '-o', 'cluster_size=65536']],
@@ -192,14 +246,18 @@ describe.skipIf(!built)('conversions through the direct path give qemu-img bytes
         writeFileSync(probe, '');
         const handle = await open(probe, 'r+');
         let written = 0;
+        let notWritten = 0;
         try {
           for await (const batch of readExtentBatches(opened, src, { directWrite: { fd: handle.fd, block: 4096 } })) {
-            for (const e of batch) if (e.kind === 'data' && e.written) written += e.length;
+            for (const e of batch) if (e.kind === 'data') e.written ? (written += e.length) : (notWritten += e.length);
           }
         } finally {
           await handle.close();
         }
         expect(written, 'clusters written by the decoding threads').toBeGreaterThan(0);
+        // The stored (incompressible) clusters between them too: the whole image is one batch here.
+        expect(notWritten, 'stored runs of a compressed image written by the threadpool').toBe(0);
+        expect(readFileSync(probe).equals(readFileSync(source).subarray(0, readFileSync(probe).length)), 'the probe holds the source bytes').toBe(true);
 
         for (const nativeWrites of [true, false]) {
           const out = join(dir, `${name}.${nativeWrites}.raw`);
