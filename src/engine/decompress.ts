@@ -10,6 +10,7 @@ import { ImageCorruptError, UnsupportedFeatureError } from './errors.js';
 import type { Codec } from './types.js';
 import { decodeZstdCluster, ZstdUnavailableError } from './zstd.js';
 import { nativeDecoder, type DirectTarget } from './native-decoder.js';
+import { decodingStarts } from './decode-start.js';
 
 export { decodeZstdCluster, zstdBackend } from './zstd.js';
 export { setNativeDecoding, type DirectTarget } from './native-decoder.js';
@@ -44,6 +45,7 @@ const inflateRawAsync = promisify(inflateRaw);
  * runs once per cluster and V8 inlines it into the reader's hot loop.
  */
 export function decode(codec: Codec, input: Uint8Array, decodedLength: number, where: string, target?: Uint8Array): Promise<Uint8Array> {
+  if (first) started();
   const native = nativeDecoder();
   if (native === null || !validArguments(input, decodedLength)) return decodeElsewhere(codec, input, decodedLength, where, target);
   const out = target !== undefined && target.length >= decodedLength ? target.subarray(0, decodedLength) : Buffer.allocUnsafeSlow(decodedLength);
@@ -52,6 +54,13 @@ export function decode(codec: Codec, input: Uint8Array, decodedLength: number, w
     stats.offThread++;
     return out.subarray(0, produced);
   });
+}
+
+/** Whether no cluster was decoded yet in this process (decode-start.ts). */
+let first = true;
+function started(): void {
+  first = false;
+  decodingStarts();
 }
 
 /** Whether decodeToFile can write clusters straight from the decoding thread (the native decoder with decodeWrite). */
@@ -68,6 +77,7 @@ export function writesDirect(): boolean {
  * words, and writes it itself). A failed write rejects with the fs error.
  */
 export function decodeToFile(codec: Codec, input: Uint8Array, decodedLength: number, target: DirectTarget, position: number, skip: number, length: number): Promise<boolean> {
+  if (first) started();
   const native = nativeDecoder();
   if (native === null || !native.writesDirect || !validArguments(input, decodedLength) || !(skip >= 0 && length > 0 && skip + length <= decodedLength)) return Promise.resolve(false);
   return native.decodeToFile(codec, input, decodedLength, target, position, skip, length).then((produced) => {
