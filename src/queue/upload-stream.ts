@@ -192,13 +192,7 @@ export class GrowingFileSource implements RandomAccessSource {
       if (mark?.state === 'failed') {
         this.failure = new UploadFailedError(mark.code, `the upload failed while it was converted: ${mark.message}`);
       } else if (mark?.state === 'received' || mark?.state === 'committed') {
-        const size = (await this.handle.stat()).size;
-        if (mark.size !== this.size || size < this.size) {
-          this.failure = new SourceUnavailableError(`${this.name}: the upload ended with ${mark.size} bytes (${size} staged), ${this.size} declared`);
-        } else {
-          this.available = size;
-          this.final = { size: mark.size, sha256: mark.sha256 };
-        }
+        await this.ended({ size: mark.size, sha256: mark.sha256 }, 'upload', 'declared');
       } else if (mark?.state === 'receiving' && mark.resumable) {
         // A resumable upload is never failed for its client or its API going away: idle too long, the job parks (checkIdle).
         this.resumable = mark.resumable;
@@ -228,13 +222,18 @@ export class GrowingFileSource implements RandomAccessSource {
     if (now.state === 'failed') {
       this.failure = now.error;
     } else if (now.state === 'complete') {
-      const size = (await this.handle.stat()).size;
-      if (now.size !== this.size || size < this.size) {
-        this.failure = new SourceUnavailableError(`${this.name}: the download ended with ${now.size} bytes (${size} staged), ${this.size} announced`);
-      } else {
-        this.available = size;
-        this.final = { size: now.size, sha256: now.sha256 };
-      }
+      await this.ended({ size: now.size, sha256: now.sha256 }, 'download', 'announced');
+    }
+  }
+
+  /** The transfer says it is complete: every byte it reported must be in the file, as many as were declared. */
+  private async ended(final: { size: number; sha256: string }, what: 'upload' | 'download', declared: 'declared' | 'announced'): Promise<void> {
+    const size = (await this.handle.stat()).size;
+    if (final.size !== this.size || size < this.size) {
+      this.failure = new SourceUnavailableError(`${this.name}: the ${what} ended with ${final.size} bytes (${size} staged), ${this.size} ${declared}`);
+    } else {
+      this.available = size;
+      this.final = final;
     }
   }
 
