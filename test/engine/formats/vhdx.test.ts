@@ -382,6 +382,13 @@ describe('vhdx: refused as qemu-img refuses them', () => {
       'IMAGE_CORRUPT',
       /points after end of file/,
     ],
+    [
+      // Found by the fuzzer. qemu-img's own empty VHDX (the fixture 'dynamic, size 0') has the region that count needs, and converts.
+      'a virtual size set to 0 over a BAT region too small for the count qemu makes of an empty disk (0 + ((0 - 1) >> log2 chunk ratio), 32-bit)',
+      (b) => b.writeBigUInt64LE(0n, item(b, '2442a52f1bcd7648b2115dbed83bf4b8')),
+      'IMAGE_CORRUPT',
+      /Invalid argument/,
+    ],
     ['a virtual size over MAX_VIRTUAL_SIZE', (b) => b.writeBigUInt64LE(2n ** 50n, item(b, '2442a52f1bcd7648b2115dbed83bf4b8')), 'LIMIT_EXCEEDED', /./],
   ];
   it.each(refusals)('%s', async (what, edit, code, qemuSays) => {

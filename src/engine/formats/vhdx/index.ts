@@ -314,12 +314,15 @@ export const vhdxDriver: FormatDriver = {
     const chunkRatio = (MAX_SECTORS_PER_BLOCK * logicalSectorSize) / blockSize;
     const dataBlocks = Math.ceil(virtualSize / blockSize);
     // qemu counts the BAT from the size before rounding to sectors, and checks all of it.
-    // An empty disk reads nothing from its BAT: qemu's huge count for it is not checked.
     const qemuDataBlocks = Math.ceil(Number(rawSize) / blockSize);
     // A differencing image also needs the sector bitmap entry after the last chunk (the spec's total).
     const batEntries = qemuDataBlocks === 0 ? 0 : parent ? Math.ceil(qemuDataBlocks / chunkRatio) * (chunkRatio + 1) : batIndex(qemuDataBlocks - 1, chunkRatio) + 1;
+    // An empty dynamic disk reads nothing from its BAT, but qemu counts it in 32-bit arithmetic, 0 + ((0 - 1) >>
+    // log2(chunk ratio)): the region must hold that many entries, or qemu refuses the image (EINVAL). qemu-img
+    // create makes such a region (64 MiB for 8 MiB blocks); an image whose size was set to 0 afterwards has not.
+    const qemuBatEntries = qemuDataBlocks === 0 && !parent ? 0xffffffff >>> Math.log2(chunkRatio) : batEntries;
     const geometry: VhdxGeometry = { blockSize, logicalSectorSize, chunkRatio, virtualSize, dataBlocks, batEntries };
-    if (batEntries * 8 > bat.length) throw new ImageCorruptError(`${name}: VHDX BAT region of ${bat.length} bytes cannot hold ${batEntries} entries`);
+    if (qemuBatEntries * 8 > bat.length) throw new ImageCorruptError(`${name}: VHDX BAT region of ${bat.length} bytes cannot hold ${qemuBatEntries} entries`);
     enforceLimit('maxTopTableBytes', batEntries * 8, limits, `${name}: VHDX BAT size`);
 
     // --- BAT, checked entry by entry (qemu's vhdx_check_bat_entries, plus the header section).
