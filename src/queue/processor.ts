@@ -76,6 +76,13 @@ async function whyLost(records: JobRecords, id: string): Promise<AbortReason | u
 class ProgressReporter {
   private pending: Promise<unknown> | undefined;
   private last = 0;
+  /**
+   * The newest report the interval (or a write still under way) held back, written once the interval is over: a
+   * conversion that waits for bytes still arriving (an upload or download followed as it grows) shows what it has
+   * done, instead of the last report before the wait (the forced 0 of its phase when it waits soon after starting).
+   */
+  private held: JobProgress | undefined;
+  private timer: NodeJS.Timeout | undefined;
   constructor(
     private readonly records: JobRecords,
     private readonly id: string,
@@ -86,7 +93,20 @@ class ProgressReporter {
 
   report(progress: JobProgress, force = false): void {
     const now = Date.now();
-    if (this.pending || (!force && now - this.last < this.intervalMs)) return;
+    if (this.pending || (!force && now - this.last < this.intervalMs)) {
+      this.held = progress;
+      if (!this.timer) {
+        this.timer = setTimeout(() => {
+          this.timer = undefined;
+          const held = this.held;
+          this.held = undefined;
+          if (held) this.report(held);
+        }, Math.max(10, this.intervalMs - (now - this.last)));
+        this.timer.unref();
+      }
+      return;
+    }
+    this.held = undefined;
     this.last = now;
     this.pending = this.records
       .update(this.id, ['running'], { progress }, { owner: this.owner })
@@ -101,7 +121,11 @@ class ProgressReporter {
       });
   }
 
+  /** Waits for the write under way; a held report is dropped (the caller reports its next phase, or the end). */
   async flush(): Promise<void> {
+    clearTimeout(this.timer);
+    this.timer = undefined;
+    this.held = undefined;
     await this.pending;
   }
 }
