@@ -144,6 +144,8 @@ const schema = z.object({
   RATE_LIMIT_JOBS: int(1, 1_000_000, 60),
   RATE_LIMIT_INSPECT: int(1, 1_000_000, 60),
   RATE_LIMIT_READS: int(1, 1_000_000, 1200),
+  RATE_LIMIT_LOCAL_PERCENT: int(0, 100, 1),
+  RATE_LIMIT_SETTLE_MS: int(1, 60_000, 50),
   TRUST_PROXY: bool(false),
   LOG_LEVEL: z.enum(['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent']).default('info'),
   QUEUE_NAME: z
@@ -287,7 +289,7 @@ export interface Config {
   maxVirtualSize: number;
   urlImport: { allow: string[]; ports: number[]; connectTimeoutMs: number; idleTimeoutMs: number; maxRedirects: number };
   retention: { resultTtlSeconds: number; orphanTtlSeconds: number; sweepSeconds: number };
-  rateLimit: { windowSeconds: number; jobs: number; inspect: number; reads: number };
+  rateLimit: { windowSeconds: number; jobs: number; inspect: number; reads: number; localPercent: number; settleMs: number };
   trustProxy: boolean;
   logLevel: Env['LOG_LEVEL'];
   queueName: string;
@@ -403,7 +405,7 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): Config {
       maxRedirects: e.URL_MAX_REDIRECTS,
     },
     retention: { resultTtlSeconds: e.RESULT_TTL_SECONDS, orphanTtlSeconds: e.ORPHAN_TTL_SECONDS, sweepSeconds: e.RETENTION_SWEEP_SECONDS },
-    rateLimit: { windowSeconds: e.RATE_LIMIT_WINDOW_SECONDS, jobs: e.RATE_LIMIT_JOBS, inspect: e.RATE_LIMIT_INSPECT, reads: e.RATE_LIMIT_READS },
+    rateLimit: { windowSeconds: e.RATE_LIMIT_WINDOW_SECONDS, jobs: e.RATE_LIMIT_JOBS, inspect: e.RATE_LIMIT_INSPECT, reads: e.RATE_LIMIT_READS, localPercent: e.RATE_LIMIT_LOCAL_PERCENT, settleMs: e.RATE_LIMIT_SETTLE_MS },
     trustProxy: e.TRUST_PROXY,
     logLevel: e.LOG_LEVEL,
     queueName: e.QUEUE_NAME,

@@ -16,6 +16,7 @@ import { urlPolicy } from '../queue/url-import.js';
 import { createAuthenticator } from './auth.js';
 import type { ApiContext, AppDeps } from './context.js';
 import { IdempotencyKeys } from './idempotency.js';
+import { RateCounters } from './rate-counters.js';
 import { ApiError, clientErrorProblem, errorHandler, problemFor, sendProblem } from './errors.js';
 import { eventRoutes } from './routes/events.js';
 import { inspectRoutes } from './routes/inspect.js';
@@ -94,10 +95,16 @@ export function diskconvApp(config: Config, deps: AppDeps): FastifyPluginAsync {
     // Images arrive as a stream the route handler reads into the store.
     app.addContentTypeParser('application/octet-stream', (_request, payload, done) => done(null, payload));
     await app.register(multipart, { limits: { ...MULTIPART_LIMITS, fileSize: config.maxUploadBytes }, throwFileSizeLimit: true });
+    // Counted here first and settled with Redis in batches (rate-counters.ts says within what bound).
+    const counters = new RateCounters(deps.redis, { namespace: `diskconv:${config.queueName}:ratelimit:`, localPercent: config.rateLimit.localPercent, settleMs: config.rateLimit.settleMs });
+    // What is still counted here is sent on close, not waited for: a Redis that does not answer must not hold the shutdown.
+    app.addHook('onClose', (_instance, done) => {
+      void counters.close();
+      done();
+    });
     await app.register(rateLimit, {
       global: false,
-      redis: deps.redis,
-      nameSpace: `diskconv:${config.queueName}:ratelimit:`,
+      store: counters.storeClass(),
       // After authentication (a global onRequest hook runs before this route-level one), so a
       // valid token is counted as its tenant, anything else as its address; before the body is read.
       hook: 'onRequest',
