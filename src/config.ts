@@ -182,6 +182,8 @@ const schema = z.object({
   S3_REGION: z.string().trim().min(1).default('us-east-1'),
   S3_FORCE_PATH_STYLE: bool(false),
   S3_REQUEST_TIMEOUT_MS: int(100, 3_600_000, 60_000),
+  // Off by default: following an upload staged in the bucket writes its every byte there twice (bench/s3-part-objects.mjs).
+  S3_STAGING_OVERLAP: bool(false),
   OUTPUT_REDIRECT: z.enum(['none', 'presigned']).default('none'),
   OUTPUT_PRESIGNED_TTL_SECONDS: int(1, 7 * 86400, 900),
   // Issue 10: live events, signed links, webhooks, resumable uploads.
@@ -298,7 +300,8 @@ export interface Config {
   worker: { lockDurationMs: number; stalledIntervalMs: number; maxStalledCount: number; readBytesPerSecond: number; progressIntervalMs: number };
   shutdownGraceMs: number;
   store: StoreLocation;
-  s3: { endpoint: string | undefined; region: string; forcePathStyle: boolean; requestTimeoutMs: number };
+  /** `stagingOverlap`: uploads staged in the bucket are converted while they arrive (each part also an object of its own). */
+  s3: { endpoint: string | undefined; region: string; forcePathStyle: boolean; requestTimeoutMs: number; stagingOverlap: boolean };
   output: { redirect: 'none' | 'presigned'; presignedTtlSeconds: number };
   /** GET /v1/jobs/{id}/events. */
   events: { heartbeatSeconds: number };
@@ -420,7 +423,7 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): Config {
     },
     shutdownGraceMs: e.SHUTDOWN_GRACE_MS,
     store: e.STORE_URL,
-    s3: { endpoint: e.S3_ENDPOINT, region: e.S3_REGION, forcePathStyle: e.S3_FORCE_PATH_STYLE, requestTimeoutMs: e.S3_REQUEST_TIMEOUT_MS },
+    s3: { endpoint: e.S3_ENDPOINT, region: e.S3_REGION, forcePathStyle: e.S3_FORCE_PATH_STYLE, requestTimeoutMs: e.S3_REQUEST_TIMEOUT_MS, stagingOverlap: e.S3_STAGING_OVERLAP },
     output: { redirect: e.OUTPUT_REDIRECT, presignedTtlSeconds: e.OUTPUT_PRESIGNED_TTL_SECONDS },
     events: { heartbeatSeconds: e.SSE_HEARTBEAT_SECONDS },
     links: { secret: e.LINK_SECRET, ttlSeconds: e.LINK_TTL_SECONDS },

@@ -8,8 +8,8 @@
  *
  * Used when it can be: an octet-stream body with a Content-Length (the source's
  * size), a store whose uncommitted writes another process can read (a local
- * or shared directory; S3 parts are unreadable until the multipart upload
- * completes), and STREAM_UPLOADS on. With an Idempotency-Key that has no entry
+ * or shared directory, or a bucket with S3_STAGING_OVERLAP: each part also an
+ * object of its own, announced in the mark), and STREAM_UPLOADS on. With an Idempotency-Key that has no entry
  * yet (routes/jobs.ts sends the others to the staged path), the key is claimed
  * once the last byte is in and its sha256 known, the fingerprint being the same
  * as on the staged path; an upload that fails before then leaves no job at all
@@ -36,7 +36,8 @@ import { jobPath, presentJob } from './present.js';
 /** Whether this request can take the streaming path (nothing of the body read yet). */
 export function canStream(ctx: ApiContext, request: FastifyRequest): boolean {
   if (!ctx.config.streamUploads) return false;
-  if (mediaType(request) !== 'application/octet-stream' || !ctx.stores.staging.followPath) return false;
+  // A store whose uncommitted writes another process can read: a directory, or a bucket part by part (S3_STAGING_OVERLAP).
+  if (mediaType(request) !== 'application/octet-stream' || !(ctx.stores.staging.followPath || ctx.stores.staging.createFollowed)) return false;
   const length = Number(request.headers['content-length']);
   return Number.isSafeInteger(length) && length > 0 && request.headers['transfer-encoding'] === undefined;
 }
@@ -98,7 +99,11 @@ async function stream(ctx: ApiContext, request: FastifyRequest, reply: FastifyRe
   if (!body || typeof body.pipe !== 'function') throw new ApiError('EMPTY_BODY', 'the body is empty');
   const iterator = (body as AsyncIterable<Buffer>)[Symbol.asyncIterator]();
   // The staging write exists from the start, as on the staged path (a stalled body is seen, and swept, the same way).
-  const writer = await ctx.stores.staging.create(id);
+  // Into a bucket, each part is announced in the upload's mark as it becomes readable (upload-parts.ts reads it).
+  const staging = ctx.stores.staging;
+  let announce: ((ready: number) => Promise<void>) | undefined;
+  const followed = !staging.followPath && staging.createFollowed ? await staging.createFollowed(id, declared, (ready) => announce?.(ready) ?? Promise.resolve()) : undefined;
+  const writer = followed ?? (await staging.create(id));
   let head: Buffer[];
   let ended: boolean;
   try {
@@ -143,7 +148,20 @@ async function stream(ctx: ApiContext, request: FastifyRequest, reply: FastifyRe
     await writer.abort();
     throw new Error('the staging store offers no token to follow its write');
   }
-  const done = await overlap(ctx, request, reply, { id, options, ...(filename ? { filename } : {}), callback, declared, writer, token, chunks: replay(head, iterator, ended), ...(idempotencyKey !== undefined ? { idempotencyKey } : {}) });
+  const parts = followed && { bytes: followed.partBytes, removeCopies: () => followed.removeFollowCopies() };
+  if (followed) announce = (ready) => ctx.uploadMarks.set(id, { state: 'receiving', token, size: declared, parts: { bytes: followed.partBytes, ready } });
+  const done = await overlap(ctx, request, reply, {
+    id,
+    options,
+    ...(filename ? { filename } : {}),
+    callback,
+    declared,
+    writer,
+    token,
+    chunks: replay(head, iterator, ended),
+    ...(idempotencyKey !== undefined ? { idempotencyKey } : {}),
+    ...(parts ? { parts } : {}),
+  });
   if ('restage' in done) throw new Error('an exact length never restages');
   return done.sent;
 }
@@ -167,6 +185,11 @@ export interface OverlapPlan {
    * reads what follows it, true when nothing does. Either way off, the answer is `restage` instead of a reply.
    */
   predicted?: { rest(): Promise<boolean> };
+  /**
+   * The write goes into a bucket part by part (StagedWrite from createFollowed): the marks carry the part size
+   * (the API's announce adds how many are readable), and the parts' own objects go once the commit is announced.
+   */
+  parts?: { bytes: number; removeCopies(): Promise<void> };
 }
 
 /** A predicted upload that turned out otherwise: its staged bytes (`path`), for a job of their own; `retire()` removes the overlapped job and its write. */
@@ -188,6 +211,7 @@ export interface Sent {
  */
 export async function overlap(ctx: ApiContext, request: FastifyRequest, reply: FastifyReply, plan: OverlapPlan): Promise<Sent | Restage> {
   const { id, options, filename, callback, declared, writer, token, idempotencyKey, predicted } = plan;
+  const parts = plan.parts ? { parts: { bytes: plan.parts.bytes, ready: 0 } } : {};
   const hash = createHash('sha256');
   let size = 0;
   let jobExists = false;
@@ -214,7 +238,7 @@ export async function overlap(ctx: ApiContext, request: FastifyRequest, reply: F
     }
   };
   try {
-    await ctx.uploadMarks.set(id, { state: 'receiving', token, size: declared });
+    await ctx.uploadMarks.set(id, { state: 'receiving', token, size: declared, ...parts });
     const record = newJobRecord(id, request.tenant, { kind: 'upload', key: id, size: declared, sha256: '', ...(filename ? { filename } : {}) }, options, callback);
     delete record.source.sha256; // known once the last byte is in
     await submit(ctx, request, record, plan.passphrase);
@@ -233,7 +257,6 @@ export async function overlap(ctx: ApiContext, request: FastifyRequest, reply: F
     await pipeline(counted(), writer.stream);
     if (predicted) whole = (await predicted.rest()) && size === declared;
   } catch (err) {
-    await writer.abort().catch(() => {});
     const failure = asBodyError(err);
     const fastify = fastifyErrorCode(failure);
     const error: JobError = isDiskconvError(failure)
@@ -241,7 +264,9 @@ export async function overlap(ctx: ApiContext, request: FastifyRequest, reply: F
       : fastify !== undefined
         ? { code: fastify, message: (failure as Error).message.replace(/^FST_[A-Z_]+:\s*/, '') }
         : { code: 'INCOMPLETE_BODY', message: 'the upload failed before its last byte' };
+    // The worker is told first: a part object removed by the abort is then never read as a store failure.
     await failJob(error);
+    await writer.abort().catch(() => {});
     request.log.info({ job: id, code: error.code, bytes: size }, 'streaming upload failed; its job fails with it');
     throw failure;
   }
@@ -257,7 +282,7 @@ export async function overlap(ctx: ApiContext, request: FastifyRequest, reply: F
     request.log.info({ job: id, bytes: size, predicted: declared }, 'the multipart body was not as predicted; its overlapped job goes, the staged copy makes the job');
     return { restage: { size, sha256, path, retire } };
   }
-  await ctx.uploadMarks.set(id, { state: 'received', token, size, sha256 });
+  await ctx.uploadMarks.set(id, { state: 'received', token, size, sha256, ...(plan.parts ? { parts: { bytes: plan.parts.bytes, ready: Math.ceil(size / plan.parts.bytes) } } : {}) });
   // A job no worker has started yet shows its sha256 now; a running one is told by the mark (the worker records it).
   const queued = await ctx.records.get(id).catch(() => undefined);
   if (queued?.state === 'queued') await ctx.records.update(id, ['queued'], { source: { ...queued.source, size, sha256 } }).catch(() => {});
@@ -299,6 +324,8 @@ export async function overlap(ctx: ApiContext, request: FastifyRequest, reply: F
     try {
       await writer.commit();
       await ctx.uploadMarks.set(id, { state: 'committed', size, sha256 });
+      // The worker reads the committed object from now on (a part it misses sends it there); the sweeps take what this leaves.
+      await plan.parts?.removeCopies().catch((err: unknown) => request.log.warn({ err, job: id }, 'could not remove the part objects of a committed upload; the sweeper will'));
       // Finished while we committed: the worker may have removed the input before it was in place.
       if (await finished()) await ctx.stores.staging.delete(id).catch(() => {});
     } catch (err) {

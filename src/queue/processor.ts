@@ -33,7 +33,7 @@ import type { Reservation, SpaceReservations } from './space.js';
 import type { ConvertJobData } from './queue.js';
 import type { GlanceOutput, JobError, JobOutput, JobProgress, JobRecord, JobRecords } from './records.js';
 import { ThrottledSource } from './throttle.js';
-import { committedUpload, GrowingFileSource, openUploadSource, parkUntilResumed, UploadPausedError, type UploadMarks } from './upload-stream.js';
+import { committedUpload, followedSource, openUploadSource, parkUntilResumed, UploadPausedError, type UploadMarks } from './upload-stream.js';
 import type { Leases } from './leases.js';
 
 const digests = (r: ConvertResult): { sha512?: string; md5?: string } => ({ ...(r.sha512 ? { sha512: r.sha512 } : {}), ...(r.md5 ? { md5: r.md5 } : {}) });
@@ -313,7 +313,8 @@ export function createProcessor(deps: ProcessorDeps) {
       let info = { ...(await imageInfo(image, readSource)), filename: displayName };
       const free = rec.destination ? undefined : await output.freeBytes();
       // While the upload still arrives, walking the whole map would wait for its last table: the virtual size bounds it.
-      const arriving = source instanceof GrowingFileSource && !source.complete && (free === undefined || image.virtualSize + FREE_SPACE_RESERVE <= free);
+      const stillArriving = followedSource(source)?.complete === undefined && followedSource(source) !== undefined;
+      const arriving = stillArriving && (free === undefined || image.virtualSize + FREE_SPACE_RESERVE <= free);
       const allocation = arriving ? { dataBytes: image.virtualSize, zeroBytes: 0 } : await estimateAllocation(image, readSource, signal);
       if (free !== undefined && allocation.dataBytes + FREE_SPACE_RESERVE > free) {
         throw new InsufficientSpaceError(`the output needs up to ${allocation.dataBytes} bytes; the store has ${free} bytes free`);
@@ -357,7 +358,7 @@ export function createProcessor(deps: ProcessorDeps) {
         // its partial output is gone (convertToRaw aborted the writer); convert again the ordinary way, now that every byte is in.
         log.warn({ reason: err.message }, 'the grain markers disagree with the grain directory; converting again from the directory');
         writer = undefined;
-        if (source instanceof GrowingFileSource) await source.completion(signal);
+        await followedSource(source)?.completion(signal);
         await image.close().catch(() => {});
         image = await open();
         result = await convertOnce(image);
@@ -365,9 +366,10 @@ export function createProcessor(deps: ProcessorDeps) {
       await progress.flush();
       if (signal.aborted) throw signal.reason;
       const tConverted = Date.now();
-      if (source instanceof GrowingFileSource) {
+      const followed = followedSource(source);
+      if (followed) {
         // Read while it arrived: succeed only once the upload is whole (and hashed); its info has its actual size now.
-        const arrived = await source.completion(signal);
+        const arrived = await followed.completion(signal);
         info = { ...(await imageInfo(image, readSource)), filename: displayName };
         const now = (await records.get(id))?.source ?? rec.source;
         await mustOwn(await records.update(id, ['running'], { source: { ...now, size: arrived.size, sha256: arrived.sha256, info: info as unknown as Record<string, unknown> } }, { owner }));

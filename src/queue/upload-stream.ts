@@ -6,7 +6,9 @@
  *
  *   <prefix>upstream:<id>   JSON mark, with a TTL:
  *     {state:'receiving', token, size}          bytes arriving into the staging write `token`
- *     {state:'received', token, size, sha256}   every byte written (not yet durable)
+ *     {state:'receiving', token, size, parts}   the same into a bucket: parts.ready parts of parts.bytes readable
+ *                                               as objects of their own (upload-parts.ts)
+ *     {state:'received', token, size, sha256}   every byte written (not yet durable; `parts` as above)
  *     {state:'committed', size, sha256}         the staged copy is committed: open it as any upload
  *     {state:'failed', code, message}           the upload failed: the job fails with this error
  *
@@ -25,6 +27,7 @@ import { sleep } from '../engine/ranged-source.js';
 import type { InputStaging } from '../store/index.js';
 import type { Leases } from './leases.js';
 import type { JobRecords } from './records.js';
+import { openPartObjects, PartObjectsSource, readableParts } from './upload-parts.js';
 
 /**
  * A resumable (tus) upload's terms for the worker that follows it: a client may stop and resume hours later, so
@@ -38,9 +41,15 @@ export interface ResumableTerms {
   patch: number;
 }
 
+/** A write staged in a bucket whose parts are readable as they arrive (InputStaging.readPart): `ready` parts of `bytes`. */
+export interface ReadableParts {
+  bytes: number;
+  ready: number;
+}
+
 export type UploadMark =
-  | { state: 'receiving'; token: string; size: number; resumable?: ResumableTerms }
-  | { state: 'received'; token: string; size: number; sha256: string }
+  | { state: 'receiving'; token: string; size: number; resumable?: ResumableTerms; parts?: ReadableParts }
+  | { state: 'received'; token: string; size: number; sha256: string; parts?: ReadableParts }
   | { state: 'committed'; size: number; sha256: string }
   | { state: 'failed'; code: string; message: string };
 
@@ -319,6 +328,9 @@ export async function openUploadSource(
   if (mark?.state === 'receiving' && mark.resumable && mark.resumable.expires <= Date.now()) {
     throw new UploadFailedError('UPLOAD_EXPIRED', 'the resumable upload was not finished before it expired (UPLOAD_TTL_SECONDS)');
   }
+  // Staged into a bucket part by part (S3_STAGING_OVERLAP): the parts are read as objects of their own.
+  const parts = readableParts(staging, mark);
+  if (parts && (mark?.state === 'receiving' || mark?.state === 'received')) return openPartObjects(staging, parts, mark.size, displayName, deps);
   if (mark?.state === 'receiving' || mark?.state === 'received') {
     const path = staging.followPath?.(deps.id, mark.token);
     if (path !== undefined) {
@@ -333,6 +345,11 @@ export async function openUploadSource(
     }
   }
   return staging.open(deps.id, displayName);
+}
+
+/** A source still arriving that the worker follows: it succeeds only once `completion()` says every byte is in. */
+export function followedSource(source: RandomAccessSource | undefined): GrowingFileSource | PartObjectsSource | undefined {
+  return source instanceof GrowingFileSource || source instanceof PartObjectsSource ? source : undefined;
 }
 
 /** What parkUntilResumed needs of BullMQ's job and of the records. */

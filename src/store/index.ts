@@ -27,11 +27,11 @@ export async function openStores(config: Pick<Config, 'dataDir' | 'store'> & Par
   const location = config.store;
   const destinations: Destinations = config.rbd && config.rbd.pools.length > 0 ? new RbdDestinations(config.rbd) : new NoDestinations();
   if (location.kind === 's3') {
-    const s3 = config.s3 ?? { endpoint: undefined, region: 'us-east-1', forcePathStyle: false, requestTimeoutMs: 60_000 };
+    const { stagingOverlap, ...s3 } = config.s3 ?? { endpoint: undefined, region: 'us-east-1', forcePathStyle: false, requestTimeoutMs: 60_000, stagingOverlap: false };
     const settings: S3Settings = { bucket: location.bucket, prefix: location.prefix, ...s3 };
     const client = createS3Client(settings);
     return {
-      staging: new S3Staging(client, settings),
+      staging: new S3Staging(client, settings, { overlap: stagingOverlap }),
       output: new S3OutputStore(client, settings),
       destinations,
       close: async () => client.destroy(),

@@ -18,15 +18,35 @@ export interface StagedWrite {
   readonly followToken?: string;
 }
 
+/**
+ * A write whose parts another host can read before it is committed (S3 with S3_STAGING_OVERLAP: each part is
+ * also an object of its own, src/store/s3/part-objects.ts): `readPart` reads part n once announced.
+ */
+export interface FollowedWrite extends StagedWrite {
+  /** Bytes per part (the last one may be shorter). */
+  readonly partBytes: number;
+  /** After commit, once readers know the object is committed: removes the parts' own objects. */
+  removeFollowCopies(): Promise<void>;
+}
+
 export interface InputStaging {
   /** 'file' or 's3', for logs and /readyz. */
   readonly kind: string;
   create(key: string): Promise<StagedWrite>;
   /**
    * Where another process can read the uncommitted write `token` (StagedWrite.followToken) while
-   * it grows; absent when the store cannot (S3: a multipart part is unreadable until the upload completes).
+   * it grows; absent when the store cannot (S3: a multipart part is unreadable until the upload completes;
+   * createFollowed writes each part as an object of its own instead).
    */
   followPath?(key: string, token: string): string | undefined;
+  /**
+   * A write of `size` bytes (a body's declared length) readable part by part while it arrives: `announce(n)` is
+   * awaited, in order, each time parts 0..n-1 are readable. Absent when the store does not offer it (or is not
+   * switched to: S3_STAGING_OVERLAP).
+   */
+  createFollowed?(key: string, size: number, announce: (readyParts: number) => Promise<void>): Promise<FollowedWrite>;
+  /** Bytes [start, end) of part `part` of a FollowedWrite of `key`; StoreObjectMissingError once it is gone. */
+  readPart?(key: string, part: number, start: number, end: number, signal?: AbortSignal): Promise<Buffer>;
   /** Random access to a committed object; throws StoreObjectMissingError when absent. */
   open(key: string, name?: string): Promise<RandomAccessSource>;
   stat(key: string): Promise<ObjectStat | undefined>;

@@ -5,6 +5,7 @@ import { loadConfig } from '../../src/config.js';
 import { BufferSource, convertToRaw, openImage } from '../../src/engine/index.js';
 import { openStores, type Stores } from '../../src/store/index.js';
 import { S3RangeSource } from '../../src/store/s3/source.js';
+import type { S3Staging } from '../../src/store/s3/staging.js';
 import { cephAvailable, useCeph, type CephEnv } from '../helpers/ceph.js';
 import { seededBytes } from '../helpers/qemu.js';
 import { waitFor } from '../helpers/service.js';
@@ -106,6 +107,86 @@ describe.skipIf(!cephAvailable)('S3 store (Ceph RGW)', () => {
     expect(Buffer.from(await source.read((12 << 20) - 10, 100))).toEqual(data.subarray(-10));
     await source.close();
     await stores.staging.delete('ranged');
+  });
+
+  describe('followed writes (S3_STAGING_OVERLAP): each part also an object of its own', () => {
+    let followed: Stores;
+    beforeAll(async () => {
+      followed = await openStores(loadConfig({ ...s3Env(env, bucket, prefix), S3_STAGING_OVERLAP: 'true', DATA_DIR: '/nonexistent-never-used' }));
+    });
+    afterAll(async () => {
+      await followed?.close();
+    });
+    const MiB = 2 ** 20;
+    const write = async (w: { stream: NodeJS.WritableStream }, data: Buffer, upTo = data.length): Promise<void> => {
+      for (let at = 0; at < upTo; at += MiB) {
+        if (!w.stream.write(data.subarray(at, Math.min(upTo, at + MiB)))) await new Promise((r) => w.stream.once('drain', r));
+      }
+    };
+
+    it('is off unless switched on; readable part by part as announced, committed by copies, the parts gone after', async () => {
+      expect(stores.staging.createFollowed).toBeUndefined();
+      const create = followed.staging.createFollowed;
+      const readPart = followed.staging.readPart;
+      if (!create || !readPart) throw new Error('S3_STAGING_OVERLAP=true offers no followed writes');
+      const data = seededBytes(20 * MiB + 123, 31);
+      const announced: number[] = [];
+      const w = await create('followed', data.length, async (n) => {
+        announced.push(n);
+      });
+      expect(w.partBytes).toBe(8 * MiB);
+      await write(w, data, 17 * MiB);
+      await waitFor('two parts announced', async () => announced.at(-1) === 2);
+      // Readable before the commit, by ranges of a part's own object; the staged object is not there yet.
+      expect((await readPart.call(followed.staging, 'followed', 1, 100, 4100)).equals(data.subarray(8 * MiB + 100, 8 * MiB + 4100))).toBe(true);
+      expect(await followed.staging.stat('followed')).toBeUndefined();
+      w.stream.end(data.subarray(17 * MiB));
+      await new Promise((r) => w.stream.once('finish', r));
+      // In order, each once (two parts PUT at once may finish together: one announcement for both).
+      expect(announced.at(-1)).toBe(3);
+      expect(announced.every((n, i) => i === 0 || n > (announced[i - 1] as number))).toBe(true);
+      expect((await readPart.call(followed.staging, 'followed', 2, 0, data.length - 16 * MiB)).equals(data.subarray(16 * MiB))).toBe(true);
+      const stat = await w.commit();
+      expect(stat.size).toBe(data.length);
+      expect((await readAll(await (followed.staging as S3Staging).read('followed'))).equals(data)).toBe(true);
+      expect(await objectKeys(client, bucket, `${prefix}input/followed.parts/`)).toHaveLength(3);
+      await w.removeFollowCopies();
+      expect(await objectKeys(client, bucket, `${prefix}input/followed.parts/`)).toEqual([]);
+      await expect(readPart.call(followed.staging, 'followed', 0, 0, 10)).rejects.toMatchObject({ code: 'STORE_OBJECT_MISSING' });
+      await followed.staging.delete('followed');
+      expect(await objectKeys(client, bucket, `${prefix}input/followed`)).toEqual([]);
+    });
+
+    it('an abort midway leaves no part object and no upload in progress', async () => {
+      const data = seededBytes(18 * MiB, 32);
+      const w = await followed.staging.createFollowed!('dropped', data.length, async () => {});
+      await write(w, data, 17 * MiB);
+      await waitFor('two part objects', async () => (await objectKeys(client, bucket, `${prefix}input/dropped.parts/`)).length === 2);
+      await w.abort();
+      expect(await objectKeys(client, bucket, `${prefix}input/dropped`)).toEqual([]);
+      expect((await uploadsInProgress(client, bucket, prefix)).filter((k) => k.includes('dropped'))).toEqual([]);
+    });
+
+    it('the sweep removes part objects a dead API left, never a live owner\'s, never a name it does not make', async () => {
+      const put = async (key: string): Promise<void> => {
+        const { PutObjectCommand } = await import('@aws-sdk/client-s3');
+        await client.send(new PutObjectCommand({ Bucket: bucket, Key: `${prefix}${key}`, Body: 'x' }));
+      };
+      await put('input/dead.parts/0');
+      await put('input/dead.parts/1');
+      await put('input/live.parts/0');
+      await put('input/dead.parts/notes.txt');
+      await put('input/dead.partsX/0');
+      const removed = await followed.staging.sweepUncommitted(Date.now() + 60_000, async (key) => key === 'live');
+      expect(removed).toBeGreaterThanOrEqual(2); // and any upload in progress another test left
+      expect((await objectKeys(client, bucket, `${prefix}input/`)).filter((k) => /input\/(dead|live)/.test(k)).sort()).toEqual(
+        [`${prefix}input/dead.parts/notes.txt`, `${prefix}input/dead.partsX/0`, `${prefix}input/live.parts/0`].sort(),
+      );
+      for (const k of ['input/dead.parts/notes.txt', 'input/dead.partsX/0', 'input/live.parts/0']) {
+        const { DeleteObjectCommand } = await import('@aws-sdk/client-s3');
+        await client.send(new DeleteObjectCommand({ Bucket: bucket, Key: `${prefix}${k}` }));
+      }
+    });
   });
 
   it('says in readiness when the bucket does not exist', async () => {

@@ -1,26 +1,49 @@
 /**
  * Input staging in a bucket: the API streams an upload straight into a
  * (multipart) upload, so the API host needs no large disk and any worker on
- * any host reads it back with ranged GETs.
+ * any host reads it back with ranged GETs. With S3_STAGING_OVERLAP a write can
+ * also be followed while it arrives (createFollowed, readPart: part-objects.ts).
  */
 import { once } from 'node:events';
 import { Writable, type Readable } from 'node:stream';
 import type { S3Client } from '@aws-sdk/client-s3';
 import type { RandomAccessSource } from '../../engine/index.js';
-import { StoreError, StoreObjectMissingError } from '../common.js';
+import { StoreError, StoreObjectMissingError, type OwnerCheck } from '../common.js';
 import { ObjectStoreBase } from '../objects.js';
-import type { InputStaging, StagedWrite } from '../staging.js';
+import type { FollowedWrite, InputStaging, StagedWrite } from '../staging.js';
 import type { S3Settings } from './client.js';
 import { S3Objects } from './objects.js';
+import { PartObjects } from './part-objects.js';
 import { S3RangeSource } from './source.js';
 
 export class S3Staging extends ObjectStoreBase<S3Objects> implements InputStaging {
   readonly kind = 's3';
+  private readonly parts: PartObjects;
+  /** Only with S3_STAGING_OVERLAP (it doubles the bucket's write load of an upload); readPart always, for any host's writes. */
+  readonly createFollowed?: (key: string, size: number, announce: (readyParts: number) => Promise<void>) => Promise<FollowedWrite>;
   constructor(
     private readonly client: S3Client,
     private readonly settings: S3Settings,
+    options: { overlap?: boolean } = {},
   ) {
     super(new S3Objects(client, settings, 'input'));
+    this.parts = new PartObjects(client, settings);
+    if (options.overlap) this.createFollowed = (key, size, announce) => this.parts.create(key, size, announce);
+  }
+
+  readPart(key: string, part: number, start: number, end: number, signal?: AbortSignal): Promise<Buffer> {
+    return this.parts.read(key, part, start, end, signal);
+  }
+
+  /** The object, its uploads in progress, and the part objects of a followed write. */
+  override async delete(key: string): Promise<void> {
+    await super.delete(key);
+    await this.parts.deleteAll(key);
+  }
+
+  /** Uploads in progress and part objects a dead API left. */
+  override async sweepUncommitted(olderThan: number, owned: OwnerCheck): Promise<number> {
+    return (await super.sweepUncommitted(olderThan, owned)) + (await this.parts.sweep(olderThan, owned));
   }
 
   async create(key: string): Promise<StagedWrite> {

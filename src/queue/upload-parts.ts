@@ -1,0 +1,258 @@
+/**
+ * An upload staged in a bucket, read while it arrives (S3_STAGING_OVERLAP): the
+ * API PUTs each part as an object of its own (src/store/s3/part-objects.ts)
+ * and says in the upload's mark how many are readable; a worker on any host
+ * reads them here. The failure semantics are GrowingFileSource's: a failed
+ * upload (client gone: INCOMPLETE_BODY, stalled: UPLOAD_TIMEOUT, ...) fails the
+ * read, a receiving mark whose API no longer holds the lease fails it too, and
+ * a read past the uploaded bytes is IMAGE_CORRUPT. Unlike the file store's, the
+ * upload is complete only once the staged object is committed (the mark says
+ * `committed`): the part objects go then, so reads go to the committed object.
+ *
+ * Memory: blocks of at most BLOCK_BYTES (a whole 8 MiB part), CACHE_BLOCKS of
+ * them, one fetched ahead.
+ */
+import { ImageCorruptError, SourceUnavailableError, throwIfAborted, type RandomAccessSource } from '../engine/index.js';
+import { sleep } from '../engine/ranged-source.js';
+import { StoreObjectMissingError, type InputStaging } from '../store/index.js';
+import { UploadFailedError, type GrowingSourceDeps, type ReadableParts, type UploadMark } from './upload-stream.js';
+
+const BLOCK_BYTES = 8 * 2 ** 20;
+const CACHE_BLOCKS = 3;
+/** How often Redis is asked how the upload goes while a read waits. */
+const MARK_POLL_MS = 50;
+
+type PartReader = Required<Pick<InputStaging, 'readPart'>> & Pick<InputStaging, 'open'>;
+
+export class PartObjectsSource implements RandomAccessSource {
+  private ready: number;
+  private sha256: string | undefined;
+  private final: { size: number; sha256: string } | undefined;
+  private failure: Error | undefined;
+  private committed: Promise<RandomAccessSource> | undefined;
+  private closed = false;
+  private lastMarkCheck = 0;
+  private markCheck: Promise<void> | undefined;
+  /** Blocks by their first byte, oldest first (Map keeps insertion order). */
+  private readonly blocks = new Map<number, Promise<Buffer>>();
+  /** Reads that had to wait for a part (for the logs and the tests). */
+  waits = 0;
+
+  constructor(
+    private readonly staging: PartReader,
+    readonly size: number,
+    private readonly partBytes: number,
+    ready: number,
+    readonly name: string,
+    private readonly deps: GrowingSourceDeps,
+  ) {
+    this.ready = ready;
+  }
+
+  /** Bytes still arriving (the engine's vmdk-markers.ts walks a streamOptimized image's markers then). */
+  get arriving(): boolean {
+    return this.final === undefined;
+  }
+
+  /** Set once the staged object is committed (its sha256 known). */
+  get complete(): { size: number; sha256: string } | undefined {
+    return this.final;
+  }
+
+  private get parts(): number {
+    return Math.ceil(this.size / this.partBytes);
+  }
+
+  /** Bytes [0, n) readable from part objects now. */
+  private get available(): number {
+    return Math.min(this.size, this.ready * this.partBytes);
+  }
+
+  /** What a mark says, applied. */
+  private async apply(mark: UploadMark | undefined): Promise<void> {
+    const deps = this.deps;
+    if (mark?.state === 'failed') {
+      this.failure = new UploadFailedError(mark.code, `the upload failed while it was converted: ${mark.message}`);
+      return;
+    }
+    if (mark !== undefined && mark.size !== this.size) {
+      this.failure = new SourceUnavailableError(`${this.name}: the upload ended with ${mark.size} bytes, ${this.size} declared`);
+      return;
+    }
+    if (mark?.state === 'committed') {
+      this.ready = this.parts;
+      this.final = { size: mark.size, sha256: mark.sha256 };
+      return;
+    }
+    if (mark?.state === 'receiving' || mark?.state === 'received') {
+      if (mark.state === 'received') {
+        this.ready = this.parts;
+        this.sha256 = mark.sha256;
+      } else if (mark.parts) {
+        this.ready = Math.max(this.ready, mark.parts.ready);
+      }
+      // Receiving (or received, not yet committed) while nobody holds the upload: the API process went away.
+      if (await deps.leases.held(deps.id)) return;
+    }
+    const again = await deps.marks.get(deps.id);
+    if (again === undefined || again.state === 'receiving' || again.state === 'received') {
+      this.failure = new UploadFailedError('INCOMPLETE_BODY', 'the upload stopped before its staged copy was committed: the API process receiving it went away');
+    } else {
+      await this.apply(again); // committed or failed meanwhile
+    }
+  }
+
+  /** Asks Redis (at most every MARK_POLL_MS unless `now`, one question at a time) how the upload goes. */
+  private checkMark(now = false): Promise<void> {
+    if (this.markCheck) return this.markCheck;
+    if (!now && Date.now() - this.lastMarkCheck < MARK_POLL_MS) return Promise.resolve();
+    this.lastMarkCheck = Date.now();
+    this.markCheck = (async () => this.apply(await this.deps.marks.get(this.deps.id)))()
+      .catch(() => {
+        // Redis briefly away: asked again at the next check.
+      })
+      .finally(() => {
+        this.markCheck = undefined;
+      });
+    return this.markCheck;
+  }
+
+  /** Waits until bytes [0, end) are readable, or the upload fails. */
+  private async arrive(end: number, signal?: AbortSignal): Promise<void> {
+    if (end <= this.available) return;
+    this.waits++;
+    for (;;) {
+      throwIfAborted(signal);
+      if (this.closed) throw new SourceUnavailableError(`${this.name}: read after close`);
+      if (this.failure) throw this.failure;
+      if (end <= this.available) return;
+      if (this.final) throw new ImageCorruptError(`${this.name}: a read up to byte ${end} lies past the uploaded ${this.final.size} bytes`);
+      await this.checkMark();
+      if (this.failure || end <= this.available) continue;
+      await sleep(MARK_POLL_MS / 2, signal);
+    }
+  }
+
+  /** Waits until the staged object is committed (every byte in, its sha256 known), or the upload fails. */
+  async completion(signal?: AbortSignal): Promise<{ size: number; sha256: string }> {
+    for (;;) {
+      if (this.final) return this.final;
+      if (this.failure) throw this.failure;
+      throwIfAborted(signal);
+      await this.checkMark();
+      if (this.final || this.failure) continue;
+      await sleep(MARK_POLL_MS, signal);
+    }
+  }
+
+  /** The committed object, opened once. */
+  private committedSource(): Promise<RandomAccessSource> {
+    this.committed ??= this.staging.open(this.deps.id, this.name);
+    return this.committed;
+  }
+
+  /** The block holding byte `at`: [start, end) within one part. */
+  private blockOf(at: number): { part: number; start: number; end: number } {
+    const part = Math.floor(at / this.partBytes);
+    const partStart = part * this.partBytes;
+    const partEnd = Math.min(this.size, partStart + this.partBytes);
+    const start = partStart + Math.floor((at - partStart) / BLOCK_BYTES) * BLOCK_BYTES;
+    return { part, start, end: Math.min(partEnd, start + BLOCK_BYTES) };
+  }
+
+  private async fetchBlock(part: number, start: number, end: number, signal?: AbortSignal): Promise<Buffer> {
+    const partStart = part * this.partBytes;
+    if (!this.final) {
+      try {
+        return await this.staging.readPart(this.deps.id, part, start - partStart, end - partStart, signal);
+      } catch (err) {
+        if (!(err instanceof StoreObjectMissingError)) throw err;
+        // Gone: the staged object was committed and its parts removed (or the upload failed and they went with it).
+        await this.checkMark(true);
+        if (this.failure) throw this.failure;
+        if (!this.final) throw new SourceUnavailableError(`${this.name}: part ${part} is not in the bucket while the upload is still receiving`, { cause: err });
+      }
+    }
+    const committed = await this.committedSource();
+    const bytes = await committed.read(start, end - start, signal);
+    if (bytes.length !== end - start) throw new SourceUnavailableError(`${this.name}: the committed object gave ${bytes.length} of ${end - start} bytes at ${start}`);
+    return Buffer.from(bytes.buffer, bytes.byteOffset, bytes.length);
+  }
+
+  /** The block, fetched once and kept among the last CACHE_BLOCKS; the next readable block fetched ahead. */
+  private block(at: number, signal?: AbortSignal): Promise<Buffer> {
+    const b = this.blockOf(at);
+    let got = this.blocks.get(b.start);
+    if (got) {
+      this.blocks.delete(b.start);
+      this.blocks.set(b.start, got);
+    } else {
+      got = this.remember(b.start, this.fetchBlock(b.part, b.start, b.end, signal));
+    }
+    if (b.end < this.size && b.end + 1 <= this.available && !this.blocks.has(b.end)) {
+      const next = this.blockOf(b.end);
+      // Not the read's signal: the fetch ahead outlives the read that started it.
+      this.remember(next.start, this.fetchBlock(next.part, next.start, next.end)).catch(() => {});
+    }
+    return got;
+  }
+
+  private remember(start: number, bytes: Promise<Buffer>): Promise<Buffer> {
+    this.blocks.set(start, bytes);
+    // A failed fetch is not kept: the next read asks again (and sees why it failed).
+    bytes.catch(() => {
+      if (this.blocks.get(start) === bytes) this.blocks.delete(start);
+    });
+    while (this.blocks.size > CACHE_BLOCKS) {
+      const oldest = this.blocks.keys().next().value as number;
+      this.blocks.delete(oldest);
+    }
+    return bytes;
+  }
+
+  async read(offset: number, length: number, signal?: AbortSignal): Promise<Uint8Array> {
+    const end = Math.min(this.size, offset + length);
+    const buf = Buffer.allocUnsafe(Math.max(0, end - offset));
+    const done = await this.readInto(buf, offset, signal);
+    return done === buf.length ? buf : buf.subarray(0, done);
+  }
+
+  async readInto(target: Uint8Array, offset: number, signal?: AbortSignal): Promise<number> {
+    throwIfAborted(signal);
+    const want = Math.max(0, Math.min(target.length, this.size - offset));
+    if (want === 0) return 0;
+    await this.arrive(offset + want, signal);
+    let done = 0;
+    while (done < want) {
+      const at = offset + done;
+      const b = this.blockOf(at);
+      const bytes = await this.block(at, signal);
+      const n = Math.min(want - done, b.end - at);
+      target.set(bytes.subarray(at - b.start, at - b.start + n), done);
+      done += n;
+    }
+    return done;
+  }
+
+  async close(): Promise<void> {
+    if (this.closed) return;
+    this.closed = true;
+    this.blocks.clear();
+    const committed = this.committed;
+    if (committed) await (await committed.catch(() => undefined))?.close?.();
+  }
+}
+
+/** The mark's part terms, when the upload is staged part by part into a bucket this staging can read. */
+export function readableParts(staging: InputStaging, mark: UploadMark | undefined): ReadableParts | undefined {
+  if (!staging.readPart) return undefined;
+  if (mark?.state !== 'receiving' && mark?.state !== 'received') return undefined;
+  return mark.parts;
+}
+
+/** A source over the part objects of an upload still arriving (the mark says `parts`). */
+export function openPartObjects(staging: InputStaging, parts: ReadableParts, size: number, displayName: string, deps: GrowingSourceDeps): PartObjectsSource {
+  const { readPart, open } = staging;
+  if (!readPart) throw new Error('the staging store cannot read parts');
+  return new PartObjectsSource({ readPart: readPart.bind(staging), open: open.bind(staging) }, size, parts.bytes, parts.ready, displayName, deps);
+}
