@@ -4,7 +4,7 @@
  * leak nothing either, against every configured token without an early exit.
  * Without API_TOKENS the API is open and everyone is the tenant "anonymous".
  */
-import { createHash, timingSafeEqual } from 'node:crypto';
+import { hash, timingSafeEqual } from 'node:crypto';
 import type { FastifyRequest } from 'fastify';
 import { tenantOf } from '../queue/records.js';
 import { ApiError } from './errors.js';
@@ -16,12 +16,13 @@ declare module 'fastify' {
   }
 }
 
-const digest = (s: string): Buffer => createHash('sha256').update(s).digest();
+// One-shot hash: no Hash object per request (a status poll hashes the presented token every time).
+const digest = (s: string): Buffer => hash('sha256', s, 'buffer');
 
 export function createAuthenticator(tokens: readonly string[]): (request: FastifyRequest) => void {
   const digests = tokens.map(digest);
   // The tenant of each configured token, worked out once (a status poll would hash the token a second time per request).
-  const tenants = new Map(tokens.map((t) => [digest(t).toString('hex'), tenantOf(t)]));
+  const tenants = tokens.map(tenantOf);
   return (request) => {
     if (digests.length === 0) {
       request.tenant = tenantOf(undefined);
@@ -31,9 +32,9 @@ export function createAuthenticator(tokens: readonly string[]): (request: Fastif
     const m = typeof header === 'string' ? /^Bearer\s+(\S+)\s*$/i.exec(header) : null;
     if (!m) throw new ApiError('UNAUTHORIZED', 'missing bearer token', { 'www-authenticate': 'Bearer realm="diskconv"' });
     const presented = digest(m[1] as string);
-    let match = false;
-    for (const d of digests) match = timingSafeEqual(d, presented) || match;
-    if (!match) throw new ApiError('UNAUTHORIZED', 'invalid bearer token', { 'www-authenticate': 'Bearer realm="diskconv", error="invalid_token"' });
-    request.tenant = tenants.get(presented.toString('hex')) ?? tenantOf(m[1] as string);
+    let matched = -1;
+    for (let i = 0; i < digests.length; i++) if (timingSafeEqual(digests[i] as Buffer, presented)) matched = i;
+    if (matched < 0) throw new ApiError('UNAUTHORIZED', 'invalid bearer token', { 'www-authenticate': 'Bearer realm="diskconv", error="invalid_token"' });
+    request.tenant = tenants[matched] as string;
   };
 }

@@ -1,7 +1,18 @@
 /** Job records as clients see them (snake_case JSON; the OpenAPI schema `Job`). */
 import type { JobRecord } from '../queue/records.js';
 
-const iso = (ms: number | undefined): string | null => (ms === undefined ? null : new Date(ms).toISOString());
+/** Recent timestamps' ISO text: a polled job shows the same created_at/started_at (and often updated_at) every time. */
+const isoSeen = new Map<number, string>();
+const iso = (ms: number | undefined): string | null => {
+  if (ms === undefined) return null;
+  let text = isoSeen.get(ms);
+  if (text === undefined) {
+    if (isoSeen.size >= 1024) isoSeen.clear();
+    text = new Date(ms).toISOString();
+    isoSeen.set(ms, text);
+  }
+  return text;
+};
 
 export function jobPath(id: string): string {
   return `/v1/jobs/${id}`;
