@@ -16,6 +16,11 @@ export interface ReadOptions {
   readConcurrency?: number;
   /** Batches read ahead of the one being consumed. */
   prefetchBatches?: number;
+  /**
+   * For a source that fetches ahead (RandomAccessSource.willRead): bytes of reads
+   * cut from the map and announced to it beyond the batches being read.
+   */
+  announceBytes?: number;
   /** Optional guest range; defaults to the whole disk. */
   start?: number;
   end?: number;
@@ -38,7 +43,7 @@ type Decoders = typeof import('./decompress.js');
 let decoders: Promise<Decoders> | undefined;
 const loadDecoders = (): Promise<Decoders> => (decoders ??= import('./decompress.js'));
 
-const DEFAULTS = { batchBytes: 8 * 2 ** 20, maxReadBytes: 4 * 2 ** 20, readConcurrency: 4, prefetchBatches: 2 };
+const DEFAULTS = { batchBytes: 8 * 2 ** 20, maxReadBytes: 4 * 2 ** 20, readConcurrency: 4, prefetchBatches: 2, announceBytes: 32 * 2 ** 20 };
 
 type ReadEntry = Exclude<MapEntry, { kind: 'zero' }>;
 /** The `data` of a written extent (ReadOptions.directWrite). */
@@ -336,11 +341,46 @@ export async function* readExtentBatches(image: DiskImage, opened: RandomAccessS
     return { extents: await Promise.all(results), buffer, decoded };
   };
 
+  // A source that fetches ahead (a URL, an S3 object) is told the reads of batches cut from the map
+  // ahead of those being loaded, so its read-ahead follows the map rather than the file's byte order;
+  // the cut batches wait here (their entries, no buffers) until their turn to load.
+  const willRead = source.willRead?.bind(source);
+  const announceBytes = options.announceBytes ?? DEFAULTS.announceBytes;
+  const planned: Batch[] = [];
+  let plannedBytes = 0;
+  let planError: { error: unknown } | undefined; // the map's failure while cutting ahead: thrown in its turn
+  const cutBatch = async (): Promise<Batch | null> => {
+    const batch = await nextBatch();
+    if (batch && willRead) for (const group of batch.groups) willRead(group.start, group.end);
+    return batch;
+  };
+  const takeBatch = async (): Promise<Batch | null> => {
+    const batch = planned.shift();
+    if (batch) {
+      plannedBytes -= batch.readBytes;
+      return batch;
+    }
+    if (planError) throw planError.error;
+    return cutBatch();
+  };
+  const planAhead = async (): Promise<void> => {
+    try {
+      while (willRead && !planError && plannedBytes < announceBytes) {
+        const batch = await cutBatch();
+        if (!batch) return;
+        planned.push(batch);
+        plannedBytes += batch.readBytes;
+      }
+    } catch (error) {
+      planError = { error };
+    }
+  };
+
   // Batches are cut from the map one at a time (the map iterator is sequential); loading overlaps.
   let mapTurn: Promise<unknown> = Promise.resolve();
   const fetchNext = (): Promise<LoadedBatch | null> => {
-    const batch = mapTurn.then(() => nextBatch());
-    mapTurn = batch.catch(() => {});
+    const batch = mapTurn.then(takeBatch);
+    mapTurn = batch.then(planAhead, () => {});
     const loaded = batch.then((b) => (b ? load(b) : null));
     loaded.catch(() => {}); // surfaced when awaited
     return loaded;

@@ -27,6 +27,14 @@ export interface RandomAccessSource {
    * the cost of one (a local file through the native helper).
    */
   readIntoMany?(targets: Uint8Array[], offsets: number[], signal?: AbortSignal): Promise<number[]>;
+  /**
+   * Optional: the caller will read the file range [start, end) soon, in the order
+   * announced (the reader announces the reads of the batches it has cut from the
+   * map, before it reads them). A remote source fetches announced ranges ahead, in
+   * that order and within a bounded window, and nothing else ahead; a read need not
+   * have been announced, and an announcement never makes a read wait.
+   */
+  willRead?(start: number, end: number): void;
   /** Bytes the source occupies on its storage (qemu's actual-size), when known. */
   allocatedSize?(): Promise<number | undefined>;
   /**

@@ -12,7 +12,7 @@ import { SourceChangedError } from './errors.js';
 import { destroyAgents, fetchFollowing, parseContentRange, type Agents } from './request.js';
 import type { CheckedUrl, UrlPolicy } from './url-policy.js';
 
-export type RangeSourceTuning = Omit<RangedSourceTuning, 'readAhead'> & { readAhead?: boolean };
+export type RangeSourceTuning = Omit<RangedSourceTuning, 'readAhead' | 'aheadBytes'> & { readAhead?: boolean; aheadBytes?: number };
 
 export const DEFAULT_RANGE_TUNING: Readonly<RangeSourceTuning> = Object.freeze({
   blockBytes: 256 * 1024,
@@ -20,6 +20,8 @@ export const DEFAULT_RANGE_TUNING: Readonly<RangeSourceTuning> = Object.freeze({
   maxRequestBytes: 8 * 2 ** 20,
   concurrency: 4,
   readAhead: true,
+  // Announced ranges fetched ahead of the reader (along the image's map): 0.3 s at 100 MB/s, within the worker's memory bound.
+  aheadBytes: 32 * 2 ** 20,
   attempts: 3,
   retryDelayMs: 200,
 });
@@ -67,8 +69,8 @@ export class HttpRangeSource extends RangedSource {
     destroyAgents(this.agents);
   }
 
-  protected async fetchOnce(start: number, end: number, signal: AbortSignal): Promise<Buffer> {
-    const out = Buffer.allocUnsafe(end - start);
+  protected async fetchOnce(start: number, end: number, signal: AbortSignal, target?: Uint8Array): Promise<Uint8Array> {
+    const out = target ?? Buffer.allocUnsafe(end - start);
     let filled = 0;
     // A server may answer with less than asked (RFC 9110 allows it); ask again for the rest.
     for (let request = 0; filled < out.length; request++) {
@@ -108,7 +110,7 @@ export class HttpRangeSource extends RangedSource {
           exchange.discard();
           throw new SourceUnavailableError(`${this.name}: the body of range ${range.start}-${range.end} is longer than its Content-Range`);
         }
-        chunk.copy(out, filled);
+        out.set(chunk, filled);
         filled += chunk.length;
       }
       if (filled !== partEnd) {

@@ -3,6 +3,11 @@
  * holes: bytes served <= 1.05 x the data the image stores (the qemu-img map's
  * data extents), counted by a loopback server of the test's own. Real API and
  * worker processes, real redis-server; images made by qemu-img and qemu-io.
+ * The `reordered` images are written by qemu-io itself from the last guest
+ * offset to the first, so their data lies in the file in the reverse of guest
+ * order, with qcow2's L2 tables among it and small extents that do not start on
+ * a cluster: a read-ahead in the file's byte order fetched 1.28-1.82 x there
+ * (it fetched what the reader did not want next, then again when it did).
  */
 import { createReadStream } from 'node:fs';
 import { stat } from 'node:fs/promises';
@@ -70,6 +75,14 @@ describe('URL import by ranges', () => {
     await qemuImg('convert', '-O', 'qcow2', base, join(dir, 'disk.qcow2'));
     await qemuImg('convert', '-O', 'vdi', base, join(dir, 'disk.vdi'));
     await qemuImg('convert', '-O', 'vmdk', base, join(dir, 'disk.vmdk'));
+    // The same writes from the last to the first, straight into each format: the file holds them in that order.
+    for (const format of ['qcow2', 'vdi', 'vmdk']) {
+      const path = join(dir, `reordered.${format}`);
+      await qemuImg('create', '-f', format, path, '1G');
+      const backwards: string[] = [];
+      for (let i = writes.length - 2; i >= 0; i -= 2) backwards.push(writes[i] as string, writes[i + 1] as string);
+      await qemuIo('-f', format, ...backwards, path);
+    }
     files = await countingServer(dir);
     svc = await ServiceHarness.create('range-bytes', { API_TOKENS: TOKEN, URL_IMPORT_ALLOW: '127.0.0.1', URL_IMPORT_PORTS: String(files.port) });
     await svc.startApi();
@@ -82,7 +95,7 @@ describe('URL import by ranges', () => {
     await cleanup?.();
   });
 
-  for (const name of ['disk.qcow2', 'disk.vdi', 'disk.vmdk']) {
+  for (const name of ['disk.qcow2', 'disk.vdi', 'disk.vmdk', 'reordered.qcow2', 'reordered.vdi', 'reordered.vmdk']) {
     it(`${name}: converts identically and fetches <= 1.05 x its stored data`, async () => {
       const path = join(dir, name);
       const res = await svc.request('/v1/jobs', {

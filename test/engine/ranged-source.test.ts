@@ -4,10 +4,14 @@
  * in-flight limit, read-ahead, retries, the byte budget and the Limiter's abort
  * are seen directly. (HTTP and S3 run it for real in test/net and test/store.)
  */
+import { readFile } from 'node:fs/promises';
+import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { AbortedError, LimitExceededError, SourceUnavailableError } from '../../src/engine/errors.js';
+import { openImage } from '../../src/engine/open.js';
 import { Limiter, RangedSource, type RangedSourceTuning } from '../../src/engine/ranged-source.js';
-import { seededBytes } from '../helpers/qemu.js';
+import { readExtents } from '../../src/engine/reader.js';
+import { makeTempDir, qemuImg, qemuIo, seededBytes } from '../helpers/qemu.js';
 
 class MemorySource extends RangedSource {
   readonly fetches: Array<[number, number]> = [];
@@ -45,6 +49,8 @@ class MemorySource extends RangedSource {
 }
 
 const data = seededBytes(8 << 20, 3);
+/** Lets fetches in flight (each a setImmediate here) land. */
+const tick = (): Promise<void> => new Promise((r) => setTimeout(r, 20));
 
 describe('RangedSource', () => {
   it('coalesces concurrent small reads of one block into one fetch and serves later ones from the cache', async () => {
@@ -93,6 +99,88 @@ describe('RangedSource', () => {
     expect(err).toBeInstanceOf(LimitExceededError);
     expect(err).toMatchObject({ limit: 'INSPECT_MAX_BYTES', maximum: 1 << 20 });
     expect(s.stats.bytesFetched).toBe(512 * 1024);
+  });
+
+  it('fetches announced ranges ahead, in the order announced, touching ones in one request, within aheadBytes', async () => {
+    const s = new MemorySource(data, { aheadBytes: 1 << 20, concurrency: 1 });
+    const M = 1 << 20;
+    // Out of file order, as an image whose data lies backwards would be read.
+    s.willRead(3 * M, 3 * M + 300_000);
+    s.willRead(3 * M + 300_000, 3 * M + 600_000);
+    s.willRead(3 * M + 600_000, 3 * M + 900_000); // touches the one before: the same request
+    s.willRead(M, M + 700_000);
+    s.willRead(5 * M, 5 * M + 100_000);
+    await tick();
+    // The first two requests fit the 1 MiB; the third waits for room; no read-ahead in the file's order.
+    expect(s.fetches).toEqual([
+      [3 * M, 3 * M + 300_000],
+      [3 * M + 300_000, 3 * M + 900_000],
+    ]);
+    const target = new Uint8Array(300_000);
+    expect(await s.readInto(target, 3 * M)).toBe(300_000);
+    expect(Buffer.from(target).equals(data.subarray(3 * M, 3 * M + 300_000))).toBe(true);
+    expect(Buffer.from(await s.read(3 * M + 300_000, 300_000)).equals(data.subarray(3 * M + 300_000, 3 * M + 600_000))).toBe(true);
+    await tick();
+    expect(s.fetches.length).toBe(2); // a third of the second request is still to be read: its memory is held
+    expect(Buffer.from(await s.read(3 * M + 600_000, 300_000)).equals(data.subarray(3 * M + 600_000, 3 * M + 900_000))).toBe(true);
+    await tick();
+    expect(s.fetches.slice(2)).toEqual([
+      [M, M + 700_000],
+      [5 * M, 5 * M + 100_000],
+    ]);
+    // A read beyond what was announced fetches only the rest; nothing announced is fetched again.
+    expect(Buffer.from(await s.read(5 * M, 200_000)).equals(data.subarray(5 * M, 5 * M + 200_000))).toBe(true);
+    expect(Buffer.from(await s.read(M, 700_000)).equals(data.subarray(M, M + 700_000))).toBe(true);
+    expect(s.fetches.slice(4)).toEqual([[5 * M + 100_000, 5 * M + 200_000]]);
+    expect(s.stats.readAheadHits).toBe(0);
+  });
+
+  it('takes from cached blocks what it has, and fetches again an announced range whose fetch failed', async () => {
+    const s = new MemorySource(data, { attempts: 1, concurrency: 4 });
+    // A table read beside the data: its block is cached, and the data announced next is not fetched twice.
+    expect(Buffer.from(await s.read(100, 64)).equals(data.subarray(100, 164))).toBe(true);
+    s.willRead(64 * 1024, 1 << 20);
+    expect(Buffer.from(await s.read(64 * 1024, (1 << 20) - 64 * 1024)).equals(data.subarray(64 * 1024, 1 << 20))).toBe(true);
+    expect(s.fetches).toEqual([
+      [0, 256 * 1024],
+      [256 * 1024, 1 << 20],
+    ]);
+    s.failures = 1;
+    s.willRead(2 << 20, 3 << 20);
+    await tick();
+    expect(Buffer.from(await s.read(2 << 20, 1 << 20)).equals(data.subarray(2 << 20, 3 << 20))).toBe(true);
+    expect(s.fetches.slice(2)).toEqual([
+      [2 << 20, 3 << 20],
+      [2 << 20, 3 << 20],
+    ]);
+  });
+
+  it('is told by the reader what it will read, along the map: an image whose data lies backwards in the file is fetched once', async () => {
+    const { dir, cleanup } = await makeTempDir('diskconv-ranged-');
+    try {
+      // qemu-io writes from the last guest offset to the first: clusters (and L2 tables) lie in the file in that order.
+      const path = join(dir, 'backwards.qcow2');
+      await qemuImg('create', '-f', 'qcow2', path, '256M');
+      const writes: string[] = [];
+      for (let i = 11; i >= 0; i--) writes.push('-c', `write -P ${i + 1} ${i * 19 + 1}M 1M`);
+      for (let i = 31; i >= 0; i--) writes.push('-c', `write -P 0x5a ${230 * 1024 + i * 48 + 12}k 20k`);
+      await qemuIo(...writes, path);
+      const file = await readFile(path);
+      const s = new MemorySource(file, {});
+      const image = await openImage(s, { format: 'qcow2' });
+      let guest = 0;
+      for await (const extent of readExtents(image, s)) guest += extent.length;
+      expect(guest).toBe(256 * 2 ** 20);
+      // No byte of the file fetched twice.
+      const sorted = [...s.fetches].sort((a, b) => a[0] - b[0]);
+      const overlaps = sorted.filter(([start], i) => i > 0 && start < (sorted[i - 1] as [number, number])[1]);
+      expect(overlaps, JSON.stringify(sorted)).toEqual([]);
+      expect(s.stats.bytesFetched).toBeLessThanOrEqual(file.length);
+      expect(s.stats.announcedHits).toBeGreaterThan(0);
+      await image.close?.();
+    } finally {
+      await cleanup();
+    }
   });
 
   it('refuses reads after close and bad offsets', async () => {

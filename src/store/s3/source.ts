@@ -47,15 +47,15 @@ export class S3RangeSource extends RangedSource {
 
   protected async release(): Promise<void> {}
 
-  /** Bytes [start, end) in one ranged GET. */
-  protected async fetchOnce(start: number, end: number, signal: AbortSignal): Promise<Buffer> {
+  /** Bytes [start, end) in one ranged GET (the SDK's own buffer: the base copies it where it is wanted). */
+  protected async fetchOnce(start: number, end: number, signal: AbortSignal): Promise<Uint8Array> {
     try {
       const res = await this.client.send(
         new GetObjectCommand({ Bucket: this.bucket, Key: this.key, Range: `bytes=${start}-${end - 1}`, ...(this.etag ? { IfMatch: this.etag } : {}) }),
         { abortSignal: deadline(this.requestTimeoutMs, signal) },
       );
       if (!res.Body) throw new StoreError(`${this.name}: empty answer to a range request`);
-      const bytes = Buffer.from(await res.Body.transformToByteArray());
+      const bytes = await res.Body.transformToByteArray();
       if (bytes.length !== end - start) {
         throw new StoreError(`${this.name}: asked for ${end - start} bytes at ${start}, got ${bytes.length}`);
       }
