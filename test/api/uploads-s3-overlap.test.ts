@@ -6,7 +6,8 @@
  * converting while half the body is still with the client, part objects in the bucket meanwhile; the output what
  * qemu-img writes, the source's sha256 the body's, the staged object committed (the mark says so) and no part
  * object or multipart upload left; a client that drops mid-body fails the job with INCOMPLETE_BODY and leaves no
- * part object; a worker killed while it follows, and the job still converts.
+ * part object; an API killed mid-body fails the job once its lease lapses, nothing left; a worker killed while it
+ * follows, and the job still converts.
  */
 import { createHash } from 'node:crypto';
 import { readFile } from 'node:fs/promises';
@@ -19,7 +20,8 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { cephAvailable, useCeph, type CephEnv } from '../helpers/ceph.js';
 import { makeTempDir, qemuImg, qemuRawSha256, writeRaw } from '../helpers/qemu.js';
 import { createBucket, objectKeys, removeBucket, s3Env, testS3Client, uniqueBucket, uploadsInProgress } from '../helpers/s3.js';
-import { ServiceHarness, waitFor, type JobJson } from '../helpers/service.js';
+import { freePort } from '../../src/cli/redis-server.js';
+import { ServiceHarness, spawnDiskconv, waitFor, type JobJson } from '../helpers/service.js';
 
 const TOKEN = 's3-overlap-token-0123456789abcdef';
 const MiB = 2 ** 20;
@@ -169,6 +171,43 @@ describe.skipIf(!cephAvailable)('octet-stream uploads staged in S3 convert while
     await waitFor('the part objects and the multipart upload to go', async () => (await partObjects(listed.id)).length === 0 && (await uploadsInProgress(client, bucket, `${PREFIX}input/`)).length === 0, 30_000);
     expect(await objectKeys(client, bucket, `${PREFIX}input/`)).toEqual([]);
   }, 180_000);
+
+  it('a client that stalls with bytes still owed: the upload times out, the following job fails UPLOAD_TIMEOUT, nothing left', async () => {
+    const port = await freePort();
+    const quick = spawnDiskconv('api-quick-idle', 'serve', svc.env({ PORT: String(port), UPLOAD_IDLE_TIMEOUT_MS: '1500' }));
+    svc.processes.push(quick);
+    const url = `http://127.0.0.1:${port}`;
+    await waitFor('the quick-idle API', async () => (await fetch(`${url}/readyz`).catch(() => undefined))?.status === 200, 20_000);
+    const upload = pacedUpload(`${url}/v1/jobs`, image);
+    await upload.send(Math.floor(image.length / 2));
+    const listed = await theJob();
+    // Nothing more is sent: the API drops the body after its idle bound.
+    const done = await svc.waitForFinal(listed.id, { ...auth, timeoutMs: 90_000 });
+    expect(done.state).toBe('failed');
+    expect(done.error?.code).toBe('UPLOAD_TIMEOUT');
+    upload.abort();
+    await waitFor('the part objects and the multipart upload to go', async () => (await partObjects(listed.id)).length === 0 && (await uploadsInProgress(client, bucket, `${PREFIX}input/`)).length === 0, 30_000);
+    await quick.stop('SIGTERM');
+  }, 180_000);
+
+  it('an API that dies mid-body: its lease lapses, the following job fails INCOMPLETE_BODY, and nothing of the upload stays in the bucket', async () => {
+    const port = await freePort();
+    const doomed = spawnDiskconv('api-doomed', 'serve', svc.env({ PORT: String(port) }));
+    svc.processes.push(doomed);
+    const url = `http://127.0.0.1:${port}`;
+    await waitFor('the second API', async () => (await fetch(`${url}/readyz`).catch(() => undefined))?.status === 200, 20_000);
+    const upload = pacedUpload(`${url}/v1/jobs`, image);
+    await upload.send(Math.floor(image.length / 2));
+    const listed = await theJob();
+    await svc.waitForJob(listed.id, (j) => j.state === 'running' && j.progress.phase === 'converting', { ...auth, timeoutMs: 90_000 });
+    await doomed.stop('SIGKILL');
+    upload.abort();
+    const done = await svc.waitForFinal(listed.id, { ...auth, timeoutMs: 120_000 });
+    expect(done.state).toBe('failed');
+    expect(done.error?.code).toBe('INCOMPLETE_BODY');
+    expect(done.error?.message).toMatch(/went away/);
+    await waitFor('the part objects and the multipart upload to go', async () => (await partObjects(listed.id)).length === 0 && (await uploadsInProgress(client, bucket, `${PREFIX}input/`)).length === 0, 60_000);
+  }, 240_000);
 
   // Last: it kills the worker.
   it('a worker killed while it follows: another picks the job up, follows the rest, and it converts identically', async () => {
