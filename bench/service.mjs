@@ -135,7 +135,8 @@ async function startService(urlServer) {
     HOST: '127.0.0.1',
     PORT: String(apiPort),
     API_TOKENS: TOKEN,
-    LOG_LEVEL: 'warn',
+    // BENCH_SERVICE_API_LOG_LEVEL: the API's LOG_LEVEL (info is the service's default; warn keeps request lines out).
+    LOG_LEVEL: process.env.BENCH_SERVICE_API_LOG_LEVEL ?? 'warn',
     MAX_UPLOAD_BYTES: String(virtualSize * 2),
     QUEUE_NAME: `bench-${process.pid}`,
     // The polling figure is the route's, not the rate limiter's answer.

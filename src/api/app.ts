@@ -8,7 +8,7 @@ import { mkdir } from 'node:fs/promises';
 import { join } from 'node:path';
 import multipart from '@fastify/multipart';
 import rateLimit from '@fastify/rate-limit';
-import Fastify, { type FastifyBaseLogger, type FastifyInstance, type FastifyPluginAsync, type FastifyRequest } from 'fastify';
+import Fastify, { LogController, type FastifyBaseLogger, type FastifyInstance, type FastifyPluginAsync, type FastifyReply, type FastifyRequest } from 'fastify';
 import type { Config } from '../config.js';
 import { Leases } from '../queue/leases.js';
 import { UploadMarks } from '../queue/upload-stream.js';
@@ -125,9 +125,34 @@ export function diskconvApp(config: Config, deps: AppDeps): FastifyPluginAsync {
   return plugin;
 }
 
+/**
+ * Fastify's request lines, except for reads that succeed: a GET or HEAD answered
+ * below 400 (a status poll, a download) is logged at debug, and a read that fails
+ * gets one info line (its outcome) instead of two. At LOG_LEVEL=info the two lines
+ * of every poll cost more than answering it (58 -> 90 us of API CPU per poll).
+ */
+export class RequestLog extends LogController {
+  override incomingRequest(request: FastifyRequest, reply: FastifyReply, metadata?: Record<string, unknown>): void {
+    if (request.method === 'GET' || request.method === 'HEAD') {
+      if (!this.isLogDisabled(request)) request.log.debug({ req: request }, 'incoming request');
+      return;
+    }
+    super.incomingRequest(request, reply, metadata);
+  }
+
+  override requestCompleted(error: Error | null | undefined, request: FastifyRequest, reply: FastifyReply, metadata?: Record<string, unknown>): void {
+    if (!error && reply.statusCode < 400 && (request.method === 'GET' || request.method === 'HEAD')) {
+      if (!this.isLogDisabled(request)) reply.log.debug({ res: reply, responseTime: reply.elapsedTime }, 'request completed');
+      return;
+    }
+    super.requestCompleted(error, request, reply, metadata);
+  }
+}
+
 export async function buildApp(config: Config, deps: AppDeps, options: { logger?: FastifyBaseLogger } = {}): Promise<FastifyInstance> {
   const app = Fastify({
     ...(options.logger ? { loggerInstance: options.logger } : { logger: false }),
+    logController: new RequestLog(),
     bodyLimit: JSON_BODY_LIMIT,
     trustProxy: config.trustProxy,
     exposeHeadRoutes: false,
