@@ -168,7 +168,9 @@ export class PartObjectsSource implements RandomAccessSource {
       } catch (err) {
         if (!(err instanceof StoreObjectMissingError)) throw err;
         // Gone: the staged object was committed and its parts removed (or the upload failed and they went with it).
+        // Asked afresh (a question already under way may predate the mark that explains the absence).
         await this.checkMark(true);
+        if (!this.failure && !this.final) await this.checkMark(true);
         if (this.failure) throw this.failure;
         if (!this.final) throw new SourceUnavailableError(`${this.name}: part ${part} is not in the bucket while the upload is still receiving`, { cause: err });
       }
