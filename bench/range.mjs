@@ -103,7 +103,7 @@ function serve() {
           });
         }
       }
-      if (!closed) res.end(() => (state.last = Date.now()));
+      if (!closed) res.end(() => (state.last = entry[3] = Date.now()));
     })();
   });
   server.listen(0, '127.0.0.1', () => process.send({ port: server.address().port }));
