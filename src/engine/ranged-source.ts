@@ -198,6 +198,21 @@ function raceAbort<T>(promise: Promise<T>, signal: AbortSignal | undefined): Pro
   });
 }
 
+/** Flat ranges [s0, e0, s1, e1, ...] less [from, to). */
+function unreadAfter(unread: number[], from: number, to: number): number[] {
+  const left: number[] = [];
+  for (let i = 0; i < unread.length; i += 2) {
+    const s = unread[i] as number;
+    const e = unread[i + 1] as number;
+    if (e <= from || s >= to) left.push(s, e);
+    else {
+      if (s < from) left.push(s, from);
+      if (e > to) left.push(to, e);
+    }
+  }
+  return left;
+}
+
 function asBuffer(bytes: Uint8Array): Buffer {
   return Buffer.isBuffer(bytes) ? bytes : Buffer.from(bytes.buffer, bytes.byteOffset, bytes.byteLength);
 }
@@ -470,7 +485,6 @@ export abstract class RangedSource implements RandomAccessSource {
         const to = Math.min(end, fetch.end);
         fetch.copying++;
         this.stats.announcedHits++;
-        this.markRead(fetch, from, to);
         parts.push(
           fetch.done
             .then(() => target.set(fetch.memory.subarray(from - fetch.start, to - fetch.start), from - offset))
@@ -492,23 +506,22 @@ export abstract class RangedSource implements RandomAccessSource {
       parts.push(this.fetchSplit(pos, next, this.lifetime.signal, target.subarray(pos - offset, next - offset)));
       pos = next;
     }
+    // Read, in every fetch and announcement it overlaps: ranges that overlap without touching (a compressed
+    // cluster's upper-bound read reaching into the next batch's first one) are each used up.
+    for (const fetch of this.ahead.filter((f) => f.start < end && offset < f.end)) this.markRead(fetch, Math.max(offset, fetch.start), Math.min(end, fetch.end));
+    for (let i = this.plan.length - 1; i >= this.planHead; i--) {
+      const p = this.plan[i] as { start: number; end: number; unread: number[] };
+      if (p.start >= end || offset >= p.end) continue;
+      p.unread = unreadAfter(p.unread, offset, end);
+      if (p.unread.length === 0) this.plan.splice(i, 1);
+    }
     await raceAbort(Promise.all(parts), signal);
   }
 
   /** The bytes [from, to) of `fetch`'s announced ranges have been read; a fetch with none left is retired. */
   private markRead(fetch: AheadFetch, from: number, to: number): void {
-    const left: number[] = [];
-    for (let i = 0; i < fetch.unread.length; i += 2) {
-      const s = fetch.unread[i] as number;
-      const e = fetch.unread[i + 1] as number;
-      if (e <= from || s >= to) left.push(s, e);
-      else {
-        if (s < from) left.push(s, from);
-        if (e > to) left.push(to, e);
-      }
-    }
-    fetch.unread = left;
-    if (left.length === 0) this.retire(fetch);
+    fetch.unread = unreadAfter(fetch.unread, from, to);
+    if (fetch.unread.length === 0) this.retire(fetch);
   }
 
   /** Fetches [offset, end) for whoever reads it (under the source's lifetime, not one reader's signal), kept among the recent. */

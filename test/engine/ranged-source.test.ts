@@ -135,6 +135,21 @@ describe('RangedSource', () => {
     expect(s.stats.readAheadHits).toBe(0);
   });
 
+  it('uses up announced ranges that overlap without touching, so their room comes back', async () => {
+    const s = new MemorySource(data, { aheadBytes: 600_000, concurrency: 1 });
+    // A compressed cluster's upper-bound read reaching into the next one, announced in two batches.
+    s.willRead(0, 300_000);
+    s.willRead(200_000, 500_000);
+    await tick();
+    expect(Buffer.from(await s.read(200_000, 300_000)).equals(data.subarray(200_000, 500_000))).toBe(true);
+    expect(Buffer.from(await s.read(0, 300_000)).equals(data.subarray(0, 300_000))).toBe(true);
+    // Both are read: the whole window is free for what comes next.
+    s.willRead(1 << 20, (1 << 20) + 550_000);
+    await tick();
+    expect(s.fetches.at(-1)).toEqual([1 << 20, (1 << 20) + 550_000]);
+    expect(Buffer.from(await s.read(1 << 20, 550_000)).equals(data.subarray(1 << 20, (1 << 20) + 550_000))).toBe(true);
+  });
+
   it('takes from cached blocks what it has, and fetches again an announced range whose fetch failed', async () => {
     const s = new MemorySource(data, { attempts: 1, concurrency: 4 });
     // A table read beside the data: its block is cached, and the data announced next is not fetched twice.
