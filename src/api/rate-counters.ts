@@ -93,6 +93,9 @@ export interface RateCountersOptions {
 
 export class RateCounters {
   private readonly counters = new Map<string, Counter>();
+  /** Counters with something to send (admitted or waiting): a settle looks at these only. */
+  private readonly dirty = new Set<Counter>();
+  private lastForget = 0;
   private inFlight: Promise<void> | undefined;
   private timer: NodeJS.Timeout | undefined;
   private immediate: NodeJS.Immediate | undefined;
@@ -122,6 +125,11 @@ export class RateCounters {
     } as unknown as new () => RateLimitStore;
   }
 
+  /** How many counters this process holds (memory stays bounded: idle ones past MAX_IDLE_COUNTERS are forgotten). */
+  get held(): number {
+    return this.counters.size;
+  }
+
   /** Counts one request of `key`; `done` gets its count in the window (over `max`: refused) and the window's remaining ms. */
   incr(key: string, done: Done, windowMs: number, max: number): void {
     const now = performance.now();
@@ -140,12 +148,14 @@ export class RateCounters {
       if (counted >= max) return done(null, { current: counted + 1, ttl });
       if (c.sending + c.pending < c.allowance) {
         c.pending++;
+        this.dirty.add(c);
         this.settleLater();
         return done(null, { current: counted + 1, ttl });
       }
     }
     // No window known (first request seen, or the window ended) or the allowance is used: counted by Redis first.
     c.waiting.push(done);
+    this.dirty.add(c);
     this.settleSoon();
   }
 
@@ -186,27 +196,28 @@ export class RateCounters {
       .catch(() => {})
       .finally(() => {
         this.inFlight = undefined;
-        let again = false;
-        for (const c of this.counters.values()) {
-          if (c.waiting.length > 0) return this.settleSoon();
-          if (c.pending > 0) again = true;
-        }
-        if (again) this.settleLater();
+        if (this.dirty.size === 0) return;
+        for (const c of this.dirty) if (c.waiting.length > 0) return this.settleSoon();
+        this.settleLater();
       });
   }
 
   private async settle(): Promise<void> {
     const batch: Array<{ c: Counter; waiting: Done[]; inc: number }> = [];
     const now = performance.now();
-    for (const c of this.counters.values()) {
-      if (c.pending === 0 && c.waiting.length === 0) continue;
+    for (const c of this.dirty) {
       batch.push({ c, waiting: c.waiting, inc: c.pending + c.waiting.length });
       c.sending = c.pending;
       c.sendingWaiting = c.waiting.length;
       c.pending = 0;
       c.waiting = [];
     }
-    this.forgetIdle(now);
+    this.dirty.clear();
+    // A look over every counter, at most once a second (settles can come many times a second).
+    if (now - this.lastForget >= 1000 || this.counters.size > MAX_IDLE_COUNTERS) {
+      this.lastForget = now;
+      this.forgetIdle(now);
+    }
     const calls: Array<Promise<void>> = [];
     for (let i = 0; i < batch.length; i += SETTLE_BATCH) calls.push(this.settleBatch(batch.slice(i, i + SETTLE_BATCH)));
     await Promise.all(calls);
@@ -224,6 +235,7 @@ export class RateCounters {
         // Admitted requests stay counted (sent again with the next settle); waiting ones get the error, as from a Redis store.
         c.pending += c.sending;
         c.sending = c.sendingWaiting = 0;
+        if (c.pending > 0) this.dirty.add(c);
         for (const done of waiting) done(err as Error);
       }
       throw err;

@@ -114,6 +114,18 @@ describe('rate limit counters (real Redis)', () => {
     expect(sum(await send([a, b], freshKey(), 60, 200, 10))).toBe(60);
   });
 
+  it('holds a bounded number of counters however many tokens or addresses it sees', async () => {
+    const a = apiProcess(1);
+    for (let k = 0; k < 24; k++) {
+      // 500 new counters at a time, one request each.
+      const round = Array.from({ length: 500 }, (_, i) => admit(a, `test:ratelimit:many:${k}:${i}`, 1000));
+      expect((await Promise.all(round)).every(Boolean)).toBe(true);
+    }
+    // One more settle after the last round forgets what is over the bound.
+    expect(await admit(a, freshKey(), 1000)).toBe(true);
+    expect(a.held).toBeLessThanOrEqual(10_000 + 500);
+  });
+
   it('admits again once the window has ended', async () => {
     const a = apiProcess(1);
     const key = freshKey();
