@@ -13,9 +13,16 @@ import { requestFingerprint, type Claim } from './idempotency.js';
 import { checkJobOptions, newJobRecord, submitJob } from './job-record.js';
 import { jobPath, presentJob } from './present.js';
 
-/** 128 random bits, URL-safe: unguessable, and safe as a store key. */
+/**
+ * 128 random bits, URL-safe: unguessable, and safe as a store key. Never with a leading '-': the id is
+ * also the default RBD image name, which may not start with one (`rbd` would read it as an option), and
+ * one id in 64 did, so such a job's RBD target was refused.
+ */
 export function newJobId(): string {
-  return randomBytes(16).toString('base64url');
+  for (;;) {
+    const id = randomBytes(16).toString('base64url');
+    if (!id.startsWith('-')) return id;
+  }
 }
 
 export async function createFromReceived(ctx: ApiContext, request: FastifyRequest, reply: FastifyReply, id: string, received: Received, idempotencyKey: string | undefined): Promise<FastifyReply> {

@@ -16,7 +16,22 @@ export async function run(cmd: string, args: string[]): Promise<{ stdout: string
   return execFileAsync(cmd, args, { maxBuffer: 64 * 2 ** 20 });
 }
 
-export const qemuImg = (...args: string[]) => run('qemu-img', args);
+/**
+ * qemu-img times its LUKS key derivation by the thread's CPU clock and, on a busy machine, can fail
+ * to ("Unable to get accurate CPU usage"): a fixture that fails so is made again, after a back-off.
+ * Any other failure is the command's answer and is thrown at once.
+ */
+export async function qemuImg(...args: string[]): Promise<{ stdout: string; stderr: string }> {
+  for (let attempt = 1; ; attempt++) {
+    try {
+      return await run('qemu-img', args);
+    } catch (err) {
+      const stderr = (err as { stderr?: unknown }).stderr;
+      if (attempt >= 6 || typeof stderr !== 'string' || !stderr.includes('Unable to get accurate CPU usage')) throw err;
+      await new Promise((done) => setTimeout(done, 250 * attempt));
+    }
+  }
+}
 export const qemuIo = (...args: string[]) => run('qemu-io', args);
 
 /**
