@@ -19,6 +19,7 @@
  * - a failed request is retried when the subclass calls the failure transient.
  * It knows nothing of HTTP or S3.
  */
+import { alignedBuffer } from './aligned.js';
 import { AbortedError, ImageCorruptError, LimitExceededError, throwIfAborted } from './errors.js';
 import type { RandomAccessSource } from './source.js';
 
@@ -33,7 +34,7 @@ export interface RangedSourceTuning {
   concurrency: number;
   /** Read the same length again after each large read, in the background (until ranges are announced: willRead). */
   readAhead: boolean;
-  /** Most bytes of announced ranges (willRead) fetched ahead and not yet read (memory bound; one range may exceed it). */
+  /** Most bytes of announced ranges (willRead) fetched ahead and not yet read (memory bound, capped at the source's size; one range may exceed it). */
   aheadBytes: number;
   /** Attempts per request when the failure is transient (1: no retries here). */
   attempts: number;
@@ -106,10 +107,17 @@ class Ring {
     return this.regions.length === 0;
   }
 
+  /** Bytes of memory it holds (none until the first region is taken). */
+  get allocated(): number {
+    return this.memory?.length ?? 0;
+  }
+
   /** A region of `length` bytes, or undefined when the ring has no such room now. */
   take(length: number): { region: RingRegion; memory: Uint8Array } | undefined {
     if (length > this.size || length <= 0) return undefined;
-    this.memory ??= Buffer.allocUnsafeSlow(this.size);
+    // Page-mapped memory of its own (not malloc's): given back to the kernel whole once the source is gone,
+    // where a malloc'd ring under glibc's raised mmap threshold stayed in the heap, job after job.
+    this.memory ??= alignedBuffer(this.size);
     const first = this.regions[0];
     const last = this.regions[this.regions.length - 1];
     let at: number | undefined;
@@ -264,11 +272,21 @@ export abstract class RangedSource implements RandomAccessSource {
   ) {
     this.tuning = { ...DEFAULT_RANGED_TUNING, ...tuning };
     this.limiter = new Limiter(this.tuning.concurrency);
-    this.ring = new Ring(this.tuning.aheadBytes);
+    this.ring = new Ring(this.aheadRingBytes());
     if (ownerSignal) {
       if (ownerSignal.aborted) this.lifetime.abort();
       else ownerSignal.addEventListener('abort', () => this.lifetime.abort(), { once: true });
     }
+  }
+
+  /** The announced-read ring's size: the tuning's bound, but never more than the source (a small image needs no 32 MiB ring). */
+  private aheadRingBytes(): number {
+    return Math.max(0, Math.min(this.tuning.aheadBytes, this.size));
+  }
+
+  /** Bytes the announced-read ring holds now (memory, whether or not in use): at most min(aheadBytes, size). */
+  get aheadMemoryBytes(): number {
+    return this.ring.allocated;
   }
 
   /**
@@ -627,7 +645,7 @@ export abstract class RangedSource implements RandomAccessSource {
     this.plan = [];
     this.planHead = 0;
     this.ahead = [];
-    this.ring = new Ring(this.tuning.aheadBytes);
+    this.ring = new Ring(this.aheadRingBytes());
     await this.release();
   }
 }

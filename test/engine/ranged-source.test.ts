@@ -207,6 +207,33 @@ describe('RangedSource', () => {
   });
 });
 
+describe('RangedSource memory', () => {
+  it('holds an announced-read ring no larger than the source, and reads the same bytes through it', async () => {
+    const small = data.subarray(0, 3 * 2 ** 20 + 12_345);
+    const s = new MemorySource(small, {}); // the default aheadBytes (32 MiB) is more than the whole source
+    expect(s.aheadMemoryBytes).toBe(0); // nothing until the first announcement is fetched
+    s.willRead(0, 2 ** 20);
+    s.willRead(2 * 2 ** 20, small.length);
+    const first = await s.read(0, 2 ** 20);
+    const second = Buffer.alloc(small.length - 2 * 2 ** 20);
+    await s.readInto(second, 2 * 2 ** 20);
+    expect(Buffer.compare(first, small.subarray(0, 2 ** 20))).toBe(0);
+    expect(Buffer.compare(second, small.subarray(2 * 2 ** 20))).toBe(0);
+    expect(s.stats.announcedHits).toBe(2);
+    expect(s.aheadMemoryBytes).toBeGreaterThan(0);
+    expect(s.aheadMemoryBytes).toBeLessThanOrEqual(small.length);
+    await s.close();
+  });
+
+  it('keeps the ring at aheadBytes when the source is larger', async () => {
+    const s = new MemorySource(data, { aheadBytes: 2 ** 20 });
+    s.willRead(0, 512 * 1024);
+    expect(Buffer.compare(await s.read(0, 512 * 1024), data.subarray(0, 512 * 1024))).toBe(0);
+    expect(s.aheadMemoryBytes).toBe(2 ** 20);
+    await s.close();
+  });
+});
+
 describe('Limiter', () => {
   it('hands out slots in order, and a waiter whose signal aborts leaves the queue', async () => {
     const limiter = new Limiter(1);
