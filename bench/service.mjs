@@ -155,10 +155,11 @@ async function startService(urlServer) {
       await sleep(50);
     }
   }
-  // BENCH_SERVICE_API_ARGS: node flags for the API process (e.g. `--cpu-prof --cpu-prof-dir=/tmp/prof`).
+  // BENCH_SERVICE_API_ARGS: node flags for the API process (e.g. `--cpu-prof --cpu-prof-dir=/tmp/prof`); BENCH_SERVICE_WORKER_ARGS: for the worker.
   const apiArgs = (process.env.BENCH_SERVICE_API_ARGS ?? '').split(' ').filter(Boolean);
   const api = start('api', process.execPath, [...apiArgs, CLI, 'serve'], env);
-  const worker = start('worker', process.execPath, [CLI, 'worker'], { ...env, LOG_LEVEL: 'info' });
+  const workerArgs = (process.env.BENCH_SERVICE_WORKER_ARGS ?? '').split(' ').filter(Boolean);
+  const worker = start('worker', process.execPath, [...workerArgs, CLI, 'worker'], { ...env, LOG_LEVEL: 'info' });
   const url = `http://127.0.0.1:${apiPort}`;
   for (let i = 0; ; i++) {
     const ok = await fetch(`${url}/readyz`).then((r) => r.status === 200, () => false);
