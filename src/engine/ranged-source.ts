@@ -448,7 +448,7 @@ export abstract class RangedSource implements RandomAccessSource {
       }
     }
     if (gap < end) parts.push(this.fetchSplit(gap, end, this.lifetime.signal, memory.subarray(gap - start, end - start)));
-    await Promise.all(parts);
+    await allSettledOrThrow(parts);
   }
 
   /** No read will look for `fetch` any more. */
@@ -539,7 +539,12 @@ export abstract class RangedSource implements RandomAccessSource {
   /** The bytes [from, to) of `fetch`'s announced ranges have been read; a fetch with none left is retired. */
   private markRead(fetch: AheadFetch, from: number, to: number): void {
     fetch.unread = unreadAfter(fetch.unread, from, to);
-    if (fetch.unread.length === 0) this.retire(fetch);
+    if (fetch.unread.length === 0) {
+      this.retire(fetch);
+      // A fetch used up by a read that copied nothing from it (it lay inside another's range) has no copy
+      // to give its room back when it ends: give it back here, or the ring stays taken from this region on.
+      this.giveBack(fetch);
+    }
   }
 
   /** Fetches [offset, end) for whoever reads it (under the source's lifetime, not one reader's signal), kept among the recent. */
@@ -566,7 +571,9 @@ export abstract class RangedSource implements RandomAccessSource {
       const stop = Math.min(end, start + this.tuning.maxRequestBytes);
       pieces.push(this.fetch(start, stop, signal, target?.subarray(start - offset, stop - offset)));
     }
-    const parts = await Promise.all(pieces);
+    // Into a target, every piece must have stopped writing before a failure is given: the caller may hand
+    // the memory to another fetch (the ring) as soon as this rejects.
+    const parts = target ? await allSettledOrThrow(pieces) : await Promise.all(pieces);
     if (target) return asBuffer(target);
     return parts.length === 1 ? (parts[0] as Buffer) : Buffer.concat(parts);
   }
@@ -648,4 +655,15 @@ export abstract class RangedSource implements RandomAccessSource {
     this.ring = new Ring(this.aheadRingBytes());
     await this.release();
   }
+}
+
+/**
+ * Promise.all that settles only once every promise has: the first rejection (in order) is thrown after
+ * the rest have finished, so nothing is still writing into memory its caller reuses on failure.
+ */
+async function allSettledOrThrow<T>(promises: Array<Promise<T>>): Promise<T[]> {
+  const results = await Promise.allSettled(promises);
+  const failed = results.find((r): r is PromiseRejectedResult => r.status === 'rejected');
+  if (failed) throw failed.reason;
+  return results.map((r) => (r as PromiseFulfilledResult<T>).value);
 }

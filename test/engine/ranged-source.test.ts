@@ -150,6 +150,44 @@ describe('RangedSource', () => {
     expect(Buffer.from(await s.read(1 << 20, 550_000)).equals(data.subarray(1 << 20, (1 << 20) + 550_000))).toBe(true);
   });
 
+  it('gives back the room of an announced range used up inside another, so read-ahead goes on', async () => {
+    const s = new MemorySource(data, { aheadBytes: 600_000, concurrency: 2 });
+    // The second lies wholly inside the first (two guest clusters on one host cluster, say): a read of the
+    // first copies nothing from the second's fetch, but uses it up.
+    s.willRead(0, 300_000);
+    s.willRead(100_000, 200_000);
+    await tick();
+    expect(Buffer.from(await s.read(0, 300_000)).equals(data.subarray(0, 300_000))).toBe(true);
+    await tick();
+    s.willRead(1 << 20, (1 << 20) + 550_000);
+    await tick();
+    // Fetched ahead: the ring has all its room again (before, the inner fetch's region stayed taken).
+    expect(s.fetches.at(-1)).toEqual([1 << 20, (1 << 20) + 550_000]);
+    expect(Buffer.from(await s.read(1 << 20, 550_000)).equals(data.subarray(1 << 20, (1 << 20) + 550_000))).toBe(true);
+  });
+
+  it('does not hand the memory of an announced fetch on while a piece of it is still arriving after another failed', async () => {
+    const K = 256 * 1024;
+    // The first piece of [0, 2K) fails at once, the second lands 60 ms later: its bytes must not land in
+    // memory the ring has meanwhile given to the next announced range.
+    class LatePieceSource extends MemorySource {
+      protected override async fetchOnce(start: number, end: number): Promise<Buffer> {
+        if (start === 0) {
+          this.fetches.push([start, end]);
+          throw new SourceUnavailableError('dropped');
+        }
+        if (start === K) await new Promise((r) => setTimeout(r, 60));
+        return super.fetchOnce(start, end);
+      }
+    }
+    const s = new LatePieceSource(data, { aheadBytes: 2 * K, maxRequestBytes: K, concurrency: 4, attempts: 1 });
+    s.willRead(0, 2 * K);
+    await tick();
+    s.willRead(1 << 20, (1 << 20) + 2 * K);
+    await new Promise((r) => setTimeout(r, 150));
+    expect(Buffer.from(await s.read(1 << 20, 2 * K)).equals(data.subarray(1 << 20, (1 << 20) + 2 * K))).toBe(true);
+  });
+
   it('takes from cached blocks what it has, and fetches again an announced range whose fetch failed', async () => {
     const s = new MemorySource(data, { attempts: 1, concurrency: 4 });
     // A table read beside the data: its block is cached, and the data announced next is not fetched twice.

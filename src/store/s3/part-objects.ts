@@ -182,7 +182,9 @@ export class PartObjects {
       while (readable[ready]) ready++;
       if (ready === announced) return;
       announced = ready;
-      announcing = announcing.then(() => (stopped ? undefined : announce(ready)));
+      // Each announcement carries the latest count, so one that failed (Redis briefly away) is made good by
+      // the next: a failure must not skip the announcements after it (settle() still sees the last one's).
+      announcing = announcing.catch(() => {}).then(() => (stopped ? undefined : announce(ready)));
     };
 
     const copyPart = async (part: number, partKey: string): Promise<void> => {
