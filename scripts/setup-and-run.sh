@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# From a fresh Debian/Ubuntu machine with Node.js 20+ to a running diskconv:
+# From a fresh Debian/Ubuntu machine with Node.js 20.12+ to a running diskconv:
 # installs redis-server if it is missing (apt), npm ci, build, then `diskconv up`,
 # which starts its own redis-server on a free loopback port (data under DATA_DIR,
 # ./data by default), the API and a worker, and prints the URL. Ctrl-C stops it all.
@@ -7,8 +7,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-if ! node -e 'process.exit(Number(process.versions.node.split(".")[0]) >= 20 ? 0 : 1)' 2>/dev/null; then
-  echo "diskconv needs Node.js 20 or newer (found: $(node --version 2>/dev/null || echo none))" >&2
+if ! node -e 'const [major, minor] = process.versions.node.split(".").map(Number); process.exit(major > 20 || (major === 20 && minor >= 12) ? 0 : 1)' 2>/dev/null; then
+  echo "diskconv needs Node.js 20.12 or newer (found: $(node --version 2>/dev/null || echo none))" >&2
   exit 1
 fi
 
