@@ -6,7 +6,7 @@
 export * from './errors.js';
 export * from './types.js';
 export { DEFAULT_LIMITS, withLimits, type Limits } from './limits.js';
-export { FileSource, BufferSource, readExact, type RandomAccessSource } from './source.js';
+export { FileSource, BufferSource, readExact, readThroughReadInto, type RandomAccessSource } from './source.js';
 export { detectFormat, DRIVERS } from './probe.js';
 export { readExtents, type ReadOptions } from './reader.js';
 export { blockStatus, qemuStatusSpan, type BlockStatus } from './block-status.js';

@@ -74,6 +74,19 @@ export async function readExact(
   return data;
 }
 
+/** `read` for a source whose reads are its `readInto`: a new buffer of what lies within the source, trimmed to what was read. */
+export async function readThroughReadInto(
+  source: { readonly size: number; readInto(target: Uint8Array, offset: number, signal?: AbortSignal): Promise<number> },
+  offset: number,
+  length: number,
+  signal?: AbortSignal,
+): Promise<Uint8Array> {
+  const end = Math.min(source.size, offset + length);
+  const buf = Buffer.allocUnsafe(Math.max(0, end - offset));
+  const done = await source.readInto(buf, offset, signal);
+  return done === buf.length ? buf : buf.subarray(0, done);
+}
+
 /** A local file opened read-only. */
 export class FileSource implements RandomAccessSource {
   /** Present where the native helper loaded: a batch of reads in one threadpool trip. */
@@ -113,10 +126,7 @@ export class FileSource implements RandomAccessSource {
 
   async read(offset: number, length: number, signal?: AbortSignal): Promise<Uint8Array> {
     if (signal?.aborted) throw new AbortedError();
-    const end = Math.min(this.size, offset + length);
-    const buf = Buffer.allocUnsafe(Math.max(0, end - offset));
-    const done = await this.readInto(buf, offset, signal);
-    return done === buf.length ? buf : buf.subarray(0, done);
+    return readThroughReadInto(this, offset, length, signal);
   }
 
   async readInto(target: Uint8Array, offset: number, signal?: AbortSignal): Promise<number> {

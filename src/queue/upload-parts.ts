@@ -12,7 +12,7 @@
  * Memory: blocks of at most BLOCK_BYTES (a whole 8 MiB part), CACHE_BLOCKS of
  * them, one fetched ahead.
  */
-import { ImageCorruptError, SourceUnavailableError, throwIfAborted, type RandomAccessSource } from '../engine/index.js';
+import { ImageCorruptError, SourceUnavailableError, readThroughReadInto, throwIfAborted, type RandomAccessSource } from '../engine/index.js';
 import { sleep } from '../engine/ranged-source.js';
 import { StoreObjectMissingError, type InputStaging } from '../store/index.js';
 import { UploadFailedError, type GrowingSourceDeps, type ReadableParts, type UploadMark } from './upload-stream.js';
@@ -212,11 +212,8 @@ export class PartObjectsSource implements RandomAccessSource {
     return bytes;
   }
 
-  async read(offset: number, length: number, signal?: AbortSignal): Promise<Uint8Array> {
-    const end = Math.min(this.size, offset + length);
-    const buf = Buffer.allocUnsafe(Math.max(0, end - offset));
-    const done = await this.readInto(buf, offset, signal);
-    return done === buf.length ? buf : buf.subarray(0, done);
+  read(offset: number, length: number, signal?: AbortSignal): Promise<Uint8Array> {
+    return readThroughReadInto(this, offset, length, signal);
   }
 
   async readInto(target: Uint8Array, offset: number, signal?: AbortSignal): Promise<number> {

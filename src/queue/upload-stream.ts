@@ -22,7 +22,7 @@
 import { open, type FileHandle } from 'node:fs/promises';
 import { DelayedError, type Job } from 'bullmq';
 import type { Redis } from 'ioredis';
-import { DiskconvError, ImageCorruptError, SourceUnavailableError, throwIfAborted, type RandomAccessSource } from '../engine/index.js';
+import { DiskconvError, ImageCorruptError, SourceUnavailableError, readThroughReadInto, throwIfAborted, type RandomAccessSource } from '../engine/index.js';
 import { sleep } from '../engine/ranged-source.js';
 import type { InputStaging } from '../store/index.js';
 import type { Leases } from './leases.js';
@@ -278,11 +278,8 @@ export class GrowingFileSource implements RandomAccessSource {
     }
   }
 
-  async read(offset: number, length: number, signal?: AbortSignal): Promise<Uint8Array> {
-    const end = Math.min(this.size, offset + length);
-    const buf = Buffer.allocUnsafe(Math.max(0, end - offset));
-    const done = await this.readInto(buf, offset, signal);
-    return done === buf.length ? buf : buf.subarray(0, done);
+  read(offset: number, length: number, signal?: AbortSignal): Promise<Uint8Array> {
+    return readThroughReadInto(this, offset, length, signal);
   }
 
   async readInto(target: Uint8Array, offset: number, signal?: AbortSignal): Promise<number> {
