@@ -11,12 +11,11 @@
  * it the file is skipped visibly, and under CI=true it fails.
  */
 import { existsSync } from 'node:fs';
-import { open } from 'node:fs/promises';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { runDiskconv } from '../helpers/cli.js';
-import { makeTempDir, qemuImg, qemuRawSha256, sha256File, writeRaw } from '../helpers/qemu.js';
+import { makeTempDir, qemuImg, qemuRawSha256, settle, sha256File, writeRaw } from '../helpers/qemu.js';
 import { curl, ServiceHarness, type JobJson } from '../helpers/service.js';
 
 const cached = fileURLToPath(new URL('../../.cache/node24/bin/node', import.meta.url));
@@ -56,10 +55,8 @@ describe.skipIf(!node24)('on Node 24', () => {
     for (const [name, opts] of formats) {
       const path = join(dir, `disk.${name}`);
       await qemuImg('convert', '-f', 'raw', ...opts, base, path);
-      // Written back now, so both Nodes' `info` see the same actual-size: ext4 counts an extent-tree block in
-      // st_blocks once writeback allocates it, which can fall between the two runs being compared.
-      const written = await open(path, 'r');
-      await written.sync().finally(() => written.close());
+      // Both Nodes' `info` must see one actual-size: writeback can add an extent-tree block between their runs.
+      await settle([path]);
       fixtures.set(name, { path, sha256: await qemuRawSha256(path, dir) });
     }
   }, 120_000);
