@@ -315,13 +315,19 @@ export function createProcessor(deps: ProcessorDeps) {
       // While the upload still arrives, walking the whole map would wait for its last table: the virtual size bounds it.
       const stillArriving = followedSource(source)?.complete === undefined && followedSource(source) !== undefined;
       const arriving = stillArriving && (free === undefined || image.virtualSize + FREE_SPACE_RESERVE <= free);
-      const allocation = arriving ? { dataBytes: image.virtualSize, zeroBytes: 0 } : await estimateAllocation(image, readSource, signal);
+      let allocation = arriving ? { dataBytes: image.virtualSize, zeroBytes: 0 } : await estimateAllocation(image, readSource, signal);
       if (free !== undefined && allocation.dataBytes + FREE_SPACE_RESERVE > free) {
         throw new InsufficientSpaceError(`the output needs up to ${allocation.dataBytes} bytes; the store has ${free} bytes free`);
       }
       if (free !== undefined && deps.space) {
         // Reserve what was checked for, so concurrent jobs do not all pass the same check.
-        const got = await deps.space.reserve(owner, allocation.dataBytes, free, FREE_SPACE_RESERVE);
+        let got = await deps.space.reserve(owner, allocation.dataBytes, free, FREE_SPACE_RESERVE);
+        if (!('reservation' in got) && arriving) {
+          // The virtual size was only a bound while the upload arrives; beside running jobs' reservations it
+          // does not fit, so wait for the whole map and reserve what the image really holds.
+          allocation = await estimateAllocation(image, readSource, signal);
+          got = await deps.space.reserve(owner, allocation.dataBytes, free, FREE_SPACE_RESERVE);
+        }
         if (!('reservation' in got)) {
           throw new InsufficientSpaceError(`the output needs up to ${allocation.dataBytes} bytes; the store has ${free} bytes free, ${got.others} of them reserved by running jobs`);
         }

@@ -185,3 +185,78 @@ describe('tus uploads convert while their PATCHes arrive', () => {
     expect(job.source.sha256).toBe(imageSha);
   }, 120_000);
 });
+
+describe.skipIf(process.getuid?.() !== 0)('space for uploads still arriving', () => {
+  let dir: string;
+  let cleanup: () => Promise<void>;
+  let mnt = '';
+  let svc: ServiceHarness | undefined;
+
+  beforeAll(async () => {
+    ({ dir, cleanup } = await makeTempDir('diskconv-tus-space-'));
+    const { execFileSync } = await import('node:child_process');
+    const { mkdtemp } = await import('node:fs/promises');
+    const { tmpdir } = await import('node:os');
+    mnt = await mkdtemp(join(tmpdir(), 'diskconv-tus-space-mnt-'));
+    execFileSync('mount', ['-t', 'tmpfs', '-o', 'size=400m', 'tmpfs', mnt]);
+  });
+  afterAll(async () => {
+    await svc?.close();
+    if (mnt) {
+      const { execFileSync } = await import('node:child_process');
+      execFileSync('umount', ['-l', mnt]);
+      await import('node:fs/promises').then((fs) => fs.rm(mnt, { recursive: true, force: true }));
+    }
+    await cleanup?.();
+  });
+
+  it('two arriving uploads whose virtual sizes do not fit together, but whose data does, both convert: the second reserves what its map holds instead of being refused', async () => {
+    // 256 MiB virtual, 2 MiB of data each, on a 400 MiB store: while an upload arrives its job reserves the
+    // virtual size, and two such bounds (plus the 64 MiB margin) exceed the store; the data fits many times.
+    const images: Buffer[] = [];
+    const rawShas: string[] = [];
+    for (const seed of [51, 52]) {
+      await writeRaw(join(dir, `s${seed}.raw`), 2 * MiB, seed);
+      await qemuImg('convert', '-f', 'raw', '-O', 'qcow2', join(dir, `s${seed}.raw`), join(dir, `s${seed}.qcow2`));
+      await qemuImg('resize', '-f', 'qcow2', join(dir, `s${seed}.qcow2`), '256M');
+      images.push(await readFile(join(dir, `s${seed}.qcow2`)));
+      rawShas.push(await qemuRawSha256(join(dir, `s${seed}.qcow2`), dir));
+    }
+    svc = await ServiceHarness.create('tus-space', { DATA_DIR: mnt, API_TOKENS: TOKEN, UPLOAD_TTL_SECONDS: '3600', TUS_OVERLAP_IDLE_MS: '60000', WORKER_CONCURRENCY: '2', JOB_ATTEMPTS: '1' });
+    await svc.startApi();
+    await svc.startWorker();
+    const harness = svc;
+    const create = async (length: number, filename: string): Promise<string> => {
+      const res = await fetch(`${harness.apiUrl}/v1/uploads`, {
+        method: 'POST',
+        headers: tusHeaders({ 'upload-length': String(length), 'upload-metadata': `filename ${Buffer.from(filename).toString('base64')}` }),
+      });
+      expect(res.status, await res.clone().text()).toBe(201);
+      return new URL(res.headers.get('location') as string, harness.apiUrl).toString();
+    };
+    const patch = async (url: string, body: Buffer, offset: number): Promise<string> => {
+      const res = await fetch(url, { method: 'PATCH', headers: tusHeaders({ 'upload-offset': String(offset), 'content-type': 'application/offset+octet-stream' }), body });
+      expect(res.status, await res.clone().text()).toBe(204);
+      return (res.headers.get('diskconv-job') as string).split('/').pop() as string;
+    };
+    const [a, b] = images as [Buffer, Buffer];
+    const urlA = await create(a.length, 'a.qcow2');
+    const urlB = await create(b.length, 'b.qcow2');
+    // The first job converts while its upload arrives, holding its virtual size (1 MiB holds the tables).
+    const head = 1 * MiB;
+    const idA = await patch(urlA, a.subarray(0, head), 0);
+    await harness.waitForJob(idA, (j) => j.state === 'running' && j.progress.phase === 'converting', { token: TOKEN });
+    // The second one's bound does not fit beside it: it reserves what its map holds instead of failing.
+    const idB = await patch(urlB, b.subarray(0, head), 0);
+    await harness.waitForJob(idB, (j) => (j.state === 'running' && j.progress.phase === 'converting') || j.state === 'failed', { token: TOKEN });
+    await patch(urlB, b.subarray(head), head);
+    const jobB = await harness.waitForFinal(idB, { token: TOKEN });
+    expect(jobB.state, JSON.stringify(jobB.error)).toBe('succeeded');
+    expect(jobB.output?.sha256).toBe(rawShas[1]);
+    // The first one was never starved of its reservation meanwhile.
+    await patch(urlA, a.subarray(head), head);
+    const jobA = await harness.waitForFinal(idA, { token: TOKEN });
+    expect(jobA.state, JSON.stringify(jobA.error)).toBe('succeeded');
+    expect(jobA.output?.sha256).toBe(rawShas[0]);
+  }, 120_000);
+});
