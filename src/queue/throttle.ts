@@ -11,7 +11,13 @@ export class ThrottledSource implements RandomAccessSource {
   constructor(
     private readonly inner: RandomAccessSource,
     private readonly bytesPerSecond: number,
-  ) {}
+  ) {
+    const ahead = inner.willRead?.bind(inner);
+    if (ahead) this.willRead = ahead;
+  }
+
+  /** The inner source's, when it has one: a throttled URL import still fetches what the reader announces. */
+  readonly willRead?: (start: number, end: number) => void;
 
   get size(): number {
     return this.inner.size;

@@ -46,7 +46,22 @@ export class JoinedSource implements RandomAccessSource {
     if (!Number.isSafeInteger(at + source.size)) throw new RangeError(`${this.name}: joined source would exceed 2^53 bytes`);
     this.segments.push({ at, source, owned });
     this.end = at + source.size;
+    // Present from the first segment that fetches ahead; each announcement goes to the segments it covers.
+    if (source.willRead && !this.willRead) this.willRead = (start, end) => this.announce(start, end);
     return at;
+  }
+
+  /** Present once a segment has one (RandomAccessSource.willRead). */
+  willRead?: (start: number, end: number) => void;
+
+  private announce(start: number, end: number): void {
+    for (let i = this.find(start); i < this.segments.length; i++) {
+      const s = this.segments[i] as Segment;
+      if (s.at >= end) break;
+      const from = Math.max(start, s.at);
+      const to = Math.min(end, s.at + s.source.size);
+      if (to > from) s.source.willRead?.(from - s.at, to - s.at);
+    }
   }
 
   /** The segment holding `offset`, or the index of the first one after it. */

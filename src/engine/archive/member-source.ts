@@ -18,7 +18,20 @@ export class MemberSource implements RandomAccessSource {
     if (!Number.isSafeInteger(offset) || !Number.isSafeInteger(size) || offset < 0 || size < 0 || offset + size > archive.size) {
       throw new RangeError(`member ${name} [${offset}, +${size}) lies outside the archive (${archive.size} bytes)`);
     }
+    // Announcements go on to an archive that fetches ahead (a tar on a URL); decided here, once, so that a
+    // source present only when its archive has one never asks the archive again (sources can nest in cycles).
+    const ahead = archive.willRead?.bind(archive);
+    if (ahead) {
+      this.willRead = (start, end) => {
+        const from = Math.max(0, Math.min(start, this.size));
+        const to = Math.max(from, Math.min(end, this.size));
+        if (to > from) ahead(this.offset + from, this.offset + to);
+      };
+    }
   }
+
+  /** Present when the archive has one (RandomAccessSource.willRead). */
+  readonly willRead?: (start: number, end: number) => void;
 
   async read(offset: number, length: number, signal?: AbortSignal): Promise<Uint8Array> {
     if (signal?.aborted) throw new AbortedError();

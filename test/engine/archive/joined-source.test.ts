@@ -6,6 +6,7 @@
 import { describe, expect, it } from 'vitest';
 import { BufferSource } from '../../../src/engine/index.js';
 import { JoinedSource } from '../../../src/engine/archive/joined-source.js';
+import { MemberSource } from '../../../src/engine/archive/member-source.js';
 
 const bytes = (n: number, seed: number): Buffer => Buffer.from(Array.from({ length: n }, (_, i) => (i * 7 + seed) & 0xff));
 
@@ -57,5 +58,49 @@ describe('JoinedSource', () => {
     expect(closed).toBe(1);
     expect(joined.size).toBe(100);
     expect(joined.extended).toBe(false);
+  });
+});
+
+/** A buffer that records the reader's announcements (RandomAccessSource.willRead), as a range source would act on them. */
+class AnnouncedSource extends BufferSource {
+  readonly announced: Array<[number, number]> = [];
+  willRead(start: number, end: number): void {
+    this.announced.push([start, end]);
+  }
+}
+
+describe('announcements (willRead) through members and joined sources', () => {
+  it('a member shifts and clips them into its window; a joined source sends each part to its segment', () => {
+    const archive = new AnnouncedSource(bytes(100_000, 4));
+    const member = new MemberSource(archive, 10_000, 5_000, 'm');
+    member.willRead?.(100, 200);
+    member.willRead?.(4_900, 9_000); // clipped at the member's end
+    member.willRead?.(6_000, 7_000); // wholly past it: nothing
+    expect(archive.announced).toEqual([
+      [10_100, 10_200],
+      [14_900, 15_000],
+    ]);
+    const second = new AnnouncedSource(bytes(3_000, 5));
+    const joined = new JoinedSource('j', archive);
+    const at = joined.append(new BufferSource(bytes(3_000, 6)), { owned: false });
+    const atSecond = joined.append(second, { owned: false });
+    archive.announced.length = 0;
+    joined.willRead?.(99_000, atSecond + 1_000); // the archive's tail, the plain segment, padding, the second's head
+    expect(at).toBe(102_400);
+    expect(archive.announced).toEqual([[99_000, 100_000]]);
+    expect(second.announced).toEqual([[0, 1_000]]);
+  });
+
+  it('sources over a source that cannot fetch ahead have no willRead, so the reader plans nothing for them', () => {
+    const plain = new BufferSource(bytes(10_000, 7));
+    expect(new MemberSource(plain, 0, 100, 'm').willRead).toBeUndefined();
+    const joined = new JoinedSource('j', plain);
+    joined.append(new BufferSource(bytes(10, 8)), { owned: false });
+    expect(joined.willRead).toBeUndefined();
+    // Members of a joined source over members (an OVF file in chunks) nest without asking in circles.
+    const over = new JoinedSource('k');
+    over.append(new MemberSource(joined, 0, 5_000, 'c0'), { owned: false, align: 1 });
+    joined.append(over, { owned: false });
+    expect(over.willRead).toBeUndefined();
   });
 });

@@ -80,6 +80,41 @@ describe('OVA', () => {
     await source.close();
   }, 60_000);
 
+  it('a reader over an archive that fetches ahead announces the member reads to it, inside the member; gzip staging beside it too', async () => {
+    /** The OVA in memory, recording what the reader announces (as a URL's range source would fetch ahead). */
+    class Announced extends BufferSource {
+      readonly announced: Array<[number, number]> = [];
+      willRead(start: number, end: number): void {
+        this.announced.push([start, end]);
+      }
+    }
+    const bytes = await readFile(path('app.ova'));
+    const start = bytes.indexOf(disk2.subarray(0, 512));
+    expect(start).toBeGreaterThan(0);
+    const ova = new Announced(bytes, 'app.ova');
+    expect((await imageSha256(ova, { disk: '2' })).sha256).toBe(ref2);
+    expect(ova.announced.length).toBeGreaterThan(0);
+    for (const [from, to] of ova.announced) {
+      expect(from).toBeGreaterThanOrEqual(start);
+      expect(to).toBeLessThanOrEqual(start + disk2.length);
+    }
+    // A gzip'd member is staged into scratch beside the archive (the joined space); the reader reads it from there.
+    const scratchDir = path('announce-scratch');
+    await mkdir(scratchDir);
+    await run('sh', ['-c', `gzip -c "${path('app-disk2.qcow2')}" > "${path('announce.gz')}"`]);
+    const gz = await readFile(path('announce.gz'));
+    const gzipped = new Announced(
+      makeTar([
+        { name: 'app.ovf', data: Buffer.from(ovf([{ id: 'vmdisk2', href: 'app-disk2.qcow2', size: gz.length, extra: ' ovf:compression="gzip"' }])) },
+        { name: 'app-disk2.qcow2', data: gz },
+      ]),
+      'gz.ova',
+    );
+    expect((await imageSha256(gzipped, { scratchDir })).sha256).toBe(ref2);
+    expect(gzipped.announced.every(([from, to]) => from >= 0 && to <= gzipped.size)).toBe(true);
+    expect(await readdir(scratchDir)).toEqual([]);
+  }, 60_000);
+
   it('disk chooses by index, diskId or file name; an unknown choice is INVALID_ARGUMENT listing the disks', async () => {
     for (const disk of ['2', 'vmdisk2', 'app-disk2.qcow2']) {
       const got = await fileSha256(path('app.ova'), { disk });
