@@ -1,9 +1,12 @@
 /** Input staging and the output store in an RGW bucket (the shared test Ceph): the shared contract, plus S3's own. */
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import type { S3Client } from '@aws-sdk/client-s3';
+import { ListPartsCommand, ListMultipartUploadsCommand, type S3Client } from '@aws-sdk/client-s3';
 import { loadConfig } from '../../src/config.js';
 import { BufferSource, convertToRaw, openImage } from '../../src/engine/index.js';
 import { openStores, type Stores } from '../../src/store/index.js';
+import type { S3Settings } from '../../src/store/s3/client.js';
+import type { S3OutputWriter } from '../../src/store/s3/output.js';
+import { PartObjects } from '../../src/store/s3/part-objects.js';
 import { S3RangeSource } from '../../src/store/s3/source.js';
 import type { S3Staging } from '../../src/store/s3/staging.js';
 import { cephAvailable, useCeph, type CephEnv } from '../helpers/ceph.js';
@@ -61,7 +64,7 @@ describe.skipIf(!cephAvailable)('S3 store (Ceph RGW)', () => {
     const image = await openImage(source, { format: 'raw' });
     const writer = await stores.output.create('multi', data.length);
     await convertToRaw(image, source, writer);
-    // lib-storage takes the parts into its queue before RGW has answered CreateMultipartUpload: wait to see it.
+    // The parts go up in the background: wait to see the upload.
     await waitFor('the multipart upload to be in progress', async () => (await uploadsInProgress(client, bucket, prefix)).length > 0, 30_000, 200);
     expect(await uploadsInProgress(client, bucket, prefix)).toHaveLength(1);
     expect(await stores.output.stat('multi')).toBeUndefined();
@@ -77,6 +80,45 @@ describe.skipIf(!cephAvailable)('S3 store (Ceph RGW)', () => {
     expect(res.status).toBe(206);
     expect(Buffer.from(await res.arrayBuffer())).toEqual(data.subarray(0, 10));
     await stores.output.delete('multi');
+  });
+
+  it('an output holds at most parts-in-flight + 1 part buffers, copies each extent before its buffer is reused, and sends its last part at finish', async () => {
+    const MiB = 2 ** 20;
+    // 45 MiB: five parts of 8 MiB and a last one of 5 MiB; data, then zeros, then data.
+    const size = 45 * MiB;
+    const expected = Buffer.concat([seededBytes(20 * MiB, 41), Buffer.alloc(10 * MiB), seededBytes(15 * MiB, 42)]);
+    const writer = (await stores.output.create('bounded', size)) as S3OutputWriter;
+    // One buffer for every extent, overwritten as soon as write() resolves: what the reader does with its arenas.
+    const recycled = Buffer.alloc(MiB);
+    for (let at = 0; at < size; at += MiB) {
+      if (at >= 20 * MiB && at < 30 * MiB) {
+        await writer.write({ kind: 'zero', offset: at, length: MiB });
+        continue;
+      }
+      expected.copy(recycled, 0, at, at + MiB);
+      await writer.write({ kind: 'data', offset: at, length: MiB, data: recycled });
+      recycled.fill(0xee);
+    }
+    await writer.finish(size);
+    // Every part is in the bucket before the commit; the object is not visible until it.
+    const key = `${prefix}output/bounded`;
+    const uploadId = await waitFor('the upload in progress', async () => {
+      const res = await client.send(new ListMultipartUploadsCommand({ Bucket: bucket, Prefix: key }));
+      return res.Uploads?.find((u) => u.Key === key)?.UploadId;
+    });
+    await waitFor('all six parts uploaded before the commit', async () => {
+      const res = await client.send(new ListPartsCommand({ Bucket: bucket, Key: key, UploadId: uploadId }));
+      return (res.Parts ?? []).length === 6;
+    });
+    expect(await stores.output.stat('bounded')).toBeUndefined();
+    const parts = writer.parts;
+    expect(parts).toMatchObject({ partsSent: 6, partBytes: 8 * MiB, partsInFlight: 2 });
+    expect(parts.buffers).toBeLessThanOrEqual(parts.partsInFlight + 1);
+    expect(parts.maxInFlight).toBeLessThanOrEqual(parts.partsInFlight + 1);
+    const stored = await writer.commit();
+    expect(stored.size).toBe(size);
+    expect((await readAll(await stores.output.read('bounded'))).equals(expected)).toBe(true);
+    await stores.output.delete('bounded');
   });
 
   it('aborts a multipart output midway with nothing left in progress', async () => {
@@ -155,6 +197,47 @@ describe.skipIf(!cephAvailable)('S3 store (Ceph RGW)', () => {
       await expect(readPart.call(followed.staging, 'followed', 0, 0, 10)).rejects.toMatchObject({ code: 'STORE_OBJECT_MISSING' });
       await followed.staging.delete('followed');
       expect(await objectKeys(client, bucket, `${prefix}input/followed`)).toEqual([]);
+    });
+
+    it('copies each part into the upload as it arrives, before the last byte; the last part goes up from its buffer beside its object', async () => {
+      const settings: S3Settings = { bucket, prefix, endpoint: env.S3_ENDPOINT, region: env.S3_REGION, forcePathStyle: true, requestTimeoutMs: 60_000 };
+      // The real client and bucket; a middleware notes each request it sends (command, part number).
+      const watched = testS3Client(env);
+      const sent: string[] = [];
+      watched.middlewareStack.add(
+        (next, context) => async (args) => {
+          const part = (args.input as { PartNumber?: number }).PartNumber;
+          sent.push(`${context.commandName}${part === undefined ? '' : ` ${part}`}`);
+          return next(args);
+        },
+        { step: 'initialize' },
+      );
+      const parts = new PartObjects(watched, settings);
+      for (const [name, size] of [
+        ['early', 20 * MiB + 123],
+        ['boundary', 16 * MiB], // the body ends on a part's end: that full part is the last
+      ] as const) {
+        sent.length = 0;
+        const data = seededBytes(size, 33);
+        const w = await parts.create(name, data.length, async () => {});
+        const lastPart = Math.ceil(size / (8 * MiB));
+        await write(w, data, size - MiB);
+        // The parts before the last are copied while the body's last MiB is still with the client.
+        await waitFor('the copies of the earlier parts', async () => Array.from({ length: lastPart - 1 }, (_, i) => sent.includes(`UploadPartCopyCommand ${i + 1}`)).every(Boolean));
+        const copies = Array.from({ length: lastPart - 1 }, (_, i) => `UploadPartCopyCommand ${i + 1}`);
+        expect(sent.filter((c) => c.startsWith('UploadPart')).sort()).toEqual(copies);
+        w.stream.end(data.subarray(size - MiB));
+        await new Promise((r) => w.stream.once('finish', r));
+        expect(sent.filter((c) => c.startsWith('UploadPart')).sort()).toEqual([`UploadPartCommand ${lastPart}`, ...copies]);
+        expect(sent.filter((c) => c === 'PutObjectCommand')).toHaveLength(lastPart);
+        // The last part is readable by its object too (a worker follows it before the commit).
+        expect((await parts.read(name, lastPart - 1, 0, 10)).equals(data.subarray((lastPart - 1) * 8 * MiB, (lastPart - 1) * 8 * MiB + 10))).toBe(true);
+        expect((await w.commit()).size).toBe(size);
+        expect((await readAll(await (followed.staging as S3Staging).read(name))).equals(data)).toBe(true);
+        await w.removeFollowCopies();
+        expect(await objectKeys(client, bucket, `${prefix}input/${name}.parts/`)).toEqual([]);
+        await followed.staging.delete(name);
+      }
     });
 
     it('an abort midway leaves no part object and no upload in progress', async () => {

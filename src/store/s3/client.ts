@@ -5,6 +5,7 @@
  * checksums are sent only when an operation requires them; a full OSD makes
  * requests hang without an error, so every request has a deadline.
  */
+import { Readable } from 'node:stream';
 import { HeadBucketCommand, S3Client, S3ServiceException } from '@aws-sdk/client-s3';
 import { AbortedError, isDiskconvError } from '../../engine/errors.js';
 import { StoreError, StoreObjectMissingError } from '../common.js';
@@ -42,6 +43,31 @@ export function createS3Client(s: S3Settings): S3Client {
 export function deadline(ms: number, signal?: AbortSignal): AbortSignal {
   const timeout = AbortSignal.timeout(ms);
   return signal ? AbortSignal.any([signal, timeout]) : timeout;
+}
+
+/**
+ * A GET's body read into `target`, which it must fill exactly (a ranged GET's length is known). The SDK's own
+ * transformToByteArray keeps every chunk and then concatenates them: twice the range in memory for a moment, and a
+ * fresh buffer per request where the caller has one to fill.
+ */
+export async function readBodyInto(body: unknown, target: Uint8Array, what: string): Promise<Uint8Array> {
+  if (!(body instanceof Readable)) {
+    const bytes = await (body as { transformToByteArray(): Promise<Uint8Array> }).transformToByteArray();
+    if (bytes.length !== target.length) throw new StoreError(`${what}: asked for ${target.length} bytes, got ${bytes.length}`);
+    target.set(bytes);
+    return target;
+  }
+  let at = 0;
+  for await (const chunk of body as AsyncIterable<Buffer>) {
+    if (at + chunk.length > target.length) {
+      body.destroy();
+      throw new StoreError(`${what}: asked for ${target.length} bytes, got more`);
+    }
+    target.set(chunk, at);
+    at += chunk.length;
+  }
+  if (at !== target.length) throw new StoreError(`${what}: asked for ${target.length} bytes, got ${at}`);
+  return target;
 }
 
 export function isNotFound(err: unknown): boolean {

@@ -35,10 +35,12 @@ export interface HeadResult extends ObjectStat {
 const MAX_PARTS = 10_000;
 const MIN_PART = 8 * 2 ** 20;
 
-export function partSizeFor(size: number | undefined): number {
-  if (size === undefined) return MIN_PART;
+/** Parts of at least `least` bytes (S3: 5 MiB; 8 MiB here unless said), whole MiB, few enough for `size` (10,000 at most). */
+export function partSizeFor(size: number | undefined, least = MIN_PART): number {
+  const floor = Math.max(5 * 2 ** 20, least);
+  if (size === undefined) return floor;
   const needed = Math.ceil(size / (MAX_PARTS - 1));
-  return Math.max(MIN_PART, Math.ceil(needed / 2 ** 20) * 2 ** 20);
+  return Math.max(floor, Math.ceil(needed / 2 ** 20) * 2 ** 20);
 }
 
 /** An upload in progress: a writable stream into a multipart upload. */

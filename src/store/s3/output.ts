@@ -1,63 +1,82 @@
 /**
  * The output store in a bucket: the raw image goes up as a multipart upload in
- * guest order while it is converted (bounded memory: part size × parts in
- * flight), visible only once complete. Zero extents travel as zeros: an S3
- * object has no holes.
+ * guest order while it is converted, visible only once complete. Zero extents
+ * travel as zeros: an S3 object has no holes. Memory: (PARTS_IN_FLIGHT + 1)
+ * part buffers, reused (multipart.ts); the last part goes up at the converter's
+ * finish, so the job's commit only completes the upload.
  */
-import { once } from 'node:events';
 import type { Readable } from 'node:stream';
 import type { S3Client } from '@aws-sdk/client-s3';
 import { GetObjectCommand } from '@aws-sdk/client-s3';
 import { getSignedUrl } from '@aws-sdk/s3-request-presigner';
 import type { Extent } from '../../engine/index.js';
-import { StoreError, type ByteRange } from '../common.js';
+import { StoreError, StoreObjectMissingError, type ByteRange } from '../common.js';
 import { ObjectStoreBase } from '../objects.js';
 import type { OutputStore, OutputWriter, StoredOutput } from '../output.js';
 import type { S3Settings } from './client.js';
-import { S3Objects } from './objects.js';
+import { PartWriter, type PartWriterStats } from './multipart.js';
+import { partSizeFor, S3Objects } from './objects.js';
 
-const ZEROS = Buffer.alloc(1 << 20);
+/** UploadParts under way at once (two, as the staging writes have); one more part is filled meanwhile. */
+export const PARTS_IN_FLIGHT = 2;
+/** Part buffers together at most about this much: past it (parts over ~13 MiB, images over ~130 GiB) one part is in flight. */
+const PART_MEMORY = 40 * 2 ** 20;
+
+/** How many parts go up at once for parts of `partBytes`. */
+export function partsInFlightFor(partBytes: number, wanted = PARTS_IN_FLIGHT): number {
+  return Math.max(1, Math.min(wanted, Math.floor(PART_MEMORY / partBytes) - 1));
+}
+
+/** An output writer of this store (the part statistics are for the tests and the logs). */
+export interface S3OutputWriter extends OutputWriter {
+  readonly parts: PartWriterStats & { partBytes: number; partsInFlight: number };
+}
 
 export class S3OutputStore extends ObjectStoreBase<S3Objects> implements OutputStore {
   readonly kind = 's3';
   constructor(
     private readonly client: S3Client,
     settings: S3Settings,
+    private readonly tuning: { partsInFlight?: number; partBytes?: number } = {},
   ) {
     super(new S3Objects(client, settings, 'output'));
   }
 
-  async create(key: string, size: number): Promise<OutputWriter> {
-    const write = this.objects.write(key, { size, queueSize: 4 });
-    const { stream } = write;
-    let written = 0;
+  async create(key: string, size: number): Promise<S3OutputWriter> {
+    const partBytes = partSizeFor(size, this.tuning.partBytes);
+    const partsInFlight = partsInFlightFor(partBytes, this.tuning.partsInFlight);
+    const parts = new PartWriter(this.client, this.objects.settings.bucket, this.objects.objectKey(key), `output ${key}`, {
+      partBytes,
+      partsInFlight,
+      requestTimeoutMs: this.objects.settings.requestTimeoutMs,
+    });
     let finished = false;
-    const push = async (chunk: Buffer): Promise<void> => {
-      written += chunk.length;
-      if (!stream.write(chunk)) await Promise.race([once(stream, 'drain'), write.failed]);
-    };
     return {
+      get parts() {
+        return { ...parts.stats, partBytes, partsInFlight };
+      },
       write: async (extent: Extent) => {
-        if (extent.offset !== written) throw new StoreError(`output ${key}: extent at ${extent.offset}, expected ${written} (guest order)`);
+        if (extent.offset !== parts.written) throw new StoreError(`output ${key}: extent at ${extent.offset}, expected ${parts.written} (guest order)`);
         if (extent.offset + extent.length > size) throw new StoreError(`output ${key}: extent past the declared size ${size}`);
-        if (extent.kind === 'data') {
-          // The reader recycles the extent's buffer once we return: the stream keeps a copy.
-          await push(Buffer.from(extent.data));
-          return;
-        }
-        for (let left = extent.length; left > 0; left -= ZEROS.length) await push(left >= ZEROS.length ? ZEROS : ZEROS.subarray(0, left));
+        // A data extent's buffer is the reader's, recycled once we return: its bytes are copied into the part.
+        if (extent.kind === 'data') await parts.write(extent.data);
+        else await parts.zeros(extent.length);
       },
       finish: async (virtualSize: number) => {
         if (virtualSize !== size) throw new StoreError(`output ${key} was created for ${size} bytes, finished at ${virtualSize}`);
-        if (written < size) await this.zeroFill(push, size - written);
-        // The stream ends at commit: until then the last part stays with us, so the upload cannot complete early.
+        if (parts.written < size) await parts.zeros(size - parts.written);
+        // The last part goes up now, beside whatever the job still waits for (an upload's commit); the object
+        // becomes visible only at commit.
+        parts.sendTail();
         finished = true;
       },
-      abort: () => write.abort(),
+      abort: () => parts.abort(),
       commit: async (): Promise<StoredOutput> => {
         if (!finished) throw new StoreError(`commit of output ${key} before finish`);
-        stream.end();
-        const head = await write.done();
+        await parts.complete();
+        // RGW answers Complete with an empty ETag: the object's size and date read back.
+        const head = await this.objects.head(key);
+        if (!head) throw new StoreObjectMissingError(`output ${key} is not in the bucket after its upload completed`);
         if (head.size !== size) {
           await this.objects.delete(key).catch(() => {});
           throw new StoreError(`output ${key} is ${head.size} bytes in the bucket, expected ${size}`);
@@ -65,10 +84,6 @@ export class S3OutputStore extends ObjectStoreBase<S3Objects> implements OutputS
         return { key, size: head.size, modifiedAt: head.modifiedAt, location: this.objects.location(key) };
       },
     };
-  }
-
-  private async zeroFill(push: (b: Buffer) => Promise<void>, bytes: number): Promise<void> {
-    for (let left = bytes; left > 0; left -= ZEROS.length) await push(left >= ZEROS.length ? ZEROS : ZEROS.subarray(0, left));
   }
 
   override async stat(key: string): Promise<StoredOutput | undefined> {

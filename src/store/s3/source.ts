@@ -10,9 +10,9 @@
 import { GetObjectCommand, type S3Client } from '@aws-sdk/client-s3';
 import { RangedSource, type RangedSourceStats, type RangedSourceTuning } from '../../engine/ranged-source.js';
 import { StoreError } from '../common.js';
-import { asS3StoreError, deadline } from './client.js';
+import { asS3StoreError, deadline, readBodyInto } from './client.js';
 
-export type S3SourceTuning = Pick<RangedSourceTuning, 'blockBytes' | 'cacheBlocks' | 'maxRequestBytes' | 'concurrency'>;
+export type S3SourceTuning = Pick<RangedSourceTuning, 'blockBytes' | 'cacheBlocks' | 'maxRequestBytes' | 'concurrency'> & Partial<Pick<RangedSourceTuning, 'aheadBytes'>>;
 
 export const DEFAULT_S3_SOURCE_TUNING: Readonly<S3SourceTuning> = Object.freeze({
   blockBytes: 256 * 1024,
@@ -47,19 +47,15 @@ export class S3RangeSource extends RangedSource {
 
   protected async release(): Promise<void> {}
 
-  /** Bytes [start, end) in one ranged GET (the SDK's own buffer: the base copies it where it is wanted). */
-  protected async fetchOnce(start: number, end: number, signal: AbortSignal): Promise<Uint8Array> {
+  /** Bytes [start, end) in one ranged GET, streamed into `target` when the base gives one (the ring), else into a buffer of their own. */
+  protected async fetchOnce(start: number, end: number, signal: AbortSignal, target?: Uint8Array): Promise<Uint8Array> {
     try {
       const res = await this.client.send(
         new GetObjectCommand({ Bucket: this.bucket, Key: this.key, Range: `bytes=${start}-${end - 1}`, ...(this.etag ? { IfMatch: this.etag } : {}) }),
         { abortSignal: deadline(this.requestTimeoutMs, signal) },
       );
       if (!res.Body) throw new StoreError(`${this.name}: empty answer to a range request`);
-      const bytes = await res.Body.transformToByteArray();
-      if (bytes.length !== end - start) {
-        throw new StoreError(`${this.name}: asked for ${end - start} bytes at ${start}, got ${bytes.length}`);
-      }
-      return bytes;
+      return await readBodyInto(res.Body, target ?? Buffer.allocUnsafe(end - start), `${this.name}: a range at ${start}`);
     } catch (err) {
       if ((err as { $metadata?: { httpStatusCode?: number } }).$metadata?.httpStatusCode === 412) {
         throw new StoreError(`${this.name} was replaced while it was read`, { cause: err });
