@@ -5,11 +5,16 @@
 // processes on one Redis and bucket, one with each setting, and one worker (its own DATA_DIR; it follows
 // whichever way the mark says); rounds alternate. Per run: the transfer, the last byte (the client's last write
 // flushed) to the 202 and to the job's `succeeded`, and the CPU of radosgw and ceph-osd over the run (the
-// bucket's cost), read from /proc by the PIDs in DIR/pids.
+// bucket's cost), read from /proc by the PIDs in DIR/pids, and the worker's peak RSS while it converts (VmHWM of
+// /proc/PID/status, reset through clear_refs before each upload).
 //   node bench/s3-overlap.mjs ENV_FILE [--rate 50000000] [--rounds 3] [--data 256] [--virtual 1024]   (MiB of data in a qcow2 of that virtual size)
+//     [--builds NAME=CLI,NAME=CLI]   A/B: each build (a dist/cli.js) gets its own two APIs and worker (own queue) on the
+//                                    same Redis and bucket; every round runs each build in both modes, order alternating
+//     [--modes overlap,staged]       which of the two settings to run
+// BENCH_S3_WORKER_ARGS: node flags for the workers (e.g. `--import /tmp/sampler.mjs`).
 import { execFileSync, spawn } from 'node:child_process';
 import { createCipheriv, createHash } from 'node:crypto';
-import { closeSync, mkdirSync, mkdtempSync, openSync, readFileSync, rmSync, writeSync } from 'node:fs';
+import { closeSync, mkdirSync, mkdtempSync, openSync, readFileSync, rmSync, writeFileSync, writeSync } from 'node:fs';
 import { request as httpRequest } from 'node:http';
 import { createServer } from 'node:net';
 import { tmpdir } from 'node:os';
@@ -28,7 +33,12 @@ const rounds = Number(args.get('rounds') ?? 3);
 const dataMiB = Number(args.get('data') ?? 256);
 const virtualMiB = Number(args.get('virtual') ?? 1024);
 const here = dirname(fileURLToPath(import.meta.url));
-const CLI = join(here, '..', 'dist', 'cli.js');
+const builds = (args.get('builds') ?? `current=${join(here, '..', 'dist', 'cli.js')}`).split(',').map((b) => {
+  const at = b.indexOf('=');
+  return { name: b.slice(0, at), cli: b.slice(at + 1) };
+});
+const modes = (args.get('modes') ?? 'overlap,staged').split(',');
+const workerArgs = (process.env.BENCH_S3_WORKER_ARGS ?? '').split(' ').filter(Boolean);
 const TOKEN = 'bench-s3-overlap-token-0123456789abcdef';
 const env = Object.fromEntries(readFileSync(envFile, 'utf8').split('\n').filter((l) => l.includes('=')).map((l) => [l.slice(0, l.indexOf('=')), l.slice(l.indexOf('=') + 1)]));
 const loadavg = () => readFileSync('/proc/loadavg', 'utf8').split(' ').slice(0, 3).join(' ');
@@ -101,7 +111,6 @@ const base = {
   HOST: '127.0.0.1',
   API_TOKENS: TOKEN,
   LOG_LEVEL: 'info',
-  QUEUE_NAME: `bench-${process.pid}`,
   PROGRESS_INTERVAL_MS: '250',
   MAX_UPLOAD_BYTES: String(4 * virtual),
   STORE_URL: `s3://${Bucket}/`,
@@ -111,17 +120,38 @@ const base = {
   AWS_ACCESS_KEY_ID: env.AWS_ACCESS_KEY_ID,
   AWS_SECRET_ACCESS_KEY: env.AWS_SECRET_ACCESS_KEY,
 };
-const apis = {};
-for (const [mode, on] of [['overlap', 'true'], ['staged', 'false']]) {
-  const port = await freePort();
-  apis[mode] = { url: `http://127.0.0.1:${port}`, proc: start(`api-${mode}`, [CLI, 'serve'], { ...base, DATA_DIR: join(dir, `api-${mode}`), PORT: String(port), S3_STAGING_OVERLAP: on }) };
+for (const build of builds) {
+  const own = { ...base, QUEUE_NAME: `bench-${process.pid}-${build.name}` };
+  build.apis = {};
+  for (const [mode, on] of [['overlap', 'true'], ['staged', 'false']]) {
+    const port = await freePort();
+    build.apis[mode] = {
+      url: `http://127.0.0.1:${port}`,
+      proc: start(`api-${build.name}-${mode}`, [build.cli, 'serve'], { ...own, DATA_DIR: join(dir, `api-${build.name}-${mode}`), PORT: String(port), S3_STAGING_OVERLAP: on }),
+    };
+  }
+  build.worker = start(`worker-${build.name}`, [...workerArgs, build.cli, 'worker'], { ...own, DATA_DIR: join(dir, `worker-${build.name}`) });
 }
-const worker = start('worker', [CLI, 'worker'], { ...base, DATA_DIR: join(dir, 'worker') });
 for (let i = 0; ; i++) {
-  const ok = (await Promise.all(Object.values(apis).map((a) => fetch(`${a.url}/readyz`).then((r) => r.status === 200, () => false)))).every(Boolean);
-  if (ok && worker.log().includes('worker ready')) break;
-  if (i > 300) throw new Error(`the service did not start:\n${Object.values(apis).map((a) => a.proc.log()).join('\n')}\n${worker.log()}`);
+  const apis = builds.flatMap((b) => Object.values(b.apis));
+  const ok = (await Promise.all(apis.map((a) => fetch(`${a.url}/readyz`).then((r) => r.status === 200, () => false)))).every(Boolean);
+  if (ok && builds.every((b) => b.worker.log().includes('worker ready'))) break;
+  if (i > 300) throw new Error(`the service did not start:\n${apis.map((a) => a.proc.log()).join('\n')}\n${builds.map((b) => b.worker.log()).join('\n')}`);
   await sleep(100);
+}
+
+/** The worker's peak RSS (VmHWM) reset to its RSS now: true when the kernel took it. */
+function resetPeak(pid) {
+  try {
+    writeFileSync(`/proc/${pid}/clear_refs`, '5');
+    return true;
+  } catch {
+    return false;
+  }
+}
+function peakMiB(pid) {
+  const status = readFileSync(`/proc/${pid}/status`, 'utf8');
+  return Number(/VmHWM:\s+(\d+)/.exec(status)?.[1] ?? NaN) / 1024;
 }
 
 /** One upload at `rate`; times in seconds from the start. */
@@ -166,33 +196,40 @@ async function upload(url) {
 }
 
 const imageSha = createHash('sha256').update(image).digest('hex');
-const results = { overlap: [], staged: [] };
+const runs = builds.flatMap((b) => modes.map((mode) => ({ build: b, mode, key: `${b.name} ${mode}` })));
+const results = Object.fromEntries(runs.map((r) => [r.key, []]));
 const loads = [loadavg()];
 for (let r = 0; r < rounds; r++) {
-  for (const mode of r % 2 ? ['staged', 'overlap'] : ['overlap', 'staged']) {
+  for (const { build, mode, key } of r % 2 ? [...runs].reverse() : runs) {
     const c0 = bucketCpu();
-    const run = await upload(apis[mode].url);
+    const pid = build.worker.child.pid;
+    const reset = resetPeak(pid);
+    const run = await upload(build.apis[mode].url);
     run.bucketCpu = bucketCpu() - c0;
+    run.workerPeakMiB = peakMiB(pid);
+    if (!reset) run.peakSinceStart = true;
     run.load = loadavg();
     if (run.sourceSha !== imageSha) throw new Error(`source.sha256 ${run.sourceSha}, expected ${imageSha}`);
-    results[mode].push(run);
-    console.error(mode, JSON.stringify(run));
+    results[key].push(run);
+    console.error(key, JSON.stringify(run));
   }
   loads.push(loadavg());
 }
 const median = (xs) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)];
-const shas = new Set([...results.overlap, ...results.staged].map((x) => x.sha));
+const shas = new Set(Object.values(results).flatMap((xs) => xs.map((x) => x.sha)));
 console.log(`${(image.length / MiB).toFixed(0)} MiB qcow2 (${virtualMiB} MiB virtual, ${dataMiB} MiB data), paced at ${(rate / 1e6).toFixed(0)} MB/s, ${rounds} rounds alternating; outputs ${shas.size === 1 ? 'identical' : 'DIFFER'}; load averages ${loads.join(' | ')}`);
-console.log('| S3_STAGING_OVERLAP | transfer s | last byte -> 202 s | last byte -> succeeded s (median; runs) | radosgw+ceph-osd CPU s per upload (median) |');
-console.log('|---|---|---|---|---|');
-for (const mode of ['overlap', 'staged']) {
-  const xs = results[mode];
+console.log('| build | S3_STAGING_OVERLAP | transfer s | last byte -> 202 s | last byte -> succeeded s (median; runs) | worker peak RSS MiB (median; runs) | radosgw+ceph-osd CPU s per upload (median) |');
+console.log('|---|---|---|---|---|---|---|');
+for (const { build, mode, key } of runs) {
+  const xs = results[key];
   console.log(
-    `| ${mode === 'overlap' ? 'true' : 'false'} | ${median(xs.map((x) => x.transfer)).toFixed(2)} | ${median(xs.map((x) => x.answered)).toFixed(2)} | **${median(xs.map((x) => x.succeeded)).toFixed(2)}** (${xs.map((x) => x.succeeded.toFixed(2)).join(', ')}) | ${median(xs.map((x) => x.bucketCpu)).toFixed(2)} |`,
+    `| ${build.name} | ${mode === 'overlap' ? 'true' : 'false'} | ${median(xs.map((x) => x.transfer)).toFixed(2)} | ${median(xs.map((x) => x.answered)).toFixed(2)} | **${median(xs.map((x) => x.succeeded)).toFixed(2)}** (${xs.map((x) => x.succeeded.toFixed(2)).join(', ')}) | **${median(xs.map((x) => x.workerPeakMiB)).toFixed(0)}** (${xs.map((x) => x.workerPeakMiB.toFixed(0)).join(', ')}${xs.some((x) => x.peakSinceStart) ? '; since start: clear_refs refused' : ''}) | ${median(xs.map((x) => x.bucketCpu)).toFixed(2)} |`,
   );
 }
-const converted = worker.log().split('\n').filter((l) => l.includes('"converted"')).map((l) => JSON.parse(l).timings);
-console.log('worker timings (ms):', JSON.stringify(converted));
+for (const build of builds) {
+  const converted = build.worker.log().split('\n').filter((l) => l.includes('"converted"')).map((l) => JSON.parse(l).timings);
+  console.log(`${build.name} worker timings (ms):`, JSON.stringify(converted));
+}
 
 for (const c of children) c.kill('SIGTERM');
 await sleep(500);
