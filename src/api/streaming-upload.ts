@@ -149,7 +149,8 @@ async function stream(ctx: ApiContext, request: FastifyRequest, reply: FastifyRe
     throw new Error('the staging store offers no token to follow its write');
   }
   const parts = followed && { bytes: followed.partBytes, removeCopies: () => followed.removeFollowCopies() };
-  if (followed) announce = (ready) => ctx.uploadMarks.set(id, { state: 'receiving', token, size: declared, parts: { bytes: followed.partBytes, ready } });
+  // Never over a `failed` mark: the job is failed before the write is aborted, and an announcement may come between.
+  if (followed) announce = async (ready) => void (await ctx.uploadMarks.advance(id, { state: 'receiving', token, size: declared, parts: { bytes: followed.partBytes, ready } }));
   const done = await overlap(ctx, request, reply, {
     id,
     options,

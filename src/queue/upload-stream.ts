@@ -56,6 +56,16 @@ export type UploadMark =
 /** How long a mark outlives its upload (longer than any job waits in the queue). */
 const MARK_TTL_SECONDS = 7 * 86400;
 
+/** KEYS[1] the mark; ARGV: the new mark (JSON), its TTL. Replaces a `receiving` mark only. */
+const ADVANCE = `
+local current = redis.call('GET', KEYS[1])
+if not current then return 0 end
+local ok, decoded = pcall(cjson.decode, current)
+if not ok or type(decoded) ~= 'table' or decoded.state ~= 'receiving' then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'EX', tonumber(ARGV[2]))
+return 1
+`;
+
 export class UploadMarks {
   private readonly prefix: string;
   constructor(
@@ -67,6 +77,16 @@ export class UploadMarks {
 
   async set(id: string, mark: UploadMark): Promise<void> {
     await this.redis.set(this.prefix + id, JSON.stringify(mark), 'EX', MARK_TTL_SECONDS);
+  }
+
+  /**
+   * Progress of an upload still arriving (a bucket's parts announced as they become readable): written only
+   * while the mark says `receiving`, so an announcement that comes late never undoes a `failed` (or a
+   * `received`) written meanwhile. Returns whether it was written.
+   */
+  async advance(id: string, mark: Extract<UploadMark, { state: 'receiving' }>): Promise<boolean> {
+    const written = await this.redis.eval(ADVANCE, 1, this.prefix + id, JSON.stringify(mark), String(MARK_TTL_SECONDS));
+    return written === 1;
   }
 
   async delete(id: string): Promise<void> {

@@ -252,7 +252,8 @@ export async function uploadRoutes(app: FastifyInstance, ctx: ApiContext): Promi
             token = (await fileStaging.linkUncommitted(overlap.job, join(directory, uploadId))) ?? token;
             await ctx.redis.set(overlapKey(uploadId), JSON.stringify({ ...overlap, token } satisfies Overlap), 'EX', overlapTtl);
           }
-          await ctx.uploadMarks.set(overlap.job, { ...mark, token, resumable: { ...mark.resumable, patch: mark.resumable.patch + 1 } });
+          // Only over the `receiving` mark just read: a termination that failed the upload meanwhile stands.
+          if (!(await ctx.uploadMarks.advance(overlap.job, { ...mark, token, resumable: { ...mark.resumable, patch: mark.resumable.patch + 1 } }))) return;
           await ctx.queue.promote?.(overlap.job);
         } catch (err) {
           log.warn({ err, upload: uploadId }, 'could not tell the worker that a tus upload resumed; it converts once the upload completes');
