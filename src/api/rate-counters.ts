@@ -220,7 +220,11 @@ export class RateCounters {
     }
     const calls: Array<Promise<void>> = [];
     for (let i = 0; i < batch.length; i += SETTLE_BATCH) calls.push(this.settleBatch(batch.slice(i, i + SETTLE_BATCH)));
-    await Promise.all(calls);
+    // Every batch answered before the next settle may start: one that failed first must not let a new settle
+    // overwrite `sending` of counters still in flight in another (their admissions would go uncounted meanwhile).
+    const results = await Promise.allSettled(calls);
+    const failed = results.find((r): r is PromiseRejectedResult => r.status === 'rejected');
+    if (failed) throw failed.reason;
   }
 
   private async settleBatch(batch: Array<{ c: Counter; waiting: Done[]; inc: number }>): Promise<void> {
