@@ -55,6 +55,11 @@ const elapsed = () => (Date.now() - started) / 1000;
 if (![rounds, flushedRounds, budgetSeconds, warmup].every((n) => Number.isInteger(n) && n >= 0) || rounds < 1) throw new Error('rounds must be >= 1, flushed-rounds, warmup and budget >= 0 (integers)');
 const here = dirname(fileURLToPath(import.meta.url));
 const CLI = join(here, '..', 'dist', 'cli.js');
+// What users run: the package's launcher (bin/diskconv, which starts the image verbs without NODE_EXTRA_CA_CERTS),
+// with this Node first on PATH; `node dist/cli.js` where a build has no launcher (an older one, for A/B rounds).
+const LAUNCHER = join(here, '..', 'bin', 'diskconv');
+const launched = existsSync(LAUNCHER);
+process.env.PATH = `${dirname(process.execPath)}:${process.env.PATH ?? ''}`;
 const jsonOut = args.get('json') ?? join(here, 'results', 'latest.json');
 const mdOut = args.get('md') ?? join(here, 'results', 'latest.md');
 const dir = args.get('keep') ?? mkdtempSync(join(tmpdir(), 'diskconv-bench-'));
@@ -180,7 +185,10 @@ function diskconvHasFlush() {
 const MODES = {
   'qemu-img': (img, fmt, out, flush) => ['qemu-img', ['convert', '-f', fmt, '-O', 'raw', ...(flush ? ['-t', 'writeback'] : []), img, out]],
   'qemu-img -m 16 -W': (img, fmt, out, flush) => ['qemu-img', ['convert', '-f', fmt, '-O', 'raw', '-m', '16', '-W', ...(flush ? ['-t', 'writeback'] : []), img, out]],
-  diskconv: (img, fmt, out, flush) => [process.execPath, [CLI, 'convert', '-f', fmt, '-O', 'raw', ...(flush ? ['-t', 'writeback'] : []), img, out]],
+  diskconv: (img, fmt, out, flush) => {
+    const argv = ['convert', '-f', fmt, '-O', 'raw', ...(flush ? ['-t', 'writeback'] : []), img, out];
+    return launched ? [LAUNCHER, argv] : [process.execPath, [CLI, ...argv]];
+  },
 };
 
 const source = join(dir, 'source.raw');
@@ -209,6 +217,7 @@ const machine = {
       .toFixed(3),
   ),
   nodeExtraCaCerts: process.env.NODE_EXTRA_CA_CERTS !== undefined && process.env.NODE_EXTRA_CA_CERTS !== '',
+  diskconvCommand: launched ? 'bin/diskconv' : 'node dist/cli.js',
 };
 const hasFlush = flushed && diskconvHasFlush();
 console.log(`diskconv bench: ${virtualSize / 2 ** 30} GiB virtual, ${(dataBytes / 2 ** 20).toFixed(0)} MiB data (${((100 * dataBytes) / virtualSize).toFixed(0)} %), ${rounds} rounds; ${dir}`);
