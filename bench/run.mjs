@@ -10,7 +10,7 @@
 // cache. Reported: median wall and CPU (user+sys) seconds, peak RSS, allocated
 // bytes of the output, whether the output is identical to qemu-img's. With
 // --flushed (default on), also the flushed pair: qemu-img -t writeback against
-// diskconv's own flush (-t writeback, when this build has it).
+// diskconv's own flush (-t writeback, when this build has it); --flushed only runs the flushed pair alone.
 //
 // Before the timed rounds of each pass, --warmup rounds (default 1) run every mode once, untimed in the
 // medians (kept in the JSON as warmupRuns): without them the third tool of the first round was always
@@ -21,7 +21,7 @@
 // previous output freed just before, as every later round always did.
 //
 // Usage: npm run bench -- [--size 4G] [--rounds 5] [--flushed-rounds 3] [--budget 450] [--warmup 1]
-//                         [--only qcow2,vdi-static] [--keep DIR] [--flushed on|off] [--json FILE] [--md FILE]
+//                         [--only qcow2,vdi-static] [--keep DIR] [--flushed on|off|only] [--json FILE] [--md FILE]
 // The same settings from the environment: BENCH_SIZE, BENCH_ROUNDS, BENCH_FLUSHED_ROUNDS, BENCH_BUDGET, BENCH_WARMUP,
 // BENCH_ONLY, BENCH_FLUSHED (flags win). --budget (seconds, 0 = none) bounds the whole run: each source
 // format gets an equal share of what is left, and its rounds stop early (never below 3, or --rounds
@@ -48,11 +48,16 @@ const rounds = Number(setting('rounds', 'BENCH_ROUNDS', 5));
 const flushedRounds = Number(setting('flushed-rounds', 'BENCH_FLUSHED_ROUNDS', Math.min(3, rounds)));
 const budgetSeconds = Number(setting('budget', 'BENCH_BUDGET', 450));
 const only = setting('only', 'BENCH_ONLY', undefined)?.split(',');
-const flushed = setting('flushed', 'BENCH_FLUSHED', 'on') !== 'off';
+const flushedSetting = setting('flushed', 'BENCH_FLUSHED', 'on');
+if (!['on', 'off', 'only'].includes(flushedSetting)) throw new Error('--flushed takes on, off or only');
+const flushed = flushedSetting !== 'off';
+// Only the flushed pair (measuring the flush alone): the unflushed pass is skipped.
+const flushedOnly = flushedSetting === 'only';
 const warmup = Number(setting('warmup', 'BENCH_WARMUP', 1));
 const started = Date.now();
 const elapsed = () => (Date.now() - started) / 1000;
 if (![rounds, flushedRounds, budgetSeconds, warmup].every((n) => Number.isInteger(n) && n >= 0) || rounds < 1) throw new Error('rounds must be >= 1, flushed-rounds, warmup and budget >= 0 (integers)');
+if (flushedOnly && flushedRounds < 1) throw new Error('--flushed only needs --flushed-rounds >= 1');
 const here = dirname(fileURLToPath(import.meta.url));
 const CLI = join(here, '..', 'dist', 'cli.js');
 // What users run: the package's launcher (bin/diskconv, which starts the image verbs without NODE_EXTRA_CA_CERTS),
@@ -240,7 +245,7 @@ for (const [caseIndex, [name, opts]] of CASES.entries()) {
   const row = { name, imageBytes: statSync(image).size, imageAllocated: allocated(image), modes: {} };
   row.rounds = {};
   row.loadAverage = {};
-  for (const pass of flushed && flushedRounds > 0 ? [false, true] : [false]) {
+  for (const pass of flushedOnly ? [true] : flushed && flushedRounds > 0 ? [false, true] : [false]) {
     const modes = Object.keys(MODES).filter((m) => !pass || m !== 'diskconv' || hasFlush);
     const runs = Object.fromEntries(modes.map((m) => [m, []]));
     const warmups = {};
@@ -291,13 +296,15 @@ for (const [caseIndex, [name, opts]] of CASES.entries()) {
     for (const out of Object.values(outputs)) rmSync(out, { force: true });
   }
   results.push(row);
-  const m = row.modes;
+  const m = Object.fromEntries(Object.entries(row.modes).filter(([k]) => k.endsWith(' (flushed)') === flushedOnly).map(([k, v]) => [k.replace(' (flushed)', ''), v]));
   const d = m.diskconv;
-  console.log(
-    `${name.padEnd(12)} qemu ${m['qemu-img'].wall.toFixed(2)} s, -m16 -W ${m['qemu-img -m 16 -W'].wall.toFixed(2)} s, diskconv ${d.wall.toFixed(2)} s ` +
-      `(x${(d.wall / m['qemu-img'].wall).toFixed(2)} / x${(d.wall / m['qemu-img -m 16 -W'].wall).toFixed(2)}), cpu ${d.cpu.toFixed(2)} vs ${m['qemu-img'].cpu.toFixed(2)}, ` +
-      `rss ${d.rssMiB.toFixed(0)} MiB, ${d.identical ? 'identical' : 'DIFFERS'}; ${row.rounds.unflushed} rounds, load ${row.loadAverage.unflushed[0]} -> ${row.loadAverage.unflushed[1]}; ${elapsed().toFixed(0)} s so far`,
-  );
+  const passName = flushedOnly ? 'flushed' : 'unflushed';
+  if (d)
+    console.log(
+      `${name.padEnd(12)} ${flushedOnly ? 'flushed: ' : ''}qemu ${m['qemu-img'].wall.toFixed(2)} s, -m16 -W ${m['qemu-img -m 16 -W'].wall.toFixed(2)} s, diskconv ${d.wall.toFixed(2)} s ` +
+        `(x${(d.wall / m['qemu-img'].wall).toFixed(2)} / x${(d.wall / m['qemu-img -m 16 -W'].wall).toFixed(2)}), cpu ${d.cpu.toFixed(2)} vs ${m['qemu-img'].cpu.toFixed(2)}, ` +
+        `rss ${d.rssMiB.toFixed(0)} MiB, ${d.identical ? 'identical' : 'DIFFERS'}; ${row.rounds[passName]} rounds, load ${row.loadAverage[passName][0]} -> ${row.loadAverage[passName][1]}; ${elapsed().toFixed(0)} s so far`,
+    );
   if (!args.get('keep')) rmSync(image, { force: true });
 }
 
@@ -312,9 +319,9 @@ lines.push(`${virtualSize / 2 ** 30} GiB virtual, ${(dataBytes / 2 ** 20).toFixe
 lines.push(`Machine: ${machine.cpus} × ${machine.cpuModel}, ${machine.memGiB} GiB RAM, ${machine.filesystem}, Linux ${machine.kernel}, Node ${machine.node}, ${machine.qemuImg}; load average at start ${machine.loadAverageAtStart}. \`node -e 0\` takes ${machine.nodeStartupSeconds} s here (median of 5${machine.nodeExtraCaCerts ? '; NODE_EXTRA_CA_CERTS is set, which Node parses at every start' : ''}).`);
 lines.push('Ratios are diskconv / qemu-img wall time: below 1.00 diskconv is faster. "best" is the ratio of the fastest rounds (min wall; min CPU in the cpu column), steadier than the median where the system time of single runs jumps (page-cache pages the host must fault in again).');
 lines.push('');
-lines.push('| source | diskconv / qemu-img | diskconv / qemu-img -m 16 -W | best: / qemu-img, / -m 16 -W | qemu-img wall (cpu) | qemu-img -m 16 -W wall (cpu) | diskconv wall (cpu) | cpu ratio (best) | diskconv sys s per round | peak RSS MiB (qemu / -W / ours) | output allocated GiB (qemu / ours) | identical | rounds | load (1 min) |');
-lines.push('|---|---|---|---|---|---|---|---|---|---|---|---|---|---|');
-for (const row of results) {
+if (!flushedOnly) lines.push('| source | diskconv / qemu-img | diskconv / qemu-img -m 16 -W | best: / qemu-img, / -m 16 -W | qemu-img wall (cpu) | qemu-img -m 16 -W wall (cpu) | diskconv wall (cpu) | cpu ratio (best) | diskconv sys s per round | peak RSS MiB (qemu / -W / ours) | output allocated GiB (qemu / ours) | identical | rounds | load (1 min) |');
+if (!flushedOnly) lines.push('|---|---|---|---|---|---|---|---|---|---|---|---|---|---|');
+for (const row of flushedOnly ? [] : results) {
   const q = row.modes['qemu-img'], w = row.modes['qemu-img -m 16 -W'], d = row.modes.diskconv;
   lines.push(
     `| ${row.name} | **${ratio(d, q)}** | **${ratio(d, w)}** | ${(d.minWall / q.minWall).toFixed(2)}, ${(d.minWall / w.minWall).toFixed(2)} | ${fmtS(q.wall)} (${fmtS(q.cpu)}) | ${fmtS(w.wall)} (${fmtS(w.cpu)}) | ${fmtS(d.wall)} (${fmtS(d.cpu)}) | ${(d.cpu / q.cpu).toFixed(2)} (${(d.minCpu / q.minCpu).toFixed(2)}) | ${d.runs.map((x) => x.sys.toFixed(2)).join(' ')} | ${q.rssMiB.toFixed(0)} / ${w.rssMiB.toFixed(0)} / ${d.rssMiB.toFixed(0)} | ${GiB(q.allocated)} / ${GiB(d.allocated)} | ${d.identical && w.identical ? 'yes' : 'NO'} | ${row.rounds.unflushed} | ${row.loadAverage.unflushed.join(' → ')} |`,
@@ -333,8 +340,9 @@ if (flushed && flushedRounds > 0) {
   }
 }
 lines.push('');
-lines.push(`Side by side (diskconv / qemu-img default, wall): ${results.map((row) => `${row.name} ${ratio(row.modes.diskconv, row.modes['qemu-img'])}`).join(' · ')}`);
-lines.push(`Side by side (diskconv / qemu-img -m 16 -W, wall): ${results.map((row) => `${row.name} ${ratio(row.modes.diskconv, row.modes['qemu-img -m 16 -W'])}`).join(' · ')}`);
+const sideKey = flushedOnly ? ' (flushed)' : '';
+lines.push(`Side by side (diskconv / qemu-img default${sideKey}, wall): ${results.map((row) => `${row.name} ${ratio(row.modes[`diskconv${sideKey}`], row.modes[`qemu-img${sideKey}`])}`).join(' · ')}`);
+lines.push(`Side by side (diskconv / qemu-img -m 16 -W${sideKey}, wall): ${results.map((row) => `${row.name} ${ratio(row.modes[`diskconv${sideKey}`], row.modes[`qemu-img -m 16 -W${sideKey}`])}`).join(' · ')}`);
 const md = lines.join('\n') + '\n';
 console.log('\n' + md);
 mkdirSync(dirname(jsonOut), { recursive: true });

@@ -1,5 +1,6 @@
 // Builds diskconv's optional native helpers with node-gyp:
-//   native/seek   SEEK_DATA/SEEK_HOLE and batched reads and writes (the I/O path);
+//   native/seek   SEEK_DATA/SEEK_HOLE, batched reads and writes (the I/O path) and early writeback
+//                 (sync_file_range) of flushed outputs;
 //   native/codec  batched decoding of compressed clusters with libdeflate and libzstd
 //                 (needs libdeflate-dev and libzstd-dev).
 // Run by `npm ci`/`npm install` (the package's install script) and `npm run build`. Each is optional:
@@ -13,7 +14,7 @@ import { fileURLToPath } from 'node:url';
 
 const here = dirname(fileURLToPath(import.meta.url));
 const HELPERS = [
-  { name: 'seek', what: 'SEEK_DATA/SEEK_HOLE for sparse raw sources, batched writes', without: 'sparse raw files will be read and scanned instead' },
+  { name: 'seek', what: 'SEEK_DATA/SEEK_HOLE for sparse raw sources, batched writes, early writeback of flushed outputs', without: 'sparse raw files will be read and scanned instead, flushed outputs written back at the end only' },
   { name: 'codec', what: 'compressed clusters decoded with libdeflate and libzstd', without: 'compressed clusters decode with node:zlib and zstd on decoder threads instead' },
 ];
 if (process.platform !== 'linux') {

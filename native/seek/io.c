@@ -1,6 +1,7 @@
 /*
  * diskconv's optional native helper, part two: reading and writing a batch of
- * extents in one trip to the libuv threadpool.
+ * extents in one trip to the libuv threadpool, and starting the writeback of a
+ * written range (syncRange, at the end of this file).
  *
  * Through fs/promises every extent costs its own round trip (main thread ->
  * threadpool -> main thread), and before it a JavaScript scan for zero blocks
@@ -30,6 +31,7 @@
  */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <fcntl.h> /* sync_file_range */
 #include <node_api.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -207,3 +209,78 @@ static napi_value start(napi_env env, napi_callback_info info, int reading) {
 
 napi_value write_extents(napi_env env, napi_callback_info info) { return start(env, info, 0); }
 napi_value read_extents(napi_env env, napi_callback_info info) { return start(env, info, 1); }
+
+/*
+ *   syncRange(fd, offset, length) -> Promise<boolean>
+ *     sync_file_range(fd, offset, length, SYNC_FILE_RANGE_WRITE) on a threadpool
+ *     thread: starts writeback of the dirty pages of that range and does not
+ *     wait for it. A flushed conversion calls it as the output grows, so its
+ *     closing fdatasync finds most of the data already on its way to the disk
+ *     instead of all of it still dirty (the kernel's own background writeback
+ *     starts only at dirty_background_ratio, gigabytes here). On a thread
+ *     because it can still block, on the device's request queue or on pages
+ *     locked by an earlier writeback. No flush of the device's cache and no
+ *     metadata: that stays the closing fdatasync's job.
+ *     Resolves true when writeback was started, false where the descriptor
+ *     cannot take it (EINVAL, ENOSYS, ESPIPE, EOPNOTSUPP: a pipe, a filesystem
+ *     without it), so the caller stops asking; rejects with an fs-style error
+ *     (.syscall "sync_file_range") on any other failure (EIO, ENOSPC, ...),
+ *     which the caller must report: it is an I/O error of the output.
+ */
+typedef struct {
+  napi_async_work work;
+  napi_deferred deferred;
+  int fd;
+  int64_t offset, length;
+  int err;
+} range_job_t;
+
+static void execute_range(napi_env env, void *data) {
+  (void)env;
+  range_job_t *job = data;
+  while (sync_file_range(job->fd, (off64_t)job->offset, (off64_t)job->length, SYNC_FILE_RANGE_WRITE) != 0) {
+    if (errno == EINTR) continue;
+    job->err = errno;
+    return;
+  }
+}
+
+static void complete_range(napi_env env, napi_status status, void *data) {
+  range_job_t *job = data;
+  if (status != napi_ok && job->err == 0) job->err = ECANCELED;
+  int unsupported = job->err == EINVAL || job->err == ENOSYS || job->err == ESPIPE || job->err == EOPNOTSUPP;
+  if (job->err == 0 || unsupported) {
+    napi_value result;
+    napi_get_boolean(env, job->err == 0, &result);
+    napi_resolve_deferred(env, job->deferred, result);
+  } else {
+    napi_reject_deferred(env, job->deferred, fs_error(env, job->err, "sync_file_range"));
+  }
+  napi_delete_async_work(env, job->work);
+  free(job);
+}
+
+napi_value sync_range(napi_env env, napi_callback_info info) {
+  size_t argc = 3;
+  napi_value argv[3];
+  int32_t fd;
+  int64_t offset, length;
+  if (napi_get_cb_info(env, info, &argc, argv, NULL, NULL) != napi_ok || argc != 3 || napi_get_value_int32(env, argv[0], &fd) != napi_ok ||
+      napi_get_value_int64(env, argv[1], &offset) != napi_ok || napi_get_value_int64(env, argv[2], &length) != napi_ok || fd < 0 || offset < 0 ||
+      length < 0)
+    return fail(env, "syncRange(fd, offset, length): a descriptor and non-negative integers");
+  range_job_t *job = calloc(1, sizeof *job);
+  if (!job) return fail(env, "syncRange: out of memory");
+  job->fd = fd;
+  job->offset = offset;
+  job->length = length;
+  napi_value promise, name;
+  if (napi_create_promise(env, &job->deferred, &promise) != napi_ok ||
+      napi_create_string_utf8(env, "diskconv.syncRange", NAPI_AUTO_LENGTH, &name) != napi_ok ||
+      napi_create_async_work(env, NULL, name, execute_range, complete_range, job, &job->work) != napi_ok ||
+      napi_queue_async_work(env, job->work) != napi_ok) {
+    free(job);
+    return fail(env, "syncRange: could not queue the work");
+  }
+  return promise;
+}

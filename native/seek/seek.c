@@ -1,6 +1,7 @@
 /*
  * diskconv's optional native helper: where a file's data lies (this file), and
- * reading and writing batches of extents in one threadpool trip each (io.c).
+ * reading and writing batches of extents in one threadpool trip each, and
+ * starting writeback of a written range (io.c).
  *
  * Node has no lseek, so it cannot ask the filesystem for SEEK_DATA/SEEK_HOLE
  * (as qemu-img and cp --sparse do); without this the raw driver reads whole
@@ -76,6 +77,7 @@ static napi_value data_extents(napi_env env, napi_callback_info info) {
 
 napi_value write_extents(napi_env env, napi_callback_info info); /* io.c */
 napi_value read_extents(napi_env env, napi_callback_info info);  /* io.c */
+napi_value sync_range(napi_env env, napi_callback_info info);    /* io.c */
 
 static napi_value init(napi_env env, napi_value exports) {
   napi_value fn;
@@ -85,6 +87,8 @@ static napi_value init(napi_env env, napi_value exports) {
   if (napi_set_named_property(env, exports, "writeExtents", fn) != napi_ok) return NULL;
   if (napi_create_function(env, "readExtents", NAPI_AUTO_LENGTH, read_extents, NULL, &fn) != napi_ok) return NULL;
   if (napi_set_named_property(env, exports, "readExtents", fn) != napi_ok) return NULL;
+  if (napi_create_function(env, "syncRange", NAPI_AUTO_LENGTH, sync_range, NULL, &fn) != napi_ok) return NULL;
+  if (napi_set_named_property(env, exports, "syncRange", fn) != napi_ok) return NULL;
   return exports;
 }
 

@@ -2,11 +2,12 @@ import { createHash, type Hash } from 'node:crypto';
 import { open, type FileHandle } from 'node:fs/promises';
 import { throwIfAborted } from './errors.js';
 import { Pacer } from './pace.js';
-import { nativeWriter } from './native.js';
+import { nativeSyncRange, nativeWriter } from './native.js';
 import { readExtentBatches, type ReadOptions } from './reader.js';
 import type { DirectTarget } from './decompress.js';
 import type { RandomAccessSource } from './source.js';
 import type { DiskImage, Extent } from './types.js';
+import { EarlyWriteback } from './writeback.js';
 
 /** Consumes a guest-ordered extent stream. Local files, object stores and RBD implement it. */
 export interface ExtentSink {
@@ -169,7 +170,11 @@ export interface RawFileSinkOptions {
   sparseBlock?: number;
   /** finish() sets the size to the virtual size (a regular file). false for a device or a larger existing file. Default true. */
   setSize?: boolean;
-  /** finish() flushes the data to stable storage before closing. */
+  /**
+   * finish() flushes the data to stable storage before closing. The writeback of the data
+   * then starts while the conversion runs (sync_file_range every 32 MiB written, through
+   * the native helper where it loaded), so finish() waits for the last stretch only.
+   */
   datasync?: boolean;
   /** Writes go at the current position, in guest order (a character device or a pipe); needs sparseBlock 0. */
   sequential?: boolean;
@@ -209,7 +214,11 @@ export class RawFileSink implements ExtentSink {
     this.datasync = options.datasync ?? false;
     this.sequential = options.sequential ?? false;
     this.writer = options.nativeWrites === false || this.sequential ? null : nativeWriter();
+    this.writeback = this.datasync && !this.sequential ? earlyWriteback(handle) : undefined;
   }
+
+  /** Starts the writeback of what was written as the output grows; only for an output finish() flushes. */
+  private readonly writeback: EarlyWriteback | undefined;
 
   /** The native batched writer, or null (JS path). */
   private readonly writer: ReturnType<typeof nativeWriter>;
@@ -229,7 +238,10 @@ export class RawFileSink implements ExtentSink {
   }
 
   async write(extent: Extent): Promise<void> {
-    if (extent.kind === 'data' && extent.written) return;
+    if (extent.kind === 'data' && extent.written) {
+      this.writeback?.wrote(extent.offset, extent.length);
+      return;
+    }
     if (extent.kind === 'zero') {
       if (this.sparseBlock > 0) return;
       if (this.stagedBytes > 0) await this.flushStaged();
@@ -266,6 +278,8 @@ export class RawFileSink implements ExtentSink {
       positions.push(extent.offset);
     }
     if (views.length > 0) await this.writer(this.handle.fd, views, positions, this.sparseBlock);
+    // Written extents were written by the decoding threads before the reader handed them over: they count too.
+    if (this.writeback) for (const extent of extents) if (extent.kind === 'data') this.writeback.wrote(extent.offset, extent.length);
   }
 
   private async flushStaged(): Promise<void> {
@@ -301,20 +315,37 @@ export class RawFileSink implements ExtentSink {
       const { bytesWritten } = await this.handle.write(bytes, done, bytes.length - done, at);
       done += bytesWritten;
     }
+    this.writeback?.wrote(position, bytes.length);
   }
 
   async finish(virtualSize: number): Promise<void> {
     if (this.stagedBytes > 0) await this.flushStaged();
     if (this.setSize) await this.handle.truncate(virtualSize);
+    // Before the fdatasync: an early writeback's I/O error may have been reported to it alone.
+    await this.writeback?.settle();
     if (this.datasync) await this.handle.datasync();
     await this.handle.close();
   }
 
   async abort(): Promise<void> {
+    // No writeback call may still use the descriptor when it is closed (its number could be reused at once).
+    await this.writeback?.stop();
     await this.handle.close().catch(() => {});
     if (this.removeOnAbort) {
       const { rm } = await import('node:fs/promises');
       await rm(this.path, { force: true });
     }
   }
+}
+
+/**
+ * Early writeback of a flushed output: sync_file_range through the native helper, or none where it did not
+ * load (the closing fdatasync then writes it all back). Not a background fdatasync every 32 MiB (the file
+ * store's WriteBehind): measured side by side on the bench's flushed pair, that also beat a single closing
+ * fdatasync but ran twice as long in some rounds (each one also commits the journal and flushes the device's
+ * cache, and waits), where sync_file_range only starts the writeback.
+ */
+function earlyWriteback(handle: FileHandle): EarlyWriteback | undefined {
+  const syncRange = nativeSyncRange();
+  return syncRange ? new EarlyWriteback((start, end) => syncRange(handle.fd, start, end - start)) : undefined;
 }

@@ -22,6 +22,12 @@ export interface SeekHelper {
    * resolves with the bytes read into each (fewer only at the end of the file).
    */
   readExtents?(fd: number, views: Uint8Array[], positions: number[]): Promise<number[]>;
+  /**
+   * sync_file_range(fd, offset, length, SYNC_FILE_RANGE_WRITE) on the threadpool: starts the
+   * writeback of that range without waiting for it. Resolves false where the descriptor cannot
+   * take it (a pipe, a filesystem without it); rejects with an fs-style error (.code EIO, ...).
+   */
+  syncRange?(fd: number, offset: number, length: number): Promise<boolean>;
 }
 
 let helper: SeekHelper | null | undefined;
@@ -52,4 +58,10 @@ export function nativeReader(): NonNullable<SeekHelper['readExtents']> | null {
 export function nativeWriter(): NonNullable<SeekHelper['writeExtents']> | null {
   const h = seekHelper();
   return h && typeof h.writeExtents === 'function' ? h.writeExtents.bind(h) : null;
+}
+
+/** The native helper's sync_file_range, or null where it is not available (flushed outputs are then written back at the end only). */
+export function nativeSyncRange(): NonNullable<SeekHelper['syncRange']> | null {
+  const h = seekHelper();
+  return h && typeof h.syncRange === 'function' ? h.syncRange.bind(h) : null;
 }
