@@ -14,11 +14,17 @@ import { asS3StoreError, deadline, readBodyInto } from './client.js';
 
 export type S3SourceTuning = Pick<RangedSourceTuning, 'blockBytes' | 'cacheBlocks' | 'maxRequestBytes' | 'concurrency'> & Partial<Pick<RangedSourceTuning, 'aheadBytes'>>;
 
+/**
+ * The announced-read ring is 16 MiB, not the engine's 32 (sized for URLs far away): the bucket is near, and a
+ * staged 512 MiB-virtual qcow2 converted into the bucket took 4.06 s with 16 MiB against 4.28 s with 32 (peak RSS
+ * 162 against 180 MiB; 5 alternating rounds, load 23-33), 5.01 s with 16 MiB in requests of 4 MiB.
+ */
 export const DEFAULT_S3_SOURCE_TUNING: Readonly<S3SourceTuning> = Object.freeze({
   blockBytes: 256 * 1024,
   cacheBlocks: 32,
   maxRequestBytes: 8 * 2 ** 20,
   concurrency: 4,
+  aheadBytes: 16 * 2 ** 20,
 });
 
 export type S3SourceStats = RangedSourceStats;
