@@ -6,7 +6,7 @@
 // whichever way the mark says); rounds alternate. Per run: the transfer, the last byte (the client's last write
 // flushed) to the 202 and to the job's `succeeded`, and the CPU of radosgw and ceph-osd over the run (the
 // bucket's cost), read from /proc by the PIDs in DIR/pids, and the worker's peak RSS while it converts (VmHWM of
-// /proc/PID/status, reset through clear_refs before each upload).
+// /proc/PID/status, reset through clear_refs before each upload) and CPU (utime+stime, as the API's).
 //   node bench/s3-overlap.mjs ENV_FILE [--rate 50000000] [--rounds 3] [--data 256] [--virtual 1024]   (MiB of data in a qcow2 of that virtual size)
 //     [--builds NAME=CLI,NAME=CLI]   A/B: each build (a dist/cli.js) gets its own two APIs and worker (own queue) on the
 //                                    same Redis and bucket; every round runs each build in both modes, order alternating
@@ -136,7 +136,10 @@ for (let i = 0; ; i++) {
   const apis = builds.flatMap((b) => Object.values(b.apis));
   const ok = (await Promise.all(apis.map((a) => fetch(`${a.url}/readyz`).then((r) => r.status === 200, () => false)))).every(Boolean);
   if (ok && builds.every((b) => b.worker.log().includes('worker ready'))) break;
-  if (i > 300) throw new Error(`the service did not start:\n${apis.map((a) => a.proc.log()).join('\n')}\n${builds.map((b) => b.worker.log()).join('\n')}`);
+  if (i > 300) {
+    for (const c of children) c.kill('SIGTERM');
+    throw new Error(`the service did not start:\n${apis.map((a) => a.proc.log()).join('\n')}\n${builds.map((b) => b.worker.log()).join('\n')}`);
+  }
   await sleep(100);
 }
 
@@ -192,6 +195,8 @@ async function upload(url) {
   }
   const done = performance.now();
   if (job.state !== 'succeeded') throw new Error(`job failed: ${JSON.stringify(job.error)}`);
+  // The run's objects go now: the test Ceph's memstore OSD holds a few GiB, and a full OSD blocks every write.
+  await fetch(`${url}/v1/jobs/${id}`, { method: 'DELETE', headers: { authorization: `Bearer ${TOKEN}` } });
   return { transfer: (lastByte - t0) / 1000, answered: (answer.at - lastByte) / 1000, succeeded: (done - lastByte) / 1000, sha: job.output.sha256, sourceSha: job.source.sha256 };
 }
 
@@ -204,9 +209,21 @@ for (let r = 0; r < rounds; r++) {
     const c0 = bucketCpu();
     const pid = build.worker.child.pid;
     const reset = resetPeak(pid);
-    const run = await upload(build.apis[mode].url);
+    const w0 = ticks(pid);
+    const a0 = ticks(build.apis[mode].proc.child.pid);
+    let run;
+    try {
+      run = await upload(build.apis[mode].url);
+    } catch (err) {
+      // The processes' last words, then none left behind.
+      for (const p of [...Object.values(build.apis).map((a) => a.proc), build.worker]) console.error(`--- ${p.name}:\n${p.log().slice(-4000)}`);
+      for (const c of children) c.kill('SIGTERM');
+      throw err;
+    }
     run.bucketCpu = bucketCpu() - c0;
     run.workerPeakMiB = peakMiB(pid);
+    run.workerCpu = ticks(pid) - w0;
+    run.apiCpu = ticks(build.apis[mode].proc.child.pid) - a0;
     if (!reset) run.peakSinceStart = true;
     run.load = loadavg();
     if (run.sourceSha !== imageSha) throw new Error(`source.sha256 ${run.sourceSha}, expected ${imageSha}`);
@@ -218,12 +235,12 @@ for (let r = 0; r < rounds; r++) {
 const median = (xs) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)];
 const shas = new Set(Object.values(results).flatMap((xs) => xs.map((x) => x.sha)));
 console.log(`${(image.length / MiB).toFixed(0)} MiB qcow2 (${virtualMiB} MiB virtual, ${dataMiB} MiB data), paced at ${(rate / 1e6).toFixed(0)} MB/s, ${rounds} rounds alternating; outputs ${shas.size === 1 ? 'identical' : 'DIFFER'}; load averages ${loads.join(' | ')}`);
-console.log('| build | S3_STAGING_OVERLAP | transfer s | last byte -> 202 s | last byte -> succeeded s (median; runs) | worker peak RSS MiB (median; runs) | radosgw+ceph-osd CPU s per upload (median) |');
-console.log('|---|---|---|---|---|---|---|');
+console.log('| build | S3_STAGING_OVERLAP | transfer s | last byte -> 202 s | last byte -> succeeded s (median; runs) | worker peak RSS MiB (median; runs) | worker CPU s | API CPU s | radosgw+ceph-osd CPU s per upload (median) |');
+console.log('|---|---|---|---|---|---|---|---|---|');
 for (const { build, mode, key } of runs) {
   const xs = results[key];
   console.log(
-    `| ${build.name} | ${mode === 'overlap' ? 'true' : 'false'} | ${median(xs.map((x) => x.transfer)).toFixed(2)} | ${median(xs.map((x) => x.answered)).toFixed(2)} | **${median(xs.map((x) => x.succeeded)).toFixed(2)}** (${xs.map((x) => x.succeeded.toFixed(2)).join(', ')}) | **${median(xs.map((x) => x.workerPeakMiB)).toFixed(0)}** (${xs.map((x) => x.workerPeakMiB.toFixed(0)).join(', ')}${xs.some((x) => x.peakSinceStart) ? '; since start: clear_refs refused' : ''}) | ${median(xs.map((x) => x.bucketCpu)).toFixed(2)} |`,
+    `| ${build.name} | ${mode === 'overlap' ? 'true' : 'false'} | ${median(xs.map((x) => x.transfer)).toFixed(2)} | ${median(xs.map((x) => x.answered)).toFixed(2)} | **${median(xs.map((x) => x.succeeded)).toFixed(2)}** (${xs.map((x) => x.succeeded.toFixed(2)).join(', ')}) | **${median(xs.map((x) => x.workerPeakMiB)).toFixed(0)}** (${xs.map((x) => x.workerPeakMiB.toFixed(0)).join(', ')}${xs.some((x) => x.peakSinceStart) ? '; since start: clear_refs refused' : ''}) | ${median(xs.map((x) => x.workerCpu)).toFixed(2)} | ${median(xs.map((x) => x.apiCpu)).toFixed(2)} | ${median(xs.map((x) => x.bucketCpu)).toFixed(2)} |`,
   );
 }
 for (const build of builds) {
