@@ -1,7 +1,6 @@
 /** Part sizes and parts in flight of the S3 output (no bucket needed): S3's rules, and the memory they bound. */
 import { describe, expect, it } from 'vitest';
-import { MAX_PARTS } from '../../src/store/s3/multipart.js';
-import { partSizeFor } from '../../src/store/s3/objects.js';
+import { MAX_PARTS, partSizeFor } from '../../src/store/s3/objects.js';
 import { PARTS_IN_FLIGHT, partsInFlightFor } from '../../src/store/s3/output.js';
 
 const MiB = 2 ** 20;

@@ -28,9 +28,7 @@ import {
 import { alignedBuffer } from '../../engine/aligned.js';
 import { StoreError } from '../common.js';
 import { asS3StoreError, deadline, isNotFound } from './client.js';
-
-/** S3's rules: at most 10,000 parts, each at least 5 MiB but the last. */
-export const MAX_PARTS = 10_000;
+import { MAX_PARTS, MIN_PART_BYTES } from './objects.js';
 
 export interface PartWriterOptions {
   partBytes: number;
@@ -70,7 +68,7 @@ export class PartWriter {
     private readonly what: string,
     private readonly options: PartWriterOptions,
   ) {
-    if (options.partBytes < 5 * 2 ** 20) throw new Error(`parts of ${options.partBytes} bytes: S3 wants at least 5 MiB`);
+    if (options.partBytes < MIN_PART_BYTES) throw new Error(`parts of ${options.partBytes} bytes: S3 wants at least 5 MiB`);
     if (options.partsInFlight < 1) throw new Error('at least one part in flight');
   }
 

@@ -31,13 +31,15 @@ export interface HeadResult extends ObjectStat {
   etag: string | undefined;
 }
 
-/** S3 allows 10,000 parts of at least 5 MiB. */
-const MAX_PARTS = 10_000;
-const MIN_PART = 8 * 2 ** 20;
+/** S3 allows 10,000 parts of at least 5 MiB (all but the last). */
+export const MAX_PARTS = 10_000;
+export const MIN_PART_BYTES = 5 * 2 ** 20;
+/** Our parts unless said: 8 MiB. */
+const DEFAULT_PART_BYTES = 8 * 2 ** 20;
 
 /** Parts of at least `least` bytes (S3: 5 MiB; 8 MiB here unless said), whole MiB, few enough for `size` (10,000 at most). */
-export function partSizeFor(size: number | undefined, least = MIN_PART): number {
-  const floor = Math.max(5 * 2 ** 20, least);
+export function partSizeFor(size: number | undefined, least = DEFAULT_PART_BYTES): number {
+  const floor = Math.max(MIN_PART_BYTES, least);
   if (size === undefined) return floor;
   const needed = Math.ceil(size / (MAX_PARTS - 1));
   return Math.max(floor, Math.ceil(needed / 2 ** 20) * 2 ** 20);

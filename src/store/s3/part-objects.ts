@@ -36,7 +36,7 @@ import {
 import { assertKey, StoreError, StoreObjectMissingError, type ObjectStat, type OwnerCheck } from '../common.js';
 import type { FollowedWrite } from '../staging.js';
 import { asS3StoreError, deadline, isNotFound, readBodyInto, type S3Settings } from './client.js';
-import { partSizeFor } from './objects.js';
+import { MAX_PARTS, partSizeFor } from './objects.js';
 
 /** Parts being PUT at once (each holds its buffer): two, as the staged path's multipart upload has. */
 const PARTS_IN_FLIGHT = 2;
@@ -70,7 +70,7 @@ export class PartObjects {
   }
 
   partKey(key: string, part: number): string {
-    if (!Number.isSafeInteger(part) || part < 0 || part >= 10_000) throw new StoreError(`part ${part} of input ${key} is out of range`);
+    if (!Number.isSafeInteger(part) || part < 0 || part >= MAX_PARTS) throw new StoreError(`part ${part} of input ${key} is out of range`);
     return `${this.partsPrefix(key)}${part}`;
   }
 
@@ -263,7 +263,7 @@ export class PartObjects {
       while (!last && (puts.size >= PARTS_IN_FLIGHT || copies.size >= COPIES_IN_FLIGHT)) await Promise.race([...puts, ...copies]);
       if (failure) throw failure;
       const part = started++;
-      if (part >= 10_000) throw new StoreError(`input ${key} is larger than ${partBytes * 10_000} bytes (its declared size was ${size})`);
+      if (part >= MAX_PARTS) throw new StoreError(`input ${key} is larger than ${partBytes * MAX_PARTS} bytes (its declared size was ${size})`);
       const p = sendPart(part, body, last).finally(() => puts.delete(p));
       puts.add(p);
     };
