@@ -78,6 +78,7 @@ static napi_value data_extents(napi_env env, napi_callback_info info) {
 napi_value write_extents(napi_env env, napi_callback_info info); /* io.c */
 napi_value read_extents(napi_env env, napi_callback_info info);  /* io.c */
 napi_value sync_range(napi_env env, napi_callback_info info);    /* io.c */
+napi_value copy_extents(napi_env env, napi_callback_info info);  /* io.c */
 
 static napi_value init(napi_env env, napi_value exports) {
   napi_value fn;
@@ -89,6 +90,8 @@ static napi_value init(napi_env env, napi_value exports) {
   if (napi_set_named_property(env, exports, "readExtents", fn) != napi_ok) return NULL;
   if (napi_create_function(env, "syncRange", NAPI_AUTO_LENGTH, sync_range, NULL, &fn) != napi_ok) return NULL;
   if (napi_set_named_property(env, exports, "syncRange", fn) != napi_ok) return NULL;
+  if (napi_create_function(env, "copyExtents", NAPI_AUTO_LENGTH, copy_extents, NULL, &fn) != napi_ok) return NULL;
+  if (napi_set_named_property(env, exports, "copyExtents", fn) != napi_ok) return NULL;
   return exports;
 }
 

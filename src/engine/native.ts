@@ -3,7 +3,7 @@ import { createRequire } from 'node:module';
 /**
  * diskconv's optional native helper (native/seek, built by node-gyp at
  * `npm ci` and `npm run build`): SEEK_DATA/SEEK_HOLE, which Node lacks, and
- * batched writes (native/seek/io.c). Where it did not build or cannot load,
+ * batched reads, writes and file-to-file copies (native/seek/io.c). Where it did not build or cannot load,
  * callers fall back to reading holes and to fs/promises writes.
  */
 export interface SeekHelper {
@@ -28,6 +28,14 @@ export interface SeekHelper {
    * take it (a pipe, a filesystem without it); rejects with an fs-style error (.code EIO, ...).
    */
   syncRange?(fd: number, offset: number, length: number): Promise<boolean>;
+  /**
+   * For every i, reads `lengths[i]` bytes at `fileOffsets[i]` of `inFd` and writes them at
+   * `positions[i]` of `outFd`, `chunk` bytes at a time through one buffer (each chunk written
+   * while it is still in the CPU's caches), zero blocks of `block` skipped as writeExtents does;
+   * one threadpool trip. Resolves with the bytes read (fewer only where `inFd` ended early);
+   * rejects with an fs-style error whose .syscall is "pread" or "pwrite".
+   */
+  copyExtents?(inFd: number, outFd: number, fileOffsets: number[], lengths: number[], positions: number[], block: number, chunk: number): Promise<number>;
 }
 
 let helper: SeekHelper | null | undefined;
@@ -58,6 +66,12 @@ export function nativeReader(): NonNullable<SeekHelper['readExtents']> | null {
 export function nativeWriter(): NonNullable<SeekHelper['writeExtents']> | null {
   const h = seekHelper();
   return h && typeof h.writeExtents === 'function' ? h.writeExtents.bind(h) : null;
+}
+
+/** The native helper's fused read-and-write of file ranges, or null where it is not available. */
+export function nativeCopier(): NonNullable<SeekHelper['copyExtents']> | null {
+  const h = seekHelper();
+  return h && typeof h.copyExtents === 'function' ? h.copyExtents.bind(h) : null;
 }
 
 /** The native helper's sync_file_range, or null where it is not available (flushed outputs are then written back at the end only). */

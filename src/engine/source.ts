@@ -1,6 +1,7 @@
 import { open, type FileHandle } from 'node:fs/promises';
 import { AbortedError, ImageCorruptError, SourceUnavailableError } from './errors.js';
-import { nativeReader, seekHelper } from './native.js';
+import { nativeCopier, nativeReader, seekHelper } from './native.js';
+import type { DirectTarget } from './native-decoder.js';
 
 /**
  * Random-access bytes: a local file, an HTTP resource read with range requests,
@@ -27,6 +28,14 @@ export interface RandomAccessSource {
    * the cost of one (a local file through the native helper).
    */
   readIntoMany?(targets: Uint8Array[], offsets: number[], signal?: AbortSignal): Promise<number[]>;
+  /**
+   * Optional: copies runs of the source straight into a local file, each piece written right
+   * after it is read (a local file, through the native helper): for every i, `lengths[i]` bytes
+   * from `fileOffsets[i]` go to `positions[i]` of `target.fd`, zero blocks of `target.block`
+   * left as holes. Returns the bytes read, fewer only where the source ended early. The reader
+   * copies stored data this way when it writes to a ReadOptions.directWrite.
+   */
+  copyToFile?(target: DirectTarget, fileOffsets: number[], lengths: number[], positions: number[], signal?: AbortSignal): Promise<number>;
   /**
    * Optional: the caller will read the file range [start, end) soon, in the order
    * announced (the reader announces the reads of the batches it has cut from the
@@ -87,10 +96,18 @@ export async function readThroughReadInto(
   return done === buf.length ? buf : buf.subarray(0, done);
 }
 
+/**
+ * The piece copyToFile reads and then writes: a quarter of this machine's 1 MiB L2, so it is still
+ * there for the write's copy; 128 KiB to 1 MiB measured the same (session 11, sparse raw).
+ */
+const COPY_CHUNK = 256 * 2 ** 10;
+
 /** A local file opened read-only. */
 export class FileSource implements RandomAccessSource {
   /** Present where the native helper loaded: a batch of reads in one threadpool trip. */
   readonly readIntoMany?: (targets: Uint8Array[], offsets: number[], signal?: AbortSignal) => Promise<number[]>;
+  /** Present where the native helper loaded: runs read and written in one threadpool trip. */
+  readonly copyToFile?: (target: DirectTarget, fileOffsets: number[], lengths: number[], positions: number[], signal?: AbortSignal) => Promise<number>;
 
   private constructor(
     private readonly handle: FileHandle,
@@ -105,6 +122,13 @@ export class FileSource implements RandomAccessSource {
         // Never past the end of the file (as readInto): the views are trimmed, the counts say so.
         const views = targets.map((t, i) => t.subarray(0, Math.max(0, Math.min(t.length, this.size - (offsets[i] as number)))));
         return native(this.handle.fd, views, offsets);
+      };
+    }
+    const copier = nativeCopier();
+    if (copier) {
+      this.copyToFile = async (target, fileOffsets, lengths, positions, signal) => {
+        if (signal?.aborted) throw new AbortedError();
+        return copier(this.handle.fd, target.fd, fileOffsets, lengths, positions, target.block, COPY_CHUNK);
       };
     }
   }

@@ -3,7 +3,7 @@ import { join } from 'node:path';
 import { open, readFile, stat } from 'node:fs/promises';
 import { dataBytes, fileAllocation, makeTempDir, qemuImg, seededBytes, sha256File } from '../helpers/qemu.js';
 import { RawFileSink, type Extent } from '../../src/engine/index.js';
-import { nativeReader, nativeWriter } from '../../src/engine/native.js';
+import { nativeCopier, nativeReader, nativeWriter } from '../../src/engine/native.js';
 import { convertToRaw } from '../../src/engine/convert.js';
 import { openImage } from '../../src/engine/index.js';
 import { FileSource } from '../../src/engine/source.js';
@@ -178,6 +178,159 @@ describe('FileSource.readIntoMany', () => {
       const image = await openImage(source, {});
       const err = (await convertToRaw(image, source, await RawFileSink.create(join(dir, 'trunc.out'), { removeOnAbort: true })).catch((e: unknown) => e)) as { code?: string };
       expect(err.code).toBe('IMAGE_CORRUPT');
+    } finally {
+      await source.close();
+    }
+  });
+});
+
+describe('FileSource.copyToFile', () => {
+  /** A source file of data with zero blocks inside, as extents() has them. */
+  async function sourceFile(name: string): Promise<{ path: string; bytes: Buffer }> {
+    const { list, size } = extents();
+    const bytes = Buffer.alloc(size);
+    for (const e of list) if (e.kind === 'data') bytes.set(e.data, e.offset);
+    const path = join(dir, name);
+    await (await open(path, 'w')).writeFile(bytes);
+    return { path, bytes };
+  }
+
+  for (const sparseBlock of [4096, 512, 0]) {
+    it.skipIf(!nativeCopier())(`copies runs to their positions, the same bytes and holes as writeExtents of the same views (-S ${sparseBlock})`, async () => {
+      const { path, bytes } = await sourceFile(`copy-src-${sparseBlock}.bin`);
+      // Runs moved on the guest, across the 1 MiB pieces, one ending at the file's end.
+      const fileOffsets = [0, 3 * MiB + 512, 64 * KiB - 100, 5 * MiB + 200 * KiB];
+      const lengths = [3 * MiB + 4096, 1 * MiB + 1000, 70 * KiB, bytes.length - (5 * MiB + 200 * KiB)];
+      const positions = [8 * MiB, 0, 2 * MiB + 4096, 12 * MiB + 10];
+      const copied = join(dir, `copied-${sparseBlock}.raw`);
+      const written = join(dir, `written-${sparseBlock}.raw`);
+      const source = await FileSource.open(path);
+      const out = await open(copied, 'w');
+      await out.truncate(16 * MiB); // as the sink's finish() sizes it
+      try {
+        const copy = source.copyToFile as NonNullable<FileSource['copyToFile']>;
+        const got = await copy({ fd: out.fd, block: sparseBlock }, fileOffsets, lengths, positions);
+        expect(got).toBe(lengths.reduce((a, b) => a + b, 0));
+      } finally {
+        await out.close();
+        await source.close();
+      }
+      const wh = await open(written, 'w');
+      await wh.truncate(16 * MiB);
+      await (nativeWriter() as NonNullable<ReturnType<typeof nativeWriter>>)(
+        wh.fd,
+        fileOffsets.map((at, i) => bytes.subarray(at, at + (lengths[i] as number))),
+        positions,
+        sparseBlock,
+      );
+      await wh.close();
+      const result = await readFile(copied);
+      expect(result.equals(await readFile(written))).toBe(true);
+      fileOffsets.forEach((at, i) => {
+        const to = positions[i] as number;
+        const n = lengths[i] as number;
+        expect(result.subarray(to, to + n).equals(bytes.subarray(at, at + n))).toBe(true);
+      });
+      expect(await fileAllocation(copied)).toEqual(await fileAllocation(written));
+    });
+  }
+
+  it.skipIf(!nativeCopier())('stops at the end of the file and says how much it read', async () => {
+    const { path, bytes } = await sourceFile('copy-short.bin');
+    const source = await FileSource.open(path);
+    const out = await open(join(dir, 'copy-short.raw'), 'w');
+    try {
+      const copy = source.copyToFile as NonNullable<FileSource['copyToFile']>;
+      expect(await copy({ fd: out.fd, block: 4096 }, [bytes.length - 5000], [3 * MiB], [0])).toBe(5000);
+    } finally {
+      await out.close();
+      await source.close();
+    }
+  });
+
+  it.skipIf(!nativeCopier())('a failed write is the fs error with syscall pwrite (ENOSPC on /dev/full), a failed read with syscall pread', async () => {
+    const { path } = await sourceFile('copy-fail.bin');
+    const source = await FileSource.open(path);
+    const full = await open('/dev/full', 'w');
+    const notReadable = await open(join(dir, 'copy-fail-wo.bin'), 'w');
+    try {
+      const copy = source.copyToFile as NonNullable<FileSource['copyToFile']>;
+      const wrote = (await copy({ fd: full.fd, block: 4096 }, [0], [1 * MiB], [0]).catch((e: unknown) => e)) as NodeJS.ErrnoException;
+      expect(wrote).toBeInstanceOf(Error);
+      expect([wrote.code, wrote.syscall]).toEqual(['ENOSPC', 'pwrite']);
+      const copier = nativeCopier() as NonNullable<ReturnType<typeof nativeCopier>>;
+      const read = (await copier(notReadable.fd, full.fd, [0], [4096], [0], 4096, MiB).catch((e: unknown) => e)) as NodeJS.ErrnoException;
+      expect([read.code, read.syscall]).toEqual(['EBADF', 'pread']);
+    } finally {
+      await full.close();
+      await notReadable.close();
+      await source.close();
+    }
+  });
+
+  it.skipIf(!nativeCopier())('refuses arguments that are not integers or arrays of one length', () => {
+    const copy = nativeCopier() as NonNullable<ReturnType<typeof nativeCopier>>;
+    expect(() => copy(0, 1, [0], [1, 2], [0], 4096, MiB)).toThrow(TypeError);
+    expect(() => copy(0, 1, [-1], [1], [0], 4096, MiB)).toThrow(TypeError);
+    expect(() => copy(0, 1, [0], [0.5], [0], 4096, MiB)).toThrow(TypeError);
+    expect(() => copy(-1, 1, [], [], [], 4096, MiB)).toThrow(TypeError);
+    expect(() => copy(0, 1, [], [], [], 4096, 1000)).toThrow(TypeError); // the piece must be whole pages
+  });
+
+  it.skipIf(!nativeCopier())('an uncompressed image converted to a local file goes source to output in the copy trips, byte-identical to qemu-img', async () => {
+    const raw = join(dir, 'copy-frag.raw');
+    const fh = await open(raw, 'w');
+    for (let i = 0, at = 0; i < 300; i++) {
+      const length = (1 + (i % 13)) * 4 * KiB;
+      await fh.write(i % 5 === 2 ? Buffer.alloc(length) : seededBytes(length, i + 3), 0, length, at);
+      at += length + ((i * 7) % 11) * 4 * KiB;
+    }
+    await fh.truncate(24 * MiB);
+    await fh.close();
+    for (const [name, opts] of [['copy-frag.qcow2', ['-O', 'qcow2']], ['copy-frag.vmdk', ['-O', 'vmdk']], ['copy-frag.sparse.raw', ['-O', 'raw']]] as const) {
+      const img = join(dir, name);
+      await qemuImg('convert', ...opts, raw, img);
+      const ref = join(dir, `${name}.qemu.raw`);
+      await qemuImg('convert', '-O', 'raw', img, ref);
+      const out = join(dir, `${name}.ours.raw`);
+      const source = await FileSource.open(img);
+      let copies = 0;
+      const copy = source.copyToFile as NonNullable<FileSource['copyToFile']>;
+      Object.defineProperty(source, 'copyToFile', { value: (...args: Parameters<typeof copy>) => (copies++, copy(...args)) });
+      const seen = { written: 0, bytes: 0 };
+      const sink = await RawFileSink.create(out);
+      const writeBatch = sink.writeBatch.bind(sink);
+      sink.writeBatch = async (batch) => {
+        for (const e of batch) if (e.kind === 'data') e.written ? (seen.written += e.length) : (seen.bytes += e.length);
+        return writeBatch(batch);
+      };
+      try {
+        const image = await openImage(source, {});
+        await convertToRaw(image, source, sink, { batchBytes: 512 * KiB });
+      } finally {
+        await source.close();
+      }
+      expect(await sha256File(out)).toBe(await sha256File(ref));
+      expect(await dataBytes(out)).toBeLessThanOrEqual(await dataBytes(ref));
+      expect(copies).toBeGreaterThan(1);
+      expect(seen.bytes).toBe(0); // no stored byte went through JavaScript
+      expect(seen.written).toBeGreaterThan(0);
+    }
+  });
+
+  it.skipIf(!nativeCopier())('a qcow2 that shrank under the conversion is IMAGE_CORRUPT, not a short output', async () => {
+    const raw = join(dir, 'shrink.raw');
+    await (await open(raw, 'w')).writeFile(seededBytes(4 * MiB, 9));
+    const img = join(dir, 'shrink.qcow2');
+    await qemuImg('convert', '-O', 'qcow2', raw, img);
+    const source = await FileSource.open(img);
+    try {
+      const image = await openImage(source, {});
+      const { truncate } = await import('node:fs/promises');
+      await truncate(img, 1 * MiB); // after it was opened: its size said the clusters are there
+      const err = (await convertToRaw(image, source, await RawFileSink.create(join(dir, 'shrink.out'), { removeOnAbort: true })).catch((e: unknown) => e)) as { code?: string; message?: string };
+      expect(err.code).toBe('IMAGE_CORRUPT');
+      expect(err.message).toMatch(/short read/);
     } finally {
       await source.close();
     }
