@@ -160,27 +160,6 @@ static int32_t decode_one(int codec, const item_t *it) {
   }
 }
 
-/* Writes the non-zero blocks of p[0, n) (blocks of `block` bytes aligned to the file offset) at pos; every byte when block is 0. */
-static int write_non_zero(int fd, const uint8_t *p, size_t n, int64_t pos, int64_t block) {
-  if (block <= 0) return write_all(fd, p, n, pos, NULL);
-  size_t run = (size_t)-1, at = 0;
-  while (at < n) {
-    size_t next = at + (size_t)(block - (pos + (int64_t)at) % block);
-    if (next > n) next = n;
-    if (all_zero(p + at, next - at)) {
-      if (run != (size_t)-1) {
-        int err = write_all(fd, p + run, at - run, pos + (int64_t)run, NULL);
-        if (err) return err;
-        run = (size_t)-1;
-      }
-    } else if (run == (size_t)-1) {
-      run = at;
-    }
-    at = next;
-  }
-  return run == (size_t)-1 ? 0 : write_all(fd, p + run, n - run, pos + (int64_t)run, NULL);
-}
-
 static void execute_direct(job_t *job) {
   for (size_t i = 0; i < job->count; i++) {
     item_t it = job->items[i];
@@ -189,7 +168,7 @@ static void execute_direct(job_t *job) {
     if (job->codec == CODEC_VERBATIM) {
       /* Nothing to decode: the input's bytes [skip, skip + length) go out as they are. */
       if (it.skip + it.length > it.in_len) continue;
-      int err = write_non_zero(job->fd, it.in + it.skip, it.length, it.position, job->block);
+      int err = write_nonzero(job->fd, it.in + it.skip, it.length, it.position, job->block, NULL);
       if (err) job->err = err;
       else job->result[i] = (int32_t)it.length;
       continue;
@@ -206,7 +185,7 @@ static void execute_direct(job_t *job) {
     it.out = direct_buf;
     int32_t produced = decode_one(job->codec, &it);
     if (produced < 0 || (size_t)produced < it.skip + it.length) continue; /* the caller gives qemu's answer */
-    int err = write_non_zero(job->fd, direct_buf + it.skip, it.length, it.position, job->block);
+    int err = write_nonzero(job->fd, direct_buf + it.skip, it.length, it.position, job->block, NULL);
     if (err) {
       job->err = err;
       continue;

@@ -1,6 +1,6 @@
 /*
  * What both native helpers (native/seek's I/O, native/codec's decodeWrite) need to write
- * files as Node would: whole pwrites in bounded pieces, the zero-block test of -S, and
+ * files as Node would: whole pwrites in bounded pieces, the zero-block test and the sparse writes of -S, and
  * failures as Node's fs errors (.code, .errno, .syscall). Header-only: each addon is its
  * own node-gyp target, and static functions keep them independent.
  */
@@ -102,6 +102,33 @@ static inline int write_all(int fd, const uint8_t *p, size_t n, int64_t pos, int
     if (written) *written += w;
   }
   return 0;
+}
+
+/*
+ * Writes the blocks of [p, p + len) (at file offset pos; blocks of `block` bytes aligned to the
+ * file offset) that are not all zero, as qemu-img's -S; block 0 writes every byte. 0 or the errno;
+ * adds what it wrote to *written when given.
+ */
+static inline int write_nonzero(int fd, const uint8_t *p, size_t len, int64_t pos, int64_t block, int64_t *written) {
+  if (block <= 0) return write_all(fd, p, len, pos, written);
+  size_t run = (size_t)-1; /* start of the current non-zero run, or none */
+  size_t at = 0;
+  while (at < len) {
+    int64_t into = (pos + (int64_t)at) % block;
+    size_t next = at + (size_t)(block - into);
+    if (next > len) next = len;
+    if (all_zero(p + at, next - at)) {
+      if (run != (size_t)-1) {
+        int err = write_all(fd, p + run, at - run, pos + (int64_t)run, written);
+        if (err) return err;
+        run = (size_t)-1;
+      }
+    } else if (run == (size_t)-1) {
+      run = at;
+    }
+    at = next;
+  }
+  return run != (size_t)-1 ? write_all(fd, p + run, len - run, pos + (int64_t)run, written) : 0;
 }
 
 #endif

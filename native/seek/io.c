@@ -82,29 +82,6 @@ static void execute_read(job_t *job) {
   }
 }
 
-/* Writes the blocks of [p, p + len) (at file offset pos) that are not all zero; block 0 writes every byte. 0 or the errno. */
-static int write_nonzero(int fd, const uint8_t *p, size_t len, int64_t pos, int64_t block, int64_t *written) {
-  if (block <= 0) return write_all(fd, p, len, pos, written);
-  size_t run = (size_t)-1; /* start of the current non-zero run, or none */
-  size_t at = 0;
-  while (at < len) {
-    int64_t into = (pos + (int64_t)at) % block;
-    size_t next = at + (size_t)(block - into);
-    if (next > len) next = len;
-    if (all_zero(p + at, next - at)) {
-      if (run != (size_t)-1) {
-        int err = write_all(fd, p + run, at - run, pos + (int64_t)run, written);
-        if (err) return err;
-        run = (size_t)-1;
-      }
-    } else if (run == (size_t)-1) {
-      run = at;
-    }
-    at = next;
-  }
-  return run != (size_t)-1 ? write_all(fd, p + run, len - run, pos + (int64_t)run, written) : 0;
-}
-
 static void execute(napi_env env, void *data) {
   (void)env;
   job_t *job = data;

@@ -56,6 +56,24 @@ async function writeWith(path: string, how: 'native-batch' | 'js-batch' | 'per-e
   await sink.finish(size);
 }
 
+/**
+ * A raw file of runs of data, zeros written as data (every `zeroEvery`th run) and holes, at
+ * 4 KiB starts that are not cluster-aligned: run i is (1 + i % lengths) × 4 KiB long and is
+ * followed by a hole of ((i × gaps[0]) % gaps[1]) × 4 KiB.
+ */
+async function fragmentedRaw(name: string, o: { runs: number; size: number; lengths: number; zeroEvery: number; gaps: [number, number] }): Promise<string> {
+  const path = join(dir, name);
+  const fh = await open(path, 'w');
+  for (let i = 0, at = 0; i < o.runs; i++) {
+    const length = (1 + (i % o.lengths)) * 4 * KiB;
+    await fh.write(i % o.zeroEvery === o.zeroEvery >> 1 ? Buffer.alloc(length) : seededBytes(length, i + 1), 0, length, at);
+    at += length + ((i * o.gaps[0]) % o.gaps[1]) * 4 * KiB;
+  }
+  await fh.truncate(o.size);
+  await fh.close();
+  return path;
+}
+
 let dir: string;
 let cleanup: () => Promise<void>;
 beforeAll(async () => ({ dir, cleanup } = await makeTempDir()));
@@ -108,16 +126,7 @@ describe('RawFileSink.writeBatch', () => {
   });
 
   it('convertToRaw through writeBatch converts a fragmented qcow2 and a static VDI byte-identical to qemu-img, allocating no more', async () => {
-    const raw = join(dir, 'frag.raw');
-    const fh = await open(raw, 'w');
-    // Runs of data, zeros written as data, and holes, at 4 KiB starts that are not cluster-aligned.
-    for (let i = 0, at = 0; i < 200; i++) {
-      const length = (1 + (i % 15)) * 4 * KiB;
-      await fh.write(i % 7 === 3 ? Buffer.alloc(length) : seededBytes(length, i + 1), 0, length, at);
-      at += length + ((i * 13) % 9) * 4 * KiB;
-    }
-    await fh.truncate(16 * MiB);
-    await fh.close();
+    const raw = await fragmentedRaw('frag.raw', { runs: 200, size: 16 * MiB, lengths: 15, zeroEvery: 7, gaps: [13, 9] });
     for (const [name, opts] of [['frag.qcow2', ['-O', 'qcow2']], ['frag.vdi', ['-O', 'vdi', '-o', 'static=on']]] as const) {
       const img = join(dir, name);
       await qemuImg('convert', ...opts, raw, img);
@@ -278,15 +287,7 @@ describe('FileSource.copyToFile', () => {
   });
 
   it.skipIf(!nativeCopier())('an uncompressed image converted to a local file goes source to output in the copy trips, byte-identical to qemu-img', async () => {
-    const raw = join(dir, 'copy-frag.raw');
-    const fh = await open(raw, 'w');
-    for (let i = 0, at = 0; i < 300; i++) {
-      const length = (1 + (i % 13)) * 4 * KiB;
-      await fh.write(i % 5 === 2 ? Buffer.alloc(length) : seededBytes(length, i + 3), 0, length, at);
-      at += length + ((i * 7) % 11) * 4 * KiB;
-    }
-    await fh.truncate(24 * MiB);
-    await fh.close();
+    const raw = await fragmentedRaw('copy-frag.raw', { runs: 300, size: 24 * MiB, lengths: 13, zeroEvery: 5, gaps: [7, 11] });
     for (const [name, opts] of [['copy-frag.qcow2', ['-O', 'qcow2']], ['copy-frag.vmdk', ['-O', 'vmdk']], ['copy-frag.sparse.raw', ['-O', 'raw']]] as const) {
       const img = join(dir, name);
       await qemuImg('convert', ...opts, raw, img);
