@@ -26,6 +26,7 @@
  * at most its unsettled admissions.
  */
 import type { Redis } from 'ioredis';
+import { allSettledOrThrow } from '../engine/settle.js';
 
 /** Increments and windows of several counters in one step; returns, per counter, its count and its window's remaining ms. */
 const SETTLE = `
@@ -222,9 +223,7 @@ export class RateCounters {
     for (let i = 0; i < batch.length; i += SETTLE_BATCH) calls.push(this.settleBatch(batch.slice(i, i + SETTLE_BATCH)));
     // Every batch answered before the next settle may start: one that failed first must not let a new settle
     // overwrite `sending` of counters still in flight in another (their admissions would go uncounted meanwhile).
-    const results = await Promise.allSettled(calls);
-    const failed = results.find((r): r is PromiseRejectedResult => r.status === 'rejected');
-    if (failed) throw failed.reason;
+    await allSettledOrThrow(calls);
   }
 
   private async settleBatch(batch: Array<{ c: Counter; waiting: Done[]; inc: number }>): Promise<void> {

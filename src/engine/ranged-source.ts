@@ -21,6 +21,7 @@
  */
 import { alignedBuffer } from './aligned.js';
 import { AbortedError, ImageCorruptError, LimitExceededError, throwIfAborted } from './errors.js';
+import { allSettledOrThrow } from './settle.js';
 import type { RandomAccessSource } from './source.js';
 
 export interface RangedSourceTuning {
@@ -655,15 +656,4 @@ export abstract class RangedSource implements RandomAccessSource {
     this.ring = new Ring(this.aheadRingBytes());
     await this.release();
   }
-}
-
-/**
- * Promise.all that settles only once every promise has: the first rejection (in order) is thrown after
- * the rest have finished, so nothing is still writing into memory its caller reuses on failure.
- */
-async function allSettledOrThrow<T>(promises: Array<Promise<T>>): Promise<T[]> {
-  const results = await Promise.allSettled(promises);
-  const failed = results.find((r): r is PromiseRejectedResult => r.status === 'rejected');
-  if (failed) throw failed.reason;
-  return results.map((r) => (r as PromiseFulfilledResult<T>).value);
 }

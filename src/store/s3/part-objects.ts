@@ -33,6 +33,7 @@ import {
   UploadPartCopyCommand,
   type S3Client,
 } from '@aws-sdk/client-s3';
+import { allSettledOrThrow } from '../../engine/settle.js';
 import { assertKey, StoreError, StoreObjectMissingError, type ObjectStat, type OwnerCheck } from '../common.js';
 import type { FollowedWrite } from '../staging.js';
 import { asS3StoreError, deadline, isNotFound, readBodyInto, type S3Settings } from './client.js';
@@ -307,9 +308,7 @@ export class PartObjects {
       const lane = async (): Promise<void> => {
         while (next < started) await this.deleteObject(this.partKey(key, next++));
       };
-      const lanes = await Promise.allSettled(Array.from({ length: Math.min(DELETES_IN_FLIGHT, started) }, lane));
-      const failed = lanes.find((r): r is PromiseRejectedResult => r.status === 'rejected');
-      if (failed) throw failed.reason;
+      await allSettledOrThrow(Array.from({ length: Math.min(DELETES_IN_FLIGHT, started) }, lane));
     };
     return {
       stream,
