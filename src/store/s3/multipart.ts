@@ -46,6 +46,31 @@ export interface PartWriterStats {
   buffers: number;
 }
 
+/**
+ * One UploadPart: part `PartNumber` (from 1) of multipart upload `upload` from `body`, its ETag returned (the commit
+ * lists them). `what` names the part in errors; failures are asS3StoreError's (an upload that went away:
+ * StoreObjectMissingError).
+ */
+export async function uploadPart(
+  client: S3Client,
+  upload: { Bucket: string; Key: string; UploadId: string },
+  PartNumber: number,
+  body: Uint8Array,
+  what: string,
+  requestTimeoutMs: number,
+  signal?: AbortSignal,
+): Promise<string> {
+  try {
+    const res = await client.send(new UploadPartCommand({ ...upload, PartNumber, Body: body, ContentLength: body.length }), {
+      abortSignal: deadline(requestTimeoutMs, signal),
+    });
+    if (!res.ETag) throw new StoreError(`the bucket gave no ETag for ${what}`);
+    return res.ETag;
+  } catch (err) {
+    throw asS3StoreError(err, `upload of ${what}`, signal);
+  }
+}
+
 export class PartWriter {
   private uploadId: Promise<string> | undefined;
   private readonly free: Buffer[] = [];
@@ -154,16 +179,8 @@ export class PartWriter {
     }
     const sent = (async () => {
       const UploadId = await this.start();
-      try {
-        const res = await this.client.send(
-          new UploadPartCommand({ Bucket: this.bucket, Key: this.Key, UploadId, PartNumber, Body: body, ContentLength: body.length }),
-          { abortSignal: deadline(this.options.requestTimeoutMs, this.lifetime.signal) },
-        );
-        if (!res.ETag) throw new StoreError(`the bucket gave no ETag for part ${PartNumber} of ${this.what}`);
-        this.etags[PartNumber - 1] = res.ETag;
-      } catch (err) {
-        throw asS3StoreError(err, `upload of part ${PartNumber} of ${this.what}`, this.lifetime.signal);
-      }
+      const upload = { Bucket: this.bucket, Key: this.Key, UploadId };
+      this.etags[PartNumber - 1] = await uploadPart(this.client, upload, PartNumber, body, `part ${PartNumber} of ${this.what}`, this.options.requestTimeoutMs, this.lifetime.signal);
     })()
       .catch((err: unknown) => {
         this.failure ??= err as Error;

@@ -29,7 +29,6 @@ import {
   HeadObjectCommand,
   ListObjectsV2Command,
   PutObjectCommand,
-  UploadPartCommand,
   UploadPartCopyCommand,
   type S3Client,
 } from '@aws-sdk/client-s3';
@@ -37,6 +36,7 @@ import { allSettledOrThrow } from '../../engine/settle.js';
 import { assertKey, StoreError, StoreObjectMissingError, type ObjectStat, type OwnerCheck } from '../common.js';
 import type { FollowedWrite } from '../staging.js';
 import { asS3StoreError, deadline, isNotFound, readBodyInto, type S3Settings } from './client.js';
+import { uploadPart } from './multipart.js';
 import { MAX_PARTS, partSizeFor } from './objects.js';
 
 /** Parts being PUT at once (each holds its buffer): two, as the staged path's multipart upload has. */
@@ -212,16 +212,12 @@ export class PartObjects {
     };
 
     /** Part `part` into the multipart upload from its buffer (the last part: no copy to wait for after its PUT). */
-    const uploadPart = async (part: number, body: Buffer): Promise<void> => {
+    const uploadDirect = async (part: number, body: Buffer): Promise<void> => {
       try {
-        const res = await this.client.send(new UploadPartCommand({ Bucket: this.bucket, Key, UploadId, PartNumber: part + 1, Body: body, ContentLength: body.length }), {
-          abortSignal: deadline(this.settings.requestTimeoutMs),
-        });
-        if (!res.ETag) throw new StoreError(`the bucket gave no ETag for part ${part} of input ${key}`);
-        etags[part] = res.ETag;
+        etags[part] = await uploadPart(this.client, { Bucket: this.bucket, Key, UploadId }, part + 1, body, `part ${part} of input ${key}`, this.settings.requestTimeoutMs);
       } catch (err) {
-        if (isNotFound(err)) discarded = true;
-        else failure ??= asS3StoreError(err, `upload of part ${part} of input ${key}`);
+        if (err instanceof StoreObjectMissingError) discarded = true;
+        else failure ??= err as Error;
       }
     };
 
@@ -234,7 +230,7 @@ export class PartObjects {
     const sendPart = async (part: number, body: Buffer, direct: boolean): Promise<void> => {
       const partKey = this.partKey(key, part);
       if (direct) {
-        const u = uploadPart(part, body).finally(() => copies.delete(u));
+        const u = uploadDirect(part, body).finally(() => copies.delete(u));
         copies.add(u);
       }
       try {
