@@ -15,7 +15,7 @@
 import { ImageCorruptError, SourceUnavailableError, readThroughReadInto, throwIfAborted, type RandomAccessSource } from '../engine/index.js';
 import { sleep } from '../engine/ranged-source.js';
 import { StoreObjectMissingError, type InputStaging } from '../store/index.js';
-import { UploadFailedError, type GrowingSourceDeps, type ReadableParts, type UploadMark } from './upload-stream.js';
+import { MarkWatch, UploadFailedError, type GrowingSourceDeps, type ReadableParts, type UploadMark } from './upload-stream.js';
 
 const BLOCK_BYTES = 8 * 2 ** 20;
 const CACHE_BLOCKS = 3;
@@ -31,8 +31,7 @@ export class PartObjectsSource implements RandomAccessSource {
   private failure: Error | undefined;
   private committed: Promise<RandomAccessSource> | undefined;
   private closed = false;
-  private lastMarkCheck = 0;
-  private markCheck: Promise<void> | undefined;
+  private readonly marks: MarkWatch;
   /** Blocks by their first byte, oldest first (Map keeps insertion order). */
   private readonly blocks = new Map<number, Promise<Buffer>>();
   /** Reads that had to wait for a part (for the logs and the tests). */
@@ -47,6 +46,7 @@ export class PartObjectsSource implements RandomAccessSource {
     private readonly deps: GrowingSourceDeps,
   ) {
     this.ready = ready;
+    this.marks = new MarkWatch(deps, MARK_POLL_MS, (mark) => this.apply(mark));
   }
 
   /** Bytes still arriving (the engine's vmdk-markers.ts walks a streamOptimized image's markers then). */
@@ -70,7 +70,6 @@ export class PartObjectsSource implements RandomAccessSource {
 
   /** What a mark says, applied. */
   private async apply(mark: UploadMark | undefined): Promise<void> {
-    const deps = this.deps;
     if (mark?.state === 'failed') {
       this.failure = new UploadFailedError(mark.code, `the upload failed while it was converted: ${mark.message}`);
       return;
@@ -91,30 +90,19 @@ export class PartObjectsSource implements RandomAccessSource {
       } else if (mark.parts) {
         this.ready = Math.max(this.ready, mark.parts.ready);
       }
-      // Receiving (or received, not yet committed) while nobody holds the upload: the API process went away.
-      if (await deps.leases.held(deps.id)) return;
     }
-    const again = await deps.marks.get(deps.id);
-    if (again === undefined || again.state === 'receiving' || again.state === 'received') {
+    // No mark, or receiving (or received, not yet committed) while nobody holds the upload: the API process went away.
+    const verdict = await this.marks.abandoned(mark, (again) => again === undefined || again.state === 'receiving' || again.state === 'received');
+    if (verdict.gone) {
       this.failure = new UploadFailedError('INCOMPLETE_BODY', 'the upload stopped before its staged copy was committed: the API process receiving it went away');
-    } else {
-      await this.apply(again); // committed or failed meanwhile
+    } else if (verdict.now) {
+      await this.apply(verdict.now); // committed or failed meanwhile
     }
   }
 
   /** Asks Redis (at most every MARK_POLL_MS unless `now`, one question at a time) how the upload goes. */
   private checkMark(now = false): Promise<void> {
-    if (this.markCheck) return this.markCheck;
-    if (!now && Date.now() - this.lastMarkCheck < MARK_POLL_MS) return Promise.resolve();
-    this.lastMarkCheck = Date.now();
-    this.markCheck = (async () => this.apply(await this.deps.marks.get(this.deps.id)))()
-      .catch(() => {
-        // Redis briefly away: asked again at the next check.
-      })
-      .finally(() => {
-        this.markCheck = undefined;
-      });
-    return this.markCheck;
+    return this.marks.check(now);
   }
 
   /** Waits until bytes [0, end) are readable, or the upload fails. */

@@ -152,6 +152,46 @@ export interface ArrivalFeed {
 }
 
 /**
+ * The upload's mark as a source that follows it asks for it (GrowingFileSource here, PartObjectsSource in
+ * upload-parts.ts): at most every `pollMs` unless asked `now`, one question at a time (a caller that needs an
+ * answer newer than the one under way asks twice); a failed question (Redis briefly away) is asked again at the
+ * next check. What a mark means is the source's `apply`: the file store's upload is complete once received,
+ * a bucket's only once committed.
+ */
+export class MarkWatch {
+  private last = 0;
+  private asking: Promise<void> | undefined;
+  constructor(
+    private readonly deps: GrowingSourceDeps,
+    private readonly pollMs: number,
+    private readonly apply: (mark: UploadMark | undefined, watch: MarkWatch) => Promise<void>,
+  ) {}
+
+  check(now = false): Promise<void> {
+    if (this.asking) return this.asking;
+    if (!now && Date.now() - this.last < this.pollMs) return Promise.resolve();
+    this.last = Date.now();
+    this.asking = (async () => this.apply(await this.deps.marks.get(this.deps.id), this))()
+      .catch(() => {})
+      .finally(() => {
+        this.asking = undefined;
+      });
+    return this.asking;
+  }
+
+  /**
+   * `mark` (none, or one that says the bytes still arrive) seen while no API may hold the upload: whether the API
+   * process receiving it went away, that is the lease is not held and the mark, read again, still says
+   * `stillArriving` (or is gone). When it moved on meanwhile, the mark as it is now.
+   */
+  async abandoned(mark: UploadMark | undefined, stillArriving: (again: UploadMark | undefined) => boolean): Promise<{ gone: boolean; now?: UploadMark }> {
+    if (mark !== undefined && (await this.deps.leases.held(this.deps.id))) return { gone: false };
+    const again = await this.deps.marks.get(this.deps.id);
+    return stillArriving(again) ? { gone: true } : { gone: false, ...(again ? { now: again } : {}) };
+  }
+}
+
+/**
  * A staging file still being written by the API, read by the engine as any
  * source: reads wait for their bytes; the upload's failure fails them.
  */
@@ -159,8 +199,7 @@ export class GrowingFileSource implements RandomAccessSource {
   private available = 0;
   private final: { size: number; sha256: string } | undefined;
   private failure: Error | undefined;
-  private lastMarkCheck = 0;
-  private markCheck: Promise<void> | undefined;
+  private readonly marks: MarkWatch | undefined;
   private closed = false;
   /** When the file last grew (or the source opened): a resumable upload idle past its bound parks the job. */
   private lastGrowth = Date.now();
@@ -173,7 +212,9 @@ export class GrowingFileSource implements RandomAccessSource {
     readonly name: string,
     private readonly deps: GrowingSourceDeps | { feed: ArrivalFeed },
     private resumable: ResumableTerms | undefined,
-  ) {}
+  ) {
+    if (!('feed' in deps)) this.marks = new MarkWatch(deps, MARK_POLL_MS, (mark, watch) => this.apply(mark, watch));
+  }
 
   static async open(path: string, size: number, name: string, deps: GrowingSourceDeps | { feed: ArrivalFeed }, resumable?: ResumableTerms): Promise<GrowingFileSource> {
     const handle = await open(path, 'r');
@@ -209,40 +250,26 @@ export class GrowingFileSource implements RandomAccessSource {
     return this.final;
   }
 
-  /** Asks Redis (at most every MARK_POLL_MS, one question at a time) how the upload goes. */
+  /** Asks how the upload goes: Redis (at most every MARK_POLL_MS, one question at a time), or the in-process feed. */
   private checkMark(): Promise<void> {
     if ('feed' in this.deps) return this.checkFeed(this.deps.feed);
-    if (this.markCheck) return this.markCheck;
-    if (Date.now() - this.lastMarkCheck < MARK_POLL_MS) return Promise.resolve();
-    this.lastMarkCheck = Date.now();
-    const deps = this.deps;
-    this.markCheck = (async () => {
-      const mark = await deps.marks.get(deps.id);
-      if (mark?.state === 'failed') {
-        this.failure = new UploadFailedError(mark.code, `the upload failed while it was converted: ${mark.message}`);
-      } else if (mark?.state === 'received' || mark?.state === 'committed') {
-        await this.ended({ size: mark.size, sha256: mark.sha256 }, 'upload', 'declared');
-      } else if (mark?.state === 'receiving' && mark.resumable) {
-        // A resumable upload is never failed for its client or its API going away: idle too long, the job parks (checkIdle).
-        this.resumable = mark.resumable;
-      } else if (mark === undefined || mark.state === 'receiving') {
-        // No mark, or still receiving while nobody holds the upload: the API process went away.
-        if (mark === undefined || !(await deps.leases.held(deps.id))) {
-          const again = await deps.marks.get(deps.id);
-          if (again === undefined || again.state === 'receiving') {
-            this.failure = new UploadFailedError('INCOMPLETE_BODY', 'the upload stopped before its last byte: the API process receiving it went away');
-          }
-        }
-      }
-    })()
-      .catch((err: unknown) => {
-        // Redis briefly away: asked again at the next check.
-        void err;
-      })
-      .finally(() => {
-        this.markCheck = undefined;
-      });
-    return this.markCheck;
+    return this.marks?.check() ?? Promise.resolve();
+  }
+
+  /** What a mark says, applied: received (or committed) is every byte in the file. */
+  private async apply(mark: UploadMark | undefined, watch: MarkWatch): Promise<void> {
+    if (mark?.state === 'failed') {
+      this.failure = new UploadFailedError(mark.code, `the upload failed while it was converted: ${mark.message}`);
+    } else if (mark?.state === 'received' || mark?.state === 'committed') {
+      await this.ended({ size: mark.size, sha256: mark.sha256 }, 'upload', 'declared');
+    } else if (mark?.state === 'receiving' && mark.resumable) {
+      // A resumable upload is never failed for its client or its API going away: idle too long, the job parks (checkIdle).
+      this.resumable = mark.resumable;
+    } else if (mark === undefined || mark.state === 'receiving') {
+      // No mark, or still receiving while nobody holds the upload: the API process went away.
+      const verdict = await watch.abandoned(mark, (again) => again === undefined || again.state === 'receiving');
+      if (verdict.gone) this.failure = new UploadFailedError('INCOMPLETE_BODY', 'the upload stopped before its last byte: the API process receiving it went away');
+    }
   }
 
   /** The in-process download's state (no Redis, no throttle: it is a variable's read). */
