@@ -11,7 +11,9 @@
 //     [--builds NAME=CLI,NAME=CLI]   A/B: each build (a dist/cli.js) gets its own two APIs and worker (own queue) on the
 //                                    same Redis and bucket; every round runs each build in both modes, order alternating
 //     [--modes overlap,staged]       which of the two settings to run
-// BENCH_S3_WORKER_ARGS: node flags for the workers (e.g. `--import /tmp/sampler.mjs`).
+// BENCH_S3_WORKER_ARGS: node flags for the workers (e.g. `--import /tmp/sampler.mjs`); BENCH_S3_WORKER_ARGS_<NAME>: for
+// build NAME's worker only, instead (one CLI under two names with different flags, e.g. --max-semi-space-size=4);
+// BENCH_S3_WORKER_ENV_<NAME>: `K=V K=V` added to build NAME's worker's environment (e.g. MALLOC_MMAP_THRESHOLD_=131072).
 import { execFileSync, spawn } from 'node:child_process';
 import { createCipheriv, createHash } from 'node:crypto';
 import { closeSync, mkdirSync, mkdtempSync, openSync, readFileSync, rmSync, writeFileSync, writeSync } from 'node:fs';
@@ -38,7 +40,8 @@ const builds = (args.get('builds') ?? `current=${join(here, '..', 'dist', 'cli.j
   return { name: b.slice(0, at), cli: b.slice(at + 1) };
 });
 const modes = (args.get('modes') ?? 'overlap,staged').split(',');
-const workerArgs = (process.env.BENCH_S3_WORKER_ARGS ?? '').split(' ').filter(Boolean);
+const workerEnv = (name) => Object.fromEntries((process.env[`BENCH_S3_WORKER_ENV_${name}`] ?? '').split(' ').filter(Boolean).map((kv) => [kv.slice(0, kv.indexOf('=')), kv.slice(kv.indexOf('=') + 1)]));
+const workerArgs = (name) => (process.env[`BENCH_S3_WORKER_ARGS_${name}`] ?? process.env.BENCH_S3_WORKER_ARGS ?? '').split(' ').filter(Boolean);
 const TOKEN = 'bench-s3-overlap-token-0123456789abcdef';
 const env = Object.fromEntries(readFileSync(envFile, 'utf8').split('\n').filter((l) => l.includes('=')).map((l) => [l.slice(0, l.indexOf('=')), l.slice(l.indexOf('=') + 1)]));
 const loadavg = () => readFileSync('/proc/loadavg', 'utf8').split(' ').slice(0, 3).join(' ');
@@ -130,7 +133,7 @@ for (const build of builds) {
       proc: start(`api-${build.name}-${mode}`, [build.cli, 'serve'], { ...own, DATA_DIR: join(dir, `api-${build.name}-${mode}`), PORT: String(port), S3_STAGING_OVERLAP: on }),
     };
   }
-  build.worker = start(`worker-${build.name}`, [...workerArgs, build.cli, 'worker'], { ...own, DATA_DIR: join(dir, `worker-${build.name}`) });
+  build.worker = start(`worker-${build.name}`, [...workerArgs(build.name), build.cli, 'worker'], { ...own, ...workerEnv(build.name), DATA_DIR: join(dir, `worker-${build.name}`) });
 }
 for (let i = 0; ; i++) {
   const apis = builds.flatMap((b) => Object.values(b.apis));
