@@ -9,16 +9,24 @@
  * upload is complete only once the staged object is committed (the mark says
  * `committed`): the part objects go then, so reads go to the committed object.
  *
- * Memory: blocks of at most BLOCK_BYTES (a whole 8 MiB part), CACHE_BLOCKS of
- * them, one fetched ahead.
+ * Memory: CACHE_BLOCKS blocks of BLOCK_BYTES (an 8 MiB part is two), the
+ * AHEAD_BLOCKS fetched ahead among them: 16 MiB, each byte fetched once. Three
+ * blocks of 8 MiB (one ahead) were 24 MiB and the worker converting an upload
+ * as it arrived peaked at 198-205 MiB; four of 4 MiB, 176-191. Three of 4 MiB
+ * with one ahead converted slower (half the bytes in flight: the tail at
+ * 50 MB/s 2.5 s against 1.4), with two ahead they were too few for the
+ * reader's reads in flight (up to 73 % of the bytes fetched twice).
+ * bench/results/2026-12-03-session11-s3mem.md.
  */
 import { ImageCorruptError, SourceUnavailableError, readThroughReadInto, throwIfAborted, type RandomAccessSource } from '../engine/index.js';
 import { sleep } from '../engine/ranged-source.js';
 import { StoreObjectMissingError, type InputStaging } from '../store/index.js';
 import { MarkWatch, UploadFailedError, type GrowingSourceDeps, type ReadableParts, type UploadMark } from './upload-stream.js';
 
-const BLOCK_BYTES = 8 * 2 ** 20;
-const CACHE_BLOCKS = 3;
+const BLOCK_BYTES = 4 * 2 ** 20;
+const CACHE_BLOCKS = 4;
+/** Blocks fetched ahead of the one a read is in (as far as the upload has arrived), among the CACHE_BLOCKS. */
+const AHEAD_BLOCKS = 2;
 /** How often Redis is asked how the upload goes while a read waits. */
 const MARK_POLL_MS = 50;
 
@@ -169,7 +177,7 @@ export class PartObjectsSource implements RandomAccessSource {
     return Buffer.from(bytes.buffer, bytes.byteOffset, bytes.length);
   }
 
-  /** The block, fetched once and kept among the last CACHE_BLOCKS; the next readable block fetched ahead. */
+  /** The block, fetched once and kept among the last CACHE_BLOCKS; the next AHEAD_BLOCKS readable ones fetched ahead. */
   private block(at: number, signal?: AbortSignal): Promise<Buffer> {
     const b = this.blockOf(at);
     let got = this.blocks.get(b.start);
@@ -179,10 +187,11 @@ export class PartObjectsSource implements RandomAccessSource {
     } else {
       got = this.remember(b.start, this.fetchBlock(b.part, b.start, b.end, signal));
     }
-    if (b.end < this.size && b.end + 1 <= this.available && !this.blocks.has(b.end)) {
-      const next = this.blockOf(b.end);
+    for (let ahead = 0, end = b.end; ahead < AHEAD_BLOCKS && end < this.size && end + 1 <= this.available; ahead++) {
+      const next = this.blockOf(end);
       // Not the read's signal: the fetch ahead outlives the read that started it.
-      this.remember(next.start, this.fetchBlock(next.part, next.start, next.end)).catch(() => {});
+      if (!this.blocks.has(next.start)) this.remember(next.start, this.fetchBlock(next.part, next.start, next.end)).catch(() => {});
+      end = next.end;
     }
     return got;
   }
