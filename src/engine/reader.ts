@@ -95,6 +95,8 @@ interface LoadedBatch {
   buffer: Buffer | undefined;
   /** Where the batch's clusters decoded to, recycled with `buffer`. */
   decoded: Buffer | undefined;
+  /** Read and written by the source itself (copyVerbatim): no buffers. */
+  copied?: true;
 }
 
 /**
@@ -337,7 +339,7 @@ export async function* readExtentBatches(image: DiskImage, opened: RandomAccessS
       throw (err as { syscall?: unknown }).syscall === 'pwrite' && target.writeError ? target.writeError(err, positions[0] ?? 0) : err;
     }
     if (got !== want) throw new ImageCorruptError(`image data: short read in the file range ${fileOffsets[0] ?? 0}.. (${got} of ${want} bytes); the file shrank or is truncated`);
-    return { extents, buffer: undefined, decoded: undefined };
+    return { extents, buffer: undefined, decoded: undefined, copied: true };
   };
 
   const load = async (batch: Batch): Promise<LoadedBatch> => {
@@ -459,7 +461,10 @@ export async function* readExtentBatches(image: DiskImage, opened: RandomAccessS
     for (;;) {
       const loaded = await (ahead.shift() as Promise<LoadedBatch | null>);
       if (!loaded) break;
-      ahead.push(fetchNext());
+      // A batch copied file to file holds no arena: one more in flight keeps a copy job on each core while
+      // the main thread takes a finished one (sparse raw 0.75 -> 0.73 s, qcow2 0.68 -> 0.64 s, session 11).
+      const inFlight = loaded.copied ? prefetchBatches + 1 : prefetchBatches;
+      while (ahead.length < inFlight) ahead.push(fetchNext());
       yield [...mergeAdjacent(loaded.extents)];
       // The consumer asked for more, so it is done with this batch's bytes.
       if (loaded.buffer && loaded.buffer.length === arenaBytes) (isShared(loaded.buffer) ? freeSharedArenas : freeArenas).push(loaded.buffer);
