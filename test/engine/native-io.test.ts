@@ -74,6 +74,15 @@ async function fragmentedRaw(name: string, o: { runs: number; size: number; leng
   return path;
 }
 
+/** `raw` converted by qemu-img to NAME (with `opts`), and that image converted back to raw by qemu-img: the reference. */
+async function imageAndReference(raw: string, name: string, opts: readonly string[]): Promise<{ img: string; ref: string }> {
+  const img = join(dir, name);
+  await qemuImg('convert', ...opts, raw, img);
+  const ref = join(dir, `${name}.qemu.raw`);
+  await qemuImg('convert', '-O', 'raw', img, ref);
+  return { img, ref };
+}
+
 let dir: string;
 let cleanup: () => Promise<void>;
 beforeAll(async () => ({ dir, cleanup } = await makeTempDir()));
@@ -128,10 +137,7 @@ describe('RawFileSink.writeBatch', () => {
   it('convertToRaw through writeBatch converts a fragmented qcow2 and a static VDI byte-identical to qemu-img, allocating no more', async () => {
     const raw = await fragmentedRaw('frag.raw', { runs: 200, size: 16 * MiB, lengths: 15, zeroEvery: 7, gaps: [13, 9] });
     for (const [name, opts] of [['frag.qcow2', ['-O', 'qcow2']], ['frag.vdi', ['-O', 'vdi', '-o', 'static=on']]] as const) {
-      const img = join(dir, name);
-      await qemuImg('convert', ...opts, raw, img);
-      const ref = join(dir, `${name}.qemu.raw`);
-      await qemuImg('convert', '-O', 'raw', img, ref);
+      const { img, ref } = await imageAndReference(raw, name, opts);
       const out = join(dir, `${name}.ours.raw`);
       const source = await FileSource.open(img);
       try {
@@ -289,10 +295,7 @@ describe('FileSource.copyToFile', () => {
   it.skipIf(!nativeCopier())('an uncompressed image converted to a local file goes source to output in the copy trips, byte-identical to qemu-img', async () => {
     const raw = await fragmentedRaw('copy-frag.raw', { runs: 300, size: 24 * MiB, lengths: 13, zeroEvery: 5, gaps: [7, 11] });
     for (const [name, opts] of [['copy-frag.qcow2', ['-O', 'qcow2']], ['copy-frag.vmdk', ['-O', 'vmdk']], ['copy-frag.sparse.raw', ['-O', 'raw']]] as const) {
-      const img = join(dir, name);
-      await qemuImg('convert', ...opts, raw, img);
-      const ref = join(dir, `${name}.qemu.raw`);
-      await qemuImg('convert', '-O', 'raw', img, ref);
+      const { img, ref } = await imageAndReference(raw, name, opts);
       const out = join(dir, `${name}.ours.raw`);
       const source = await FileSource.open(img);
       let copies = 0;
