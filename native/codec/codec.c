@@ -288,10 +288,9 @@ static napi_value decode_many(napi_env env, napi_callback_info info) {
     if (out_len == 0 || out_len > (1u << 30)) return fail(env, job, "decodeMany: each output must be 1 byte to 1 GiB");
     job->items[i] = (item_t){in, in_len, out, out_len, 0, 0, 0};
   }
-  napi_value promise, name;
+  napi_value promise = NULL;
   if (napi_create_reference(env, argv[1], 1, &job->keep_in) != napi_ok || napi_create_reference(env, argv[2], 1, &job->keep_out) != napi_ok ||
-      napi_create_promise(env, &job->deferred, &promise) != napi_ok || napi_create_string_utf8(env, "diskconv.decodeMany", NAPI_AUTO_LENGTH, &name) != napi_ok ||
-      napi_create_async_work(env, NULL, name, execute, complete, job, &job->work) != napi_ok || napi_queue_async_work(env, job->work) != napi_ok) {
+      !(promise = queue_work(env, "diskconv.decodeMany", execute, complete, job, &job->deferred, &job->work))) {
     release(env, job);
     napi_throw_error(env, NULL, "decodeMany: could not queue the work");
     return NULL;
@@ -342,10 +341,9 @@ static napi_value decode_write(napi_env env, napi_callback_info info) {
   /* Our own descriptor for the call's lifetime: a close of the caller's cannot send these writes to another file. */
   job->fd = fcntl(fd, F_DUPFD_CLOEXEC, 0);
   if (job->fd < 0) return fail(env, job, "decodeWrite: cannot duplicate the descriptor");
-  napi_value promise, name;
-  if (napi_create_reference(env, argv[1], 1, &job->keep_in) != napi_ok || napi_create_promise(env, &job->deferred, &promise) != napi_ok ||
-      napi_create_string_utf8(env, "diskconv.decodeWrite", NAPI_AUTO_LENGTH, &name) != napi_ok ||
-      napi_create_async_work(env, NULL, name, execute, complete, job, &job->work) != napi_ok || napi_queue_async_work(env, job->work) != napi_ok) {
+  napi_value promise = NULL;
+  if (napi_create_reference(env, argv[1], 1, &job->keep_in) != napi_ok ||
+      !(promise = queue_work(env, "diskconv.decodeWrite", execute, complete, job, &job->deferred, &job->work))) {
     release(env, job);
     napi_throw_error(env, NULL, "decodeWrite: could not queue the work");
     return NULL;

@@ -131,4 +131,23 @@ static inline int write_nonzero(int fd, const uint8_t *p, size_t len, int64_t po
   return run != (size_t)-1 ? write_all(fd, p + run, len - run, pos + (int64_t)run, written) : 0;
 }
 
+/*
+ * A promise for async work `name` (execute on a threadpool thread, then complete on the main thread with `data`),
+ * queued; its deferred and work handle stored where given. NULL where N-API refused: then nothing is queued and
+ * the caller still owns (and frees) `data`.
+ */
+static inline napi_value queue_work(napi_env env, const char *name, napi_async_execute_callback execute, napi_async_complete_callback complete,
+                                    void *data, napi_deferred *deferred, napi_async_work *work) {
+  napi_value promise, resource_name;
+  if (napi_create_promise(env, deferred, &promise) != napi_ok || napi_create_string_utf8(env, name, NAPI_AUTO_LENGTH, &resource_name) != napi_ok ||
+      napi_create_async_work(env, NULL, resource_name, execute, complete, data, work) != napi_ok)
+    return NULL;
+  if (napi_queue_async_work(env, *work) != napi_ok) {
+    napi_delete_async_work(env, *work);
+    *work = NULL; /* deleted: a caller's cleanup must not delete it again */
+    return NULL;
+  }
+  return promise;
+}
+
 #endif

@@ -175,10 +175,9 @@ static napi_value start(napi_env env, napi_callback_info info, int reading) {
     job->segs[i].len = length;
     job->segs[i].pos = (int64_t)pos;
   }
-  napi_value promise, name;
-  if (napi_create_reference(env, argv[1], 1, &job->keep) != napi_ok || napi_create_promise(env, &job->deferred, &promise) != napi_ok ||
-      napi_create_string_utf8(env, reading ? "diskconv.readExtents" : "diskconv.writeExtents", NAPI_AUTO_LENGTH, &name) != napi_ok ||
-      napi_create_async_work(env, NULL, name, execute, complete, job, &job->work) != napi_ok || napi_queue_async_work(env, job->work) != napi_ok) {
+  napi_value promise = NULL;
+  if (napi_create_reference(env, argv[1], 1, &job->keep) != napi_ok ||
+      !(promise = queue_work(env, reading ? "diskconv.readExtents" : "diskconv.writeExtents", execute, complete, job, &job->deferred, &job->work))) {
     free(job->segs);
     free(job->got);
     free(job);
@@ -338,11 +337,8 @@ napi_value copy_extents(napi_env env, napi_callback_info info) {
   job->chunk = chunk;
   job->count = count;
   job->runs = runs;
-  napi_value promise, name;
-  if (napi_create_promise(env, &job->deferred, &promise) != napi_ok ||
-      napi_create_string_utf8(env, "diskconv.copyExtents", NAPI_AUTO_LENGTH, &name) != napi_ok ||
-      napi_create_async_work(env, NULL, name, execute_copy, complete_copy, job, &job->work) != napi_ok ||
-      napi_queue_async_work(env, job->work) != napi_ok) {
+  napi_value promise = queue_work(env, "diskconv.copyExtents", execute_copy, complete_copy, job, &job->deferred, &job->work);
+  if (!promise) {
     free(runs);
     free(job);
     return fail(env, "copyExtents: could not queue the work");
@@ -414,11 +410,8 @@ napi_value sync_range(napi_env env, napi_callback_info info) {
   job->fd = fd;
   job->offset = offset;
   job->length = length;
-  napi_value promise, name;
-  if (napi_create_promise(env, &job->deferred, &promise) != napi_ok ||
-      napi_create_string_utf8(env, "diskconv.syncRange", NAPI_AUTO_LENGTH, &name) != napi_ok ||
-      napi_create_async_work(env, NULL, name, execute_range, complete_range, job, &job->work) != napi_ok ||
-      napi_queue_async_work(env, job->work) != napi_ok) {
+  napi_value promise = queue_work(env, "diskconv.syncRange", execute_range, complete_range, job, &job->deferred, &job->work);
+  if (!promise) {
     free(job);
     return fail(env, "syncRange: could not queue the work");
   }
