@@ -305,7 +305,8 @@ export async function* readExtentBatches(image: DiskImage, opened: RandomAccessS
    * it is still in the CPU's caches (source.copyToFile), and come out as `written` extents. No
    * arena: the bytes never reach JavaScript. The batch's bounds are checked as loadVerbatim's.
    */
-  const copyVerbatim = async (batch: Batch, target: DirectTarget, copy: NonNullable<RandomAccessSource['copyToFile']>): Promise<LoadedBatch> => {
+  const copying = options.directWrite !== undefined && source.copyToFile ? { target: options.directWrite, copy: source.copyToFile.bind(source) } : undefined;
+  const copyVerbatim = async (batch: Batch, { target, copy }: NonNullable<typeof copying>): Promise<LoadedBatch> => {
     const { groups, entries } = batch;
     for (const group of groups) if (group.mustEnd > source.size) throw beyondEnd(group, source.size);
     const fileOffsets: number[] = [];
@@ -352,7 +353,7 @@ export async function* readExtentBatches(image: DiskImage, opened: RandomAccessS
     }
     // Stored runs of a compressed image may go to `direct` (writeDirect); otherwise nothing to decode or write here.
     if (!compressed && !ciphered && !(compressedImage && direct)) {
-      if (options.directWrite !== undefined && source.copyToFile && batch.readBytes > 0) return copyVerbatim(batch, options.directWrite, source.copyToFile.bind(source));
+      if (copying && batch.readBytes > 0) return copyVerbatim(batch, copying);
       return loadVerbatim(batch);
     }
     return loadDecoding(batch, compressed, ciphered);
