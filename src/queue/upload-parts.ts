@@ -19,6 +19,7 @@
  * bench/results/2026-12-03-session11-s3mem.md.
  */
 import { ImageCorruptError, SourceUnavailableError, readThroughReadInto, throwIfAborted, type RandomAccessSource } from '../engine/index.js';
+import { alignedBuffer } from '../engine/aligned.js';
 import { sleep } from '../engine/ranged-source.js';
 import { StoreObjectMissingError, type InputStaging } from '../store/index.js';
 import { MarkWatch, UploadFailedError, type GrowingSourceDeps, type ReadableParts, type UploadMark } from './upload-stream.js';
@@ -30,18 +31,37 @@ const AHEAD_BLOCKS = 2;
 /** How often Redis is asked how the upload goes while a read waits. */
 const MARK_POLL_MS = 50;
 
-type PartReader = Required<Pick<InputStaging, 'readPart'>> & Pick<InputStaging, 'open'>;
+/**
+ * A block of the cache: its bytes land in `memory`, page-mapped and recycled from block to block. A fresh buffer
+ * per GET was garbage the collector freed only every 64 MiB or so of it (V8's external-memory trigger): up to
+ * 80 MiB of dead blocks in malloc's heap at the worker's peak.
+ */
+interface Block {
+  memory: Buffer;
+  bytes: Promise<Buffer>;
+  /** Reads copying out of it now (-1 once its memory is back among the spares). */
+  users: number;
+  /** Its fetch is over (done or failed): nothing writes into `memory` any more. */
+  settled: boolean;
+  /** Still among the cached blocks. */
+  kept: boolean;
+}
+
+type PartReader = Required<Pick<InputStaging, 'readPart' | 'readRange'>>;
 
 export class PartObjectsSource implements RandomAccessSource {
   private ready: number;
   private sha256: string | undefined;
   private final: { size: number; sha256: string } | undefined;
   private failure: Error | undefined;
-  private committed: Promise<RandomAccessSource> | undefined;
   private closed = false;
   private readonly marks: MarkWatch;
   /** Blocks by their first byte, oldest first (Map keeps insertion order). */
-  private readonly blocks = new Map<number, Promise<Buffer>>();
+  private readonly blocks = new Map<number, Block>();
+  /** Fetches under way. */
+  private fetching = 0;
+  /** Memory of blocks let go, for the next fetches. */
+  private spare: Buffer[] = [];
   /** Reads that had to wait for a part (for the logs and the tests). */
   waits = 0;
 
@@ -141,12 +161,6 @@ export class PartObjectsSource implements RandomAccessSource {
     }
   }
 
-  /** The committed object, opened once. */
-  private committedSource(): Promise<RandomAccessSource> {
-    this.committed ??= this.staging.open(this.deps.id, this.name);
-    return this.committed;
-  }
-
   /** The block holding byte `at`: [start, end) within one part. */
   private blockOf(at: number): { part: number; start: number; end: number } {
     const part = Math.floor(at / this.partBytes);
@@ -156,11 +170,12 @@ export class PartObjectsSource implements RandomAccessSource {
     return { part, start, end: Math.min(partEnd, start + BLOCK_BYTES) };
   }
 
-  private async fetchBlock(part: number, start: number, end: number, signal?: AbortSignal): Promise<Buffer> {
+  private async fetchBlock(part: number, start: number, into: Buffer, signal?: AbortSignal): Promise<Buffer> {
     const partStart = part * this.partBytes;
     if (!this.final) {
       try {
-        return await this.staging.readPart(this.deps.id, part, start - partStart, end - partStart, signal);
+        await this.staging.readPart(this.deps.id, part, start - partStart, into, signal);
+        return into;
       } catch (err) {
         if (!(err instanceof StoreObjectMissingError)) throw err;
         // Gone: the staged object was committed and its parts removed (or the upload failed and they went with it).
@@ -171,42 +186,67 @@ export class PartObjectsSource implements RandomAccessSource {
         if (!this.final) throw new SourceUnavailableError(`${this.name}: part ${part} is not in the bucket while the upload is still receiving`, { cause: err });
       }
     }
-    const committed = await this.committedSource();
-    const bytes = await committed.read(start, end - start, signal);
-    if (bytes.length !== end - start) throw new SourceUnavailableError(`${this.name}: the committed object gave ${bytes.length} of ${end - start} bytes at ${start}`);
-    return Buffer.from(bytes.buffer, bytes.byteOffset, bytes.length);
+    // Committed: the part objects are gone, the staged object holds every byte.
+    await this.staging.readRange(this.deps.id, start, into, signal);
+    return into;
   }
 
   /** The block, fetched once and kept among the last CACHE_BLOCKS; the next AHEAD_BLOCKS readable ones fetched ahead. */
-  private block(at: number, signal?: AbortSignal): Promise<Buffer> {
+  private block(at: number, signal?: AbortSignal): Block {
     const b = this.blockOf(at);
     let got = this.blocks.get(b.start);
     if (got) {
       this.blocks.delete(b.start);
       this.blocks.set(b.start, got);
     } else {
-      got = this.remember(b.start, this.fetchBlock(b.part, b.start, b.end, signal));
+      got = this.fetch(b, signal);
     }
-    for (let ahead = 0, end = b.end; ahead < AHEAD_BLOCKS && end < this.size && end + 1 <= this.available; ahead++) {
+    // Ahead only while few fetches are under way: reads all over the upload at once never pile up fetches (and memory).
+    for (let ahead = 0, end = b.end; ahead < AHEAD_BLOCKS && this.fetching < CACHE_BLOCKS && end < this.size && end + 1 <= this.available; ahead++) {
       const next = this.blockOf(end);
       // Not the read's signal: the fetch ahead outlives the read that started it.
-      if (!this.blocks.has(next.start)) this.remember(next.start, this.fetchBlock(next.part, next.start, next.end)).catch(() => {});
+      if (!this.blocks.has(next.start)) this.fetch(next).bytes.catch(() => {});
       end = next.end;
     }
     return got;
   }
 
-  private remember(start: number, bytes: Promise<Buffer>): Promise<Buffer> {
-    this.blocks.set(start, bytes);
-    // A failed fetch is not kept: the next read asks again (and sees why it failed).
-    bytes.catch(() => {
-      if (this.blocks.get(start) === bytes) this.blocks.delete(start);
-    });
+  /** A block fetched into recycled memory and kept; the oldest beyond CACHE_BLOCKS let go. */
+  private fetch(b: { part: number; start: number; end: number }, signal?: AbortSignal): Block {
+    const memory = this.spare.pop() ?? alignedBuffer(BLOCK_BYTES);
+    const block: Block = { memory, bytes: this.fetchBlock(b.part, b.start, memory.subarray(0, b.end - b.start), signal), users: 0, settled: false, kept: true };
+    this.fetching++;
+    this.blocks.set(b.start, block);
+    block.bytes.then(
+      () => this.settle(block),
+      () => {
+        // A failed fetch is not kept: the next read asks again (and sees why it failed).
+        if (this.blocks.get(b.start) === block) this.blocks.delete(b.start);
+        block.kept = false;
+        this.settle(block);
+      },
+    );
     while (this.blocks.size > CACHE_BLOCKS) {
       const oldest = this.blocks.keys().next().value as number;
+      const evicted = this.blocks.get(oldest) as Block;
       this.blocks.delete(oldest);
+      evicted.kept = false;
+      this.recycle(evicted);
     }
-    return bytes;
+    return block;
+  }
+
+  private settle(block: Block): void {
+    block.settled = true;
+    this.fetching--;
+    this.recycle(block);
+  }
+
+  /** A block's memory goes back for the next fetch once nothing writes or reads it: let go, its fetch over, no reader copying from it. */
+  private recycle(block: Block): void {
+    if (block.kept || !block.settled || block.users > 0 || this.closed) return;
+    block.users = -1; // returned once
+    this.spare.push(block.memory);
   }
 
   read(offset: number, length: number, signal?: AbortSignal): Promise<Uint8Array> {
@@ -222,10 +262,17 @@ export class PartObjectsSource implements RandomAccessSource {
     while (done < want) {
       const at = offset + done;
       const b = this.blockOf(at);
-      const bytes = await this.block(at, signal);
-      const n = Math.min(want - done, b.end - at);
-      target.set(bytes.subarray(at - b.start, at - b.start + n), done);
-      done += n;
+      const block = this.block(at, signal);
+      block.users++;
+      try {
+        const bytes = await block.bytes;
+        const n = Math.min(want - done, b.end - at);
+        target.set(bytes.subarray(at - b.start, at - b.start + n), done);
+        done += n;
+      } finally {
+        block.users--;
+        this.recycle(block);
+      }
     }
     return done;
   }
@@ -234,21 +281,20 @@ export class PartObjectsSource implements RandomAccessSource {
     if (this.closed) return;
     this.closed = true;
     this.blocks.clear();
-    const committed = this.committed;
-    if (committed) await (await committed.catch(() => undefined))?.close?.();
+    this.spare = [];
   }
 }
 
 /** The mark's part terms, when the upload is staged part by part into a bucket this staging can read. */
 export function readableParts(staging: InputStaging, mark: UploadMark | undefined): ReadableParts | undefined {
-  if (!staging.readPart) return undefined;
+  if (!staging.readPart || !staging.readRange) return undefined;
   if (mark?.state !== 'receiving' && mark?.state !== 'received') return undefined;
   return mark.parts;
 }
 
 /** A source over the part objects of an upload still arriving (the mark says `parts`). */
 export function openPartObjects(staging: InputStaging, parts: ReadableParts, size: number, displayName: string, deps: GrowingSourceDeps): PartObjectsSource {
-  const { readPart, open } = staging;
-  if (!readPart) throw new Error('the staging store cannot read parts');
-  return new PartObjectsSource({ readPart: readPart.bind(staging), open: open.bind(staging) }, size, parts.bytes, parts.ready, displayName, deps);
+  const { readPart, readRange } = staging;
+  if (!readPart || !readRange) throw new Error('the staging store cannot read parts');
+  return new PartObjectsSource({ readPart: readPart.bind(staging), readRange: readRange.bind(staging) }, size, parts.bytes, parts.ready, displayName, deps);
 }

@@ -45,8 +45,17 @@ export interface InputStaging {
    * switched to: S3_STAGING_OVERLAP).
    */
   createFollowed?(key: string, size: number, announce: (readyParts: number) => Promise<void>): Promise<FollowedWrite>;
-  /** Bytes [start, end) of part `part` of a FollowedWrite of `key`; StoreObjectMissingError once it is gone. */
-  readPart?(key: string, part: number, start: number, end: number, signal?: AbortSignal): Promise<Buffer>;
+  /**
+   * Bytes [start, start + target.length) of part `part` of a FollowedWrite of `key`, into `target` (the reader's own
+   * recycled memory); StoreObjectMissingError once the part is gone.
+   */
+  readPart?(key: string, part: number, start: number, target: Uint8Array, signal?: AbortSignal): Promise<void>;
+  /**
+   * Bytes [start, start + target.length) of the committed object `key`, into `target`, in one request: for a
+   * reader with blocks of its own (the part objects' reader once the upload is committed), where open()'s source
+   * would cache and read ahead a second time. Offered with readPart.
+   */
+  readRange?(key: string, start: number, target: Uint8Array, signal?: AbortSignal): Promise<void>;
   /** Random access to a committed object; throws StoreObjectMissingError when absent. */
   open(key: string, name?: string): Promise<RandomAccessSource>;
   stat(key: string): Promise<ObjectStat | undefined>;

@@ -75,18 +75,15 @@ export class PartObjects {
     return `${this.partsPrefix(key)}${part}`;
   }
 
-  /** Bytes [start, end) of part object `part` of input `key`; StoreObjectMissingError when it is not (or no longer) there. */
-  async read(key: string, part: number, start: number, end: number, signal?: AbortSignal): Promise<Buffer> {
+  /** Bytes [start, start + target.length) of part object `part` of input `key`, into `target`; StoreObjectMissingError when it is not (or no longer) there. */
+  async readInto(key: string, part: number, start: number, target: Uint8Array, signal?: AbortSignal): Promise<void> {
     const Key = this.partKey(key, part);
     try {
-      const res = await this.client.send(new GetObjectCommand({ Bucket: this.bucket, Key, Range: `bytes=${start}-${end - 1}` }), {
+      const res = await this.client.send(new GetObjectCommand({ Bucket: this.bucket, Key, Range: `bytes=${start}-${start + target.length - 1}` }), {
         abortSignal: deadline(this.settings.requestTimeoutMs, signal),
       });
       if (!res.Body) throw new StoreError(`part ${part} of input ${key}: empty answer`);
-      // Straight into one buffer (the SDK's transformToByteArray gathers and concatenates, and Buffer.from copied that again).
-      const bytes = Buffer.allocUnsafe(end - start);
-      await readBodyInto(res.Body, bytes, `part ${part} of input ${key} at ${start}`);
-      return bytes;
+      await readBodyInto(res.Body, target, `part ${part} of input ${key} at ${start}`);
     } catch (err) {
       if (isNotFound(err)) throw new StoreObjectMissingError(`part ${part} of input ${key} is not in the bucket`, { cause: err });
       throw asS3StoreError(err, `read of part ${part} of input ${key}`, signal);

@@ -31,8 +31,12 @@ export class S3Staging extends ObjectStoreBase<S3Objects> implements InputStagin
     if (options.overlap) this.createFollowed = (key, size, announce) => this.parts.create(key, size, announce);
   }
 
-  readPart(key: string, part: number, start: number, end: number, signal?: AbortSignal): Promise<Buffer> {
-    return this.parts.read(key, part, start, end, signal);
+  readPart(key: string, part: number, start: number, target: Uint8Array, signal?: AbortSignal): Promise<void> {
+    return this.parts.readInto(key, part, start, target, signal);
+  }
+
+  readRange(key: string, start: number, target: Uint8Array, signal?: AbortSignal): Promise<void> {
+    return this.objects.readInto(key, start, target, signal);
   }
 
   /** The object, its uploads in progress, and the part objects of a followed write. */
