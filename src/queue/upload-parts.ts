@@ -16,7 +16,9 @@
  * with one ahead converted slower (half the bytes in flight: the tail at
  * 50 MB/s 2.5 s against 1.4), with two ahead they were too few for the
  * reader's reads in flight (up to 73 % of the bytes fetched twice).
- * bench/results/2026-12-03-session11-s3mem.md.
+ * bench/results/2026-12-03-session11-s3mem.md. The blocks' memory is page-mapped
+ * and recycled, and once committed the staged object is read straight into the
+ * blocks too: 176 MiB (173-187) against 195 (2026-12-04-session12-s3mem.md).
  */
 import { ImageCorruptError, SourceUnavailableError, readThroughReadInto, throwIfAborted, type RandomAccessSource } from '../engine/index.js';
 import { alignedBuffer } from '../engine/aligned.js';
