@@ -6,7 +6,7 @@
  * requests hang without an error, so every request has a deadline.
  */
 import { Readable } from 'node:stream';
-import { HeadBucketCommand, S3Client, S3ServiceException } from '@aws-sdk/client-s3';
+import { GetObjectCommand, HeadBucketCommand, S3Client, S3ServiceException } from '@aws-sdk/client-s3';
 import { AbortedError, isDiskconvError } from '../../engine/errors.js';
 import { StoreError, StoreObjectMissingError } from '../common.js';
 
@@ -68,6 +68,24 @@ export async function readBodyInto(body: unknown, target: Uint8Array, what: stri
   }
   if (at !== target.length) throw new StoreError(`${what}: asked for ${target.length} bytes, got ${at}`);
   return target;
+}
+
+/**
+ * Bytes [start, start + target.length) of an object in one ranged GET with a deadline, into `target`, which it
+ * must fill exactly; the SDK's errors are the caller's to name.
+ */
+export async function getRangeInto(
+  client: S3Client,
+  object: { Bucket: string; Key: string; IfMatch?: string },
+  start: number,
+  target: Uint8Array,
+  request: { timeoutMs: number; signal?: AbortSignal; what: string },
+): Promise<Uint8Array> {
+  const res = await client.send(new GetObjectCommand({ ...object, Range: `bytes=${start}-${start + target.length - 1}` }), {
+    abortSignal: deadline(request.timeoutMs, request.signal),
+  });
+  if (!res.Body) throw new StoreError(`${request.what}: empty answer to a range request`);
+  return readBodyInto(res.Body, target, `${request.what} at ${start}`);
 }
 
 export function isNotFound(err: unknown): boolean {

@@ -21,9 +21,9 @@ import {
   type S3Client,
 } from '@aws-sdk/client-s3';
 import { Upload } from '@aws-sdk/lib-storage';
-import { assertKey, StoreError, StoreObjectMissingError, type ByteRange, type ObjectStat, type OwnerCheck } from '../common.js';
+import { assertKey, StoreObjectMissingError, type ByteRange, type ObjectStat, type OwnerCheck } from '../common.js';
 import type { ObjectSet } from '../objects.js';
-import { asS3StoreError, deadline, isNotFound, pingBucket, readBodyInto, type S3Settings } from './client.js';
+import { asS3StoreError, deadline, getRangeInto, isNotFound, pingBucket, type S3Settings } from './client.js';
 
 export type S3Kind = 'input' | 'output';
 
@@ -161,11 +161,7 @@ export class S3Objects implements ObjectSet {
   /** Bytes [start, start + target.length) of the object, into `target`, in one ranged GET with a deadline. */
   async readInto(key: string, start: number, target: Uint8Array, signal?: AbortSignal): Promise<void> {
     try {
-      const res = await this.client.send(new GetObjectCommand({ Bucket: this.settings.bucket, Key: this.objectKey(key), Range: `bytes=${start}-${start + target.length - 1}` }), {
-        abortSignal: deadline(this.timeout, signal),
-      });
-      if (!res.Body) throw new StoreError(`${this.kind} ${key}: empty answer to a range request`);
-      await readBodyInto(res.Body, target, `${this.kind} ${key} at ${start}`);
+      await getRangeInto(this.client, { Bucket: this.settings.bucket, Key: this.objectKey(key) }, start, target, { timeoutMs: this.timeout, signal, what: `${this.kind} ${key}` });
     } catch (err) {
       if (isNotFound(err)) throw new StoreObjectMissingError(`${this.kind} ${key} is not in the store`, { cause: err });
       throw asS3StoreError(err, `read of ${this.kind} ${key}`, signal);

@@ -25,7 +25,6 @@ import {
   CompleteMultipartUploadCommand,
   CreateMultipartUploadCommand,
   DeleteObjectCommand,
-  GetObjectCommand,
   HeadObjectCommand,
   ListObjectsV2Command,
   PutObjectCommand,
@@ -35,7 +34,7 @@ import {
 import { allSettledOrThrow } from '../../engine/settle.js';
 import { assertKey, StoreError, StoreObjectMissingError, type ObjectStat, type OwnerCheck } from '../common.js';
 import type { FollowedWrite } from '../staging.js';
-import { asS3StoreError, deadline, isNotFound, readBodyInto, type S3Settings } from './client.js';
+import { asS3StoreError, deadline, getRangeInto, isNotFound, type S3Settings } from './client.js';
 import { uploadPart } from './multipart.js';
 import { MAX_PARTS, partSizeFor } from './objects.js';
 
@@ -79,11 +78,7 @@ export class PartObjects {
   async readInto(key: string, part: number, start: number, target: Uint8Array, signal?: AbortSignal): Promise<void> {
     const Key = this.partKey(key, part);
     try {
-      const res = await this.client.send(new GetObjectCommand({ Bucket: this.bucket, Key, Range: `bytes=${start}-${start + target.length - 1}` }), {
-        abortSignal: deadline(this.settings.requestTimeoutMs, signal),
-      });
-      if (!res.Body) throw new StoreError(`part ${part} of input ${key}: empty answer`);
-      await readBodyInto(res.Body, target, `part ${part} of input ${key} at ${start}`);
+      await getRangeInto(this.client, { Bucket: this.bucket, Key }, start, target, { timeoutMs: this.settings.requestTimeoutMs, signal, what: `part ${part} of input ${key}` });
     } catch (err) {
       if (isNotFound(err)) throw new StoreObjectMissingError(`part ${part} of input ${key} is not in the bucket`, { cause: err });
       throw asS3StoreError(err, `read of part ${part} of input ${key}`, signal);

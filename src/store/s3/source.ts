@@ -7,10 +7,10 @@
  * with the ETag we sized, so a replaced object is an error, never a disk
  * stitched from two versions. The SDK retries transient failures itself.
  */
-import { GetObjectCommand, type S3Client } from '@aws-sdk/client-s3';
+import type { S3Client } from '@aws-sdk/client-s3';
 import { RangedSource, type RangedSourceStats, type RangedSourceTuning } from '../../engine/ranged-source.js';
 import { StoreError } from '../common.js';
-import { asS3StoreError, deadline, readBodyInto } from './client.js';
+import { asS3StoreError, getRangeInto } from './client.js';
 
 export type S3SourceTuning = Pick<RangedSourceTuning, 'blockBytes' | 'cacheBlocks' | 'maxRequestBytes' | 'concurrency'> & Partial<Pick<RangedSourceTuning, 'aheadBytes'>>;
 
@@ -56,12 +56,11 @@ export class S3RangeSource extends RangedSource {
   /** Bytes [start, end) in one ranged GET, streamed into `target` when the base gives one (the ring), else into a buffer of their own. */
   protected async fetchOnce(start: number, end: number, signal: AbortSignal, target?: Uint8Array): Promise<Uint8Array> {
     try {
-      const res = await this.client.send(
-        new GetObjectCommand({ Bucket: this.bucket, Key: this.key, Range: `bytes=${start}-${end - 1}`, ...(this.etag ? { IfMatch: this.etag } : {}) }),
-        { abortSignal: deadline(this.requestTimeoutMs, signal) },
-      );
-      if (!res.Body) throw new StoreError(`${this.name}: empty answer to a range request`);
-      return await readBodyInto(res.Body, target ?? Buffer.allocUnsafe(end - start), `${this.name}: a range at ${start}`);
+      return await getRangeInto(this.client, { Bucket: this.bucket, Key: this.key, ...(this.etag ? { IfMatch: this.etag } : {}) }, start, target ?? Buffer.allocUnsafe(end - start), {
+        timeoutMs: this.requestTimeoutMs,
+        signal,
+        what: this.name,
+      });
     } catch (err) {
       if ((err as { $metadata?: { httpStatusCode?: number } }).$metadata?.httpStatusCode === 412) {
         throw new StoreError(`${this.name} was replaced while it was read`, { cause: err });
