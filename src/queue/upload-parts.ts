@@ -53,7 +53,6 @@ type PartReader = Required<Pick<InputStaging, 'readPart' | 'readRange'>>;
 
 export class PartObjectsSource implements RandomAccessSource {
   private ready: number;
-  private sha256: string | undefined;
   private final: { size: number; sha256: string } | undefined;
   private failure: Error | undefined;
   private closed = false;
@@ -116,7 +115,6 @@ export class PartObjectsSource implements RandomAccessSource {
     if (mark?.state === 'receiving' || mark?.state === 'received') {
       if (mark.state === 'received') {
         this.ready = this.parts;
-        this.sha256 = mark.sha256;
       } else if (mark.parts) {
         this.ready = Math.max(this.ready, mark.parts.ready);
       }

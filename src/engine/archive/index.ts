@@ -23,7 +23,7 @@ import { JoinedSource } from './joined-source.js';
 import { MemberSource } from './member-source.js';
 import { Scratch } from './stage.js';
 import { parseOvf, type OvfFile } from './ovf.js';
-import { indexTar, isTar, normalizeMemberName, shown, type TarIndex, type TarMember } from './tar.js';
+import { indexTar, normalizeMemberName, shown, type TarIndex, type TarMember } from './tar.js';
 
 import { indexZip, isZip } from './zip.js';
 

@@ -8,7 +8,6 @@
  * image is ever opened or stat'ed.
  */
 import { FormatMismatchError, ImageCorruptError, UnsafeImageError, UnsupportedFeatureError, isDiskconvError, throwIfAborted } from '../errors.js';
-import { ascii } from '../bytes.js';
 import { enforceLimit, toSafeNumber, type Limits } from '../limits.js';
 import { Pacer } from '../pace.js';
 import { readExact, type RandomAccessSource } from '../source.js';
