@@ -126,9 +126,17 @@ export async function eventRoutes(app: FastifyInstance, ctx: ApiContext): Promis
           if (events.length === 0) {
             const current = await ctx.records.get(rec.id);
             if (!current) return end();
-            // Finished, and its stream has nothing new for this client (resumed after the end,
-            // or the final event not appended yet): say the final state and close.
-            if (isFinal(current.state)) return sendState(await lastJobEventId(redis, prefix, rec.id), current.state, undefined, current);
+            if (isFinal(current.state)) {
+              // The final transition may have landed between the read above and this one: its events (the terminal
+              // progress, then the state) are in the stream with it, written by the same script, so read them first.
+              if ((await readJobEvents(redis, prefix, rec.id, pendingProgress?.id ?? lastSent)).length > 0) {
+                again = true;
+                continue;
+              }
+              // Finished, and its stream has nothing new for this client (resumed after the end, or the history
+              // expired): say the final state and close.
+              return sendState(await lastJobEventId(redis, prefix, rec.id), current.state, undefined, current);
+            }
           }
         } while (again && !ended);
       })()
