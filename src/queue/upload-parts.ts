@@ -244,8 +244,9 @@ export class PartObjectsSource implements RandomAccessSource {
 
   /** A block's memory goes back for the next fetch once nothing writes or reads it: let go, its fetch over, no reader copying from it. */
   private recycle(block: Block): void {
-    if (block.kept || !block.settled || block.users > 0 || this.closed) return;
-    block.users = -1; // returned once
+    // users is -1 once returned: a second call for the same block returns nothing twice.
+    if (block.kept || !block.settled || block.users !== 0 || this.closed) return;
+    block.users = -1;
     this.spare.push(block.memory);
   }
 
