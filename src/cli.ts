@@ -1,4 +1,7 @@
 #!/usr/bin/env node
-import { runCli } from './cli/main.js';
+// The ESM entry (`node dist/cli.js`, the Docker image's entry point): the same launcher bin/diskconv runs.
+import { createRequire } from 'node:module';
+import type * as Launch from './cli/launch.cjs';
 
-process.exitCode = await runCli(process.argv.slice(2));
+const { run } = createRequire(import.meta.url)('./cli/launch.cjs') as typeof Launch;
+process.exitCode = await run(process.argv.slice(2));

@@ -1,5 +1,5 @@
 import { createHash, type Hash } from 'node:crypto';
-import { open, type FileHandle } from 'node:fs/promises';
+import { open, rm, type FileHandle } from 'node:fs/promises';
 import { throwIfAborted } from './errors.js';
 import { Pacer } from './pace.js';
 import { nativeSyncRange, nativeWriter } from './native.js';
@@ -331,10 +331,7 @@ export class RawFileSink implements ExtentSink {
     // No writeback call may still use the descriptor when it is closed (its number could be reused at once).
     await this.writeback?.stop();
     await this.handle.close().catch(() => {});
-    if (this.removeOnAbort) {
-      const { rm } = await import('node:fs/promises');
-      await rm(this.path, { force: true });
-    }
+    if (this.removeOnAbort) await rm(this.path, { force: true });
   }
 }
 

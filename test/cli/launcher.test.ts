@@ -1,5 +1,5 @@
 /**
- * bin/diskconv, the package's launcher (what `npm install` links as `diskconv`): it runs dist/cli.js through
+ * bin/diskconv, the package's launcher (what `npm install` links as `diskconv`): it runs dist/cli/launch.cjs through
  * the symlink npm makes, passes every argument through unchanged, and starts the image verbs without
  * NODE_EXTRA_CA_CERTS (Node 20 reads that bundle at start-up, before any JavaScript) while the service verbs,
  * which open TLS connections, keep it. Node says when it reads the variable: a path that does not exist
