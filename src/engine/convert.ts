@@ -1,5 +1,6 @@
-import { createHash, type Hash } from 'node:crypto';
+import type { Hash } from 'node:crypto';
 import { open, rm, type FileHandle } from 'node:fs/promises';
+import { nodeCrypto } from './crypto/node-crypto.js';
 import { throwIfAborted } from './errors.js';
 import { Pacer } from './pace.js';
 import { nativeSyncRange, nativeWriter } from './native.js';
@@ -107,7 +108,7 @@ export async function hashZeros(hash: Hash, length: number, options: { pacer?: P
 export async function convertToRaw(image: DiskImage, source: RandomAccessSource, sink: ExtentSink, options: ConvertOptions = {}): Promise<ConvertResult> {
   const wanted = new Set<HashAlgorithm>(options.hashes ?? []);
   if (options.sha256) wanted.add('sha256');
-  const hashes = [...wanted].map((algorithm) => ({ algorithm, hash: createHash(algorithm) }));
+  const hashes = [...wanted].map((algorithm) => ({ algorithm, hash: nodeCrypto().createHash(algorithm) }));
   const interval = options.progressIntervalMs ?? 250;
   let lastReport = 0;
   let dataBytes = 0;

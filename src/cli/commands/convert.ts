@@ -10,7 +10,7 @@ import type { DiskImage, Extent, MapEntry } from '../../engine/types.js';
 import type { RandomAccessSource } from '../../engine/source.js';
 import { sleep } from '../../engine/ranged-source.js';
 import { onFirstDecode } from '../../engine/decode-start.js';
-import { setFlagsFromString } from 'node:v8';
+import { createRequire } from 'node:module';
 import { type CommandSpec, DISK_OPTION, FORCE_SHARE_OPTION, FORMAT_OPTION, parseOrHelp, PASSPHRASE_OPTION, UsageError } from '../args.js';
 import {
   accumulateOptions,
@@ -291,7 +291,8 @@ export async function run(argv: string[], out: (s: string) => void): Promise<num
   // From the first compressed cluster on, V8 tiers up no further than Sparkplug: on 2 cores its
   // optimizing compiler's threads took CPU from the decoding ones for no gain (compressed 4 GiB
   // sources, CPU -7 to -14 %: bench/results/2026-12-02-session6-compressed.md). Uncompressed ones unchanged.
-  onFirstDecode(() => setFlagsFromString('--max-opt=1'));
+  // node:v8 (with the perf_hooks it loads) costs ~9 ms at start: loaded only when a cluster needs decoding.
+  onFirstDecode(() => (createRequire(import.meta.url)('node:v8') as typeof import('node:v8')).setFlagsFromString('--max-opt=1'));
   const target = args.get('target') ?? 'raw';
   if (target !== 'raw') throw new InvalidArgumentError(`output format '${target}' is not supported; only -O raw`);
   // The checks qemu-img makes before it opens anything, in its order and words.

@@ -9,13 +9,13 @@
  * bounded in total (Limits.maxPbkdf2Iterations), stripes must be qemu's 4000,
  * key sizes are those of real ciphers, and every slot lies inside the header region.
  */
-import { createHash, pbkdf2, timingSafeEqual } from 'node:crypto';
 import { promisify } from 'node:util';
+import { nodeCrypto } from './node-crypto.js';
 import { ImageCorruptError, UnsupportedFeatureError, WrongPassphraseError, throwIfAborted } from '../errors.js';
 import { enforceLimit, type Limits } from '../limits.js';
 import { assertSupportedCipher, createSectorCipher, CRYPT_SECTOR, type CipherMode, type IvGenAlg, type SectorCipher } from './sector-cipher.js';
 
-const pbkdf2Async = promisify(pbkdf2);
+const pbkdf2Async = (...args: Parameters<typeof import('node:crypto').pbkdf2Sync>): Promise<Buffer> => promisify(nodeCrypto().pbkdf2)(...args);
 
 export const LUKS_HEADER_BYTES = 592;
 const LUKS_MAGIC = [0x4c, 0x55, 0x4b, 0x53, 0xba, 0xbe];
@@ -184,6 +184,7 @@ export function luksRegionEnd(h: LuksHeader): number {
 
 /** LUKS anti-forensic diffusion (crypto/afsplit.c): hash digest-sized chunks with a big-endian counter. */
 function diffuse(hash: string, block: Buffer): void {
+  const { createHash } = nodeCrypto();
   const digestLen = createHash(hash).digest().length;
   const count = Math.ceil(block.length / digestLen);
   for (let i = 0; i < count; i++) {
@@ -247,7 +248,7 @@ export async function unlockLuks(h: LuksHeader, passphrase: Uint8Array, read: Re
     const masterKey = afMerge(h.hashAlg, h.masterKeyBytes, STRIPES, split);
     spend(h.mkDigestIterations, 'master key digest');
     const digest = await pbkdf2Async(masterKey, h.mkDigestSalt, h.mkDigestIterations, DIGEST_LEN, h.hashAlg);
-    if (timingSafeEqual(digest, h.mkDigest)) return cipherFor(masterKey, 'file');
+    if (nodeCrypto().timingSafeEqual(digest, h.mkDigest)) return cipherFor(masterKey, 'file');
   }
   throw new WrongPassphraseError('wrong passphrase: it unlocks none of the LUKS key slots');
 }

@@ -11,7 +11,8 @@
  * number), plain64 (64-bit little-endian), essiv (the plain64 block encrypted
  * with hash(master key)).
  */
-import { createCipheriv, createDecipheriv, createHash, type Cipher, type Decipher } from 'node:crypto';
+import type { Cipher, Decipher } from 'node:crypto';
+import { nodeCrypto } from './node-crypto.js';
 import { UnsupportedFeatureError } from '../errors.js';
 
 export const CRYPT_SECTOR = 512;
@@ -49,7 +50,7 @@ const AES_KEY_BYTES: Record<string, number> = { 'aes-128': 16, 'aes-192': 24, 'a
 /** A block cipher in ECB mode, one direction, reused for every call (no padding, so nothing is held back). */
 function ecb(alg: string, key: Uint8Array, direction: 'encrypt' | 'decrypt'): (data: Uint8Array) => Buffer {
   const name = `${alg}-ecb`;
-  const ctx: Cipher | Decipher = direction === 'encrypt' ? createCipheriv(name, key, null) : createDecipheriv(name, key, null);
+  const ctx: Cipher | Decipher = direction === 'encrypt' ? nodeCrypto().createCipheriv(name, key, null) : nodeCrypto().createDecipheriv(name, key, null);
   ctx.setAutoPadding(false);
   return (data) => ctx.update(data);
 }
@@ -97,7 +98,7 @@ export function createSectorCipher(spec: SectorCipherSpec): SectorCipher {
   };
   if (spec.ivgen === 'essiv') {
     const hash = spec.ivHash ?? 'sha256';
-    const essivKey = createHash(hash).update(spec.key).digest();
+    const essivKey = nodeCrypto().createHash(hash).update(spec.key).digest();
     const essivAlg = { 16: 'aes-128', 24: 'aes-192', 32: 'aes-256' }[essivKey.length];
     if (!essivAlg) throw new UnsupportedFeatureError(`essiv with ${hash} gives a ${essivKey.length}-byte key, which no AES variant takes`);
     const encrypt = ecb(essivAlg, essivKey, 'encrypt');

@@ -22,7 +22,7 @@
  * ends; the caller then converts again with the directory reader. The walk never
  * decides the bytes alone.
  */
-import { createHash } from 'node:crypto';
+import { nodeCrypto } from '../crypto/node-crypto.js';
 import { DiskconvError, throwIfAborted } from '../errors.js';
 import { readExact, type RandomAccessSource } from '../source.js';
 import type { DiskImage, MapEntry } from '../types.js';
@@ -66,7 +66,7 @@ export interface MarkerWalkLayout {
 export async function* walkMarkers(source: RandomAccessSource, layout: MarkerWalkLayout, signal?: AbortSignal): AsyncGenerator<MapEntry> {
   const { virtualSize, grainBytes } = layout;
   const name = source.name;
-  const walked = createHash('sha256');
+  const walked = nodeCrypto().createHash('sha256');
   const mismatch = (what: string): StreamLayoutMismatchError => new StreamLayoutMismatchError(`${name}: ${what}; converted again from the grain directory`);
   let next = 0; // guest offset the map has reached
   let pos = layout.firstMarker;
@@ -103,7 +103,7 @@ export async function* walkMarkers(source: RandomAccessSource, layout: MarkerWal
   const directory = await layout.openDirectory();
   try {
     if (directory.virtualSize !== virtualSize) throw mismatch(`the footer gives a capacity of ${directory.virtualSize} bytes, the header ${virtualSize}`);
-    const listed = createHash('sha256');
+    const listed = nodeCrypto().createHash('sha256');
     for await (const entry of directory.map(signal)) {
       if (entry.kind === 'zero') continue;
       if (entry.kind !== 'compressed' || entry.length !== Math.min(grainBytes, virtualSize - entry.offset)) throw mismatch(`the directory maps guest offset ${entry.offset} otherwise than by a compressed grain`);
