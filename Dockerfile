@@ -14,6 +14,8 @@ COPY native ./native
 RUN npm ci --no-audit --no-fund
 COPY tsconfig.json ./
 COPY src ./src
+# The build's last step: the image verbs bundled with a V8 code cache made by this Node (src/cli/launch.cts).
+COPY scripts/bundle-cli.mjs ./scripts/
 RUN npm run build && npm prune --omit=dev && find dist -name '*.map' -delete && find dist -name '*.d.ts' -delete
 
 # --- runtime: node, the compiled code, production node_modules; no compiler, no tests
