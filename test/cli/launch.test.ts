@@ -5,22 +5,17 @@
  * the launcher say which ran and why. The stale cases run on a copy of dist/ (timestamps kept), so the
  * build the other tests use is never touched.
  */
-import { execFile } from 'node:child_process';
 import { cp, readFile, rm, stat, symlink, utimes, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { runCommand, type CommandResult } from '../helpers/cli.js';
 import { makeTempDir } from '../helpers/qemu.js';
 
 const ROOT = fileURLToPath(new URL('../..', import.meta.url));
 
-function node(args: string[], env: Record<string, string> = {}): Promise<{ code: number; stdout: string; stderr: string }> {
-  return new Promise((resolve) => {
-    execFile(process.execPath, args, { env: { ...process.env, DISKCONV_DEBUG: '1', ...env }, timeout: 60_000 }, (err, stdout, stderr) => {
-      resolve({ code: err ? (typeof err.code === 'number' ? err.code : 1) : 0, stdout, stderr });
-    });
-  });
-}
+/** Runs node with the launcher's account of what it ran (DISKCONV_DEBUG) on stderr. */
+const node = (args: string[]): Promise<CommandResult> => runCommand(process.execPath, args, { env: { ...process.env, DISKCONV_DEBUG: '1' }, timeoutMs: 60_000 });
 
 describe('the CLI launcher', () => {
   let dir: string;

@@ -5,24 +5,18 @@
  * which open TLS connections, keep it. Node says when it reads the variable: a path that does not exist
  * draws "Ignoring extra certs from" on stderr.
  */
-import { execFile } from 'node:child_process';
 import { symlink } from 'node:fs/promises';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { runCommand, type CommandResult } from '../helpers/cli.js';
 import { makeTempDir, qemuImg } from '../helpers/qemu.js';
 
 const LAUNCHER = fileURLToPath(new URL('../../bin/diskconv', import.meta.url));
 
-function launch(bin: string, args: string[], env: Record<string, string>): Promise<{ code: number; stdout: string; stderr: string }> {
-  return new Promise((resolve) => {
-    // This Node first on PATH, as npm's scripts have it.
-    const PATH = `${dirname(process.execPath)}:${process.env.PATH ?? ''}`;
-    execFile(bin, args, { env: { ...process.env, PATH, ...env }, timeout: 60_000 }, (err, stdout, stderr) => {
-      resolve({ code: err ? (typeof err.code === 'number' ? err.code : 1) : 0, stdout, stderr });
-    });
-  });
-}
+// This Node first on PATH, as npm's scripts have it.
+const launch = (bin: string, args: string[], env: Record<string, string>): Promise<CommandResult> =>
+  runCommand(bin, args, { env: { ...process.env, PATH: `${dirname(process.execPath)}:${process.env.PATH ?? ''}`, ...env }, timeoutMs: 60_000 });
 
 describe('bin/diskconv', () => {
   let dir: string;
