@@ -6,7 +6,7 @@
 // esbuild (a dev dependency, already in the tree through vite) does the bundling; without it this step says
 // so and the CLI runs from main.js as before.
 import { spawnSync } from 'node:child_process';
-import { mkdtempSync, readFileSync, rmSync, writeFileSync, mkdirSync } from 'node:fs';
+import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { createRequire } from 'node:module';
 import { tmpdir } from 'node:os';
 import { dirname, join, relative, resolve, sep } from 'node:path';
@@ -117,7 +117,6 @@ try {
 }
 if (failures.length > 0) throw new Error(`bundle-cli: warm-up failed: ${failures.join('; ')}`);
 
-mkdirSync(dirname(launch.BUNDLE_CACHE), { recursive: true });
 writeFileSync(launch.BUNDLE_CACHE, script.createCachedData());
 const manifest = {
   node: process.version,

@@ -86,7 +86,7 @@ export function loadBundledCli(): { runCli: RunCli; cacheAccepted: boolean } | {
     try {
       cachedData = readFileSync(BUNDLE_CACHE);
     } catch {
-      cachedData = undefined;
+      // Unreadable: the bundle compiles without it.
     }
   }
   // (Not named `exports`: in the CommonJS tsc emits, that would shadow the module's own exports above.)

@@ -5,7 +5,7 @@
  * the launcher say which ran and why. The stale cases run on a copy of dist/ (timestamps kept), so the
  * build the other tests use is never touched.
  */
-import { cp, readFile, rm, stat, symlink, utimes, writeFile } from 'node:fs/promises';
+import { cp, mkdir, readFile, rm, stat, symlink, utimes, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -28,8 +28,8 @@ describe('the CLI launcher', () => {
     ({ dir, cleanup } = await makeTempDir('diskconv-launch-'));
     image = join(dir, 'disk.raw');
     await writeFile(image, Buffer.alloc(2 ** 20, 7));
-    copy = join(dir, 'package');
-    await cp(join(ROOT, 'dist'), join(copy, 'dist'), { recursive: true, preserveTimestamps: true });
+    // Each case that uses the copy makes its dist/ afresh (freshCopy).
+    await mkdir((copy = join(dir, 'package')));
     for (const entry of ['package.json', 'native', 'node_modules']) await symlink(join(ROOT, entry), join(copy, entry));
   });
   afterAll(async () => cleanup?.());
